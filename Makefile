@@ -1,0 +1,47 @@
+# make run   - set up .venv if needed and run the default study; prints the report's path
+# make test  - set up .venv if needed and run the test suite (what CI runs)
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+# jobs call `python -m batchscope`: put the venv first on PATH
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install run test lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# torch first, pinned, and only when absent: an unpinned torch (or a range admitting a newer release)
+	@# pulls the CUDA build with gigabytes of dependencies; an existing (e.g. CUDA) torch is kept
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	snakemake --cores all
+	@echo "report: $(abspath results/report/report.html)"
+
+test: $(STAMP)
+	python -m pytest
+
+lint: $(STAMP)
+	ruff check .
+	ruff format --check .
+	snakefmt --check Snakefile workflow/rules
+	snakemake --lint
+
+format: $(STAMP)
+	ruff check --fix .
+	ruff format .
+	snakefmt Snakefile workflow/rules
+
+bench: $(STAMP)
+	python benchmarks/pipeline.py
+
+clean:
+	rm -rf results logs .snakemake

@@ -1,0 +1,23 @@
+# batchscope: profile the hardware, train across batch sizes, fit the scaling model, report.
+# Table of contents only; rules live in workflow/rules/, the computation in src/batchscope/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/profile.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/fit.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    localrule: True
+    input:
+        rules.render_report.output.html,

@@ -1,0 +1,17 @@
+"""batchscope: measure the batch-size trade-off between hardware and statistics.
+
+The library is usable without Snakemake; the workflow only calls the ``batchscope`` command line.
+"""
+
+__version__ = "0.1.0"
+
+# Bump a stage's version when its algorithm changes results: the workflow passes these as rule params, so
+# Snakemake's params trigger reruns exactly the stages whose algorithm changed (edits under src/ are invisible
+# to its code trigger).
+ALGORITHM_VERSIONS = {
+    "prepare_data": 1,
+    "profile_hardware": 1,
+    "train_model": 1,
+    "fit_scaling": 1,
+    "render_report": 1,
+}

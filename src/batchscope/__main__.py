@@ -1,0 +1,5 @@
+import sys
+
+from batchscope.cli import main
+
+sys.exit(main())

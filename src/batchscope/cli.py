@@ -1,0 +1,177 @@
+"""The ``batchscope`` command line: every workflow stage, runnable by hand.
+
+Each stage takes its config slice either as JSON (``--spec``, what the workflow passes) or as a config file
+plus workload name (``--config``/``--workload``, for running a stage by hand while debugging).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from batchscope import config as cfg
+
+log = logging.getLogger("batchscope")
+
+
+def _spec(args: argparse.Namespace, slicer: Callable) -> dict:
+    if args.spec is not None:
+        return json.loads(args.spec)
+    if args.config is None or args.workload is None:
+        raise SystemExit("give --spec JSON, or --config FILE with --workload NAME")
+    config = cfg.load(args.config)
+    if args.workload not in config["workloads"]:
+        raise SystemExit(f"--workload: {args.workload!r} is not in {args.config} ({', '.join(config['workloads'])})")
+    return slicer(config, args.workload)
+
+
+def _runtime(spec: dict):
+    from batchscope import runtime
+
+    runtime.setup(spec["threads"])
+    return runtime.resolve_device(spec["device"])
+
+
+def _load_data(path: str, device):
+    from batchscope.data import load_tensors
+    from batchscope.io import read_netcdf
+
+    return load_tensors(read_netcdf(path), device)
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    config = cfg.load(args.config)
+    n_runs = sum(len(cfg.train_points(config, w)) for w in config["workloads"])
+    print(f"{args.config}: valid; {len(config['workloads'])} workload(s), {n_runs} training run(s)")
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> None:
+    from batchscope import data, io
+
+    spec = _spec(args, cfg.data_slice)
+    ds = data.build(spec["dataset"])
+    ds.attrs.update(io.provenance("prepare_data", spec))
+    io.write_netcdf(ds, args.out)
+    log.info("wrote %s (%d train, %d val examples)", args.out, ds.sizes["train_example"], ds.sizes["val_example"])
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from batchscope import io
+    from batchscope.profile import profile
+
+    spec = _spec(args, cfg.profile_slice)
+    device = _runtime(spec)
+    ds = profile(_load_data(args.data, device), spec, args.batch_size, device)
+    ds.attrs.update(io.provenance("profile_hardware", spec, device=str(device)))
+    io.write_netcdf(ds, args.out)
+    log.info("B=%d: median step %.3g ms, feasible=%s", args.batch_size, 1e3 * float(ds["t_iter_median"]),
+             bool(ds["feasible"]))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train every (lr, seed) point at one batch size in one process: a run costs ~0.2 s on digits while a
+    process start (torch, xarray, torch.optim's dynamo import) costs ~2.5 s, so one job per batch size keeps
+    the study from being mostly start-up. Each point still gets its own NetCDF and checkpoint."""
+    from batchscope import io
+    from batchscope.train import point_name, train
+
+    spec = _spec(args, cfg.train_slice)
+    device = _runtime(spec)
+    data = _load_data(args.data, device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for lr in args.lrs:
+        for seed in args.seeds:
+            ds, checkpoint = train(data, spec, args.batch_size, lr, seed, device)
+            ds.attrs.update(io.provenance("train_model", spec, device=str(device)))
+            name = point_name(lr, seed)
+            io.save_torch(checkpoint, out_dir / f"{name}.pt")  # weights first: the .nc marks the point done
+            io.write_netcdf(ds, out_dir / f"{name}.nc")
+            log.info(
+                "B=%d lr=%g seed=%d: steps_to_target=%s diverged=%s out_of_memory=%s, %.2f s",
+                args.batch_size, lr, seed, float(ds["steps_to_target"]), bool(ds["diverged"]),
+                bool(ds["out_of_memory"]), float(ds["wall_time"]),
+            )
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    from batchscope import io
+    from batchscope.fit import fit_scaling
+
+    spec = _spec(args, cfg.fit_slice)
+    ds = fit_scaling(args.profiles, args.runs, spec, args.workload)
+    ds.attrs.update(io.provenance("fit_scaling", spec))
+    io.write_netcdf(ds, args.out)
+    log.info("%s: b_opt=%.1f, measured best B=%d, B_crit=%.1f", args.workload, float(ds["b_opt"]),
+             int(ds["measured_best_batch_size"]), float(ds["b_crit"]))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from batchscope.report import render
+
+    html = render(args.fits, args.notebook, args.out, args.figures)
+    print(html)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchscope", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def stage(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(func=func)
+        p.add_argument("--spec", help="the stage's config slice as JSON (what the workflow passes)")
+        p.add_argument("--config", help="a study config file (instead of --spec)")
+        p.add_argument("--workload", help="workload name in --config")
+        p.add_argument("--out", required=True, help="output path")
+        return p
+
+    p = sub.add_parser("validate", help="validate a config file and summarise the grid")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_validate)
+
+    stage("prepare-data", cmd_prepare_data, "cache a workload's dataset as NetCDF")
+    p = stage("profile", cmd_profile, "time the training step at one batch size")
+    p.add_argument("--data", required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p = stage("train", cmd_train, "train the (lr, seed) points at one batch size; --out is a directory")
+    p.add_argument("--data", required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--lrs", type=float, nargs="+", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", required=True)
+    p = stage("fit", cmd_fit, "fit the scaling model of one workload")
+    p.add_argument("--profiles", nargs="+", required=True)
+    p.add_argument("--runs", nargs="+", required=True, help="train_model output directories")
+
+    p = sub.add_parser("report", help="execute the report notebook and write HTML")
+    p.set_defaults(func=cmd_report)
+    p.add_argument("--fits", nargs="+", required=True)
+    p.add_argument("--notebook", required=True)
+    p.add_argument("--out", required=True, help="output HTML path")
+    p.add_argument("--figures", required=True, help="directory for the figure PNGs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "fit" and args.workload is None:
+        raise SystemExit("fit: --workload is required")
+    start = time.perf_counter()
+    try:
+        args.func(args)
+    except cfg.ConfigError as err:
+        print(f"batchscope: {err}", file=sys.stderr)
+        return 2
+    log.debug("%s took %.2f s", args.command, time.perf_counter() - start)
+    return 0

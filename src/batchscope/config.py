@@ -1,0 +1,262 @@
+"""Study config: schema validation with defaults, semantic checks, the grid and per-stage config slices.
+
+Both the workflow (``workflow/rules/common.smk``) and the command line validate through :func:`validate`, so
+a bad config gets the same message wherever it is used, before any job starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_FILE = "config.schema.yaml"
+
+# Per-name defaults for the tagged sub-objects. They live here rather than in the schema because the schema
+# describes one object for all names: defaults there would give digits a `noise_std` and mlp a `channels`.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"val_fraction": 0.2, "seed": 0},
+    "linreg": {"dim": 10, "n_train": 4096, "n_val": 1024, "noise_std": 0.5, "condition_number": 100.0, "seed": 0},
+    "teacher": {
+        "dim": 20,
+        "n_train": 4096,
+        "n_val": 1024,
+        "num_classes": 4,
+        "teacher_width": 32,
+        "label_noise": 0.0,
+        "seed": 0,
+    },
+    "mnist": {},
+    "fashion_mnist": {},
+    "cifar10": {},
+}
+FILE_DATASETS = {"mnist", "fashion_mnist", "cifar10"}
+# Training-set size of each file dataset when n_train is not given (the standard splits).
+FILE_DATASET_TRAIN_SIZE = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000}
+IMAGE_DATASETS = {"digits", "mnist", "fashion_mnist", "cifar10"}
+DATASET_KEYS = {
+    "digits": {"val_fraction", "seed"},
+    "linreg": {"dim", "n_train", "n_val", "noise_std", "condition_number", "seed"},
+    "teacher": {"dim", "n_train", "n_val", "num_classes", "teacher_width", "label_noise", "seed"},
+    "mnist": {"data_dir", "n_train", "n_val"},
+    "fashion_mnist": {"data_dir", "n_train", "n_val"},
+    "cifar10": {"data_dir", "n_train", "n_val"},
+}
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"widths": [128]},
+    "cnn": {"channels": [16, 32], "hidden": 64, "batchnorm": False},
+}
+MODEL_KEYS = {"mlp": {"widths"}, "cnn": {"channels", "hidden", "batchnorm"}}
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sgd": {"momentum": 0.9, "nesterov": False, "weight_decay": 0.0},
+    "adamw": {"betas": [0.9, 0.999], "weight_decay": 0.01},
+}
+OPTIMIZER_KEYS = {"sgd": {"momentum", "nesterov", "weight_decay"}, "adamw": {"betas", "weight_decay"}}
+DIGITS_SIZE = 1797
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and the value."""
+
+
+@cache
+def schema() -> dict[str, Any]:
+    text = resources.files("batchscope").joinpath(SCHEMA_FILE).read_text()
+    return yaml.safe_load(text)
+
+
+def _key(path: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _with_defaults(validator_class: type) -> type:
+    """A validator that fills ``default:`` values in while validating (the jsonschema-documented recipe)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, sub_schema):
+        if isinstance(instance, dict):
+            for name, prop in properties.items():
+                if "default" in prop and name not in instance:
+                    instance[name] = copy.deepcopy(prop["default"])
+        yield from validate_properties(validator, properties, instance, sub_schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft7Validator)
+
+
+def _schema_message(err: jsonschema.ValidationError) -> str:
+    key = _key(err.absolute_path)
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        if "properties" in err.schema:
+            return f"{_key([*err.absolute_path, extra[0]])}: unknown key {extra[0]!r} (allowed: {', '.join(allowed)})"
+        # workloads: additionalProperties is a sub-schema, so this is a bad workload name, handled below
+    if err.validator == "propertyNames":
+        return f"{key}: invalid name {err.instance!r}: use letters, digits and '_', starting with a letter"
+    if err.validator == "required":
+        return f"{key}: {err.message}"
+    return f"{key}: {err.instance!r} is invalid: {err.message}"
+
+
+def _check_schema(config: dict[str, Any]) -> None:
+    errors = sorted(_Validator(schema()).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(_schema_message(e) for e in errors))
+
+
+def _tagged(obj: dict[str, Any], where: str, defaults: dict, allowed: dict) -> dict[str, Any]:
+    name = obj["name"]
+    extra = sorted(set(obj) - {"name"} - allowed[name])
+    if extra:
+        raise ConfigError(
+            f"{where}.{extra[0]}: key {extra[0]!r} does not apply to {where.rsplit('.', 1)[-1]} {name!r} "
+            f"(its keys: {', '.join(sorted(allowed[name])) or 'none'})"
+        )
+    return {"name": name, **copy.deepcopy(defaults[name]), **{k: v for k, v in obj.items() if k != "name"}}
+
+
+def train_size(dataset: dict[str, Any]) -> int:
+    """Number of training examples a dataset spec yields (known before loading anything)."""
+    name = dataset["name"]
+    if name == "digits":
+        return DIGITS_SIZE - math.ceil(DIGITS_SIZE * dataset["val_fraction"])
+    if name in FILE_DATASETS:
+        return dataset.get("n_train", FILE_DATASET_TRAIN_SIZE[name])
+    return dataset["n_train"]
+
+
+def _check_workload(name: str, wl: dict[str, Any], batch_sizes: list[int]) -> None:
+    where = f"workloads.{name}"
+    wl["dataset"] = ds = _tagged(wl["dataset"], f"{where}.dataset", DATASET_DEFAULTS, DATASET_KEYS)
+    wl["model"] = model = _tagged(wl["model"], f"{where}.model", MODEL_DEFAULTS, MODEL_KEYS)
+    wl["optimizer"] = _tagged(wl.get("optimizer", {"name": "sgd"}), f"{where}.optimizer", OPTIMIZER_DEFAULTS,
+                              OPTIMIZER_KEYS)
+
+    if ds["name"] in FILE_DATASETS:
+        if "data_dir" not in ds:
+            raise ConfigError(f"{where}.dataset.data_dir: required for dataset {ds['name']!r} (a local directory)")
+        if not Path(ds["data_dir"]).is_dir():
+            raise ConfigError(
+                f"{where}.dataset.data_dir: {ds['data_dir']!r} is not a directory; batchscope reads "
+                f"{ds['name']} from local files and never downloads"
+            )
+    if model["name"] == "cnn" and ds["name"] not in IMAGE_DATASETS:
+        raise ConfigError(f"{where}.model.name: 'cnn' needs image data, but dataset {ds['name']!r} has flat features")
+
+    metric, value = wl["target"]["metric"], wl["target"]["value"]
+    if ds["name"] == "linreg" and metric == "val_accuracy":
+        raise ConfigError(f"{where}.target.metric: 'val_accuracy' is undefined for regression dataset 'linreg'")
+    if metric == "val_accuracy" and not 0 < value <= 1:
+        raise ConfigError(f"{where}.target.value: {value!r} is out of range for val_accuracy (0, 1]")
+    if metric == "val_loss" and not value > 0:
+        raise ConfigError(f"{where}.target.value: {value!r} is out of range for val_loss (> 0)")
+
+    has_list, has_rule = "learning_rates" in wl, "lr_scaling" in wl
+    if has_list == has_rule:
+        raise ConfigError(f"{where}: give exactly one of 'learning_rates' (a list) or 'lr_scaling' (base lr + rule)")
+    if wl["eval_interval"] > wl["max_steps"]:
+        raise ConfigError(f"{where}.eval_interval: {wl['eval_interval']} exceeds max_steps {wl['max_steps']}")
+
+    n_train = train_size(ds)
+    too_big = [b for b in batch_sizes if b > n_train]
+    if too_big:
+        raise ConfigError(
+            f"grid.batch_sizes: {too_big[0]} exceeds the {n_train} training examples of workload {name!r}"
+        )
+
+
+def validate(config: dict[str, Any]) -> dict[str, Any]:
+    """Return a validated copy of ``config`` with every default filled in, or raise :class:`ConfigError`."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"<top level>: the config must be a mapping, got {type(config).__name__}")
+    config = copy.deepcopy(config)
+    _check_schema(config)
+    for name, wl in config["workloads"].items():
+        _check_workload(name, wl, config["grid"]["batch_sizes"])
+    return config
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML config (safe loader: nothing in it is ever evaluated), apply overrides, validate."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    config = config if config is not None else {}
+    if isinstance(config, dict):
+        config.update(overrides or {})
+    return validate(config)
+
+
+# ---------------------------------------------------------------------------------------------- the grid
+
+def format_lr(lr: float) -> str:
+    """The learning rate as it appears in paths; 4 significant digits, and that rounded value is the one used."""
+    return f"{lr:.4g}"
+
+
+def learning_rates(workload: dict[str, Any], batch_size: int) -> list[float]:
+    """The learning-rate grid at ``batch_size`` (Shallue et al.: tuned per batch size, not one fixed lr)."""
+    if "learning_rates" in workload:
+        lrs = workload["learning_rates"]
+    else:
+        rule = workload["lr_scaling"]
+        ratio = batch_size / rule["reference_batch_size"]
+        factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule["rule"]]
+        lrs = [base * factor for base in rule["base_lrs"]]
+    return sorted({float(format_lr(lr)) for lr in lrs})
+
+
+def profile_batch_sizes(config: dict[str, Any]) -> list[int]:
+    return sorted(set(config["grid"]["batch_sizes"]) | set(config["profile"]["extra_batch_sizes"]))
+
+
+def train_points(config: dict[str, Any], workload: str) -> list[tuple[int, float, int]]:
+    """(batch_size, lr, seed) of every training run of ``workload``."""
+    wl = config["workloads"][workload]
+    return [
+        (b, lr, seed)
+        for b in sorted(config["grid"]["batch_sizes"])
+        for lr in learning_rates(wl, b)
+        for seed in config["grid"]["seeds"]
+    ]
+
+
+# ------------------------------------------------------------------------------ per-stage config slices
+# Each stage sees only what changes its result, so Snakemake's params trigger reruns exactly what a config
+# change touches: learning rates are not in the training slice (they are in the path), the target is not in
+# the profiling slice.
+
+def data_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    return {"dataset": config["workloads"][workload]["dataset"]}
+
+
+def profile_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    wl = config["workloads"][workload]
+    return {
+        "model": wl["model"],
+        "optimizer": wl["optimizer"],
+        "profile": {k: v for k, v in config["profile"].items() if k != "extra_batch_sizes"},
+        "device": config["device"],
+        "threads": config["threads"],
+    }
+
+
+def train_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    wl = config["workloads"][workload]
+    keys = ("model", "optimizer", "target", "max_steps", "eval_interval", "stop_at_target")
+    return {**{k: wl[k] for k in keys}, "device": config["device"], "threads": config["threads"]}
+
+
+def fit_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    return {"fit": config["fit"], "target": config["workloads"][workload]["target"]}

@@ -1,0 +1,231 @@
+"""The scaling model: T_iter(B) = tau_f + tau_d B, K(B) = N_iter + C_var / B, and T(B) = K(B) T_iter(B).
+
+T(B) is minimised at b_opt = sqrt(C_var tau_f / (N_iter tau_d)). In McCandlish et al.'s notation
+N_iter = S_min and C_var / N_iter = B_crit.
+
+Both fits are linear in their parameters; they are solved as least squares on *relative* residuals
+(each row divided by its observation), because K and T_iter span orders of magnitude across the grid and an
+absolute fit would ignore the small-B end where tau_f and C_var are determined. Parameters are bounded to be
+non-negative (scipy's ``lsq_linear``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from scipy.optimize import lsq_linear
+
+from batchscope.io import read_netcdf
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    intercept: float
+    slope: float
+    r2: float
+    residuals: np.ndarray  # observed minus fitted, in the observation's units
+
+
+def _relative_fit(features: np.ndarray, observed: np.ndarray) -> LinearFit:
+    features, observed = np.asarray(features, float), np.asarray(observed, float)
+    if len(observed) < 2:
+        raise ValueError(f"need at least 2 points to fit a line, got {len(observed)}")
+    design = np.column_stack([np.ones_like(features), features]) / observed[:, None]
+    solution = lsq_linear(design, np.ones_like(observed), bounds=(0.0, np.inf)).x
+    fitted = solution[0] + solution[1] * features
+    ss_res = float(np.sum((observed - fitted) ** 2))
+    ss_tot = float(np.sum((observed - observed.mean()) ** 2))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else math.nan
+    return LinearFit(float(solution[0]), float(solution[1]), r2, observed - fitted)
+
+
+def fit_step_time(batch_sizes: Sequence[float], t_iter: Sequence[float]) -> LinearFit:
+    """T_iter(B) = tau_f + tau_d B: intercept is tau_f (s), slope tau_d (s per example)."""
+    return _relative_fit(np.asarray(batch_sizes, float), np.asarray(t_iter, float))
+
+
+def fit_steps(batch_sizes: Sequence[float], steps: Sequence[float]) -> LinearFit:
+    """K(B) = N_iter + C_var / B: intercept is N_iter (steps), slope C_var (steps x examples)."""
+    return _relative_fit(1.0 / np.asarray(batch_sizes, float), np.asarray(steps, float))
+
+
+def b_opt(n_iter: float, c_var: float, tau_f: float, tau_d: float) -> float:
+    """argmin over B of (N_iter + C_var/B)(tau_f + tau_d B); inf when either N_iter or tau_d is zero."""
+    if n_iter <= 0 or tau_d <= 0:
+        return math.inf
+    return math.sqrt(c_var * tau_f / (n_iter * tau_d))
+
+
+def predicted_time(b: np.ndarray | float, n_iter: float, c_var: float, tau_f: float, tau_d: float):
+    b = np.asarray(b, float)
+    return (n_iter + c_var / b) * (tau_f + tau_d * b)
+
+
+def steps_per_batch_size(runs: pd.DataFrame) -> pd.DataFrame:
+    """K(B): per batch size, the best learning rate's median steps-to-target over seeds.
+
+    ``runs`` has columns batch_size, lr, seed, steps_to_target (NaN when censored or diverged). A censored
+    run counts as infinitely many steps, so an lr whose median run never reached the target cannot win;
+    a batch size where no lr's median reached it gets K = NaN and is left out of the fit.
+    """
+    steps = runs.assign(steps=runs["steps_to_target"].fillna(np.inf))
+    per_lr = steps.groupby(["batch_size", "lr"])["steps"].median().reset_index()
+    best = per_lr.loc[per_lr.groupby("batch_size")["steps"].idxmin()].set_index("batch_size")
+    best.loc[~np.isfinite(best["steps"]), ["steps", "lr"]] = np.nan
+    return best.rename(columns={"steps": "k", "lr": "best_lr"})[["k", "best_lr"]]
+
+
+def _resample_seeds(runs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
+    """Resample seeds with replacement independently in each (batch size, lr) cell."""
+    parts = []
+    for _, cell in runs.groupby(["batch_size", "lr"]):
+        parts.append(cell.iloc[rng.integers(0, len(cell), len(cell))])
+    return pd.concat(parts, ignore_index=True)
+
+
+# --------------------------------------------------------------------------------- reading the caches
+
+def read_profiles(paths: Sequence[str | Path]) -> xr.Dataset:
+    parts = []
+    for path in paths:
+        ds = read_netcdf(path)
+        parts.append(ds.expand_dims(profile_batch_size=[int(ds.attrs["batch_size"])]))
+    merged = xr.concat(parts, dim="profile_batch_size", combine_attrs="drop_conflicts").sortby("profile_batch_size")
+    return merged.rename({name: f"profile_{name}" for name in merged.data_vars})
+
+
+def read_runs(paths: Sequence[str | Path]) -> xr.Dataset:
+    """Concatenate training points along ``run``; ``paths`` may be point files or train_model directories."""
+    files = []
+    for path in map(Path, paths):
+        files += sorted(path.glob("*.nc")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"no training results in {', '.join(map(str, paths))}")
+    parts = []
+    for path in files:
+        ds = read_netcdf(path)
+        run = xr.Dataset(coords={f"run_{k}": ("run", [ds.attrs[k]]) for k in ("batch_size", "lr", "seed")})
+        parts.append(ds.expand_dims("run").assign_coords(run.coords))
+    merged = xr.concat(parts, dim="run", join="outer", combine_attrs="drop_conflicts")
+    order = np.lexsort((merged["run_seed"].values, merged["run_lr"].values, merged["run_batch_size"].values))
+    return merged.isel(run=order).assign_coords(run=np.arange(merged.sizes["run"]))
+
+
+# -------------------------------------------------------------------------------------- the fit stage
+
+def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, Any], workload: str) -> xr.Dataset:
+    """Aggregate a workload's profile and training caches and fit the scaling model.
+
+    ``spec`` is :func:`batchscope.config.fit_slice`. The result holds the aggregated inputs (dims
+    ``profile_batch_size``, ``run``, ``step``), K(B) and T(B) on the grid (dim ``batch_size``), the fitted
+    parameters with bootstrap intervals (dim ``bootstrap``), and the recommendation.
+    """
+    profiles = read_profiles(profile_paths)
+    runs = read_runs(train_paths)
+    table = pd.DataFrame(
+        {k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")} | {"steps_to_target": runs["steps_to_target"].values}
+    )
+    feasible = profiles["profile_feasible"].values.astype(bool) & np.isfinite(profiles["profile_t_iter_median"])
+    prof_b = profiles["profile_batch_size"].values[feasible]
+    prof_t = profiles["profile_t_iter_median"].values[feasible]
+    timing = fit_step_time(prof_b, prof_t)
+    tau_f, tau_d = timing.intercept, timing.slope
+
+    k_table = steps_per_batch_size(table)
+    grid_b = k_table.index.values.astype(int)
+    t_iter_at = dict(zip(profiles["profile_batch_size"].values, profiles["profile_t_iter_median"].values, strict=True))
+    t_iter_grid = np.array([t_iter_at.get(b, np.nan) for b in grid_b])
+    ok = np.isfinite(k_table["k"].values)
+    if ok.sum() < 2:
+        raise ValueError(
+            f"workload {workload!r}: the target was reached at {ok.sum()} batch size(s); K(B) needs at least 2. "
+            "Lower the target or raise max_steps."
+        )
+    steps_fit = fit_steps(grid_b[ok], k_table["k"].values[ok])
+    n_iter, c_var = steps_fit.intercept, steps_fit.slope
+    best_b_pred = b_opt(n_iter, c_var, tau_f, tau_d)
+
+    # bootstrap: seeds within each (B, lr) cell, and profile repeats within each B
+    rng = np.random.default_rng(spec["fit"]["seed"])
+    n_boot = spec["fit"]["bootstrap"]
+    boot = {k: np.full(n_boot, np.nan) for k in ("n_iter", "c_var", "tau_f", "tau_d", "b_opt")}
+    reps = profiles["profile_t_iter"].values[feasible]
+    for i in range(n_boot):
+        k_boot = steps_per_batch_size(_resample_seeds(table, rng))
+        good = np.isfinite(k_boot["k"].values)
+        if good.sum() < 2:
+            continue
+        f = fit_steps(k_boot.index.values[good], k_boot["k"].values[good])
+        t_boot = [np.nanmedian(row[rng.integers(0, len(row), len(row))]) for row in reps]
+        t = fit_step_time(prof_b, t_boot)
+        values = (f.intercept, f.slope, t.intercept, t.slope, b_opt(f.intercept, f.slope, t.intercept, t.slope))
+        for key, value in zip(boot, values, strict=True):
+            boot[key][i] = value
+
+    t_empirical = k_table["k"].values * t_iter_grid
+    measured_best = int(grid_b[np.nanargmin(t_empirical)]) if np.isfinite(t_empirical).any() else -1
+    measured_time = _measured_time_to_target(runs, k_table)
+
+    out = xr.Dataset(
+        {
+            "k": ("batch_size", k_table["k"].values, {"units": "steps", "long_name": "K(B), best lr's median"}),
+            "best_lr": ("batch_size", k_table["best_lr"].values, {"long_name": "learning rate minimising K"}),
+            "k_fitted": ("batch_size", n_iter + c_var / grid_b, {"units": "steps"}),
+            "t_iter": ("batch_size", t_iter_grid, {"units": "s", "long_name": "profiled median step time"}),
+            "t_empirical": ("batch_size", t_empirical, {"units": "s", "long_name": "K(B) x T_iter(B)"}),
+            "t_predicted": (
+                "batch_size",
+                predicted_time(grid_b, n_iter, c_var, tau_f, tau_d),
+                {"units": "s", "long_name": "(N_iter + C_var/B)(tau_f + tau_d B)"},
+            ),
+            "time_to_target_measured": (
+                "batch_size",
+                measured_time,
+                {"units": "s", "long_name": "median training time to target at the best lr (from the runs)"},
+            ),
+            "t_iter_fitted": ("profile_batch_size", tau_f + tau_d * profiles["profile_batch_size"].values,
+                              {"units": "s"}),
+            "n_iter": ((), n_iter, {"units": "steps", "long_name": "N_iter = S_min"}),
+            "c_var": ((), c_var, {"units": "steps*examples"}),
+            "b_crit": ((), c_var / n_iter if n_iter > 0 else math.inf, {"units": "examples"}),
+            "k_r2": ((), steps_fit.r2),
+            "tau_f": ((), tau_f, {"units": "s"}),
+            "tau_d": ((), tau_d, {"units": "s/example"}),
+            "t_iter_r2": ((), timing.r2),
+            "b_opt": ((), best_b_pred, {"units": "examples", "long_name": "predicted optimal batch size"}),
+            "t_at_b_opt": ((), float(predicted_time(best_b_pred, n_iter, c_var, tau_f, tau_d)), {"units": "s"}),
+            "measured_best_batch_size": ((), measured_best, {"long_name": "grid argmin of K(B) T_iter(B)"}),
+            **{f"boot_{k}": ("bootstrap", v) for k, v in boot.items()},
+        },
+        coords={"batch_size": grid_b, "bootstrap": np.arange(n_boot)},
+    )
+    for key in ("n_iter", "c_var", "tau_f", "tau_d", "b_opt"):
+        samples = boot[key][np.isfinite(boot[key])]
+        low, high = np.quantile(samples, [0.025, 0.975]) if len(samples) else (math.nan, math.nan)
+        out[f"{key}_ci"] = ("bound", [low, high], {"long_name": "95% bootstrap percentile interval"})
+    out = out.assign_coords(bound=["low", "high"])
+    merged = xr.merge([out, profiles, runs], combine_attrs="drop_conflicts")
+    merged.attrs.update(
+        workload=workload,
+        device_name=profiles.attrs.get("device_name", ""),
+        device_type=profiles.attrs.get("device_type", ""),
+        target_metric=spec["target"]["metric"],
+        target_value=spec["target"]["value"],
+    )
+    return merged
+
+
+def _measured_time_to_target(runs: xr.Dataset, k_table: pd.DataFrame) -> np.ndarray:
+    result = []
+    for b, best_lr in zip(k_table.index.values, k_table["best_lr"].values, strict=True):
+        mask = (runs["run_batch_size"].values == b) & (runs["run_lr"].values == best_lr)
+        times = runs["time_to_target"].values[mask]
+        result.append(float(np.median(times)) if mask.any() and np.isfinite(times).all() else math.nan)
+    return np.asarray(result)

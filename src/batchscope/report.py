@@ -1,0 +1,257 @@
+"""Figures and the summary for the study report.
+
+The notebook ``workflow/notebooks/report.ipynb`` only calls these functions, so every figure can also be
+drawn (and tested) without Jupyter. :func:`render` executes the notebook with papermill and converts it to a
+self-contained HTML page (figures embedded, code hidden) with nbconvert.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import xarray as xr
+
+from batchscope.io import atomic_write, read_netcdf
+
+
+def load_fits(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
+    fits = {}
+    for path in paths:
+        ds = read_netcdf(path)
+        fits[ds.attrs["workload"]] = ds
+    return fits
+
+
+def _log2_axis(ax, axis: str = "x") -> None:
+    getattr(ax, f"set_{axis}scale")("log", base=2)
+
+
+def _mark_b_opt(ax, ds: xr.Dataset) -> None:
+    b = float(ds["b_opt"])
+    if math.isfinite(b):
+        ax.axvline(b, color="0.3", ls="--", lw=1, label=f"predicted b_opt = {b:.0f}")
+        low, high = ds["b_opt_ci"].values
+        if np.isfinite([low, high]).all():
+            ax.axvspan(low, high, color="0.5", alpha=0.12, lw=0)
+
+
+def plot_step_time(ds: xr.Dataset) -> plt.Figure:
+    """T_iter(B) with the fit tau_f + tau_d B, and the fit's relative residuals."""
+    fig, (ax, res) = plt.subplots(2, 1, figsize=(6, 5), sharex=True, height_ratios=[3, 1])
+    b = ds["profile_batch_size"].values
+    reps = ds["profile_t_iter"].to_dataframe().reset_index()
+    reps["t_iter_ms"] = 1e3 * reps["profile_t_iter"]
+    sns.stripplot(data=reps, x="profile_batch_size", y="t_iter_ms", native_scale=True, ax=ax, color="C0",
+                  alpha=0.35, size=3, jitter=False)
+    ax.plot(b, 1e3 * ds["profile_t_iter_median"].values, "o", color="C0", label="median")
+    grid = np.geomspace(b.min(), b.max(), 200)
+    tau_f, tau_d = float(ds["tau_f"]), float(ds["tau_d"])
+    ax.plot(grid, 1e3 * (tau_f + tau_d * grid), color="C1",
+            label=f"tau_f + tau_d B: tau_f = {1e3 * tau_f:.3g} ms, tau_d = {1e6 * tau_d:.3g} us "
+                  f"(R^2 = {float(ds['t_iter_r2']):.3f})")
+    infeasible = b[~ds["profile_feasible"].values.astype(bool)]
+    for x in infeasible:
+        ax.axvline(x, color="red", lw=1, ls=":")
+    _log2_axis(ax)
+    ax.set_yscale("log")
+    ax.set_ylabel("time per step (ms)")
+    ax.legend(fontsize=7)
+    rel = ds["profile_t_iter_median"].values / ds["t_iter_fitted"].values - 1
+    res.axhline(0, color="0.5", lw=1)
+    res.plot(b, 100 * rel, "o-", color="C0")
+    res.set_ylabel("residual (%)")
+    res.set_xlabel("batch size B")
+    fig.suptitle(f"{ds.attrs['workload']}: step time T_iter(B) on {ds.attrs.get('device_name', '?')}")
+    fig.tight_layout()
+    return fig
+
+
+def run_table(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per training run."""
+    names = ["steps_to_target", "reached_target", "diverged", "out_of_memory", "time_to_target",
+             "final_train_accuracy", "final_val_accuracy", "gap_accuracy", "gap_loss", "step_time_median"]
+    table = pd.DataFrame({name: ds[name].values for name in names})
+    for key in ("batch_size", "lr", "seed"):
+        table[key] = ds[f"run_{key}"].values
+    return table
+
+
+def plot_steps(ds: xr.Dataset) -> plt.Figure:
+    """Steps to target per learning rate, K(B) (best lr), and the fit N_iter + C_var / B."""
+    runs = run_table(ds)
+    metric = ds.attrs["target_metric"]
+    cap = float(runs["steps_to_target"].max()) if runs["reached_target"].any() else 1.0
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    reached = runs[runs["reached_target"].astype(bool)]
+    sns.lineplot(data=reached, x="batch_size", y="steps_to_target", hue="lr", palette="viridis",
+                 estimator="median", errorbar=("pi", 100), marker="o", ax=ax, legend="full", alpha=0.6)
+    censored = runs[~runs["reached_target"].astype(bool)]
+    if len(censored):
+        ax.plot(censored["batch_size"], np.full(len(censored), cap * 1.3), "x", color="red",
+                label="not reached / diverged")
+    b = ds["batch_size"].values
+    ax.plot(b, ds["k"].values, "s", color="black", ms=7, mfc="none", label="K(B): best lr, median over seeds")
+    grid = np.geomspace(b.min(), b.max(), 200)
+    n_iter, c_var = float(ds["n_iter"]), float(ds["c_var"])
+    ax.plot(grid, n_iter + c_var / grid, color="black",
+            label=f"N_iter + C_var/B: N_iter = {n_iter:.0f}, B_crit = {float(ds['b_crit']):.0f}")
+    _log2_axis(ax)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel(f"steps to {metric} {ds.attrs['target_value']}")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"{ds.attrs['workload']}: steps to target K(B)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_total_time(ds: xr.Dataset) -> plt.Figure:
+    """T(B) = K(B) T_iter(B): measured on the grid, predicted by the model, with b_opt and the argmin."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    b = ds["batch_size"].values
+    ax.plot(b, ds["t_empirical"].values, "o", color="C0", label="K(B) x T_iter(B) (measured)")
+    ax.plot(b, ds["time_to_target_measured"].values, "^", color="C2", alpha=0.7,
+            label="training time to target (from the runs)")
+    grid = np.geomspace(b.min(), b.max(), 200)
+    pred = (float(ds["n_iter"]) + float(ds["c_var"]) / grid) * (float(ds["tau_f"]) + float(ds["tau_d"]) * grid)
+    ax.plot(grid, pred, color="C1", label="(N_iter + C_var/B)(tau_f + tau_d B)")
+    _mark_b_opt(ax, ds)
+    best = int(ds["measured_best_batch_size"])
+    if best > 0:
+        ax.plot([best], [float(ds["t_empirical"].sel(batch_size=best))], "*", color="red", ms=14,
+                label=f"measured best B = {best}")
+    _log2_axis(ax)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("time to target (s)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{ds.attrs['workload']}: total time T(B)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(ds: xr.Dataset) -> plt.Figure:
+    """Validation metric against step at each batch size's best learning rate (seed 0... all seeds)."""
+    runs = run_table(ds)
+    best_lr = dict(zip(ds["batch_size"].values, ds["best_lr"].values, strict=True))
+    keep = [i for i, row in runs.iterrows() if best_lr.get(row["batch_size"]) == row["lr"]]
+    curves = ds["val_metric"].isel(run=keep).to_dataframe().reset_index().dropna(subset=["val_metric"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    if len(curves):
+        sns.lineplot(data=curves, x="step", y="val_metric", hue="run_batch_size", units="run",
+                     estimator=None, palette="rocket_r", hue_norm=matplotlib.colors.LogNorm(), ax=ax, lw=1)
+    ax.axhline(ds.attrs["target_value"], color="0.4", ls="--", lw=1, label="target")
+    ax.set_xscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ds.attrs["target_metric"])
+    ax.legend(title="B (best lr)", fontsize=7)
+    ax.set_title(f"{ds.attrs['workload']}: validation curves")
+    fig.tight_layout()
+    return fig
+
+
+def plot_gap(ds: xr.Dataset) -> plt.Figure:
+    """Generalization gap (train minus validation accuracy, or val minus train loss) against B."""
+    runs = run_table(ds)
+    best_lr = dict(zip(ds["batch_size"].values, ds["best_lr"].values, strict=True))
+    runs = runs[[best_lr.get(b) == lr for b, lr in zip(runs["batch_size"], runs["lr"], strict=True)]]
+    column = "gap_accuracy" if runs["gap_accuracy"].notna().any() else "gap_loss"
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    sns.pointplot(data=runs, x="batch_size", y=column, native_scale=True, errorbar=("pi", 100), ax=ax,
+                  color="C3", capsize=0.1)
+    _log2_axis(ax)
+    ax.set_xlabel("batch size B (best lr)")
+    ax.set_ylabel("train - val accuracy" if column == "gap_accuracy" else "val - train loss")
+    ax.set_title(f"{ds.attrs['workload']}: generalization gap at the end of training")
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {
+    "step_time": plot_step_time,
+    "steps_to_target": plot_steps,
+    "total_time": plot_total_time,
+    "curves": plot_curves,
+    "generalization_gap": plot_gap,
+}
+
+
+def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
+    """The recommendation table: one row per workload."""
+    rows = []
+    for name, ds in fits.items():
+        best = int(ds["measured_best_batch_size"])
+        b_low, b_high = ds["b_opt_ci"].values
+        rows.append({
+            "workload": name,
+            "device": ds.attrs.get("device_name", ""),
+            "predicted b_opt": float(ds["b_opt"]),
+            "b_opt 95% CI": f"{b_low:.0f} to {b_high:.0f}",
+            "measured best B": best,
+            "predicted T(b_opt) (s)": float(ds["t_at_b_opt"]),
+            "measured T(best B) (s)": float(ds["t_empirical"].sel(batch_size=best)) if best > 0 else math.nan,
+            "B_crit": float(ds["b_crit"]),
+            "N_iter": float(ds["n_iter"]),
+            "tau_f (ms)": 1e3 * float(ds["tau_f"]),
+            "tau_d (us)": 1e6 * float(ds["tau_d"]),
+            "R^2 T_iter": float(ds["t_iter_r2"]),
+            "R^2 K": float(ds["k_r2"]),
+        })
+    return pd.DataFrame(rows)
+
+
+def recommendation(ds: xr.Dataset) -> str:
+    """One sentence: on <device>, for <workload>: predicted b_opt, measured best B, time to target at each."""
+    best = int(ds["measured_best_batch_size"])
+    measured = float(ds["t_empirical"].sel(batch_size=best)) if best > 0 else math.nan
+    return (
+        f"On {ds.attrs.get('device_type', '?')} ({ds.attrs.get('device_name', '?')}), for "
+        f"{ds.attrs['workload']}: predicted b_opt = {float(ds['b_opt']):.0f} "
+        f"(95% CI {ds['b_opt_ci'].values[0]:.0f} to {ds['b_opt_ci'].values[1]:.0f}), time to target "
+        f"{float(ds['t_at_b_opt']):.3g} s predicted there; measured best B = {best} on the grid, "
+        f"time to target {measured:.3g} s (K = {float(ds['k'].sel(batch_size=best)):.0f} steps at lr "
+        f"{float(ds['best_lr'].sel(batch_size=best)):g})."
+    )
+
+
+def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str) -> Path:
+    """Save ``fig`` as PNG (atomically) and close it; the report embeds the saved file."""
+    path = atomic_write(Path(figures_dir) / f"{name}.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def provenance_table(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
+    keys = ["batchscope_version", "algorithm_version", "config_hash", "torch_version", "created", "host"]
+    return pd.DataFrame(
+        [{"workload": name, "device": ds.attrs.get("device_name", ""), **{k: ds.attrs.get(k, "") for k in keys}}
+         for name, ds in fits.items()]
+    )
+
+
+def render(fit_paths: Sequence[str], notebook: str, html_out: str, figures_dir: str) -> Path:
+    """Execute the report notebook on ``fit_paths`` and write HTML with the code hidden."""
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    html_out = Path(html_out)
+    executed = html_out.with_suffix(".ipynb")
+    papermill.execute_notebook(
+        notebook,
+        str(executed),
+        parameters={"fit_files": [str(Path(p).resolve()) for p in fit_paths],
+                    "figures_dir": str(Path(figures_dir).resolve())},
+        progress_bar=False,
+        cwd=str(Path.cwd()),
+    )
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
+    return atomic_write(html_out, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))

@@ -1,0 +1,170 @@
+"""Train one (workload, batch size, learning rate, seed) point until the validation target or max steps.
+
+The loop is deliberately short: data live on the device, a batch is a slice of a per-epoch permutation, and
+the step is :func:`batchscope.runtime.make_step`, the same function the profiler times.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from batchscope import runtime
+from batchscope.data import Tensors
+
+EVAL_CHUNK = 4096  # examples per forward pass during evaluation: bounds memory on large validation sets
+
+
+def point_name(lr: float, seed: int) -> str:
+    """File stem of one training point inside its batch size's directory."""
+    from batchscope.config import format_lr
+
+    return f"lr{format_lr(lr)}_seed{seed}"
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float  # NaN for regression
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> Evaluation:
+    was_training = model.training
+    model.eval()
+    loss = runtime.loss_fn(task)
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(x), EVAL_CHUNK):
+        out = model(x[start : start + EVAL_CHUNK])
+        target = y[start : start + EVAL_CHUNK]
+        total_loss += float(loss(out, target)) * len(target)
+        if task == "classification":
+            correct += int((out.argmax(dim=1) == target).sum())
+    model.train(was_training)
+    accuracy = correct / len(x) if task == "classification" else math.nan
+    return Evaluation(total_loss / len(x), accuracy)
+
+
+def reached(metric: str, value: float, target: float) -> bool:
+    return value >= target if metric == "val_accuracy" else value <= target
+
+
+def train(
+    data: Tensors, spec: dict[str, Any], batch_size: int, lr: float, seed: int, device: torch.device
+) -> tuple[xr.Dataset, dict[str, Any]]:
+    """Run one training point. Returns its record (an ``xarray.Dataset``) and a checkpoint dict.
+
+    ``spec`` is the training config slice (:func:`batchscope.config.train_slice`). A NaN/inf loss ends the run
+    with ``diverged`` set; out-of-memory ends it with ``out_of_memory`` set. Neither raises.
+    """
+    torch.manual_seed(seed)  # model initialisation
+    order = torch.Generator().manual_seed(seed)  # batch order, drawn on the CPU so it is device independent
+    model = runtime.make_model(spec["model"], data, device)
+    optimizer = runtime.make_optimizer(spec["optimizer"], model.parameters(), lr)
+    step = runtime.make_step(model, optimizer, data, runtime.loss_fn(data.task))
+    clock = runtime.StepClock(device)
+    metric, target = spec["target"]["metric"], spec["target"]["value"]
+    n_train, max_steps, interval = len(data.x_train), spec["max_steps"], spec["eval_interval"]
+
+    curve: dict[str, list[float]] = {k: [] for k in ("step", "train_loss", "val_loss", "val_metric", "step_time")}
+    steps_done, position, permutation = 0, n_train, None
+    train_time, time_to_target, steps_to_target = 0.0, math.nan, math.nan
+    diverged = out_of_memory = False
+    wall_start = time.perf_counter()
+    model.train()
+    while steps_done < max_steps:
+        block = min(interval, max_steps - steps_done)
+        losses = []
+        try:
+            clock.start()
+            for i in range(block):
+                if position + batch_size > n_train:  # new epoch; the partial tail batch is dropped
+                    permutation = torch.randperm(n_train, generator=order).to(device)
+                    position = 0
+                losses.append(step(permutation[position : position + batch_size]))
+                position += batch_size
+                if i == 0 and block > 1:
+                    first = clock.lap()
+            elapsed = clock.stop()
+        except (RuntimeError, MemoryError) as err:
+            if not runtime.is_out_of_memory(err):
+                raise
+            out_of_memory = True
+            break
+        # steady-state step time leaves out the first step after an evaluation, which pays a cache refill
+        # that a loop without evaluations does not; train_time counts every step
+        steady_time = (elapsed - first) / (block - 1) if block > 1 else elapsed
+        train_time += elapsed
+        steps_done += block
+        evaluation = evaluate(model, data.x_val, data.y_val, data.task)
+        value = evaluation.accuracy if metric == "val_accuracy" else evaluation.loss
+        for key, item in zip(
+            curve,
+            (steps_done, float(torch.stack(losses).mean()), evaluation.loss, value, steady_time),
+            strict=True,
+        ):
+            curve[key].append(item)
+        if not (math.isfinite(curve["train_loss"][-1]) and math.isfinite(evaluation.loss)):
+            diverged = True
+            break
+        if math.isnan(steps_to_target) and reached(metric, value, target):
+            steps_to_target, time_to_target = steps_done, train_time
+            if spec["stop_at_target"]:
+                break
+    wall_time = time.perf_counter() - wall_start
+
+    final_train = evaluate(model, data.x_train, data.y_train, data.task)
+    final_val = evaluate(model, data.x_val, data.y_val, data.task)
+    step_times = np.asarray(curve["step_time"])
+    # the first block includes one-off warm-up (allocator, lazy init); leave it out when there are others
+    steady = step_times[1:] if len(step_times) > 1 else step_times
+    scalars = {
+        "steps_to_target": (steps_to_target, "steps", "first evaluated step at which the target was reached"),
+        "reached_target": (not math.isnan(steps_to_target), "", "False: censored at max_steps"),
+        "diverged": (diverged, "", "a NaN/inf loss ended the run"),
+        "out_of_memory": (out_of_memory, "", "the device ran out of memory"),
+        "steps_done": (steps_done, "steps", ""),
+        "time_to_target": (time_to_target, "s", "training-step time until the target (evaluation excluded)"),
+        "train_time": (train_time, "s", "training-step time of the whole run (evaluation excluded)"),
+        "wall_time": (wall_time, "s", "wall time of the run including evaluation"),
+        "step_time_median": (
+            float(np.median(steady)) if len(steady) else math.nan,
+            "s",
+            "median steady-state time per step (first step after each evaluation excluded)",
+        ),
+        "final_train_loss": (final_train.loss, "", ""),
+        "final_val_loss": (final_val.loss, "", ""),
+        "final_train_accuracy": (final_train.accuracy, "1", ""),
+        "final_val_accuracy": (final_val.accuracy, "1", ""),
+        "gap_accuracy": (final_train.accuracy - final_val.accuracy, "1", "train minus val accuracy"),
+        "gap_loss": (final_val.loss - final_train.loss, "", "val minus train loss"),
+    }
+    ds = xr.Dataset(
+        {
+            name: ((), value, {"units": units, "long_name": note} if note else {"units": units})
+            for name, (value, units, note) in scalars.items()
+        }
+    )
+    curve_units = {"train_loss": "", "val_loss": "", "val_metric": "", "step_time": "s"}
+    ds["steps_to_target"] = ds["steps_to_target"].astype(np.float64)
+    for key, units in curve_units.items():
+        ds[key] = ("step", np.asarray(curve[key], dtype=np.float64), {"units": units})
+    ds = ds.assign_coords(step=("step", np.asarray(curve["step"], dtype=np.int64), {"units": "steps"}))
+    ds["train_loss"].attrs["long_name"] = "mean minibatch loss over the evaluation interval"
+    ds["val_metric"].attrs["long_name"] = metric
+    ds.attrs.update(batch_size=batch_size, lr=lr, seed=seed, target_metric=metric, target_value=target)
+    checkpoint = {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": spec["model"],
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "steps_done": steps_done,
+    }
+    return ds, checkpoint

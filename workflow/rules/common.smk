@@ -1,0 +1,65 @@
+# Validation, grid helpers, per-rule config slices and wildcard constraints.
+import json
+import os
+import shutil
+import sys
+
+from snakemake.exceptions import WorkflowError
+
+from batchscope import ALGORITHM_VERSIONS
+from batchscope import config as bs_config
+
+# Jobs run `python -m batchscope`; make that the interpreter running Snakemake (the project's venv) even when
+# snakemake was started by path without activating the venv.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+
+# The schema (workflow/schemas/config.schema.yaml) plus the checks a schema cannot express; defaults filled in.
+# Runs at parse time, so a bad config stops the workflow before any job starts.
+try:
+    _validated = bs_config.validate(config)
+except bs_config.ConfigError as err:
+    raise WorkflowError(str(err)) from None
+config.clear()
+config.update(_validated)
+
+WORKLOADS = sorted(config["workloads"])
+BATCH_SIZES = sorted(config["grid"]["batch_sizes"])
+PROFILE_BATCH_SIZES = bs_config.profile_batch_sizes(config)
+REPORT_NOTEBOOK = os.path.join(workflow.basedir, "workflow", "notebooks", "report.ipynb")
+
+
+def _uses_gpu():
+    """Whether jobs that compute will hold a GPU: device cuda, or auto on a machine with an NVIDIA driver."""
+    if config["device"] == "cuda":
+        return True
+    return config["device"] == "auto" and shutil.which("nvidia-smi") is not None
+
+
+GPU = 1 if _uses_gpu() else 0
+
+
+wildcard_constraints:
+    workload="|".join(WORKLOADS),
+    batch_size=r"[1-9][0-9]*",
+
+
+def config_slice(slicer):
+    """Params function: the rule's own config slice as canonical JSON (drives the params rerun trigger)."""
+
+    def params(wildcards):
+        return json.dumps(slicer(config, wildcards.workload), sort_keys=True)
+
+    return params
+
+
+def learning_rates(wildcards):
+    wl = config["workloads"][wildcards.workload]
+    return " ".join(bs_config.format_lr(lr) for lr in bs_config.learning_rates(wl, int(wildcards.batch_size)))
+
+
+def profile_files(wildcards):
+    return expand(rules.profile_hardware.output[0], workload=wildcards.workload, batch_size=PROFILE_BATCH_SIZES)
+
+
+def train_dirs(wildcards):
+    return expand(rules.train_model.output[0], workload=wildcards.workload, batch_size=BATCH_SIZES)

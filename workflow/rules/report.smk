@@ -1,0 +1,22 @@
+rule render_report:
+    input:
+        fits=expand(rules.fit_scaling.output[0], workload=WORKLOADS),
+        notebook=REPORT_NOTEBOOK,
+    output:
+        html="results/report/report.html",
+        figures=report(
+            directory("results/report/figures"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="batch-size study",
+        ),
+    params:
+        version=ALGORITHM_VERSIONS["render_report"],
+    log:
+        "logs/render_report/render_report.log",
+    benchmark:
+        "results/benchmarks/render_report/render_report.tsv"
+    localrule: True
+    shell:
+        "python -m batchscope report --fits {input.fits} --notebook {input.notebook}"
+        " --out {output.html} --figures {output.figures} > {log} 2>&1"

@@ -1,0 +1,26 @@
+# One job per (workload, batch size) trains that batch size's learning-rate x seed grid: a digits run takes
+# ~0.2 s while a job's process start costs ~2.5 s. Each point is still its own NetCDF + checkpoint in the
+# job's directory, and the lr list is a param, so changing it reruns only that workload's training.
+rule train_model:
+    input:
+        data=rules.prepare_data.output[0],
+    output:
+        directory("results/train/{workload}/B{batch_size}"),
+    params:
+        spec=config_slice(bs_config.train_slice),
+        lrs=learning_rates,
+        seeds=" ".join(map(str, config["grid"]["seeds"])),
+        version=ALGORITHM_VERSIONS["train_model"],
+    log:
+        "logs/train_model/{workload}/B{batch_size}.log",
+    benchmark:
+        "results/benchmarks/train_model/{workload}/B{batch_size}.tsv"
+    threads: config["threads"]
+    resources:
+        gpu=GPU,
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "python -m batchscope train --spec {params.spec:q} --data {input.data}"
+        " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {params.seeds}"
+        " --out {output} > {log} 2>&1"
