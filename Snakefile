@@ -18,6 +18,6 @@ include: "workflow/rules/report.smk"
 
 rule all:
     default_target: True
-    localrule: True
     input:
         rules.render_report.output.html,
+    localrule: True

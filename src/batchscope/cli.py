@@ -26,7 +26,9 @@ def _spec(args: argparse.Namespace, slicer: Callable) -> dict:
         raise SystemExit("give --spec JSON, or --config FILE with --workload NAME")
     config = cfg.load(args.config)
     if args.workload not in config["workloads"]:
-        raise SystemExit(f"--workload: {args.workload!r} is not in {args.config} ({', '.join(config['workloads'])})")
+        raise SystemExit(
+            f"--workload: {args.workload!r} is not in {args.config} ({', '.join(config['workloads'])})"
+        )
     return slicer(config, args.workload)
 
 
@@ -57,7 +59,9 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
     ds = data.build(spec["dataset"])
     ds.attrs.update(io.provenance("prepare_data", spec))
     io.write_netcdf(ds, args.out)
-    log.info("wrote %s (%d train, %d val examples)", args.out, ds.sizes["train_example"], ds.sizes["val_example"])
+    log.info(
+        "wrote %s (%d train, %d val examples)", args.out, ds.sizes["train_example"], ds.sizes["val_example"]
+    )
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -69,8 +73,12 @@ def cmd_profile(args: argparse.Namespace) -> None:
     ds = profile(_load_data(args.data, device), spec, args.batch_size, device)
     ds.attrs.update(io.provenance("profile_hardware", spec, device=str(device)))
     io.write_netcdf(ds, args.out)
-    log.info("B=%d: median step %.3g ms, feasible=%s", args.batch_size, 1e3 * float(ds["t_iter_median"]),
-             bool(ds["feasible"]))
+    log.info(
+        "B=%d: median step %.3g ms, feasible=%s",
+        args.batch_size,
+        1e3 * float(ds["t_iter_median"]),
+        bool(ds["feasible"]),
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -94,8 +102,13 @@ def cmd_train(args: argparse.Namespace) -> None:
             io.write_netcdf(ds, out_dir / f"{name}.nc")
             log.info(
                 "B=%d lr=%g seed=%d: steps_to_target=%s diverged=%s out_of_memory=%s, %.2f s",
-                args.batch_size, lr, seed, float(ds["steps_to_target"]), bool(ds["diverged"]),
-                bool(ds["out_of_memory"]), float(ds["wall_time"]),
+                args.batch_size,
+                lr,
+                seed,
+                float(ds["steps_to_target"]),
+                bool(ds["diverged"]),
+                bool(ds["out_of_memory"]),
+                float(ds["wall_time"]),
             )
 
 
@@ -107,8 +120,13 @@ def cmd_fit(args: argparse.Namespace) -> None:
     ds = fit_scaling(args.profiles, args.runs, spec, args.workload)
     ds.attrs.update(io.provenance("fit_scaling", spec))
     io.write_netcdf(ds, args.out)
-    log.info("%s: b_opt=%.1f, measured best B=%d, B_crit=%.1f", args.workload, float(ds["b_opt"]),
-             int(ds["measured_best_batch_size"]), float(ds["b_crit"]))
+    log.info(
+        "%s: b_opt=%.1f, measured best B=%d, B_crit=%.1f",
+        args.workload,
+        float(ds["b_opt"]),
+        int(ds["measured_best_batch_size"]),
+        float(ds["b_crit"]),
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> None:

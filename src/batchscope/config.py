@@ -23,7 +23,14 @@ SCHEMA_FILE = "config.schema.yaml"
 # describes one object for all names: defaults there would give digits a `noise_std` and mlp a `channels`.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"val_fraction": 0.2, "seed": 0},
-    "linreg": {"dim": 10, "n_train": 4096, "n_val": 1024, "noise_std": 0.5, "condition_number": 100.0, "seed": 0},
+    "linreg": {
+        "dim": 10,
+        "n_train": 4096,
+        "n_val": 1024,
+        "noise_std": 0.5,
+        "condition_number": 100.0,
+        "seed": 0,
+    },
     "teacher": {
         "dim": 20,
         "n_train": 4096,
@@ -99,7 +106,8 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
         allowed = sorted(err.schema.get("properties", {}))
         extra = sorted(set(err.instance) - set(allowed))
         if "properties" in err.schema:
-            return f"{_key([*err.absolute_path, extra[0]])}: unknown key {extra[0]!r} (allowed: {', '.join(allowed)})"
+            where = _key([*err.absolute_path, extra[0]])
+            return f"{where}: unknown key {extra[0]!r} (allowed: {', '.join(allowed)})"
         # workloads: additionalProperties is a sub-schema, so this is a bad workload name, handled below
     if err.validator == "propertyNames":
         return f"{key}: invalid name {err.instance!r}: use letters, digits and '_', starting with a letter"
@@ -139,23 +147,30 @@ def _check_workload(name: str, wl: dict[str, Any], batch_sizes: list[int]) -> No
     where = f"workloads.{name}"
     wl["dataset"] = ds = _tagged(wl["dataset"], f"{where}.dataset", DATASET_DEFAULTS, DATASET_KEYS)
     wl["model"] = model = _tagged(wl["model"], f"{where}.model", MODEL_DEFAULTS, MODEL_KEYS)
-    wl["optimizer"] = _tagged(wl.get("optimizer", {"name": "sgd"}), f"{where}.optimizer", OPTIMIZER_DEFAULTS,
-                              OPTIMIZER_KEYS)
+    wl["optimizer"] = _tagged(
+        wl.get("optimizer", {"name": "sgd"}), f"{where}.optimizer", OPTIMIZER_DEFAULTS, OPTIMIZER_KEYS
+    )
 
     if ds["name"] in FILE_DATASETS:
         if "data_dir" not in ds:
-            raise ConfigError(f"{where}.dataset.data_dir: required for dataset {ds['name']!r} (a local directory)")
+            raise ConfigError(
+                f"{where}.dataset.data_dir: required for dataset {ds['name']!r} (a local directory)"
+            )
         if not Path(ds["data_dir"]).is_dir():
             raise ConfigError(
                 f"{where}.dataset.data_dir: {ds['data_dir']!r} is not a directory; batchscope reads "
                 f"{ds['name']} from local files and never downloads"
             )
     if model["name"] == "cnn" and ds["name"] not in IMAGE_DATASETS:
-        raise ConfigError(f"{where}.model.name: 'cnn' needs image data, but dataset {ds['name']!r} has flat features")
+        raise ConfigError(
+            f"{where}.model.name: 'cnn' needs image data, but dataset {ds['name']!r} has flat features"
+        )
 
     metric, value = wl["target"]["metric"], wl["target"]["value"]
     if ds["name"] == "linreg" and metric == "val_accuracy":
-        raise ConfigError(f"{where}.target.metric: 'val_accuracy' is undefined for regression dataset 'linreg'")
+        raise ConfigError(
+            f"{where}.target.metric: 'val_accuracy' is undefined for regression dataset 'linreg'"
+        )
     if metric == "val_accuracy" and not 0 < value <= 1:
         raise ConfigError(f"{where}.target.value: {value!r} is out of range for val_accuracy (0, 1]")
     if metric == "val_loss" and not value > 0:
@@ -163,7 +178,9 @@ def _check_workload(name: str, wl: dict[str, Any], batch_sizes: list[int]) -> No
 
     has_list, has_rule = "learning_rates" in wl, "lr_scaling" in wl
     if has_list == has_rule:
-        raise ConfigError(f"{where}: give exactly one of 'learning_rates' (a list) or 'lr_scaling' (base lr + rule)")
+        raise ConfigError(
+            f"{where}: give exactly one of 'learning_rates' (a list) or 'lr_scaling' (base lr + rule)"
+        )
     if wl["eval_interval"] > wl["max_steps"]:
         raise ConfigError(f"{where}.eval_interval: {wl['eval_interval']} exceeds max_steps {wl['max_steps']}")
 
@@ -200,8 +217,9 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str,
 
 # ---------------------------------------------------------------------------------------------- the grid
 
+
 def format_lr(lr: float) -> str:
-    """The learning rate as it appears in paths; 4 significant digits, and that rounded value is the one used."""
+    """The learning rate as it appears in paths: 4 significant digits; the rounded value is the one used."""
     return f"{lr:.4g}"
 
 
@@ -236,6 +254,7 @@ def train_points(config: dict[str, Any], workload: str) -> list[tuple[int, float
 # Each stage sees only what changes its result, so Snakemake's params trigger reruns exactly what a config
 # change touches: learning rates are not in the training slice (they are in the path), the target is not in
 # the profiling slice.
+
 
 def data_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     return {"dataset": config["workloads"][workload]["dataset"]}

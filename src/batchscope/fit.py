@@ -92,12 +92,15 @@ def _resample_seeds(runs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFram
 
 # --------------------------------------------------------------------------------- reading the caches
 
+
 def read_profiles(paths: Sequence[str | Path]) -> xr.Dataset:
     parts = []
     for path in paths:
         ds = read_netcdf(path)
         parts.append(ds.expand_dims(profile_batch_size=[int(ds.attrs["batch_size"])]))
-    merged = xr.concat(parts, dim="profile_batch_size", combine_attrs="drop_conflicts").sortby("profile_batch_size")
+    merged = xr.concat(parts, dim="profile_batch_size", combine_attrs="drop_conflicts").sortby(
+        "profile_batch_size"
+    )
     return merged.rename({name: f"profile_{name}" for name in merged.data_vars})
 
 
@@ -120,7 +123,10 @@ def read_runs(paths: Sequence[str | Path]) -> xr.Dataset:
 
 # -------------------------------------------------------------------------------------- the fit stage
 
-def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, Any], workload: str) -> xr.Dataset:
+
+def fit_scaling(
+    profile_paths: Sequence, train_paths: Sequence, spec: dict[str, Any], workload: str
+) -> xr.Dataset:
     """Aggregate a workload's profile and training caches and fit the scaling model.
 
     ``spec`` is :func:`batchscope.config.fit_slice`. The result holds the aggregated inputs (dims
@@ -130,9 +136,12 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     profiles = read_profiles(profile_paths)
     runs = read_runs(train_paths)
     table = pd.DataFrame(
-        {k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")} | {"steps_to_target": runs["steps_to_target"].values}
+        {k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")}
+        | {"steps_to_target": runs["steps_to_target"].values}
     )
-    feasible = profiles["profile_feasible"].values.astype(bool) & np.isfinite(profiles["profile_t_iter_median"])
+    feasible = profiles["profile_feasible"].values.astype(bool) & np.isfinite(
+        profiles["profile_t_iter_median"]
+    )
     prof_b = profiles["profile_batch_size"].values[feasible]
     prof_t = profiles["profile_t_iter_median"].values[feasible]
     timing = fit_step_time(prof_b, prof_t)
@@ -140,13 +149,15 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
 
     k_table = steps_per_batch_size(table)
     grid_b = k_table.index.values.astype(int)
-    t_iter_at = dict(zip(profiles["profile_batch_size"].values, profiles["profile_t_iter_median"].values, strict=True))
+    t_iter_at = dict(
+        zip(profiles["profile_batch_size"].values, profiles["profile_t_iter_median"].values, strict=True)
+    )
     t_iter_grid = np.array([t_iter_at.get(b, np.nan) for b in grid_b])
     ok = np.isfinite(k_table["k"].values)
     if ok.sum() < 2:
         raise ValueError(
-            f"workload {workload!r}: the target was reached at {ok.sum()} batch size(s); K(B) needs at least 2. "
-            "Lower the target or raise max_steps."
+            f"workload {workload!r}: the target was reached at {ok.sum()} batch size(s); K(B) needs at "
+            "least 2. Lower the target or raise max_steps."
         )
     steps_fit = fit_steps(grid_b[ok], k_table["k"].values[ok])
     n_iter, c_var = steps_fit.intercept, steps_fit.slope
@@ -165,7 +176,13 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
         f = fit_steps(k_boot.index.values[good], k_boot["k"].values[good])
         t_boot = [np.nanmedian(row[rng.integers(0, len(row), len(row))]) for row in reps]
         t = fit_step_time(prof_b, t_boot)
-        values = (f.intercept, f.slope, t.intercept, t.slope, b_opt(f.intercept, f.slope, t.intercept, t.slope))
+        values = (
+            f.intercept,
+            f.slope,
+            t.intercept,
+            t.slope,
+            b_opt(f.intercept, f.slope, t.intercept, t.slope),
+        )
         for key, value in zip(boot, values, strict=True):
             boot[key][i] = value
 
@@ -175,7 +192,11 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
 
     out = xr.Dataset(
         {
-            "k": ("batch_size", k_table["k"].values, {"units": "steps", "long_name": "K(B), best lr's median"}),
+            "k": (
+                "batch_size",
+                k_table["k"].values,
+                {"units": "steps", "long_name": "K(B), best lr's median"},
+            ),
             "best_lr": ("batch_size", k_table["best_lr"].values, {"long_name": "learning rate minimising K"}),
             "k_fitted": ("batch_size", n_iter + c_var / grid_b, {"units": "steps"}),
             "t_iter": ("batch_size", t_iter_grid, {"units": "s", "long_name": "profiled median step time"}),
@@ -190,8 +211,11 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
                 measured_time,
                 {"units": "s", "long_name": "median training time to target at the best lr (from the runs)"},
             ),
-            "t_iter_fitted": ("profile_batch_size", tau_f + tau_d * profiles["profile_batch_size"].values,
-                              {"units": "s"}),
+            "t_iter_fitted": (
+                "profile_batch_size",
+                tau_f + tau_d * profiles["profile_batch_size"].values,
+                {"units": "s"},
+            ),
             "n_iter": ((), n_iter, {"units": "steps", "long_name": "N_iter = S_min"}),
             "c_var": ((), c_var, {"units": "steps*examples"}),
             "b_crit": ((), c_var / n_iter if n_iter > 0 else math.inf, {"units": "examples"}),
@@ -200,7 +224,11 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
             "tau_d": ((), tau_d, {"units": "s/example"}),
             "t_iter_r2": ((), timing.r2),
             "b_opt": ((), best_b_pred, {"units": "examples", "long_name": "predicted optimal batch size"}),
-            "t_at_b_opt": ((), float(predicted_time(best_b_pred, n_iter, c_var, tau_f, tau_d)), {"units": "s"}),
+            "t_at_b_opt": (
+                (),
+                float(predicted_time(best_b_pred, n_iter, c_var, tau_f, tau_d)),
+                {"units": "s"},
+            ),
             "measured_best_batch_size": ((), measured_best, {"long_name": "grid argmin of K(B) T_iter(B)"}),
             **{f"boot_{k}": ("bootstrap", v) for k, v in boot.items()},
         },

@@ -48,14 +48,27 @@ def plot_step_time(ds: xr.Dataset) -> plt.Figure:
     b = ds["profile_batch_size"].values
     reps = ds["profile_t_iter"].to_dataframe().reset_index()
     reps["t_iter_ms"] = 1e3 * reps["profile_t_iter"]
-    sns.stripplot(data=reps, x="profile_batch_size", y="t_iter_ms", native_scale=True, ax=ax, color="C0",
-                  alpha=0.35, size=3, jitter=False)
+    sns.stripplot(
+        data=reps,
+        x="profile_batch_size",
+        y="t_iter_ms",
+        native_scale=True,
+        ax=ax,
+        color="C0",
+        alpha=0.35,
+        size=3,
+        jitter=False,
+    )
     ax.plot(b, 1e3 * ds["profile_t_iter_median"].values, "o", color="C0", label="median")
     grid = np.geomspace(b.min(), b.max(), 200)
     tau_f, tau_d = float(ds["tau_f"]), float(ds["tau_d"])
-    ax.plot(grid, 1e3 * (tau_f + tau_d * grid), color="C1",
-            label=f"tau_f + tau_d B: tau_f = {1e3 * tau_f:.3g} ms, tau_d = {1e6 * tau_d:.3g} us "
-                  f"(R^2 = {float(ds['t_iter_r2']):.3f})")
+    ax.plot(
+        grid,
+        1e3 * (tau_f + tau_d * grid),
+        color="C1",
+        label=f"tau_f + tau_d B: tau_f = {1e3 * tau_f:.3g} ms, tau_d = {1e6 * tau_d:.3g} us "
+        f"(R^2 = {float(ds['t_iter_r2']):.3f})",
+    )
     infeasible = b[~ds["profile_feasible"].values.astype(bool)]
     for x in infeasible:
         ax.axvline(x, color="red", lw=1, ls=":")
@@ -75,8 +88,18 @@ def plot_step_time(ds: xr.Dataset) -> plt.Figure:
 
 def run_table(ds: xr.Dataset) -> pd.DataFrame:
     """One row per training run."""
-    names = ["steps_to_target", "reached_target", "diverged", "out_of_memory", "time_to_target",
-             "final_train_accuracy", "final_val_accuracy", "gap_accuracy", "gap_loss", "step_time_median"]
+    names = [
+        "steps_to_target",
+        "reached_target",
+        "diverged",
+        "out_of_memory",
+        "time_to_target",
+        "final_train_accuracy",
+        "final_val_accuracy",
+        "gap_accuracy",
+        "gap_loss",
+        "step_time_median",
+    ]
     table = pd.DataFrame({name: ds[name].values for name in names})
     for key in ("batch_size", "lr", "seed"):
         table[key] = ds[f"run_{key}"].values
@@ -90,18 +113,38 @@ def plot_steps(ds: xr.Dataset) -> plt.Figure:
     cap = float(runs["steps_to_target"].max()) if runs["reached_target"].any() else 1.0
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     reached = runs[runs["reached_target"].astype(bool)]
-    sns.lineplot(data=reached, x="batch_size", y="steps_to_target", hue="lr", palette="viridis",
-                 estimator="median", errorbar=("pi", 100), marker="o", ax=ax, legend="full", alpha=0.6)
+    sns.lineplot(
+        data=reached,
+        x="batch_size",
+        y="steps_to_target",
+        hue="lr",
+        palette="viridis",
+        estimator="median",
+        errorbar=("pi", 100),
+        marker="o",
+        ax=ax,
+        legend="full",
+        alpha=0.6,
+    )
     censored = runs[~runs["reached_target"].astype(bool)]
     if len(censored):
-        ax.plot(censored["batch_size"], np.full(len(censored), cap * 1.3), "x", color="red",
-                label="not reached / diverged")
+        ax.plot(
+            censored["batch_size"],
+            np.full(len(censored), cap * 1.3),
+            "x",
+            color="red",
+            label="not reached / diverged",
+        )
     b = ds["batch_size"].values
     ax.plot(b, ds["k"].values, "s", color="black", ms=7, mfc="none", label="K(B): best lr, median over seeds")
     grid = np.geomspace(b.min(), b.max(), 200)
     n_iter, c_var = float(ds["n_iter"]), float(ds["c_var"])
-    ax.plot(grid, n_iter + c_var / grid, color="black",
-            label=f"N_iter + C_var/B: N_iter = {n_iter:.0f}, B_crit = {float(ds['b_crit']):.0f}")
+    ax.plot(
+        grid,
+        n_iter + c_var / grid,
+        color="black",
+        label=f"N_iter + C_var/B: N_iter = {n_iter:.0f}, B_crit = {float(ds['b_crit']):.0f}",
+    )
     _log2_axis(ax)
     ax.set_yscale("log")
     ax.set_xlabel("batch size B")
@@ -117,16 +160,30 @@ def plot_total_time(ds: xr.Dataset) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     b = ds["batch_size"].values
     ax.plot(b, ds["t_empirical"].values, "o", color="C0", label="K(B) x T_iter(B) (measured)")
-    ax.plot(b, ds["time_to_target_measured"].values, "^", color="C2", alpha=0.7,
-            label="training time to target (from the runs)")
+    ax.plot(
+        b,
+        ds["time_to_target_measured"].values,
+        "^",
+        color="C2",
+        alpha=0.7,
+        label="training time to target (from the runs)",
+    )
     grid = np.geomspace(b.min(), b.max(), 200)
-    pred = (float(ds["n_iter"]) + float(ds["c_var"]) / grid) * (float(ds["tau_f"]) + float(ds["tau_d"]) * grid)
+    pred = (float(ds["n_iter"]) + float(ds["c_var"]) / grid) * (
+        float(ds["tau_f"]) + float(ds["tau_d"]) * grid
+    )
     ax.plot(grid, pred, color="C1", label="(N_iter + C_var/B)(tau_f + tau_d B)")
     _mark_b_opt(ax, ds)
     best = int(ds["measured_best_batch_size"])
     if best > 0:
-        ax.plot([best], [float(ds["t_empirical"].sel(batch_size=best))], "*", color="red", ms=14,
-                label=f"measured best B = {best}")
+        ax.plot(
+            [best],
+            [float(ds["t_empirical"].sel(batch_size=best))],
+            "*",
+            color="red",
+            ms=14,
+            label=f"measured best B = {best}",
+        )
     _log2_axis(ax)
     ax.set_yscale("log")
     ax.set_xlabel("batch size B")
@@ -145,8 +202,18 @@ def plot_curves(ds: xr.Dataset) -> plt.Figure:
     curves = ds["val_metric"].isel(run=keep).to_dataframe().reset_index().dropna(subset=["val_metric"])
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     if len(curves):
-        sns.lineplot(data=curves, x="step", y="val_metric", hue="run_batch_size", units="run",
-                     estimator=None, palette="rocket_r", hue_norm=matplotlib.colors.LogNorm(), ax=ax, lw=1)
+        sns.lineplot(
+            data=curves,
+            x="step",
+            y="val_metric",
+            hue="run_batch_size",
+            units="run",
+            estimator=None,
+            palette="rocket_r",
+            hue_norm=matplotlib.colors.LogNorm(),
+            ax=ax,
+            lw=1,
+        )
     ax.axhline(ds.attrs["target_value"], color="0.4", ls="--", lw=1, label="target")
     ax.set_xscale("log")
     ax.set_xlabel("step")
@@ -164,8 +231,16 @@ def plot_gap(ds: xr.Dataset) -> plt.Figure:
     runs = runs[[best_lr.get(b) == lr for b, lr in zip(runs["batch_size"], runs["lr"], strict=True)]]
     column = "gap_accuracy" if runs["gap_accuracy"].notna().any() else "gap_loss"
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    sns.pointplot(data=runs, x="batch_size", y=column, native_scale=True, errorbar=("pi", 100), ax=ax,
-                  color="C3", capsize=0.1)
+    sns.pointplot(
+        data=runs,
+        x="batch_size",
+        y=column,
+        native_scale=True,
+        errorbar=("pi", 100),
+        ax=ax,
+        color="C3",
+        capsize=0.1,
+    )
     _log2_axis(ax)
     ax.set_xlabel("batch size B (best lr)")
     ax.set_ylabel("train - val accuracy" if column == "gap_accuracy" else "val - train loss")
@@ -189,21 +264,25 @@ def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
     for name, ds in fits.items():
         best = int(ds["measured_best_batch_size"])
         b_low, b_high = ds["b_opt_ci"].values
-        rows.append({
-            "workload": name,
-            "device": ds.attrs.get("device_name", ""),
-            "predicted b_opt": float(ds["b_opt"]),
-            "b_opt 95% CI": f"{b_low:.0f} to {b_high:.0f}",
-            "measured best B": best,
-            "predicted T(b_opt) (s)": float(ds["t_at_b_opt"]),
-            "measured T(best B) (s)": float(ds["t_empirical"].sel(batch_size=best)) if best > 0 else math.nan,
-            "B_crit": float(ds["b_crit"]),
-            "N_iter": float(ds["n_iter"]),
-            "tau_f (ms)": 1e3 * float(ds["tau_f"]),
-            "tau_d (us)": 1e6 * float(ds["tau_d"]),
-            "R^2 T_iter": float(ds["t_iter_r2"]),
-            "R^2 K": float(ds["k_r2"]),
-        })
+        rows.append(
+            {
+                "workload": name,
+                "device": ds.attrs.get("device_name", ""),
+                "predicted b_opt": float(ds["b_opt"]),
+                "b_opt 95% CI": f"{b_low:.0f} to {b_high:.0f}",
+                "measured best B": best,
+                "predicted T(b_opt) (s)": float(ds["t_at_b_opt"]),
+                "measured T(best B) (s)": float(ds["t_empirical"].sel(batch_size=best))
+                if best > 0
+                else math.nan,
+                "B_crit": float(ds["b_crit"]),
+                "N_iter": float(ds["n_iter"]),
+                "tau_f (ms)": 1e3 * float(ds["tau_f"]),
+                "tau_d (us)": 1e6 * float(ds["tau_d"]),
+                "R^2 T_iter": float(ds["t_iter_r2"]),
+                "R^2 K": float(ds["k_r2"]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -223,7 +302,9 @@ def recommendation(ds: xr.Dataset) -> str:
 
 def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str) -> Path:
     """Save ``fig`` as PNG (atomically) and close it; the report embeds the saved file."""
-    path = atomic_write(Path(figures_dir) / f"{name}.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    path = atomic_write(
+        Path(figures_dir) / f"{name}.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png")
+    )
     plt.close(fig)
     return path
 
@@ -231,8 +312,14 @@ def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str) -> Path:
 def provenance_table(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
     keys = ["batchscope_version", "algorithm_version", "config_hash", "torch_version", "created", "host"]
     return pd.DataFrame(
-        [{"workload": name, "device": ds.attrs.get("device_name", ""), **{k: ds.attrs.get(k, "") for k in keys}}
-         for name, ds in fits.items()]
+        [
+            {
+                "workload": name,
+                "device": ds.attrs.get("device_name", ""),
+                **{k: ds.attrs.get(k, "") for k in keys},
+            }
+            for name, ds in fits.items()
+        ]
     )
 
 
@@ -247,8 +334,10 @@ def render(fit_paths: Sequence[str], notebook: str, html_out: str, figures_dir: 
     papermill.execute_notebook(
         notebook,
         str(executed),
-        parameters={"fit_files": [str(Path(p).resolve()) for p in fit_paths],
-                    "figures_dir": str(Path(figures_dir).resolve())},
+        parameters={
+            "fit_files": [str(Path(p).resolve()) for p in fit_paths],
+            "figures_dir": str(Path(figures_dir).resolve()),
+        },
         progress_bar=False,
         cwd=str(Path.cwd()),
     )

@@ -58,7 +58,11 @@ def make_model(spec: dict[str, Any], data: Tensors, device: torch.device) -> nn.
 def make_optimizer(spec: dict[str, Any], params, lr: float) -> torch.optim.Optimizer:
     if spec["name"] == "sgd":
         return torch.optim.SGD(
-            params, lr=lr, momentum=spec["momentum"], nesterov=spec["nesterov"], weight_decay=spec["weight_decay"]
+            params,
+            lr=lr,
+            momentum=spec["momentum"],
+            nesterov=spec["nesterov"],
+            weight_decay=spec["weight_decay"],
         )
     if spec["name"] == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=tuple(spec["betas"]), weight_decay=spec["weight_decay"])

@@ -9,9 +9,16 @@ from snakemake.exceptions import WorkflowError
 from batchscope import ALGORITHM_VERSIONS
 from batchscope import config as bs_config
 
-# Jobs run `python -m batchscope`; make that the interpreter running Snakemake (the project's venv) even when
-# snakemake was started by path without activating the venv.
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+
+# Jobs run `python -m batchscope`: make that the interpreter running Snakemake (the project's venv), even when
+# snakemake was started by path without activating the venv. Done on PATH rather than in the shell command so
+# the command (and so Snakemake's code rerun trigger) is the same wherever the venv lives.
+envvars:
+    "PATH",
+
+
+_search_path = os.environ["PATH"]
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + _search_path
 
 # The schema (workflow/schemas/config.schema.yaml) plus the checks a schema cannot express; defaults filled in.
 # Runs at parse time, so a bad config stops the workflow before any job starts.
@@ -58,7 +65,9 @@ def learning_rates(wildcards):
 
 
 def profile_files(wildcards):
-    return expand(rules.profile_hardware.output[0], workload=wildcards.workload, batch_size=PROFILE_BATCH_SIZES)
+    return expand(
+        rules.profile_hardware.output[0], workload=wildcards.workload, batch_size=PROFILE_BATCH_SIZES
+    )
 
 
 def train_dirs(wildcards):

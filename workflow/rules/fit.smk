@@ -4,14 +4,16 @@ rule fit_scaling:
         runs=train_dirs,
     output:
         "results/fit/{workload}.nc",
-    params:
-        spec=config_slice(bs_config.fit_slice),
-        version=ALGORITHM_VERSIONS["fit_scaling"],
     log:
         "logs/fit_scaling/{workload}.log",
     benchmark:
         "results/benchmarks/fit_scaling/{workload}.tsv"
     localrule: True
+    conda:
+        "../envs/batchscope.yaml"
+    params:
+        spec=config_slice(bs_config.fit_slice),
+        version=ALGORITHM_VERSIONS["fit_scaling"],
     shell:
         "python -m batchscope fit --spec {params.spec:q} --workload {wildcards.workload}"
         " --profiles {input.profiles} --runs {input.runs} --out {output} > {log} 2>&1"

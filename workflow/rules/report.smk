@@ -10,13 +10,15 @@ rule render_report:
             caption="../report/figures.rst",
             category="batch-size study",
         ),
-    params:
-        version=ALGORITHM_VERSIONS["render_report"],
     log:
         "logs/render_report/render_report.log",
     benchmark:
         "results/benchmarks/render_report/render_report.tsv"
     localrule: True
+    conda:
+        "../envs/batchscope.yaml"
+    params:
+        version=ALGORITHM_VERSIONS["render_report"],
     shell:
         "python -m batchscope report --fits {input.fits} --notebook {input.notebook}"
         " --out {output.html} --figures {output.figures} > {log} 2>&1"

@@ -6,20 +6,22 @@ rule train_model:
         data=rules.prepare_data.output[0],
     output:
         directory("results/train/{workload}/B{batch_size}"),
-    params:
-        spec=config_slice(bs_config.train_slice),
-        lrs=learning_rates,
-        seeds=" ".join(map(str, config["grid"]["seeds"])),
-        version=ALGORITHM_VERSIONS["train_model"],
     log:
         "logs/train_model/{workload}/B{batch_size}.log",
     benchmark:
         "results/benchmarks/train_model/{workload}/B{batch_size}.tsv"
+    conda:
+        "../envs/batchscope.yaml"
     threads: config["threads"]
     resources:
         gpu=GPU,
         mem_mb=4000,
         runtime=60,
+    params:
+        spec=config_slice(bs_config.train_slice),
+        lrs=learning_rates,
+        seeds=" ".join(map(str, config["grid"]["seeds"])),
+        version=ALGORITHM_VERSIONS["train_model"],
     shell:
         "python -m batchscope train --spec {params.spec:q} --data {input.data}"
         " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {params.seeds}"
