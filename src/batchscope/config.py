@@ -109,7 +109,7 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
             where = _key([*err.absolute_path, extra[0]])
             return f"{where}: unknown key {extra[0]!r} (allowed: {', '.join(allowed)})"
         # workloads: additionalProperties is a sub-schema, so this is a bad workload name, handled below
-    if err.validator == "propertyNames":
+    if "propertyNames" in err.absolute_schema_path:
         return f"{key}: invalid name {err.instance!r}: use letters, digits and '_', starting with a letter"
     if err.validator == "required":
         return f"{key}: {err.message}"

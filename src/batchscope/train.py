@@ -19,6 +19,9 @@ from batchscope import runtime
 from batchscope.data import Tensors
 
 EVAL_CHUNK = 4096  # examples per forward pass during evaluation: bounds memory on large validation sets
+# A run has diverged when its loss is NaN/inf or exceeds this multiple of the initial validation loss: with
+# ReLUs a too-large step often kills the units and parks the loss at ~1e6 without ever producing a NaN.
+DIVERGENCE_FACTOR = 100.0
 
 
 def point_name(lr: float, seed: int) -> str:
@@ -79,6 +82,8 @@ def train(
     train_time, time_to_target, steps_to_target = 0.0, math.nan, math.nan
     diverged = out_of_memory = False
     wall_start = time.perf_counter()
+    initial_val_loss = evaluate(model, data.x_val, data.y_val, data.task).loss
+    divergence_threshold = DIVERGENCE_FACTOR * initial_val_loss
     model.train()
     while steps_done < max_steps:
         block = min(interval, max_steps - steps_done)
@@ -112,7 +117,8 @@ def train(
             strict=True,
         ):
             curve[key].append(item)
-        if not (math.isfinite(curve["train_loss"][-1]) and math.isfinite(evaluation.loss)):
+        worst = max(curve["train_loss"][-1], evaluation.loss)
+        if not math.isfinite(worst) or worst > divergence_threshold:
             diverged = True
             break
         if math.isnan(steps_to_target) and reached(metric, value, target):
@@ -129,7 +135,12 @@ def train(
     scalars = {
         "steps_to_target": (steps_to_target, "steps", "first evaluated step at which the target was reached"),
         "reached_target": (not math.isnan(steps_to_target), "", "False: censored at max_steps"),
-        "diverged": (diverged, "", "a NaN/inf loss ended the run"),
+        "diverged": (
+            diverged,
+            "",
+            f"a NaN/inf loss, or one above {DIVERGENCE_FACTOR:g}x the initial, ended the run",
+        ),
+        "initial_val_loss": (initial_val_loss, "", "validation loss at initialisation"),
         "out_of_memory": (out_of_memory, "", "the device ran out of memory"),
         "steps_done": (steps_done, "steps", ""),
         "time_to_target": (time_to_target, "s", "training-step time until the target (evaluation excluded)"),

@@ -1,0 +1,178 @@
+"""Config validation: defaults, the grid, per-stage slices, and malformed configs refused with their key."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from batchscope import config as cfg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def base() -> dict:
+    return {
+        "grid": {"batch_sizes": [8, 64]},
+        "workloads": {
+            "w": {
+                "dataset": {"name": "digits"},
+                "model": {"name": "mlp"},
+                "target": {"metric": "val_accuracy", "value": 0.9},
+                "max_steps": 100,
+                "learning_rates": [0.1],
+            }
+        },
+    }
+
+
+def test_defaults_are_filled_in():
+    config = cfg.validate(base())
+    assert config["device"] == "auto" and config["threads"] == 1
+    assert config["grid"]["seeds"] == [0]
+    assert config["profile"] == {
+        "extra_batch_sizes": [],
+        "warmup": 10,
+        "repeats": 15,
+        "min_repeat_time": 0.005,
+    }
+    wl = config["workloads"]["w"]
+    assert wl["dataset"] == {"name": "digits", "val_fraction": 0.2, "seed": 0}
+    assert wl["model"] == {"name": "mlp", "widths": [128]}
+    assert wl["optimizer"]["name"] == "sgd" and wl["optimizer"]["momentum"] == 0.9
+    assert wl["eval_interval"] == 10 and wl["stop_at_target"] is True
+
+
+def test_validate_does_not_modify_its_input():
+    config = base()
+    before = copy.deepcopy(config)
+    cfg.validate(config)
+    assert config == before
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg.load(path)
+
+
+def _set(config, dotted, value):
+    *parents, last = dotted.split(".")
+    node = config
+    for key in parents:
+        node = node[key]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+
+
+_DELETE = object()
+
+MALFORMED = [
+    # (dotted key, bad value, text the message must contain)
+    ("device", "tpu", "device: 'tpu'"),
+    ("threads", 0, "threads: 0"),
+    ("grid.batch_sizes", [], "grid.batch_sizes: []"),
+    ("grid.batch_sizes", [8, -4], "grid.batch_sizes.1: -4"),
+    ("grid.batch_sizes", [8, "64"], "grid.batch_sizes.1: '64'"),
+    ("grid.seeds", [0, 0], "grid.seeds: [0, 0]"),
+    ("grid.color", "red", "grid.color: unknown key 'color'"),
+    ("profile", {"repeats": 1}, "profile.repeats: 1"),
+    ("workloads.w.dataset", {"name": "imagenet"}, "workloads.w.dataset.name: 'imagenet'"),
+    ("workloads.w.model", {"name": "transformer"}, "workloads.w.model.name: 'transformer'"),
+    ("workloads.w.learning_rates", [0.1, 0.0], "workloads.w.learning_rates.1: 0.0"),
+    ("workloads.w.learning_rates", [-1], "workloads.w.learning_rates.0: -1"),
+    ("workloads.w.max_steps", 0, "workloads.w.max_steps: 0"),
+    ("workloads.w.max_steps", 2.5, "workloads.w.max_steps: 2.5"),
+    ("workloads.w.target", {"metric": "val_accuracy", "value": 1.5}, "workloads.w.target.value: 1.5"),
+    ("workloads.w.target", {"metric": "val_loss", "value": -1}, "workloads.w.target.value: -1"),
+    ("workloads.w.target", {"metric": "f1", "value": 0.5}, "workloads.w.target.metric: 'f1'"),
+    ("workloads.w.dataset", {"name": "mnist"}, "workloads.w.dataset.data_dir: required"),
+    (
+        "workloads.w.dataset",
+        {"name": "mnist", "data_dir": "/no/such/dir"},
+        "'/no/such/dir' is not a directory",
+    ),
+    ("workloads.w.dataset", {"name": "digits", "noise_std": 1}, "workloads.w.dataset.noise_std"),
+    ("workloads.w.model", {"name": "mlp", "channels": [4]}, "workloads.w.model.channels"),
+    (
+        "workloads.w.lr_scaling",
+        {"base_lrs": [0.1], "reference_batch_size": 32, "rule": "sqrt"},
+        "exactly one of",
+    ),
+    ("workloads.w.learning_rates", _DELETE, "exactly one of"),
+    ("workloads.w.eval_interval", 500, "workloads.w.eval_interval: 500 exceeds max_steps 100"),
+    ("workloads.w.momentum", 0.9, "workloads.w.momentum: unknown key 'momentum'"),
+    ("grid.batch_sizes", [8, 4096], "grid.batch_sizes: 4096 exceeds the 1437 training examples"),
+    ("workloads", {}, "workloads: {} is invalid"),
+    ("workloads", {"1bad": base()["workloads"]["w"]}, "invalid name '1bad'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"), MALFORMED, ids=[m[0] + "=" + repr(m[1])[:20] for m in MALFORMED]
+)
+def test_malformed_config_is_refused_naming_key_and_value(key, value, expected):
+    config = base()
+    _set(config, key, value)
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.validate(config)
+    assert expected in str(err.value)
+
+
+def test_cnn_needs_images():
+    config = base()
+    config["workloads"]["w"].update(
+        dataset={"name": "linreg"}, model={"name": "cnn"}, target={"metric": "val_loss", "value": 0.5}
+    )
+    with pytest.raises(cfg.ConfigError, match="'cnn' needs image data, but dataset 'linreg'"):
+        cfg.validate(config)
+
+
+def test_yaml_is_never_evaluated(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("device: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(cfg.ConfigError, match="not valid YAML"):
+        cfg.load(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(cfg.ConfigError, match="must be a mapping"):
+        cfg.load(path)
+
+
+@pytest.mark.parametrize(("rule", "expected"), [("none", 0.1), ("linear", 0.4), ("sqrt", 0.2)])
+def test_lr_scaling_rules(rule, expected):
+    wl = {"lr_scaling": {"base_lrs": [0.1], "reference_batch_size": 32, "rule": rule}}
+    assert cfg.learning_rates(wl, 128) == [pytest.approx(expected)]
+
+
+def test_scaled_lrs_are_rounded_to_their_path_form():
+    wl = {"lr_scaling": {"base_lrs": [0.1], "reference_batch_size": 32, "rule": "sqrt"}}
+    (lr,) = cfg.learning_rates(wl, 64)
+    assert cfg.format_lr(lr) == "0.1414" and lr == 0.1414
+
+
+def test_slices_isolate_what_each_stage_depends_on():
+    config = cfg.validate(base())
+    changed = copy.deepcopy(config)
+    changed["workloads"]["w"]["learning_rates"] = [0.05, 0.2]
+    changed["workloads"]["w"]["target"]["value"] = 0.8
+    # learning rates live in the paths/params, not the slices; the target does not touch profiling
+    assert cfg.profile_slice(config, "w") == cfg.profile_slice(changed, "w")
+    assert cfg.train_slice(config, "w") != cfg.train_slice(changed, "w")  # target changed
+    changed["workloads"]["w"]["target"]["value"] = 0.9
+    assert cfg.train_slice(config, "w") == cfg.train_slice(changed, "w")
+    changed["profile"]["repeats"] = 30
+    assert cfg.profile_slice(config, "w") != cfg.profile_slice(changed, "w")
+    assert cfg.train_slice(config, "w") == cfg.train_slice(changed, "w")
+
+
+def test_default_config_grid(repo):
+    config = cfg.load(repo / "config" / "config.yaml")
+    points = cfg.train_points(config, "digits_mlp")
+    assert len(points) == 8 * 4 * 3
+    assert yaml.safe_load((repo / "config" / "config.yaml").read_text())["device"] == "auto"

@@ -1,0 +1,140 @@
+"""The scaling-model fits against their generating formulas and a brute-force optimum."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from batchscope import fit
+
+
+def test_step_time_fit_recovers_tau_f_and_tau_d():
+    rng = np.random.default_rng(0)
+    tau_f, tau_d = 2.5e-4, 1.1e-6
+    batch_sizes = np.array([8, 16, 32, 64, 128, 256, 512, 1024])
+    # 2% multiplicative timing noise, about what the profile's median of repeats shows here
+    observed = (tau_f + tau_d * batch_sizes) * (1 + 0.02 * rng.standard_normal(len(batch_sizes)))
+    result = fit.fit_step_time(batch_sizes, observed)
+    assert result.intercept == pytest.approx(tau_f, rel=0.05)
+    assert result.slope == pytest.approx(tau_d, rel=0.05)
+    assert result.r2 > 0.99
+
+
+def test_steps_fit_recovers_n_iter_and_c_var():
+    rng = np.random.default_rng(1)
+    n_iter, c_var = 40.0, 2400.0  # B_crit = 60
+    batch_sizes = np.array([8, 16, 32, 64, 128, 256, 512, 1024])
+    observed = (n_iter + c_var / batch_sizes) * (1 + 0.02 * rng.standard_normal(len(batch_sizes)))
+    result = fit.fit_steps(batch_sizes, observed)
+    assert result.intercept == pytest.approx(n_iter, rel=0.05)
+    assert result.slope == pytest.approx(c_var, rel=0.05)
+
+
+def test_fits_are_exact_on_noise_free_data():
+    b = np.array([4.0, 32.0, 300.0])
+    exact = fit.fit_steps(b, 10 + 500 / b)
+    assert (exact.intercept, exact.slope) == pytest.approx((10, 500), rel=1e-9)
+    assert np.abs(exact.residuals).max() < 1e-9
+
+
+def test_fit_is_non_negative_when_data_slope_down():
+    # step time falling with B (noise) must not give a negative tau_d
+    result = fit.fit_step_time([8, 16, 32], [3e-4, 2.9e-4, 2.8e-4])
+    assert result.slope >= 0 and result.intercept > 0
+
+
+def test_fit_needs_two_points():
+    with pytest.raises(ValueError, match="at least 2 points"):
+        fit.fit_steps([8], [100])
+
+
+@pytest.mark.parametrize(
+    ("n_iter", "c_var", "tau_f", "tau_d"),
+    [(40, 2400, 2.5e-4, 1e-6), (1000, 1e5, 1e-2, 1e-4), (5, 50, 1e-3, 1e-3)],
+)
+def test_b_opt_matches_brute_force_argmin(n_iter, c_var, tau_f, tau_d):
+    grid = np.geomspace(0.01, 1e6, 2_000_001)
+    brute = grid[np.argmin(fit.predicted_time(grid, n_iter, c_var, tau_f, tau_d))]
+    assert fit.b_opt(n_iter, c_var, tau_f, tau_d) == pytest.approx(brute, rel=1e-4)
+
+
+def test_b_opt_is_infinite_without_per_example_cost():
+    assert math.isinf(fit.b_opt(10, 100, 1e-3, 0.0))
+
+
+def test_steps_per_batch_size_takes_best_lr_median_and_censors():
+    nan = np.nan
+    runs = pd.DataFrame(
+        [
+            # B=8: lr 0.1 median 100 beats lr 0.3 (median inf: one seed censored of 2)
+            (8, 0.1, 0, 100), (8, 0.1, 1, 120), (8, 0.3, 0, 50), (8, 0.3, 1, nan),
+            # B=64: every run censored -> K = NaN
+            (64, 0.1, 0, nan), (64, 0.1, 1, nan),
+            # B=16: three seeds, median 70
+            (16, 0.1, 0, 60), (16, 0.1, 1, 70), (16, 0.1, 2, 95),
+        ],
+        columns=["batch_size", "lr", "seed", "steps_to_target"],
+    )  # fmt: skip
+    table = fit.steps_per_batch_size(runs)
+    assert table.loc[8, "k"] == 110 and table.loc[8, "best_lr"] == 0.1
+    assert table.loc[16, "k"] == 70
+    assert np.isnan(table.loc[64, "k"]) and np.isnan(table.loc[64, "best_lr"])
+
+
+def _write_synthetic_caches(tmp_path, n_iter, c_var, tau_f, tau_d, rng):
+    """Profile and training caches as the stages write them, from a known scaling model."""
+    import xarray as xr
+
+    from batchscope.io import write_netcdf
+
+    batch_sizes = [8, 16, 32, 64, 128, 256, 512]
+    profiles, run_dirs = [], []
+    for b in batch_sizes:
+        times = (tau_f + tau_d * b) * (1 + 0.01 * rng.standard_normal(9))
+        prof = xr.Dataset(
+            {
+                "t_iter": ("repeat", times),
+                "t_iter_median": ((), np.median(times)),
+                "feasible": ((), True),
+            },
+            attrs={"batch_size": b, "device_name": "synthetic", "device_type": "cpu"},
+        )
+        profiles.append(write_netcdf(prof, tmp_path / "profile" / f"B{b}.nc"))
+        run_dir = tmp_path / "train" / f"B{b}"
+        for lr, slowdown in ((0.1, 1.0), (0.03, 1.6)):  # the best lr is 0.1 at every B
+            for seed in range(4):
+                steps = (n_iter + c_var / b) * slowdown * (1 + 0.03 * rng.standard_normal())
+                run = xr.Dataset(
+                    {
+                        "steps_to_target": ((), float(np.round(steps))),
+                        "time_to_target": ((), steps * (tau_f + tau_d * b)),
+                        "val_metric": ("step", [0.5, 0.9]),
+                    },
+                    coords={"step": [10, 20]},
+                    attrs={"batch_size": b, "lr": lr, "seed": seed},
+                )
+                write_netcdf(run, run_dir / f"lr{lr}_seed{seed}.nc")
+        run_dirs.append(run_dir)
+    return profiles, run_dirs
+
+
+def test_fit_scaling_recovers_the_model_from_caches(tmp_path):
+    n_iter, c_var, tau_f, tau_d = 40.0, 2400.0, 2.5e-4, 1.1e-6
+    profiles, run_dirs = _write_synthetic_caches(
+        tmp_path, n_iter, c_var, tau_f, tau_d, np.random.default_rng(3)
+    )
+    spec = {"fit": {"bootstrap": 200, "seed": 0}, "target": {"metric": "val_accuracy", "value": 0.9}}
+    ds = fit.fit_scaling(profiles, run_dirs, spec, "synthetic")
+    assert float(ds["n_iter"]) == pytest.approx(n_iter, rel=0.05)
+    assert float(ds["c_var"]) == pytest.approx(c_var, rel=0.05)
+    assert float(ds["tau_f"]) == pytest.approx(tau_f, rel=0.05)
+    assert float(ds["tau_d"]) == pytest.approx(tau_d, rel=0.05)
+    true_b_opt = fit.b_opt(n_iter, c_var, tau_f, tau_d)  # ~117
+    assert float(ds["b_opt"]) == pytest.approx(true_b_opt, rel=0.05)
+    low, high = ds["b_opt_ci"].values
+    assert low < true_b_opt < high
+    assert (ds["best_lr"].values == 0.1).all()
+    # the grid point nearest the optimum in log space wins on the noise-free model
+    assert int(ds["measured_best_batch_size"]) == 128
+    assert ds.sizes["run"] == 7 * 2 * 4
