@@ -85,6 +85,8 @@ def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
 
 def read_netcdf(path: str | os.PathLike) -> xr.Dataset:
     """Read a whole NetCDF file into memory and close it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"NetCDF file {path} does not exist")
     try:
         with xr.open_dataset(path, engine=ENGINE) as ds:
             return ds.load()

@@ -1,0 +1,167 @@
+"""Real Snakemake runs of config/test/tiny.yaml: the report, and what each config change reschedules."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from batchscope import config as cfg
+from batchscope.fit import read_runs, steps_per_batch_size
+from batchscope.io import read_netcdf
+
+pytestmark = pytest.mark.integration
+TINY = "config/test/tiny.yaml"
+HEADER = re.compile(r"^(?:local)?rule (\w+):$", re.M)
+WILDCARDS = re.compile(r"^    wildcards: (.*)$", re.M)
+
+
+def snakemake(repo, workdir, *args, env, configfile=None, check=True):
+    # --configfile takes several values: it goes last so it cannot swallow a target
+    cmd = ["snakemake", "-s", str(repo / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args,
+           "--configfile", str(configfile or repo / TINY)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def scheduled(result) -> set[tuple[str, str]]:
+    """(rule, wildcards) of every job in a dry-run's output."""
+    text = result.stdout + result.stderr
+    jobs = set()
+    for block in re.split(r"^(?=(?:local)?rule \w+:$)", text, flags=re.M):
+        header = HEADER.match(block)
+        if header:
+            wildcards = WILDCARDS.search(block)
+            jobs.add((header.group(1), wildcards.group(1) if wildcards else ""))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def study(repo, venv_env, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("study")
+    snakemake(repo, workdir, env=venv_env)
+    return workdir
+
+
+def variant(repo, tmp_path, change) -> Path:
+    config = yaml.safe_load((repo / TINY).read_text())
+    change(config)
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_report_has_embedded_figures_and_names_b_opt(study):
+    html = (study / "results/report/report.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]{1000,})"', html)
+    assert len(images) == 2 * 5  # five figures per workload, embedded
+    assert "predicted b_opt" in html and "measured best B" in html
+    assert "<table" in html and "tiny_cnn" in html and "tiny_mlp" in html
+    assert "import report" not in html  # code hidden
+    figures = sorted((study / "results/report/figures").glob("*.png"))
+    assert len(figures) == 10
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000 for f in figures)
+
+
+def test_one_netcdf_and_checkpoint_per_training_point(study, repo):
+    config = cfg.load(repo / TINY)
+    for workload in config["workloads"]:
+        for b, lr, seed in cfg.train_points(config, workload):
+            stem = f"results/train/{workload}/B{b}/lr{cfg.format_lr(lr)}_seed{seed}"
+            ds = read_netcdf(study / f"{stem}.nc")
+            assert (ds.attrs["batch_size"], ds.attrs["lr"], ds.attrs["seed"]) == (b, lr, seed)
+            assert ds.attrs["config_hash"] and ds.attrs["torch_version"] and ds.attrs["device"] == "cpu"
+            assert (study / f"{stem}.pt").stat().st_size > 0
+        assert not list(study.glob(f"results/**/{workload}/**/*.tmp"))
+
+
+def test_fit_agrees_with_the_training_caches(study):
+    """K(B) in the fit file equals K(B) recomputed from the per-point files, and the fit passes through it."""
+    fit = read_netcdf(study / "results/fit/tiny_mlp.nc")
+    runs = read_runs(sorted((study / "results/train/tiny_mlp").iterdir()))
+    import pandas as pd
+
+    table = pd.DataFrame({k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")})
+    table["steps_to_target"] = runs["steps_to_target"].values
+    np.testing.assert_array_equal(steps_per_batch_size(table)["k"].values, fit["k"].values)
+    relative = np.abs(fit["k_fitted"] / fit["k"] - 1).values
+    assert relative.max() < 0.5  # three noisy points, two parameters: a loose but real check
+    assert 16 <= float(fit["b_opt"]) <= 1e4
+
+
+def test_noop_rerun_does_nothing(study, repo, venv_env):
+    result = snakemake(repo, study, "-n", env=venv_env)
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_adding_a_batch_size_schedules_only_that_size(study, repo, venv_env, tmp_path):
+    path = variant(repo, tmp_path, lambda c: c["grid"]["batch_sizes"].append(32))
+    jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
+    expected = {
+        (rule, f"workload={w}, batch_size=32") for rule in ("profile_hardware", "train_model")
+        for w in ("tiny_cnn", "tiny_mlp")
+    } | {("fit_scaling", "workload=tiny_cnn"), ("fit_scaling", "workload=tiny_mlp"), ("render_report", ""),
+         ("all", "")}  # fmt: skip
+    assert jobs == expected
+
+
+def test_changing_learning_rates_reruns_only_that_workloads_training(study, repo, venv_env, tmp_path):
+    path = variant(repo, tmp_path, lambda c: c["workloads"]["tiny_mlp"].update(learning_rates=[0.05, 0.1]))
+    jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
+    expected = {("train_model", f"workload=tiny_mlp, batch_size={b}") for b in (16, 64, 256)} | {
+        ("fit_scaling", "workload=tiny_mlp"), ("render_report", ""), ("all", "")}  # fmt: skip
+    assert jobs == expected
+
+
+def test_fit_settings_rerun_only_fits_and_report(study, repo, venv_env, tmp_path):
+    path = variant(repo, tmp_path, lambda c: c["fit"].update(bootstrap=41))
+    jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
+    assert jobs == {("fit_scaling", "workload=tiny_cnn"), ("fit_scaling", "workload=tiny_mlp"),
+                    ("render_report", ""), ("all", "")}  # fmt: skip
+
+
+def test_algorithm_version_bump_reruns_that_stage(study, repo, venv_env, tmp_path):
+    """A copy of the library whose fit algorithm version is bumped, first on the path."""
+    copy = tmp_path / "lib"
+    shutil.copytree(repo / "src", copy)
+    init = copy / "batchscope/__init__.py"
+    init.write_text(init.read_text().replace('"fit_scaling": 1', '"fit_scaling": 2'))
+    env = dict(venv_env, PYTHONPATH=str(copy))
+    jobs = scheduled(snakemake(repo, study, "-n", env=env))
+    assert jobs == {("fit_scaling", "workload=tiny_cnn"), ("fit_scaling", "workload=tiny_mlp"),
+                    ("render_report", ""), ("all", "")}  # fmt: skip
+
+
+def test_report_only_rebuild_runs_no_training(study, repo, venv_env, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(study, workdir, symlinks=True)  # copy2 keeps mtimes
+    (workdir / "results/report/report.html").unlink()
+    result = snakemake(repo, workdir, "render_report", env=venv_env)
+    ran = re.findall(r"^(?:local)?rule (\w+):", result.stdout + result.stderr, re.M)
+    assert ran == ["render_report"]
+    assert (workdir / "results/report/report.html").stat().st_size > 10000
+
+
+def test_snakemakes_own_report_has_the_figures(study, repo, venv_env, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(study, workdir, symlinks=True)
+    snakemake(repo, workdir, "--report", str(workdir / "snakemake_report.zip"), env=venv_env)
+    import zipfile
+
+    names = zipfile.ZipFile(workdir / "snakemake_report.zip").namelist()
+    assert sum(name.endswith(".png") for name in names) >= 10
+
+
+def test_bad_config_stops_before_any_job(repo, venv_env, tmp_path):
+    path = variant(repo, tmp_path, lambda c: c["workloads"]["tiny_mlp"].update(max_steps=-5))
+    workdir = tmp_path / "bad"
+    workdir.mkdir()
+    result = snakemake(repo, workdir, env=venv_env, configfile=path, check=False)
+    assert result.returncode != 0
+    assert "workloads.tiny_mlp.max_steps: -5 is invalid" in result.stderr + result.stdout
+    assert not (workdir / "results").exists()
