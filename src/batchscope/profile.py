@@ -49,8 +49,10 @@ def profile(data: Tensors, spec: dict[str, Any], batch_size: int, device: torch.
         model.train()
         generator = torch.Generator().manual_seed(0)
         n_train = len(data.x_train)
-        # cycle through a few distinct batches, as training would, without paying randperm inside the clock
-        batches = [torch.randperm(n_train, generator=generator)[:batch_size].to(device) for _ in range(8)]
+        # training's access pattern: consecutive batches of an epoch permutation (not a few cache-hot ones);
+        # drawn before timing so randperm stays outside the clock
+        permutation = torch.randperm(n_train, generator=generator).to(device)
+        batches = [permutation[i : i + batch_size] for i in range(0, n_train - batch_size + 1, batch_size)]
         clock = runtime.StepClock(device)
         for i in range(max(settings["warmup"], 1)):
             step(batches[i % len(batches)])

@@ -111,7 +111,7 @@ def plot_steps(ds: xr.Dataset) -> plt.Figure:
     runs = run_table(ds)
     metric = ds.attrs["target_metric"]
     cap = float(runs["steps_to_target"].max()) if runs["reached_target"].any() else 1.0
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
     reached = runs[runs["reached_target"].astype(bool)]
     sns.lineplot(
         data=reached,
@@ -149,7 +149,7 @@ def plot_steps(ds: xr.Dataset) -> plt.Figure:
     ax.set_yscale("log")
     ax.set_xlabel("batch size B")
     ax.set_ylabel(f"steps to {metric} {ds.attrs['target_value']}")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, title="lr", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"{ds.attrs['workload']}: steps to target K(B)")
     fig.tight_layout()
     return fig

@@ -1,0 +1,89 @@
+"""Pipeline benchmark: the default study end to end, a no-op rerun, a report-only rebuild, and how well the
+profiled step time T_iter(B) predicts the step time training actually pays.
+
+Runs in a fresh temporary working directory with config/config.yaml, prints a table and writes
+benchmarks/results/pipeline.json. Targets (issue: "The default batch-size study runs end to end"):
+study <= 120 s, no-op <= 3 s, report-only <= 30 s, training step / profiled step <= 1.15 at every B.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "pipeline.json"
+TARGETS = {"study_s": 120.0, "noop_s": 3.0, "report_only_s": 30.0, "step_over_profile_max": 1.15}
+
+
+def snakemake(workdir: Path, *args: str) -> float:
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    cmd = ["snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "all",
+           "--quiet", *args, "--configfile", str(REPO / "config" / "config.yaml")]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+    return time.perf_counter() - start
+
+
+def step_ratios(fit_path: Path) -> dict[str, dict[int, float]]:
+    """Per batch size: median over runs of (training step time / profiled median step time).
+
+    ``steady``: the runs' steady-state step time (first step after each evaluation left out);
+    ``all_steps``: train_time / steps_done, which includes that post-evaluation cache refill.
+    """
+    from batchscope.io import read_netcdf
+
+    ds = read_netcdf(fit_path)
+    profiled = dict(
+        zip(ds["profile_batch_size"].values.tolist(), ds["profile_t_iter_median"].values, strict=True)
+    )
+    b = ds["run_batch_size"].values
+    steady = ds["step_time_median"].values
+    all_steps = ds["train_time"].values / ds["steps_done"].values
+    out: dict[str, dict[int, float]] = {"steady": {}, "all_steps": {}}
+    for size in sorted(set(b.tolist())):
+        mask = b == size
+        out["steady"][size] = float(np.median(steady[mask]) / profiled[size])
+        out["all_steps"][size] = float(np.median(all_steps[mask]) / profiled[size])
+    return out
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="batchscope-bench-") as tmp:
+        workdir = Path(tmp)
+        study_s = snakemake(workdir)
+        noop_s = snakemake(workdir)
+        report_only_s = snakemake(workdir, "--forcerun", "render_report", "render_report")
+        ratios = step_ratios(workdir / "results" / "fit" / "digits_mlp.nc")
+    result = {
+        "study_s": round(study_s, 2),
+        "noop_s": round(noop_s, 2),
+        "report_only_s": round(report_only_s, 2),
+        "step_over_profile_max": round(max(ratios["steady"].values()), 3),
+        "step_over_profile_max_all_steps": round(max(ratios["all_steps"].values()), 3),
+        "step_over_profile": {str(k): round(v, 3) for k, v in ratios["steady"].items()},
+        "step_over_profile_all_steps": {str(k): round(v, 3) for k, v in ratios["all_steps"].items()},
+        "cpu_count": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    print(f"{'measure':<34}{'value':>10}{'target':>10}  ok")
+    for key, target in TARGETS.items():
+        print(f"{key:<34}{result[key]:>10}{target:>10}  {'yes' if result[key] <= target else 'NO'}")
+    print(f"{'step_over_profile_max_all_steps':<34}{result['step_over_profile_max_all_steps']:>10}{'-':>10}")
+    print("\nB      train step / profiled step (steady, all steps)")
+    for size in ratios["steady"]:
+        print(f"{size:<7}{ratios['steady'][size]:>8.3f}{ratios['all_steps'][size]:>8.3f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
