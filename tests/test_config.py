@@ -32,9 +32,9 @@ def test_defaults_are_filled_in():
     assert config["grid"]["seeds"] == [0]
     assert config["profile"] == {
         "extra_batch_sizes": [],
-        "warmup": 10,
-        "repeats": 15,
-        "min_repeat_time": 0.005,
+        "warmup": 50,
+        "repeats": 20,
+        "min_repeat_time": 0.02,
     }
     wl = config["workloads"]["w"]
     assert wl["dataset"] == {"name": "digits", "val_fraction": 0.2, "seed": 0}
