@@ -25,8 +25,19 @@ TARGETS = {"study_s": 120.0, "noop_s": 3.0, "report_only_s": 30.0, "step_over_pr
 
 def snakemake(workdir: Path, *args: str) -> float:
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    cmd = ["snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "all",
-           "--quiet", *args, "--configfile", str(REPO / "config" / "config.yaml")]  # fmt: skip
+    cmd = [
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "all",
+        "--quiet",
+        *args,
+        "--configfile",
+        str(REPO / "config" / "config.yaml"),
+    ]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
     return time.perf_counter() - start
@@ -55,13 +66,32 @@ def step_ratios(fit_path: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+def default_study_checks(fit_path: Path) -> dict[str, object]:
+    """What the default config must show: every B reaches the target, and b_opt lies inside the grid."""
+    from batchscope.io import read_netcdf
+
+    ds = read_netcdf(fit_path)
+    grid = ds["batch_size"].values
+    b_opt = float(ds["b_opt"])
+    return {
+        "b_opt": round(b_opt, 1),
+        "b_opt_ci": [round(float(x), 1) for x in ds["b_opt_ci"].values],
+        "measured_best_batch_size": int(ds["measured_best_batch_size"]),
+        "b_crit": round(float(ds["b_crit"]), 1),
+        "b_opt_inside_grid": bool(grid.min() < b_opt < grid.max()),
+        "every_batch_size_reached_target": bool(np.isfinite(ds["k"].values).all()),
+    }
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="batchscope-bench-") as tmp:
         workdir = Path(tmp)
         study_s = snakemake(workdir)
         noop_s = snakemake(workdir)
         report_only_s = snakemake(workdir, "--forcerun", "render_report", "render_report")
-        ratios = step_ratios(workdir / "results" / "fit" / "digits_mlp.nc")
+        fit_path = workdir / "results" / "fit" / "digits_mlp.nc"
+        ratios = step_ratios(fit_path)
+        science = default_study_checks(fit_path)
     result = {
         "study_s": round(study_s, 2),
         "noop_s": round(noop_s, 2),
@@ -70,6 +100,7 @@ def main() -> None:
         "step_over_profile_max_all_steps": round(max(ratios["all_steps"].values()), 3),
         "step_over_profile": {str(k): round(v, 3) for k, v in ratios["steady"].items()},
         "step_over_profile_all_steps": {str(k): round(v, 3) for k, v in ratios["all_steps"].items()},
+        **science,
         "cpu_count": os.cpu_count(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -77,6 +108,14 @@ def main() -> None:
     for key, target in TARGETS.items():
         print(f"{key:<34}{result[key]:>10}{target:>10}  {'yes' if result[key] <= target else 'NO'}")
     print(f"{'step_over_profile_max_all_steps':<34}{result['step_over_profile_max_all_steps']:>10}{'-':>10}")
+    for key in (
+        "b_opt",
+        "b_opt_ci",
+        "measured_best_batch_size",
+        "b_opt_inside_grid",
+        "every_batch_size_reached_target",
+    ):
+        print(f"{key:<34}{result[key]!s:>10}")
     print("\nB      train step / profiled step (steady, all steps)")
     for size in ratios["steady"]:
         print(f"{size:<7}{ratios['steady'][size]:>8.3f}{ratios['all_steps'][size]:>8.3f}")

@@ -68,14 +68,20 @@ def test_steps_per_batch_size_takes_best_lr_median_and_censors():
     runs = pd.DataFrame(
         [
             # B=8: lr 0.1 median 100 beats lr 0.3 (median inf: one seed censored of 2)
-            (8, 0.1, 0, 100), (8, 0.1, 1, 120), (8, 0.3, 0, 50), (8, 0.3, 1, nan),
+            (8, 0.1, 0, 100),
+            (8, 0.1, 1, 120),
+            (8, 0.3, 0, 50),
+            (8, 0.3, 1, nan),
             # B=64: every run censored -> K = NaN
-            (64, 0.1, 0, nan), (64, 0.1, 1, nan),
+            (64, 0.1, 0, nan),
+            (64, 0.1, 1, nan),
             # B=16: three seeds, median 70
-            (16, 0.1, 0, 60), (16, 0.1, 1, 70), (16, 0.1, 2, 95),
+            (16, 0.1, 0, 60),
+            (16, 0.1, 1, 70),
+            (16, 0.1, 2, 95),
         ],
         columns=["batch_size", "lr", "seed", "steps_to_target"],
-    )  # fmt: skip
+    )
     table = fit.steps_per_batch_size(runs)
     assert table.loc[8, "k"] == 110 and table.loc[8, "best_lr"] == 0.1
     assert table.loc[16, "k"] == 70

@@ -19,19 +19,23 @@ def digits():
 
 
 def spec(**overrides):
-    config = cfg.validate({
-        "device": "cpu",
-        "grid": {"batch_sizes": [32]},
-        "workloads": {"w": {
-            "dataset": {"name": "digits"},
-            "model": {"name": "mlp", "widths": [32]},
-            "target": {"metric": "val_accuracy", "value": 0.9},
-            "max_steps": 300,
-            "eval_interval": 10,
-            "learning_rates": [0.1],
-            **overrides,
-        }},
-    })  # fmt: skip
+    config = cfg.validate(
+        {
+            "device": "cpu",
+            "grid": {"batch_sizes": [32]},
+            "workloads": {
+                "w": {
+                    "dataset": {"name": "digits"},
+                    "model": {"name": "mlp", "widths": [32]},
+                    "target": {"metric": "val_accuracy", "value": 0.9},
+                    "max_steps": 300,
+                    "eval_interval": 10,
+                    "learning_rates": [0.1],
+                    **overrides,
+                }
+            },
+        }
+    )
     return cfg.train_slice(config, "w")
 
 
@@ -100,8 +104,11 @@ def test_regression_workload_uses_val_loss():
 
 
 def test_profile_times_the_training_step(digits):
-    settings = {"profile": {"warmup": 2, "repeats": 5, "min_repeat_time": 0.002}, "model": spec()["model"],
-                "optimizer": spec()["optimizer"]}  # fmt: skip
+    settings = {
+        "profile": {"warmup": 2, "repeats": 5, "min_repeat_time": 0.002},
+        "model": spec()["model"],
+        "optimizer": spec()["optimizer"],
+    }
     small, large = (profile.profile(digits, settings, b, CPU) for b in (8, 1024))
     for ds in (small, large):
         assert bool(ds["feasible"]) and ds.sizes["repeat"] == 5
@@ -121,3 +128,36 @@ def test_out_of_memory_errors_are_recognised():
     )
     assert runtime.is_out_of_memory(MemoryError())
     assert not runtime.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def _oom_step(*args, **kwargs):
+    def step(index):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    return step
+
+
+def test_out_of_memory_is_recorded_by_profile_and_train(digits, monkeypatch):
+    # A real OOM cannot be provoked safely on a shared CPU machine; the step raises torch's message instead.
+    monkeypatch.setattr(runtime, "make_step", _oom_step)
+    settings = {
+        "profile": {"warmup": 1, "repeats": 3, "min_repeat_time": 0.001},
+        "model": spec()["model"],
+        "optimizer": spec()["optimizer"],
+    }
+    prof = profile.profile(digits, settings, 64, CPU)
+    assert not bool(prof["feasible"]) and np.isnan(prof["t_iter"].values).all()
+    ds, _ = train(digits, spec(), 64, 0.1, seed=0, device=CPU)
+    assert bool(ds["out_of_memory"]) and not bool(ds["reached_target"]) and int(ds["steps_done"]) == 0
+
+
+def test_other_runtime_errors_are_not_swallowed(digits, monkeypatch):
+    def broken(*args, **kwargs):
+        def step(index):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+        return step
+
+    monkeypatch.setattr(runtime, "make_step", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train(digits, spec(), 64, 0.1, seed=0, device=CPU)

@@ -21,8 +21,18 @@ WILDCARDS = re.compile(r"^    wildcards: (.*)$", re.M)
 
 def snakemake(repo, workdir, *args, env, configfile=None, check=True):
     # --configfile takes several values: it goes last so it cannot swallow a target
-    cmd = ["snakemake", "-s", str(repo / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args,
-           "--configfile", str(configfile or repo / TINY)]  # fmt: skip
+    cmd = [
+        "snakemake",
+        "-s",
+        str(repo / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+        *args,
+        "--configfile",
+        str(configfile or repo / TINY),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
@@ -72,7 +82,7 @@ def test_one_netcdf_and_checkpoint_per_training_point(study, repo):
     config = cfg.load(repo / TINY)
     for workload in config["workloads"]:
         for b, lr, seed in cfg.train_points(config, workload):
-            stem = f"results/train/{workload}/B{b}/lr{cfg.format_lr(lr)}_seed{seed}"
+            stem = f"results/train/{workload}/B{b}/seed{seed}/lr{cfg.format_lr(lr)}_seed{seed}"
             ds = read_netcdf(study / f"{stem}.nc")
             assert (ds.attrs["batch_size"], ds.attrs["lr"], ds.attrs["seed"]) == (b, lr, seed)
             assert ds.attrs["config_hash"] and ds.attrs["torch_version"] and ds.attrs["device"] == "cpu"
@@ -83,7 +93,7 @@ def test_one_netcdf_and_checkpoint_per_training_point(study, repo):
 def test_fit_agrees_with_the_training_caches(study):
     """K(B) in the fit file equals K(B) recomputed from the per-point files, and the fit passes through it."""
     fit = read_netcdf(study / "results/fit/tiny_mlp.nc")
-    runs = read_runs(sorted((study / "results/train/tiny_mlp").iterdir()))
+    runs = read_runs(sorted((study / "results/train/tiny_mlp").glob("B*/seed*")))
     import pandas as pd
 
     table = pd.DataFrame({k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")})
@@ -99,30 +109,55 @@ def test_noop_rerun_does_nothing(study, repo, venv_env):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+AGGREGATES = {
+    ("fit_scaling", "workload=tiny_cnn"),
+    ("fit_scaling", "workload=tiny_mlp"),
+    ("render_report", ""),
+    ("all", ""),
+}
+
+
 def test_adding_a_batch_size_schedules_only_that_size(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["grid"]["batch_sizes"].append(32))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
-    expected = {
-        (rule, f"workload={w}, batch_size=32") for rule in ("profile_hardware", "train_model")
+    profiles = {("profile_hardware", f"workload={w}, batch_size=32") for w in ("tiny_cnn", "tiny_mlp")}
+    training = {
+        ("train_model", f"workload={w}, batch_size=32, seed={s}")
         for w in ("tiny_cnn", "tiny_mlp")
-    } | {("fit_scaling", "workload=tiny_cnn"), ("fit_scaling", "workload=tiny_mlp"), ("render_report", ""),
-         ("all", "")}  # fmt: skip
-    assert jobs == expected
+        for s in (0, 1)
+    }
+    assert jobs == profiles | training | AGGREGATES
+
+
+def test_adding_a_seed_schedules_only_that_seeds_training(study, repo, venv_env, tmp_path):
+    path = variant(repo, tmp_path, lambda c: c["grid"]["seeds"].append(7))
+    jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
+    training = {
+        ("train_model", f"workload={w}, batch_size={b}, seed=7")
+        for w in ("tiny_cnn", "tiny_mlp")
+        for b in (16, 64, 256)
+    }
+    assert jobs == training | AGGREGATES
 
 
 def test_changing_learning_rates_reruns_only_that_workloads_training(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["workloads"]["tiny_mlp"].update(learning_rates=[0.05, 0.1]))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
-    expected = {("train_model", f"workload=tiny_mlp, batch_size={b}") for b in (16, 64, 256)} | {
-        ("fit_scaling", "workload=tiny_mlp"), ("render_report", ""), ("all", "")}  # fmt: skip
-    assert jobs == expected
+    training = {
+        ("train_model", f"workload=tiny_mlp, batch_size={b}, seed={s}") for b in (16, 64, 256) for s in (0, 1)
+    }
+    assert jobs == training | {("fit_scaling", "workload=tiny_mlp"), ("render_report", ""), ("all", "")}
 
 
 def test_fit_settings_rerun_only_fits_and_report(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["fit"].update(bootstrap=41))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
-    assert jobs == {("fit_scaling", "workload=tiny_cnn"), ("fit_scaling", "workload=tiny_mlp"),
-                    ("render_report", ""), ("all", "")}  # fmt: skip
+    assert jobs == {
+        ("fit_scaling", "workload=tiny_cnn"),
+        ("fit_scaling", "workload=tiny_mlp"),
+        ("render_report", ""),
+        ("all", ""),
+    }
 
 
 def test_algorithm_version_bump_reruns_that_stage(study, repo, venv_env, tmp_path):
@@ -133,8 +168,12 @@ def test_algorithm_version_bump_reruns_that_stage(study, repo, venv_env, tmp_pat
     init.write_text(init.read_text().replace('"fit_scaling": 1', '"fit_scaling": 2'))
     env = dict(venv_env, PYTHONPATH=str(copy))
     jobs = scheduled(snakemake(repo, study, "-n", env=env))
-    assert jobs == {("fit_scaling", "workload=tiny_cnn"), ("fit_scaling", "workload=tiny_mlp"),
-                    ("render_report", ""), ("all", "")}  # fmt: skip
+    assert jobs == {
+        ("fit_scaling", "workload=tiny_cnn"),
+        ("fit_scaling", "workload=tiny_mlp"),
+        ("render_report", ""),
+        ("all", ""),
+    }
 
 
 def test_report_only_rebuild_runs_no_training(study, repo, venv_env, tmp_path):

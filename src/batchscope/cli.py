@@ -83,8 +83,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train every (lr, seed) point at one batch size in one process: a run costs ~0.2 s on digits while a
-    process start (torch, xarray, torch.optim's dynamo import) costs ~2.5 s, so one job per batch size keeps
-    the study from being mostly start-up. Each point still gets its own NetCDF and checkpoint."""
+    process start (torch, xarray, torch.optim's dynamo import) costs ~2.5 s, so the workflow gives each job a
+    seed's whole learning-rate grid. Each point still gets its own NetCDF and checkpoint."""
     from batchscope import io
     from batchscope.train import point_name, train
 
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("profile", cmd_profile, "time the training step at one batch size")
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, required=True)
-    p = stage("train", cmd_train, "train the (lr, seed) points at one batch size; --out is a directory")
+    p = stage("train", cmd_train, "train (lr, seed) points at one batch size; --out is a directory")
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--lrs", type=float, nargs="+", required=True)

@@ -32,6 +32,7 @@ config.update(_validated)
 WORKLOADS = sorted(config["workloads"])
 BATCH_SIZES = sorted(config["grid"]["batch_sizes"])
 PROFILE_BATCH_SIZES = bs_config.profile_batch_sizes(config)
+SEEDS = sorted(config["grid"]["seeds"])
 REPORT_NOTEBOOK = os.path.join(workflow.basedir, "workflow", "notebooks", "report.ipynb")
 
 
@@ -48,6 +49,7 @@ GPU = 1 if _uses_gpu() else 0
 wildcard_constraints:
     workload="|".join(WORKLOADS),
     batch_size=r"[1-9][0-9]*",
+    seed=r"[0-9]+",
 
 
 def config_slice(slicer):
@@ -71,4 +73,6 @@ def profile_files(wildcards):
 
 
 def train_dirs(wildcards):
-    return expand(rules.train_model.output[0], workload=wildcards.workload, batch_size=BATCH_SIZES)
+    return expand(
+        rules.train_model.output[0], workload=wildcards.workload, batch_size=BATCH_SIZES, seed=SEEDS
+    )

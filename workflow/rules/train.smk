@@ -1,15 +1,16 @@
-# One job per (workload, batch size) trains that batch size's learning-rate x seed grid: a digits run takes
-# ~0.2 s while a job's process start costs ~2.5 s. Each point is still its own NetCDF + checkpoint in the
-# job's directory, and the lr list is a param, so changing it reruns only that workload's training.
+# One job per (workload, batch size, seed) trains that point's learning-rate grid: a digits run takes ~0.2 s
+# while a job's process start costs ~2.5 s. Each (lr, seed) point is still its own NetCDF + checkpoint in the
+# job's directory. Adding a seed or a batch size schedules only new jobs; the lr list is a param, so changing
+# it reruns only that workload's training.
 rule train_model:
     input:
         data=rules.prepare_data.output[0],
     output:
-        directory("results/train/{workload}/B{batch_size}"),
+        directory("results/train/{workload}/B{batch_size}/seed{seed}"),
     log:
-        "logs/train_model/{workload}/B{batch_size}.log",
+        "logs/train_model/{workload}/B{batch_size}/seed{seed}.log",
     benchmark:
-        "results/benchmarks/train_model/{workload}/B{batch_size}.tsv"
+        "results/benchmarks/train_model/{workload}/B{batch_size}/seed{seed}.tsv"
     conda:
         "../envs/batchscope.yaml"
     threads: config["threads"]
@@ -20,9 +21,8 @@ rule train_model:
     params:
         spec=config_slice(bs_config.train_slice),
         lrs=learning_rates,
-        seeds=" ".join(map(str, config["grid"]["seeds"])),
         version=ALGORITHM_VERSIONS["train_model"],
     shell:
         "python -m batchscope train --spec {params.spec:q} --data {input.data}"
-        " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {params.seeds}"
+        " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {wildcards.seed}"
         " --out {output} > {log} 2>&1"
