@@ -144,3 +144,25 @@ def test_fit_scaling_recovers_the_model_from_caches(tmp_path):
     # the grid point nearest the optimum in log space wins on the noise-free model
     assert int(ds["measured_best_batch_size"]) == 128
     assert ds.sizes["run"] == 7 * 2 * 4
+
+
+def test_vectorised_bootstrap_matches_the_per_cell_definition():
+    """The cube path and the cell-by-cell path resample the same way: same mean K per batch size."""
+    rng = np.random.default_rng(5)
+    rows = [
+        (b, lr, seed, float(rng.integers(20, 400)) if rng.random() > 0.1 else np.nan)
+        for b in (8, 32, 128)
+        for lr in (0.1, 0.3)
+        for seed in range(5)
+    ]
+    runs = pd.DataFrame(rows, columns=["batch_size", "lr", "seed", "steps_to_target"])
+    _, cube = fit.bootstrap_steps(runs, 20000, np.random.default_rng(0), vectorised=True)
+    _, cells = fit.bootstrap_steps(runs, 600, np.random.default_rng(1), vectorised=False)
+    # 600 replicates: the mean's Monte Carlo error is ~2% of K here, so 8% is about 4 standard errors
+    np.testing.assert_allclose(np.nanmean(cells, axis=0), np.nanmean(cube, axis=0), rtol=0.08)
+    finite = runs["steps_to_target"].dropna()
+    assert np.nanmin(cube) >= finite.min() and np.nanmax(cube) <= finite.max()
+    irregular = runs.iloc[1:]  # one cell loses a seed: only the per-cell path applies
+    assert fit.bootstrap_steps(irregular, 5, np.random.default_rng(0))[1].shape == (5, 3)
+    with pytest.raises(ValueError, match="same number of seeds"):
+        fit.bootstrap_steps(irregular, 5, np.random.default_rng(0), vectorised=True)

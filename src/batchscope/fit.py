@@ -82,12 +82,36 @@ def steps_per_batch_size(runs: pd.DataFrame) -> pd.DataFrame:
     return best.rename(columns={"steps": "k", "lr": "best_lr"})[["k", "best_lr"]]
 
 
-def _resample_seeds(runs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
-    """Resample seeds with replacement independently in each (batch size, lr) cell."""
-    parts = []
-    for _, cell in runs.groupby(["batch_size", "lr"]):
-        parts.append(cell.iloc[rng.integers(0, len(cell), len(cell))])
-    return pd.concat(parts, ignore_index=True)
+def bootstrap_steps(
+    runs: pd.DataFrame, n_boot: int, rng: np.random.Generator, vectorised: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """K(B) for ``n_boot`` bootstrap replicates: seeds resampled with replacement in every (B, lr) cell.
+
+    Returns (batch sizes, K of shape (n_boot, n_batch_sizes)). Vectorised over replicates on a
+    (B, lr, seed) cube when every cell has the same number of seeds (what the workflow produces); cells of
+    different sizes are resampled one by one (``vectorised=False`` forces that path).
+    """
+    steps = runs.assign(steps=runs["steps_to_target"].fillna(np.inf))
+    batch_sizes = np.sort(steps["batch_size"].unique())
+    cells = [group["steps"].to_numpy() for _, group in steps.groupby(["batch_size", "lr"])]
+    lr_counts = steps.groupby("batch_size")["lr"].nunique().to_numpy()
+    regular = len({len(c) for c in cells}) == 1 and len(set(lr_counts)) == 1
+    if vectorised is None:
+        vectorised = regular
+    if vectorised and not regular:
+        raise ValueError("vectorised bootstrap needs the same number of seeds in every (batch size, lr) cell")
+    if vectorised:
+        cube = np.stack(cells).reshape(len(batch_sizes), lr_counts[0], len(cells[0]))
+        picks = rng.integers(0, cube.shape[-1], (n_boot, *cube.shape))
+        resampled = np.take_along_axis(np.broadcast_to(cube, picks.shape), picks, axis=-1)
+        k = np.median(resampled, axis=-1).min(axis=-1)
+    else:
+        k = np.empty((n_boot, len(batch_sizes)))
+        for i in range(n_boot):
+            parts = [g.iloc[rng.integers(0, len(g), len(g))] for _, g in runs.groupby(["batch_size", "lr"])]
+            k[i] = steps_per_batch_size(pd.concat(parts))["k"].fillna(np.inf).to_numpy()
+    k[~np.isfinite(k)] = np.nan
+    return batch_sizes, k
 
 
 # --------------------------------------------------------------------------------- reading the caches
@@ -167,15 +191,16 @@ def fit_scaling(
     rng = np.random.default_rng(spec["fit"]["seed"])
     n_boot = spec["fit"]["bootstrap"]
     boot = {k: np.full(n_boot, np.nan) for k in ("n_iter", "c_var", "tau_f", "tau_d", "b_opt")}
+    boot_b, boot_k = bootstrap_steps(table, n_boot, rng)
     reps = profiles["profile_t_iter"].values[feasible]
+    picks = rng.integers(0, reps.shape[1], (n_boot, *reps.shape))
+    boot_t = np.nanmedian(np.take_along_axis(np.broadcast_to(reps, picks.shape), picks, axis=-1), axis=-1)
     for i in range(n_boot):
-        k_boot = steps_per_batch_size(_resample_seeds(table, rng))
-        good = np.isfinite(k_boot["k"].values)
+        good = np.isfinite(boot_k[i])
         if good.sum() < 2:
             continue
-        f = fit_steps(k_boot.index.values[good], k_boot["k"].values[good])
-        t_boot = [np.nanmedian(row[rng.integers(0, len(row), len(row))]) for row in reps]
-        t = fit_step_time(prof_b, t_boot)
+        f = fit_steps(boot_b[good], boot_k[i][good])
+        t = fit_step_time(prof_b, boot_t[i])
         values = (
             f.intercept,
             f.slope,
