@@ -1,0 +1,354 @@
+"""Curvature of the training loss as a linear operator, and the algorithms that take any such operator.
+
+:class:`HessianOperator` gives H v for the mean loss over a fixed evaluation set, from ``torch.func``, summed over
+chunks so the set can exceed one batch. The algorithms (:func:`lanczos`, :func:`top_eigenvalues`,
+:func:`hutchinson`, :func:`slq`) only see a ``matvec`` on flat vectors, so they work on any symmetric operator,
+a dense test matrix included. Data loading, the model and the algorithm never live in one class.
+
+BatchNorm is explicit: ``mode="eval"`` differentiates the network as it predicts (running statistics, as
+PyHessian does silently); ``mode="train"`` the loss that SGD descended, with each chunk normalised by its own
+batch statistics (and the running statistics left untouched).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.linalg import eigh_tridiagonal
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch import nn
+from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+MODES = ("eval", "train")
+METHODS = ("rev_rev", "fwd_rev")
+
+
+class HessianOperator:
+    """H v of ``loss(model(x), y)`` averaged over the examples, with respect to all parameters (flattened).
+
+    ``method``: ``"rev_rev"`` (the vjp of the gradient; its linearisation is built once per chunk and, with
+    ``cache=True``, kept for every later product) or ``"fwd_rev"`` (jvp of the gradient, recomputed per product).
+    ``n_matvec`` counts products; ``benchmarks/hessian.py`` measures which method is faster.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        chunk_size: int | None = None,
+        mode: str = "eval",
+        method: str = "rev_rev",
+        cache: bool = True,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.model = copy.deepcopy(model)  # mode changes and BatchNorm surgery must not leak to the caller
+        if mode == "train":
+            # batch statistics in every forward, running statistics neither used nor updated
+            replace_all_batch_norm_modules_(self.model)
+            self.model.train()
+        else:
+            self.model.eval()
+        self.loss, self.mode, self.method, self.cache = loss, mode, method, cache
+        named = [(k, p.detach()) for k, p in self.model.named_parameters()]
+        self.names = [k for k, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.buffers = {k: b.detach() for k, b in self.model.named_buffers()}
+        self.point = torch.cat([p.reshape(-1) for _, p in named])
+        self.dim = self.point.numel()
+        chunk_size = chunk_size or len(x)
+        self.chunks = [(x[i : i + chunk_size], y[i : i + chunk_size]) for i in range(0, len(x), chunk_size)]
+        self.weights = [len(xb) / len(x) for xb, _ in self.chunks]
+        self._linearised: list | None = None
+        self.n_matvec = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.point.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.point.device
+
+    def _unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        params, offset = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            size = math.prod(shape)
+            params[name] = flat[offset : offset + size].view(shape)
+            offset += size
+        return params
+
+    def chunk_loss(self, flat: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        out = functional_call(self.model, (self._unflatten(flat), self.buffers), (xb,))
+        return self.loss(out, yb)
+
+    @torch.no_grad()
+    def loss_value(self) -> float:
+        return float(sum(w * self.chunk_loss(self.point, xb, yb) for (xb, yb), w in self._weighted()))
+
+    def gradient(self) -> torch.Tensor:
+        total = torch.zeros_like(self.point)
+        for (xb, yb), w in self._weighted():
+            total += w * grad(self.chunk_loss)(self.point, xb, yb)
+        return total
+
+    def _weighted(self):
+        return zip(self.chunks, self.weights, strict=True)
+
+    def _linearise(self):
+        return [
+            vjp(grad(lambda p, xb=xb, yb=yb: self.chunk_loss(p, xb, yb)), self.point)[1]
+            for xb, yb in self.chunks
+        ]
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        v = v.to(dtype=self.dtype, device=self.device)
+        self.n_matvec += 1
+        total = torch.zeros_like(self.point)
+        if self.method == "fwd_rev":
+            for (xb, yb), w in self._weighted():
+                f = lambda p, xb=xb, yb=yb: self.chunk_loss(p, xb, yb)  # noqa: E731
+                total += w * jvp(grad(f), (self.point,), (v,))[1]
+            return total
+        linearised = self._linearised
+        if linearised is None:
+            linearised = self._linearise()
+            if self.cache:
+                self._linearised = linearised
+        for product, w in zip(linearised, self.weights, strict=True):
+            total += w * product(v)[0]
+        return total
+
+    def dense(self) -> torch.Tensor:
+        """The full matrix, one column per product (tests and tiny models only)."""
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
+        return torch.stack([self.matvec(column) for column in eye], dim=1)
+
+    def to_scipy(self) -> LinearOperator:
+        """A float64 scipy ``LinearOperator`` (for ``eigsh``); products run in the model's dtype."""
+
+        def mv(v: np.ndarray) -> np.ndarray:
+            out = self.matvec(torch.as_tensor(np.ravel(v)))
+            return out.detach().to(torch.float64).cpu().numpy()
+
+        return LinearOperator((self.dim, self.dim), matvec=mv, dtype=np.float64)
+
+
+def dense_matvec(matrix: torch.Tensor) -> Matvec:
+    """A matvec for an explicit symmetric matrix (the tests' reference operator)."""
+    return lambda v: matrix @ v.to(matrix.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- Lanczos
+
+
+@dataclass
+class LanczosResult:
+    ritz_values: np.ndarray  # ascending, eigenvalues of the tridiagonal matrix T
+    ritz_first_components: np.ndarray  # first components of T's eigenvectors (SLQ weights are their squares)
+    residual_bounds: np.ndarray  # |beta_m s_m,i|: the Ritz pair's residual norm ||H y - theta y||
+    n_matvec: int
+    converged: bool
+
+
+def lanczos(
+    matvec: Matvec,
+    start: torch.Tensor,
+    max_steps: int,
+    *,
+    k: int | None = None,
+    tol: float | None = None,
+) -> LanczosResult:
+    """Lanczos with full reorthogonalisation, optionally stopping when the top-``k`` Ritz values converge.
+
+    Written here rather than taken from scipy: ARPACK (``eigsh``) restarts with at least 2k+1 vectors and has no
+    rule to stop on Ritz-value convergence, and stochastic Lanczos quadrature needs the tridiagonal matrix of a
+    plain m-step run from a given start vector, which no scipy routine returns.
+
+    Stopping (with ``k`` and ``tol``): each Ritz value theta_i's error is at most min(r_i, r_i^2 / gap_i), with r_i
+    the residual bound and gap_i the distance to the nearest other Ritz value (Kato-Temple with the Ritz gap
+    standing in for the true gap); the run stops when that is below ``tol * |theta_i|`` for the k largest.
+    """
+    q = start / torch.linalg.vector_norm(start)
+    basis = [q]
+    alphas: list[float] = []
+    betas: list[float] = []
+    n = start.numel()
+    max_steps = min(max_steps, n)
+    converged = False
+    beta = 0.0
+    for step in range(max_steps):
+        w = matvec(basis[-1])
+        alpha = float(torch.dot(w, basis[-1]))
+        alphas.append(alpha)
+        # full reorthogonalisation, twice ("twice is enough"): keeps Ritz values free of ghost copies
+        stacked = torch.stack(basis)
+        for _ in range(2):
+            w = w - stacked.T @ (stacked @ w)
+        beta = float(torch.linalg.vector_norm(w))
+        values, vectors = _tridiagonal_eigen(alphas, betas)
+        bounds = np.abs(beta * vectors[-1, :])
+        if k is not None and tol is not None and _top_converged(values, bounds, k, tol):
+            converged = True
+            break
+        if step + 1 == max_steps or beta <= 1e-10 * max(1.0, np.abs(values).max()):
+            converged = beta <= 1e-10 * max(1.0, np.abs(values).max())  # invariant subspace found: exact
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    return LanczosResult(values, vectors[0, :], bounds, len(alphas), converged)
+
+
+def _tridiagonal_eigen(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    if len(alphas) == 1:
+        return np.array(alphas), np.ones((1, 1))
+    return eigh_tridiagonal(np.asarray(alphas), np.asarray(betas[: len(alphas) - 1]))
+
+
+def _top_converged(values: np.ndarray, bounds: np.ndarray, k: int, tol: float) -> bool:
+    if len(values) < k + 2:  # the Ritz gap says nothing about the true gap before a few steps
+        return False
+    order = np.argsort(values)[::-1][:k]
+    for i in order:
+        gap = np.min(np.abs(np.delete(values, i) - values[i]))
+        error = min(bounds[i], bounds[i] ** 2 / gap) if gap > 0 else bounds[i]
+        if error > tol * max(abs(values[i]), 1e-30):
+            return False
+    return True
+
+
+@dataclass
+class TopEigenvalues:
+    values: np.ndarray  # descending
+    n_matvec: int
+    converged: bool
+
+
+def top_eigenvalues(
+    op: HessianOperator | Matvec,
+    dim: int,
+    k: int,
+    *,
+    tol: float = 1e-3,
+    method: str = "lanczos",
+    max_steps: int = 300,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> TopEigenvalues:
+    """The ``k`` largest (algebraic) eigenvalues, by :func:`lanczos` or by scipy's ``eigsh`` (ARPACK)."""
+    matvec = op.matvec if isinstance(op, HessianOperator) else op
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+    if method == "lanczos":
+        result = lanczos(matvec, start, max_steps, k=k, tol=tol)
+        return TopEigenvalues(np.sort(result.ritz_values)[::-1][:k], result.n_matvec, result.converged)
+    if method == "eigsh":
+        counter = {"n": 0}
+
+        def mv(v: np.ndarray) -> np.ndarray:
+            counter["n"] += 1
+            out = matvec(torch.as_tensor(np.ravel(v), dtype=dtype, device=device))
+            return out.detach().to(torch.float64).cpu().numpy()
+
+        operator = LinearOperator((dim, dim), matvec=mv, dtype=np.float64)
+        values = eigsh(operator, k=k, which="LA", tol=tol, v0=start.double().cpu().numpy(), maxiter=max_steps,
+                       return_eigenvectors=False)  # fmt: skip
+        return TopEigenvalues(np.sort(values)[::-1], counter["n"], True)
+    raise ValueError(f"method must be 'lanczos' or 'eigsh', got {method!r}")
+
+
+# ----------------------------------------------------------------------------------------- trace, density
+
+
+@dataclass
+class TraceEstimate:
+    value: float
+    standard_error: float
+    n_matvec: int
+
+
+def hutchinson(
+    matvec: Matvec,
+    dim: int,
+    n_probes: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> TraceEstimate:
+    """tr(H) as the mean of v^T H v over Rademacher probes v, with the standard error of that mean."""
+    if n_probes < 2:
+        raise ValueError(f"n_probes must be at least 2 for a standard error, got {n_probes}")
+    generator = torch.Generator().manual_seed(seed)
+    samples = np.empty(n_probes)
+    for i in range(n_probes):
+        v = (torch.randint(0, 2, (dim,), generator=generator) * 2 - 1).to(dtype=dtype, device=device)
+        samples[i] = float(torch.dot(v, matvec(v)))
+    return TraceEstimate(float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(n_probes)), n_probes)
+
+
+@dataclass
+class SpectralDensity:
+    nodes: np.ndarray  # (n_runs, steps): Ritz values of each run
+    weights: np.ndarray  # (n_runs, steps): squared first components, each run's sum is 1
+    n_matvec: int
+
+    def grid(self, n_points: int, padding: float = 0.05) -> np.ndarray:
+        low, high = np.nanmin(self.nodes), np.nanmax(self.nodes)
+        width = max(high - low, 1e-12)
+        return np.linspace(low - padding * width, high + padding * width, n_points)
+
+    def density(self, grid: np.ndarray, sigma: float) -> np.ndarray:
+        """Mean over runs of sum_i w_i N(t; theta_i, sigma^2): integrates to 1 when the grid covers the nodes."""
+        nodes = self.nodes[..., None]
+        kernel = np.exp(-0.5 * ((grid - nodes) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        return np.nansum(self.weights[..., None] * kernel, axis=1).mean(axis=0)
+
+    def run_first_moments(self) -> np.ndarray:
+        """Per run, sum_i w_i theta_i = u^T H u for the run's unit start vector u (quadrature is exact here)."""
+        return np.nansum(self.nodes * self.weights, axis=1)
+
+    def first_moment(self) -> float:
+        """The mean of :meth:`run_first_moments`: an estimate of tr(H) / n."""
+        return float(self.run_first_moments().mean())
+
+
+def slq(
+    matvec: Matvec,
+    dim: int,
+    n_runs: int,
+    steps: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> SpectralDensity:
+    """Stochastic Lanczos quadrature: ``n_runs`` Lanczos runs of ``steps`` steps from Gaussian start vectors.
+
+    Each run's Ritz values are quadrature nodes and the squared first components of T's eigenvectors their
+    weights, so sum_i w_i f(theta_i) estimates v^T f(H) v / |v|^2, and the average over runs tr f(H) / n.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    nodes = np.full((n_runs, steps), np.nan)
+    weights = np.full((n_runs, steps), np.nan)
+    total = 0
+    for run in range(n_runs):
+        start = torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+        result = lanczos(matvec, start, steps)
+        m = len(result.ritz_values)
+        nodes[run, :m] = result.ritz_values
+        weights[run, :m] = result.ritz_first_components**2
+        total += result.n_matvec
+    return SpectralDensity(nodes, weights, total)

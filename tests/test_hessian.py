@@ -1,0 +1,211 @@
+"""Curvature operator and algorithms against dense references (models small enough to build the matrix)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from batchscope import data, hessian
+from batchscope.config import DATASET_DEFAULTS
+from batchscope.models import mlp
+
+
+def tiny_problem(dtype, n=60, seed=0, widths=(8,)):
+    torch.manual_seed(seed)
+    model = mlp(5, list(widths), 3).to(dtype)
+    x = torch.randn(n, 5, dtype=dtype)
+    y = torch.randint(0, 3, (n,))
+    return model, x, y
+
+
+def full_loss(op):
+    x = torch.cat([xb for xb, _ in op.chunks])
+    y = torch.cat([yb for _, yb in op.chunks])
+    return lambda flat: op.chunk_loss(flat, x, y)
+
+
+@pytest.mark.parametrize("method", hessian.METHODS)
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_hvp_equals_dense_hessian_times_v(method, chunk_size):
+    model, x, y = tiny_problem(torch.float64)
+    op = hessian.HessianOperator(
+        model, nn.functional.cross_entropy, x, y, chunk_size=chunk_size, method=method
+    )
+    assert op.dim == 5 * 8 + 8 + 8 * 3 + 3 <= 2000
+    dense = torch.func.hessian(full_loss(op))(op.point)
+    for seed in range(3):
+        v = torch.randn(op.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        exact = dense @ v
+        rel = torch.linalg.vector_norm(op.matvec(v) - exact) / torch.linalg.vector_norm(exact)
+        assert rel < 1e-10
+    assert op.n_matvec == 3
+
+
+def _spectrum_matrix(eigenvalues, seed=0):
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.standard_normal((len(eigenvalues), len(eigenvalues))))
+    return torch.as_tensor((basis * eigenvalues) @ basis.T, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "eigsh"])
+def test_top3_on_a_float32_model_matches_eigvalsh(method):
+    model, x, y = tiny_problem(torch.float32, n=200, widths=(16, 16))  # ~450 parameters, not at a minimum
+    op = hessian.HessianOperator(model, nn.functional.cross_entropy, x, y)
+    reference = np.linalg.eigvalsh(op.dense().double().numpy())
+    assert reference.min() < 0  # an indefinite Hessian: the negative end is present
+    top = hessian.top_eigenvalues(op, op.dim, 3, tol=1e-4, method=method)
+    np.testing.assert_allclose(top.values, reference[::-1][:3], rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "eigsh"])
+def test_top3_of_a_negative_definite_operator(method):
+    eigenvalues = -np.geomspace(0.5, 50.0, 300)  # all negative: the "top" are the least negative
+    matrix = _spectrum_matrix(eigenvalues)
+    top = hessian.top_eigenvalues(hessian.dense_matvec(matrix), 300, 3, tol=1e-4, method=method)
+    np.testing.assert_allclose(top.values, np.sort(eigenvalues)[::-1][:3], rtol=1e-3)
+
+
+def test_lanczos_stops_early_for_top1():
+    eigenvalues = np.concatenate([[10.0], np.linspace(0.0, 5.0, 399)])
+    top = hessian.top_eigenvalues(hessian.dense_matvec(_spectrum_matrix(eigenvalues)), 400, 1, tol=1e-3)
+    assert top.converged and top.n_matvec < 25
+    assert top.values[0] == pytest.approx(10.0, rel=1e-3)
+
+
+def test_hutchinson_within_three_standard_errors_of_the_trace():
+    model, x, y = tiny_problem(torch.float64, n=200, widths=(16,))
+    op = hessian.HessianOperator(model, nn.functional.cross_entropy, x, y)
+    exact = float(torch.trace(op.dense()))
+    for seed in range(3):
+        estimate = hessian.hutchinson(op.matvec, op.dim, 200, seed=seed, dtype=torch.float64)
+        assert estimate.standard_error > 0
+        assert abs(estimate.value - exact) < 3 * estimate.standard_error
+
+
+def _within_three_standard_errors(density, exact):
+    runs = density.run_first_moments()
+    standard_error = runs.std(ddof=1) / math.sqrt(len(runs))
+    assert abs(runs.mean() - exact) < 3 * standard_error
+
+
+def test_slq_density_integrates_to_one_and_its_mean_is_trace_over_n():
+    # per run, the first moment is u^T H u for a random unit u: its standard deviation is
+    # sqrt(2 Var(lambda) / (n + 2)) ~ 1.3% of the mean for this spectrum, so 10 runs resolve 2%
+    eigenvalues = np.linspace(1.0, 2.0, 500)
+    density = hessian.slq(
+        hessian.dense_matvec(_spectrum_matrix(eigenvalues)), 500, n_runs=10, steps=40, seed=0
+    )
+    grid = density.grid(2000)
+    values = density.density(grid, sigma=0.005 * (grid[-1] - grid[0]))
+    assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=0.01)
+    assert density.first_moment() == pytest.approx(eigenvalues.mean(), rel=0.02)
+    assert np.allclose(np.nansum(density.weights, axis=1), 1.0)
+    assert density.n_matvec == 10 * 40
+
+
+def test_slq_on_a_heavy_tailed_spectrum():
+    eigenvalues = np.concatenate([np.geomspace(1e-3, 1.0, 480), [5.0, 8.0, 20.0]])
+    density = hessian.slq(hessian.dense_matvec(_spectrum_matrix(eigenvalues, 1)), 483, n_runs=10, steps=60)
+    grid = density.grid(4000)
+    assert np.trapezoid(density.density(grid, 0.005 * (grid[-1] - grid[0])), grid) == pytest.approx(
+        1, abs=0.01
+    )
+    _within_three_standard_errors(density, eigenvalues.mean())
+    # the outliers are resolved as Ritz values of every run
+    assert np.allclose(np.nanmax(density.nodes, axis=1), 20.0, rtol=1e-4)
+
+
+def test_slq_on_a_model_hessian():
+    model, x, y = tiny_problem(torch.float64, n=200, widths=(16,))
+    op = hessian.HessianOperator(model, nn.functional.cross_entropy, x, y)
+    exact_mean = float(torch.trace(op.dense())) / op.dim
+    density = hessian.slq(op.matvec, op.dim, n_runs=30, steps=40, seed=0, dtype=torch.float64)
+    grid = density.grid(3000)
+    assert np.trapezoid(density.density(grid, 0.005 * (grid[-1] - grid[0])), grid) == pytest.approx(
+        1, abs=0.01
+    )
+    _within_three_standard_errors(density, exact_mean)
+
+
+def test_linreg_hessian_is_the_analytic_one():
+    """Linear model on linreg with MSE: H = (2/n) Z^T Z with Z = [X, 1] (weights, then bias)."""
+    spec = {**DATASET_DEFAULTS["linreg"], "name": "linreg", "n_train": 2000, "dim": 10}
+    tensors = data.load_tensors(data.build(spec), "cpu")
+    torch.manual_seed(0)
+    model = mlp(10, [], 1)
+    loss = lambda out, target: nn.functional.mse_loss(out.squeeze(-1), target)  # noqa: E731
+    op = hessian.HessianOperator(model, loss, tensors.x_train, tensors.y_train, chunk_size=512)
+    z = torch.cat([tensors.x_train.double(), torch.ones(2000, 1, dtype=torch.float64)], dim=1)
+    analytic = (2.0 / 2000) * z.T @ z
+    exact = np.linalg.eigvalsh(analytic.numpy())
+    top = hessian.top_eigenvalues(op, op.dim, 1, tol=1e-6)
+    assert top.values[0] == pytest.approx(exact[-1], rel=1e-4)
+    assert float(torch.trace(op.dense())) == pytest.approx(float(torch.trace(analytic)), rel=1e-4)
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def _by_hand(net, flat, x, train):
+    """The same network written out: a reference independent of nn.BatchNorm and functional_call."""
+    sizes = [p.numel() for p in net.parameters()]
+    w1, b1, gamma, beta, w2, b2 = (
+        part.view(p.shape) for part, p in zip(torch.split(flat, sizes), net.parameters(), strict=True)
+    )
+    h = x @ w1.T + b1
+    if train:
+        mean, var = h.mean(0), h.var(0, unbiased=False)
+    else:
+        mean, var = net.bn.running_mean.double(), net.bn.running_var.double()
+    h = (h - mean) / torch.sqrt(var + net.bn.eps) * gamma + beta
+    return torch.relu(h) @ w2.T + b2
+
+
+def test_batchnorm_train_and_eval_hessians_differ_and_match_their_references():
+    torch.manual_seed(0)
+    net = BatchNormNet().double()
+    x, y = torch.randn(64, 4, dtype=torch.float64), torch.randint(0, 3, (64,))
+    net.train()
+    for _ in range(5):  # give the running statistics values unlike any one batch's
+        net(torch.randn(64, 4, dtype=torch.float64) * 2 + 1)
+    running = net.bn.running_mean.clone()
+    dense = {}
+    for mode in ("train", "eval"):
+        op = hessian.HessianOperator(net, nn.functional.cross_entropy, x, y, mode=mode)
+        dense[mode] = op.dense()
+
+        def reference_loss(flat, mode=mode):
+            return nn.functional.cross_entropy(_by_hand(net, flat, x, mode == "train"), y)
+
+        reference = torch.func.hessian(reference_loss)(op.point)
+        assert torch.allclose(dense[mode], reference, rtol=1e-8, atol=1e-10), mode
+    assert torch.equal(net.bn.running_mean, running)  # the caller's model is untouched
+    gap = torch.linalg.matrix_norm(dense["train"] - dense["eval"]) / torch.linalg.matrix_norm(dense["eval"])
+    assert gap > 0.05
+
+
+def test_operator_refuses_unknown_mode_and_method():
+    model, x, y = tiny_problem(torch.float32)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        hessian.HessianOperator(model, nn.functional.cross_entropy, x, y, mode="test")
+    with pytest.raises(ValueError, match="method must be one of"):
+        hessian.HessianOperator(model, nn.functional.cross_entropy, x, y, method="finite_differences")
+
+
+def test_gradient_and_loss_match_autograd():
+    model, x, y = tiny_problem(torch.float64)
+    op = hessian.HessianOperator(model, nn.functional.cross_entropy, x, y, chunk_size=7)
+    model.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert torch.allclose(op.gradient(), expected, rtol=1e-10)
+    assert math.isclose(op.loss_value(), float(loss.detach()), rel_tol=1e-12)
