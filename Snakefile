@@ -13,6 +13,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/profile.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/fit.smk"
+include: "workflow/rules/hessian.smk"
 include: "workflow/rules/report.smk"
 
 

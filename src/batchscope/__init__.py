@@ -13,5 +13,7 @@ ALGORITHM_VERSIONS = {
     "profile_hardware": 1,
     "train_model": 1,
     "fit_scaling": 1,
+    "analyze_hessian": 1,
+    "aggregate_hessian": 1,
     "render_report": 1,
 }

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from batchscope import config as cfg
 
 log = logging.getLogger("batchscope")
@@ -129,10 +131,51 @@ def cmd_fit(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_hessian(args: argparse.Namespace) -> None:
+    """Analyse every checkpoint (.pt) in the given train_model directories; one NetCDF per checkpoint."""
+    import torch
+
+    from batchscope import io
+    from batchscope.sharpness import analyze
+
+    spec = _spec(args, cfg.hessian_slice)
+    device = _runtime(spec)
+    data = _load_data(args.data, device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = [
+        p for d in map(Path, args.checkpoints) for p in (sorted(d.glob("*.pt")) if d.is_dir() else [d])
+    ]
+    if not checkpoints:
+        raise SystemExit(f"no checkpoints (.pt) in {' '.join(args.checkpoints)}")
+    for path in checkpoints:
+        checkpoint = torch.load(path, map_location=device)
+        ds = analyze(checkpoint, data, spec, device)
+        ds.attrs.update(io.provenance("analyze_hessian", spec, device=str(device)))
+        io.write_netcdf(ds, out_dir / f"B{checkpoint['batch_size']}_{path.stem}.nc")
+        log.info(
+            "%s: lambda_max=%.4g trace=%.4g+-%.2g, %d HVPs, %.2f s%s", path, float(ds["lambda_max"]),
+            float(ds["trace"]), float(ds["trace_se"]),
+            int(ds["n_hvp_top"] + ds["n_hvp_trace"] + ds["n_hvp_slq"]),
+            float(np.nansum([ds["time_top"], ds["time_trace"], ds["time_slq"]])),
+            f" (skipped: {ds.attrs['skipped']})" if ds.attrs["skipped"] else "",
+        )  # fmt: skip
+
+
+def cmd_aggregate_hessian(args: argparse.Namespace) -> None:
+    from batchscope import io
+    from batchscope.sharpness import aggregate, reproduction_sentence
+
+    ds = aggregate(args.hessian, args.fit, args.workload)
+    ds.attrs.update(io.provenance("aggregate_hessian", {"workload": args.workload}))
+    io.write_netcdf(ds, args.out)
+    log.info(reproduction_sentence(ds))
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from batchscope.report import render
 
-    html = render(args.fits, args.notebook, args.out, args.figures)
+    html = render(args.fits, args.notebook, args.out, args.figures, hessian_paths=args.hessian)
     print(html)
 
 
@@ -167,9 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profiles", nargs="+", required=True)
     p.add_argument("--runs", nargs="+", required=True, help="train_model output directories")
 
+    p = stage("hessian", cmd_hessian, "Hessian spectrum of checkpoints; --out is a directory")
+    p.add_argument("--data", required=True)
+    p.add_argument("--checkpoints", nargs="+", required=True, help="train_model directories or .pt files")
+
+    p = sub.add_parser("aggregate-hessian", help="aggregate a workload's Hessian results")
+    p.set_defaults(func=cmd_aggregate_hessian)
+    p.add_argument("--workload", required=True)
+    p.add_argument("--fit", required=True, help="the workload's fit_scaling output")
+    p.add_argument("--hessian", nargs="+", required=True, help="analyze_hessian output directories")
+    p.add_argument("--out", required=True)
+
     p = sub.add_parser("report", help="execute the report notebook and write HTML")
     p.set_defaults(func=cmd_report)
     p.add_argument("--fits", nargs="+", required=True)
+    p.add_argument("--hessian", nargs="*", default=[], help="aggregate_hessian outputs (optional)")
     p.add_argument("--notebook", required=True)
     p.add_argument("--out", required=True, help="output HTML path")
     p.add_argument("--figures", required=True, help="directory for the figure PNGs")
@@ -183,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if args.command in ("fit", "hessian") and args.workload is None and args.spec is None:
+        raise SystemExit(f"{args.command}: --workload is required")
     if args.command == "fit" and args.workload is None:
         raise SystemExit("fit: --workload is required")
     start = time.perf_counter()

@@ -143,7 +143,7 @@ def train_size(dataset: dict[str, Any]) -> int:
     return dataset["n_train"]
 
 
-def _check_workload(name: str, wl: dict[str, Any], batch_sizes: list[int]) -> None:
+def _check_workload(name: str, wl: dict[str, Any], batch_sizes: list[int], eval_size: int | None) -> None:
     where = f"workloads.{name}"
     wl["dataset"] = ds = _tagged(wl["dataset"], f"{where}.dataset", DATASET_DEFAULTS, DATASET_KEYS)
     wl["model"] = model = _tagged(wl["model"], f"{where}.model", MODEL_DEFAULTS, MODEL_KEYS)
@@ -185,6 +185,10 @@ def _check_workload(name: str, wl: dict[str, Any], batch_sizes: list[int]) -> No
         raise ConfigError(f"{where}.eval_interval: {wl['eval_interval']} exceeds max_steps {wl['max_steps']}")
 
     n_train = train_size(ds)
+    if eval_size is not None and eval_size > n_train:
+        raise ConfigError(
+            f"hessian.eval_size: {eval_size} exceeds the {n_train} training examples of workload {name!r}"
+        )
     too_big = [b for b in batch_sizes if b > n_train]
     if too_big:
         raise ConfigError(
@@ -199,7 +203,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     config = copy.deepcopy(config)
     _check_schema(config)
     for name, wl in config["workloads"].items():
-        _check_workload(name, wl, config["grid"]["batch_sizes"])
+        _check_workload(name, wl, config["grid"]["batch_sizes"], config["hessian"]["eval_size"])
     return config
 
 
@@ -279,3 +283,9 @@ def train_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
 
 def fit_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     return {"fit": config["fit"], "target": config["workloads"][workload]["target"]}
+
+
+def hessian_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    """The Hessian stage's slice: its own settings only, so changing hessian.* reruns no training."""
+    settings = {k: v for k, v in config["hessian"].items() if k != "enabled"}
+    return {**settings, "device": config["device"], "threads": config["threads"]}

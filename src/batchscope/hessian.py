@@ -1,9 +1,9 @@
 """Curvature of the training loss as a linear operator, and the algorithms that take any such operator.
 
-:class:`HessianOperator` gives H v for the mean loss over a fixed evaluation set, from ``torch.func``, summed over
-chunks so the set can exceed one batch. The algorithms (:func:`lanczos`, :func:`top_eigenvalues`,
-:func:`hutchinson`, :func:`slq`) only see a ``matvec`` on flat vectors, so they work on any symmetric operator,
-a dense test matrix included. Data loading, the model and the algorithm never live in one class.
+:class:`HessianOperator` gives H v for the mean loss over a fixed evaluation set, from ``torch.func``,
+summed over chunks so the set can exceed one batch. The algorithms (:func:`lanczos`, :func:`top_eigenvalues`,
+:func:`hutchinson`, :func:`slq`) only see a ``matvec`` on flat vectors, so they work on any symmetric
+operator, a dense test matrix included. Data loading, the model and the algorithm never live in one class.
 
 BatchNorm is explicit: ``mode="eval"`` differentiates the network as it predicts (running statistics, as
 PyHessian does silently); ``mode="train"`` the loss that SGD descended, with each chunk normalised by its own
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
-from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp
 
@@ -33,7 +32,8 @@ class HessianOperator:
     """H v of ``loss(model(x), y)`` averaged over the examples, with respect to all parameters (flattened).
 
     ``method``: ``"rev_rev"`` (the vjp of the gradient; its linearisation is built once per chunk and, with
-    ``cache=True``, kept for every later product) or ``"fwd_rev"`` (jvp of the gradient, recomputed per product).
+    ``cache=True``, kept for every later product) or ``"fwd_rev"`` (jvp of the gradient, recomputed per
+    product).
     ``n_matvec`` counts products; ``benchmarks/hessian.py`` measures which method is faster.
     """
 
@@ -135,8 +135,9 @@ class HessianOperator:
         eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
         return torch.stack([self.matvec(column) for column in eye], dim=1)
 
-    def to_scipy(self) -> LinearOperator:
+    def to_scipy(self):
         """A float64 scipy ``LinearOperator`` (for ``eigsh``); products run in the model's dtype."""
+        from scipy.sparse.linalg import LinearOperator
 
         def mv(v: np.ndarray) -> np.ndarray:
             out = self.matvec(torch.as_tensor(np.ravel(v)))
@@ -172,13 +173,14 @@ def lanczos(
 ) -> LanczosResult:
     """Lanczos with full reorthogonalisation, optionally stopping when the top-``k`` Ritz values converge.
 
-    Written here rather than taken from scipy: ARPACK (``eigsh``) restarts with at least 2k+1 vectors and has no
-    rule to stop on Ritz-value convergence, and stochastic Lanczos quadrature needs the tridiagonal matrix of a
-    plain m-step run from a given start vector, which no scipy routine returns.
+    Written here rather than taken from scipy: ARPACK (``eigsh``) restarts with at least 2k+1 vectors and has
+    no rule to stop on Ritz-value convergence, and stochastic Lanczos quadrature needs the tridiagonal matrix
+    of a plain m-step run from a given start vector, which no scipy routine returns.
 
-    Stopping (with ``k`` and ``tol``): each Ritz value theta_i's error is at most min(r_i, r_i^2 / gap_i), with r_i
-    the residual bound and gap_i the distance to the nearest other Ritz value (Kato-Temple with the Ritz gap
-    standing in for the true gap); the run stops when that is below ``tol * |theta_i|`` for the k largest.
+    Stopping (with ``k`` and ``tol``): each Ritz value theta_i's error is at most min(r_i, r_i^2 / gap_i),
+    with r_i the residual bound and gap_i the distance to the nearest other Ritz value (Kato-Temple, the
+    Ritz gap standing in for the true gap); the run stops when that is below ``tol * |theta_i|`` for the k
+    largest.
     """
     q = start / torch.linalg.vector_norm(start)
     basis = [q]
@@ -255,6 +257,8 @@ def top_eigenvalues(
         result = lanczos(matvec, start, max_steps, k=k, tol=tol)
         return TopEigenvalues(np.sort(result.ritz_values)[::-1][:k], result.n_matvec, result.converged)
     if method == "eigsh":
+        from scipy.sparse.linalg import LinearOperator, eigsh  # imported here: ~0.3 s a job otherwise
+
         counter = {"n": 0}
 
         def mv(v: np.ndarray) -> np.ndarray:
@@ -311,13 +315,13 @@ class SpectralDensity:
         return np.linspace(low - padding * width, high + padding * width, n_points)
 
     def density(self, grid: np.ndarray, sigma: float) -> np.ndarray:
-        """Mean over runs of sum_i w_i N(t; theta_i, sigma^2): integrates to 1 when the grid covers the nodes."""
+        """Mean over runs of sum_i w_i N(t; theta_i, sigma^2); integrates to 1 over a grid that covers it."""
         nodes = self.nodes[..., None]
         kernel = np.exp(-0.5 * ((grid - nodes) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
         return np.nansum(self.weights[..., None] * kernel, axis=1).mean(axis=0)
 
     def run_first_moments(self) -> np.ndarray:
-        """Per run, sum_i w_i theta_i = u^T H u for the run's unit start vector u (quadrature is exact here)."""
+        """Per run, sum_i w_i theta_i = u^T H u for the run's unit start vector u (quadrature exact here)."""
         return np.nansum(self.nodes * self.weights, axis=1)
 
     def first_moment(self) -> float:

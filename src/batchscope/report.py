@@ -249,6 +249,77 @@ def plot_gap(ds: xr.Dataset) -> plt.Figure:
     return fig
 
 
+def plot_sharpness(ds: xr.Dataset) -> plt.Figure:
+    """lambda_max and trace against B at each batch size's best learning rate (median, range over seeds)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    b = ds["batch_size"].values
+    for ax, name, label in zip(axes, ("lambda_max", "trace"), ("lambda_max (top eigenvalue)", "trace tr(H)"),
+                               strict=True):  # fmt: skip
+        table = ds[f"{name}_at_best_lr"]
+        median, low, high = (table.sel(summary=s).values for s in ("median", "min", "max"))
+        ax.fill_between(b, low, high, color="C4", alpha=0.2, lw=0, label="range over seeds")
+        ax.plot(b, median, "o-", color="C4", label="median over seeds")
+        _log2_axis(ax)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B (best lr)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"{ds.attrs['workload']}: sharpness against batch size (Spearman rho(B, lambda_max) = "
+        f"{float(ds['rho_batch_size_sharpness']):.2f})"
+    )
+    fig.tight_layout()
+    return fig
+
+
+def plot_density(ds: xr.Dataset) -> plt.Figure:
+    """SLQ eigenvalue densities at the smallest and the largest batch size (best lr, every seed)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    sizes = ds["batch_size"].values
+    for color, b in (("C0", sizes.min()), ("C3", sizes.max())):
+        runs = np.flatnonzero((ds["run_batch_size"].values == b) & ds["at_best_lr"].values.astype(bool))
+        for j, run in enumerate(runs):
+            grid, density = ds["density_grid"].values[run], ds["density"].values[run]
+            if np.isfinite(density).any():
+                ax.plot(grid, np.maximum(density, 1e-12), color=color, lw=1, alpha=0.8,
+                        label=f"B = {b}" if j == 0 else None)  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=1e-6)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (SLQ, Gaussian-broadened)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{ds.attrs['workload']}: Hessian eigenvalue density, smallest vs largest batch")
+    fig.tight_layout()
+    return fig
+
+
+def plot_sharpness_gap(ds: xr.Dataset) -> plt.Figure:
+    """Generalization gap against lambda_max, one point per best-lr run, coloured by batch size."""
+    best = ds["at_best_lr"].values.astype(bool)
+    table = pd.DataFrame(
+        {
+            "lambda_max": ds["lambda_max"].values[best],
+            "gap": ds["gap"].values[best],
+            "batch size": ds["run_batch_size"].values[best],
+        }  # fmt: skip
+    )
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    sns.scatterplot(data=table, x="lambda_max", y="gap", hue="batch size", palette="rocket_r",
+                    hue_norm=matplotlib.colors.LogNorm(), ax=ax)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("lambda_max")
+    ax.set_ylabel(ds.attrs.get("gap_metric", "gap").replace("gap_accuracy", "train - val accuracy"))
+    ax.set_title(
+        f"{ds.attrs['workload']}: generalization gap vs sharpness "
+        f"(Spearman rho = {float(ds['rho_sharpness_gap']):.2f})"
+    )
+    fig.tight_layout()
+    return fig
+
+
+HESSIAN_FIGURES = {"sharpness": plot_sharpness, "density": plot_density, "sharpness_gap": plot_sharpness_gap}
+
+
 FIGURES = {
     "step_time": plot_step_time,
     "steps_to_target": plot_steps,
@@ -323,8 +394,18 @@ def provenance_table(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
     )
 
 
-def render(fit_paths: Sequence[str], notebook: str, html_out: str, figures_dir: str) -> Path:
-    """Execute the report notebook on ``fit_paths`` and write HTML with the code hidden."""
+def load_hessian(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
+    return {ds.attrs["workload"]: ds for ds in map(read_netcdf, paths)}
+
+
+def render(
+    fit_paths: Sequence[str],
+    notebook: str,
+    html_out: str,
+    figures_dir: str,
+    hessian_paths: Sequence[str] = (),
+) -> Path:
+    """Execute the report notebook on ``fit_paths`` (and Hessian aggregates) and write HTML, code hidden."""
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
@@ -336,6 +417,7 @@ def render(fit_paths: Sequence[str], notebook: str, html_out: str, figures_dir: 
         str(executed),
         parameters={
             "fit_files": [str(Path(p).resolve()) for p in fit_paths],
+            "hessian_files": [str(Path(p).resolve()) for p in hessian_paths],
             "figures_dir": str(Path(figures_dir).resolve()),
         },
         progress_bar=False,

@@ -177,7 +177,10 @@ def train(
     ds = ds.assign_coords(step=("step", np.asarray(curve["step"], dtype=np.int64), {"units": "steps"}))
     ds["train_loss"].attrs["long_name"] = "mean minibatch loss over the evaluation interval"
     ds["val_metric"].attrs["long_name"] = metric
-    ds.attrs.update(batch_size=batch_size, lr=lr, seed=seed, target_metric=metric, target_value=target)
+    ds.attrs.update(
+        batch_size=batch_size, lr=lr, seed=seed, target_metric=metric, target_value=target,
+        stop_at_target=int(spec["stop_at_target"]),
+    )  # fmt: skip
     checkpoint = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model": spec["model"],

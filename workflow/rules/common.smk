@@ -72,6 +72,23 @@ def profile_files(wildcards):
     )
 
 
+def hessian_dirs(wildcards):
+    return expand(rules.analyze_hessian.output[0], workload=wildcards.workload, seed=SEEDS)
+
+
+def seed_train_dirs(wildcards):
+    return expand(
+        rules.train_model.output[0], workload=wildcards.workload, batch_size=BATCH_SIZES, seed=wildcards.seed
+    )
+
+
+def hessian_aggregates(wildcards):
+    """The report's Hessian inputs: none when the stage is disabled."""
+    if not config["hessian"]["enabled"]:
+        return []
+    return expand(rules.aggregate_hessian.output[0], workload=WORKLOADS)
+
+
 def train_dirs(wildcards):
     return expand(
         rules.train_model.output[0], workload=wildcards.workload, batch_size=BATCH_SIZES, seed=SEEDS

@@ -1,6 +1,7 @@
 rule render_report:
     input:
         fits=expand(rules.fit_scaling.output[0], workload=WORKLOADS),
+        hessian=hessian_aggregates,
         notebook=REPORT_NOTEBOOK,
     output:
         html="results/report/report.html",
@@ -20,5 +21,5 @@ rule render_report:
     params:
         version=ALGORITHM_VERSIONS["render_report"],
     shell:
-        "python -m batchscope report --fits {input.fits} --notebook {input.notebook}"
+        "python -m batchscope report --fits {input.fits} --hessian {input.hessian} --notebook {input.notebook}"
         " --out {output.html} --figures {output.figures} > {log} 2>&1"

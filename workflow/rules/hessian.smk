@@ -1,0 +1,48 @@
+# Curvature of every trained checkpoint, one NetCDF per checkpoint, one job per (workload, seed): a checkpoint
+# takes ~0.25 s on digits while a job's start costs ~3 s (torch, scipy, and the dynamo import torch.func makes),
+# so a job per checkpoint, or per (batch size, seed), would spend most of the study starting processes. Adding
+# a seed analyses only the new seed's checkpoints; adding a batch size reanalyses the workload. Its params
+# carry only the hessian slice: changing hessian.* reruns no training.
+rule analyze_hessian:
+    input:
+        data=rules.prepare_data.output[0],
+        checkpoints=seed_train_dirs,
+    output:
+        directory("results/hessian/{workload}/seed{seed}"),
+    log:
+        "logs/analyze_hessian/{workload}/seed{seed}.log",
+    benchmark:
+        "results/benchmarks/analyze_hessian/{workload}/seed{seed}.tsv"
+    conda:
+        "../envs/batchscope.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=GPU,
+        mem_mb=4000,
+        runtime=60,
+    params:
+        spec=config_slice(bs_config.hessian_slice),
+        version=ALGORITHM_VERSIONS["analyze_hessian"],
+    shell:
+        "python -m batchscope hessian --spec {params.spec:q} --data {input.data}"
+        " --checkpoints {input.checkpoints} --out {output} > {log} 2>&1"
+
+
+rule aggregate_hessian:
+    input:
+        fit=rules.fit_scaling.output[0],
+        hessian=hessian_dirs,
+    output:
+        "results/hessian/{workload}.nc",
+    log:
+        "logs/aggregate_hessian/{workload}.log",
+    benchmark:
+        "results/benchmarks/aggregate_hessian/{workload}.tsv"
+    localrule: True
+    conda:
+        "../envs/batchscope.yaml"
+    params:
+        version=ALGORITHM_VERSIONS["aggregate_hessian"],
+    shell:
+        "python -m batchscope aggregate-hessian --workload {wildcards.workload} --fit {input.fit}"
+        " --hessian {input.hessian} --out {output} > {log} 2>&1"
