@@ -69,12 +69,13 @@ def variant(repo, tmp_path, change) -> Path:
 def test_report_has_embedded_figures_and_names_b_opt(study):
     html = (study / "results/report/report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]{1000,})"', html)
-    assert len(images) == 2 * 5  # five figures per workload, embedded
+    assert len(images) == 2 * (5 + 3)  # five scaling and three Hessian figures per workload, embedded
     assert "predicted b_opt" in html and "measured best B" in html
+    assert "larger batch -&gt; sharper minimum" in html and "Dinh et al. 2017" in html
     assert "<table" in html and "tiny_cnn" in html and "tiny_mlp" in html
     assert "import report" not in html  # code hidden
     figures = sorted((study / "results/report/figures").glob("*.png"))
-    assert len(figures) == 10
+    assert len(figures) == 16
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000 for f in figures)
 
 
@@ -109,55 +110,59 @@ def test_noop_rerun_does_nothing(study, repo, venv_env):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-AGGREGATES = {
-    ("fit_scaling", "workload=tiny_cnn"),
-    ("fit_scaling", "workload=tiny_mlp"),
-    ("render_report", ""),
-    ("all", ""),
-}
+WORKLOADS = ("tiny_cnn", "tiny_mlp")
+SEEDS = (0, 1)
+REPORT = {("render_report", ""), ("all", "")}
+
+
+def aggregates(*workloads):
+    return {
+        (rule, f"workload={w}") for w in workloads for rule in ("fit_scaling", "aggregate_hessian")
+    } | REPORT
+
+
+def hessian_jobs(workloads, seeds):
+    return {("analyze_hessian", f"workload={w}, seed={s}") for w in workloads for s in seeds}
 
 
 def test_adding_a_batch_size_schedules_only_that_size(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["grid"]["batch_sizes"].append(32))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
-    profiles = {("profile_hardware", f"workload={w}, batch_size=32") for w in ("tiny_cnn", "tiny_mlp")}
-    training = {
-        ("train_model", f"workload={w}, batch_size=32, seed={s}")
-        for w in ("tiny_cnn", "tiny_mlp")
-        for s in (0, 1)
-    }
-    assert jobs == profiles | training | AGGREGATES
+    profiles = {("profile_hardware", f"workload={w}, batch_size=32") for w in WORKLOADS}
+    training = {("train_model", f"workload={w}, batch_size=32, seed={s}") for w in WORKLOADS for s in SEEDS}
+    # the Hessian stage runs one job per (workload, seed): a new batch size reanalyses each of them
+    assert jobs == profiles | training | hessian_jobs(WORKLOADS, SEEDS) | aggregates(*WORKLOADS)
 
 
-def test_adding_a_seed_schedules_only_that_seeds_training(study, repo, venv_env, tmp_path):
+def test_adding_a_seed_runs_only_the_new_train_and_hessian_jobs(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["grid"]["seeds"].append(7))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
     training = {
-        ("train_model", f"workload={w}, batch_size={b}, seed=7")
-        for w in ("tiny_cnn", "tiny_mlp")
-        for b in (16, 64, 256)
+        ("train_model", f"workload={w}, batch_size={b}, seed=7") for w in WORKLOADS for b in (16, 64, 256)
     }
-    assert jobs == training | AGGREGATES
+    assert jobs == training | hessian_jobs(WORKLOADS, (7,)) | aggregates(*WORKLOADS)
 
 
 def test_changing_learning_rates_reruns_only_that_workloads_training(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["workloads"]["tiny_mlp"].update(learning_rates=[0.05, 0.1]))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
     training = {
-        ("train_model", f"workload=tiny_mlp, batch_size={b}, seed={s}") for b in (16, 64, 256) for s in (0, 1)
+        ("train_model", f"workload=tiny_mlp, batch_size={b}, seed={s}") for b in (16, 64, 256) for s in SEEDS
     }
-    assert jobs == training | {("fit_scaling", "workload=tiny_mlp"), ("render_report", ""), ("all", "")}
+    assert jobs == training | hessian_jobs(["tiny_mlp"], SEEDS) | aggregates("tiny_mlp")
 
 
 def test_fit_settings_rerun_only_fits_and_report(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["fit"].update(bootstrap=41))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
-    assert jobs == {
-        ("fit_scaling", "workload=tiny_cnn"),
-        ("fit_scaling", "workload=tiny_mlp"),
-        ("render_report", ""),
-        ("all", ""),
-    }
+    assert jobs == aggregates(*WORKLOADS)
+
+
+def test_hessian_settings_rerun_no_training(study, repo, venv_env, tmp_path):
+    path = variant(repo, tmp_path, lambda c: c["hessian"].update(hutchinson_probes=9))
+    jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
+    hessian_aggregates = {("aggregate_hessian", f"workload={w}") for w in WORKLOADS}
+    assert jobs == hessian_jobs(WORKLOADS, SEEDS) | hessian_aggregates | REPORT
 
 
 def test_algorithm_version_bump_reruns_that_stage(study, repo, venv_env, tmp_path):
@@ -168,12 +173,7 @@ def test_algorithm_version_bump_reruns_that_stage(study, repo, venv_env, tmp_pat
     init.write_text(init.read_text().replace('"fit_scaling": 1', '"fit_scaling": 2'))
     env = dict(venv_env, PYTHONPATH=str(copy))
     jobs = scheduled(snakemake(repo, study, "-n", env=env))
-    assert jobs == {
-        ("fit_scaling", "workload=tiny_cnn"),
-        ("fit_scaling", "workload=tiny_mlp"),
-        ("render_report", ""),
-        ("all", ""),
-    }
+    assert jobs == aggregates(*WORKLOADS)
 
 
 def test_report_only_rebuild_runs_no_training(study, repo, venv_env, tmp_path):
@@ -193,7 +193,7 @@ def test_snakemakes_own_report_has_the_figures(study, repo, venv_env, tmp_path):
     import zipfile
 
     names = zipfile.ZipFile(workdir / "snakemake_report.zip").namelist()
-    assert sum(name.endswith(".png") for name in names) >= 10
+    assert sum(name.endswith(".png") for name in names) >= 16
 
 
 def test_bad_config_stops_before_any_job(repo, venv_env, tmp_path):
@@ -204,3 +204,24 @@ def test_bad_config_stops_before_any_job(repo, venv_env, tmp_path):
     assert result.returncode != 0
     assert "workloads.tiny_mlp.max_steps: -5 is invalid" in result.stderr + result.stdout
     assert not (workdir / "results").exists()
+
+
+def test_one_hessian_netcdf_per_checkpoint_and_the_aggregate(study, repo):
+    config = cfg.load(repo / TINY)
+    for workload in config["workloads"]:
+        for b, lr, seed in cfg.train_points(config, workload):
+            ds = read_netcdf(
+                study / f"results/hessian/{workload}/seed{seed}/B{b}_lr{cfg.format_lr(lr)}_seed{seed}.nc"
+            )
+            assert (ds.attrs["batch_size"], ds.attrs["lr"], ds.attrs["seed"]) == (b, lr, seed)
+            assert (
+                ds.attrs["mode"] == "eval"
+                and ds.attrs["eval_size"] == 1437
+                and ds.attrs["stage"] == "analyze_hessian"
+            )
+            if not ds.attrs["skipped"]:
+                assert float(ds["lambda_max"]) > 0 and int(ds["n_hvp_top"]) > 0 and ds.sizes["rank"] == 3
+        aggregate = read_netcdf(study / f"results/hessian/{workload}.nc")
+        assert aggregate.sizes["run"] == len(cfg.train_points(config, workload))
+        assert -1 <= float(aggregate["rho_batch_size_sharpness"]) <= 1
+        assert int(aggregate["n_runs_compared"]) == 3 * 2  # batch sizes x seeds at each best lr

@@ -1,0 +1,127 @@
+"""The Hessian stage on real checkpoints: against the dense Hessian, and its aggregate."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from batchscope import config as cfg
+from batchscope import data, hessian, runtime, sharpness
+from batchscope.io import write_netcdf
+from batchscope.train import train
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_tensors(data.build({"name": "digits", "val_fraction": 0.2, "seed": 0}), CPU)
+
+
+def settings(**overrides):
+    config = cfg.validate({
+        "device": "cpu",
+        "grid": {"batch_sizes": [32]},
+        "hessian": {
+            "top_k": 3, "tol": 1e-4, "hutchinson_probes": 200, "slq_runs": 4, "slq_steps": 30, **overrides,
+        },
+        "workloads": {"w": {
+            "dataset": {"name": "digits"}, "model": {"name": "mlp", "widths": [8]},
+            "target": {"metric": "val_accuracy", "value": 0.8}, "max_steps": 300, "learning_rates": [0.1],
+        }},
+    })  # fmt: skip
+    return cfg.train_slice(config, "w"), cfg.hessian_slice(config, "w")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(digits):
+    train_spec, _ = settings()
+    _, ckpt = train(digits, train_spec, 32, 0.1, seed=0, device=CPU)
+    return ckpt
+
+
+def test_analyze_matches_the_dense_hessian(digits, checkpoint):
+    _, spec = settings()
+    ds = sharpness.analyze(checkpoint, digits, spec, CPU)
+    model = runtime.make_model(checkpoint["model"], digits, CPU)
+    model.load_state_dict(checkpoint["state_dict"])
+    op = hessian.HessianOperator(model.double(), runtime.loss_fn("classification"), digits.x_train.double(),
+                                 digits.y_train)  # fmt: skip
+    dense = op.dense()
+    exact = np.linalg.eigvalsh(dense.numpy())[::-1]
+    assert ds.attrs["n_params"] == 64 * 8 + 8 + 8 * 10 + 10
+    np.testing.assert_allclose(ds["eigenvalues"].values, exact[:3], rtol=1e-3)  # float32 model
+    assert abs(float(ds["trace"]) - float(torch.trace(dense))) < 3 * float(ds["trace_se"])
+    assert int(ds["n_hvp_trace"]) == 200 and int(ds["n_hvp_slq"]) == 4 * 30
+    grid, density = ds["density_grid"].values, ds["density"].values
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=0.01)
+    assert ds.attrs["skipped"] == "" and bool(ds["top_converged"])
+
+
+def test_eval_subset_and_train_mode_are_recorded(digits, checkpoint):
+    _, spec = settings(eval_size=500, mode="train", chunk_size=128)
+    ds = sharpness.analyze(checkpoint, digits, spec, CPU)
+    assert ds.attrs["eval_size"] == 500 and ds.attrs["mode"] == "train" and ds.attrs["chunk_size"] == 128
+    x, _ = sharpness.evaluation_set(digits, spec)
+    x_again, _ = sharpness.evaluation_set(digits, spec)
+    assert len(x) == 500 and torch.equal(x, x_again)  # a fixed subset
+
+
+def test_a_diverged_checkpoint_is_recorded_as_skipped(digits, checkpoint):
+    _, spec = settings()
+    broken = {
+        **checkpoint,
+        "state_dict": {k: torch.full_like(v, math.nan) for k, v in checkpoint["state_dict"].items()},
+    }
+    ds = sharpness.analyze(broken, digits, spec, CPU)
+    assert (
+        ds.attrs["skipped"] == "diverged" and np.isnan(float(ds["lambda_max"])) and int(ds["n_hvp_top"]) == 0
+    )
+
+
+def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):
+    """Synthetic caches where lambda_max grows with B and the gap with lambda_max."""
+    batch_sizes, lrs, seeds = [8, 32, 128, 512], [0.1, 0.3], [0, 1]
+    runs = [(b, lr, s) for b in batch_sizes for lr in lrs for s in seeds]
+    best = {8: 0.1, 32: 0.1, 128: 0.3, 512: 0.3}
+    fit = xr.Dataset(
+        {
+            "best_lr": ("batch_size", [best[b] for b in batch_sizes]),
+            "gap_accuracy": ("run", [0.001 * b + 0.0001 * s for b, _, s in runs]),
+        },
+        coords={
+            "batch_size": batch_sizes,
+            "run_batch_size": ("run", [r[0] for r in runs]),
+            "run_lr": ("run", [r[1] for r in runs]),
+            "run_seed": ("run", [r[2] for r in runs]),
+        },
+    )
+    write_netcdf(fit, tmp_path / "fit.nc")
+    for b, lr, s in runs:
+        point = xr.Dataset(
+            {
+                "lambda_max": ((), np.log(b) + 0.01 * s),
+                "trace": ((), 10.0 * b),
+                "density": ("density_point", np.ones(4)),
+                "density_grid": ("density_point", np.arange(4.0)),
+                "slq_nodes": (("slq_run", "slq_step"), np.ones((1, 2))),
+                "slq_weights": (("slq_run", "slq_step"), np.ones((1, 2))),
+            },
+            attrs={"batch_size": b, "lr": lr, "seed": s, "skipped": ""},
+        )
+        write_netcdf(point, tmp_path / "h" / f"B{b}_lr{lr}_seed{s}.nc")
+    ds = sharpness.aggregate([tmp_path / "h"], tmp_path / "fit.nc", "synthetic")
+    import pandas as pd
+
+    # B has ties (two seeds each), so rho(B, lambda_max) < 1: compare with pandas' rank correlation
+    at_best = [(b, s) for b, lr, s in runs if best[b] == lr]
+    expected = pd.Series([b for b, _ in at_best]).corr(pd.Series([np.log(b) + 0.01 * s for b, s in at_best]),
+                                                       method="spearman")  # fmt: skip
+    assert float(ds["rho_batch_size_sharpness"]) == pytest.approx(expected, abs=1e-12)
+    assert float(ds["rho_sharpness_gap"]) == pytest.approx(1.0)  # same ordering, no ties
+    assert bool(ds["larger_batch_sharper"]) and int(ds["n_runs_compared"]) == 8
+    medians = ds["lambda_max_at_best_lr"].sel(summary="median").values
+    np.testing.assert_allclose(medians, np.log(batch_sizes) + 0.005)
+    assert "reproduced" in sharpness.reproduction_sentence(ds)
