@@ -174,5 +174,13 @@ def test_slices_isolate_what_each_stage_depends_on():
 def test_default_config_grid(repo):
     config = cfg.load(repo / "config" / "config.yaml")
     points = cfg.train_points(config, "digits_mlp")
-    assert len(points) == 8 * 4 * 3
+    assert len(points) == 8 * 3 * 3
     assert yaml.safe_load((repo / "config" / "config.yaml").read_text())["device"] == "auto"
+
+
+def test_edge_of_stability_names_an_existing_workload():
+    config = base()
+    config["edge_of_stability"] = {"enabled": True, "workload": "nope"}
+    with pytest.raises(cfg.ConfigError, match="edge_of_stability.workload: 'nope' is not a workload"):
+        cfg.validate(config)
+    assert cfg.validate(base())["edge_of_stability"]["workload"] == "w"  # defaults to the first workload

@@ -125,3 +125,18 @@ def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):
     medians = ds["lambda_max_at_best_lr"].sel(summary="median").values
     np.testing.assert_allclose(medians, np.log(batch_sizes) + 0.005)
     assert "reproduced" in sharpness.reproduction_sentence(ds)
+
+
+def test_edge_of_stability_sharpness_settles_at_two_over_eta(digits):
+    """Cohen et al. 2021 on digits: with 2/eta below where sharpening would plateau (~9.6 for this MLP),
+    lambda_max ends within 10% of 2/eta; with a small step it stays far below its limit."""
+    spec = {"examples": 1000, "steps": 500, "interval": 50, "seed": 0}
+    model = {"name": "mlp", "widths": [64]}
+    large = sharpness.edge_of_stability(digits, model, 0.5, spec, CPU)
+    assert float(large["stability_limit"]) == pytest.approx(4.0)
+    assert float(large["lambda_max"][0]) > 4.0  # starts above the limit: GD must push sharpness down to it
+    final = large["lambda_max"].values[-3:] / 4.0
+    assert np.all(np.abs(final - 1) < 0.10), final
+    assert large["loss"].values[-1] < large["loss"].values[0] and not large.attrs["diverged"]
+    small = sharpness.edge_of_stability(digits, model, 0.05, {**spec, "steps": 200}, CPU)
+    assert small["lambda_max"].values[-1] < 0.4 * float(small["stability_limit"])

@@ -69,13 +69,16 @@ def variant(repo, tmp_path, change) -> Path:
 def test_report_has_embedded_figures_and_names_b_opt(study):
     html = (study / "results/report/report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]{1000,})"', html)
-    assert len(images) == 2 * (5 + 3)  # five scaling and three Hessian figures per workload, embedded
+    assert (
+        len(images) == 2 * (5 + 3) + 1
+    )  # per workload five scaling and three Hessian figures; edge of stability
     assert "predicted b_opt" in html and "measured best B" in html
     assert "larger batch -&gt; sharper minimum" in html and "Dinh et al. 2017" in html
+    assert "Edge of stability" in html and "eta = 0.5" in html
     assert "<table" in html and "tiny_cnn" in html and "tiny_mlp" in html
     assert "import report" not in html  # code hidden
     figures = sorted((study / "results/report/figures").glob("*.png"))
-    assert len(figures) == 16
+    assert len(figures) == 17
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000 for f in figures)
 
 
@@ -193,7 +196,7 @@ def test_snakemakes_own_report_has_the_figures(study, repo, venv_env, tmp_path):
     import zipfile
 
     names = zipfile.ZipFile(workdir / "snakemake_report.zip").namelist()
-    assert sum(name.endswith(".png") for name in names) >= 16
+    assert sum(name.endswith(".png") for name in names) >= 17
 
 
 def test_bad_config_stops_before_any_job(repo, venv_env, tmp_path):

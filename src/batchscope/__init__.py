@@ -15,5 +15,6 @@ ALGORITHM_VERSIONS = {
     "fit_scaling": 1,
     "analyze_hessian": 1,
     "aggregate_hessian": 1,
+    "edge_of_stability": 1,
     "render_report": 1,
 }

@@ -162,6 +162,19 @@ def cmd_hessian(args: argparse.Namespace) -> None:
         )  # fmt: skip
 
 
+def cmd_edge_of_stability(args: argparse.Namespace) -> None:
+    from batchscope import io
+    from batchscope.sharpness import edge_of_stability
+
+    spec = _spec(args, cfg.edge_of_stability_slice)
+    device = _runtime(spec)
+    ds = edge_of_stability(_load_data(args.data, device), spec["model"], args.step_size, spec, device)
+    ds.attrs.update(io.provenance("edge_of_stability", spec, device=str(device)))
+    io.write_netcdf(ds, args.out)
+    log.info("step size %g: lambda_max %.3g at the end, 2/eta = %.3g", args.step_size,
+             float(ds["lambda_max"][-1]), 2 / args.step_size)  # fmt: skip
+
+
 def cmd_aggregate_hessian(args: argparse.Namespace) -> None:
     from batchscope import io
     from batchscope.sharpness import aggregate, reproduction_sentence
@@ -175,7 +188,8 @@ def cmd_aggregate_hessian(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from batchscope.report import render
 
-    html = render(args.fits, args.notebook, args.out, args.figures, hessian_paths=args.hessian)
+    html = render(args.fits, args.notebook, args.out, args.figures, hessian_paths=args.hessian,
+                  stability_paths=args.edge_of_stability)  # fmt: skip
     print(html)
 
 
@@ -214,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--checkpoints", nargs="+", required=True, help="train_model directories or .pt files")
 
+    p = stage("edge-of-stability", cmd_edge_of_stability, "full-batch GD: lambda_max against 2/eta")
+    p.add_argument("--data", required=True)
+    p.add_argument("--step-size", type=float, required=True)
+
     p = sub.add_parser("aggregate-hessian", help="aggregate a workload's Hessian results")
     p.set_defaults(func=cmd_aggregate_hessian)
     p.add_argument("--workload", required=True)
@@ -225,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
     p.add_argument("--fits", nargs="+", required=True)
     p.add_argument("--hessian", nargs="*", default=[], help="aggregate_hessian outputs (optional)")
+    p.add_argument("--edge-of-stability", nargs="*", default=[], help="edge_of_stability outputs (optional)")
     p.add_argument("--notebook", required=True)
     p.add_argument("--out", required=True, help="output HTML path")
     p.add_argument("--figures", required=True, help="directory for the figure PNGs")

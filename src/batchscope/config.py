@@ -204,6 +204,15 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     _check_schema(config)
     for name, wl in config["workloads"].items():
         _check_workload(name, wl, config["grid"]["batch_sizes"], config["hessian"]["eval_size"])
+    eos = config["edge_of_stability"]
+    eos.setdefault("workload", next(iter(config["workloads"])))
+    if eos["workload"] not in config["workloads"]:
+        raise ConfigError(
+            f"edge_of_stability.workload: {eos['workload']!r} is not a workload "
+            f"({', '.join(config['workloads'])})"
+        )
+    if eos["interval"] > eos["steps"]:
+        raise ConfigError(f"edge_of_stability.interval: {eos['interval']} exceeds steps {eos['steps']}")
     return config
 
 
@@ -283,6 +292,12 @@ def train_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
 
 def fit_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     return {"fit": config["fit"], "target": config["workloads"][workload]["target"]}
+
+
+def edge_of_stability_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    settings = {k: v for k, v in config["edge_of_stability"].items() if k not in ("enabled", "step_sizes")}
+    return {**settings, "model": config["workloads"][workload]["model"], "device": config["device"],
+            "threads": config["threads"]}  # fmt: skip
 
 
 def hessian_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:

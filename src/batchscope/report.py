@@ -317,6 +317,26 @@ def plot_sharpness_gap(ds: xr.Dataset) -> plt.Figure:
     return fig
 
 
+def plot_edge_of_stability(runs: Sequence[xr.Dataset]) -> plt.Figure:
+    """lambda_max during full-batch gradient descent, one line per step size, with its limit 2/eta dashed."""
+    fig, (ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, ds in enumerate(sorted(runs, key=lambda d: d.attrs["step_size"])):
+        color = f"C{i}"
+        eta = ds.attrs["step_size"]
+        ax.plot(ds["step"], ds["lambda_max"], color=color, label=f"eta = {eta:g}")
+        ax.axhline(float(ds["stability_limit"]), color=color, ls="--", lw=1)
+        loss_ax.plot(ds["step"], ds["loss"], color=color, label=f"eta = {eta:g}")
+    ax.set_xlabel("gradient descent step")
+    ax.set_ylabel("lambda_max (dashed: 2 / eta)")
+    ax.legend(fontsize=8)
+    loss_ax.set_yscale("log")
+    loss_ax.set_xlabel("gradient descent step")
+    loss_ax.set_ylabel("full-batch squared loss")
+    fig.suptitle("Edge of stability: sharpness under full-batch gradient descent")
+    fig.tight_layout()
+    return fig
+
+
 HESSIAN_FIGURES = {"sharpness": plot_sharpness, "density": plot_density, "sharpness_gap": plot_sharpness_gap}
 
 
@@ -404,6 +424,7 @@ def render(
     html_out: str,
     figures_dir: str,
     hessian_paths: Sequence[str] = (),
+    stability_paths: Sequence[str] = (),
 ) -> Path:
     """Execute the report notebook on ``fit_paths`` (and Hessian aggregates) and write HTML, code hidden."""
     import nbformat
@@ -418,6 +439,7 @@ def render(
         parameters={
             "fit_files": [str(Path(p).resolve()) for p in fit_paths],
             "hessian_files": [str(Path(p).resolve()) for p in hessian_paths],
+            "stability_files": [str(Path(p).resolve()) for p in stability_paths],
             "figures_dir": str(Path(figures_dir).resolve()),
         },
         progress_bar=False,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import xarray as xr
+from torch import nn
 
 from batchscope import hessian, runtime
 from batchscope.data import Tensors
@@ -232,3 +233,58 @@ def reproduction_sentence(ds: xr.Dataset) -> str:
             "false to measure the minima that training converges to."
         )
     return sentence
+
+
+def edge_of_stability(
+    data: Tensors,
+    model_spec: dict[str, Any],
+    step_size: float,
+    spec: dict[str, Any],
+    device: torch.device,
+) -> xr.Dataset:
+    """Full-batch gradient descent on the squared loss, tracking lambda_max against 2 / step size.
+
+    Cohen et al. (2021): under gradient descent with step size eta, sharpness rises (progressive sharpening)
+    until it reaches 2/eta, the stability limit of a quadratic, and then hovers there while the loss keeps
+    falling, non-monotonically. ``spec`` is the ``edge_of_stability`` config section: ``examples`` (the first
+    that many training examples), ``steps``, ``interval`` (steps between lambda_max measurements), ``seed``.
+    Classification targets are one-hot; the loss is 0.5 |f(x) - target|^2 averaged over examples.
+    """
+    x, y = data.x_train[: spec["examples"]], data.y_train[: spec["examples"]]
+    classes = data.num_classes
+
+    def squared_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        goal = (
+            nn.functional.one_hot(target, classes).to(out.dtype) if data.task == "classification" else target
+        )
+        return 0.5 * ((out.reshape(len(out), -1) - goal.reshape(len(out), -1)) ** 2).sum(1).mean()
+
+    torch.manual_seed(spec["seed"])
+    model = runtime.make_model(model_spec, data, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=step_size)
+    steps, sharpness_values, losses = [], [], []
+    for step in range(spec["steps"] + 1):
+        if step % spec["interval"] == 0:
+            op = hessian.HessianOperator(model, squared_loss, x, y)
+            value = op.loss_value()
+            if not math.isfinite(value):
+                break
+            top = hessian.top_eigenvalues(op, op.dim, 1, tol=1e-3, seed=spec["seed"], device=device)
+            steps.append(step)
+            sharpness_values.append(float(top.values[0]))
+            losses.append(value)
+        if step < spec["steps"]:
+            optimizer.zero_grad(set_to_none=True)
+            squared_loss(model(x), y).backward()
+            optimizer.step()
+    ds = xr.Dataset(
+        {
+            "lambda_max": ("step", np.asarray(sharpness_values), {"long_name": "largest Hessian eigenvalue"}),
+            "loss": ("step", np.asarray(losses), {"long_name": "full-batch squared loss"}),
+            "stability_limit": ((), 2.0 / step_size, {"long_name": "2 / step size"}),
+        },
+        coords={"step": np.asarray(steps, dtype=np.int64)},
+    )
+    expected = spec["steps"] // spec["interval"] + 1
+    ds.attrs.update(step_size=step_size, examples=len(x), diverged=int(len(steps) < expected))
+    return ds

@@ -50,6 +50,7 @@ wildcard_constraints:
     workload="|".join(WORKLOADS),
     batch_size=r"[1-9][0-9]*",
     seed=r"[0-9]+",
+    step_size=r"[0-9.e+-]+",
 
 
 def config_slice(slicer):
@@ -87,6 +88,15 @@ def hessian_aggregates(wildcards):
     if not config["hessian"]["enabled"]:
         return []
     return expand(rules.aggregate_hessian.output[0], workload=WORKLOADS)
+
+
+def stability_files(wildcards):
+    """The report's edge-of-stability inputs: none unless enabled."""
+    eos = config["edge_of_stability"]
+    if not eos["enabled"]:
+        return []
+    sizes = [bs_config.format_lr(eta) for eta in eos["step_sizes"]]
+    return expand(rules.edge_of_stability.output[0], workload=eos["workload"], step_size=sizes)
 
 
 def train_dirs(wildcards):

@@ -46,3 +46,28 @@ rule aggregate_hessian:
     shell:
         "python -m batchscope aggregate-hessian --workload {wildcards.workload} --fit {input.fit}"
         " --hessian {input.hessian} --out {output} > {log} 2>&1"
+
+
+# Optional (edge_of_stability.enabled): one job per step size, on the named workload's data and model.
+rule edge_of_stability:
+    input:
+        data=rules.prepare_data.output[0],
+    output:
+        "results/edge_of_stability/{workload}/eta{step_size}.nc",
+    log:
+        "logs/edge_of_stability/{workload}/eta{step_size}.log",
+    benchmark:
+        "results/benchmarks/edge_of_stability/{workload}/eta{step_size}.tsv"
+    conda:
+        "../envs/batchscope.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=GPU,
+        mem_mb=4000,
+        runtime=30,
+    params:
+        spec=config_slice(bs_config.edge_of_stability_slice),
+        version=ALGORITHM_VERSIONS["edge_of_stability"],
+    shell:
+        "python -m batchscope edge-of-stability --spec {params.spec:q} --data {input.data}"
+        " --step-size {wildcards.step_size} --out {output} > {log} 2>&1"

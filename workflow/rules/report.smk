@@ -2,6 +2,7 @@ rule render_report:
     input:
         fits=expand(rules.fit_scaling.output[0], workload=WORKLOADS),
         hessian=hessian_aggregates,
+        stability=stability_files,
         notebook=REPORT_NOTEBOOK,
     output:
         html="results/report/report.html",
@@ -21,5 +22,6 @@ rule render_report:
     params:
         version=ALGORITHM_VERSIONS["render_report"],
     shell:
-        "python -m batchscope report --fits {input.fits} --hessian {input.hessian} --notebook {input.notebook}"
+        "python -m batchscope report --fits {input.fits} --hessian {input.hessian}"
+        " --edge-of-stability {input.stability} --notebook {input.notebook}"
         " --out {output.html} --figures {output.figures} > {log} 2>&1"
