@@ -86,19 +86,14 @@ def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):
     batch_sizes, lrs, seeds = [8, 32, 128, 512], [0.1, 0.3], [0, 1]
     runs = [(b, lr, s) for b in batch_sizes for lr in lrs for s in seeds]
     best = {8: 0.1, 32: 0.1, 128: 0.3, 512: 0.3}
-    fit = xr.Dataset(
-        {
-            "best_lr": ("batch_size", [best[b] for b in batch_sizes]),
-            "gap_accuracy": ("run", [0.001 * b + 0.0001 * s for b, _, s in runs]),
-        },
-        coords={
-            "batch_size": batch_sizes,
-            "run_batch_size": ("run", [r[0] for r in runs]),
-            "run_lr": ("run", [r[1] for r in runs]),
-            "run_seed": ("run", [r[2] for r in runs]),
-        },
-    )
-    write_netcdf(fit, tmp_path / "fit.nc")
+    for b, lr, s in runs:
+        # training results: lr 0.1 reaches the target first at B <= 32, lr 0.3 above
+        steps = 100.0 if (lr == 0.1) == (b <= 32) else 200.0
+        train_point = xr.Dataset(
+            {"steps_to_target": ((), steps), "gap_accuracy": ((), 0.001 * b + 0.0001 * s)},
+            attrs={"batch_size": b, "lr": lr, "seed": s, "stop_at_target": 1},
+        )
+        write_netcdf(train_point, tmp_path / "train" / f"B{b}" / f"lr{lr}_seed{s}.nc")
     for b, lr, s in runs:
         point = xr.Dataset(
             {
@@ -112,7 +107,7 @@ def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):
             attrs={"batch_size": b, "lr": lr, "seed": s, "skipped": ""},
         )
         write_netcdf(point, tmp_path / "h" / f"B{b}_lr{lr}_seed{s}.nc")
-    ds = sharpness.aggregate([tmp_path / "h"], tmp_path / "fit.nc", "synthetic")
+    ds = sharpness.aggregate([tmp_path / "h"], sorted((tmp_path / "train").iterdir()), "synthetic")
     import pandas as pd
 
     # B has ties (two seeds each), so rho(B, lambda_max) < 1: compare with pandas' rank correlation

@@ -179,7 +179,7 @@ def cmd_aggregate_hessian(args: argparse.Namespace) -> None:
     from batchscope import io
     from batchscope.sharpness import aggregate, reproduction_sentence
 
-    ds = aggregate(args.hessian, args.fit, args.workload)
+    ds = aggregate(args.hessian, args.runs, args.workload)
     ds.attrs.update(io.provenance("aggregate_hessian", {"workload": args.workload}))
     io.write_netcdf(ds, args.out)
     log.info(reproduction_sentence(ds))
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("aggregate-hessian", help="aggregate a workload's Hessian results")
     p.set_defaults(func=cmd_aggregate_hessian)
     p.add_argument("--workload", required=True)
-    p.add_argument("--fit", required=True, help="the workload's fit_scaling output")
+    p.add_argument("--runs", nargs="+", required=True, help="the workload's train_model output directories")
     p.add_argument("--hessian", nargs="+", required=True, help="analyze_hessian output directories")
     p.add_argument("--out", required=True)
 

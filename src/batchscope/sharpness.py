@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import xarray as xr
 from torch import nn
@@ -127,12 +128,18 @@ def analyze(
     return ds
 
 
-def aggregate(hessian_paths: Sequence[str | Path], fit_path: str | Path, workload: str) -> xr.Dataset:
+def aggregate(
+    hessian_paths: Sequence[str | Path], run_paths: Sequence[str | Path], workload: str
+) -> xr.Dataset:
     """Concatenate a workload's per-checkpoint results and relate sharpness to batch size and generalization.
 
-    ``hessian_paths`` are analyze_hessian output directories (or files); ``fit_path`` the workload's fit,
-    which supplies each batch size's best learning rate and each run's generalization gap.
+    ``hessian_paths`` are analyze_hessian output directories (or files); ``run_paths`` the train_model
+    outputs, which give each run's generalization gap and, through :func:`batchscope.fit.steps_per_batch_size`
+    (the fit's own rule), each batch size's best learning rate. Reading them here rather than the fit lets
+    this stage run beside fit_scaling.
     """
+    from batchscope.fit import read_runs, steps_per_batch_size
+
     files: list[Path] = []
     for path in map(Path, hessian_paths):
         files += sorted(path.glob("*.nc")) if path.is_dir() else [path]
@@ -147,22 +154,22 @@ def aggregate(hessian_paths: Sequence[str | Path], fit_path: str | Path, workloa
     order = np.lexsort((runs["run_seed"].values, runs["run_lr"].values, runs["run_batch_size"].values))
     runs = runs.isel(run=order).assign_coords(run=np.arange(runs.sizes["run"]))
 
-    fit = read_netcdf(fit_path)
-    gap_name = "gap_accuracy" if np.isfinite(fit["gap_accuracy"].values).any() else "gap_loss"
-    gap_of = {
-        (b, lr, s): g
-        for b, lr, s, g in zip(fit["run_batch_size"].values, fit["run_lr"].values, fit["run_seed"].values,
-                               fit[gap_name].values, strict=True)
-    }  # fmt: skip
-    keys = list(
-        zip(runs["run_batch_size"].values, runs["run_lr"].values, runs["run_seed"].values, strict=True)
-    )
+    training = read_runs(run_paths)
+    keys_of = ("run_batch_size", "run_lr", "run_seed")
+    table = pd.DataFrame({k.removeprefix("run_"): training[k].values for k in keys_of})
+    table["steps_to_target"] = training["steps_to_target"].values
+    k_table = steps_per_batch_size(table)
+    gap_name = "gap_accuracy" if np.isfinite(training["gap_accuracy"].values).any() else "gap_loss"
+    gap_of = dict(zip(zip(*(training[k].values for k in keys_of), strict=True), training[gap_name].values,
+                      strict=True))  # fmt: skip
+    keys = list(zip(*(runs[k].values for k in keys_of), strict=True))
     runs["gap"] = ("run", np.array([gap_of.get(key, np.nan) for key in keys]), {"long_name": gap_name})
-    best_lr = dict(zip(fit["batch_size"].values, fit["best_lr"].values, strict=True))
+    best_lr = dict(zip(k_table.index.values, k_table["best_lr"].values, strict=True))
     at_best = np.array([best_lr.get(b) == lr for b, lr, _ in keys])
     runs["at_best_lr"] = ("run", at_best, {"long_name": "the run used its batch size's best learning rate"})
+    stop_at_target = int(training.attrs.get("stop_at_target", 0))
 
-    grid_b = fit["batch_size"].values
+    grid_b = k_table.index.values
     per_b = {name: np.full((len(grid_b), 3), np.nan) for name in ("lambda_max", "trace")}
     for i, b in enumerate(grid_b):
         mask = at_best & (runs["run_batch_size"].values == b)
@@ -197,9 +204,7 @@ def aggregate(hessian_paths: Sequence[str | Path], fit_path: str | Path, workloa
     out["n_runs_compared"] = ((), int(best.sum()))
     out["larger_batch_sharper"] = ((), bool(b_rho > 0 and b_p < 0.05))
     merged = xr.merge([out, runs], combine_attrs="drop_conflicts")
-    merged.attrs.update(
-        workload=workload, gap_metric=gap_name, stop_at_target=int(fit.attrs.get("stop_at_target", 0))
-    )
+    merged.attrs.update(workload=workload, gap_metric=gap_name, stop_at_target=stop_at_target)
     return merged
 
 

@@ -28,9 +28,11 @@ rule analyze_hessian:
         " --checkpoints {input.checkpoints} --out {output} > {log} 2>&1"
 
 
+# Reads the training results itself (for the best lr per batch size and the gaps), so it runs beside
+# fit_scaling rather than after it.
 rule aggregate_hessian:
     input:
-        fit=rules.fit_scaling.output[0],
+        runs=train_dirs,
         hessian=hessian_dirs,
     output:
         "results/hessian/{workload}.nc",
@@ -44,7 +46,7 @@ rule aggregate_hessian:
     params:
         version=ALGORITHM_VERSIONS["aggregate_hessian"],
     shell:
-        "python -m batchscope aggregate-hessian --workload {wildcards.workload} --fit {input.fit}"
+        "python -m batchscope aggregate-hessian --workload {wildcards.workload} --runs {input.runs}"
         " --hessian {input.hessian} --out {output} > {log} 2>&1"
 
 
