@@ -42,6 +42,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	python benchmarks/pipeline.py
+	python benchmarks/hessian.py
 
 clean:
 	rm -rf results logs .snakemake
