@@ -48,9 +48,7 @@ def curvlinops_module():
     except ImportError:
         packages = ["curvlinops-for-pytorch==3.0.1", "backpack-for-pytorch", "einconv", "linear_operator",
                     "jaxtyping", "wadler_lindig", "einops", "opt-einsum", "unfoldNd"]  # fmt: skip
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *packages], check=True
-        )
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *packages], check=True)
         return importlib.import_module("curvlinops")
 
 
@@ -182,9 +180,7 @@ def main() -> None:
         "speedup_top5_vs_pyhessian": round(speedup5, 2),
         "speedup_top1_vs_pyhessian": round(speedup1, 2),
         "max_rel_err_top5": float(f"{rows['top5 batchscope lanczos']['max_rel_err']:.3g}"),
-        "curvlinops_hvp_over_ours": round(
-            rows["hvp curvlinops"]["time_s"] / rows["hvp rev_rev"]["time_s"], 2
-        ),
+        "curvlinops_hvp_over_ours": round(rows["hvp curvlinops"]["time_s"] / rows["hvp rev_rev"]["time_s"], 2),
         "n_params": n_params,
         "reference_top5": [round(float(v), 6) for v in reference],
         "rows": rows,

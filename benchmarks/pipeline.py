@@ -52,9 +52,7 @@ def step_ratios(fit_path: Path) -> dict[str, dict[int, float]]:
     from batchscope.io import read_netcdf
 
     ds = read_netcdf(fit_path)
-    profiled = dict(
-        zip(ds["profile_batch_size"].values.tolist(), ds["profile_t_iter_median"].values, strict=True)
-    )
+    profiled = dict(zip(ds["profile_batch_size"].values.tolist(), ds["profile_t_iter_median"].values, strict=True))
     b = ds["run_batch_size"].values
     steady = ds["step_time_median"].values
     all_steps = ds["train_time"].values / ds["steps_done"].values

@@ -109,9 +109,7 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("key", "value", "expected"), MALFORMED, ids=[m[0] + "=" + repr(m[1])[:20] for m in MALFORMED]
-)
+@pytest.mark.parametrize(("key", "value", "expected"), MALFORMED, ids=[m[0] + "=" + repr(m[1])[:20] for m in MALFORMED])
 def test_malformed_config_is_refused_naming_key_and_value(key, value, expected):
     config = base()
     _set(config, key, value)

@@ -127,9 +127,7 @@ def _write_synthetic_caches(tmp_path, n_iter, c_var, tau_f, tau_d, rng):
 
 def test_fit_scaling_recovers_the_model_from_caches(tmp_path):
     n_iter, c_var, tau_f, tau_d = 40.0, 2400.0, 2.5e-4, 1.1e-6
-    profiles, run_dirs = _write_synthetic_caches(
-        tmp_path, n_iter, c_var, tau_f, tau_d, np.random.default_rng(3)
-    )
+    profiles, run_dirs = _write_synthetic_caches(tmp_path, n_iter, c_var, tau_f, tau_d, np.random.default_rng(3))
     spec = {"fit": {"bootstrap": 200, "seed": 0}, "target": {"metric": "val_accuracy", "value": 0.9}}
     ds = fit.fit_scaling(profiles, run_dirs, spec, "synthetic")
     assert float(ds["n_iter"]) == pytest.approx(n_iter, rel=0.05)

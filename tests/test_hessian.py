@@ -30,9 +30,7 @@ def full_loss(op):
 @pytest.mark.parametrize("chunk_size", [None, 16])
 def test_hvp_equals_dense_hessian_times_v(method, chunk_size):
     model, x, y = tiny_problem(torch.float64)
-    op = hessian.HessianOperator(
-        model, nn.functional.cross_entropy, x, y, chunk_size=chunk_size, method=method
-    )
+    op = hessian.HessianOperator(model, nn.functional.cross_entropy, x, y, chunk_size=chunk_size, method=method)
     assert op.dim == 5 * 8 + 8 + 8 * 3 + 3 <= 2000
     dense = torch.func.hessian(full_loss(op))(op.point)
     for seed in range(3):
@@ -94,9 +92,7 @@ def test_slq_density_integrates_to_one_and_its_mean_is_trace_over_n():
     # per run, the first moment is u^T H u for a random unit u: its standard deviation is
     # sqrt(2 Var(lambda) / (n + 2)) ~ 1.3% of the mean for this spectrum, so 10 runs resolve 2%
     eigenvalues = np.linspace(1.0, 2.0, 500)
-    density = hessian.slq(
-        hessian.dense_matvec(_spectrum_matrix(eigenvalues)), 500, n_runs=10, steps=40, seed=0
-    )
+    density = hessian.slq(hessian.dense_matvec(_spectrum_matrix(eigenvalues)), 500, n_runs=10, steps=40, seed=0)
     grid = density.grid(2000)
     values = density.density(grid, sigma=0.005 * (grid[-1] - grid[0]))
     assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=0.01)
@@ -109,9 +105,7 @@ def test_slq_on_a_heavy_tailed_spectrum():
     eigenvalues = np.concatenate([np.geomspace(1e-3, 1.0, 480), [5.0, 8.0, 20.0]])
     density = hessian.slq(hessian.dense_matvec(_spectrum_matrix(eigenvalues, 1)), 483, n_runs=10, steps=60)
     grid = density.grid(4000)
-    assert np.trapezoid(density.density(grid, 0.005 * (grid[-1] - grid[0])), grid) == pytest.approx(
-        1, abs=0.01
-    )
+    assert np.trapezoid(density.density(grid, 0.005 * (grid[-1] - grid[0])), grid) == pytest.approx(1, abs=0.01)
     _within_three_standard_errors(density, eigenvalues.mean())
     # the outliers are resolved as Ritz values of every run
     assert np.allclose(np.nanmax(density.nodes, axis=1), 20.0, rtol=1e-4)
@@ -123,9 +117,7 @@ def test_slq_on_a_model_hessian():
     exact_mean = float(torch.trace(op.dense())) / op.dim
     density = hessian.slq(op.matvec, op.dim, n_runs=30, steps=40, seed=0, dtype=torch.float64)
     grid = density.grid(3000)
-    assert np.trapezoid(density.density(grid, 0.005 * (grid[-1] - grid[0])), grid) == pytest.approx(
-        1, abs=0.01
-    )
+    assert np.trapezoid(density.density(grid, 0.005 * (grid[-1] - grid[0])), grid) == pytest.approx(1, abs=0.01)
     _within_three_standard_errors(density, exact_mean)
 
 

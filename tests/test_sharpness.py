@@ -76,9 +76,7 @@ def test_a_diverged_checkpoint_is_recorded_as_skipped(digits, checkpoint):
         "state_dict": {k: torch.full_like(v, math.nan) for k, v in checkpoint["state_dict"].items()},
     }
     ds = sharpness.analyze(broken, digits, spec, CPU)
-    assert (
-        ds.attrs["skipped"] == "diverged" and np.isnan(float(ds["lambda_max"])) and int(ds["n_hvp_top"]) == 0
-    )
+    assert ds.attrs["skipped"] == "diverged" and np.isnan(float(ds["lambda_max"])) and int(ds["n_hvp_top"]) == 0
 
 
 def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):

@@ -66,9 +66,7 @@ def test_reaches_target_and_stops(digits):
 
 
 def test_unreachable_target_is_censored(digits):
-    ds, _ = train(
-        digits, spec(target={"metric": "val_accuracy", "value": 1.0}, max_steps=40), 32, 0.1, 0, CPU
-    )
+    ds, _ = train(digits, spec(target={"metric": "val_accuracy", "value": 1.0}, max_steps=40), 32, 0.1, 0, CPU)
     assert math.isnan(float(ds["steps_to_target"])) and not bool(ds["reached_target"])
     assert int(ds["steps_done"]) == 40 and ds.sizes["step"] == 4
 
@@ -88,7 +86,7 @@ def test_a_large_but_recovering_loss_is_not_divergence(digits):
 
 
 def test_cnn_with_batchnorm_trains(digits):
-    model = {"name": "cnn", "channels": [4, 8], "hidden": 16, "batchnorm": True}
+    model = {"name": "cnn", "channels": [4, 8], "hidden": 16, "norm": "batch"}
     ds, ckpt = train(digits, spec(model=model), 64, 0.05, seed=0, device=CPU)
     assert bool(ds["reached_target"])
     assert any("running_mean" in key for key in ckpt["state_dict"])
@@ -122,8 +120,7 @@ def test_out_of_memory_errors_are_recognised():
     assert runtime.is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert runtime.is_out_of_memory(
         RuntimeError(
-            "[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: "
-            "can't allocate memory: you tried to allocate 8 GB"
+            "[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"
         )
     )
     assert runtime.is_out_of_memory(MemoryError())

@@ -69,9 +69,7 @@ def variant(repo, tmp_path, change) -> Path:
 def test_report_has_embedded_figures_and_names_b_opt(study):
     html = (study / "results/report/report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]{1000,})"', html)
-    assert (
-        len(images) == 2 * (5 + 3) + 1
-    )  # per workload five scaling and three Hessian figures; edge of stability
+    assert len(images) == 2 * (5 + 3) + 1  # per workload five scaling and three Hessian figures; edge of stability
     assert "predicted b_opt" in html and "measured best B" in html
     assert "larger batch -&gt; sharper minimum" in html and "Dinh et al. 2017" in html
     assert "Edge of stability" in html and "eta = 0.5" in html
@@ -119,9 +117,7 @@ REPORT = {("render_report", ""), ("all", "")}
 
 
 def aggregates(*workloads):
-    return {
-        (rule, f"workload={w}") for w in workloads for rule in ("fit_scaling", "aggregate_hessian")
-    } | REPORT
+    return {(rule, f"workload={w}") for w in workloads for rule in ("fit_scaling", "aggregate_hessian")} | REPORT
 
 
 def hessian_jobs(workloads, seeds):
@@ -140,18 +136,14 @@ def test_adding_a_batch_size_schedules_only_that_size(study, repo, venv_env, tmp
 def test_adding_a_seed_runs_only_the_new_train_and_hessian_jobs(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["grid"]["seeds"].append(7))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
-    training = {
-        ("train_model", f"workload={w}, batch_size={b}, seed=7") for w in WORKLOADS for b in (16, 64, 256)
-    }
+    training = {("train_model", f"workload={w}, batch_size={b}, seed=7") for w in WORKLOADS for b in (16, 64, 256)}
     assert jobs == training | hessian_jobs(WORKLOADS, (7,)) | aggregates(*WORKLOADS)
 
 
 def test_changing_learning_rates_reruns_only_that_workloads_training(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["workloads"]["tiny_mlp"].update(learning_rates=[0.05, 0.1]))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
-    training = {
-        ("train_model", f"workload=tiny_mlp, batch_size={b}, seed={s}") for b in (16, 64, 256) for s in SEEDS
-    }
+    training = {("train_model", f"workload=tiny_mlp, batch_size={b}, seed={s}") for b in (16, 64, 256) for s in SEEDS}
     assert jobs == training | hessian_jobs(["tiny_mlp"], SEEDS) | aggregates("tiny_mlp")
 
 
@@ -216,14 +208,10 @@ def test_one_hessian_netcdf_per_checkpoint_and_the_aggregate(study, repo):
     config = cfg.load(repo / TINY)
     for workload in config["workloads"]:
         for b, lr, seed in cfg.train_points(config, workload):
-            ds = read_netcdf(
-                study / f"results/hessian/{workload}/seed{seed}/B{b}_lr{cfg.format_lr(lr)}_seed{seed}.nc"
-            )
+            ds = read_netcdf(study / f"results/hessian/{workload}/seed{seed}/B{b}_lr{cfg.format_lr(lr)}_seed{seed}.nc")
             assert (ds.attrs["batch_size"], ds.attrs["lr"], ds.attrs["seed"]) == (b, lr, seed)
             assert (
-                ds.attrs["mode"] == "eval"
-                and ds.attrs["eval_size"] == 1437
-                and ds.attrs["stage"] == "analyze_hessian"
+                ds.attrs["mode"] == "eval" and ds.attrs["eval_size"] == 1437 and ds.attrs["stage"] == "analyze_hessian"
             )
             if not ds.attrs["skipped"]:
                 assert float(ds["lambda_max"]) > 0 and int(ds["n_hvp_top"]) > 0 and ds.sizes["rank"] == 3

@@ -28,9 +28,7 @@ def _spec(args: argparse.Namespace, slicer: Callable) -> dict:
         raise SystemExit("give --spec JSON, or --config FILE with --workload NAME")
     config = cfg.load(args.config)
     if args.workload not in config["workloads"]:
-        raise SystemExit(
-            f"--workload: {args.workload!r} is not in {args.config} ({', '.join(config['workloads'])})"
-        )
+        raise SystemExit(f"--workload: {args.workload!r} is not in {args.config} ({', '.join(config['workloads'])})")
     return slicer(config, args.workload)
 
 
@@ -61,9 +59,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
     ds = data.build(spec["dataset"])
     ds.attrs.update(io.provenance("prepare_data", spec))
     io.write_netcdf(ds, args.out)
-    log.info(
-        "wrote %s (%d train, %d val examples)", args.out, ds.sizes["train_example"], ds.sizes["val_example"]
-    )
+    log.info("wrote %s (%d train, %d val examples)", args.out, ds.sizes["train_example"], ds.sizes["val_example"])
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -143,9 +139,7 @@ def cmd_hessian(args: argparse.Namespace) -> None:
     data = _load_data(args.data, device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = [
-        p for d in map(Path, args.checkpoints) for p in (sorted(d.glob("*.pt")) if d.is_dir() else [d])
-    ]
+    checkpoints = [p for d in map(Path, args.checkpoints) for p in (sorted(d.glob("*.pt")) if d.is_dir() else [d])]
     if not checkpoints:
         raise SystemExit(f"no checkpoints (.pt) in {' '.join(args.checkpoints)}")
     for path in checkpoints:

@@ -57,10 +57,13 @@ DATASET_KEYS = {
     "cifar10": {"data_dir", "n_train", "n_val"},
 }
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mlp": {"widths": [128]},
-    "cnn": {"channels": [16, 32], "hidden": 64, "batchnorm": False},
+    "mlp": {"widths": [128], "norm": "none"},
+    "cnn": {"channels": [16, 32], "hidden": 64, "norm": "none"},
 }
-MODEL_KEYS = {"mlp": {"widths"}, "cnn": {"channels", "hidden", "batchnorm"}}
+MODEL_KEYS = {
+    "mlp": {"widths", "norm", "ghost_batch_size"},
+    "cnn": {"channels", "hidden", "norm", "ghost_batch_size"},
+}
 OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sgd": {"momentum": 0.9, "nesterov": False, "weight_decay": 0.0},
     "adamw": {"betas": [0.9, 0.999], "weight_decay": 0.01},
@@ -153,24 +156,23 @@ def _check_workload(name: str, wl: dict[str, Any], batch_sizes: list[int], eval_
 
     if ds["name"] in FILE_DATASETS:
         if "data_dir" not in ds:
-            raise ConfigError(
-                f"{where}.dataset.data_dir: required for dataset {ds['name']!r} (a local directory)"
-            )
+            raise ConfigError(f"{where}.dataset.data_dir: required for dataset {ds['name']!r} (a local directory)")
         if not Path(ds["data_dir"]).is_dir():
             raise ConfigError(
                 f"{where}.dataset.data_dir: {ds['data_dir']!r} is not a directory; batchscope reads "
                 f"{ds['name']} from local files and never downloads"
             )
-    if model["name"] == "cnn" and ds["name"] not in IMAGE_DATASETS:
+    if (model["norm"] == "ghost") != ("ghost_batch_size" in model):
         raise ConfigError(
-            f"{where}.model.name: 'cnn' needs image data, but dataset {ds['name']!r} has flat features"
+            f"{where}.model: norm {model['norm']!r} with ghost_batch_size {model.get('ghost_batch_size')!r}: "
+            "ghost_batch_size goes with norm 'ghost', and only with it"
         )
+    if model["name"] == "cnn" and ds["name"] not in IMAGE_DATASETS:
+        raise ConfigError(f"{where}.model.name: 'cnn' needs image data, but dataset {ds['name']!r} has flat features")
 
     metric, value = wl["target"]["metric"], wl["target"]["value"]
     if ds["name"] == "linreg" and metric == "val_accuracy":
-        raise ConfigError(
-            f"{where}.target.metric: 'val_accuracy' is undefined for regression dataset 'linreg'"
-        )
+        raise ConfigError(f"{where}.target.metric: 'val_accuracy' is undefined for regression dataset 'linreg'")
     if metric == "val_accuracy" and not 0 < value <= 1:
         raise ConfigError(f"{where}.target.value: {value!r} is out of range for val_accuracy (0, 1]")
     if metric == "val_loss" and not value > 0:
@@ -178,9 +180,7 @@ def _check_workload(name: str, wl: dict[str, Any], batch_sizes: list[int], eval_
 
     has_list, has_rule = "learning_rates" in wl, "lr_scaling" in wl
     if has_list == has_rule:
-        raise ConfigError(
-            f"{where}: give exactly one of 'learning_rates' (a list) or 'lr_scaling' (base lr + rule)"
-        )
+        raise ConfigError(f"{where}: give exactly one of 'learning_rates' (a list) or 'lr_scaling' (base lr + rule)")
     if wl["eval_interval"] > wl["max_steps"]:
         raise ConfigError(f"{where}.eval_interval: {wl['eval_interval']} exceeds max_steps {wl['max_steps']}")
 
@@ -208,8 +208,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     eos.setdefault("workload", next(iter(config["workloads"])))
     if eos["workload"] not in config["workloads"]:
         raise ConfigError(
-            f"edge_of_stability.workload: {eos['workload']!r} is not a workload "
-            f"({', '.join(config['workloads'])})"
+            f"edge_of_stability.workload: {eos['workload']!r} is not a workload ({', '.join(config['workloads'])})"
         )
     if eos["interval"] > eos["steps"]:
         raise ConfigError(f"edge_of_stability.interval: {eos['interval']} exceeds steps {eos['steps']}")

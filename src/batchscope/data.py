@@ -37,9 +37,7 @@ def _find(data_dir: Path, name: str) -> Path:
     for candidate in (data_dir / name, data_dir / f"{name}.gz"):
         if candidate.is_file():
             return candidate
-    raise DataError(
-        f"{data_dir / name}: file not found (also looked for {name}.gz); batchscope never downloads"
-    )
+    raise DataError(f"{data_dir / name}: file not found (also looked for {name}.gz); batchscope never downloads")
 
 
 def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
@@ -63,9 +61,7 @@ def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(shape))
     if len(raw) - header != expected:
-        raise DataError(
-            f"{path}: truncated or padded: {len(raw) - header} data bytes, header says {expected}"
-        )
+        raise DataError(f"{path}: truncated or padded: {len(raw) - header} data bytes, header says {expected}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -160,9 +156,7 @@ def _linreg(spec: dict[str, Any]):
 
     def draw(n):
         x = rng.standard_normal((n, dim)) @ chol.T
-        return x.astype(np.float32), (x @ w_star + spec["noise_std"] * rng.standard_normal(n)).astype(
-            np.float32
-        )
+        return x.astype(np.float32), (x @ w_star + spec["noise_std"] * rng.standard_normal(n)).astype(np.float32)
 
     splits = {"train": draw(spec["n_train"]), "val": draw(spec["n_val"])}
     truth = {"input_covariance": cov, "w_star": w_star}
@@ -218,9 +212,7 @@ def build(spec: dict[str, Any]) -> xr.Dataset:
     splits, meta = _BUILDERS.get(spec["name"], _files)(spec)
     data_vars = {}
     for split, (x, y) in splits.items():
-        feature_dims = [
-            f"{split}_{d}" for d in (["channel", "height", "width"] if x.ndim == 4 else ["feature"])
-        ]
+        feature_dims = [f"{split}_{d}" for d in (["channel", "height", "width"] if x.ndim == 4 else ["feature"])]
         data_vars[f"x_{split}"] = ([f"{split}_example", *feature_dims], x)
         data_vars[f"y_{split}"] = ([f"{split}_example"], y)
     for name, value in meta.get("truth", {}).items():

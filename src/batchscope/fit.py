@@ -122,9 +122,7 @@ def read_profiles(paths: Sequence[str | Path]) -> xr.Dataset:
     for path in paths:
         ds = read_netcdf(path)
         parts.append(ds.expand_dims(profile_batch_size=[int(ds.attrs["batch_size"])]))
-    merged = xr.concat(parts, dim="profile_batch_size", combine_attrs="drop_conflicts").sortby(
-        "profile_batch_size"
-    )
+    merged = xr.concat(parts, dim="profile_batch_size", combine_attrs="drop_conflicts").sortby("profile_batch_size")
     return merged.rename({name: f"profile_{name}" for name in merged.data_vars})
 
 
@@ -148,9 +146,7 @@ def read_runs(paths: Sequence[str | Path]) -> xr.Dataset:
 # -------------------------------------------------------------------------------------- the fit stage
 
 
-def fit_scaling(
-    profile_paths: Sequence, train_paths: Sequence, spec: dict[str, Any], workload: str
-) -> xr.Dataset:
+def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, Any], workload: str) -> xr.Dataset:
     """Aggregate a workload's profile and training caches and fit the scaling model.
 
     ``spec`` is :func:`batchscope.config.fit_slice`. The result holds the aggregated inputs (dims
@@ -163,9 +159,7 @@ def fit_scaling(
         {k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")}
         | {"steps_to_target": runs["steps_to_target"].values}
     )
-    feasible = profiles["profile_feasible"].values.astype(bool) & np.isfinite(
-        profiles["profile_t_iter_median"]
-    )
+    feasible = profiles["profile_feasible"].values.astype(bool) & np.isfinite(profiles["profile_t_iter_median"])
     prof_b = profiles["profile_batch_size"].values[feasible]
     prof_t = profiles["profile_t_iter_median"].values[feasible]
     timing = fit_step_time(prof_b, prof_t)
@@ -173,9 +167,7 @@ def fit_scaling(
 
     k_table = steps_per_batch_size(table)
     grid_b = k_table.index.values.astype(int)
-    t_iter_at = dict(
-        zip(profiles["profile_batch_size"].values, profiles["profile_t_iter_median"].values, strict=True)
-    )
+    t_iter_at = dict(zip(profiles["profile_batch_size"].values, profiles["profile_t_iter_median"].values, strict=True))
     t_iter_grid = np.array([t_iter_at.get(b, np.nan) for b in grid_b])
     ok = np.isfinite(k_table["k"].values)
     if ok.sum() < 2:

@@ -131,9 +131,7 @@ class HessianOperator:
             return self._linearised
         products, gradient = [], torch.zeros_like(self.point)
         for (xb, yb), w in self._weighted():
-            chunk_gradient, product = vjp(
-                grad(lambda p, xb=xb, yb=yb: self.chunk_loss(p, xb, yb)), self.point
-            )
+            chunk_gradient, product = vjp(grad(lambda p, xb=xb, yb=yb: self.chunk_loss(p, xb, yb)), self.point)
             products.append(product)
             gradient += w * chunk_gradient.detach()
         if self.cache:

@@ -169,9 +169,7 @@ def plot_total_time(ds: xr.Dataset) -> plt.Figure:
         label="training time to target (from the runs)",
     )
     grid = np.geomspace(b.min(), b.max(), 200)
-    pred = (float(ds["n_iter"]) + float(ds["c_var"]) / grid) * (
-        float(ds["tau_f"]) + float(ds["tau_d"]) * grid
-    )
+    pred = (float(ds["n_iter"]) + float(ds["c_var"]) / grid) * (float(ds["tau_f"]) + float(ds["tau_d"]) * grid)
     ax.plot(grid, pred, color="C1", label="(N_iter + C_var/B)(tau_f + tau_d B)")
     _mark_b_opt(ax, ds)
     best = int(ds["measured_best_batch_size"])
@@ -310,8 +308,7 @@ def plot_sharpness_gap(ds: xr.Dataset) -> plt.Figure:
     ax.set_xlabel("lambda_max")
     ax.set_ylabel(ds.attrs.get("gap_metric", "gap").replace("gap_accuracy", "train - val accuracy"))
     ax.set_title(
-        f"{ds.attrs['workload']}: generalization gap vs sharpness "
-        f"(Spearman rho = {float(ds['rho_sharpness_gap']):.2f})"
+        f"{ds.attrs['workload']}: generalization gap vs sharpness (Spearman rho = {float(ds['rho_sharpness_gap']):.2f})"
     )
     fig.tight_layout()
     return fig
@@ -363,9 +360,7 @@ def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
                 "b_opt 95% CI": f"{b_low:.0f} to {b_high:.0f}",
                 "measured best B": best,
                 "predicted T(b_opt) (s)": float(ds["t_at_b_opt"]),
-                "measured T(best B) (s)": float(ds["t_empirical"].sel(batch_size=best))
-                if best > 0
-                else math.nan,
+                "measured T(best B) (s)": float(ds["t_empirical"].sel(batch_size=best)) if best > 0 else math.nan,
                 "B_crit": float(ds["b_crit"]),
                 "N_iter": float(ds["n_iter"]),
                 "tau_f (ms)": 1e3 * float(ds["tau_f"]),
@@ -393,9 +388,7 @@ def recommendation(ds: xr.Dataset) -> str:
 
 def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str) -> Path:
     """Save ``fig`` as PNG (atomically) and close it; the report embeds the saved file."""
-    path = atomic_write(
-        Path(figures_dir) / f"{name}.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png")
-    )
+    path = atomic_write(Path(figures_dir) / f"{name}.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 

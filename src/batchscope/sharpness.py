@@ -36,15 +36,11 @@ def evaluation_set(data: Tensors, spec: dict[str, Any]) -> tuple[torch.Tensor, t
         raise ValueError(f"hessian.eval_size: {size} exceeds the {n} training examples")
     if size == n:
         return data.x_train, data.y_train
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(spec["seed"]))[:size].to(
-        data.x_train.device
-    )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(spec["seed"]))[:size].to(data.x_train.device)
     return data.x_train[order], data.y_train[order]
 
 
-def analyze(
-    checkpoint: dict[str, Any], data: Tensors, spec: dict[str, Any], device: torch.device
-) -> xr.Dataset:
+def analyze(checkpoint: dict[str, Any], data: Tensors, spec: dict[str, Any], device: torch.device) -> xr.Dataset:
     """Curvature of one checkpoint. ``spec`` is :func:`batchscope.config.hessian_slice`.
 
     A checkpoint with non-finite weights (a diverged run) gets NaN results and ``skipped = "diverged"``.
@@ -112,10 +108,7 @@ def analyze(
                 f"n_hvp_{part}": ((), results[f"n_hvp_{part}"], {"long_name": "Hessian-vector products"})
                 for part in ("top", "trace", "slq")
             },
-            **{
-                f"time_{part}": ((), results[f"time_{part}"], {"units": "s"})
-                for part in ("top", "trace", "slq")
-            },
+            **{f"time_{part}": ((), results[f"time_{part}"], {"units": "s"}) for part in ("top", "trace", "slq")},
         },
         coords={"rank": np.arange(1, k + 1)},
     )
@@ -128,9 +121,7 @@ def analyze(
     return ds
 
 
-def aggregate(
-    hessian_paths: Sequence[str | Path], run_paths: Sequence[str | Path], workload: str
-) -> xr.Dataset:
+def aggregate(hessian_paths: Sequence[str | Path], run_paths: Sequence[str | Path], workload: str) -> xr.Dataset:
     """Concatenate a workload's per-checkpoint results and relate sharpness to batch size and generalization.
 
     ``hessian_paths`` are analyze_hessian output directories (or files); ``run_paths`` the train_model
@@ -259,9 +250,7 @@ def edge_of_stability(
     classes = data.num_classes
 
     def squared_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        goal = (
-            nn.functional.one_hot(target, classes).to(out.dtype) if data.task == "classification" else target
-        )
+        goal = nn.functional.one_hot(target, classes).to(out.dtype) if data.task == "classification" else target
         return 0.5 * ((out.reshape(len(out), -1) - goal.reshape(len(out), -1)) ** 2).sum(1).mean()
 
     torch.manual_seed(spec["seed"])

@@ -75,9 +75,7 @@ def train(
     metric, target = spec["target"]["metric"], spec["target"]["value"]
     n_train, max_steps, interval = len(data.x_train), spec["max_steps"], spec["eval_interval"]
 
-    curve: dict[str, list[float]] = {
-        k: [] for k in ("step", "train_loss", "val_loss", "val_metric", "step_time")
-    }
+    curve: dict[str, list[float]] = {k: [] for k in ("step", "train_loss", "val_loss", "val_metric", "step_time")}
     steps_done, position, permutation = 0, n_train, None
     train_time, time_to_target, steps_to_target = 0.0, math.nan, math.nan
     diverged = out_of_memory = False

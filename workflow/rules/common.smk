@@ -68,9 +68,7 @@ def learning_rates(wildcards):
 
 
 def profile_files(wildcards):
-    return expand(
-        rules.profile_hardware.output[0], workload=wildcards.workload, batch_size=PROFILE_BATCH_SIZES
-    )
+    return expand(rules.profile_hardware.output[0], workload=wildcards.workload, batch_size=PROFILE_BATCH_SIZES)
 
 
 def hessian_dirs(wildcards):
@@ -78,9 +76,7 @@ def hessian_dirs(wildcards):
 
 
 def seed_train_dirs(wildcards):
-    return expand(
-        rules.train_model.output[0], workload=wildcards.workload, batch_size=BATCH_SIZES, seed=wildcards.seed
-    )
+    return expand(rules.train_model.output[0], workload=wildcards.workload, batch_size=BATCH_SIZES, seed=wildcards.seed)
 
 
 def hessian_aggregates(wildcards):
@@ -100,6 +96,4 @@ def stability_files(wildcards):
 
 
 def train_dirs(wildcards):
-    return expand(
-        rules.train_model.output[0], workload=wildcards.workload, batch_size=BATCH_SIZES, seed=SEEDS
-    )
+    return expand(rules.train_model.output[0], workload=wildcards.workload, batch_size=BATCH_SIZES, seed=SEEDS)
