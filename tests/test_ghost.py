@@ -44,33 +44,37 @@ def test_one_group_equals_batchnorm(cls, bn_cls, shape):
         torch.testing.assert_close(getattr(ghost_bn, name), getattr(plain, name), rtol=0, atol=1e-6)
 
 
-def _by_groups(ghost_bn, x, sizes):
+def _by_groups(ghost_bn, x, index_sets):
     """The definition: each group through its own BatchNorm, statistics updated group after group."""
     reference = nn.BatchNorm2d(x.shape[1]).double() if x.dim() == 4 else nn.BatchNorm1d(x.shape[1]).double()
-    reference.load_state_dict({k: v for k, v in ghost_bn.state_dict().items()})
+    reference.load_state_dict(dict(ghost_bn.state_dict()))
     reference.train()
-    outputs, start = [], 0
-    for size in sizes:
-        outputs.append(reference(x[start : start + size]))
-        start += size
-    return torch.cat(outputs), reference
+    out = torch.empty_like(x)
+    for index in index_sets:
+        out[index] = reference(x[index])
+    return out, reference
 
 
 @pytest.mark.parametrize(
-    ("shape", "ghost", "sizes"),
-    [((96, 6), 32, [32, 32, 32]), ((100, 6), 32, [32, 32, 32, 4]), ((97, 6), 32, [32, 32, 33]),
-     ((50, 3, 5, 5), 16, [16, 16, 16, 2]), ((49, 3, 5, 5), 16, [16, 16, 16, 1])],
+    ("shape", "ghost", "groups", "tail"),
+    [((96, 6), 32, 3, 0), ((100, 6), 32, 3, 4), ((97, 6), 32, 2, 33), ((50, 3, 5, 5), 16, 3, 2),
+     ((49, 3, 5, 5), 16, 3, 1)],
     ids=["even", "uneven", "single-leftover-merged", "2d-uneven", "2d-single-leftover"],
 )  # fmt: skip
-def test_groups_match_the_definition(shape, ghost, sizes):
+def test_groups_match_the_definition(shape, ghost, groups, tail):
     cls = GhostBatchNorm2d if len(shape) == 4 else GhostBatchNorm1d
     ghost_bn, _ = pair(cls, nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d, shape[1], ghost)
-    assert ghost_bn._groups(torch.empty(*shape)) == sizes
+    assert ghost_bn._layout(torch.empty(*shape)) == (groups, tail)
+    head = groups * ghost
+    index_sets = [torch.arange(j, head, groups) for j in range(groups)]  # interleaved membership
+    if tail:
+        index_sets.append(torch.arange(head, shape[0]))
+    assert sorted(torch.cat(index_sets).tolist()) == list(range(shape[0]))
     x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
-    expected, reference = _by_groups(copy.deepcopy(ghost_bn), x, sizes)
+    expected, reference = _by_groups(copy.deepcopy(ghost_bn), x, index_sets)
     out = ghost_bn(x)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
-    # running statistics after one step equal len(sizes) sequential EMA updates over the groups
+    # running statistics after one step equal len(index_sets) sequential EMA updates over the groups
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(ghost_bn, name), getattr(reference, name), rtol=0, atol=1e-6)
 
@@ -78,9 +82,9 @@ def test_groups_match_the_definition(shape, ghost, sizes):
 def test_each_ghost_group_is_standardised():
     ghost_bn = GhostBatchNorm2d(4, 16).double()  # weight 1, bias 0
     x = torch.randn(128, 4, 6, 6, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.2, 3.0]).view(1, 4, 1, 1) + 7
-    out = ghost_bn(x).view(8, 16, 4, 6, 6)
-    means = out.mean(dim=(1, 3, 4))
-    variances = out.var(dim=(1, 3, 4), unbiased=False)
+    out = ghost_bn(x).view(16, 8, 4, 6, 6)  # example i is in ghost batch i mod 8
+    means = out.mean(dim=(0, 3, 4))
+    variances = out.var(dim=(0, 3, 4), unbiased=False)
     torch.testing.assert_close(means, torch.zeros_like(means), rtol=0, atol=1e-6)
     # unit variance up to BatchNorm's eps: var/(var + eps), eps = 1e-5
     torch.testing.assert_close(variances, torch.ones_like(variances), rtol=0, atol=1e-3)

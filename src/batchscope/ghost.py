@@ -1,22 +1,26 @@
 """Ghost Batch Normalization (Hoffer, Hubara and Soudry 2017): BatchNorm over smaller "ghost" batches.
 
-In training, a batch of N examples is split into consecutive groups of ``ghost_batch_size`` (the last one may be
-smaller); each group is normalized with its own mean and variance, with the affine parameters shared. This brings
-back the noise of small-batch normalization inside a large, hardware-friendly physical batch. In eval mode the
-running statistics are used exactly as ``nn.BatchNorm`` uses them.
+In training, a batch of N examples is split into g = N // m ghost batches of m = ``ghost_batch_size``; each is
+normalized with its own mean and variance, with the affine parameters shared. This brings back the noise of
+small-batch normalization inside a large, hardware-friendly physical batch. In eval mode the running statistics
+are used exactly as ``nn.BatchNorm`` uses them.
 
-Vectorized: the groups are folded into the channel dimension, (N, C, ...) -> (m, g*C, ...), so one call of the
-fused ``batch_norm`` kernel normalizes all g groups; a Python loop over groups, or means and variances computed by
-hand, cost 1.46x BatchNorm's training step where this costs about 1.0x (benchmarks/ghostbn.py).
+Which examples share a ghost batch: example n belongs to ghost batch n mod g (interleaved, not consecutive
+blocks). Training batches are random draws, so membership does not change the statistics, and interleaving makes
+the fold of the groups into the channel dimension, (N, C, ...) = (m, g, C, ...) -> (m, g*C, ...), a free view:
+one call of the fused ``batch_norm`` kernel then normalizes all g groups with no copy. Consecutive blocks need a
+transpose copy in and out (1.29x BatchNorm's training step here), a Python loop over groups 1.26x, means and
+variances by hand 1.53x (benchmarks/ghostbn.py).
 
-Running statistics (``momentum`` m): updated once per ghost batch, in order, as if the groups had been separate
-batches: r <- (1 - m) r + m s_j for j = 1..g, with s_j the group's mean (or unbiased variance). One step therefore
-moves the running statistics as far as g BatchNorm steps would, and ``num_batches_tracked`` grows by g. The fused
-call updates one copy of the statistics per group in parallel, u_j = (1 - m) r + m s_j; the sequential result is
-recovered exactly as (1 - m)^g r + sum_j (1 - m)^(g - j) (u_j - (1 - m) r).
+A batch that is not a multiple of m: the last N - g*m examples form one more group. If that remainder cannot be
+normalized on its own (one value per channel, e.g. a single example for BatchNorm1d), it joins the m examples of
+the last interleaved group, which are then normalized together as a consecutive tail.
 
-A batch that is not a multiple of the ghost size: the last group is the remainder. If that remainder cannot be
-normalized on its own (one value per channel, e.g. a single example for BatchNorm1d), it joins the group before.
+Running statistics (``momentum`` p): updated once per ghost batch, in group order, as if the groups had been
+separate batches: r <- (1 - p) r + p s_j for j = 1..g, with s_j the group's mean (or unbiased variance). One step
+therefore moves the running statistics as far as g BatchNorm steps would, and ``num_batches_tracked`` grows by
+g. The fused call updates one copy of the statistics per group in parallel, u_j = (1 - p) r + p s_j; the
+sequential result is recovered exactly as (1 - p)^g r + sum_j (1 - p)^(g - j) (u_j - (1 - p) r).
 ``momentum=None`` (a cumulative average) is not supported.
 """
 
@@ -43,66 +47,48 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", ghost_batch_size={self.ghost_batch_size}"
 
-    def _groups(self, x: torch.Tensor) -> list[int]:
-        """Group sizes along the batch: full ghost batches, then the remainder (or merged into the last)."""
+    def _layout(self, x: torch.Tensor) -> tuple[int, int]:
+        """(interleaved groups g, examples in the consecutive tail): the tail is the remainder, or the remainder
+        plus one interleaved group's worth when the remainder alone has one value per channel."""
         n, m = x.shape[0], self.ghost_batch_size
-        sizes = [m] * (n // m)
-        remainder = n - m * len(sizes)
-        if remainder:
-            values_per_channel = remainder * math.prod(x.shape[2:])
-            if values_per_channel > 1 or not sizes:
-                sizes.append(remainder)
-            else:
-                sizes[-1] += remainder
-        return sizes
+        groups, tail = n // m, n % m
+        if tail and tail * math.prod(x.shape[2:]) < 2 and groups > 1:
+            groups, tail = groups - 1, tail + m
+        return groups, tail
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         if not self.training or x.shape[0] <= self.ghost_batch_size:
             return super().forward(x)  # eval mode, or a single group: plain BatchNorm
-        sizes = self._groups(x)
-        # the uneven last group, if any, is normalized by a second call
-        full = len(sizes) if sizes[-1] == self.ghost_batch_size else len(sizes) - 1
-        parts, updates = [], []
-        if full:
-            out, stats = self._normalize_groups(x[: full * self.ghost_batch_size], full, self.ghost_batch_size)
-            parts.append(out)
-            updates += stats
-        if full < len(sizes):
-            out, stats = self._normalize_groups(x[full * self.ghost_batch_size :], 1, sizes[-1])
-            parts.append(out)
-            updates += stats
+        groups, tail = self._layout(x)
+        head = groups * self.ghost_batch_size
+        out, updates = self._normalize(x[:head].view(self.ghost_batch_size, groups * x.shape[1], *x.shape[2:]), groups)
+        out = out.view(head, *x.shape[1:])
+        if tail:
+            tail_out, tail_updates = self._normalize(x[head:], 1)
+            out, updates = torch.cat([out, tail_out]), updates + tail_updates
         if self.track_running_stats:
             self._sequential_update(updates)
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        return out
 
-    def _normalize_groups(self, x: torch.Tensor, groups: int, size: int):
-        """Normalize ``groups`` consecutive groups of ``size`` in one fused call; return each group's EMA copy."""
-        c, rest = x.shape[1], x.shape[2:]
-        folded = x.reshape(groups, size, c, *rest).transpose(0, 1).reshape(size, groups * c, *rest)
+    def _normalize(self, folded: torch.Tensor, groups: int):
+        """One fused batch_norm over ``groups`` groups folded into the channels; each group's EMA copy."""
+        c = self.num_features
         weight = self.weight.repeat(groups) if self.affine else None
         bias = self.bias.repeat(groups) if self.affine else None
-        stats = []
-        if self.track_running_stats:
-            mean = self.running_mean.repeat(groups)
-            var = self.running_var.repeat(groups)
-            out = functional.batch_norm(folded, mean, var, weight, bias, True, self.momentum, self.eps)
-            stats = list(zip(mean.view(groups, c), var.view(groups, c), strict=True))
-        else:
-            out = functional.batch_norm(folded, None, None, weight, bias, True, 0.0, self.eps)
-        out = out.reshape(size, groups, c, *rest).transpose(0, 1).reshape(groups * size, c, *rest)
-        return out, stats
+        if not self.track_running_stats:
+            return functional.batch_norm(folded, None, None, weight, bias, True, 0.0, self.eps), []
+        mean, var = self.running_mean.repeat(groups), self.running_var.repeat(groups)
+        out = functional.batch_norm(folded, mean, var, weight, bias, True, self.momentum, self.eps)
+        return out, list(zip(mean.view(groups, c), var.view(groups, c), strict=True))
 
     @torch.no_grad()
     def _sequential_update(self, updates: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        keep = 1.0 - self.momentum
-        g = len(updates)
+        keep, g = 1.0 - self.momentum, len(updates)
+        weights = keep ** torch.arange(g - 1, -1, -1, dtype=self.running_mean.dtype, device=self.running_mean.device)
         for buffer, index in ((self.running_mean, 0), (self.running_var, 1)):
-            start = buffer.clone()
-            total = keep**g * start
-            for j, update in enumerate(updates, start=1):
-                total += keep ** (g - j) * (update[index] - keep * start)
-            buffer.copy_(total)
+            parallel = torch.stack([update[index] for update in updates])  # (g, C)
+            buffer.copy_(keep**g * buffer + (weights[:, None] * (parallel - keep * buffer)).sum(0))
         self.num_batches_tracked.add_(g)
 
 

@@ -56,11 +56,16 @@ def profile(data: Tensors, spec: dict[str, Any], batch_size: int, device: torch.
         clock = runtime.StepClock(device)
         for i in range(max(settings["warmup"], 1)):
             step(batches[i % len(batches)])
-        # calibrate how many steps make one repeat last at least min_repeat_time
-        clock.start()
-        step(batches[0])
-        single = max(clock.stop(), 1e-7)
-        steps_per_repeat = max(1, math.ceil(settings["min_repeat_time"] / single))
+        # how many consecutive steps make a repeat last at least min_repeat_time: double until a block does (as
+        # timeit's autorange), so one slow step cannot shrink every repeat
+        steps_per_repeat = 1
+        while True:
+            clock.start()
+            for i in range(steps_per_repeat):
+                step(batches[i % len(batches)])
+            if clock.stop() >= settings["min_repeat_time"]:
+                break
+            steps_per_repeat *= 2
         for r in range(repeats):
             clock.start()
             for i in range(steps_per_repeat):
