@@ -38,7 +38,7 @@ def test_defaults_are_filled_in():
     }
     wl = config["workloads"]["w"]
     assert wl["dataset"] == {"name": "digits", "val_fraction": 0.2, "seed": 0}
-    assert wl["model"] == {"name": "mlp", "widths": [128]}
+    assert wl["model"] == {"name": "mlp", "widths": [128], "norm": "none"}
     assert wl["optimizer"]["name"] == "sgd" and wl["optimizer"]["momentum"] == 0.9
     assert wl["eval_interval"] == 10 and wl["stop_at_target"] is True
 
@@ -182,3 +182,33 @@ def test_edge_of_stability_names_an_existing_workload():
     with pytest.raises(cfg.ConfigError, match="edge_of_stability.workload: 'nope' is not a workload"):
         cfg.validate(config)
     assert cfg.validate(base())["edge_of_stability"]["workload"] == "w"  # defaults to the first workload
+
+
+def _with_ghost(**ghost):
+    config = base()
+    config["workloads"]["w"]["model"] = {"name": "cnn", "norm": "batch"}
+    config["ghost"] = {"enabled": True, "workload": "w", **ghost}
+    return config
+
+
+def test_ghost_defaults_to_the_grid_ends():
+    config = cfg.validate(_with_ghost(ghost_sizes=[16]))
+    assert (config["ghost"]["batch_size"], config["ghost"]["small_batch_size"]) == (64, 8)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"ghost_sizes": [64]}, "ghost.ghost_sizes: 64 is not smaller than the physical batch 64"),
+     ({"batch_size": 128}, "ghost.batch_size: 128 is not in grid.batch_sizes"),
+     ({"workload": "x"}, "ghost.workload: 'x' is not a workload")],
+)  # fmt: skip
+def test_ghost_errors(change, message):
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.validate(_with_ghost(**change))
+
+
+def test_ghost_needs_a_batchnorm_workload():
+    config = _with_ghost()
+    config["workloads"]["w"]["model"]["norm"] = "none"
+    with pytest.raises(cfg.ConfigError, match="has model norm 'none'; the experiment needs 'batch'"):
+        cfg.validate(config)

@@ -69,14 +69,16 @@ def variant(repo, tmp_path, change) -> Path:
 def test_report_has_embedded_figures_and_names_b_opt(study):
     html = (study / "results/report/report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]{1000,})"', html)
-    assert len(images) == 2 * (5 + 3) + 1  # per workload five scaling and three Hessian figures; edge of stability
+    # per workload five scaling and three Hessian figures; edge of stability; two Ghost BatchNorm figures
+    assert len(images) == 2 * (5 + 3) + 1 + 2
     assert "predicted b_opt" in html and "measured best B" in html
     assert "larger batch -&gt; sharper minimum" in html and "Dinh et al. 2017" in html
     assert "Edge of stability" in html and "eta = 0.5" in html
+    assert "Ghost Batch Normalization" in html and "GBN 16, B = 256" in html
     assert "<table" in html and "tiny_cnn" in html and "tiny_mlp" in html
     assert "import report" not in html  # code hidden
     figures = sorted((study / "results/report/figures").glob("*.png"))
-    assert len(figures) == 17
+    assert len(figures) == 19
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000 for f in figures)
 
 
@@ -124,20 +126,29 @@ def hessian_jobs(workloads, seeds):
     return {("analyze_hessian", f"workload={w}, seed={s}") for w in workloads for s in seeds}
 
 
+GHOST_SUMMARY = {("summarize_ghost", "workload=tiny_cnn")}  # tiny_cnn is the Ghost BatchNorm workload
+
+
+def ghost_jobs(rule, seeds):
+    return {(rule, f"workload=tiny_cnn, ghost={g}, seed={s}") for g in (64, 16) for s in seeds}
+
+
 def test_adding_a_batch_size_schedules_only_that_size(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["grid"]["batch_sizes"].append(32))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
     profiles = {("profile_hardware", f"workload={w}, batch_size=32") for w in WORKLOADS}
     training = {("train_model", f"workload={w}, batch_size=32, seed={s}") for w in WORKLOADS for s in SEEDS}
-    # the Hessian stage runs one job per (workload, seed): a new batch size reanalyses each of them
-    assert jobs == profiles | training | hessian_jobs(WORKLOADS, SEEDS) | aggregates(*WORKLOADS)
+    # the Hessian stage runs one job per (workload, seed): a new batch size reanalyses each of them, and the
+    # Ghost summary reads the base workload's Hessian results
+    assert jobs == profiles | training | hessian_jobs(WORKLOADS, SEEDS) | aggregates(*WORKLOADS) | GHOST_SUMMARY
 
 
 def test_adding_a_seed_runs_only_the_new_train_and_hessian_jobs(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["grid"]["seeds"].append(7))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
     training = {("train_model", f"workload={w}, batch_size={b}, seed=7") for w in WORKLOADS for b in (16, 64, 256)}
-    assert jobs == training | hessian_jobs(WORKLOADS, (7,)) | aggregates(*WORKLOADS)
+    ghost = ghost_jobs("train_ghost", (7,)) | ghost_jobs("analyze_ghost_hessian", (7,)) | GHOST_SUMMARY
+    assert jobs == training | hessian_jobs(WORKLOADS, (7,)) | aggregates(*WORKLOADS) | ghost
 
 
 def test_changing_learning_rates_reruns_only_that_workloads_training(study, repo, venv_env, tmp_path):
@@ -160,7 +171,8 @@ def test_hessian_settings_rerun_no_training(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["hessian"].update(hutchinson_probes=9))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
     hessian_aggregates = {("aggregate_hessian", f"workload={w}") for w in WORKLOADS}
-    assert jobs == hessian_jobs(WORKLOADS, SEEDS) | hessian_aggregates | REPORT
+    ghost = ghost_jobs("analyze_ghost_hessian", SEEDS) | GHOST_SUMMARY
+    assert jobs == hessian_jobs(WORKLOADS, SEEDS) | hessian_aggregates | REPORT | ghost
 
 
 def test_algorithm_version_bump_reruns_that_stage(study, repo, venv_env, tmp_path):
@@ -191,7 +203,7 @@ def test_snakemakes_own_report_has_the_figures(study, repo, venv_env, tmp_path):
     import zipfile
 
     names = zipfile.ZipFile(workdir / "snakemake_report.zip").namelist()
-    assert sum(name.endswith(".png") for name in names) >= 17
+    assert sum(name.endswith(".png") for name in names) >= 19
 
 
 def test_bad_config_stops_before_any_job(repo, venv_env, tmp_path):
@@ -219,3 +231,24 @@ def test_one_hessian_netcdf_per_checkpoint_and_the_aggregate(study, repo):
         assert aggregate.sizes["run"] == len(cfg.train_points(config, workload))
         assert -1 <= float(aggregate["rho_batch_size_sharpness"]) <= 1
         assert int(aggregate["n_runs_compared"]) == 3 * 2  # batch sizes x seeds at each best lr
+
+
+def test_ghost_settings_rerun_only_the_ghost_jobs(study, repo, venv_env, tmp_path):
+    path = variant(repo, tmp_path, lambda c: c["ghost"].update(ghost_sizes=[64, 16, 8]))
+    jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
+    new = {(rule, f"workload=tiny_cnn, ghost=8, seed={s}") for rule in ("train_ghost", "analyze_ghost_hessian")
+           for s in SEEDS}  # fmt: skip
+    assert jobs == new | {("profile_ghost", "workload=tiny_cnn, ghost=8"), ("ghost_variance", "workload=tiny_cnn")} | (
+        GHOST_SUMMARY | REPORT
+    )
+
+
+def test_ghost_summary_compares_the_variants(study):
+    ds = read_netcdf(study / "results/ghost/tiny_cnn.nc")
+    assert list(ds["variant"].values) == ["BN, B = 16", "BN, B = 256", "GBN 64, B = 256", "GBN 16, B = 256"]
+    assert float(ds["step_time_over_bn"].sel(variant="BN, B = 256")) == 1.0
+    assert np.isfinite(ds["lambda_max"].values).all() and np.isfinite(ds["val_accuracy"].values).all()
+    # the variance experiment: within 4 bootstrap standard errors of the finite-population expectation
+    ratio, expected = ds["variance_ratio_mean"].values, ds["variance_expected"].values
+    se = np.sqrt((ds["variance_ratio_se"].values ** 2).mean(axis=1) / ds.sizes["channel"])
+    assert np.all(np.abs(ratio - expected) < 4 * se + 1e-9), (ratio, expected, se)

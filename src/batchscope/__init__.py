@@ -16,5 +16,7 @@ ALGORITHM_VERSIONS = {
     "analyze_hessian": 1,
     "aggregate_hessian": 1,
     "edge_of_stability": 1,
+    "ghost_variance": 1,
+    "summarize_ghost": 1,
     "render_report": 1,
 }

@@ -169,6 +169,51 @@ def cmd_edge_of_stability(args: argparse.Namespace) -> None:
              float(ds["lambda_max"][-1]), 2 / args.step_size)  # fmt: skip
 
 
+def _by_ghost_size(pairs: list[str]) -> dict[int, list[str]]:
+    """``SIZE=PATH`` arguments grouped by ghost size."""
+    grouped: dict[int, list[str]] = {}
+    for pair in pairs:
+        size, _, path = pair.partition("=")
+        if not size.isdigit() or not path:
+            raise SystemExit(f"expected GHOST_SIZE=PATH, got {pair!r}")
+        grouped.setdefault(int(size), []).append(path)
+    return grouped
+
+
+def cmd_ghost_variance(args: argparse.Namespace) -> None:
+    from batchscope import io
+    from batchscope.ghost_experiment import variance_experiment
+
+    spec = _spec(args, cfg.ghost_slice)
+    device = _runtime(spec)
+    ds = variance_experiment(_load_data(args.data, device), spec["model"],
+                             {**spec, "groups": spec["variance_groups"]}, device)  # fmt: skip
+    ds.attrs.update(io.provenance("ghost_variance", spec, device=str(device)))
+    io.write_netcdf(ds, args.out)
+    ratios = dict(zip(ds["groups"].values.tolist(), ds["ratio_mean"].values.round(2), strict=True))
+    log.info("variance ratio by g: %s", ratios)
+
+
+def cmd_ghost_summary(args: argparse.Namespace) -> None:
+    from batchscope import io
+    from batchscope.ghost_experiment import summarize
+
+    spec = _spec(args, cfg.ghost_slice)
+    ds = summarize(
+        spec,
+        args.base_runs,
+        _by_ghost_size(args.ghost_runs),
+        args.base_profile,
+        {size: paths[0] for size, paths in _by_ghost_size(args.ghost_profiles).items()},
+        args.variance,
+        args.base_hessian,
+        _by_ghost_size(args.ghost_hessian) if args.ghost_hessian else None,
+    )
+    ds.attrs.update(io.provenance("summarize_ghost", spec))
+    io.write_netcdf(ds, args.out)
+    log.info("\n%s", ds[["val_accuracy", "gap", "steps_to_target", "lambda_max", "step_time_over_bn"]].to_dataframe())
+
+
 def cmd_aggregate_hessian(args: argparse.Namespace) -> None:
     from batchscope import io
     from batchscope.sharpness import aggregate, reproduction_sentence
@@ -183,7 +228,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from batchscope.report import render
 
     html = render(args.fits, args.notebook, args.out, args.figures, hessian_paths=args.hessian,
-                  stability_paths=args.edge_of_stability)  # fmt: skip
+                  stability_paths=args.edge_of_stability, ghost_paths=args.ghost)  # fmt: skip
     print(html)
 
 
@@ -226,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--step-size", type=float, required=True)
 
+    p = stage("ghost-variance", cmd_ghost_variance, "Ghost BatchNorm: variance of ghost-batch means vs g")
+    p.add_argument("--data", required=True)
+    p = stage("ghost-summary", cmd_ghost_summary, "Ghost BatchNorm: the variants side by side")
+    p.add_argument("--base-runs", nargs="+", required=True, help="the workload's train_model directories")
+    p.add_argument("--ghost-runs", nargs="+", required=True, help="GHOST_SIZE=DIR for each ghost training dir")
+    p.add_argument("--base-profile", required=True, help="the workload's profile at the large batch")
+    p.add_argument("--ghost-profiles", nargs="+", required=True, help="GHOST_SIZE=FILE")
+    p.add_argument("--variance", required=True)
+    p.add_argument("--base-hessian", nargs="*", default=[])
+    p.add_argument("--ghost-hessian", nargs="*", default=[], help="GHOST_SIZE=DIR")
+
     p = sub.add_parser("aggregate-hessian", help="aggregate a workload's Hessian results")
     p.set_defaults(func=cmd_aggregate_hessian)
     p.add_argument("--workload", required=True)
@@ -238,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fits", nargs="+", required=True)
     p.add_argument("--hessian", nargs="*", default=[], help="aggregate_hessian outputs (optional)")
     p.add_argument("--edge-of-stability", nargs="*", default=[], help="edge_of_stability outputs (optional)")
+    p.add_argument("--ghost", nargs="*", default=[], help="summarize_ghost outputs (optional)")
     p.add_argument("--notebook", required=True)
     p.add_argument("--out", required=True, help="output HTML path")
     p.add_argument("--figures", required=True, help="directory for the figure PNGs")

@@ -212,7 +212,33 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         )
     if eos["interval"] > eos["steps"]:
         raise ConfigError(f"edge_of_stability.interval: {eos['interval']} exceeds steps {eos['steps']}")
+    _check_ghost(config)
     return config
+
+
+def _check_ghost(config: dict[str, Any]) -> None:
+    settings = config["ghost"]
+    batch_sizes = sorted(config["grid"]["batch_sizes"])
+    if settings["batch_size"] is None:
+        settings["batch_size"] = batch_sizes[-1]
+    if settings["small_batch_size"] is None:
+        settings["small_batch_size"] = batch_sizes[0]
+    if not settings["enabled"]:
+        return
+    name = settings.get("workload")
+    if name not in config["workloads"]:
+        raise ConfigError(f"ghost.workload: {name!r} is not a workload ({', '.join(config['workloads'])})")
+    norm = config["workloads"][name]["model"]["norm"]
+    if norm != "batch":
+        raise ConfigError(f"ghost.workload: workload {name!r} has model norm {norm!r}; the experiment needs 'batch'")
+    for key in ("batch_size", "small_batch_size"):
+        if settings[key] not in batch_sizes:
+            raise ConfigError(f"ghost.{key}: {settings[key]} is not in grid.batch_sizes {batch_sizes}")
+    too_big = [g for g in settings["ghost_sizes"] if g >= settings["batch_size"]]
+    if too_big:
+        raise ConfigError(
+            f"ghost.ghost_sizes: {too_big[0]} is not smaller than the physical batch {settings['batch_size']}"
+        )
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -295,6 +321,25 @@ def fit_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
 
 def edge_of_stability_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     settings = {k: v for k, v in config["edge_of_stability"].items() if k not in ("enabled", "step_sizes")}
+    return {**settings, "model": config["workloads"][workload]["model"], "device": config["device"],
+            "threads": config["threads"]}  # fmt: skip
+
+
+def ghost_model(config: dict[str, Any], workload: str, ghost_size: int) -> dict[str, Any]:
+    return {**config["workloads"][workload]["model"], "norm": "ghost", "ghost_batch_size": ghost_size}
+
+
+def ghost_train_slice(config: dict[str, Any], workload: str, ghost_size: int) -> dict[str, Any]:
+    return {**train_slice(config, workload), "model": ghost_model(config, workload, ghost_size)}
+
+
+def ghost_profile_slice(config: dict[str, Any], workload: str, ghost_size: int) -> dict[str, Any]:
+    return {**profile_slice(config, workload), "model": ghost_model(config, workload, ghost_size)}
+
+
+def ghost_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    """The variance experiment and the summary: the ghost settings and the workload's model."""
+    settings = {k: v for k, v in config["ghost"].items() if k not in ("enabled", "workload")}
     return {**settings, "model": config["workloads"][workload]["model"], "device": config["device"],
             "threads": config["threads"]}  # fmt: skip
 

@@ -334,6 +334,53 @@ def plot_edge_of_stability(runs: Sequence[xr.Dataset]) -> plt.Figure:
     return fig
 
 
+def plot_ghost_variance(ds: xr.Dataset) -> plt.Figure:
+    """Var(ghost-batch mean) / Var(batch mean) against g: measured on activations, y = g, and with the finite-
+    population correction for batches drawn without replacement."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    g = ds["groups"].values
+    se = np.sqrt((ds["variance_ratio_se"].values ** 2).mean(axis=1) / ds.sizes["channel"])
+    ax.errorbar(g, ds["variance_ratio_mean"].values, yerr=2 * se, fmt="o", color="C0", capsize=3,
+                label="measured (mean over channels, 2 SE)")  # fmt: skip
+    ax.plot(g, g, color="0.4", ls="--", label="y = g (i.i.d. draws)")
+    ax.plot(g, ds["variance_expected"].values, color="C1",
+            label=f"g (N - m) / (N - B): without replacement, N = {ds.attrs.get('population', '?')}")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("ghost batches per physical batch, g = B / m")
+    ax.set_ylabel("Var(ghost-batch mean) / Var(batch mean)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"Ghost BatchNorm noise at B = {ds.attrs['batch_size']} (first normalization layer's input)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_ghost_variants(ds: xr.Dataset) -> plt.Figure:
+    """Accuracy, gap, sharpness and step-time cost of each variant."""
+    panels = [("val_accuracy", "validation accuracy"), ("gap", "train - val accuracy"),
+              ("lambda_max", "lambda_max"), ("step_time_over_bn", "step time / BN at the same B")]  # fmt: skip
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
+    names = [str(v) for v in ds["variant"].values]
+    for ax, (name, label) in zip(axes, panels, strict=True):
+        values = ds[name].values
+        ax.bar(range(len(names)), np.nan_to_num(values), color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel(label)
+        finite = values[np.isfinite(values)]
+        if name == "val_accuracy" and len(finite):
+            ax.set_ylim(finite.min() - 0.02, min(1.0, finite.max() + 0.01))
+    fig.suptitle(f"Ghost BatchNorm at B = {ds.attrs['batch_size']} against BatchNorm (each at its best lr)")
+    fig.tight_layout()
+    return fig
+
+
+def ghost_table(ds: xr.Dataset) -> pd.DataFrame:
+    columns = ["best_lr", "steps_to_target", "val_accuracy", "gap", "lambda_max", "step_time", "step_time_over_bn"]
+    table = ds[columns].to_dataframe()[columns]
+    table["step_time"] = 1e3 * table["step_time"]
+    return table.rename(columns={"step_time": "step time (ms)"})
+
+
 HESSIAN_FIGURES = {"sharpness": plot_sharpness, "density": plot_density, "sharpness_gap": plot_sharpness_gap}
 
 
@@ -418,6 +465,7 @@ def render(
     figures_dir: str,
     hessian_paths: Sequence[str] = (),
     stability_paths: Sequence[str] = (),
+    ghost_paths: Sequence[str] = (),
 ) -> Path:
     """Execute the report notebook on ``fit_paths`` (and Hessian aggregates) and write HTML, code hidden."""
     import nbformat
@@ -433,6 +481,7 @@ def render(
             "fit_files": [str(Path(p).resolve()) for p in fit_paths],
             "hessian_files": [str(Path(p).resolve()) for p in hessian_paths],
             "stability_files": [str(Path(p).resolve()) for p in stability_paths],
+            "ghost_files": [str(Path(p).resolve()) for p in ghost_paths],
             "figures_dir": str(Path(figures_dir).resolve()),
         },
         progress_bar=False,

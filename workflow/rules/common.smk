@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import PurePath
 
 from snakemake.exceptions import WorkflowError
 
@@ -51,6 +52,7 @@ wildcard_constraints:
     batch_size=r"[1-9][0-9]*",
     seed=r"[0-9]+",
     step_size=r"[0-9.e+-]+",
+    ghost=r"[0-9]+",
 
 
 def config_slice(slicer):
@@ -93,6 +95,48 @@ def stability_files(wildcards):
         return []
     sizes = [bs_config.format_lr(eta) for eta in eos["step_sizes"]]
     return expand(rules.edge_of_stability.output[0], workload=eos["workload"], step_size=sizes)
+
+
+GHOST = config["ghost"]
+
+
+def ghost_learning_rates(workload):
+    """The base workload's learning-rate grid at the large physical batch."""
+    lrs = bs_config.learning_rates(config["workloads"][workload], GHOST["batch_size"])
+    return " ".join(bs_config.format_lr(lr) for lr in lrs)
+
+
+def ghost_summary_inputs(wildcards):
+    w, big, small = wildcards.workload, GHOST["batch_size"], GHOST["small_batch_size"]
+    sizes = GHOST["ghost_sizes"]
+    inputs = {
+        "base_runs": expand(rules.train_model.output[0], workload=w, batch_size=sorted({small, big}), seed=SEEDS),
+        "ghost_runs": expand(rules.train_ghost.output[0], workload=w, ghost=sizes, seed=SEEDS),
+        "base_profile": expand(rules.profile_hardware.output[0], workload=w, batch_size=big),
+        "ghost_profiles": expand(rules.profile_ghost.output[0], workload=w, ghost=sizes),
+        "variance": rules.ghost_variance.output[0].format(workload=w),
+        "base_hessian": [],
+    }
+    if config["hessian"]["enabled"]:
+        inputs["base_hessian"] = expand(rules.analyze_hessian.output[0], workload=w, seed=SEEDS)
+        inputs["ghost_hessian"] = expand(rules.analyze_ghost_hessian.output[0], workload=w, ghost=sizes, seed=SEEDS)
+    return inputs
+
+
+def ghost_pairs(paths):
+    """SIZE=PATH arguments for the summary, the ghost size read from each path's G<size> component."""
+    pairs = []
+    for path in paths:
+        size = next(part[1:] for part in PurePath(path).parts if part.startswith("G") and part[1:].isdigit())
+        pairs.append(f"{size}={path}")
+    return " ".join(pairs)
+
+
+def ghost_summaries(wildcards):
+    """The report's Ghost BatchNorm input: none unless enabled."""
+    if not GHOST["enabled"]:
+        return []
+    return [rules.summarize_ghost.output[0].format(workload=GHOST["workload"])]
 
 
 def train_dirs(wildcards):

@@ -3,6 +3,7 @@ rule render_report:
         fits=expand(rules.fit_scaling.output[0], workload=WORKLOADS),
         hessian=hessian_aggregates,
         stability=stability_files,
+        ghost=ghost_summaries,
         notebook=REPORT_NOTEBOOK,
     output:
         html="results/report/report.html",
@@ -23,5 +24,5 @@ rule render_report:
         version=ALGORITHM_VERSIONS["render_report"],
     shell:
         "python -m batchscope report --fits {input.fits} --hessian {input.hessian}"
-        " --edge-of-stability {input.stability} --notebook {input.notebook}"
+        " --edge-of-stability {input.stability} --ghost {input.ghost} --notebook {input.notebook}"
         " --out {output.html} --figures {output.figures} > {log} 2>&1"
