@@ -43,6 +43,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	python benchmarks/pipeline.py
 	python benchmarks/hessian.py
+	python benchmarks/ghostbn.py
 
 clean:
 	rm -rf results logs .snakemake
