@@ -1,0 +1,274 @@
+"""Gradient noise: per-example gradients, the gradient noise scale, the variance law, and the Jensen bias.
+
+A minibatch gradient g_B is an unbiased estimate of the full gradient G whose covariance is Sigma / B (for draws
+with replacement; times (N - B)/(N - 1) without). McCandlish et al. (2018) summarise the noise by the simple noise
+scale B_simple = tr(Sigma) / |G|^2, and predict the critical batch size B_crit of the steps-to-target curve
+S = S_min (1 + B_crit / B) to be close to it.
+
+Two ways to measure tr(Sigma) and |G|^2:
+- per example (:func:`per_example_sq_norms`, :func:`noise_scale`): tr(Sigma) = N/(N-1) (mean |g_n|^2 - |G|^2) needs
+  only the squared norms of the per-example gradients. For models whose parametrised layers are all ``nn.Linear``
+  the norms come from one backward pass, |dW_n|^2 = |a_n|^2 |delta_n|^2 (input activation times output gradient,
+  a rank-one gradient) plus |delta_n|^2 for the bias; otherwise from ``vmap(grad)`` in chunks.
+- from two batch sizes (:func:`two_batch_noise_scale`, McCandlish et al. appendix A): E|g_B|^2 = |G|^2 +
+  tr(Sigma)/B, solved for both from minibatch gradients at B_small and B_big. It needs no per-example gradients,
+  so it also works where they are undefined (BatchNorm in train mode).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def per_example_grads(
+    model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
+    """(N, P) per-example gradients by ``vmap(grad(...))`` over chunks of ``chunk`` examples (flattened)."""
+    params, buffers = _params(model), {k: v.detach() for k, v in model.named_buffers()}
+
+    def one(p, xn, yn):
+        return loss(functional_call(model, (p, buffers), (xn.unsqueeze(0),)), yn.unsqueeze(0))
+
+    per_example = vmap(grad(one), in_dims=(None, 0, 0))
+    rows = []
+    for start in range(0, len(x), chunk):
+        grads = per_example(params, x[start : start + chunk], y[start : start + chunk])
+        rows.append(torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1))
+    return torch.cat(rows)
+
+
+def _all_linear(model: nn.Module) -> bool:
+    layers = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    return bool(layers) and all(isinstance(m, nn.Linear) for m in layers)
+
+
+def _linear_sq_norms(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example squared gradient norms of an all-Linear model from one forward and one backward pass."""
+    inputs, grads, handles = {}, {}, []
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(lambda m, a, _o: inputs.__setitem__(m, a[0].detach())))
+            handles.append(module.register_full_backward_hook(lambda m, _gi, go: grads.__setitem__(m, go[0].detach())))
+    try:
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            # N x the mean loss is the sum over examples, so each output gradient's row n is example n's own
+            (loss(model(x), y) * len(x)).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    total = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+    for module, a in inputs.items():
+        delta = grads[module].reshape(len(x), -1, grads[module].shape[-1])
+        a = a.reshape(len(x), -1, a.shape[-1])
+        if delta.shape[1] == 1:  # one position per example: the weight gradient is rank one
+            total += (a.squeeze(1) ** 2).sum(1) * (delta.squeeze(1) ** 2).sum(1)
+        else:
+            total += (torch.einsum("nti,ntj->nij", delta, a) ** 2).sum((1, 2))
+        if module.bias is not None:
+            total += (delta.sum(1) ** 2).sum(1)
+    return total
+
+
+def per_example_sq_norms(
+    model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024, method: str = "auto"
+) -> torch.Tensor:
+    """(N,) squared norms of the per-example gradients. ``method``: "linear" (one backward pass, all-Linear
+    models), "vmap" (materialises each gradient), or "auto" (linear when possible; benchmarks/noise.py)."""
+    if method == "auto":
+        method = "linear" if _all_linear(model) else "vmap"
+    if method == "linear":
+        if not _all_linear(model):
+            raise ValueError("method 'linear' needs a model whose parametrised layers are all nn.Linear")
+        return torch.cat([_linear_sq_norms(model, loss, x[i : i + chunk], y[i : i + chunk])
+                          for i in range(0, len(x), chunk)])  # fmt: skip
+    return torch.cat([(per_example_grads(model, loss, x[i : i + chunk], y[i : i + chunk]) ** 2).sum(1)
+                      for i in range(0, len(x), chunk)])  # fmt: skip
+
+
+def full_gradient(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """The flattened gradient of the mean loss over (x, y), summed over chunks."""
+    params, buffers = _params(model), {k: v.detach() for k, v in model.named_buffers()}
+    total = None
+    for start in range(0, len(x), chunk):
+        xb, yb = x[start : start + chunk], y[start : start + chunk]
+        g = grad(lambda p, xb=xb, yb=yb: loss(functional_call(model, (p, buffers), (xb,)), yb))(params)
+        flat = torch.cat([v.reshape(-1) for v in g.values()]) * (len(xb) / len(x))
+        total = flat if total is None else total + flat
+    return total
+
+
+@dataclass
+class NoiseScale:
+    grad_sq_norm: float  # |G|^2
+    trace_sigma: float  # tr(Sigma), the per-example gradient covariance
+    b_simple: float  # tr(Sigma) / |G|^2
+    method: str
+
+
+def noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, method: str = "auto") -> NoiseScale:
+    """|G|^2, tr(Sigma) and B_simple over the whole of (x, y), from per-example squared gradient norms."""
+    n = len(x)
+    g = full_gradient(model, loss, x, y)
+    sq = per_example_sq_norms(model, loss, x, y, method=method)
+    g_sq = float(g @ g)
+    trace = n / (n - 1) * (float(sq.mean()) - g_sq)  # sum_n |g_n - G|^2 / (N - 1)
+    used = ("linear" if _all_linear(model) else "vmap") if method == "auto" else method
+    return NoiseScale(g_sq, trace, trace / g_sq if g_sq > 0 else math.inf, f"per-example ({used})")
+
+
+def minibatch_gradient(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The gradient of one minibatch, as training computes it (the model's own mode: BatchNorm as it is set)."""
+    model.zero_grad(set_to_none=True)
+    loss(model(x), y).backward()
+    flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    return flat.detach()
+
+
+def two_batch_noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, b_small: int, b_big: int,
+                          pairs: int, rng: np.random.Generator) -> NoiseScale:  # fmt: skip
+    """McCandlish et al.'s estimator from ``pairs`` draws of a small and a big minibatch (without replacement).
+
+    With E|g_B|^2 = |G|^2 + tr(Sigma)/B: |G|^2 = (B_big |g_big|^2 - B_small |g_small|^2)/(B_big - B_small) and
+    tr(Sigma) = (|g_small|^2 - |g_big|^2)/(1/B_small - 1/B_big), each averaged over the pairs before the ratio.
+    Draws without replacement shrink the 1/B term by (N - B)/(N - 1); both sizes are corrected for it.
+    """
+    n = len(x)
+    small, big = [], []
+    for _ in range(pairs):
+        for size, store in ((b_small, small), (b_big, big)):
+            index = torch.as_tensor(rng.choice(n, size, replace=False), device=x.device)
+            g = minibatch_gradient(model, loss, x[index], y[index])
+            store.append(float(g @ g))
+    s, b = np.mean(small), np.mean(big)
+    # effective batch sizes: the 1/B term of E|g_B|^2 is tr(Sigma) (N - B) / (B (N - 1)) without replacement
+    inv_small, inv_big = (n - b_small) / (b_small * (n - 1)), (n - b_big) / (b_big * (n - 1))
+    trace = (s - b) / (inv_small - inv_big)
+    g_sq = s - trace * inv_small
+    return NoiseScale(g_sq, trace, trace / g_sq if g_sq > 0 else math.inf, "two-batch")
+
+
+@dataclass
+class VarianceLaw:
+    batch_sizes: np.ndarray
+    mean_sq_error: np.ndarray  # E|g_B - G|^2 over the draws
+    predicted: np.ndarray  # tr(Sigma) (N - B) / (B (N - 1))
+    z_max: np.ndarray  # per B: the largest |mean of g_B - G| / standard error over the coordinates
+    within_3se: np.ndarray  # per B: the share of coordinates whose mean lies within 3 standard errors of G
+    slope: float  # log-log slope of E|g_B - G|^2 against B
+    slope_ci: tuple[float, float]
+    slope_corrected: float  # the same after dividing out (N - B)/(N - 1)
+    slope_corrected_ci: tuple[float, float]
+
+
+def _loglog_slope(batch_sizes: np.ndarray, values: np.ndarray) -> tuple[float, tuple[float, float]]:
+    fit = stats.linregress(np.log(batch_sizes), np.log(values))
+    half = stats.t.ppf(0.975, len(batch_sizes) - 2) * fit.stderr
+    return float(fit.slope), (float(fit.slope - half), float(fit.slope + half))
+
+
+def variance_law(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, batch_sizes: list[int],
+                 draws: int, rng: np.random.Generator, trace_sigma: float | None = None) -> VarianceLaw:  # fmt: skip
+    """Unbiasedness and the 1/B law: for each B, ``draws`` minibatches without replacement; the mean of their
+    gradients against G (in standard errors), and E|g_B - G|^2 against B with the finite-population correction."""
+    n = len(x)
+    g_full = full_gradient(model, loss, x, y)
+    mse, z_max, within = [], [], []
+    for size in batch_sizes:
+        grads = torch.stack([
+            minibatch_gradient(model, loss, x[i], y[i])
+            for i in (torch.as_tensor(rng.choice(n, size, replace=False), device=x.device) for _ in range(draws))
+        ])  # fmt: skip
+        deviation = grads - g_full
+        mse.append(float((deviation**2).sum(1).mean()))
+        se = grads.std(0, unbiased=True) / math.sqrt(draws)
+        z = (grads.mean(0) - g_full).abs() / se.clamp_min(1e-30)
+        z_max.append(float(z.max()))
+        within.append(float((z < 3).double().mean()))
+    sizes = np.asarray(batch_sizes, dtype=float)
+    mse = np.asarray(mse)
+    fpc = (n - sizes) / (n - 1)
+    slope, ci = _loglog_slope(sizes, mse)
+    slope_c, ci_c = _loglog_slope(sizes, mse / fpc)
+    trace = trace_sigma if trace_sigma is not None else float("nan")
+    return VarianceLaw(sizes, mse, trace * fpc / sizes, np.asarray(z_max), np.asarray(within), slope, ci, slope_c,
+                       ci_c)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ Jensen bias
+
+
+def inverse_wishart_bias(p: int, m: int) -> float:
+    """(E[H_m^-1] - H^-1) / H^-1 for H_m = X_m^T X_m / m, x ~ N(0, Sigma) in p dimensions: (p + 1)/(m - p - 1)."""
+    if m <= p + 1:
+        raise ValueError(f"the inverse-Wishart mean needs m > p + 1, got m={m}, p={p}")
+    return (p + 1) / (m - p - 1)
+
+
+@dataclass
+class JensenResult:
+    m: np.ndarray
+    relative_bias: np.ndarray  # tr(E[H_m^-1] H) / k - 1
+    relative_bias_se: np.ndarray
+    min_eigenvalue: np.ndarray  # of E[H_m^-1] - H^-1 (>= 0 up to Monte Carlo error: Jensen)
+    analytic: np.ndarray  # (p + 1)/(m - p - 1) where it applies, else NaN
+
+
+def jensen_linreg(covariance: np.ndarray, sizes: list[int], draws: int, rng: np.random.Generator) -> JensenResult:
+    """Monte Carlo E[H_m^-1] for H_m = X_m^T X_m / m with rows x ~ N(0, Sigma), against H^-1 = Sigma^-1."""
+    p = len(covariance)
+    chol = np.linalg.cholesky(covariance)
+    exact_inverse = np.linalg.inv(covariance)
+    out = {k: [] for k in ("bias", "se", "min_eig", "analytic")}
+    for m in sizes:
+        x = rng.standard_normal((draws, m, p)) @ chol.T
+        inverses = np.linalg.inv(np.einsum("dmi,dmj->dij", x, x) / m)
+        per_draw = np.einsum("dij,ji->d", inverses, covariance) / p - 1  # tr(H_m^-1 Sigma)/p - 1
+        out["bias"].append(per_draw.mean())
+        out["se"].append(per_draw.std(ddof=1) / math.sqrt(draws))
+        out["min_eig"].append(np.linalg.eigvalsh(inverses.mean(0) - exact_inverse).min())
+        out["analytic"].append(inverse_wishart_bias(p, m) if m > p + 1 else math.nan)
+    return JensenResult(np.asarray(sizes), *(np.asarray(out[k]) for k in ("bias", "se", "min_eig", "analytic")))
+
+
+def jensen_subspace(hessian_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                    sizes: list[int], draws: int, damping: float, rng: np.random.Generator,
+                    ) -> JensenResult:  # fmt: skip
+    """The same on a trained model: ``hessian_of(x, y)`` returns the k x k Hessian of the mean loss over (x, y)
+    restricted to a fixed subspace; H_m is the minibatch's, damped by ``damping`` I (a minibatch Hessian of a
+    network can be singular or indefinite in any subspace). Compares E[(H_m + d I)^-1] with (H + d I)^-1."""
+    full = hessian_of(x, y).double().cpu().numpy()
+    k = len(full)
+    damped = full + damping * np.eye(k)
+    exact_inverse = np.linalg.inv(damped)
+    n = len(x)
+    out = {key: [] for key in ("bias", "se", "min_eig")}
+    for m in sizes:
+        inverses = []
+        for _ in range(draws):
+            index = torch.as_tensor(rng.choice(n, m, replace=False), device=x.device)
+            h = hessian_of(x[index], y[index]).double().cpu().numpy()
+            inverses.append(np.linalg.inv(h + damping * np.eye(k)))
+        inverses = np.asarray(inverses)
+        per_draw = np.einsum("dij,ji->d", inverses, damped) / k - 1
+        out["bias"].append(per_draw.mean())
+        out["se"].append(per_draw.std(ddof=1) / math.sqrt(draws))
+        out["min_eig"].append(np.linalg.eigvalsh(inverses.mean(0) - exact_inverse).min())
+    return JensenResult(np.asarray(sizes), *(np.asarray(out[key]) for key in ("bias", "se", "min_eig")),
+                        np.full(len(sizes), math.nan))  # fmt: skip
