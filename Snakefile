@@ -15,6 +15,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/fit.smk"
 include: "workflow/rules/hessian.smk"
 include: "workflow/rules/ghost.smk"
+include: "workflow/rules/noise.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -69,16 +69,17 @@ def variant(repo, tmp_path, change) -> Path:
 def test_report_has_embedded_figures_and_names_b_opt(study):
     html = (study / "results/report/report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]{1000,})"', html)
-    # per workload five scaling and three Hessian figures; edge of stability; two Ghost BatchNorm figures
-    assert len(images) == 2 * (5 + 3) + 1 + 2
+    # per workload five scaling, three Hessian and two noise figures; edge of stability; two Ghost; Jensen
+    assert len(images) == 2 * (5 + 3 + 2) + 1 + 2 + 1
     assert "predicted b_opt" in html and "measured best B" in html
     assert "larger batch -&gt; sharper minimum" in html and "Dinh et al. 2017" in html
     assert "Edge of stability" in html and "eta = 0.5" in html
     assert "Ghost Batch Normalization" in html and "GBN 16, B = 256" in html
+    assert "Gradient noise" in html and "B_crit / B_simple" in html and "The Jensen bias" in html
     assert "<table" in html and "tiny_cnn" in html and "tiny_mlp" in html
     assert "import report" not in html  # code hidden
     figures = sorted((study / "results/report/figures").glob("*.png"))
-    assert len(figures) == 19
+    assert len(figures) == 24
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000 for f in figures)
 
 
@@ -139,8 +140,10 @@ def test_adding_a_batch_size_schedules_only_that_size(study, repo, venv_env, tmp
     profiles = {("profile_hardware", f"workload={w}, batch_size=32") for w in WORKLOADS}
     training = {("train_model", f"workload={w}, batch_size=32, seed={s}") for w in WORKLOADS for s in SEEDS}
     # the Hessian stage runs one job per (workload, seed): a new batch size reanalyses each of them, and the
-    # Ghost summary reads the base workload's Hessian results
-    assert jobs == profiles | training | hessian_jobs(WORKLOADS, SEEDS) | aggregates(*WORKLOADS) | GHOST_SUMMARY
+    # Ghost summary reads the base workload's Hessian results; the variance law takes in the new size
+    noise_jobs = {("measure_gradient_noise", f"workload={w}") for w in WORKLOADS}
+    expected = profiles | training | hessian_jobs(WORKLOADS, SEEDS) | aggregates(*WORKLOADS) | GHOST_SUMMARY
+    assert jobs == expected | noise_jobs
 
 
 def test_adding_a_seed_runs_only_the_new_train_and_hessian_jobs(study, repo, venv_env, tmp_path):
@@ -155,7 +158,8 @@ def test_changing_learning_rates_reruns_only_that_workloads_training(study, repo
     path = variant(repo, tmp_path, lambda c: c["workloads"]["tiny_mlp"].update(learning_rates=[0.05, 0.1]))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
     training = {("train_model", f"workload=tiny_mlp, batch_size={b}, seed={s}") for b in (16, 64, 256) for s in SEEDS}
-    assert jobs == training | hessian_jobs(["tiny_mlp"], SEEDS) | aggregates("tiny_mlp")
+    noise_jobs = {("measure_gradient_noise", "workload=tiny_mlp"), ("measure_jensen_bias", "workload=tiny_mlp")}
+    assert jobs == training | hessian_jobs(["tiny_mlp"], SEEDS) | aggregates("tiny_mlp") | noise_jobs
 
 
 FITS = {("fit_scaling", f"workload={w}") for w in WORKLOADS}
@@ -203,7 +207,7 @@ def test_snakemakes_own_report_has_the_figures(study, repo, venv_env, tmp_path):
     import zipfile
 
     names = zipfile.ZipFile(workdir / "snakemake_report.zip").namelist()
-    assert sum(name.endswith(".png") for name in names) >= 19
+    assert sum(name.endswith(".png") for name in names) >= 24
 
 
 def test_bad_config_stops_before_any_job(repo, venv_env, tmp_path):
@@ -252,3 +256,25 @@ def test_ghost_summary_compares_the_variants(study):
     ratio, expected = ds["variance_ratio_mean"].values, ds["variance_expected"].values
     se = np.sqrt((ds["variance_ratio_se"].values ** 2).mean(axis=1) / ds.sizes["channel"])
     assert np.all(np.abs(ratio - expected) < 4 * se + 1e-9), (ratio, expected, se)
+
+
+def test_noise_settings_rerun_only_the_noise_jobs(study, repo, venv_env, tmp_path):
+    path = variant(repo, tmp_path, lambda c: c["noise"].update(pairs=21))
+    jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
+    assert jobs == {("measure_gradient_noise", f"workload={w}") for w in WORKLOADS} | REPORT
+
+
+def test_noise_results(study):
+    for workload in WORKLOADS:
+        snapshots = sorted((study / f"results/noise/{workload}").glob("snapshot*.nc"))
+        assert len(snapshots) == 5  # the default fractions 0, 0.25, 0.5, 0.75, 1
+        steps = [read_netcdf(p).attrs["step"] for p in snapshots]
+        assert steps[0] == 0 and steps == sorted(steps)
+        first = read_netcdf(snapshots[0])
+        assert float(first["two_batch_b_simple"]) > 0
+        if workload == "tiny_cnn":  # BatchNorm in train mode: per-example gradients undefined, said so
+            assert np.isnan(float(first["b_simple"])) and first.attrs["method"].startswith("two-batch only")
+        else:
+            assert first.attrs["method"] == "per-example (linear)" and float(first["b_simple"]) > 0
+    linreg = read_netcdf(study / "results/jensen/linreg.nc")
+    assert np.all(np.abs(linreg["relative_bias"] - linreg["analytic"]) < 4 * linreg["relative_bias_se"])

@@ -17,6 +17,8 @@ ALGORITHM_VERSIONS = {
     "aggregate_hessian": 1,
     "edge_of_stability": 1,
     "ghost_variance": 1,
+    "measure_gradient_noise": 1,
+    "measure_jensen_bias": 1,
     "summarize_ghost": 1,
     "render_report": 1,
 }

@@ -93,9 +93,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for lr in args.lrs:
         for seed in args.seeds:
-            ds, checkpoint = train(data, spec, args.batch_size, lr, seed, device)
+            fractions = args.snapshot_fractions if args.snapshot_lr is not None and lr == args.snapshot_lr else None
+            ds, checkpoint = train(data, spec, args.batch_size, lr, seed, device, snapshot_fractions=fractions)
+            snapshots = checkpoint.pop("snapshots", None)
             ds.attrs.update(io.provenance("train_model", spec, device=str(device)))
             name = point_name(lr, seed)
+            if snapshots:  # weights along the run, for the gradient-noise stage (not a .pt: not a checkpoint)
+                io.save_torch({**checkpoint, "snapshots": snapshots}, out_dir / f"{name}.snapshots")
             io.save_torch(checkpoint, out_dir / f"{name}.pt")  # weights first: the .nc marks the point done
             io.write_netcdf(ds, out_dir / f"{name}.nc")
             log.info(
@@ -214,6 +218,58 @@ def cmd_ghost_summary(args: argparse.Namespace) -> None:
     log.info("\n%s", ds[["val_accuracy", "gap", "steps_to_target", "lambda_max", "step_time_over_bn"]].to_dataframe())
 
 
+def cmd_noise(args: argparse.Namespace) -> None:
+    """B_simple at each snapshot of the reference run and the variance law at its end; one NetCDF each."""
+    import torch
+
+    from batchscope import io
+    from batchscope.noise_stage import measure_snapshot, measure_variance
+
+    spec = _spec(args, cfg.noise_slice)
+    device = _runtime(spec)
+    data = _load_data(args.data, device)
+    saved = torch.load(args.snapshots, map_location=device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, snapshot in enumerate(saved["snapshots"]):
+        ds = measure_snapshot(snapshot, saved["model"], data, spec, device)
+        ds.attrs.update(io.provenance("measure_gradient_noise", spec, device=str(device)),
+                        reference=f"B={saved['batch_size']} lr={saved['lr']} seed={saved['seed']}")  # fmt: skip
+        io.write_netcdf(ds, out_dir / f"snapshot{i}.nc")
+        log.info("step %d: B_simple %.1f (per example), %.1f (two-batch)", ds.attrs["step"], float(ds["b_simple"]),
+                 float(ds["two_batch_b_simple"]))  # fmt: skip
+    ds = measure_variance(saved["snapshots"][-1]["state_dict"], saved["model"], data, spec, device)
+    ds.attrs.update(io.provenance("measure_gradient_noise", spec, device=str(device)))
+    io.write_netcdf(ds, out_dir / "variance.nc")
+    log.info("variance law slope %.3f, corrected %.3f", float(ds["slope"]), float(ds["slope_corrected"]))
+
+
+def cmd_jensen(args: argparse.Namespace) -> None:
+    import torch
+
+    from batchscope import io
+    from batchscope.noise_stage import measure_jensen_linreg, measure_jensen_subspace
+
+    if args.data is None:  # the linear-regression experiment needs no workload
+        if args.spec is None:
+            raise SystemExit("jensen without --data needs --spec (noise.jensen settings as JSON)")
+        spec = json.loads(args.spec)
+        ds = measure_jensen_linreg(spec)
+        ds.attrs.update(io.provenance("measure_jensen_bias", spec))
+    else:
+        spec = _spec(args, cfg.jensen_slice)
+        device = _runtime(spec)
+        checkpoint = torch.load(args.checkpoint, map_location=device)
+        settings = {**spec["jensen"], "seed": spec["seed"]}
+        ds = measure_jensen_subspace(checkpoint["state_dict"], checkpoint["model"], _load_data(args.data, device),
+                                     settings, device)  # fmt: skip
+        ds.attrs.update(io.provenance("measure_jensen_bias", spec, device=str(device)))
+    io.write_netcdf(ds, args.out)
+    log.info(
+        "relative bias by m: %s", dict(zip(ds["m"].values.tolist(), ds["relative_bias"].values.round(4), strict=True))
+    )
+
+
 def cmd_aggregate_hessian(args: argparse.Namespace) -> None:
     from batchscope import io
     from batchscope.sharpness import aggregate, reproduction_sentence
@@ -228,7 +284,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from batchscope.report import render
 
     html = render(args.fits, args.notebook, args.out, args.figures, hessian_paths=args.hessian,
-                  stability_paths=args.edge_of_stability, ghost_paths=args.ghost)  # fmt: skip
+                  stability_paths=args.edge_of_stability, ghost_paths=args.ghost, noise_paths=args.noise)  # fmt: skip
     print(html)
 
 
@@ -259,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--lrs", type=float, nargs="+", required=True)
     p.add_argument("--seeds", type=int, nargs="+", required=True)
+    p.add_argument("--snapshot-lr", type=float, help="save weights along the run at this learning rate")
+    p.add_argument("--snapshot-fractions", type=float, nargs="*", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p = stage("fit", cmd_fit, "fit the scaling model of one workload")
     p.add_argument("--profiles", nargs="+", required=True)
     p.add_argument("--runs", nargs="+", required=True, help="train_model output directories")
@@ -271,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--step-size", type=float, required=True)
 
+    p = stage("noise", cmd_noise, "gradient noise along the reference run; --out is a directory")
+    p.add_argument("--data", required=True)
+    p.add_argument("--snapshots", required=True, help="the reference run's .snapshots file")
+    p = stage("jensen", cmd_jensen, "Jensen bias: linear regression (no --data) or a trained model's subspace")
+    p.add_argument("--data")
+    p.add_argument("--checkpoint", help="the trained model (.pt), with --data")
     p = stage("ghost-variance", cmd_ghost_variance, "Ghost BatchNorm: variance of ghost-batch means vs g")
     p.add_argument("--data", required=True)
     p = stage("ghost-summary", cmd_ghost_summary, "Ghost BatchNorm: the variants side by side")
@@ -295,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hessian", nargs="*", default=[], help="aggregate_hessian outputs (optional)")
     p.add_argument("--edge-of-stability", nargs="*", default=[], help="edge_of_stability outputs (optional)")
     p.add_argument("--ghost", nargs="*", default=[], help="summarize_ghost outputs (optional)")
+    p.add_argument("--noise", nargs="*", default=[], help="gradient-noise directories and Jensen files (optional)")
     p.add_argument("--notebook", required=True)
     p.add_argument("--out", required=True, help="output HTML path")
     p.add_argument("--figures", required=True, help="directory for the figure PNGs")

@@ -213,7 +213,47 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if eos["interval"] > eos["steps"]:
         raise ConfigError(f"edge_of_stability.interval: {eos['interval']} exceeds steps {eos['steps']}")
     _check_ghost(config)
+    _check_noise(config)
     return config
+
+
+def _check_noise(config: dict[str, Any]) -> None:
+    settings = config["noise"]
+    sizes = sorted(config["grid"]["batch_sizes"])
+    if settings["reference_batch_size"] is None:
+        settings["reference_batch_size"] = min(sizes, key=lambda b: (abs(math.log(b / 64)), b))
+    if settings["reference_seed"] is None:
+        settings["reference_seed"] = sorted(config["grid"]["seeds"])[0]
+    settings["b_big"] = settings["b_big"] or sizes[-1]
+    # with a one-size grid the smallest and largest coincide: default to a quarter of it
+    settings["b_small"] = settings["b_small"] or (sizes[0] if sizes[0] < settings["b_big"] else max(1, sizes[0] // 4))
+    settings["variance_batch_sizes"] = settings["variance_batch_sizes"] or [b for b in sizes if b >= 2]
+    if not settings["enabled"]:
+        return
+    if settings["reference_batch_size"] not in sizes:
+        raise ConfigError(f"noise.reference_batch_size: {settings['reference_batch_size']} is not in grid.batch_sizes")
+    if settings["reference_seed"] not in config["grid"]["seeds"]:
+        raise ConfigError(f"noise.reference_seed: {settings['reference_seed']} is not in grid.seeds")
+    if settings["b_small"] >= settings["b_big"]:
+        raise ConfigError(f"noise.b_small: {settings['b_small']} is not smaller than noise.b_big {settings['b_big']}")
+    jensen = settings["jensen"]
+    small = [m for m in jensen["sizes"] if m <= jensen["dim"] + 1]
+    if small:
+        raise ConfigError(f"noise.jensen.sizes: {small[0]} is not above dim + 1 = {jensen['dim'] + 1}")
+    for name, wl in config["workloads"].items():
+        n = train_size(wl["dataset"])
+        over = [b for b in (settings["b_big"], *settings["variance_batch_sizes"], *jensen["subspace_sizes"]) if b > n]
+        if over:
+            raise ConfigError(f"noise: batch size {over[0]} exceeds the {n} training examples of workload {name!r}")
+
+
+def noise_reference(config: dict[str, Any], workload: str) -> tuple[int, float, int]:
+    """(batch size, learning rate, seed) of the run whose snapshots the noise stage measures."""
+    settings = config["noise"]
+    lrs = learning_rates(config["workloads"][workload], settings["reference_batch_size"])
+    index = settings["reference_lr_index"]
+    index = len(lrs) // 2 if index is None else min(index, len(lrs) - 1)
+    return settings["reference_batch_size"], lrs[index], settings["reference_seed"]
 
 
 def _check_ghost(config: dict[str, Any]) -> None:
@@ -323,6 +363,21 @@ def edge_of_stability_slice(config: dict[str, Any], workload: str) -> dict[str, 
     settings = {k: v for k, v in config["edge_of_stability"].items() if k not in ("enabled", "step_sizes")}
     return {**settings, "model": config["workloads"][workload]["model"], "device": config["device"],
             "threads": config["threads"]}  # fmt: skip
+
+
+def noise_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    settings = {k: v for k, v in config["noise"].items() if k not in ("enabled", "jensen", "snapshot_fractions")}
+    return {**settings, "jensen": config["noise"]["jensen"], "device": config["device"], "threads": config["threads"]}
+
+
+def jensen_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    """The trained-model Jensen experiment: its settings only (the variance-law grid does not concern it)."""
+    return {"jensen": config["noise"]["jensen"], "seed": config["noise"]["seed"], "device": config["device"],
+            "threads": config["threads"]}  # fmt: skip
+
+
+def jensen_linreg_slice(config: dict[str, Any]) -> dict[str, Any]:
+    return {**config["noise"]["jensen"], "seed": config["noise"]["seed"]}
 
 
 def ghost_model(config: dict[str, Any], workload: str, ghost_size: int) -> dict[str, Any]:

@@ -102,15 +102,15 @@ def per_example_sq_norms(
 
 
 def full_gradient(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """The flattened gradient of the mean loss over (x, y), summed over chunks."""
-    params, buffers = _params(model), {k: v.detach() for k, v in model.named_buffers()}
-    total = None
+    """The flattened gradient of the mean loss over (x, y), accumulated over chunks by plain autograd (so it also
+    works with BatchNorm in train mode, where each chunk is normalised by its own statistics)."""
+    model.zero_grad(set_to_none=True)
     for start in range(0, len(x), chunk):
         xb, yb = x[start : start + chunk], y[start : start + chunk]
-        g = grad(lambda p, xb=xb, yb=yb: loss(functional_call(model, (p, buffers), (xb,)), yb))(params)
-        flat = torch.cat([v.reshape(-1) for v in g.values()]) * (len(xb) / len(x))
-        total = flat if total is None else total + flat
-    return total
+        (loss(model(xb), yb) * (len(xb) / len(x))).backward()
+    flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).detach()
+    model.zero_grad(set_to_none=True)
+    return flat
 
 
 @dataclass

@@ -381,6 +381,96 @@ def ghost_table(ds: xr.Dataset) -> pd.DataFrame:
     return table.rename(columns={"step_time": "step time (ms)"})
 
 
+def load_noise(paths: Sequence[str | Path]) -> dict[str, dict[str, xr.Dataset]]:
+    """{workload: {"snapshots": ..., "variance": ..., "jensen": ...}} plus {"linreg": {"jensen": ...}}."""
+    out: dict[str, dict[str, xr.Dataset]] = {}
+    for path in map(Path, paths):
+        if path.is_dir():
+            snapshots = [read_netcdf(f) for f in sorted(path.glob("snapshot*.nc"))]
+            table = xr.concat([s.expand_dims(step=[s.attrs["step"]]) for s in snapshots], dim="step",
+                              combine_attrs="drop_conflicts")  # fmt: skip
+            out.setdefault(path.name, {}).update(snapshots=table, variance=read_netcdf(path / "variance.nc"))
+        else:
+            out.setdefault(path.stem, {})["jensen"] = read_netcdf(path)
+    return out
+
+
+def plot_noise_scale(snapshots: xr.Dataset, fit: xr.Dataset | None, name: str) -> plt.Figure:
+    """B_simple along the reference run (per example and two-batch), against B_crit from the K(B) fit."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    steps = snapshots["step"].values
+    ax.plot(steps, snapshots["b_simple"].values, "o-", label="B_simple, per-example gradients")
+    ax.plot(steps, snapshots["two_batch_b_simple"].values, "s--", label="B_simple, two-batch estimator")
+    if fit is not None:
+        b_crit = float(fit["b_crit"])
+        ax.axhline(b_crit, color="C3", lw=1, label=f"B_crit from the K(B) fit = {b_crit:.0f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step of the reference run")
+    ax.set_ylabel("examples")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{name}: gradient noise scale along training ({snapshots.attrs.get('reference', '')})")
+    fig.tight_layout()
+    return fig
+
+
+def noise_table(snapshots: xr.Dataset, fit: xr.Dataset | None) -> pd.DataFrame:
+    table = pd.DataFrame({"step": snapshots["step"].values, "loss": snapshots["loss"].values,
+                          "B_simple (per example)": snapshots["b_simple"].values,
+                          "B_simple (two-batch)": snapshots["two_batch_b_simple"].values})  # fmt: skip
+    if fit is not None:
+        table["B_crit (K fit)"] = float(fit["b_crit"])
+        table["B_crit / B_simple"] = float(fit["b_crit"]) / table["B_simple (per example)"]
+    return table
+
+
+def plot_variance_law(variance: xr.Dataset, name: str) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    b = variance["batch_size"].values
+    n = variance.attrs["population"]
+    ax.plot(b, variance["mean_sq_error"].values, "o", label="E|g_B - G|^2 (draws without replacement)")
+    ax.plot(b, variance["mean_sq_error"].values * (n - 1) / (n - b), "s", mfc="none",
+            label="divided by (N - B)/(N - 1)")  # fmt: skip
+    if np.isfinite(variance["predicted"].values).all():
+        ax.plot(b, variance["predicted"].values, color="0.4", lw=1, label="tr(Sigma)(N - B)/(B(N - 1))")
+    low, high = variance["slope_ci"].values
+    low_c, high_c = variance["slope_corrected_ci"].values
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("squared error of the minibatch gradient")
+    ax.legend(fontsize=7)
+    ax.set_title(
+        f"{name}: variance law: slope {float(variance['slope']):.3f} [{low:.3f}, {high:.3f}], corrected "
+        f"{float(variance['slope_corrected']):.3f} [{low_c:.3f}, {high_c:.3f}]",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def plot_jensen(results: dict[str, xr.Dataset]) -> plt.Figure:
+    """Relative bias tr(E[H_m^-1] H)/k - 1 against m: linear regression with its analytic curve, trained models."""
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
+    for ax, (name, ds) in zip(axes[0], results.items(), strict=True):
+        m = ds["m"].values
+        ax.errorbar(m, ds["relative_bias"].values, yerr=2 * ds["relative_bias_se"].values, fmt="o", capsize=3,
+                    label="Monte Carlo (2 SE)")  # fmt: skip
+        if np.isfinite(ds["analytic"].values).any():
+            grid = np.linspace(m.min(), m.max(), 200)
+            p = ds.attrs["dim"]
+            ax.plot(grid, (p + 1) / (grid - p - 1), color="C1", label="(p + 1)/(m - p - 1)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("minibatch size m")
+        ax.set_ylabel("relative bias of E[H_m^-1]")
+        ax.set_title("linear regression" if name == "linreg" else f"{name} (top-{ds.attrs.get('subspace_dim')} "
+                     f"subspace, damping {ds.attrs.get('damping')})", fontsize=9)  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.suptitle("Jensen: E[H_m^-1] overestimates H^-1, the more so the smaller the minibatch")
+    fig.tight_layout()
+    return fig
+
+
 HESSIAN_FIGURES = {"sharpness": plot_sharpness, "density": plot_density, "sharpness_gap": plot_sharpness_gap}
 
 
@@ -466,6 +556,7 @@ def render(
     hessian_paths: Sequence[str] = (),
     stability_paths: Sequence[str] = (),
     ghost_paths: Sequence[str] = (),
+    noise_paths: Sequence[str] = (),
 ) -> Path:
     """Execute the report notebook on ``fit_paths`` (and Hessian aggregates) and write HTML, code hidden."""
     import nbformat
@@ -482,6 +573,7 @@ def render(
             "hessian_files": [str(Path(p).resolve()) for p in hessian_paths],
             "stability_files": [str(Path(p).resolve()) for p in stability_paths],
             "ghost_files": [str(Path(p).resolve()) for p in ghost_paths],
+            "noise_files": [str(Path(p).resolve()) for p in noise_paths],
             "figures_dir": str(Path(figures_dir).resolve()),
         },
         progress_bar=False,

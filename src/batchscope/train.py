@@ -58,8 +58,26 @@ def reached(metric: str, value: float, target: float) -> bool:
     return value >= target if metric == "val_accuracy" else value <= target
 
 
+SNAPSHOT_BUDGET = 2 * 10**8  # parameters x kept snapshots held in memory before they are thinned
+
+
+def _pick_snapshots(kept: list[tuple[int, dict]], fractions: list[float], steps_done: int) -> list[dict]:
+    """For each fraction f, the kept state nearest f x steps_done (kept states are at step 0 and each evaluation)."""
+    picked = []
+    for fraction in fractions:
+        step, state = min(kept, key=lambda item: abs(item[0] - fraction * steps_done))
+        picked.append({"fraction": fraction, "step": step, "state_dict": state})
+    return picked
+
+
 def train(
-    data: Tensors, spec: dict[str, Any], batch_size: int, lr: float, seed: int, device: torch.device
+    data: Tensors,
+    spec: dict[str, Any],
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    snapshot_fractions: list[float] | None = None,
 ) -> tuple[xr.Dataset, dict[str, Any]]:
     """Run one training point. Returns its record (an ``xarray.Dataset``) and a checkpoint dict.
 
@@ -82,6 +100,16 @@ def train(
     steady_steps: list[float] = []
     wall_start = time.perf_counter()
     initial_val_loss = evaluate(model, data.x_val, data.y_val, data.task).loss
+    kept: list[tuple[int, dict]] = []
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def keep(step: int) -> None:
+        if snapshot_fractions:
+            kept.append((step, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
+            if len(kept) * n_params > SNAPSHOT_BUDGET:
+                del kept[1::2]  # thin to every other, keeping the initial weights
+
+    keep(0)
     divergence_threshold = DIVERGENCE_FACTOR * initial_val_loss
     model.train()
     while steps_done < max_steps:
@@ -114,6 +142,7 @@ def train(
             steady_time = elapsed / block
         train_time += elapsed
         steps_done += block
+        keep(steps_done)
         evaluation = evaluate(model, data.x_val, data.y_val, data.task)
         value = evaluation.accuracy if metric == "val_accuracy" else evaluation.loss
         for key, item in zip(
@@ -187,4 +216,6 @@ def train(
         "seed": seed,
         "steps_done": steps_done,
     }
+    if snapshot_fractions:
+        checkpoint["snapshots"] = _pick_snapshots(kept, snapshot_fractions, steps_done)
     return ds, checkpoint

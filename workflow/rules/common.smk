@@ -97,6 +97,46 @@ def stability_files(wildcards):
     return expand(rules.edge_of_stability.output[0], workload=eos["workload"], step_size=sizes)
 
 
+def noise_reference_dir(wildcards):
+    batch_size, _, seed = bs_config.noise_reference(config, wildcards.workload)
+    return expand(rules.train_model.output[0], workload=wildcards.workload, batch_size=batch_size, seed=seed)
+
+
+def _reference_stem(wildcards, run_dir):
+    _, lr, seed = bs_config.noise_reference(config, wildcards.workload)
+    return os.path.join(run_dir[0] if isinstance(run_dir, list) else run_dir, f"lr{bs_config.format_lr(lr)}_seed{seed}")
+
+
+def noise_snapshot_file(wildcards, run_dir):
+    return _reference_stem(wildcards, run_dir) + ".snapshots"
+
+
+def noise_checkpoint_file(wildcards, run_dir):
+    return _reference_stem(wildcards, run_dir) + ".pt"
+
+
+def snapshot_params(wildcards):
+    """train_model's snapshot arguments: only the noise stage's reference job saves snapshots."""
+    if not config["noise"]["enabled"]:
+        return ""
+    batch_size, lr, seed = bs_config.noise_reference(config, wildcards.workload)
+    if (int(wildcards.batch_size), int(wildcards.seed)) != (batch_size, seed):
+        return ""
+    fractions = " ".join(str(f) for f in config["noise"]["snapshot_fractions"])
+    return f"--snapshot-lr {bs_config.format_lr(lr)} --snapshot-fractions {fractions}"
+
+
+def noise_outputs(wildcards):
+    """The report's gradient-noise inputs: none when the stage is disabled."""
+    if not config["noise"]["enabled"]:
+        return []
+    return (
+        expand(rules.measure_gradient_noise.output[0], workload=WORKLOADS)
+        + expand(rules.measure_jensen_bias.output[0], workload=WORKLOADS)
+        + [rules.measure_jensen_linreg.output[0]]
+    )
+
+
 GHOST = config["ghost"]
 
 

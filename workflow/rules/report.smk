@@ -4,6 +4,7 @@ rule render_report:
         hessian=hessian_aggregates,
         stability=stability_files,
         ghost=ghost_summaries,
+        noise=noise_outputs,
         notebook=REPORT_NOTEBOOK,
     output:
         html="results/report/report.html",
@@ -24,5 +25,6 @@ rule render_report:
         version=ALGORITHM_VERSIONS["render_report"],
     shell:
         "python -m batchscope report --fits {input.fits} --hessian {input.hessian}"
-        " --edge-of-stability {input.stability} --ghost {input.ghost} --notebook {input.notebook}"
+        " --edge-of-stability {input.stability} --ghost {input.ghost} --noise {input.noise}"
+        " --notebook {input.notebook}"
         " --out {output.html} --figures {output.figures} > {log} 2>&1"

@@ -21,8 +21,9 @@ rule train_model:
     params:
         spec=config_slice(bs_config.train_slice),
         lrs=learning_rates,
+        snapshots=snapshot_params,
         version=ALGORITHM_VERSIONS["train_model"],
     shell:
         "python -m batchscope train --spec {params.spec:q} --data {input.data}"
-        " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {wildcards.seed}"
+        " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {wildcards.seed} {params.snapshots}"
         " --out {output} > {log} 2>&1"

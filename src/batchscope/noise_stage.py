@@ -1,0 +1,126 @@
+"""The gradient-noise stage: B_simple along the reference run, the variance law, and the Jensen bias.
+
+- :func:`measure_snapshot`: per saved snapshot of the reference run, |G|^2, tr(Sigma) and B_simple over the whole
+  training set, per example (when per-example gradients are defined) and by the two-batch estimator.
+- :func:`measure_variance`: unbiasedness and E|g_B - G|^2 against B at the reference run's final weights.
+- :func:`measure_jensen_linreg` / :func:`measure_jensen_subspace`: E[H_m^-1] against H^-1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from batchscope import hessian, noise, runtime
+from batchscope.data import Tensors, linreg_covariance
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _model(checkpoint_model: dict, state: dict, data: Tensors, device: torch.device) -> nn.Module:
+    model = runtime.make_model(checkpoint_model, data, device)
+    model.load_state_dict(state)
+    # the gradient training takes: BatchNorm in train mode (its per-example gradients are then undefined)
+    return model.train()
+
+
+def measure_snapshot(snapshot: dict, model_spec: dict, data: Tensors, spec: dict, device: torch.device) -> xr.Dataset:
+    """Noise scale at one snapshot; ``spec`` is :func:`batchscope.config.noise_slice`."""
+    model = _model(model_spec, snapshot["state_dict"], data, device)
+    loss = runtime.loss_fn(data.task)
+    x, y = data.x_train, data.y_train
+    rng = np.random.default_rng(spec["seed"])
+    two = noise.two_batch_noise_scale(model, loss, x, y, spec["b_small"], spec["b_big"], spec["pairs"], rng)
+    values = {"two_batch_grad_sq_norm": two.grad_sq_norm, "two_batch_trace_sigma": two.trace_sigma,
+              "two_batch_b_simple": two.b_simple}  # fmt: skip
+    if has_batchnorm(model):
+        method = "two-batch only: per-example gradients are undefined with BatchNorm in train mode"
+        values.update(grad_sq_norm=np.nan, trace_sigma=np.nan, b_simple=np.nan)
+    else:
+        exact = noise.noise_scale(model, loss, x, y)
+        method = exact.method
+        values.update(grad_sq_norm=exact.grad_sq_norm, trace_sigma=exact.trace_sigma, b_simple=exact.b_simple)
+    with torch.no_grad():
+        values["loss"] = float(loss(model.eval()(x), y))
+    ds = xr.Dataset({name: ((), float(value)) for name, value in values.items()})
+    for name in ("b_simple", "two_batch_b_simple"):
+        ds[name].attrs.update(units="examples", long_name="tr(Sigma) / |G|^2")
+    ds.attrs.update(step=int(snapshot["step"]), fraction=float(snapshot["fraction"]), method=method,
+                    b_small=spec["b_small"], b_big=spec["b_big"], pairs=spec["pairs"])  # fmt: skip
+    return ds
+
+
+def measure_variance(state: dict, model_spec: dict, data: Tensors, spec: dict, device: torch.device) -> xr.Dataset:
+    model = _model(model_spec, state, data, device)
+    loss = runtime.loss_fn(data.task)
+    x, y = data.x_train, data.y_train
+    trace = np.nan if has_batchnorm(model) else noise.noise_scale(model, loss, x, y).trace_sigma
+    law = noise.variance_law(model, loss, x, y, spec["variance_batch_sizes"], spec["variance_draws"],
+                             np.random.default_rng(spec["seed"]), trace_sigma=trace)  # fmt: skip
+    ds = xr.Dataset(
+        {
+            "mean_sq_error": ("batch_size", law.mean_sq_error, {"long_name": "E|g_B - G|^2 over the draws"}),
+            "predicted": ("batch_size", law.predicted, {"long_name": "tr(Sigma) (N - B) / (B (N - 1))"}),
+            "z_max": ("batch_size", law.z_max, {"long_name": "largest |mean g_B - G| / SE over coordinates"}),
+            "within_3se": ("batch_size", law.within_3se, {"long_name": "share of coordinates within 3 SE"}),
+            "slope": ((), law.slope, {"long_name": "log-log slope of E|g_B - G|^2 in B"}),
+            "slope_ci": ("bound", list(law.slope_ci)),
+            "slope_corrected": ((), law.slope_corrected, {"long_name": "the same, divided by (N - B)/(N - 1)"}),
+            "slope_corrected_ci": ("bound", list(law.slope_corrected_ci)),
+        },
+        coords={"batch_size": law.batch_sizes.astype(int), "bound": ["low", "high"]},
+    )
+    ds.attrs.update(population=len(x), draws=spec["variance_draws"])
+    return ds
+
+
+def _jensen_dataset(result: noise.JensenResult) -> xr.Dataset:
+    return xr.Dataset(
+        {
+            "relative_bias": ("m", result.relative_bias, {"long_name": "tr(E[H_m^-1] H) / k - 1"}),
+            "relative_bias_se": ("m", result.relative_bias_se),
+            "min_eigenvalue": ("m", result.min_eigenvalue, {"long_name": "smallest eigenvalue of E[H_m^-1] - H^-1"}),
+            "analytic": ("m", result.analytic, {"long_name": "(p + 1) / (m - p - 1)"}),
+        },
+        coords={"m": result.m},
+    )
+
+
+def measure_jensen_linreg(spec: dict[str, Any]) -> xr.Dataset:
+    """Linear regression, x ~ N(0, Sigma) in p dimensions: Monte Carlo against the inverse-Wishart mean."""
+    covariance = linreg_covariance(spec["dim"], spec["condition_number"], spec["seed"])
+    result = noise.jensen_linreg(covariance, spec["sizes"], spec["draws"], np.random.default_rng(spec["seed"]))
+    ds = _jensen_dataset(result)
+    ds.attrs.update(dim=spec["dim"], draws=spec["draws"], condition_number=spec["condition_number"])
+    return ds
+
+
+def measure_jensen_subspace(state: dict, model_spec: dict, data: Tensors, spec: dict, device) -> xr.Dataset:
+    """The trained model: the Hessian restricted to its top-k eigenvectors (Lanczos on the full training set)."""
+    model = runtime.make_model(model_spec, data, device)
+    model.load_state_dict(state)
+    loss = runtime.loss_fn(data.task)
+    x, y = data.x_train, data.y_train
+    full = hessian.HessianOperator(model, loss, x, y)
+    k = spec["subspace_dim"]
+    from scipy.sparse.linalg import eigsh
+
+    _, vectors = eigsh(full.to_scipy(), k=k, which="LA", tol=1e-6)
+    basis = torch.as_tensor(vectors, dtype=full.dtype, device=full.device)
+
+    def restricted(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        op = hessian.HessianOperator(model, loss, xb, yb)
+        return basis.T @ torch.stack([op.matvec(basis[:, j]) for j in range(k)], dim=1)
+
+    result = noise.jensen_subspace(restricted, x, y, spec["subspace_sizes"], spec["subspace_draws"],
+                                   spec["damping"], np.random.default_rng(spec["seed"]))  # fmt: skip
+    ds = _jensen_dataset(result)
+    ds.attrs.update(subspace="top Hessian eigenvectors (Lanczos, full training set)", subspace_dim=k,
+                    damping=spec["damping"], draws=spec["subspace_draws"], batchnorm_mode="eval")  # fmt: skip
+    return ds

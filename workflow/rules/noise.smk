@@ -1,0 +1,71 @@
+# Gradient noise along one reference run per workload (its train_model job saves snapshots), and the Jensen-bias
+# experiment. One NetCDF per snapshot and per experiment.
+rule measure_gradient_noise:
+    input:
+        data=rules.prepare_data.output[0],
+        run=noise_reference_dir,
+    output:
+        directory("results/noise/{workload}"),
+    log:
+        "logs/measure_gradient_noise/{workload}.log",
+    benchmark:
+        "results/benchmarks/measure_gradient_noise/{workload}.tsv"
+    conda:
+        "../envs/batchscope.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=GPU,
+        mem_mb=4000,
+        runtime=30,
+    params:
+        spec=config_slice(bs_config.noise_slice),
+        snapshots=lambda w, input: noise_snapshot_file(w, input.run),
+        version=ALGORITHM_VERSIONS["measure_gradient_noise"],
+    shell:
+        "python -m batchscope noise --spec {params.spec:q} --data {input.data}"
+        " --snapshots {params.snapshots} --out {output} > {log} 2>&1"
+
+
+rule measure_jensen_bias:
+    input:
+        data=rules.prepare_data.output[0],
+        run=noise_reference_dir,
+    output:
+        "results/jensen/{workload}.nc",
+    log:
+        "logs/measure_jensen_bias/{workload}.log",
+    benchmark:
+        "results/benchmarks/measure_jensen_bias/{workload}.tsv"
+    conda:
+        "../envs/batchscope.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=GPU,
+        mem_mb=4000,
+        runtime=30,
+    params:
+        spec=config_slice(bs_config.jensen_slice),
+        checkpoint=lambda w, input: noise_checkpoint_file(w, input.run),
+        version=ALGORITHM_VERSIONS["measure_jensen_bias"],
+    shell:
+        "python -m batchscope jensen --spec {params.spec:q} --data {input.data}"
+        " --checkpoint {params.checkpoint} --out {output} > {log} 2>&1"
+
+
+rule measure_jensen_linreg:
+    output:
+        "results/jensen/linreg.nc",
+    log:
+        "logs/measure_jensen_linreg/linreg.log",
+    benchmark:
+        "results/benchmarks/measure_jensen_linreg/linreg.tsv"
+    conda:
+        "../envs/batchscope.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        spec=json.dumps(bs_config.jensen_linreg_slice(config), sort_keys=True),
+        version=ALGORITHM_VERSIONS["measure_jensen_bias"],
+    shell:
+        "python -m batchscope jensen --spec {params.spec:q} --out {output} > {log} 2>&1"
