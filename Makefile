@@ -44,6 +44,7 @@ bench: $(STAMP)
 	python benchmarks/pipeline.py
 	python benchmarks/hessian.py
 	python benchmarks/ghostbn.py
+	python benchmarks/noise.py
 
 clean:
 	rm -rf results logs .snakemake

@@ -18,6 +18,7 @@ Two ways to measure tr(Sigma) and |G|^2:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,7 +66,9 @@ def _linear_sq_norms(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Ten
             handles.append(module.register_full_backward_hook(lambda m, _gi, go: grads.__setitem__(m, go[0].detach())))
     try:
         model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            # the input needs no gradient, so torch notes the hook sees output gradients only: all it needs
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
             # N x the mean loss is the sum over examples, so each output gradient's row n is example n's own
             (loss(model(x), y) * len(x)).backward()
     finally:
