@@ -22,7 +22,7 @@ import pandas as pd
 import xarray as xr
 from scipy.optimize import lsq_linear
 
-from batchscope.io import read_netcdf
+from batchscope.io import netcdf_files, read_netcdf
 
 
 @dataclass(frozen=True)
@@ -128,13 +128,8 @@ def read_profiles(paths: Sequence[str | Path]) -> xr.Dataset:
 
 def read_runs(paths: Sequence[str | Path]) -> xr.Dataset:
     """Concatenate training points along ``run``; ``paths`` may be point files or train_model directories."""
-    files = []
-    for path in map(Path, paths):
-        files += sorted(path.glob("*.nc")) if path.is_dir() else [path]
-    if not files:
-        raise FileNotFoundError(f"no training results in {', '.join(map(str, paths))}")
     parts = []
-    for path in files:
+    for path in netcdf_files(paths, "training results"):
         ds = read_netcdf(path)
         run = xr.Dataset(coords={f"run_{k}": ("run", [ds.attrs[k]]) for k in ("batch_size", "lr", "seed")})
         parts.append(ds.expand_dims("run").assign_coords(run.coords))

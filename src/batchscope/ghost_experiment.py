@@ -23,7 +23,7 @@ from torch import nn
 from batchscope import ghost, runtime
 from batchscope.data import Tensors
 from batchscope.fit import read_runs, steps_per_batch_size
-from batchscope.io import read_netcdf
+from batchscope.io import netcdf_files, read_netcdf
 
 
 @torch.no_grad()
@@ -106,10 +106,9 @@ def _variant(runs: xr.Dataset, name: str, batch_size: int, hessian: dict | None)
 
 def _lambda_max(paths: Sequence[str | Path]) -> dict[tuple[int, float, int], float]:
     out = {}
-    for path in map(Path, paths):
-        for file in sorted(path.glob("*.nc")) if path.is_dir() else [path]:
-            ds = read_netcdf(file)
-            out[(int(ds.attrs["batch_size"]), float(ds.attrs["lr"]), int(ds.attrs["seed"]))] = float(ds["lambda_max"])
+    for file in netcdf_files(paths, "Hessian results"):
+        ds = read_netcdf(file)
+        out[(int(ds.attrs["batch_size"]), float(ds.attrs["lr"]), int(ds.attrs["seed"]))] = float(ds["lambda_max"])
     return out
 
 

@@ -83,6 +83,16 @@ def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine=ENGINE))
 
 
+def netcdf_files(paths, what: str = "results") -> list[Path]:
+    """The NetCDF files among ``paths``: a directory contributes its ``*.nc`` files (sorted), a file itself."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        files += sorted(path.glob("*.nc")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"no {what} in {', '.join(map(str, paths)) or '(no paths)'}")
+    return files
+
+
 def read_netcdf(path: str | os.PathLike) -> xr.Dataset:
     """Read a whole NetCDF file into memory and close it."""
     if not Path(path).is_file():

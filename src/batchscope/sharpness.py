@@ -25,7 +25,7 @@ from torch import nn
 
 from batchscope import hessian, runtime
 from batchscope.data import Tensors
-from batchscope.io import read_netcdf
+from batchscope.io import netcdf_files, read_netcdf
 
 
 def evaluation_set(data: Tensors, spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,13 +131,8 @@ def aggregate(hessian_paths: Sequence[str | Path], run_paths: Sequence[str | Pat
     """
     from batchscope.fit import read_runs, steps_per_batch_size
 
-    files: list[Path] = []
-    for path in map(Path, hessian_paths):
-        files += sorted(path.glob("*.nc")) if path.is_dir() else [path]
-    if not files:
-        raise FileNotFoundError(f"no Hessian results in {', '.join(map(str, hessian_paths))}")
     parts = []
-    for path in files:
+    for path in netcdf_files(hessian_paths, "Hessian results"):
         ds = read_netcdf(path)
         keys = {f"run_{k}": ("run", [ds.attrs[k]]) for k in ("batch_size", "lr", "seed")}
         parts.append(ds.drop_vars(["slq_nodes", "slq_weights"]).expand_dims("run").assign_coords(keys))
