@@ -193,7 +193,7 @@ def plot_total_time(ds: xr.Dataset) -> plt.Figure:
 
 
 def plot_curves(ds: xr.Dataset) -> plt.Figure:
-    """Validation metric against step at each batch size's best learning rate (seed 0... all seeds)."""
+    """Validation metric against step at each batch size's best learning rate, one line per seed."""
     runs = run_table(ds)
     best_lr = dict(zip(ds["batch_size"].values, ds["best_lr"].values, strict=True))
     keep = [i for i, row in runs.iterrows() if best_lr.get(row["batch_size"]) == row["lr"]]
