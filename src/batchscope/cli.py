@@ -288,6 +288,15 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(html)
 
 
+def cmd_recommend(args: argparse.Namespace) -> None:
+    from batchscope.recommend import CacheError, main
+
+    try:
+        print(main(args.results, args.json))
+    except CacheError as err:
+        raise SystemExit(f"batchscope recommend: {err}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchscope", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -352,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True, help="the workload's train_model output directories")
     p.add_argument("--hessian", nargs="+", required=True, help="analyze_hessian output directories")
     p.add_argument("--out", required=True)
+
+    p = sub.add_parser("recommend", help="the recommended batch size and learning rate, from the cached fits")
+    p.set_defaults(func=cmd_recommend)
+    p.add_argument("results", nargs="?", default="results", help="a results directory (or its fit/ directory)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("report", help="execute the report notebook and write HTML")
     p.set_defaults(func=cmd_report)

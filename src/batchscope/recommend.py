@@ -1,0 +1,104 @@
+"""The answer in one line: the recommended batch size and learning rate per workload, from the cached fits only.
+
+Reads ``results/fit/*.nc`` (no training, no torch), so it works on results copied from a cluster. For each
+workload: the grid's best batch size (the argmin of the measured K(B) T_iter(B)) with its best learning rate, the
+predicted b_opt, the predicted and measured time to target there, and how much slower the grid's smallest and
+largest batch sizes were.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from batchscope.io import read_netcdf
+
+REQUIRED = (
+    "b_opt",
+    "k",
+    "best_lr",
+    "t_empirical",
+    "t_predicted",
+    "measured_best_batch_size",
+    "time_to_target_measured",
+)
+
+
+class CacheError(ValueError):
+    """The results directory has no usable fits, or fits that do not belong together."""
+
+
+def recommendations(results: str | Path) -> list[dict[str, Any]]:
+    results = Path(results)
+    fit_dir = results / "fit" if (results / "fit").is_dir() else results
+    files = sorted(fit_dir.glob("*.nc"))
+    if not files:
+        raise CacheError(f"{fit_dir}: no fit results (*.nc); run the workflow, or give the results directory")
+    rows, versions = [], set()
+    for path in files:
+        try:
+            ds = read_netcdf(path)
+        except OSError as err:
+            raise CacheError(str(err)) from err
+        missing = [name for name in REQUIRED if name not in ds]
+        if ds.attrs.get("stage") != "fit_scaling" or missing:
+            raise CacheError(
+                f"{path}: not a fit_scaling result (stage {ds.attrs.get('stage')!r}, missing {missing}); "
+                "delete it and rerun the workflow"
+            )
+        versions.add((ds.attrs.get("batchscope_version"), ds.attrs.get("algorithm_version")))
+        rows.append(_row(ds, path))
+    if len(versions) > 1:
+        raise CacheError(
+            f"{fit_dir}: fits from different batchscope or algorithm versions {sorted(versions)}; rerun the "
+            "workflow so they agree"
+        )
+    return rows
+
+
+def _row(ds, path: Path) -> dict[str, Any]:
+    best = int(ds["measured_best_batch_size"])
+    if best <= 0:
+        raise CacheError(f"{path}: no batch size reached the target; nothing to recommend")
+    measured = ds["t_empirical"]
+    smallest, largest = int(ds["batch_size"].min()), int(ds["batch_size"].max())
+    at = float(measured.sel(batch_size=best))
+
+    def slowdown(b: int) -> float:
+        value = float(measured.sel(batch_size=b))
+        return value / at if math.isfinite(value) else math.inf
+
+    return {
+        "workload": ds.attrs.get("workload", path.stem),
+        "device": ds.attrs.get("device_type", ""),
+        "device_name": ds.attrs.get("device_name", ""),
+        "batch_size": best,
+        "learning_rate": float(ds["best_lr"].sel(batch_size=best)),
+        "predicted_b_opt": float(ds["b_opt"]),
+        "b_opt_ci": [float(x) for x in ds["b_opt_ci"].values] if "b_opt_ci" in ds else None,
+        "predicted_time_to_target_s": float(ds["t_predicted"].sel(batch_size=best)),
+        "measured_time_to_target_s": at,
+        "training_time_to_target_s": float(ds["time_to_target_measured"].sel(batch_size=best)),
+        "steps_to_target": float(ds["k"].sel(batch_size=best)),
+        "smallest_batch_size": smallest,
+        "smallest_slowdown": slowdown(smallest),
+        "largest_batch_size": largest,
+        "largest_slowdown": slowdown(largest),
+    }
+
+
+def format_line(row: dict[str, Any]) -> str:
+    return (
+        f"{row['workload']} on {row['device']} ({row['device_name']}): batch size {row['batch_size']} at learning "
+        f"rate {row['learning_rate']:g} (predicted b_opt {row['predicted_b_opt']:.0f}); time to target "
+        f"{row['measured_time_to_target_s']:.3g} s measured, {row['predicted_time_to_target_s']:.3g} s predicted; "
+        f"B = {row['smallest_batch_size']} was {row['smallest_slowdown']:.2f}x slower, "
+        f"B = {row['largest_batch_size']} {row['largest_slowdown']:.2f}x"
+    )
+
+
+def main(results: str, as_json: bool) -> str:
+    rows = recommendations(results)
+    return json.dumps(rows, indent=2) if as_json else "\n".join(format_line(row) for row in rows)
