@@ -111,6 +111,7 @@ def test_profile_times_the_training_step(digits):
     for ds in (small, large):
         assert bool(ds["feasible"]) and ds.sizes["repeat"] == 5
         assert float(ds["t_iter_q25"]) <= float(ds["t_iter_median"]) <= float(ds["t_iter_q75"])
+        # the calibration block lasted >= min_repeat_time (0.002 s); half of it allows for the machine's drift
         assert int(ds["steps_per_repeat"]) * float(ds["t_iter_median"]) >= 0.5 * 0.002
     # 128x the examples costs more per step (the per-example term tau_d is real on this model)
     assert float(large["t_iter_median"]) > float(small["t_iter_median"])

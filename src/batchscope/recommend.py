@@ -49,7 +49,7 @@ def recommendations(results: str | Path) -> list[dict[str, Any]]:
                 "delete it and rerun the workflow"
             )
         versions.add((ds.attrs.get("batchscope_version"), ds.attrs.get("algorithm_version")))
-        rows.append(_row(ds, path))
+        rows.append(recommend_row(ds, path))
     if len(versions) > 1:
         raise CacheError(
             f"{fit_dir}: fits from different batchscope or algorithm versions {sorted(versions)}; rerun the "
@@ -58,7 +58,8 @@ def recommendations(results: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _row(ds, path: Path) -> dict[str, Any]:
+def recommend_row(ds, path: str | Path = "") -> dict[str, Any]:
+    """The recommendation from one workload's fit (the report's summary and sentence use it too)."""
     best = int(ds["measured_best_batch_size"])
     if best <= 0:
         raise CacheError(f"{path}: no batch size reached the target; nothing to recommend")
@@ -71,7 +72,7 @@ def _row(ds, path: Path) -> dict[str, Any]:
         return value / at if math.isfinite(value) else math.inf
 
     return {
-        "workload": ds.attrs.get("workload", path.stem),
+        "workload": ds.attrs.get("workload", Path(path).stem),
         "device": ds.attrs.get("device_type", ""),
         "device_name": ds.attrs.get("device_name", ""),
         "batch_size": best,

@@ -19,6 +19,7 @@ import seaborn as sns
 import xarray as xr
 
 from batchscope.io import atomic_write, read_netcdf
+from batchscope.recommend import recommend_row
 
 
 def load_fits(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
@@ -484,20 +485,20 @@ FIGURES = {
 
 
 def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
-    """The recommendation table: one row per workload."""
+    """The recommendation table: one row per workload (:func:`batchscope.recommend.recommend_row` plus the fit)."""
     rows = []
     for name, ds in fits.items():
-        best = int(ds["measured_best_batch_size"])
+        row = recommend_row(ds, name)
         b_low, b_high = ds["b_opt_ci"].values
         rows.append(
             {
                 "workload": name,
-                "device": ds.attrs.get("device_name", ""),
-                "predicted b_opt": float(ds["b_opt"]),
+                "device": row["device_name"],
+                "predicted b_opt": row["predicted_b_opt"],
                 "b_opt 95% CI": f"{b_low:.0f} to {b_high:.0f}",
-                "measured best B": best,
+                "measured best B": row["batch_size"],
                 "predicted T(b_opt) (s)": float(ds["t_at_b_opt"]),
-                "measured T(best B) (s)": float(ds["t_empirical"].sel(batch_size=best)) if best > 0 else math.nan,
+                "measured T(best B) (s)": row["measured_time_to_target_s"],
                 "B_crit": float(ds["b_crit"]),
                 "N_iter": float(ds["n_iter"]),
                 "tau_f (ms)": 1e3 * float(ds["tau_f"]),
@@ -511,15 +512,13 @@ def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
 
 def recommendation(ds: xr.Dataset) -> str:
     """One sentence: on <device>, for <workload>: predicted b_opt, measured best B, time to target at each."""
-    best = int(ds["measured_best_batch_size"])
-    measured = float(ds["t_empirical"].sel(batch_size=best)) if best > 0 else math.nan
+    row = recommend_row(ds)
     return (
-        f"On {ds.attrs.get('device_type', '?')} ({ds.attrs.get('device_name', '?')}), for "
-        f"{ds.attrs['workload']}: predicted b_opt = {float(ds['b_opt']):.0f} "
-        f"(95% CI {ds['b_opt_ci'].values[0]:.0f} to {ds['b_opt_ci'].values[1]:.0f}), time to target "
-        f"{float(ds['t_at_b_opt']):.3g} s predicted there; measured best B = {best} on the grid, "
-        f"time to target {measured:.3g} s (K = {float(ds['k'].sel(batch_size=best)):.0f} steps at lr "
-        f"{float(ds['best_lr'].sel(batch_size=best)):g})."
+        f"On {row['device']} ({row['device_name']}), for {row['workload']}: predicted b_opt = "
+        f"{row['predicted_b_opt']:.0f} (95% CI {ds['b_opt_ci'].values[0]:.0f} to {ds['b_opt_ci'].values[1]:.0f}), "
+        f"time to target {float(ds['t_at_b_opt']):.3g} s predicted there; measured best B = {row['batch_size']} on "
+        f"the grid, time to target {row['measured_time_to_target_s']:.3g} s (K = {row['steps_to_target']:.0f} "
+        f"steps at lr {row['learning_rate']:g})."
     )
 
 

@@ -53,7 +53,8 @@ def analyze(checkpoint: dict[str, Any], data: Tensors, spec: dict[str, Any], dev
     )
     k, runs, steps, points = spec["top_k"], spec["slq_runs"], spec["slq_steps"], spec["density_points"]
     common = {"seed": spec["seed"], "dtype": op.dtype, "device": device}
-    finite = bool(torch.isfinite(op.point).all()) and math.isfinite(op.loss_value())
+    loss_value = op.loss_value() if bool(torch.isfinite(op.point).all()) else math.nan
+    finite = math.isfinite(loss_value)
     results: dict[str, Any] = {"skipped": "" if finite else "diverged"}
     if finite:
         start = time.perf_counter()
@@ -73,7 +74,7 @@ def analyze(checkpoint: dict[str, Any], data: Tensors, spec: dict[str, Any], dev
             eigenvalues=eigenvalues, converged=top.converged, n_hvp_top=top.n_matvec, trace=trace.value,
             trace_se=trace.standard_error, n_hvp_trace=trace.n_matvec, n_hvp_slq=density.n_matvec,
             slq_nodes=density.nodes, slq_weights=density.weights, density=values, density_grid=grid,
-            loss=op.loss_value(), grad_norm=float(torch.linalg.vector_norm(op.gradient())),
+            loss=loss_value, grad_norm=float(torch.linalg.vector_norm(op.gradient())),
         )  # fmt: skip
     else:
         nan = math.nan
