@@ -52,17 +52,18 @@ def main() -> None:
             net = model(kind, device)
             optimizer = runtime.make_optimizer({"name": "sgd", "momentum": 0.9, "nesterov": False,
                                                 "weight_decay": 0.0}, net.parameters(), 0.01)  # fmt: skip
-            steps[kind] = runtime.make_step(net, optimizer, tensors, runtime.loss_fn("classification"))
+            steps[kind] = runtime.make_step(net, optimizer, torch.nn.functional.cross_entropy, device)
         index = torch.randperm(len(tensors.x_train), generator=torch.Generator().manual_seed(0))[:BATCH].to(device)
         times = {kind: [] for kind in steps}
+        x, y = tensors.x_train[index], tensors.y_train[index]
         for step in steps.values():  # warm-up
             for _ in range(5):
-                step(index)
+                step(x, y)
         for _ in range(REPEATS):
             for kind, step in steps.items():
                 clock.start()
                 for _ in range(STEPS):
-                    step(index)
+                    step(x, y)
                 times[kind].append(clock.stop() / STEPS)
         medians = {kind: statistics.median(values) for kind, values in times.items()}
         results[device.type] = {

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from batchscope import config, data, noise, runtime
+from batchscope import config, noise
+from batchscope.workload import build
 
 RESULTS = Path(__file__).resolve().parent / "results" / "noise.json"
 BATCH, REPEATS = 256, 15
@@ -31,13 +32,10 @@ def trace_from_norms(sq_norms: torch.Tensor, gradient: torch.Tensor) -> float:
 def main() -> None:
     torch.set_num_threads(1)
     study = config.load(Path(__file__).resolve().parents[1] / "config" / "config.yaml")
-    workload = study["workloads"]["digits_mlp"]
-    tensors = data.load_tensors(data.build(workload["dataset"]), "cpu")
-    torch.manual_seed(0)
-    model = runtime.make_model(workload["model"], tensors, torch.device("cpu"))
-    loss = runtime.loss_fn(tensors.task)
-    index = torch.randperm(len(tensors.x_train), generator=torch.Generator().manual_seed(0))[:BATCH]
-    x, y = tensors.x_train[index], tensors.y_train[index]
+    built = build(config.workload_slice(study, "digits_mlp"), torch.device("cpu"), seed=0)
+    model, loss, (x_train, y_train) = built.model, built.loss, built.train
+    index = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:BATCH]
+    x, y = x_train[index], y_train[index]
 
     def loop():
         norms = []
@@ -64,7 +62,8 @@ def main() -> None:
             traces[name] = trace_from_norms(norms, gradient)
     medians = {name: statistics.median(values) for name, values in times.items()}
     reference = traces["loop"]
-    print(f"tr(Sigma) of a batch of {BATCH}, digits MLP {workload['model']['widths']}, 1 thread, medians of {REPEATS}")
+    widths = study["workloads"]["digits_mlp"]["model"]["widths"]
+    print(f"tr(Sigma) of a batch of {BATCH}, digits MLP {widths}, 1 thread, medians of {REPEATS}")
     print(f"{'path':8}{'time (ms)':>11}{'vs loop':>9}{'tr(Sigma)':>12}{'rel. diff':>11}")
     for name in paths:
         rel = abs(traces[name] - reference) / reference

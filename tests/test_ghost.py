@@ -142,13 +142,16 @@ def test_models_take_a_norm_option():
 
 def test_variance_experiment_on_digits_cnn_activations():
     """Real activations (the first BatchNorm's input of the digits CNN): the ratio follows g (N - m)/(N - B)."""
-    from batchscope import data
     from batchscope.ghost_experiment import variance_experiment
 
-    digits = data.load_tensors(data.build({"name": "digits", "val_fraction": 0.2, "seed": 0}), "cpu")
-    spec = {"batch_size": 512, "groups": [1, 4, 16, 64], "draws": 1500, "seed": 0}
-    model = {"name": "cnn", "channels": [8, 16], "hidden": 32, "norm": "batch"}
-    ds = variance_experiment(digits, model, spec, torch.device("cpu"))
+    workload = {
+        "factory": "batchscope.workload:builtin",
+        "dataset": {"name": "digits", "val_fraction": 0.2, "seed": 0},
+        "model": {"name": "cnn", "channels": [8, 16], "hidden": 32, "norm": "batch"},
+        "loader": {"stream": False, "workers": 0, "pin_memory": True, "analysis_examples": 4096},
+    }
+    spec = {"batch_size": 512, "groups": [1, 4, 16, 64], "draws": 1500, "seed": 0, "workload": workload}
+    ds = variance_experiment(spec, torch.device("cpu"))
     assert ds.sizes["channel"] == 8 and ds.attrs["population"] == 1437
     np.testing.assert_allclose(ds["ratio"].sel(groups=1).values, 1.0)
     expected = ds["expected"].values[:, None]

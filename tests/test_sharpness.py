@@ -8,9 +8,11 @@ import torch
 import xarray as xr
 
 from batchscope import config as cfg
-from batchscope import data, hessian, runtime, sharpness
+from batchscope import data, hessian, sharpness
 from batchscope.io import write_netcdf
+from batchscope.models import build_model
 from batchscope.train import train
+from batchscope.workload import build
 
 CPU = torch.device("cpu")
 
@@ -36,18 +38,18 @@ def settings(**overrides):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(digits):
+def checkpoint():
     train_spec, _ = settings()
-    _, ckpt = train(digits, train_spec, 32, 0.1, seed=0, device=CPU)
+    _, ckpt = train(train_spec, 32, 0.1, seed=0, device=CPU)
     return ckpt
 
 
 def test_analyze_matches_the_dense_hessian(digits, checkpoint):
     _, spec = settings()
-    ds = sharpness.analyze(checkpoint, digits, spec, CPU)
-    model = runtime.make_model(checkpoint["model"], digits, CPU)
+    ds = sharpness.analyze(checkpoint, build(checkpoint["workload"], CPU), spec, CPU)
+    model = build_model(checkpoint["workload"]["model"], (64,), 10)
     model.load_state_dict(checkpoint["state_dict"])
-    op = hessian.HessianOperator(model.double(), runtime.loss_fn("classification"), digits.x_train.double(),
+    op = hessian.HessianOperator(model.double(), torch.nn.functional.cross_entropy, digits.x_train.double(),
                                  digits.y_train)  # fmt: skip
     dense = op.dense()
     exact = np.linalg.eigvalsh(dense.numpy())[::-1]
@@ -62,20 +64,20 @@ def test_analyze_matches_the_dense_hessian(digits, checkpoint):
 
 def test_eval_subset_and_train_mode_are_recorded(digits, checkpoint):
     _, spec = settings(eval_size=500, mode="train", chunk_size=128)
-    ds = sharpness.analyze(checkpoint, digits, spec, CPU)
+    ds = sharpness.analyze(checkpoint, build(checkpoint["workload"], CPU), spec, CPU)
     assert ds.attrs["eval_size"] == 500 and ds.attrs["mode"] == "train" and ds.attrs["chunk_size"] == 128
-    x, _ = sharpness.evaluation_set(digits, spec)
-    x_again, _ = sharpness.evaluation_set(digits, spec)
+    x, _ = sharpness.evaluation_set(digits.x_train, digits.y_train, spec)
+    x_again, _ = sharpness.evaluation_set(digits.x_train, digits.y_train, spec)
     assert len(x) == 500 and torch.equal(x, x_again)  # a fixed subset
 
 
-def test_a_diverged_checkpoint_is_recorded_as_skipped(digits, checkpoint):
+def test_a_diverged_checkpoint_is_recorded_as_skipped(checkpoint):
     _, spec = settings()
     broken = {
         **checkpoint,
         "state_dict": {k: torch.full_like(v, math.nan) for k, v in checkpoint["state_dict"].items()},
     }
-    ds = sharpness.analyze(broken, digits, spec, CPU)
+    ds = sharpness.analyze(broken, build(checkpoint["workload"], CPU), spec, CPU)
     assert ds.attrs["skipped"] == "diverged" and np.isnan(float(ds["lambda_max"])) and int(ds["n_hvp_top"]) == 0
 
 
@@ -120,16 +122,16 @@ def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):
     assert "reproduced" in sharpness.reproduction_sentence(ds)
 
 
-def test_edge_of_stability_sharpness_settles_at_two_over_eta(digits):
+def test_edge_of_stability_sharpness_settles_at_two_over_eta():
     """Cohen et al. 2021 on digits: with 2/eta below where sharpening would plateau (~9.6 for this MLP),
     lambda_max ends within 10% of 2/eta; with a small step it stays far below its limit."""
-    spec = {"examples": 1000, "steps": 500, "interval": 50, "seed": 0}
-    model = {"name": "mlp", "widths": [64]}
-    large = sharpness.edge_of_stability(digits, model, 0.5, spec, CPU)
+    workload = {**settings()[0]["workload"], "model": {"name": "mlp", "widths": [64], "norm": "none"}}
+    spec = {"examples": 1000, "steps": 500, "interval": 50, "seed": 0, "workload": workload}
+    large = sharpness.edge_of_stability(0.5, spec, CPU)
     assert float(large["stability_limit"]) == pytest.approx(4.0)
     assert float(large["lambda_max"][0]) > 4.0  # starts above the limit: GD must push sharpness down to it
     final = large["lambda_max"].values[-3:] / 4.0
     assert np.all(np.abs(final - 1) < 0.10), final
     assert large["loss"].values[-1] < large["loss"].values[0] and not large.attrs["diverged"]
-    small = sharpness.edge_of_stability(digits, model, 0.05, {**spec, "steps": 200}, CPU)
+    small = sharpness.edge_of_stability(0.05, {**spec, "steps": 200}, CPU)
     assert small["lambda_max"].values[-1] < 0.4 * float(small["stability_limit"])

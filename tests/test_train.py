@@ -7,15 +7,10 @@ import pytest
 import torch
 
 from batchscope import config as cfg
-from batchscope import data, profile, runtime
+from batchscope import profile, runtime
 from batchscope.train import train
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.load_tensors(data.build({"name": "digits", "val_fraction": 0.2, "seed": 0}), CPU)
 
 
 def spec(**overrides):
@@ -39,11 +34,11 @@ def spec(**overrides):
     return cfg.train_slice(config, "w")
 
 
-def test_training_is_bitwise_reproducible_per_seed(digits):
+def test_training_is_bitwise_reproducible_per_seed():
     runtime.setup(1)
-    first, ckpt_a = train(digits, spec(), 32, 0.1, seed=3, device=CPU)
-    second, ckpt_b = train(digits, spec(), 32, 0.1, seed=3, device=CPU)
-    other, _ = train(digits, spec(), 32, 0.1, seed=4, device=CPU)
+    first, ckpt_a = train(spec(), 32, 0.1, seed=3, device=CPU)
+    second, ckpt_b = train(spec(), 32, 0.1, seed=3, device=CPU)
+    other, _ = train(spec(), 32, 0.1, seed=4, device=CPU)
     np.testing.assert_array_equal(first["train_loss"].values, second["train_loss"].values)
     np.testing.assert_array_equal(first["val_metric"].values, second["val_metric"].values)
     assert float(first["steps_to_target"]) == float(second["steps_to_target"])
@@ -52,8 +47,8 @@ def test_training_is_bitwise_reproducible_per_seed(digits):
     assert not np.array_equal(first["train_loss"].values, other["train_loss"].values)
 
 
-def test_reaches_target_and_stops(digits):
-    ds, _ = train(digits, spec(), 32, 0.1, seed=0, device=CPU)
+def test_reaches_target_and_stops():
+    ds, _ = train(spec(), 32, 0.1, seed=0, device=CPU)
     assert bool(ds["reached_target"]) and not bool(ds["diverged"])
     steps = float(ds["steps_to_target"])
     assert steps % 10 == 0 and steps == ds["step"].values[-1]  # evaluated every 10 steps, stopped there
@@ -65,49 +60,49 @@ def test_reaches_target_and_stops(digits):
     assert 0 < float(ds["time_to_target"]) <= float(ds["train_time"]) + 1e-12
 
 
-def test_unreachable_target_is_censored(digits):
-    ds, _ = train(digits, spec(target={"metric": "val_accuracy", "value": 1.0}, max_steps=40), 32, 0.1, 0, CPU)
+def test_unreachable_target_is_censored():
+    ds, _ = train(spec(target={"metric": "val_accuracy", "value": 1.0}, max_steps=40), 32, 0.1, 0, CPU)
     assert math.isnan(float(ds["steps_to_target"])) and not bool(ds["reached_target"])
     assert int(ds["steps_done"]) == 40 and ds.sizes["step"] == 4
 
 
 @pytest.mark.parametrize("lr", [1e3, 1e20])  # loss parked at ~1e8 by dead ReLUs; NaN
-def test_divergence_is_recorded_not_raised(digits, lr):
-    ds, _ = train(digits, spec(), 32, lr, seed=0, device=CPU)
+def test_divergence_is_recorded_not_raised(lr):
+    ds, _ = train(spec(), 32, lr, seed=0, device=CPU)
     assert bool(ds["diverged"]) and not bool(ds["reached_target"])
     last = ds["train_loss"].values[-1]
     assert not np.isfinite(last) or last > 100 * float(ds["initial_val_loss"])
     assert int(ds["steps_done"]) == 10  # stopped at the first evaluation
 
 
-def test_a_large_but_recovering_loss_is_not_divergence(digits):
-    ds, _ = train(digits, spec(), 32, 10.0, seed=0, device=CPU)  # first-interval loss ~17x the initial
+def test_a_large_but_recovering_loss_is_not_divergence():
+    ds, _ = train(spec(), 32, 10.0, seed=0, device=CPU)  # first-interval loss ~17x the initial
     assert not bool(ds["diverged"]) and int(ds["steps_done"]) == 300
 
 
-def test_cnn_with_batchnorm_trains(digits):
+def test_cnn_with_batchnorm_trains():
     model = {"name": "cnn", "channels": [4, 8], "hidden": 16, "norm": "batch"}
-    ds, ckpt = train(digits, spec(model=model), 64, 0.05, seed=0, device=CPU)
+    ds, ckpt = train(spec(model=model), 64, 0.05, seed=0, device=CPU)
     assert bool(ds["reached_target"])
     assert any("running_mean" in key for key in ckpt["state_dict"])
 
 
 def test_regression_workload_uses_val_loss():
-    linreg = data.load_tensors(data.build({**cfg.DATASET_DEFAULTS["linreg"], "name": "linreg"}), CPU)
     # noise_std 0.5: the Bayes risk is 0.25, so 0.3 is reachable
-    s = spec(target={"metric": "val_loss", "value": 0.3}, model={"name": "mlp", "widths": []})
-    ds, _ = train(linreg, s, 64, 0.05, seed=0, device=CPU)
+    s = spec(target={"metric": "val_loss", "value": 0.3}, model={"name": "mlp", "widths": []},
+             dataset={"name": "linreg"})  # fmt: skip
+    ds, _ = train(s, 64, 0.05, seed=0, device=CPU)
     assert bool(ds["reached_target"]) and np.isnan(float(ds["final_val_accuracy"]))
     assert ds["val_metric"].values[-1] <= 0.3
 
 
-def test_profile_times_the_training_step(digits):
+def test_profile_times_the_training_step():
     settings = {
         "profile": {"warmup": 2, "repeats": 5, "min_repeat_time": 0.002},
-        "model": spec()["model"],
+        "workload": spec()["workload"],
         "optimizer": spec()["optimizer"],
     }
-    small, large = (profile.profile(digits, settings, b, CPU) for b in (8, 1024))
+    small, large = (profile.profile(settings, b, CPU) for b in (8, 1024))
     for ds in (small, large):
         assert bool(ds["feasible"]) and ds.sizes["repeat"] == 5
         assert float(ds["t_iter_q25"]) <= float(ds["t_iter_median"]) <= float(ds["t_iter_q75"])
@@ -129,33 +124,33 @@ def test_out_of_memory_errors_are_recognised():
 
 
 def _oom_step(*args, **kwargs):
-    def step(index):
+    def step(x, y):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     return step
 
 
-def test_out_of_memory_is_recorded_by_profile_and_train(digits, monkeypatch):
+def test_out_of_memory_is_recorded_by_profile_and_train(monkeypatch):
     # A real OOM cannot be provoked safely on a shared CPU machine; the step raises torch's message instead.
     monkeypatch.setattr(runtime, "make_step", _oom_step)
     settings = {
         "profile": {"warmup": 1, "repeats": 3, "min_repeat_time": 0.001},
-        "model": spec()["model"],
+        "workload": spec()["workload"],
         "optimizer": spec()["optimizer"],
     }
-    prof = profile.profile(digits, settings, 64, CPU)
+    prof = profile.profile(settings, 64, CPU)
     assert not bool(prof["feasible"]) and np.isnan(prof["t_iter"].values).all()
-    ds, _ = train(digits, spec(), 64, 0.1, seed=0, device=CPU)
+    ds, _ = train(spec(), 64, 0.1, seed=0, device=CPU)
     assert bool(ds["out_of_memory"]) and not bool(ds["reached_target"]) and int(ds["steps_done"]) == 0
 
 
-def test_other_runtime_errors_are_not_swallowed(digits, monkeypatch):
+def test_other_runtime_errors_are_not_swallowed(monkeypatch):
     def broken(*args, **kwargs):
-        def step(index):
+        def step(x, y):
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
         return step
 
     monkeypatch.setattr(runtime, "make_step", broken)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        train(digits, spec(), 64, 0.1, seed=0, device=CPU)
+        train(spec(), 64, 0.1, seed=0, device=CPU)

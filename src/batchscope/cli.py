@@ -39,11 +39,16 @@ def _runtime(spec: dict):
     return runtime.resolve_device(spec["device"])
 
 
-def _load_data(path: str, device):
-    from batchscope.data import load_tensors
-    from batchscope.io import read_netcdf
+def _workload(spec: dict, device, data_file: str | None, cache: dict | None = None):
+    """The workload a checkpoint was trained on, built once per distinct spec (its weights are loaded after)."""
+    from batchscope.workload import build
 
-    return load_tensors(read_netcdf(path), device)
+    key = json.dumps(spec, sort_keys=True)
+    if cache is None:
+        return build(spec, device, data_file=data_file)
+    if key not in cache:
+        cache[key] = build(spec, device, data_file=data_file)
+    return cache[key]
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -53,13 +58,24 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
+    """Check the workload's factory once, before any training, and keep a record of it. For the built-in
+    datasets the record is also the data cache every later job reads."""
+    import torch
+    import xarray as xr
+
     from batchscope import data, io
+    from batchscope.workload import build, describe
 
     spec = _spec(args, cfg.data_slice)
-    ds = data.build(spec["dataset"])
-    ds.attrs.update(io.provenance("prepare_data", spec))
+    wl_spec = spec["workload"]
+    builtin = wl_spec["factory"] == cfg.BUILTIN_FACTORY
+    ds = data.build(wl_spec["dataset"]) if builtin else xr.Dataset()
+    workload = build(wl_spec, torch.device("cpu"))
+    summary = describe(workload)
+    ds.attrs.update(io.provenance("prepare_data", spec), **{k: json.dumps(v) if isinstance(v, list) else v
+                                                           for k, v in summary.items()})  # fmt: skip
     io.write_netcdf(ds, args.out)
-    log.info("wrote %s (%d train, %d val examples)", args.out, ds.sizes["train_example"], ds.sizes["val_example"])
+    log.info("wrote %s: %s", args.out, summary)
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -68,7 +84,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
     spec = _spec(args, cfg.profile_slice)
     device = _runtime(spec)
-    ds = profile(_load_data(args.data, device), spec, args.batch_size, device)
+    ds = profile(spec, args.batch_size, device, data_file=args.data)
     ds.attrs.update(io.provenance("profile_hardware", spec, device=str(device)))
     io.write_netcdf(ds, args.out)
     log.info(
@@ -88,13 +104,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     spec = _spec(args, cfg.train_slice)
     device = _runtime(spec)
-    data = _load_data(args.data, device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for lr in args.lrs:
         for seed in args.seeds:
             fractions = args.snapshot_fractions if args.snapshot_lr is not None and lr == args.snapshot_lr else None
-            ds, checkpoint = train(data, spec, args.batch_size, lr, seed, device, snapshot_fractions=fractions)
+            ds, checkpoint = train(spec, args.batch_size, lr, seed, device, fractions, data_file=args.data)
             snapshots = checkpoint.pop("snapshots", None)
             ds.attrs.update(io.provenance("train_model", spec, device=str(device)))
             name = point_name(lr, seed)
@@ -140,15 +155,15 @@ def cmd_hessian(args: argparse.Namespace) -> None:
 
     spec = _spec(args, cfg.hessian_slice)
     device = _runtime(spec)
-    data = _load_data(args.data, device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    workloads: dict = {}
     checkpoints = [p for d in map(Path, args.checkpoints) for p in (sorted(d.glob("*.pt")) if d.is_dir() else [d])]
     if not checkpoints:
         raise SystemExit(f"no checkpoints (.pt) in {' '.join(args.checkpoints)}")
     for path in checkpoints:
         checkpoint = torch.load(path, map_location=device)
-        ds = analyze(checkpoint, data, spec, device)
+        ds = analyze(checkpoint, _workload(checkpoint["workload"], device, args.data, workloads), spec, device)
         ds.attrs.update(io.provenance("analyze_hessian", spec, device=str(device)))
         io.write_netcdf(ds, out_dir / f"B{checkpoint['batch_size']}_{path.stem}.nc")
         log.info(
@@ -166,7 +181,7 @@ def cmd_edge_of_stability(args: argparse.Namespace) -> None:
 
     spec = _spec(args, cfg.edge_of_stability_slice)
     device = _runtime(spec)
-    ds = edge_of_stability(_load_data(args.data, device), spec["model"], args.step_size, spec, device)
+    ds = edge_of_stability(args.step_size, spec, device, data_file=args.data)
     ds.attrs.update(io.provenance("edge_of_stability", spec, device=str(device)))
     io.write_netcdf(ds, args.out)
     log.info("step size %g: lambda_max %.3g at the end, 2/eta = %.3g", args.step_size,
@@ -190,8 +205,7 @@ def cmd_ghost_variance(args: argparse.Namespace) -> None:
 
     spec = _spec(args, cfg.ghost_slice)
     device = _runtime(spec)
-    ds = variance_experiment(_load_data(args.data, device), spec["model"],
-                             {**spec, "groups": spec["variance_groups"]}, device)  # fmt: skip
+    ds = variance_experiment({**spec, "groups": spec["variance_groups"]}, device, data_file=args.data)
     ds.attrs.update(io.provenance("ghost_variance", spec, device=str(device)))
     io.write_netcdf(ds, args.out)
     ratios = dict(zip(ds["groups"].values.tolist(), ds["ratio_mean"].values.round(2), strict=True))
@@ -227,18 +241,18 @@ def cmd_noise(args: argparse.Namespace) -> None:
 
     spec = _spec(args, cfg.noise_slice)
     device = _runtime(spec)
-    data = _load_data(args.data, device)
     saved = torch.load(args.snapshots, map_location=device)
+    workload = _workload(saved["workload"], device, args.data)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, snapshot in enumerate(saved["snapshots"]):
-        ds = measure_snapshot(snapshot, saved["model"], data, spec, device)
+        ds = measure_snapshot(snapshot, workload, spec, device)
         ds.attrs.update(io.provenance("measure_gradient_noise", spec, device=str(device)),
                         reference=f"B={saved['batch_size']} lr={saved['lr']} seed={saved['seed']}")  # fmt: skip
         io.write_netcdf(ds, out_dir / f"snapshot{i}.nc")
         log.info("step %d: B_simple %.1f (per example), %.1f (two-batch)", ds.attrs["step"], float(ds["b_simple"]),
                  float(ds["two_batch_b_simple"]))  # fmt: skip
-    ds = measure_variance(saved["snapshots"][-1]["state_dict"], saved["model"], data, spec, device)
+    ds = measure_variance(saved["snapshots"][-1]["state_dict"], workload, spec, device)
     ds.attrs.update(io.provenance("measure_gradient_noise", spec, device=str(device)))
     io.write_netcdf(ds, out_dir / "variance.nc")
     log.info("variance law slope %.3f, corrected %.3f", float(ds["slope"]), float(ds["slope_corrected"]))
@@ -261,8 +275,8 @@ def cmd_jensen(args: argparse.Namespace) -> None:
         device = _runtime(spec)
         checkpoint = torch.load(args.checkpoint, map_location=device)
         settings = {**spec["jensen"], "seed": spec["seed"]}
-        ds = measure_jensen_subspace(checkpoint["state_dict"], checkpoint["model"], _load_data(args.data, device),
-                                     settings, device)  # fmt: skip
+        workload = _workload(checkpoint["workload"], device, args.data)
+        ds = measure_jensen_subspace(checkpoint["state_dict"], workload, settings, device)
         ds.attrs.update(io.provenance("measure_jensen_bias", spec, device=str(device)))
     io.write_netcdf(ds, args.out)
     log.info(
@@ -315,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.set_defaults(func=cmd_validate)
 
-    stage("prepare-data", cmd_prepare_data, "cache a workload's dataset as NetCDF")
+    stage("prepare-data", cmd_prepare_data, "check a workload's factory; cache a built-in dataset as NetCDF")
     p = stage("profile", cmd_profile, "time the training step at one batch size")
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, required=True)

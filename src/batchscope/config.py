@@ -7,6 +7,7 @@ a bad config gets the same message wherever it is used, before any job starts.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 from collections.abc import Iterable
 from functools import cache
@@ -18,6 +19,7 @@ import jsonschema
 import yaml
 
 SCHEMA_FILE = "config.schema.yaml"
+BUILTIN_FACTORY = "batchscope.workload:builtin"  # the built-in datasets and models, through the same protocol
 
 # Per-name defaults for the tagged sub-objects. They live here rather than in the schema because the schema
 # describes one object for all names: defaults there would give digits a `noise_std` and mlp a `channels`.
@@ -146,13 +148,49 @@ def train_size(dataset: dict[str, Any]) -> int:
     return dataset["n_train"]
 
 
-def _check_workload(name: str, wl: dict[str, Any], batch_sizes: list[int], eval_size: int | None) -> None:
+def _check_factory(where: str, path: str) -> None:
+    """The factory's module must be findable now, before any job starts (it is imported in the jobs)."""
+    module = path.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError) as err:  # a parent package that is missing or fails to import
+        raise ConfigError(f"{where}.factory: {path!r}: module {module!r} is not importable ({err})") from err
+    if not found:
+        raise ConfigError(
+            f"{where}.factory: {path!r}: module {module!r} is not importable; install it or put its directory "
+            "on PYTHONPATH"
+        )
+
+
+def _check_workload(name: str, wl: dict[str, Any]) -> None:
     where = f"workloads.{name}"
-    wl["dataset"] = ds = _tagged(wl["dataset"], f"{where}.dataset", DATASET_DEFAULTS, DATASET_KEYS)
-    wl["model"] = model = _tagged(wl["model"], f"{where}.model", MODEL_DEFAULTS, MODEL_KEYS)
-    wl["optimizer"] = _tagged(
+    builtin = "factory" not in wl
+    given = [key for key in ("dataset", "model") if key in wl]
+    if builtin and len(given) < 2:
+        missing = "dataset" if "dataset" not in wl else "model"
+        raise ConfigError(f"{where}.{missing}: required (or name your own workload with 'factory')")
+    if not builtin and given:
+        raise ConfigError(
+            f"{where}.{given[0]}: a workload with factory {wl['factory']!r} gets its data and model from the "
+            f"factory; remove {given[0]!r} (or the factory)"
+        )
+    wl["optimizer"] = opt = _tagged(
         wl.get("optimizer", {"name": "sgd"}), f"{where}.optimizer", OPTIMIZER_DEFAULTS, OPTIMIZER_KEYS
     )
+    if opt["name"] == "sgd" and opt["nesterov"] and opt["momentum"] == 0:
+        raise ConfigError(f"{where}.optimizer.nesterov: true needs momentum > 0, got momentum {opt['momentum']!r}")
+    if wl["schedule"]["warmup_steps"] > wl["max_steps"]:
+        raise ConfigError(
+            f"{where}.schedule.warmup_steps: {wl['schedule']['warmup_steps']} exceeds max_steps {wl['max_steps']}"
+        )
+    if not builtin:
+        _check_factory(where, wl["factory"])
+        _check_target(where, wl, regression=False)
+        return
+    if wl["options"]:
+        raise ConfigError(f"{where}.options: {wl['options']!r}: options go to a factory; this workload has none")
+    wl["dataset"] = ds = _tagged(wl["dataset"], f"{where}.dataset", DATASET_DEFAULTS, DATASET_KEYS)
+    wl["model"] = model = _tagged(wl["model"], f"{where}.model", MODEL_DEFAULTS, MODEL_KEYS)
 
     if ds["name"] in FILE_DATASETS:
         if "data_dir" not in ds:
@@ -169,10 +207,15 @@ def _check_workload(name: str, wl: dict[str, Any], batch_sizes: list[int], eval_
         )
     if model["name"] == "cnn" and ds["name"] not in IMAGE_DATASETS:
         raise ConfigError(f"{where}.model.name: 'cnn' needs image data, but dataset {ds['name']!r} has flat features")
+    _check_target(where, wl, regression=ds["name"] == "linreg")
 
+
+def _check_target(where: str, wl: dict[str, Any], regression: bool) -> None:
     metric, value = wl["target"]["metric"], wl["target"]["value"]
-    if ds["name"] == "linreg" and metric == "val_accuracy":
-        raise ConfigError(f"{where}.target.metric: 'val_accuracy' is undefined for regression dataset 'linreg'")
+    if regression and metric != "val_loss":
+        raise ConfigError(
+            f"{where}.target.metric: {metric!r} is undefined for regression dataset 'linreg' (use val_loss)"
+        )
     if metric == "val_accuracy" and not 0 < value <= 1:
         raise ConfigError(f"{where}.target.value: {value!r} is out of range for val_accuracy (0, 1]")
     if metric == "val_loss" and not value > 0:
@@ -184,7 +227,12 @@ def _check_workload(name: str, wl: dict[str, Any], batch_sizes: list[int], eval_
     if wl["eval_interval"] > wl["max_steps"]:
         raise ConfigError(f"{where}.eval_interval: {wl['eval_interval']} exceeds max_steps {wl['max_steps']}")
 
-    n_train = train_size(ds)
+
+def _check_sizes(name: str, wl: dict[str, Any], batch_sizes: list[int], eval_size: int | None) -> None:
+    """Sizes against the training set, where it is known before loading (built-in datasets)."""
+    if "dataset" not in wl:  # a factory's data: checked when the job loads them
+        return
+    n_train = train_size(wl["dataset"])
     if eval_size is not None and eval_size > n_train:
         raise ConfigError(
             f"hessian.eval_size: {eval_size} exceeds the {n_train} training examples of workload {name!r}"
@@ -203,7 +251,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     config = copy.deepcopy(config)
     _check_schema(config)
     for name, wl in config["workloads"].items():
-        _check_workload(name, wl, config["grid"]["batch_sizes"], config["hessian"]["eval_size"])
+        _check_workload(name, wl)
+        _check_sizes(name, wl, config["grid"]["batch_sizes"], config["hessian"]["eval_size"])
     eos = config["edge_of_stability"]
     eos.setdefault("workload", next(iter(config["workloads"])))
     if eos["workload"] not in config["workloads"]:
@@ -241,6 +290,8 @@ def _check_noise(config: dict[str, Any]) -> None:
     if small:
         raise ConfigError(f"noise.jensen.sizes: {small[0]} is not above dim + 1 = {jensen['dim'] + 1}")
     for name, wl in config["workloads"].items():
+        if "dataset" not in wl:
+            continue
         n = train_size(wl["dataset"])
         over = [b for b in (settings["b_big"], *settings["variance_batch_sizes"], *jensen["subspace_sizes"]) if b > n]
         if over:
@@ -268,6 +319,8 @@ def _check_ghost(config: dict[str, Any]) -> None:
     name = settings.get("workload")
     if name not in config["workloads"]:
         raise ConfigError(f"ghost.workload: {name!r} is not a workload ({', '.join(config['workloads'])})")
+    if "model" not in config["workloads"][name]:
+        raise ConfigError(f"ghost.workload: {name!r} has a factory; the experiment needs a built-in model with norm")
     norm = config["workloads"][name]["model"]["norm"]
     if norm != "batch":
         raise ConfigError(f"ghost.workload: workload {name!r} has model norm {norm!r}; the experiment needs 'batch'")
@@ -334,15 +387,24 @@ def train_points(config: dict[str, Any], workload: str) -> list[tuple[int, float
 # the profiling slice.
 
 
+def workload_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    """What the workload's factory is called with: what defines the model, the data and how they are run."""
+    wl = config["workloads"][workload]
+    spec = {"name": workload, "factory": wl.get("factory", BUILTIN_FACTORY)}
+    spec.update({k: wl[k] for k in ("dataset", "model", "options") if k in wl})
+    return {**spec, "loader": wl["loader"], "precision": wl["precision"], "compile": wl["compile"]}
+
+
 def data_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    return {"dataset": config["workloads"][workload]["dataset"]}
+    return {"workload": workload_slice(config, workload)}
 
 
 def profile_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     wl = config["workloads"][workload]
     return {
-        "model": wl["model"],
+        "workload": workload_slice(config, workload),
         "optimizer": wl["optimizer"],
+        "schedule": wl["schedule"],
         "profile": {k: v for k, v in config["profile"].items() if k != "extra_batch_sizes"},
         "device": config["device"],
         "threads": config["threads"],
@@ -351,8 +413,9 @@ def profile_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
 
 def train_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     wl = config["workloads"][workload]
-    keys = ("model", "optimizer", "target", "max_steps", "eval_interval", "stop_at_target")
-    return {**{k: wl[k] for k in keys}, "device": config["device"], "threads": config["threads"]}
+    keys = ("optimizer", "schedule", "target", "max_steps", "eval_interval", "stop_at_target")
+    return {"workload": workload_slice(config, workload), **{k: wl[k] for k in keys}, "device": config["device"],
+            "threads": config["threads"]}  # fmt: skip
 
 
 def fit_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
@@ -361,7 +424,7 @@ def fit_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
 
 def edge_of_stability_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     settings = {k: v for k, v in config["edge_of_stability"].items() if k not in ("enabled", "step_sizes")}
-    return {**settings, "model": config["workloads"][workload]["model"], "device": config["device"],
+    return {**settings, "workload": workload_slice(config, workload), "device": config["device"],
             "threads": config["threads"]}  # fmt: skip
 
 
@@ -380,22 +443,24 @@ def jensen_linreg_slice(config: dict[str, Any]) -> dict[str, Any]:
     return {**config["noise"]["jensen"], "seed": config["noise"]["seed"]}
 
 
-def ghost_model(config: dict[str, Any], workload: str, ghost_size: int) -> dict[str, Any]:
-    return {**config["workloads"][workload]["model"], "norm": "ghost", "ghost_batch_size": ghost_size}
+def ghost_workload(config: dict[str, Any], workload: str, ghost_size: int) -> dict[str, Any]:
+    """The workload slice with its BatchNorm replaced by Ghost BatchNorm of ``ghost_size``."""
+    spec = workload_slice(config, workload)
+    return {**spec, "model": {**spec["model"], "norm": "ghost", "ghost_batch_size": ghost_size}}
 
 
 def ghost_train_slice(config: dict[str, Any], workload: str, ghost_size: int) -> dict[str, Any]:
-    return {**train_slice(config, workload), "model": ghost_model(config, workload, ghost_size)}
+    return {**train_slice(config, workload), "workload": ghost_workload(config, workload, ghost_size)}
 
 
 def ghost_profile_slice(config: dict[str, Any], workload: str, ghost_size: int) -> dict[str, Any]:
-    return {**profile_slice(config, workload), "model": ghost_model(config, workload, ghost_size)}
+    return {**profile_slice(config, workload), "workload": ghost_workload(config, workload, ghost_size)}
 
 
 def ghost_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     """The variance experiment and the summary: the ghost settings and the workload's model."""
     settings = {k: v for k, v in config["ghost"].items() if k not in ("enabled", "workload")}
-    return {**settings, "model": config["workloads"][workload]["model"], "device": config["device"],
+    return {**settings, "workload": workload_slice(config, workload), "device": config["device"],
             "threads": config["threads"]}  # fmt: skip
 
 

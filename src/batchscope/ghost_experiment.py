@@ -20,10 +20,11 @@ import torch
 import xarray as xr
 from torch import nn
 
-from batchscope import ghost, runtime
-from batchscope.data import Tensors
+from batchscope import ghost
 from batchscope.fit import read_runs, steps_per_batch_size
 from batchscope.io import netcdf_files, read_netcdf
+from batchscope.workload import analysis_data
+from batchscope.workload import build as build_workload
 
 
 @torch.no_grad()
@@ -43,16 +44,17 @@ def first_norm_inputs(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     return values.flatten(2).mean(-1).cpu().numpy() if values.dim() > 2 else values.cpu().numpy()
 
 
-def variance_experiment(data: Tensors, model_spec: dict[str, Any], spec: dict[str, Any], device) -> xr.Dataset:
+def variance_experiment(spec: dict[str, Any], device, data_file: str | None = None) -> xr.Dataset:
     """Var(ghost-batch mean) / Var(physical-batch mean) for g in ``spec['groups']`` at ``spec['batch_size']``.
 
     The activations come from the workload's model at initialization (seed ``spec['seed']``) on the training
     set; batches are drawn without replacement, as training draws them, so the expectation is
     g (N - m) / (N - B) (:func:`batchscope.ghost.expected_ratio`), not g, when B is close to N.
     """
-    torch.manual_seed(spec["seed"])
-    model = runtime.make_model({**model_spec, "norm": "batch"}, data, device)
-    values = first_norm_inputs(model, data.x_train)
+    wl_spec = {**spec["workload"], "model": {**spec["workload"]["model"], "norm": "batch"}}
+    wl_spec["model"].pop("ghost_batch_size", None)
+    workload = build_workload(wl_spec, device, seed=spec["seed"], data_file=data_file)
+    values = first_norm_inputs(workload.model, analysis_data(workload, device)[0])
     rng = np.random.default_rng(spec["seed"])
     batch, population = spec["batch_size"], len(values)
     groups = [g for g in spec["groups"] if batch % g == 0]

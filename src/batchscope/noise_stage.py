@@ -15,26 +15,26 @@ import torch
 import xarray as xr
 from torch import nn
 
-from batchscope import hessian, noise, runtime
-from batchscope.data import Tensors, linreg_covariance
+from batchscope import hessian, noise
+from batchscope.data import linreg_covariance
+from batchscope.workload import Workload, analysis_data
 
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _model(checkpoint_model: dict, state: dict, data: Tensors, device: torch.device) -> nn.Module:
-    model = runtime.make_model(checkpoint_model, data, device)
-    model.load_state_dict(state)
+def _model(workload: Workload, state: dict) -> nn.Module:
+    workload.model.load_state_dict(state)
     # the gradient training takes: BatchNorm in train mode (its per-example gradients are then undefined)
-    return model.train()
+    return workload.model.train()
 
 
-def measure_snapshot(snapshot: dict, model_spec: dict, data: Tensors, spec: dict, device: torch.device) -> xr.Dataset:
-    """Noise scale at one snapshot; ``spec`` is :func:`batchscope.config.noise_slice`."""
-    model = _model(model_spec, snapshot["state_dict"], data, device)
-    loss = runtime.loss_fn(data.task)
-    x, y = data.x_train, data.y_train
+def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: torch.device) -> xr.Dataset:
+    """Noise scale at one snapshot of ``workload.model``; ``spec`` is :func:`batchscope.config.noise_slice`."""
+    model = _model(workload, snapshot["state_dict"])
+    loss = workload.loss
+    x, y = analysis_data(workload, device)
     rng = np.random.default_rng(spec["seed"])
     two = noise.two_batch_noise_scale(model, loss, x, y, spec["b_small"], spec["b_big"], spec["pairs"], rng)
     values = {"two_batch_grad_sq_norm": two.grad_sq_norm, "two_batch_trace_sigma": two.trace_sigma,
@@ -56,10 +56,10 @@ def measure_snapshot(snapshot: dict, model_spec: dict, data: Tensors, spec: dict
     return ds
 
 
-def measure_variance(state: dict, model_spec: dict, data: Tensors, spec: dict, device: torch.device) -> xr.Dataset:
-    model = _model(model_spec, state, data, device)
-    loss = runtime.loss_fn(data.task)
-    x, y = data.x_train, data.y_train
+def measure_variance(state: dict, workload: Workload, spec: dict, device: torch.device) -> xr.Dataset:
+    model = _model(workload, state)
+    loss = workload.loss
+    x, y = analysis_data(workload, device)
     trace = np.nan if has_batchnorm(model) else noise.noise_scale(model, loss, x, y).trace_sigma
     law = noise.variance_law(model, loss, x, y, spec["variance_batch_sizes"], spec["variance_draws"],
                              np.random.default_rng(spec["seed"]), trace_sigma=trace)  # fmt: skip
@@ -101,12 +101,12 @@ def measure_jensen_linreg(spec: dict[str, Any]) -> xr.Dataset:
     return ds
 
 
-def measure_jensen_subspace(state: dict, model_spec: dict, data: Tensors, spec: dict, device) -> xr.Dataset:
+def measure_jensen_subspace(state: dict, workload: Workload, spec: dict, device) -> xr.Dataset:
     """The trained model: the Hessian restricted to its top-k eigenvectors (Lanczos on the full training set)."""
-    model = runtime.make_model(model_spec, data, device)
+    model = workload.model
     model.load_state_dict(state)
-    loss = runtime.loss_fn(data.task)
-    x, y = data.x_train, data.y_train
+    loss = workload.loss
+    x, y = analysis_data(workload, device)
     full = hessian.HessianOperator(model, loss, x, y)
     k = spec["subspace_dim"]
     from scipy.sparse.linalg import eigsh

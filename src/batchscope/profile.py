@@ -19,7 +19,7 @@ import torch
 import xarray as xr
 
 from batchscope import runtime
-from batchscope.data import Tensors
+from batchscope.workload import build as build_workload
 
 PROFILE_LR = 1e-4
 
@@ -32,44 +32,48 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale), "process peak RSS (upper bound)"
 
 
-def profile(data: Tensors, spec: dict[str, Any], batch_size: int, device: torch.device) -> xr.Dataset:
-    """Profile one batch size. Out-of-memory is recorded (``feasible`` = False), not raised."""
-    settings = spec["profile"]
+def profile(spec: dict[str, Any], batch_size: int, device: torch.device, data_file: str | None = None) -> xr.Dataset:
+    """Profile one batch size. Out-of-memory is recorded (``feasible`` = False), not raised.
+
+    The timed step takes its batch as training does (:func:`batchscope.runtime.batches`): on the streaming
+    path the DataLoader's cost is inside the clock.
+    """
+    settings, wl_spec = spec["profile"], spec["workload"]
     repeats = settings["repeats"]
-    torch.manual_seed(0)
+    workload = build_workload(wl_spec, device, seed=0, data_file=data_file)
+    streamed = runtime.streams(workload, wl_spec["loader"])
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     times = np.full(repeats, math.nan)
     steps_per_repeat, feasible = 0, True
     try:
-        model = runtime.make_model(spec["model"], data, device)
+        model = workload.model
         optimizer = runtime.make_optimizer(spec["optimizer"], model.parameters(), lr=PROFILE_LR)
-        step = runtime.make_step(model, optimizer, data, runtime.loss_fn(data.task))
+        # the schedule's LambdaLR.step is part of a training step; its factors do not matter at PROFILE_LR
+        scheduler = runtime.make_schedule(optimizer, spec.get("schedule"), 10**9)
+        step = runtime.make_step(model, optimizer, workload.loss, device, scheduler, wl_spec["precision"],
+                                 wl_spec["compile"])  # fmt: skip
         model.train()
-        generator = torch.Generator().manual_seed(0)
-        n_train = len(data.x_train)
-        # training's access pattern: consecutive batches of an epoch permutation (not a few cache-hot ones);
-        # drawn before timing so randperm stays outside the clock
-        permutation = torch.randperm(n_train, generator=generator).to(device)
-        batches = [permutation[i : i + batch_size] for i in range(0, n_train - batch_size + 1, batch_size)]
+        # training's access pattern: consecutive batches of epoch permutations (not a few cache-hot ones)
+        batches = runtime.batches(workload, batch_size, torch.Generator().manual_seed(0), wl_spec["loader"], device)
         clock = runtime.StepClock(device)
-        for i in range(max(settings["warmup"], 1)):
-            step(batches[i % len(batches)])
+        for _ in range(max(settings["warmup"], 1)):  # with compile: true the first step compiles
+            step(*next(batches))
         # how many consecutive steps make a repeat last at least min_repeat_time: double until a block does (as
         # timeit's autorange), so one slow step cannot shrink every repeat
         steps_per_repeat = 1
         while True:
             clock.start()
-            for i in range(steps_per_repeat):
-                step(batches[i % len(batches)])
+            for _ in range(steps_per_repeat):
+                step(*next(batches))
             if clock.stop() >= settings["min_repeat_time"]:
                 break
             steps_per_repeat *= 2
         for r in range(repeats):
             clock.start()
-            for i in range(steps_per_repeat):
-                step(batches[i % len(batches)])
+            for _ in range(steps_per_repeat):
+                step(*next(batches))
             times[r] = clock.stop() / steps_per_repeat
     except (RuntimeError, MemoryError) as err:
         if not runtime.is_out_of_memory(err):
@@ -100,5 +104,9 @@ def profile(data: Tensors, spec: dict[str, Any], batch_size: int, device: torch.
         device_name=runtime.device_name(device),
         threads=torch.get_num_threads(),
         warmup=settings["warmup"],
+        data_path="stream" if streamed else "device",
+        loader_workers=wl_spec["loader"]["workers"] if streamed else 0,
+        precision=wl_spec["precision"],
+        compiled=int(wl_spec["compile"]),
     )
     return ds

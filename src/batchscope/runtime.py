@@ -6,6 +6,7 @@ training pays per step.
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -13,9 +14,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from batchscope.data import Tensors
-from batchscope.models import build_model
+from batchscope.workload import Workload
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -45,16 +46,6 @@ def setup(threads: int, deterministic: bool = True) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if task == "regression":
-        return lambda out, y: nn.functional.mse_loss(out.squeeze(-1), y)
-    return nn.functional.cross_entropy
-
-
-def make_model(spec: dict[str, Any], data: Tensors, device: torch.device) -> nn.Module:
-    return build_model(spec, data.input_shape, data.num_classes).to(device)
-
-
 def make_optimizer(spec: dict[str, Any], params, lr: float) -> torch.optim.Optimizer:
     if spec["name"] == "sgd":
         return torch.optim.SGD(
@@ -69,18 +60,139 @@ def make_optimizer(spec: dict[str, Any], params, lr: float) -> torch.optim.Optim
     raise ValueError(f"unknown optimizer {spec['name']!r}")
 
 
-def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: Tensors, loss) -> Callable:
-    """One training step on the examples at ``index``: gather, forward, backward, update. Returns the loss."""
+def lr_factor(spec: dict[str, Any], step: int, total_steps: int) -> float:
+    """The schedule's multiplier of the base learning rate for the update at ``step`` (0-based).
 
-    def step(index: torch.Tensor) -> torch.Tensor:
-        x, y = data.x_train[index], data.y_train[index]
+    Linear warm-up over ``warmup_steps`` (the first update uses 1/warmup_steps of the base rate), then
+    ``constant``, ``cosine`` (from 1 down to ``min_factor`` at ``total_steps``, i.e. the run's max_steps) or
+    ``step`` (times ``gamma`` every ``step_size`` updates). Written as one closed form, which the tests check
+    against, and applied through torch's LambdaLR.
+    """
+    warmup = spec["warmup_steps"]
+    if step < warmup:
+        return (step + 1) / warmup
+    after = step - warmup
+    if spec["decay"] == "cosine":
+        span = max(total_steps - warmup, 1)
+        progress = min(after / span, 1.0)
+        return spec["min_factor"] + (1 - spec["min_factor"]) * 0.5 * (1 + math.cos(math.pi * progress))
+    if spec["decay"] == "step":
+        return spec["gamma"] ** (after // spec["step_size"])
+    return 1.0
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, spec: dict[str, Any] | None, total_steps: int):
+    """A LambdaLR for the schedule spec, or None for a constant rate without warm-up."""
+    if spec is None or (spec["warmup_steps"] == 0 and spec["decay"] == "constant"):
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(spec, step, total_steps))
+
+
+def make_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device,
+    scheduler=None,
+    precision: str = "fp32",
+    compile: bool = False,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One training step on a batch: forward, backward, update, schedule. Returns the loss.
+
+    ``precision: bf16`` runs the forward pass under bf16 autocast (weights and gradients stay fp32);
+    ``compile`` passes the forward pass and loss through ``torch.compile`` (its backward is compiled too).
+    """
+
+    def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss(model(x), y)
+
+    if compile:
+        forward = torch.compile(forward)
+    bf16 = precision == "bf16"
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        value = loss(model(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            value = forward(x, y)
         value.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         return value.detach()
 
     return step
+
+
+class DeviceBatches:
+    """Data resident on the device: a batch is a slice of a per-epoch permutation; the partial tail is dropped.
+
+    The permutation is drawn on the CPU from ``generator`` so the batch order does not depend on the device.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator):
+        self.x, self.y, self.batch_size, self.generator = x, y, batch_size, generator
+        self.position, self.permutation = len(x), None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position + self.batch_size > len(self.x):
+            self.permutation = torch.randperm(len(self.x), generator=self.generator).to(self.x.device)
+            self.position = 0
+        index = self.permutation[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.x[index], self.y[index]
+
+
+class StreamBatches:
+    """Data read through a ``DataLoader`` (shuffled by ``generator``, pinned memory, worker processes) and
+    copied to the device per batch: the step then pays the input pipeline, as it does in training."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, generator: torch.Generator, loader: dict[str, Any],
+                 device: torch.device):  # fmt: skip
+        self.device = device
+        workers = loader["workers"]
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=loader["pin_memory"] and device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
+        self.iterator = iter(self.loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            x, y = next(self.iterator)
+        except StopIteration:  # a new epoch
+            self.iterator = iter(self.loader)
+            x, y = next(self.iterator)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def streams(workload: Workload, loader: dict[str, Any]) -> bool:
+    """Whether training reads its data through a DataLoader: a Dataset always does; tensors when asked to."""
+    return workload.streamed or loader["stream"]
+
+
+def batches(workload: Workload, batch_size: int, generator: torch.Generator, loader: dict[str, Any],
+            device: torch.device) -> DeviceBatches | StreamBatches:  # fmt: skip
+    n_train = len(workload.train[0]) if isinstance(workload.train, tuple) else len(workload.train)
+    if batch_size > n_train:
+        raise ValueError(f"batch size {batch_size} exceeds the {n_train} training examples of the workload")
+    if not streams(workload, loader):
+        return DeviceBatches(*workload.train, batch_size, generator)
+    dataset = workload.train
+    if isinstance(dataset, tuple):  # tensors asked to stream: from host memory, as data too big for the device
+        dataset = TensorDataset(dataset[0].cpu(), dataset[1].cpu())
+    return StreamBatches(dataset, batch_size, generator, loader, device)
 
 
 class StepClock:

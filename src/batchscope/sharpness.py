@@ -23,34 +23,34 @@ import torch
 import xarray as xr
 from torch import nn
 
-from batchscope import hessian, runtime
-from batchscope.data import Tensors
+from batchscope import hessian
 from batchscope.io import netcdf_files, read_netcdf
+from batchscope.workload import Workload, analysis_data
+from batchscope.workload import build as build_workload
 
 
-def evaluation_set(data: Tensors, spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluation_set(x: torch.Tensor, y: torch.Tensor, spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``eval_size`` training examples of a fixed permutation (all when eval_size is null)."""
-    n = len(data.x_train)
+    n = len(x)
     size = spec["eval_size"] or n
     if size > n:
         raise ValueError(f"hessian.eval_size: {size} exceeds the {n} training examples")
     if size == n:
-        return data.x_train, data.y_train
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(spec["seed"]))[:size].to(data.x_train.device)
-    return data.x_train[order], data.y_train[order]
+        return x, y
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(spec["seed"]))[:size].to(x.device)
+    return x[order], y[order]
 
 
-def analyze(checkpoint: dict[str, Any], data: Tensors, spec: dict[str, Any], device: torch.device) -> xr.Dataset:
-    """Curvature of one checkpoint. ``spec`` is :func:`batchscope.config.hessian_slice`.
+def analyze(checkpoint: dict[str, Any], workload: Workload, spec: dict[str, Any], device: torch.device) -> xr.Dataset:
+    """Curvature of one checkpoint, whose weights are loaded into ``workload.model`` (built from the
+    checkpoint's workload spec). ``spec`` is :func:`batchscope.config.hessian_slice`.
 
     A checkpoint with non-finite weights (a diverged run) gets NaN results and ``skipped = "diverged"``.
     """
-    model = runtime.make_model(checkpoint["model"], data, device)
+    model = workload.model
     model.load_state_dict(checkpoint["state_dict"])
-    x, y = evaluation_set(data, spec)
-    op = hessian.HessianOperator(
-        model, runtime.loss_fn(data.task), x, y, chunk_size=spec["chunk_size"], mode=spec["mode"]
-    )
+    x, y = evaluation_set(*analysis_data(workload, device), spec)
+    op = hessian.HessianOperator(model, workload.loss, x, y, chunk_size=spec["chunk_size"], mode=spec["mode"])
     k, runs, steps, points = spec["top_k"], spec["slq_runs"], spec["slq_steps"], spec["density_points"]
     common = {"seed": spec["seed"], "dtype": op.dtype, "device": device}
     loss_value = op.loss_value() if bool(torch.isfinite(op.point).all()) else math.nan
@@ -227,30 +227,26 @@ def reproduction_sentence(ds: xr.Dataset) -> str:
     return sentence
 
 
-def edge_of_stability(
-    data: Tensors,
-    model_spec: dict[str, Any],
-    step_size: float,
-    spec: dict[str, Any],
-    device: torch.device,
-) -> xr.Dataset:
+def edge_of_stability(step_size: float, spec: dict[str, Any], device: torch.device, data_file: str | None = None
+                      ) -> xr.Dataset:  # fmt: skip
     """Full-batch gradient descent on the squared loss, tracking lambda_max against 2 / step size.
 
     Cohen et al. (2021): under gradient descent with step size eta, sharpness rises (progressive sharpening)
     until it reaches 2/eta, the stability limit of a quadratic, and then hovers there while the loss keeps
     falling, non-monotonically. ``spec`` is the ``edge_of_stability`` config section: ``examples`` (the first
     that many training examples), ``steps``, ``interval`` (steps between lambda_max measurements), ``seed``.
-    Classification targets are one-hot; the loss is 0.5 |f(x) - target|^2 averaged over examples.
+    Integer (class) targets are one-hot over the model's outputs; the loss is 0.5 |f(x) - target|^2 averaged
+    over examples. The workload (``spec["workload"]``) comes from its factory, seeded with ``spec["seed"]``.
     """
-    x, y = data.x_train[: spec["examples"]], data.y_train[: spec["examples"]]
-    classes = data.num_classes
+    workload = build_workload(spec["workload"], device, seed=spec["seed"], data_file=data_file)
+    x, y = (t[: spec["examples"]] for t in analysis_data(workload, device))
+    model = workload.model
 
     def squared_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        goal = nn.functional.one_hot(target, classes).to(out.dtype) if data.task == "classification" else target
+        classes = not target.is_floating_point()
+        goal = nn.functional.one_hot(target, out.shape[-1]).to(out.dtype) if classes else target
         return 0.5 * ((out.reshape(len(out), -1) - goal.reshape(len(out), -1)) ** 2).sum(1).mean()
 
-    torch.manual_seed(spec["seed"])
-    model = runtime.make_model(model_spec, data, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=step_size)
     steps, sharpness_values, losses = [], [], []
     for step in range(spec["steps"] + 1):

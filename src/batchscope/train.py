@@ -1,11 +1,13 @@
 """Train one (workload, batch size, learning rate, seed) point until the validation target or max steps.
 
-The loop is deliberately short: data live on the device, a batch is a slice of a per-epoch permutation, and
-the step is :func:`batchscope.runtime.make_step`, the same function the profiler times.
+The loop is deliberately short: batches come from :func:`batchscope.runtime.batches` (a slice of a per-epoch
+permutation of data on the device, or a DataLoader), and the step is :func:`batchscope.runtime.make_step`, the
+same function the profiler times.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -14,9 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 import xarray as xr
+from torch.utils.data import DataLoader
 
 from batchscope import runtime
-from batchscope.data import Tensors
+from batchscope.workload import Workload
+from batchscope.workload import build as build_workload
 
 EVAL_CHUNK = 4096  # examples per forward pass during evaluation: bounds memory on large validation sets
 # A run has diverged when its loss is NaN/inf or exceeds this multiple of the initial validation loss: with
@@ -34,28 +38,37 @@ def point_name(lr: float, seed: int) -> str:
 @dataclass
 class Evaluation:
     loss: float
-    accuracy: float  # NaN for regression
+    metric: float  # the workload's metric (accuracy for the built-in classifiers); NaN when it has none
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> Evaluation:
+def evaluate(workload: Workload, split: str, device: torch.device, loader: dict[str, Any] | None = None) -> Evaluation:
+    """Mean loss and metric over a whole split, in eval mode, in chunks of EVAL_CHUNK examples."""
+    data = getattr(workload, split)
+    model = workload.model
     was_training = model.training
     model.eval()
-    loss = runtime.loss_fn(task)
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(x), EVAL_CHUNK):
-        out = model(x[start : start + EVAL_CHUNK])
-        target = y[start : start + EVAL_CHUNK]
-        total_loss += float(loss(out, target)) * len(target)
-        if task == "classification":
-            correct += int((out.argmax(dim=1) == target).sum())
+    if isinstance(data, tuple):
+        chunks = (
+            (data[0][i : i + EVAL_CHUNK], data[1][i : i + EVAL_CHUNK]) for i in range(0, len(data[0]), EVAL_CHUNK)
+        )
+    else:
+        workers = loader["workers"] if loader else 0
+        chunks = ((x.to(device), y.to(device)) for x, y in DataLoader(data, batch_size=EVAL_CHUNK, num_workers=workers))
+    total_loss = total_metric = 0.0
+    count = 0
+    for x, y in chunks:
+        out = model(x)
+        total_loss += float(workload.loss(out, y)) * len(y)
+        if workload.metric is not None:
+            total_metric += float(workload.metric(out, y)) * len(y)
+        count += len(y)
     model.train(was_training)
-    accuracy = correct / len(x) if task == "classification" else math.nan
-    return Evaluation(total_loss / len(x), accuracy)
+    return Evaluation(total_loss / count, total_metric / count if workload.metric is not None else math.nan)
 
 
-def reached(metric: str, value: float, target: float) -> bool:
-    return value >= target if metric == "val_accuracy" else value <= target
+def reached(value: float, target: float, higher_is_better: bool) -> bool:
+    return value >= target if higher_is_better else value <= target
 
 
 SNAPSHOT_BUDGET = 2 * 10**8  # parameters x kept snapshots held in memory before they are thinned
@@ -71,35 +84,43 @@ def _pick_snapshots(kept: list[tuple[int, dict]], fractions: list[float], steps_
 
 
 def train(
-    data: Tensors,
     spec: dict[str, Any],
     batch_size: int,
     lr: float,
     seed: int,
     device: torch.device,
     snapshot_fractions: list[float] | None = None,
+    data_file: str | None = None,
 ) -> tuple[xr.Dataset, dict[str, Any]]:
     """Run one training point. Returns its record (an ``xarray.Dataset``) and a checkpoint dict.
 
-    ``spec`` is the training config slice (:func:`batchscope.config.train_slice`). A NaN/inf loss ends the run
-    with ``diverged`` set; out-of-memory ends it with ``out_of_memory`` set. Neither raises.
+    ``spec`` is the training config slice (:func:`batchscope.config.train_slice`); the workload's factory is
+    called with torch seeded by ``seed`` (the model's initialisation). A NaN/inf loss ends the run with
+    ``diverged`` set; out-of-memory ends it with ``out_of_memory`` set. Neither raises.
     """
-    torch.manual_seed(seed)  # model initialisation
+    wl_spec, loader = spec["workload"], spec["workload"]["loader"]
+    workload = build_workload(wl_spec, device, seed=seed, data_file=data_file)
+    model = workload.model
     order = torch.Generator().manual_seed(seed)  # batch order, drawn on the CPU so it is device independent
-    model = runtime.make_model(spec["model"], data, device)
+    max_steps, interval = spec["max_steps"], spec["eval_interval"]
     optimizer = runtime.make_optimizer(spec["optimizer"], model.parameters(), lr)
-    step = runtime.make_step(model, optimizer, data, runtime.loss_fn(data.task))
+    scheduler = runtime.make_schedule(optimizer, spec["schedule"], max_steps)
+    step = runtime.make_step(model, optimizer, workload.loss, device, scheduler, wl_spec["precision"],
+                             wl_spec["compile"])  # fmt: skip
+    batches = runtime.batches(workload, batch_size, order, loader, device)
     clock = runtime.StepClock(device)
     metric, target = spec["target"]["metric"], spec["target"]["value"]
-    n_train, max_steps, interval = len(data.x_train), spec["max_steps"], spec["eval_interval"]
+    higher_is_better = metric != "val_loss" and workload.higher_is_better
+    if metric != "val_loss" and workload.metric is None:
+        raise ValueError(f"target.metric {metric!r}: the workload's factory returned no metric (metric=None)")
 
     curve: dict[str, list[float]] = {k: [] for k in ("step", "train_loss", "val_loss", "val_metric", "step_time")}
-    steps_done, position, permutation = 0, n_train, None
+    steps_done = 0
     train_time, time_to_target, steps_to_target = 0.0, math.nan, math.nan
     diverged = out_of_memory = False
     steady_steps: list[float] = []
     wall_start = time.perf_counter()
-    initial_val_loss = evaluate(model, data.x_val, data.y_val, data.task).loss
+    initial_val_loss = evaluate(workload, "val", device, loader).loss
     kept: list[tuple[int, dict]] = []
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -118,11 +139,7 @@ def train(
         try:
             clock.start()
             for _ in range(block):
-                if position + batch_size > n_train:  # new epoch; the partial tail batch is dropped
-                    permutation = torch.randperm(n_train, generator=order).to(device)
-                    position = 0
-                losses.append(step(permutation[position : position + batch_size]))
-                position += batch_size
+                losses.append(step(*next(batches)))
                 if clock.per_step:
                     durations.append(clock.tick())
             elapsed = clock.stop()
@@ -143,8 +160,8 @@ def train(
         train_time += elapsed
         steps_done += block
         keep(steps_done)
-        evaluation = evaluate(model, data.x_val, data.y_val, data.task)
-        value = evaluation.accuracy if metric == "val_accuracy" else evaluation.loss
+        evaluation = evaluate(workload, "val", device, loader)
+        value = evaluation.loss if metric == "val_loss" else evaluation.metric
         for key, item in zip(
             curve,
             (steps_done, float(torch.stack(losses).mean()), evaluation.loss, value, steady_time),
@@ -155,14 +172,14 @@ def train(
         if not math.isfinite(worst) or worst > divergence_threshold:
             diverged = True
             break
-        if math.isnan(steps_to_target) and reached(metric, value, target):
+        if math.isnan(steps_to_target) and reached(value, target, higher_is_better):
             steps_to_target, time_to_target = steps_done, train_time
             if spec["stop_at_target"]:
                 break
     wall_time = time.perf_counter() - wall_start
 
-    final_train = evaluate(model, data.x_train, data.y_train, data.task)
-    final_val = evaluate(model, data.x_val, data.y_val, data.task)
+    final_train = evaluate(workload, "train", device, loader)
+    final_val = evaluate(workload, "val", device, loader)
     # per-step durations on the CPU; block means on CUDA, where the first block (warm-up) is left out
     steady = np.asarray(steady_steps if steady_steps else curve["step_time"][1:] or curve["step_time"])
     scalars = {
@@ -186,9 +203,9 @@ def train(
         ),
         "final_train_loss": (final_train.loss, "", ""),
         "final_val_loss": (final_val.loss, "", ""),
-        "final_train_accuracy": (final_train.accuracy, "1", ""),
-        "final_val_accuracy": (final_val.accuracy, "1", ""),
-        "gap_accuracy": (final_train.accuracy - final_val.accuracy, "1", "train minus val accuracy"),
+        "final_train_accuracy": (final_train.metric, "1", f"the workload's metric ({workload.metric_name})"),
+        "final_val_accuracy": (final_val.metric, "1", f"the workload's metric ({workload.metric_name})"),
+        "gap_accuracy": (final_train.metric - final_val.metric, "1", "train minus val metric"),
         "gap_loss": (final_val.loss - final_train.loss, "", "val minus train loss"),
     }
     ds = xr.Dataset(
@@ -206,11 +223,14 @@ def train(
     ds["val_metric"].attrs["long_name"] = metric
     ds.attrs.update(
         batch_size=batch_size, lr=lr, seed=seed, target_metric=metric, target_value=target,
-        stop_at_target=int(spec["stop_at_target"]),
+        stop_at_target=int(spec["stop_at_target"]), metric_name=workload.metric_name,
+        data_path="stream" if runtime.streams(workload, loader) else "device", precision=wl_spec["precision"],
+        compiled=int(wl_spec["compile"]), optimizer=spec["optimizer"]["name"],
+        schedule=json.dumps(spec["schedule"], sort_keys=True),
     )  # fmt: skip
     checkpoint = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model": spec["model"],
+        "workload": wl_spec,
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
