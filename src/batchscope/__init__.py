@@ -22,3 +22,12 @@ ALGORITHM_VERSIONS = {
     "summarize_ghost": 1,
     "render_report": 1,
 }
+
+
+def __getattr__(name: str):
+    """``batchscope.Workload`` for factories, imported on first use: the config code must not pay for torch."""
+    if name == "Workload":
+        from batchscope.workload import Workload
+
+        return Workload
+    raise AttributeError(f"module 'batchscope' has no attribute {name!r}")

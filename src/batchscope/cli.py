@@ -406,7 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         args.func(args)
-    except cfg.ConfigError as err:
+    except (cfg.ConfigError, ValueError) as err:
+        # bad input (config, data files, a workload factory, a batch size over the data): the message names it
+        from batchscope.data import DataError
+        from batchscope.workload import WorkloadError
+
+        if not isinstance(err, cfg.ConfigError | DataError | WorkloadError):
+            raise
         print(f"batchscope: {err}", file=sys.stderr)
         return 2
     log.debug("%s took %.2f s", args.command, time.perf_counter() - start)

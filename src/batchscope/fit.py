@@ -258,6 +258,12 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
         device_type=profiles.attrs.get("device_type", ""),
         target_metric=spec["target"]["metric"],
         target_value=spec["target"]["value"],
+        # how batches reached the step (device-resident tensors or a DataLoader) and in what precision: both
+        # change tau_f and tau_d, so the report says which applied
+        data_path=profiles.attrs.get("data_path", "device"),
+        precision=profiles.attrs.get("precision", "fp32"),
+        compiled=int(profiles.attrs.get("compiled", 0)),
+        metric_name=runs.attrs.get("metric_name", ""),
     )
     return merged
 

@@ -494,6 +494,9 @@ def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
             {
                 "workload": name,
                 "device": row["device_name"],
+                "data path": ds.attrs.get("data_path", "device")
+                + (f", {ds.attrs['precision']}" if ds.attrs.get("precision", "fp32") != "fp32" else "")
+                + (", compiled" if ds.attrs.get("compiled") else ""),
                 "predicted b_opt": row["predicted_b_opt"],
                 "b_opt 95% CI": f"{b_low:.0f} to {b_high:.0f}",
                 "measured best B": row["batch_size"],

@@ -1,0 +1,1 @@
+"""An example of bringing your own workload to batchscope: see docs/workloads.md."""

@@ -1,0 +1,212 @@
+"""Your own workload: the factory protocol, its error messages, schedules, precision and the streaming path."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from batchscope import config as cfg
+from batchscope import profile, runtime
+from batchscope.train import train
+from batchscope.workload import WorkloadError, build
+
+CPU = torch.device("cpu")
+BAD = "tests.factories.bad:"
+
+
+def workload_spec(factory: str, **extra) -> dict:
+    loader = {"stream": False, "workers": 0, "pin_memory": True, "analysis_examples": 64}
+    return {"name": "w", "factory": factory, "options": {}, "loader": loader, "precision": "fp32",
+            "compile": False, **extra}  # fmt: skip
+
+
+def digits_config(**overrides) -> dict:
+    return cfg.validate({
+        "device": "cpu", "grid": {"batch_sizes": [64]},
+        "workloads": {"w": {
+            "dataset": {"name": "digits"}, "model": {"name": "mlp", "widths": [32]},
+            "target": {"metric": "val_accuracy", "value": 0.9}, "max_steps": 300, "eval_interval": 10,
+            "learning_rates": [0.1], **overrides,
+        }},
+    })  # fmt: skip
+
+
+def test_a_good_factory_is_built_and_seeded():
+    first, again, other = (build(workload_spec(BAD + "good"), CPU, seed=s) for s in (3, 3, 4))
+    assert torch.equal(first.model.weight, again.model.weight)  # the seed decides the initialisation
+    assert not torch.equal(first.model.weight, other.model.weight)
+    assert first.spec["factory"] == BAD + "good" and not first.streamed
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("returns_tuple", "returned a tuple; expected batchscope.Workload"),
+        ("data_elsewhere", "train inputs are on meta but the model is on cpu"),
+        ("model_elsewhere", "the model has parameters on meta, not on cpu"),
+        ("metric_not_a_number", "metric 'vibes' returned 'great' (str); expected a number"),
+        ("metric_nan", "metric 'accuracy' returned nan"),
+        ("loss_per_example", "loss returned Tensor (2,); expected a scalar tensor"),
+        ("not_a_model", "model is a function, not a torch nn.Module"),
+        ("list_data", "train is a list; expected (inputs, targets) tensors or a torch.utils.data.Dataset"),
+        ("NOT_A_FUNCTION", "'NOT_A_FUNCTION' is a int, not a function"),
+        ("missing", "module 'tests.factories.bad' has no attribute 'missing'"),
+    ],
+)
+def test_each_bad_factory_gets_its_message(name, message):
+    with pytest.raises(WorkloadError, match=re.escape(message)) as caught:
+        build(workload_spec(BAD + name), CPU)
+    assert BAD + name in str(caught.value)  # the message names the factory
+
+
+def test_a_module_that_fails_on_import_is_named():
+    with pytest.raises(WorkloadError, match=r"module 'tests.factories.broken_import' is not importable \(RuntimeError"):
+        build(workload_spec("tests.factories.broken_import:f"), CPU)
+
+
+@pytest.mark.parametrize(
+    ("workload", "message"),
+    [
+        ({"factory": "nosuch.workloads:make"}, "workloads.w.factory: 'nosuch.workloads:make': module 'nosuch.workloads'"
+                                               " is not importable"),
+        ({"factory": "mypkg.workloads.make"}, "workloads.w.factory: 'mypkg.workloads.make' is invalid"),
+        ({"factory": BAD + "good", "dataset": {"name": "digits"}}, "workloads.w.dataset: a workload with factory"),
+        ({"dataset": {"name": "digits"}}, "workloads.w.model: required"),
+        ({"dataset": {"name": "digits"}, "model": {"name": "mlp"}, "options": {"a": 1}},
+         "workloads.w.options: {'a': 1}: options go to a factory"),
+        ({"factory": BAD + "good", "optimizer": {"name": "sgd", "momentum": 0.0, "nesterov": True}},
+         "workloads.w.optimizer.nesterov: true needs momentum > 0"),
+        ({"factory": BAD + "good", "schedule": {"warmup_steps": 500}}, "workloads.w.schedule.warmup_steps: 500"),
+        ({"factory": BAD + "good", "precision": "fp8"}, "workloads.w.precision: 'fp8' is invalid"),
+    ],
+)  # fmt: skip
+def test_bad_workload_configs_are_refused(workload, message):
+    config = {"grid": {"batch_sizes": [8]}, "workloads": {"w": {
+        "target": {"metric": "val_metric", "value": 0.5}, "max_steps": 100, "learning_rates": [0.1], **workload}}}
+    with pytest.raises(cfg.ConfigError, match=re.escape(message)):
+        cfg.validate(config)
+
+
+def test_the_cli_refuses_a_bad_factory_before_any_work(tmp_path, venv_env, repo):
+    spec = json.dumps({"workload": workload_spec(BAD + "metric_not_a_number")})
+    result = subprocess.run(
+        [sys.executable, "-m", "batchscope", "prepare-data", "--spec", spec, "--out", str(tmp_path / "w.nc")],
+        capture_output=True, text=True, env={**venv_env, "PYTHONPATH": str(repo)}, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "metric 'vibes' returned 'great'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "w.nc").exists()
+
+
+@pytest.mark.parametrize("decay", ["constant", "cosine", "step"])
+def test_schedule_follows_its_closed_form_in_a_real_optimizer(decay):
+    spec = {"warmup_steps": 5, "decay": decay, "min_factor": 0.1, "step_size": 7, "gamma": 0.5}
+    total = 40
+
+    def expected(t):  # written out independently of runtime.lr_factor
+        if t < 5:
+            return (t + 1) / 5
+        if decay == "cosine":
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min((t - 5) / 35, 1.0)))
+        return 0.5 ** ((t - 5) // 7) if decay == "step" else 1.0
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.2)
+    scheduler = runtime.make_schedule(optimizer, spec, total)
+    used = []
+    for _ in range(total + 3):
+        used.append(optimizer.param_groups[0]["lr"])  # the rate this update uses
+        parameter.grad = torch.ones(1)
+        optimizer.step()
+        scheduler.step()
+    np.testing.assert_allclose(used, [0.2 * expected(t) for t in range(total + 3)], rtol=1e-12)
+    assert runtime.make_schedule(optimizer, {**spec, "warmup_steps": 0, "decay": "constant"}, total) is None
+
+
+def test_warmup_and_cosine_train_and_are_recorded():
+    config = digits_config(schedule={"warmup_steps": 20, "decay": "cosine"},
+                           optimizer={"name": "sgd", "momentum": 0.9, "nesterov": True})  # fmt: skip
+    ds, _ = train(cfg.train_slice(config, "w"), 64, 0.1, 0, CPU)
+    assert bool(ds["reached_target"]) and ds.attrs["optimizer"] == "sgd"
+    assert json.loads(ds.attrs["schedule"])["decay"] == "cosine"
+
+
+def test_adamw_trains():
+    config = digits_config(optimizer={"name": "adamw"})
+    ds, _ = train(cfg.train_slice(config, "w"), 64, 0.003, 0, CPU)
+    assert bool(ds["reached_target"]) and ds.attrs["optimizer"] == "adamw"
+
+
+def test_streaming_path_trains_like_the_device_path_and_is_profiled():
+    """The same digits workload read through a DataLoader: the same batches cannot be promised (the loader
+    draws its own permutation), but the run reaches the target within a similar number of steps, and the
+    record and the profile say which path was used."""
+    device_run, _ = train(cfg.train_slice(digits_config(), "w"), 64, 0.1, 0, CPU)
+    config = digits_config(loader={"stream": True, "workers": 1})
+    stream_run, _ = train(cfg.train_slice(config, "w"), 64, 0.1, 0, CPU)
+    assert device_run.attrs["data_path"] == "device" and stream_run.attrs["data_path"] == "stream"
+    assert bool(stream_run["reached_target"])
+    assert 0.5 <= float(stream_run["steps_to_target"]) / float(device_run["steps_to_target"]) <= 2.0
+    settings = {**cfg.profile_slice(config, "w"), "profile": {"warmup": 2, "repeats": 3, "min_repeat_time": 0.002}}
+    prof = profile.profile(settings, 64, CPU)
+    assert prof.attrs["data_path"] == "stream" and prof.attrs["loader_workers"] == 1 and bool(prof["feasible"])
+
+
+def test_a_batch_larger_than_a_factorys_data_is_refused():
+    spec = cfg.train_slice(digits_config(), "w")
+    spec["workload"] = workload_spec(BAD + "good")
+    with pytest.raises(ValueError, match="batch size 64 exceeds the 32 training examples"):
+        train(spec, 64, 0.1, 0, CPU)
+
+
+def test_bf16_autocast_trains_and_is_recorded():
+    config = digits_config(precision="bf16")
+    ds, checkpoint = train(cfg.train_slice(config, "w"), 64, 0.1, 0, CPU)
+    assert bool(ds["reached_target"]) and ds.attrs["precision"] == "bf16"
+    assert all(v.dtype == torch.float32 for v in checkpoint["state_dict"].values())  # weights stay fp32
+    settings = {**cfg.profile_slice(config, "w"), "profile": {"warmup": 2, "repeats": 3, "min_repeat_time": 0.002}}
+    assert profile.profile(settings, 64, CPU).attrs["precision"] == "bf16"
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    """torch.compile of the step (inductor; ~20 s to compile here) trains to the same step count within one
+    evaluation interval (compiled kernels round differently)."""
+    eager, _ = train(cfg.train_slice(digits_config(), "w"), 64, 0.1, 0, CPU)
+    compiled, _ = train(cfg.train_slice(digits_config(compile=True), "w"), 64, 0.1, 0, CPU)
+    assert compiled.attrs["compiled"] == 1
+    assert abs(float(compiled["steps_to_target"]) - float(eager["steps_to_target"])) <= 10
+
+
+@pytest.mark.integration
+def test_the_example_factories_run_through_the_whole_workflow(repo, venv_env, tmp_path):
+    """examples/own_workload as a user runs it: two factory workloads (one streamed) through every stage."""
+    from batchscope.io import read_netcdf
+
+    env = {**venv_env, "PYTHONPATH": str(repo / "examples" / "own_workload")}
+    cmd = ["snakemake", "-s", str(repo / "Snakefile"), "--directory", str(tmp_path), "--cores", "2",
+           "--configfile", str(repo / "examples/own_workload/config.yaml")]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tmp_path / "results"
+    for name, path in (("spirals", "device"), ("spirals_streamed", "stream")):
+        record = read_netcdf(results / "data" / f"{name}.nc")
+        assert record.attrs["data_path"] == path and int(record.attrs["n_train"]) == 2048
+        assert record.attrs["metric_name"] == "macro_f1" and int(record.attrs["parameters"]) == 2307
+        assert read_netcdf(results / "profile" / name / "B128.nc").attrs["data_path"] == path
+        fit = read_netcdf(results / "fit" / f"{name}.nc")
+        assert fit.attrs["data_path"] == path and np.isfinite(float(fit["b_opt"]))
+        assert (results / "hessian" / f"{name}.nc").is_file() and (results / "jensen" / f"{name}.nc").is_file()
+    # the cosine schedule with AdamW reached macro-F1 0.9 at every batch size
+    assert np.isfinite(read_netcdf(results / "fit" / "spirals.nc")["k"].values).all()
+    html = (results / "report" / "report.html").read_text()
+    assert "spirals_streamed" in html and "stream" in html
+    out = subprocess.run([sys.executable, "-m", "batchscope", "recommend", str(results), "--json"],
+                         capture_output=True, text=True, env=env, check=True)  # fmt: skip
+    rows = json.loads(out.stdout)
+    assert {row["workload"] for row in rows} == {"spirals", "spirals_streamed"}
