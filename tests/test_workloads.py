@@ -86,8 +86,17 @@ def test_a_module_that_fails_on_import_is_named():
     ],
 )  # fmt: skip
 def test_bad_workload_configs_are_refused(workload, message):
-    config = {"grid": {"batch_sizes": [8]}, "workloads": {"w": {
-        "target": {"metric": "val_metric", "value": 0.5}, "max_steps": 100, "learning_rates": [0.1], **workload}}}
+    config = {
+        "grid": {"batch_sizes": [8]},
+        "workloads": {
+            "w": {
+                "target": {"metric": "val_metric", "value": 0.5},
+                "max_steps": 100,
+                "learning_rates": [0.1],
+                **workload,
+            }
+        },
+    }
     with pytest.raises(cfg.ConfigError, match=re.escape(message)):
         cfg.validate(config)
 

@@ -14,8 +14,13 @@ def _data(device, n=32):
 
 
 def good(spec, device):
-    return Workload(model=nn.Linear(4, 3).to(device), train=_data(device), val=_data(device),
-                    loss=nn.functional.cross_entropy, metric=lambda out, y: (out.argmax(1) == y).float().mean())  # fmt: skip
+    return Workload(
+        model=nn.Linear(4, 3).to(device),
+        train=_data(device),
+        val=_data(device),
+        loss=nn.functional.cross_entropy,
+        metric=lambda out, y: (out.argmax(1) == y).float().mean(),
+    )
 
 
 def returns_tuple(spec, device):
