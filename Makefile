@@ -6,6 +6,9 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
+BROWSER := $(VENV)/.browser
+# root installs system packages itself; anyone else through sudo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # jobs call `python -m batchscope`: put the venv first on PATH
 export PATH := $(BIN):$(PATH)
 
@@ -20,13 +23,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The report test opens the report in Debian's Chromium through Playwright (never Playwright's own browser
+# download); installed here when missing, so a fresh clone's `make test` has it.
+$(BROWSER): $(STAMP)
+	@dpkg -s chromium chromium-driver >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+	touch $@
+
 install: $(STAMP)
 
 run: $(STAMP)
 	snakemake --cores all
 	@echo "report: $(abspath results/report/report.html)"
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER)
 	python -m pytest
 
 lint: $(STAMP)

@@ -18,3 +18,22 @@ def venv_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """Where tests leave files for people to look at (screenshots, trial summaries): test-artifacts/, ignored by
+    git; BATCHSCOPE_TEST_ARTIFACTS overrides it."""
+    path = Path(os.environ.get("BATCHSCOPE_TEST_ARTIFACTS", REPO / "test-artifacts"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_study(repo, venv_env, tmp_path_factory) -> Path:
+    """A real Snakemake run of config/test/tiny.yaml, shared by the workflow and the browser tests."""
+    from tests.helpers import snakemake
+
+    workdir = tmp_path_factory.mktemp("study")
+    snakemake(repo, workdir, env=venv_env)
+    return workdir

@@ -2,7 +2,6 @@
 
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,31 +11,11 @@ import yaml
 from batchscope import config as cfg
 from batchscope.fit import read_runs, steps_per_batch_size
 from batchscope.io import read_netcdf
+from tests.helpers import TINY, snakemake
 
 pytestmark = pytest.mark.integration
-TINY = "config/test/tiny.yaml"
 HEADER = re.compile(r"^(?:local)?rule (\w+):$", re.M)
 WILDCARDS = re.compile(r"^    wildcards: (.*)$", re.M)
-
-
-def snakemake(repo, workdir, *args, env, configfile=None, check=True):
-    # --configfile takes several values: it goes last so it cannot swallow a target
-    cmd = [
-        "snakemake",
-        "-s",
-        str(repo / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--cores",
-        "2",
-        *args,
-        "--configfile",
-        str(configfile or repo / TINY),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def scheduled(result) -> set[tuple[str, str]]:
@@ -52,10 +31,8 @@ def scheduled(result) -> set[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def study(repo, venv_env, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("study")
-    snakemake(repo, workdir, env=venv_env)
-    return workdir
+def study(tiny_study):
+    return tiny_study
 
 
 def variant(repo, tmp_path, change) -> Path:

@@ -51,6 +51,19 @@ def _workload(spec: dict, device, data_file: str | None, cache: dict | None = No
     return cache[key]
 
 
+def _expect(args: argparse.Namespace) -> dict | None:
+    """--expect: JSON of stage -> the config hash its input files must carry (the workflow passes it)."""
+    if getattr(args, "expect", None) is None:
+        return None
+    try:
+        expect = json.loads(args.expect)
+    except json.JSONDecodeError as err:
+        raise cfg.ConfigError(f"--expect: {args.expect!r} is not JSON ({err})") from err
+    if not isinstance(expect, dict):
+        raise cfg.ConfigError(f"--expect: {args.expect!r} is not a JSON object")
+    return expect
+
+
 def cmd_validate(args: argparse.Namespace) -> None:
     config = cfg.load(args.config)
     n_runs = sum(len(cfg.train_points(config, w)) for w in config["workloads"])
@@ -134,7 +147,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     from batchscope.fit import fit_scaling
 
     spec = _spec(args, cfg.fit_slice)
-    ds = fit_scaling(args.profiles, args.runs, spec, args.workload)
+    ds = fit_scaling(args.profiles, args.runs, spec, args.workload, _expect(args))
     ds.attrs.update(io.provenance("fit_scaling", spec))
     io.write_netcdf(ds, args.out)
     log.info(
@@ -161,7 +174,9 @@ def cmd_hessian(args: argparse.Namespace) -> None:
     checkpoints = [p for d in map(Path, args.checkpoints) for p in (sorted(d.glob("*.pt")) if d.is_dir() else [d])]
     if not checkpoints:
         raise SystemExit(f"no checkpoints (.pt) in {' '.join(args.checkpoints)}")
-    for path in checkpoints:
+    from batchscope.runtime import progress
+
+    for path in progress(checkpoints, desc="checkpoints"):
         checkpoint = torch.load(path, map_location=device)
         ds = analyze(checkpoint, _workload(checkpoint["workload"], device, args.data, workloads), spec, device)
         ds.attrs.update(io.provenance("analyze_hessian", spec, device=str(device)))
@@ -245,7 +260,9 @@ def cmd_noise(args: argparse.Namespace) -> None:
     workload = _workload(saved["workload"], device, args.data)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for i, snapshot in enumerate(saved["snapshots"]):
+    from batchscope.runtime import progress
+
+    for i, snapshot in enumerate(progress(saved["snapshots"], desc="snapshots")):
         ds = measure_snapshot(snapshot, workload, spec, device)
         ds.attrs.update(io.provenance("measure_gradient_noise", spec, device=str(device)),
                         reference=f"B={saved['batch_size']} lr={saved['lr']} seed={saved['seed']}")  # fmt: skip
@@ -288,7 +305,7 @@ def cmd_aggregate_hessian(args: argparse.Namespace) -> None:
     from batchscope import io
     from batchscope.sharpness import aggregate, reproduction_sentence
 
-    ds = aggregate(args.hessian, args.runs, args.workload)
+    ds = aggregate(args.hessian, args.runs, args.workload, _expect(args))
     ds.attrs.update(io.provenance("aggregate_hessian", {"workload": args.workload}))
     io.write_netcdf(ds, args.out)
     log.info(reproduction_sentence(ds))
@@ -298,7 +315,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     from batchscope.report import render
 
     html = render(args.fits, args.notebook, args.out, args.figures, hessian_paths=args.hessian,
-                  stability_paths=args.edge_of_stability, ghost_paths=args.ghost, noise_paths=args.noise)  # fmt: skip
+                  stability_paths=args.edge_of_stability, ghost_paths=args.ghost, noise_paths=args.noise,
+                  expect=_expect(args))  # fmt: skip
     print(html)
 
 
@@ -343,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("fit", cmd_fit, "fit the scaling model of one workload")
     p.add_argument("--profiles", nargs="+", required=True)
     p.add_argument("--runs", nargs="+", required=True, help="train_model output directories")
+    p.add_argument("--expect", help="JSON: stage -> config hash the input files must carry (refuses others)")
 
     p = stage("hessian", cmd_hessian, "Hessian spectrum of checkpoints; --out is a directory")
     p.add_argument("--data", required=True)
@@ -375,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True, help="the workload's train_model output directories")
     p.add_argument("--hessian", nargs="+", required=True, help="analyze_hessian output directories")
     p.add_argument("--out", required=True)
+    p.add_argument("--expect", help="JSON: stage -> config hash the input files must carry (refuses others)")
 
     p = sub.add_parser("recommend", help="the recommended batch size and learning rate, from the cached fits")
     p.set_defaults(func=cmd_recommend)
@@ -384,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="execute the report notebook and write HTML")
     p.set_defaults(func=cmd_report)
     p.add_argument("--fits", nargs="+", required=True)
+    p.add_argument("--expect", help='JSON: {"fit_scaling": {workload: config hash}}; other fits are refused')
     p.add_argument("--hessian", nargs="*", default=[], help="aggregate_hessian outputs (optional)")
     p.add_argument("--edge-of-stability", nargs="*", default=[], help="edge_of_stability outputs (optional)")
     p.add_argument("--ghost", nargs="*", default=[], help="summarize_ghost outputs (optional)")
@@ -409,9 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     except (cfg.ConfigError, ValueError) as err:
         # bad input (config, data files, a workload factory, a batch size over the data): the message names it
         from batchscope.data import DataError
+        from batchscope.io import CacheError
         from batchscope.workload import WorkloadError
 
-        if not isinstance(err, cfg.ConfigError | DataError | WorkloadError):
+        if not isinstance(err, cfg.ConfigError | DataError | WorkloadError | CacheError):
             raise
         print(f"batchscope: {err}", file=sys.stderr)
         return 2

@@ -7,7 +7,9 @@ a bad config gets the same message wherever it is used, before any job starts.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
+import json
 import math
 from collections.abc import Iterable
 from functools import cache
@@ -72,6 +74,12 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 OPTIMIZER_KEYS = {"sgd": {"momentum", "nesterov", "weight_decay"}, "adamw": {"betas", "weight_decay"}}
 DIGITS_SIZE = 1797
+
+
+def config_hash(config_slice: object) -> str:
+    """A stable hash of a JSON-serialisable config slice (key order does not matter)."""
+    text = json.dumps(config_slice, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class ConfigError(ValueError):

@@ -22,7 +22,7 @@ import pandas as pd
 import xarray as xr
 from scipy.optimize import lsq_linear
 
-from batchscope.io import netcdf_files, read_netcdf
+from batchscope.io import netcdf_files, read_netcdf, same_provenance
 
 
 @dataclass(frozen=True)
@@ -117,22 +117,39 @@ def bootstrap_steps(
 # --------------------------------------------------------------------------------- reading the caches
 
 
-def read_profiles(paths: Sequence[str | Path]) -> xr.Dataset:
-    parts = []
+PROFILE_VARIABLES = ("t_iter", "t_iter_median", "feasible", "peak_memory")
+RUN_VARIABLES = ("steps_to_target", "reached_target", "diverged", "out_of_memory", "time_to_target", "val_metric")
+
+
+def _checked(path, stage: str, variables: tuple[str, ...], expect: dict[str, str] | None) -> xr.Dataset:
+    """With ``expect`` (stage -> config hash, what the workflow passes): the file must be that stage's result for
+    the current config, at this library's algorithm version, with its variables; else a CacheError."""
+    if expect is None:
+        return read_netcdf(path)
+    return read_netcdf(path, stage, variables, expect.get(stage))
+
+
+def read_profiles(paths: Sequence[str | Path], expect: dict[str, str] | None = None) -> xr.Dataset:
+    parts, datasets = [], []
     for path in paths:
-        ds = read_netcdf(path)
+        ds = _checked(path, "profile_hardware", PROFILE_VARIABLES, expect)
+        datasets.append(ds)
         parts.append(ds.expand_dims(profile_batch_size=[int(ds.attrs["batch_size"])]))
+    same_provenance(datasets, list(paths), "profiles")
     merged = xr.concat(parts, dim="profile_batch_size", combine_attrs="drop_conflicts").sortby("profile_batch_size")
     return merged.rename({name: f"profile_{name}" for name in merged.data_vars})
 
 
-def read_runs(paths: Sequence[str | Path]) -> xr.Dataset:
+def read_runs(paths: Sequence[str | Path], expect: dict[str, str] | None = None) -> xr.Dataset:
     """Concatenate training points along ``run``; ``paths`` may be point files or train_model directories."""
-    parts = []
-    for path in netcdf_files(paths, "training results"):
-        ds = read_netcdf(path)
+    parts, datasets = [], []
+    files = netcdf_files(paths, "training results")
+    for path in files:
+        ds = _checked(path, "train_model", RUN_VARIABLES, expect)
+        datasets.append(ds)
         run = xr.Dataset(coords={f"run_{k}": ("run", [ds.attrs[k]]) for k in ("batch_size", "lr", "seed")})
         parts.append(ds.expand_dims("run").assign_coords(run.coords))
+    same_provenance(datasets, files, "training results")
     merged = xr.concat(parts, dim="run", join="outer", combine_attrs="drop_conflicts")
     order = np.lexsort((merged["run_seed"].values, merged["run_lr"].values, merged["run_batch_size"].values))
     return merged.isel(run=order).assign_coords(run=np.arange(merged.sizes["run"]))
@@ -141,15 +158,17 @@ def read_runs(paths: Sequence[str | Path]) -> xr.Dataset:
 # -------------------------------------------------------------------------------------- the fit stage
 
 
-def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, Any], workload: str) -> xr.Dataset:
+def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, Any], workload: str,
+                expect: dict[str, str] | None = None) -> xr.Dataset:  # fmt: skip
     """Aggregate a workload's profile and training caches and fit the scaling model.
 
     ``spec`` is :func:`batchscope.config.fit_slice`. The result holds the aggregated inputs (dims
     ``profile_batch_size``, ``run``, ``step``), K(B) and T(B) on the grid (dim ``batch_size``), the fitted
-    parameters with bootstrap intervals (dim ``bootstrap``), and the recommendation.
+    parameters with bootstrap intervals (dim ``bootstrap``), and the recommendation. ``expect`` maps
+    ``profile_hardware`` and ``train_model`` to the config hashes the inputs must carry.
     """
-    profiles = read_profiles(profile_paths)
-    runs = read_runs(train_paths)
+    profiles = read_profiles(profile_paths, expect)
+    runs = read_runs(train_paths, expect)
     table = pd.DataFrame(
         {k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")}
         | {"steps_to_target": runs["steps_to_target"].values}

@@ -7,7 +7,7 @@ killed mid-write never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
+import glob
 import json
 import os
 import platform
@@ -18,16 +18,12 @@ from pathlib import Path
 import xarray as xr
 
 from batchscope import __version__
+from batchscope.config import config_hash
+from batchscope.faults import kill_point
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 ENGINE = "h5netcdf"  # explicit: xarray would prefer netCDF4 when both are installed
-
-
-def config_hash(config_slice: object) -> str:
-    """A stable hash of a JSON-serialisable config slice (key order does not matter)."""
-    text = json.dumps(config_slice, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def provenance(stage: str, config_slice: object, device: str | None = None) -> dict[str, str]:
@@ -59,6 +55,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` on a temporary name next to ``path``, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -80,7 +78,12 @@ def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     ds = ds.copy()
     for variable in ds.variables.values():
         variable.encoding = {}
-    return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine=ENGINE))
+
+    def write(tmp: str) -> None:
+        ds.to_netcdf(tmp, engine=ENGINE)
+        kill_point("netcdf_write", ds.attrs.get("stage"))  # tests: a kill between the write and the rename
+
+    return atomic_write(path, write)
 
 
 def netcdf_files(paths, what: str = "results") -> list[Path]:
@@ -93,17 +96,65 @@ def netcdf_files(paths, what: str = "results") -> list[Path]:
     return files
 
 
-def read_netcdf(path: str | os.PathLike) -> xr.Dataset:
-    """Read a whole NetCDF file into memory and close it."""
+class CacheError(OSError, ValueError):
+    """A cached result is unreadable, incomplete, or not the one the current config asks for; the message names
+    the file and what to do. (An OSError for callers that catch I/O failures, a ValueError as bad input.)"""
+
+
+def read_netcdf(
+    path: str | os.PathLike,
+    stage: str | None = None,
+    variables: tuple[str, ...] = (),
+    config_hash: str | None = None,
+) -> xr.Dataset:
+    """Read a whole NetCDF file into memory and close it, refusing a file that cannot be what the caller needs.
+
+    With ``stage``: the file must have been written by that stage, with this library's algorithm version for
+    it; ``variables`` must be present; with ``config_hash``: it must have been computed for that config slice.
+    """
+    from batchscope import ALGORITHM_VERSIONS
+
+    rebuild = "delete it and rerun the workflow to rebuild it"
     if not Path(path).is_file():
-        raise FileNotFoundError(f"NetCDF file {path} does not exist")
+        raise CacheError(f"NetCDF file {path} does not exist; rerun the workflow to build it")
     try:
         with xr.open_dataset(path, engine=ENGINE) as ds:
-            return ds.load()
+            ds = ds.load()
     except (OSError, ValueError) as err:
-        raise OSError(
-            f"cannot read NetCDF file {path}: {err}. Delete it and rerun the workflow to rebuild it."
-        ) from err
+        raise CacheError(f"cannot read NetCDF file {path} (truncated or corrupted?): {err}. {rebuild[0].upper()}"
+                         f"{rebuild[1:]}.") from err  # fmt: skip
+    if stage is not None:
+        found = ds.attrs.get("stage")
+        if found != stage:
+            raise CacheError(f"{path}: written by stage {found!r}, expected a {stage!r} result; {rebuild}")
+        version = str(ALGORITHM_VERSIONS[stage])
+        if str(ds.attrs.get("algorithm_version")) != version:
+            raise CacheError(
+                f"{path}: computed by version {ds.attrs.get('algorithm_version')!r} of the {stage} algorithm; this "
+                f"batchscope has version {version}: {rebuild}"
+            )
+    missing = [name for name in variables if name not in ds.variables]
+    if missing:
+        raise CacheError(f"{path}: variable {missing[0]!r} is missing (a wrong or damaged file); {rebuild}")
+    if config_hash is not None and ds.attrs.get("config_hash") != config_hash:
+        raise CacheError(
+            f"{path}: computed for another config (config_hash {ds.attrs.get('config_hash')!r}, the current config "
+            f"gives {config_hash!r}); {rebuild}, or restore the config it was made with"
+        )
+    return ds
+
+
+def same_provenance(datasets: list[xr.Dataset], paths: list, what: str) -> None:
+    """Refuse to aggregate files whose config hashes differ (results of two configs mixed in one directory)."""
+    hashes = {}
+    for ds, path in zip(datasets, paths, strict=True):
+        hashes.setdefault(ds.attrs.get("config_hash"), path)
+    if len(hashes) > 1:
+        (h1, p1), (h2, p2) = list(hashes.items())[:2]
+        raise CacheError(
+            f"{what}: {p1} (config_hash {h1}) and {p2} (config_hash {h2}) were computed for different configs; "
+            "delete the stale one and rerun the workflow"
+        )
 
 
 def save_torch(obj: object, path: str | os.PathLike) -> Path:

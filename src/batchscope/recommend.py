@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from batchscope.io import read_netcdf
+from batchscope.io import CacheError, read_netcdf
 
 REQUIRED = (
     "b_opt",
@@ -26,8 +26,7 @@ REQUIRED = (
 )
 
 
-class CacheError(ValueError):
-    """The results directory has no usable fits, or fits that do not belong together."""
+__all__ = ["CacheError", "recommend_row", "recommendations"]
 
 
 def recommendations(results: str | Path) -> list[dict[str, Any]]:
@@ -90,16 +89,24 @@ def recommend_row(ds, path: str | Path = "") -> dict[str, Any]:
     }
 
 
+def _slowdown(ratio: float) -> str:
+    # inf: that batch size never reached the target (diverged, out of memory or censored at every lr)
+    return f"{ratio:.2f}x" if math.isfinite(ratio) else "never reached the target (see the report's failed points)"
+
+
 def format_line(row: dict[str, Any]) -> str:
     return (
         f"{row['workload']} on {row['device']} ({row['device_name']}): batch size {row['batch_size']} at learning "
         f"rate {row['learning_rate']:g} (predicted b_opt {row['predicted_b_opt']:.0f}); time to target "
         f"{row['measured_time_to_target_s']:.3g} s measured, {row['predicted_time_to_target_s']:.3g} s predicted; "
-        f"B = {row['smallest_batch_size']} was {row['smallest_slowdown']:.2f}x slower, "
-        f"B = {row['largest_batch_size']} {row['largest_slowdown']:.2f}x"
+        f"B = {row['smallest_batch_size']}: {_slowdown(row['smallest_slowdown'])} slower, "
+        f"B = {row['largest_batch_size']}: {_slowdown(row['largest_slowdown'])}"
     )
 
 
 def main(results: str, as_json: bool) -> str:
     rows = recommendations(results)
-    return json.dumps(rows, indent=2) if as_json else "\n".join(format_line(row) for row in rows)
+    if as_json:  # strict JSON has no Infinity/NaN: a batch size that never reached the target is null
+        clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+        return json.dumps(clean, indent=2)
+    return "\n".join(format_line(row) for row in rows)

@@ -18,6 +18,7 @@ import pandas as pd
 import seaborn as sns
 import xarray as xr
 
+from batchscope.faults import kill_point
 from batchscope.io import atomic_write, read_netcdf
 from batchscope.recommend import recommend_row
 
@@ -71,8 +72,8 @@ def plot_step_time(ds: xr.Dataset) -> plt.Figure:
         f"(R^2 = {float(ds['t_iter_r2']):.3f})",
     )
     infeasible = b[~ds["profile_feasible"].values.astype(bool)]
-    for x in infeasible:
-        ax.axvline(x, color="red", lw=1, ls=":")
+    for i, x in enumerate(infeasible):
+        ax.axvline(x, color="purple", lw=1, ls=":", label="out of memory" if i == 0 else None)
     _log2_axis(ax)
     ax.set_yscale("log")
     ax.set_ylabel("time per step (ms)")
@@ -127,15 +128,17 @@ def plot_steps(ds: xr.Dataset) -> plt.Figure:
         legend="full",
         alpha=0.6,
     )
-    censored = runs[~runs["reached_target"].astype(bool)]
-    if len(censored):
-        ax.plot(
-            censored["batch_size"],
-            np.full(len(censored), cap * 1.3),
-            "x",
-            color="red",
-            label="not reached / diverged",
-        )
+    # runs without a step count, drawn above the curves, one marker per reason
+    failed = runs[~runs["reached_target"].astype(bool)]
+    diverged, oom = failed["diverged"].astype(bool), failed["out_of_memory"].astype(bool)
+    for mask, marker, color, label in (
+        (diverged, "x", "red", "diverged (NaN/inf or 100x loss)"),
+        (oom, "v", "purple", "out of memory"),
+        (~diverged & ~oom, "o", "0.5", "not reached in max_steps"),
+    ):
+        if mask.any():
+            ax.plot(failed["batch_size"][mask], np.full(int(mask.sum()), cap * 1.3), marker, color=color,
+                    mfc="none" if marker == "o" else color, label=label)  # fmt: skip
     b = ds["batch_size"].values
     ax.plot(b, ds["k"].values, "s", color="black", ms=7, mfc="none", label="K(B): best lr, median over seeds")
     grid = np.geomspace(b.min(), b.max(), 200)
@@ -154,6 +157,27 @@ def plot_steps(ds: xr.Dataset) -> plt.Figure:
     ax.set_title(f"{ds.attrs['workload']}: steps to target K(B)")
     fig.tight_layout()
     return fig
+
+
+def failures(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
+    """Every point that is a result rather than a number: profiled batch sizes out of memory, training runs
+    that diverged or ran out of memory. Empty when there were none."""
+    rows = []
+    for name, ds in fits.items():
+        feasible = ds["profile_feasible"].values.astype(bool)
+        for b in ds["profile_batch_size"].values[~feasible]:
+            rows.append({"workload": name, "stage": "profile", "batch size": int(b), "lr": np.nan, "seed": np.nan,
+                         "what": "out of memory"})  # fmt: skip
+        runs = run_table(ds)
+        for _, run in runs[runs["diverged"].astype(bool) | runs["out_of_memory"].astype(bool)].iterrows():
+            rows.append({"workload": name, "stage": "train", "batch size": int(run["batch_size"]), "lr": run["lr"],
+                         "seed": int(run["seed"]),
+                         "what": "out of memory" if run["out_of_memory"] else "diverged"})  # fmt: skip
+        if (~feasible).any():
+            largest = ds["profile_batch_size"].values[feasible].max() if feasible.any() else None
+            rows.append({"workload": name, "stage": "profile", "batch size": int(largest) if largest else -1,
+                         "lr": np.nan, "seed": np.nan, "what": "largest feasible batch size"})  # fmt: skip
+    return pd.DataFrame(rows, columns=["workload", "stage", "batch size", "lr", "seed", "what"])
 
 
 def plot_total_time(ds: xr.Dataset) -> plt.Figure:
@@ -550,6 +574,36 @@ def load_hessian(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
     return {ds.attrs["workload"]: ds for ds in map(read_netcdf, paths)}
 
 
+# what each input of the report must be: the stage that writes it and variables the notebook reads
+FIT_VARIABLES = ("b_opt", "b_opt_ci", "k", "tau_f", "tau_d", "n_iter", "c_var", "b_crit", "t_iter_r2",
+                 "steps_to_target")  # fmt: skip
+REPORT_INPUTS = {
+    "hessian": ("aggregate_hessian", ("lambda_max",)),
+    "stability": ("edge_of_stability", ("lambda_max", "loss")),
+    "ghost": ("summarize_ghost", ("val_accuracy", "steps_to_target")),
+}
+
+
+def check_inputs(fit_paths, hessian_paths=(), stability_paths=(), ghost_paths=(), noise_paths=(),
+                 expect: dict | None = None) -> None:  # fmt: skip
+    """Refuse (CacheError naming the file) any input that is unreadable, from another stage or algorithm
+    version, missing a variable, or, for the fits, computed for another config than ``expect`` says."""
+    fit_hashes = (expect or {}).get("fit_scaling", {})
+    for path in fit_paths:
+        read_netcdf(path, "fit_scaling", FIT_VARIABLES, fit_hashes.get(Path(path).stem))
+    for kind, paths in (("hessian", hessian_paths), ("stability", stability_paths), ("ghost", ghost_paths)):
+        stage, variables = REPORT_INPUTS[kind]
+        for path in paths:
+            read_netcdf(path, stage, variables)
+    for path in map(Path, noise_paths):
+        if path.is_dir():
+            for file in sorted(path.glob("snapshot*.nc")):
+                read_netcdf(file, "measure_gradient_noise", ("b_simple", "two_batch_b_simple"))
+            read_netcdf(path / "variance.nc", "measure_gradient_noise", ("mean_sq_error",))
+        else:
+            read_netcdf(path, "measure_jensen_bias", ("relative_bias",))
+
+
 def render(
     fit_paths: Sequence[str],
     notebook: str,
@@ -559,12 +613,18 @@ def render(
     stability_paths: Sequence[str] = (),
     ghost_paths: Sequence[str] = (),
     noise_paths: Sequence[str] = (),
+    expect: dict | None = None,
 ) -> Path:
-    """Execute the report notebook on ``fit_paths`` (and Hessian aggregates) and write HTML, code hidden."""
+    """Execute the report notebook on ``fit_paths`` (and Hessian aggregates) and write HTML, code hidden.
+
+    Every input cache is checked first (:func:`check_inputs`): a damaged or foreign file stops the report with
+    the file's name before anything is drawn, instead of being read into it.
+    """
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
 
+    check_inputs(fit_paths, hessian_paths, stability_paths, ghost_paths, noise_paths, expect)
     html_out = Path(html_out)
     executed = html_out.with_suffix(".ipynb")
     papermill.execute_notebook(
@@ -581,6 +641,13 @@ def render(
         progress_bar=False,
         cwd=str(Path.cwd()),
     )
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    kill_point("report_render")  # tests: a kill after the figures, before the HTML
+    exporter = HTMLExporter(
+        template_name="offline",  # workflow/notebooks/templates/offline: lab without CDN scripts
+        extra_template_basedirs=[str(Path(notebook).resolve().parent / "templates")],
+        exclude_input=True,
+        exclude_input_prompt=True,
+        exclude_output_prompt=True,
+    )
     body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
     return atomic_write(html_out, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))

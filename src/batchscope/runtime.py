@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import platform
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from batchscope import faults
 from batchscope.workload import Workload
 
 
@@ -109,8 +111,11 @@ def make_step(
     if compile:
         forward = torch.compile(forward)
     bf16 = precision == "bf16"
+    oom_limit = faults.oom_above()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if oom_limit is not None and len(x) > oom_limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated by BATCHSCOPE_FAULT for B={len(x)})")
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             value = forward(x, y)
@@ -228,6 +233,16 @@ class StepClock:
             torch.cuda.synchronize()
             return self._start.elapsed_time(end) / 1000.0
         return time.perf_counter() - self._t0
+
+
+def progress(iterable=None, total: int | None = None, desc: str = ""):
+    """A tqdm progress bar on stderr: live on a terminal; in a job's log (not a terminal) an ASCII line at
+    most every 10 s, so a long job shows where it is without flooding the log."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, mininterval=0.5 if tty else 10.0, ascii=not tty,
+                dynamic_ncols=tty)  # fmt: skip
 
 
 def is_out_of_memory(err: BaseException) -> bool:

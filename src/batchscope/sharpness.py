@@ -24,7 +24,7 @@ import xarray as xr
 from torch import nn
 
 from batchscope import hessian
-from batchscope.io import netcdf_files, read_netcdf
+from batchscope.io import netcdf_files, read_netcdf, same_provenance
 from batchscope.workload import Workload, analysis_data
 from batchscope.workload import build as build_workload
 
@@ -122,26 +122,33 @@ def analyze(checkpoint: dict[str, Any], workload: Workload, spec: dict[str, Any]
     return ds
 
 
-def aggregate(hessian_paths: Sequence[str | Path], run_paths: Sequence[str | Path], workload: str) -> xr.Dataset:
+def aggregate(hessian_paths: Sequence[str | Path], run_paths: Sequence[str | Path], workload: str,
+              expect: dict[str, str] | None = None) -> xr.Dataset:  # fmt: skip
     """Concatenate a workload's per-checkpoint results and relate sharpness to batch size and generalization.
 
     ``hessian_paths`` are analyze_hessian output directories (or files); ``run_paths`` the train_model
     outputs, which give each run's generalization gap and, through :func:`batchscope.fit.steps_per_batch_size`
     (the fit's own rule), each batch size's best learning rate. Reading them here rather than the fit lets
-    this stage run beside fit_scaling.
+    this stage run beside fit_scaling. ``expect``: stage -> config hash the inputs must carry (the workflow's).
     """
     from batchscope.fit import read_runs, steps_per_batch_size
 
-    parts = []
-    for path in netcdf_files(hessian_paths, "Hessian results"):
-        ds = read_netcdf(path)
+    parts, datasets = [], []
+    files = netcdf_files(hessian_paths, "Hessian results")
+    for path in files:
+        if expect is None:
+            ds = read_netcdf(path)
+        else:
+            ds = read_netcdf(path, "analyze_hessian", ("lambda_max", "trace", "density"), expect.get("analyze_hessian"))
+        datasets.append(ds)
         keys = {f"run_{k}": ("run", [ds.attrs[k]]) for k in ("batch_size", "lr", "seed")}
         parts.append(ds.drop_vars(["slq_nodes", "slq_weights"]).expand_dims("run").assign_coords(keys))
+    same_provenance(datasets, files, "Hessian results")
     runs = xr.concat(parts, dim="run", combine_attrs="drop_conflicts")
     order = np.lexsort((runs["run_seed"].values, runs["run_lr"].values, runs["run_batch_size"].values))
     runs = runs.isel(run=order).assign_coords(run=np.arange(runs.sizes["run"]))
 
-    training = read_runs(run_paths)
+    training = read_runs(run_paths, expect)
     keys_of = ("run_batch_size", "run_lr", "run_seed")
     table = pd.DataFrame({k.removeprefix("run_"): training[k].values for k in keys_of})
     table["steps_to_target"] = training["steps_to_target"].values

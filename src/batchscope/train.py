@@ -18,7 +18,7 @@ import torch
 import xarray as xr
 from torch.utils.data import DataLoader
 
-from batchscope import runtime
+from batchscope import faults, runtime
 from batchscope.workload import Workload
 from batchscope.workload import build as build_workload
 
@@ -133,6 +133,7 @@ def train(
     keep(0)
     divergence_threshold = DIVERGENCE_FACTOR * initial_val_loss
     model.train()
+    bar = runtime.progress(total=max_steps, desc=f"B={batch_size} lr={lr:g} seed={seed}")
     while steps_done < max_steps:
         block = min(interval, max_steps - steps_done)
         losses, durations = [], []
@@ -159,6 +160,8 @@ def train(
             steady_time = elapsed / block
         train_time += elapsed
         steps_done += block
+        bar.update(block)  # outside the clock
+        faults.kill_point("train_step")  # tests: a kill in the middle of a run
         keep(steps_done)
         evaluation = evaluate(workload, "val", device, loader)
         value = evaluation.loss if metric == "val_loss" else evaluation.metric
@@ -177,6 +180,7 @@ def train(
             if spec["stop_at_target"]:
                 break
     wall_time = time.perf_counter() - wall_start
+    bar.close()
 
     final_train = evaluate(workload, "train", device, loader)
     final_val = evaluate(workload, "val", device, loader)

@@ -35,6 +35,7 @@ BATCH_SIZES = sorted(config["grid"]["batch_sizes"])
 PROFILE_BATCH_SIZES = bs_config.profile_batch_sizes(config)
 SEEDS = sorted(config["grid"]["seeds"])
 REPORT_NOTEBOOK = os.path.join(workflow.basedir, "workflow", "notebooks", "report.ipynb")
+REPORT_TEMPLATE = os.path.join(workflow.basedir, "workflow", "notebooks", "templates", "offline", "index.html.j2")
 
 
 def _uses_gpu():
@@ -53,6 +54,22 @@ wildcard_constraints:
     seed=r"[0-9]+",
     step_size=r"[0-9.e+-]+",
     ghost=r"[0-9]+",
+
+
+def expected_provenance(*stages):
+    """Params function: the config hash each input stage's files must carry for the current config; the
+    aggregations refuse files computed for another config (copied in, or left by a run with --touch)."""
+    slicers = {
+        "profile_hardware": bs_config.profile_slice,
+        "train_model": bs_config.train_slice,
+        "analyze_hessian": bs_config.hessian_slice,
+    }
+
+    def params(wildcards):
+        hashes = {s: bs_config.config_hash(slicers[s](config, wildcards.workload)) for s in stages}
+        return json.dumps(hashes, sort_keys=True)
+
+    return params
 
 
 def config_slice(slicer):

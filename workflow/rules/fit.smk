@@ -14,6 +14,7 @@ rule fit_scaling:
     params:
         spec=config_slice(bs_config.fit_slice),
         version=ALGORITHM_VERSIONS["fit_scaling"],
+        expect=expected_provenance("profile_hardware", "train_model"),
     shell:
-        "python -m batchscope fit --spec {params.spec:q} --workload {wildcards.workload}"
+        "python -m batchscope fit --spec {params.spec:q} --workload {wildcards.workload} --expect {params.expect:q}"
         " --profiles {input.profiles} --runs {input.runs} --out {output} > {log} 2>&1"

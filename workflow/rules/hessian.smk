@@ -45,8 +45,10 @@ rule aggregate_hessian:
         "../envs/batchscope.yaml"
     params:
         version=ALGORITHM_VERSIONS["aggregate_hessian"],
+        expect=expected_provenance("analyze_hessian", "train_model"),
     shell:
         "python -m batchscope aggregate-hessian --workload {wildcards.workload} --runs {input.runs}"
+        " --expect {params.expect:q}"
         " --hessian {input.hessian} --out {output} > {log} 2>&1"
 
 

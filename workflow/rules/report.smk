@@ -6,6 +6,7 @@ rule render_report:
         ghost=ghost_summaries,
         noise=noise_outputs,
         notebook=REPORT_NOTEBOOK,
+        template=REPORT_TEMPLATE,
     output:
         html="results/report/report.html",
         figures=report(
@@ -23,8 +24,12 @@ rule render_report:
         "../envs/batchscope.yaml"
     params:
         version=ALGORITHM_VERSIONS["render_report"],
+        expect=json.dumps(
+            {"fit_scaling": {w: bs_config.config_hash(bs_config.fit_slice(config, w)) for w in WORKLOADS}},
+            sort_keys=True,
+        ),
     shell:
-        "python -m batchscope report --fits {input.fits} --hessian {input.hessian}"
+        "python -m batchscope report --fits {input.fits} --hessian {input.hessian} --expect {params.expect:q}"
         " --edge-of-stability {input.stability} --ghost {input.ghost} --noise {input.noise}"
         " --notebook {input.notebook}"
         " --out {output.html} --figures {output.figures} > {log} 2>&1"

@@ -1,0 +1,150 @@
+"""Kill -9 during the workflow, 20 trials: no cache is ever half-written, and reruns finish with the results an
+uninterrupted run gives.
+
+The study is config/test/faults.yaml (one workload through every stage, a diverging learning rate, and a batch
+size that runs out of memory under BATCHSCOPE_FAULT=oom_above=512). Trials run one after another in one working
+directory, each starting from what the previous one left:
+
+- 4 targeted trials: a job kills itself with SIGKILL (BATCHSCOPE_FAULT) while profiling writes its NetCDF file,
+  in the middle of training, while the Hessian stage writes, and while the report renders. Snakemake survives
+  and stops with the job's failure.
+- 16 random trials: the whole process group (Snakemake and its jobs) gets SIGKILL after a random delay drawn
+  from a fixed seed, as when a node dies. The next run needs `snakemake --unlock` (Snakemake's own lock) and
+  reruns the incomplete jobs (`rerun-incomplete` is in profiles/default).
+
+After every trial each .nc and .pt file under results/ must read back. At the end a plain rerun must finish and
+every deterministic result (everything but wall-clock timings and what is computed from them) must equal an
+uninterrupted run's.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from batchscope.io import read_netcdf
+
+pytestmark = pytest.mark.integration
+CONFIG = "config/test/faults.yaml"
+BASE_FAULT = "oom_above=512"
+TARGETED = ["netcdf_write:profile_hardware", "train_step", "netcdf_write:analyze_hessian", "report_render"]
+RANDOM_TRIALS = 16
+SEED = 20261126
+# timing-dependent variables (wall clock, and the fit quantities computed from it); everything else must match
+TIMING = {"t_iter", "t_iter_median", "t_iter_q25", "t_iter_q75", "peak_memory", "steps_per_repeat", "step_time",
+          "step_time_median", "time_to_target", "train_time", "wall_time", "time_top", "time_trace", "time_slq",
+          "step_time_over_bn"}  # fmt: skip
+
+
+def command(repo: Path, workdir: Path, *args: str) -> list[str]:
+    return ["snakemake", "-s", str(repo / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args,
+            "--configfile", str(repo / CONFIG)]  # fmt: skip
+
+
+def run(repo, workdir, env, *args, fault=None, check=True):
+    env = {**env, "BATCHSCOPE_FAULT": ",".join(filter(None, [BASE_FAULT, fault]))}
+    result = subprocess.run(command(repo, workdir, *args), capture_output=True, text=True, env=env, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def run_and_kill(repo, workdir, env, delay: float) -> bool:
+    """Start the workflow in its own process group and SIGKILL the whole group after ``delay`` s. Returns
+    whether the kill happened (False: the run had finished first)."""
+    env = {**env, "BATCHSCOPE_FAULT": BASE_FAULT}
+    process = subprocess.Popen(command(repo, workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=env, start_new_session=True)  # fmt: skip
+    try:
+        process.wait(timeout=delay)
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return True
+
+
+def assert_caches_readable(workdir: Path) -> int:
+    """Every .nc and .pt under results/ reads back; returns how many there are."""
+    files = sorted((workdir / "results").rglob("*.nc"))
+    for path in files:
+        read_netcdf(path)  # raises, naming the file, on a truncated or half-written file
+    checkpoints = sorted((workdir / "results").rglob("*.pt"))
+    for path in checkpoints:
+        torch.load(path, map_location="cpu", weights_only=False)
+    return len(files) + len(checkpoints)
+
+
+def deterministic(path: Path) -> dict:
+    ds = read_netcdf(path)
+    return {name: ds[name].values for name in ds.data_vars if name not in TIMING and not name.startswith("boot")}
+
+
+def compare(reference: Path, other: Path) -> int:
+    """Every deterministic variable of every cache in ``reference`` equals ``other``'s; returns the file count."""
+    skip = ("results/fit/", "results/benchmarks/", "results/report/", "results/ghost/")  # timing-derived
+    files = [p for p in sorted((reference / "results").rglob("*.nc")) if not any(s in str(p) for s in skip)]
+    for path in files:
+        mine, theirs = deterministic(path), deterministic(other / path.relative_to(reference))
+        assert mine.keys() == theirs.keys(), path
+        for name, value in mine.items():
+            if value.dtype.kind == "f":
+                np.testing.assert_allclose(theirs[name], value, rtol=1e-6, atol=1e-9, equal_nan=True,
+                                           err_msg=f"{path.relative_to(reference)}: {name}")  # fmt: skip
+            else:
+                np.testing.assert_array_equal(theirs[name], value, err_msg=f"{path.relative_to(reference)}: {name}")
+    # the fit's timing-free part: steps to target and the best lr per batch size
+    for name in ("k", "best_lr"):
+        a, b = (read_netcdf(d / "results/fit/faulty.nc")[name].values for d in (reference, other))
+        np.testing.assert_array_equal(a, b)
+    for path in sorted((reference / "results").rglob("*.pt")):
+        mine = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        theirs = torch.load(other / path.relative_to(reference), map_location="cpu", weights_only=False)["state_dict"]
+        for key, value in mine.items():
+            assert torch.equal(value, theirs[key]), f"{path}: {key}"
+    return len(files)
+
+
+def test_kill_minus_nine_trials(repo, venv_env, tmp_path, artifacts):
+    reference, trials = tmp_path / "reference", tmp_path / "trials"
+    run(repo, reference, venv_env)
+    html = (reference / "results/report/report.html").read_text()
+    # divergence and out-of-memory are results: listed and marked in the report, and no job failed for them
+    assert "Failed points" in html and "diverged" in html and "out of memory" in html
+    assert "largest feasible batch size" in html
+
+    outcomes = []
+    for fault in TARGETED:
+        if fault == "report_render":
+            for path in (trials / "results/report").glob("*.html"):
+                path.unlink()  # make the report job run again, so that it can be killed
+        result = run(repo, trials, venv_env, fault=fault, check=False)
+        killed = result.returncode != 0 and "Error in rule" in result.stdout + result.stderr
+        outcomes.append({"trial": fault, "killed": killed, "caches_read": assert_caches_readable(trials)})
+        assert killed, f"{fault}: the job was not killed\n{result.stderr[-2000:]}"
+
+    rng = random.Random(SEED)
+    for i in range(RANDOM_TRIALS):
+        delay = rng.uniform(1.5, 6.0)
+        start = time.perf_counter()
+        killed = run_and_kill(repo, trials, venv_env, delay)
+        outcomes.append({"trial": f"random {i}", "delay_s": round(delay, 2), "killed": killed,
+                         "caches_read": assert_caches_readable(trials),
+                         "ran_s": round(time.perf_counter() - start, 2)})  # fmt: skip
+        run(repo, trials, venv_env, "--unlock")  # the lock a killed Snakemake leaves behind
+
+    run(repo, trials, venv_env)  # the plain rerun
+    assert assert_caches_readable(trials) > 0
+    assert not list((trials / "results").rglob("*.tmp")), "temporary files left behind"
+    compared = compare(reference, trials)
+    summary = {"trials": len(outcomes), "killed": sum(o["killed"] for o in outcomes), "survived": len(outcomes),
+               "files_compared": compared, "outcomes": outcomes}  # fmt: skip
+    (artifacts / "fault_trials.json").write_text(json.dumps(summary, indent=2))
+    assert len(outcomes) == 20 and summary["killed"] >= 18
