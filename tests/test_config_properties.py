@@ -34,8 +34,7 @@ INTEGER_PATHS = [
     ("threads",), ("profile", "warmup"), ("profile", "repeats"), ("hessian", "top_k"), ("noise", "pairs"),
     ("workloads", "w", "max_steps"), ("workloads", "w", "eval_interval"),
 ]  # fmt: skip
-MINIMUM = {("threads",): 1, ("profile", "warmup"): 0, ("profile", "repeats"): 3, ("hessian", "top_k"): 1,
-           ("noise", "pairs"): 2, ("workloads", "w", "max_steps"): 1, ("workloads", "w", "eval_interval"): 1}  # fmt: skip
+MINIMUM = dict(zip(INTEGER_PATHS, [1, 0, 3, 1, 2, 1, 1], strict=True))  # each path's smallest valid value
 LIST_PATHS = [("grid", "batch_sizes"), ("grid", "seeds"), ("workloads", "w", "learning_rates")]
 DICT_PATHS = [(), ("grid",), ("profile",), ("hessian",), ("noise",), ("workloads", "w"), ("workloads", "w", "target"),
               ("workloads", "w", "dataset"), ("workloads", "w", "model")]  # fmt: skip
