@@ -25,11 +25,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from batchscope.io import read_netcdf
+from tests.helpers import compare_results
 
 pytestmark = pytest.mark.integration
 CONFIG = "config/test/faults.yaml"
@@ -37,10 +37,6 @@ BASE_FAULT = "oom_above=512"
 TARGETED = ["netcdf_write:profile_hardware", "train_step", "netcdf_write:analyze_hessian", "report_render"]
 RANDOM_TRIALS = 16
 SEED = 20261126
-# timing-dependent variables (wall clock, and the fit quantities computed from it); everything else must match
-TIMING = {"t_iter", "t_iter_median", "t_iter_q25", "t_iter_q75", "peak_memory", "steps_per_repeat", "step_time",
-          "step_time_median", "time_to_target", "train_time", "wall_time", "time_top", "time_trace", "time_slq",
-          "step_time_over_bn"}  # fmt: skip
 
 
 def command(repo: Path, workdir: Path, *args: str) -> list[str]:
@@ -82,36 +78,6 @@ def assert_caches_readable(workdir: Path) -> int:
     return len(files) + len(checkpoints)
 
 
-def deterministic(path: Path) -> dict:
-    ds = read_netcdf(path)
-    return {name: ds[name].values for name in ds.data_vars if name not in TIMING and not name.startswith("boot")}
-
-
-def compare(reference: Path, other: Path) -> int:
-    """Every deterministic variable of every cache in ``reference`` equals ``other``'s; returns the file count."""
-    skip = ("results/fit/", "results/benchmarks/", "results/report/", "results/ghost/")  # timing-derived
-    files = [p for p in sorted((reference / "results").rglob("*.nc")) if not any(s in str(p) for s in skip)]
-    for path in files:
-        mine, theirs = deterministic(path), deterministic(other / path.relative_to(reference))
-        assert mine.keys() == theirs.keys(), path
-        for name, value in mine.items():
-            if value.dtype.kind == "f":
-                np.testing.assert_allclose(theirs[name], value, rtol=1e-6, atol=1e-9, equal_nan=True,
-                                           err_msg=f"{path.relative_to(reference)}: {name}")  # fmt: skip
-            else:
-                np.testing.assert_array_equal(theirs[name], value, err_msg=f"{path.relative_to(reference)}: {name}")
-    # the fit's timing-free part: steps to target and the best lr per batch size
-    for name in ("k", "best_lr"):
-        a, b = (read_netcdf(d / "results/fit/faulty.nc")[name].values for d in (reference, other))
-        np.testing.assert_array_equal(a, b)
-    for path in sorted((reference / "results").rglob("*.pt")):
-        mine = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        theirs = torch.load(other / path.relative_to(reference), map_location="cpu", weights_only=False)["state_dict"]
-        for key, value in mine.items():
-            assert torch.equal(value, theirs[key]), f"{path}: {key}"
-    return len(files)
-
-
 def test_kill_minus_nine_trials(repo, venv_env, tmp_path, artifacts):
     reference, trials = tmp_path / "reference", tmp_path / "trials"
     run(repo, reference, venv_env)
@@ -143,7 +109,7 @@ def test_kill_minus_nine_trials(repo, venv_env, tmp_path, artifacts):
     run(repo, trials, venv_env)  # the plain rerun
     assert assert_caches_readable(trials) > 0
     assert not list((trials / "results").rglob("*.tmp")), "temporary files left behind"
-    compared = compare(reference, trials)
+    compared = compare_results(reference, trials, workload_fits=["faulty"])
     summary = {"trials": len(outcomes), "killed": sum(o["killed"] for o in outcomes), "survived": len(outcomes),
                "files_compared": compared, "outcomes": outcomes}  # fmt: skip
     (artifacts / "fault_trials.json").write_text(json.dumps(summary, indent=2))
