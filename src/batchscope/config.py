@@ -63,10 +63,12 @@ DATASET_KEYS = {
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"widths": [128], "norm": "none"},
     "cnn": {"channels": [16, 32], "hidden": 64, "norm": "none"},
+    "resnet": {"widths": [16, 32, 64], "blocks": 1, "norm": "batch"},
 }
 MODEL_KEYS = {
     "mlp": {"widths", "norm", "ghost_batch_size"},
     "cnn": {"channels", "hidden", "norm", "ghost_batch_size"},
+    "resnet": {"widths", "blocks", "norm", "ghost_batch_size"},
 }
 OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sgd": {"momentum": 0.9, "nesterov": False, "weight_decay": 0.0},
@@ -213,8 +215,12 @@ def _check_workload(name: str, wl: dict[str, Any]) -> None:
             f"{where}.model: norm {model['norm']!r} with ghost_batch_size {model.get('ghost_batch_size')!r}: "
             "ghost_batch_size goes with norm 'ghost', and only with it"
         )
-    if model["name"] == "cnn" and ds["name"] not in IMAGE_DATASETS:
-        raise ConfigError(f"{where}.model.name: 'cnn' needs image data, but dataset {ds['name']!r} has flat features")
+    if model["name"] == "resnet" and not model["widths"]:
+        raise ConfigError(f"{where}.model.widths: [] is invalid: a resnet needs at least one stage")
+    if model["name"] in ("cnn", "resnet") and ds["name"] not in IMAGE_DATASETS:
+        raise ConfigError(
+            f"{where}.model.name: {model['name']!r} needs image data, but dataset {ds['name']!r} has flat features"
+        )
     _check_target(where, wl, regression=ds["name"] == "linreg")
 
 

@@ -270,6 +270,9 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
         low, high = np.quantile(samples, [0.025, 0.975]) if len(samples) else (math.nan, math.nan)
         out[f"{key}_ci"] = ("bound", [low, high], {"long_name": "95% bootstrap percentile interval"})
     out = out.assign_coords(bound=["low", "high"])
+    feasible_sizes = profiles["profile_batch_size"].values[profiles["profile_feasible"].values.astype(bool)]
+    out["largest_feasible_batch_size"] = ((), int(feasible_sizes.max()) if len(feasible_sizes) else -1, {
+        "long_name": "largest profiled batch size that did not run out of memory (-1: none)"})  # fmt: skip
     merged = xr.merge([out, profiles, runs], combine_attrs="drop_conflicts")
     merged.attrs.update(
         workload=workload,

@@ -21,6 +21,10 @@ from batchscope import __version__
 from batchscope.config import config_hash
 from batchscope.faults import kill_point
 
+# HDF5's file locks fail on many cluster filesystems (NFS, Lustre without flock) with "unable to lock file". Every
+# file here has one writer, which writes a temporary name and renames it, and readers only open finished files,
+# so the locks protect nothing: off unless the user set the variable (it must be set before h5py loads).
+os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 ENGINE = "h5netcdf"  # explicit: xarray would prefer netCDF4 when both are installed

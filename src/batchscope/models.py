@@ -19,6 +19,10 @@ def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs:
         if len(input_shape) != 3:
             raise ValueError(f"model 'cnn' needs (channels, height, width) inputs, got shape {input_shape}")
         return cnn(input_shape, spec["channels"], spec["hidden"], num_outputs, *norm)
+    if spec["name"] == "resnet":
+        if len(input_shape) != 3:
+            raise ValueError(f"model 'resnet' needs (channels, height, width) inputs, got shape {input_shape}")
+        return resnet(input_shape[0], spec["widths"], spec["blocks"], num_outputs, *norm)
     raise ValueError(f"unknown model {spec['name']!r}")
 
 
@@ -67,4 +71,46 @@ def cnn(input_shape: tuple[int, ...], channels: list[int], hidden: int, num_outp
         nn.ReLU(),
         nn.Linear(hidden, num_outputs),
     ]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a normalization after each and an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str, ghost_batch_size: int | None):
+        super().__init__()
+        bias = norm == "none"
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
+        self.norm1 = norm_layer(norm, out_channels, 2, ghost_batch_size) or nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias)
+        self.norm2 = norm_layer(norm, out_channels, 2, ghost_batch_size) or nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=bias),
+                norm_layer(norm, out_channels, 2, ghost_batch_size) or nn.Identity(),
+            )
+
+    def forward(self, x):
+        out = nn.functional.relu(self.norm1(self.conv1(x)))
+        return nn.functional.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet(in_channels: int, widths: list[int], blocks: int, num_outputs: int, norm: str = "batch",
+           ghost_batch_size: int | None = None) -> nn.Sequential:  # fmt: skip
+    """A CIFAR-style ResNet (He et al. 2016): a 3x3 stem, then per width ``blocks`` basic blocks (the first of each
+    later stage halves the resolution), global average pooling and a linear head. widths [16, 32, 64] with 1 block
+    each is ResNet-8 (0.08 M parameters), with 3 blocks ResNet-20."""
+    bias = norm == "none"
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=bias)]
+    if (layer := norm_layer(norm, widths[0], 2, ghost_batch_size)) is not None:
+        layers.append(layer)
+    layers.append(nn.ReLU())
+    channels = widths[0]
+    for stage, width in enumerate(widths):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            layers.append(BasicBlock(channels, width, stride, norm, ghost_batch_size))
+            channels = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_outputs)]
     return nn.Sequential(*layers)

@@ -524,6 +524,9 @@ def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
                 "predicted b_opt": row["predicted_b_opt"],
                 "b_opt 95% CI": f"{b_low:.0f} to {b_high:.0f}",
                 "measured best B": row["batch_size"],
+                "largest feasible B": int(ds["largest_feasible_batch_size"])
+                if "largest_feasible_batch_size" in ds
+                else None,
                 "predicted T(b_opt) (s)": float(ds["t_at_b_opt"]),
                 "measured T(best B) (s)": row["measured_time_to_target_s"],
                 "B_crit": float(ds["b_crit"]),

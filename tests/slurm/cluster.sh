@@ -56,7 +56,6 @@ SlurmdLogFile=$STATE/log/slurmd.log
 JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/log/jobcomp.log
 AccountingStorageType=accounting_storage/none
-AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/none
 MinJobAge=3600
 GresTypes=gpu

@@ -90,6 +90,7 @@ rule ghost_variance:
         "../envs/batchscope.yaml"
     threads: config["threads"]
     resources:
+        gpu=GPU,
         mem_mb=4000,
         runtime=10,
     params:
