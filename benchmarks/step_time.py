@@ -56,7 +56,8 @@ def main() -> None:
     for b in cfg.profile_batch_sizes(config):
         ds = profile.profile(spec, b, device)
         rows.append((b, float(ds["t_iter_median"]), bool(ds["feasible"]), float(ds["peak_memory"])))
-        print(f"B={b:>6}  T_iter={1e3 * rows[-1][1]:9.3f} ms  feasible={rows[-1][2]}  peak={rows[-1][3] / 2**20:8.1f} MiB")
+        _, t_iter, ok, peak = rows[-1]
+        print(f"B={b:>6}  T_iter={1e3 * t_iter:9.3f} ms  feasible={ok}  peak={peak / 2**20:8.1f} MiB")
     feasible = [(b, t) for b, t, ok, _ in rows if ok and math.isfinite(t)]
     b, t = (np.asarray(v, dtype=float) for v in zip(*feasible, strict=True))
     linear = fit_step_time(b, t)
