@@ -12,6 +12,7 @@ SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
 CPUS=$(nproc)
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 NODE=$(hostname -s)
+MARK="# written by batchscope tests/slurm/cluster.sh"
 
 install() {
     if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null \
@@ -24,6 +25,10 @@ install() {
 
 start() {
     install
+    if [ -e /etc/slurm/slurm.conf ] && ! grep -qF "$MARK" /etc/slurm/slurm.conf; then
+        echo "/etc/slurm/slurm.conf exists and was not written by this script: not touching a real SLURM" >&2
+        exit 1
+    fi
     stop >/dev/null 2>&1 || true
     $SUDO mkdir -p /etc/slurm "$STATE"/{ctld,d,log} /run/munge /var/log/munge /var/lib/munge
     # munged refuses a key it does not own exclusively; its socket directory must be world-executable
@@ -36,6 +41,7 @@ start() {
     $SUDO chown -R slurm:slurm "$STATE"
     # the plugin's job steps clear every SLURM_* variable (SLURM_CONF too): the config must be at the default path
     $SUDO tee /etc/slurm/slurm.conf >/dev/null <<CONF
+$MARK
 ClusterName=batchscope
 SlurmctldHost=$NODE
 AuthType=auth/munge
@@ -63,7 +69,7 @@ MpiDefault=none
 NodeName=$NODE CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 CONF
-    echo "NodeName=$NODE Name=gpu File=/dev/null" | $SUDO tee /etc/slurm/gres.conf >/dev/null
+    printf '%s\nNodeName=%s Name=gpu File=/dev/null\n' "$MARK" "$NODE" | $SUDO tee /etc/slurm/gres.conf >/dev/null
     $SUDO touch "$STATE/log/jobcomp.log" && $SUDO chown slurm:slurm "$STATE/log/jobcomp.log"
     $SUDO -u munge /usr/sbin/munged --force 2>/dev/null || $SUDO /usr/sbin/munged --force
     $SUDO /usr/sbin/slurmctld -i
@@ -85,6 +91,11 @@ stop() {
     $SUDO pkill -x slurmctld || true
     $SUDO pkill -x munged || true
     sleep 0.5
+    # remove our config: with it and no controller, every `scontrol` (which the SLURM executor plugin runs when
+    # any snakemake starts) waits 9 s for a controller; without it, it fails at once
+    for file in /etc/slurm/slurm.conf /etc/slurm/gres.conf; do
+        if [ -e "$file" ] && grep -qF "$MARK" "$file"; then $SUDO rm -f "$file"; fi
+    done
 }
 
 case "${1:-}" in
