@@ -76,14 +76,15 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
     import torch
     import xarray as xr
 
-    from batchscope import data, io
-    from batchscope.workload import build, describe
+    from batchscope import io
+    from batchscope.workload import build, builtin_dataset, describe
 
     spec = _spec(args, cfg.data_slice)
     wl_spec = spec["workload"]
-    builtin = wl_spec["factory"] == cfg.BUILTIN_FACTORY
-    ds = data.build(wl_spec["dataset"]) if builtin else xr.Dataset()
     workload = build(wl_spec, torch.device("cpu"))
+    # the built-in factory has just built its dataset; the cache is that object (copied: the factory's is shared)
+    builtin = wl_spec["factory"] == cfg.BUILTIN_FACTORY
+    ds = builtin_dataset(wl_spec["dataset"]).copy() if builtin else xr.Dataset()
     summary = describe(workload)
     ds.attrs.update(io.provenance("prepare_data", spec), **{k: json.dumps(v) if isinstance(v, list) else v
                                                            for k, v in summary.items()})  # fmt: skip

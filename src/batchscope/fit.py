@@ -22,7 +22,7 @@ import pandas as pd
 import xarray as xr
 from scipy.optimize import lsq_linear
 
-from batchscope.io import netcdf_files, read_netcdf, same_provenance
+from batchscope.io import netcdf_files, read_expected, same_provenance
 
 
 @dataclass(frozen=True)
@@ -121,18 +121,10 @@ PROFILE_VARIABLES = ("t_iter", "t_iter_median", "feasible", "peak_memory")
 RUN_VARIABLES = ("steps_to_target", "reached_target", "diverged", "out_of_memory", "time_to_target", "val_metric")
 
 
-def _checked(path, stage: str, variables: tuple[str, ...], expect: dict[str, str] | None) -> xr.Dataset:
-    """With ``expect`` (stage -> config hash, what the workflow passes): the file must be that stage's result for
-    the current config, at this library's algorithm version, with its variables; else a CacheError."""
-    if expect is None:
-        return read_netcdf(path)
-    return read_netcdf(path, stage, variables, expect.get(stage))
-
-
 def read_profiles(paths: Sequence[str | Path], expect: dict[str, str] | None = None) -> xr.Dataset:
     parts, datasets = [], []
     for path in paths:
-        ds = _checked(path, "profile_hardware", PROFILE_VARIABLES, expect)
+        ds = read_expected(path, "profile_hardware", PROFILE_VARIABLES, expect)
         datasets.append(ds)
         parts.append(ds.expand_dims(profile_batch_size=[int(ds.attrs["batch_size"])]))
     same_provenance(datasets, list(paths), "profiles")
@@ -145,7 +137,7 @@ def read_runs(paths: Sequence[str | Path], expect: dict[str, str] | None = None)
     parts, datasets = [], []
     files = netcdf_files(paths, "training results")
     for path in files:
-        ds = _checked(path, "train_model", RUN_VARIABLES, expect)
+        ds = read_expected(path, "train_model", RUN_VARIABLES, expect)
         datasets.append(ds)
         run = xr.Dataset(coords={f"run_{k}": ("run", [ds.attrs[k]]) for k in ("batch_size", "lr", "seed")})
         parts.append(ds.expand_dims("run").assign_coords(run.coords))

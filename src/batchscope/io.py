@@ -148,6 +148,14 @@ def read_netcdf(
     return ds
 
 
+def read_expected(path, stage: str, variables: tuple[str, ...], expect: dict[str, str] | None) -> xr.Dataset:
+    """With ``expect`` (stage -> config hash, what the workflow passes): :func:`read_netcdf` with every check;
+    without (a stage run by hand, synthetic test caches): a plain read."""
+    if expect is None:
+        return read_netcdf(path)
+    return read_netcdf(path, stage, variables, expect.get(stage))
+
+
 def same_provenance(datasets: list[xr.Dataset], paths: list, what: str) -> None:
     """Refuse to aggregate files whose config hashes differ (results of two configs mixed in one directory)."""
     hashes = {}

@@ -20,7 +20,7 @@ import xarray as xr
 
 from batchscope.faults import kill_point
 from batchscope.io import atomic_write, read_netcdf
-from batchscope.recommend import recommend_row
+from batchscope.recommend import REQUIRED, recommend_row
 
 
 def load_fits(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
@@ -161,7 +161,8 @@ def plot_steps(ds: xr.Dataset) -> plt.Figure:
 
 def failures(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
     """Every point that is a result rather than a number: profiled batch sizes out of memory, training runs
-    that diverged or ran out of memory. Empty when there were none."""
+    that diverged or ran out of memory. Empty when there were none. (The largest feasible batch size is a column
+    of :func:`summary`.)"""
     rows = []
     for name, ds in fits.items():
         feasible = ds["profile_feasible"].values.astype(bool)
@@ -173,10 +174,6 @@ def failures(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
             rows.append({"workload": name, "stage": "train", "batch size": int(run["batch_size"]), "lr": run["lr"],
                          "seed": int(run["seed"]),
                          "what": "out of memory" if run["out_of_memory"] else "diverged"})  # fmt: skip
-        if (~feasible).any():
-            largest = ds["profile_batch_size"].values[feasible].max() if feasible.any() else None
-            rows.append({"workload": name, "stage": "profile", "batch size": int(largest) if largest else -1,
-                         "lr": np.nan, "seed": np.nan, "what": "largest feasible batch size"})  # fmt: skip
     return pd.DataFrame(rows, columns=["workload", "stage", "batch size", "lr", "seed", "what"])
 
 
@@ -578,8 +575,7 @@ def load_hessian(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
 
 
 # what each input of the report must be: the stage that writes it and variables the notebook reads
-FIT_VARIABLES = ("b_opt", "b_opt_ci", "k", "tau_f", "tau_d", "n_iter", "c_var", "b_crit", "t_iter_r2",
-                 "steps_to_target")  # fmt: skip
+FIT_VARIABLES = (*REQUIRED, "b_opt_ci", "tau_f", "tau_d", "n_iter", "c_var", "b_crit", "t_iter_r2", "steps_to_target")
 REPORT_INPUTS = {
     "hessian": ("aggregate_hessian", ("lambda_max",)),
     "stability": ("edge_of_stability", ("lambda_max", "loss")),

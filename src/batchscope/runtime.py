@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from batchscope import faults
-from batchscope.workload import Workload
+from batchscope.workload import Workload, size
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -189,7 +189,7 @@ def streams(workload: Workload, loader: dict[str, Any]) -> bool:
 
 def batches(workload: Workload, batch_size: int, generator: torch.Generator, loader: dict[str, Any],
             device: torch.device) -> DeviceBatches | StreamBatches:  # fmt: skip
-    n_train = len(workload.train[0]) if isinstance(workload.train, tuple) else len(workload.train)
+    n_train = size(workload.train)
     if batch_size > n_train:
         raise ValueError(f"batch size {batch_size} exceeds the {n_train} training examples of the workload")
     if not streams(workload, loader):

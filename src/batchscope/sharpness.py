@@ -24,7 +24,7 @@ import xarray as xr
 from torch import nn
 
 from batchscope import hessian
-from batchscope.io import netcdf_files, read_netcdf, same_provenance
+from batchscope.io import netcdf_files, read_expected, same_provenance
 from batchscope.workload import Workload, analysis_data
 from batchscope.workload import build as build_workload
 
@@ -136,10 +136,7 @@ def aggregate(hessian_paths: Sequence[str | Path], run_paths: Sequence[str | Pat
     parts, datasets = [], []
     files = netcdf_files(hessian_paths, "Hessian results")
     for path in files:
-        if expect is None:
-            ds = read_netcdf(path)
-        else:
-            ds = read_netcdf(path, "analyze_hessian", ("lambda_max", "trace", "density"), expect.get("analyze_hessian"))
+        ds = read_expected(path, "analyze_hessian", ("lambda_max", "trace", "density"), expect)
         datasets.append(ds)
         keys = {f"run_{k}": ("run", [ds.attrs[k]]) for k in ("batch_size", "lr", "seed")}
         parts.append(ds.drop_vars(["slq_nodes", "slq_weights"]).expand_dims("run").assign_coords(keys))

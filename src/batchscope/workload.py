@@ -77,14 +77,27 @@ def regression_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 @cache
-def _cached_tensors(data_file: str | None, dataset_json: str, device: str):
-    """The built-in data, once per process: a job that trains a whole lr grid calls the factory per point."""
+def _dataset(data_file: str | None, dataset_json: str):
+    """A built-in dataset, once per process (an xarray.Dataset; do not modify it)."""
     from batchscope import data
     from batchscope.io import read_netcdf
 
     # the workflow passes the prepare_data cache (reading it costs 60 ms; importing scikit-learn for digits 0.7 s)
-    ds = read_netcdf(data_file) if data_file else data.build(json.loads(dataset_json))
-    return data.load_tensors(ds, device)
+    return read_netcdf(data_file) if data_file else data.build(json.loads(dataset_json))
+
+
+def builtin_dataset(dataset: dict[str, Any], data_file: str | None = None):
+    """The built-in dataset of a spec as the factory sees it: prepare_data caches exactly this."""
+    return _dataset(data_file, json.dumps(dataset, sort_keys=True))
+
+
+@cache
+def _cached_tensors(data_file: str | None, dataset_json: str, device: str):
+    """The built-in data on the device, once per process: a job training a whole lr grid calls the factory per
+    point."""
+    from batchscope import data
+
+    return data.load_tensors(_dataset(data_file, dataset_json), device)
 
 
 def builtin(spec: dict[str, Any], device: torch.device) -> Workload:
@@ -164,6 +177,11 @@ def _check_split(path: str, name: str, split: Any, device: torch.device) -> None
             f"factory {path!r}: {name} is a {type(split).__name__}; expected (inputs, targets) tensors or a "
             "torch.utils.data.Dataset"
         )
+
+
+def size(split: TensorPair | Dataset) -> int:
+    """Number of examples in a split, tensors or Dataset."""
+    return len(split[0]) if isinstance(split, tuple) else len(split)
 
 
 def first_examples(split: TensorPair | Dataset, n: int, device: torch.device) -> TensorPair:
@@ -251,10 +269,9 @@ def build(spec: dict[str, Any], device: torch.device, seed: int = 0, data_file: 
 def describe(workload: Workload) -> dict[str, Any]:
     """Figures the prepare_data record keeps of a workload: sizes, shapes, parameters, data path."""
     x, _ = first_examples(workload.train, 1, torch.device("cpu"))
-    n_train, n_val = (len(s[0]) if isinstance(s, tuple) else len(s) for s in (workload.train, workload.val))
     return {
-        "n_train": n_train,
-        "n_val": n_val,
+        "n_train": size(workload.train),
+        "n_val": size(workload.val),
         "input_shape": list(x.shape[1:]),
         "parameters": sum(p.numel() for p in workload.model.parameters()),
         "data_path": "stream" if workload.streamed else "device",

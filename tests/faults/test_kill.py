@@ -84,7 +84,9 @@ def test_kill_minus_nine_trials(repo, venv_env, tmp_path, artifacts):
     html = (reference / "results/report/report.html").read_text()
     # divergence and out-of-memory are results: listed and marked in the report, and no job failed for them
     assert "Failed points" in html and "diverged" in html and "out of memory" in html
-    assert "largest feasible batch size" in html
+    # B = 1024 ran out of memory (oom_above=512): 256 is the largest feasible size, a column of the summary
+    assert "largest feasible B" in html
+    assert int(read_netcdf(reference / "results/fit/faulty.nc")["largest_feasible_batch_size"]) == 256
 
     outcomes = []
     for fault in TARGETED:
@@ -110,7 +112,10 @@ def test_kill_minus_nine_trials(repo, venv_env, tmp_path, artifacts):
     assert assert_caches_readable(trials) > 0
     assert not list((trials / "results").rglob("*.tmp")), "temporary files left behind"
     compared = compare_results(reference, trials, workload_fits=["faulty"])
-    summary = {"trials": len(outcomes), "killed": sum(o["killed"] for o in outcomes), "survived": len(outcomes),
-               "files_compared": compared, "outcomes": outcomes}  # fmt: skip
+    # every trial that got here survived: its caches read back, and the final rerun's results equal the reference
+    summary = {"trials": len(outcomes), "killed": sum(o["killed"] for o in outcomes), "files_compared": compared,
+               "outcomes": outcomes}  # fmt: skip
     (artifacts / "fault_trials.json").write_text(json.dumps(summary, indent=2))
+    # the targeted kills are asserted above; a random trial kills nothing when the run it interrupts has finished
+    # before its delay (late trials on a fast machine), so 2 of the 16 may miss without the suite being flaky
     assert len(outcomes) == 20 and summary["killed"] >= 18

@@ -2,6 +2,7 @@
 with profiles/slurm: jobs go through sbatch (checked in SLURM's own job records), GPU requests become
 `--gpus=1` and are serialized on the node's one GPU, and the results equal a local run's."""
 
+import itertools
 import json
 import os
 import re
@@ -75,15 +76,18 @@ def test_tiny_study_through_slurm(cluster, repo, venv_env, tiny_study, tmp_path,
     for rule in ("prepare_data", "profile_hardware", "train_model", "analyze_hessian", "measure_gradient_noise"):
         assert any(rule in name for name in rules), rules
     assert not any(name in ("fit_scaling", "render_report") for name in rules), rules
-    gpu_jobs = [job for job in jobs if "gres/gpu=1" in job.get("TRES", "") or "gpu" in job.get("TresPerJob", "")]
-    assert gpu_jobs, [job.get("TRES") for job in jobs]
+    # every allocation but prepare_data's (numpy and file parsing) computes with torch and holds exactly one GPU
+    gpu_jobs = [job for job in jobs if not job.get("Comment", "").startswith("rule_data")]
+    assert gpu_jobs and all(job.get("TresPerJob") == "gres:gpu:1" for job in gpu_jobs), [
+        (job.get("Comment"), job.get("TresPerJob")) for job in jobs
+    ]
 
     # one GPU on the node: no two GPU jobs overlapped in time
     def span(job):
         return tuple(datetime.fromisoformat(job[key]) for key in ("StartTime", "EndTime"))
 
     spans = sorted(map(span, gpu_jobs))
-    for (_, end), (next_start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (next_start, _) in itertools.pairwise(spans):
         assert next_start >= end, spans
 
     compared = compare_results(tiny_study, workdir, workload_fits=["tiny_mlp", "tiny_cnn"])
