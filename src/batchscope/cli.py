@@ -65,27 +65,31 @@ def _expect(args: argparse.Namespace) -> dict | None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
+    """The workflow's own checks: the config file, then the sizes only the data know (:mod:`batchscope.study`)."""
+    from batchscope import study
+
     config = cfg.load(args.config)
+    sizes = study.check(config, args.results)
     n_runs = sum(len(cfg.train_points(config, w)) for w in config["workloads"])
-    print(f"{args.config}: valid; {len(config['workloads'])} workload(s), {n_runs} training run(s)")
+    examples = ", ".join(f"{name} {n}" for name, n in sorted(sizes.items()))
+    print(f"{args.config}: valid; {len(config['workloads'])} workload(s), {n_runs} training run(s); "
+          f"training examples: {examples}")  # fmt: skip
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
     """Check the workload's factory once, before any training, and keep a record of it. For the built-in
     datasets the record is also the data cache every later job reads."""
-    import torch
     import xarray as xr
 
-    from batchscope import io
-    from batchscope.workload import build, builtin_dataset, describe
+    from batchscope import io, study
+    from batchscope.workload import builtin_dataset
 
     spec = _spec(args, cfg.data_slice)
     wl_spec = spec["workload"]
-    workload = build(wl_spec, torch.device("cpu"))
+    _, summary = study.record(wl_spec)  # what `batchscope validate` and the workflow's parse-time check build
     # the built-in factory has just built its dataset; the cache is that object (copied: the factory's is shared)
     builtin = wl_spec["factory"] == cfg.BUILTIN_FACTORY
     ds = builtin_dataset(wl_spec["dataset"]).copy() if builtin else xr.Dataset()
-    summary = describe(workload)
     ds.attrs.update(io.provenance("prepare_data", spec), **{k: json.dumps(v) if isinstance(v, list) else v
                                                            for k, v in summary.items()})  # fmt: skip
     io.write_netcdf(ds, args.out)
@@ -344,8 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output path")
         return p
 
-    p = sub.add_parser("validate", help="validate a config file and summarise the grid")
+    p = sub.add_parser("validate", help="validate a config file and its data (the workflow's checks) and summarise")
     p.add_argument("config")
+    p.add_argument("--results", default="results", help="where prepare_data records are reused from (default: results)")
     p.set_defaults(func=cmd_validate)
 
     stage("prepare-data", cmd_prepare_data, "check a workload's factory; cache a built-in dataset as NetCDF")

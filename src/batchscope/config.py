@@ -242,20 +242,43 @@ def _check_target(where: str, wl: dict[str, Any], regression: bool) -> None:
         raise ConfigError(f"{where}.eval_interval: {wl['eval_interval']} exceeds max_steps {wl['max_steps']}")
 
 
-def _check_sizes(name: str, wl: dict[str, Any], batch_sizes: list[int], eval_size: int | None) -> None:
-    """Sizes against the training set, where it is known before loading (built-in datasets)."""
-    if "dataset" not in wl:  # a factory's data: checked when the job loads them
-        return
-    n_train = train_size(wl["dataset"])
-    if eval_size is not None and eval_size > n_train:
-        raise ConfigError(
-            f"hessian.eval_size: {eval_size} exceeds the {n_train} training examples of workload {name!r}"
-        )
-    too_big = [b for b in batch_sizes if b > n_train]
-    if too_big:
-        raise ConfigError(
-            f"grid.batch_sizes: {too_big[0]} exceeds the {n_train} training examples of workload {name!r}"
-        )
+# The Hessian stage's evaluation set when hessian.eval_size is null: at most this many training examples, so
+# the analysis costs the same on a 1,000- and a 1,000,000-example data set (a user's 16,000-example MLP spent
+# 15x a training job per analyze_hessian job on the whole set).
+AUTO_EVAL_SIZE = 1024
+
+
+def static_train_sizes(config: dict[str, Any]) -> dict[str, int]:
+    """Training-set sizes known from the config alone (generated and bundled data sets); the others (a factory's
+    data, a local directory's files) need the data: :func:`batchscope.study.data_records` gives them."""
+    return {
+        name: train_size(wl["dataset"])
+        for name, wl in config["workloads"].items()
+        if "dataset" in wl and wl["dataset"]["name"] not in FILE_DATASETS
+    }
+
+
+def check_sizes(config: dict[str, Any], n_train: dict[str, int]) -> None:
+    """Every size the study draws from a workload's training set, against that set's size (``n_train`` maps the
+    workloads whose size is known). The same check for the static sizes (in :func:`validate`) and the sizes read
+    from the data (``batchscope validate`` and the workflow, through :mod:`batchscope.study`)."""
+    noise, eos = config["noise"], config["edge_of_stability"]
+    for name, n in n_train.items():
+        if name not in config["workloads"]:
+            continue
+        drawn = [("grid.batch_sizes", b) for b in sorted(config["grid"]["batch_sizes"])]
+        drawn += [("profile.extra_batch_sizes", b) for b in sorted(config["profile"]["extra_batch_sizes"])]
+        if config["hessian"]["enabled"] and config["hessian"]["eval_size"] is not None:
+            drawn.append(("hessian.eval_size", config["hessian"]["eval_size"]))
+        if noise["enabled"]:
+            drawn += [("noise.b_big", noise["b_big"])]
+            drawn += [("noise.variance_batch_sizes", b) for b in noise["variance_batch_sizes"]]
+            drawn += [("noise.jensen.subspace_sizes", b) for b in noise["jensen"]["subspace_sizes"]]
+        if eos["enabled"] and eos["workload"] == name:
+            drawn.append(("edge_of_stability.examples", eos["examples"]))
+        for key, value in drawn:
+            if value > n:
+                raise ConfigError(f"{key}: {value} exceeds the {n} training examples of workload {name!r}")
 
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
@@ -266,7 +289,6 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     _check_schema(config)
     for name, wl in config["workloads"].items():
         _check_workload(name, wl)
-        _check_sizes(name, wl, config["grid"]["batch_sizes"], config["hessian"]["eval_size"])
     eos = config["edge_of_stability"]
     eos.setdefault("workload", next(iter(config["workloads"])))
     if eos["workload"] not in config["workloads"]:
@@ -277,6 +299,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"edge_of_stability.interval: {eos['interval']} exceeds steps {eos['steps']}")
     _check_ghost(config)
     _check_noise(config)
+    check_sizes(config, static_train_sizes(config))
     return config
 
 
@@ -303,13 +326,6 @@ def _check_noise(config: dict[str, Any]) -> None:
     small = [m for m in jensen["sizes"] if m <= jensen["dim"] + 1]
     if small:
         raise ConfigError(f"noise.jensen.sizes: {small[0]} is not above dim + 1 = {jensen['dim'] + 1}")
-    for name, wl in config["workloads"].items():
-        if "dataset" not in wl:
-            continue
-        n = train_size(wl["dataset"])
-        over = [b for b in (settings["b_big"], *settings["variance_batch_sizes"], *jensen["subspace_sizes"]) if b > n]
-        if over:
-            raise ConfigError(f"noise: batch size {over[0]} exceeds the {n} training examples of workload {name!r}")
 
 
 def noise_reference(config: dict[str, Any], workload: str) -> tuple[int, float, int]:

@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 
 from batchscope import ALGORITHM_VERSIONS
 from batchscope import config as bs_config
+from batchscope import study as bs_study
 
 
 # Jobs run `python -m batchscope`: make that the interpreter running Snakemake (the project's venv), even when
@@ -23,10 +24,14 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + _search_path
 
 # The schema (workflow/schemas/config.schema.yaml) plus the checks a schema cannot express; defaults filled in.
 # Runs at parse time, so a bad config stops the workflow before any job starts.
+# Then the sizes only the data know (a factory's data set, a directory's files), from each workload's
+# prepare_data record or, before there is one, by building it as prepare_data does: `batchscope validate` runs
+# the same two steps, so it refuses exactly what the workflow refuses.
 try:
     _validated = bs_config.validate(config)
-except bs_config.ConfigError as err:
-    raise WorkflowError(str(err)) from None
+    bs_study.check(_validated)
+except ValueError as err:  # ConfigError, and a factory's or a data file's own error
+    raise WorkflowError(f"invalid config: {err}") from None
 config.clear()
 config.update(_validated)
 
