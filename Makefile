@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@# torch first, pinned, and only when absent: an unpinned torch (or a range admitting a newer release)
 	@# pulls the CUDA build with gigabytes of dependencies; an existing (e.g. CUDA) torch is kept
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,slurm]'
 	touch $@
 
 # The report test opens the report in Debian's Chromium through Playwright (never Playwright's own browser

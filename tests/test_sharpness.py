@@ -45,7 +45,7 @@ def checkpoint():
 
 
 def test_analyze_matches_the_dense_hessian(digits, checkpoint):
-    _, spec = settings()
+    _, spec = settings(eval_size=len(digits.x_train))  # the whole set, as the dense reference below
     ds = sharpness.analyze(checkpoint, build(checkpoint["workload"], CPU), spec, CPU)
     model = build_model(checkpoint["workload"]["model"], (64,), 10)
     model.load_state_dict(checkpoint["state_dict"])

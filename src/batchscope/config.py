@@ -268,17 +268,24 @@ def check_sizes(config: dict[str, Any], n_train: dict[str, int]) -> None:
             continue
         drawn = [("grid.batch_sizes", b) for b in sorted(config["grid"]["batch_sizes"])]
         drawn += [("profile.extra_batch_sizes", b) for b in sorted(config["profile"]["extra_batch_sizes"])]
-        if config["hessian"]["enabled"] and config["hessian"]["eval_size"] is not None:
-            drawn.append(("hessian.eval_size", config["hessian"]["eval_size"]))
-        if noise["enabled"]:
-            drawn += [("noise.b_big", noise["b_big"])]
-            drawn += [("noise.variance_batch_sizes", b) for b in noise["variance_batch_sizes"]]
-            drawn += [("noise.jensen.subspace_sizes", b) for b in noise["jensen"]["subspace_sizes"]]
-        if eos["enabled"] and eos["workload"] == name:
-            drawn.append(("edge_of_stability.examples", eos["examples"]))
         for key, value in drawn:
             if value > n:
                 raise ConfigError(f"{key}: {value} exceeds the {n} training examples of workload {name!r}")
+        # the analyses draw from at most loader.analysis_examples of them (batchscope.workload.analysis_data)
+        limit = config["workloads"][name]["loader"]["analysis_examples"]
+        analysed = []
+        if config["hessian"]["enabled"] and config["hessian"]["eval_size"] is not None:
+            analysed.append(("hessian.eval_size", config["hessian"]["eval_size"]))
+        if noise["enabled"]:
+            analysed += [("noise.b_big", noise["b_big"])]
+            analysed += [("noise.variance_batch_sizes", b) for b in noise["variance_batch_sizes"]]
+            analysed += [("noise.jensen.subspace_sizes", b) for b in noise["jensen"]["subspace_sizes"]]
+        if eos["enabled"] and eos["workload"] == name:
+            analysed.append(("edge_of_stability.examples", eos["examples"]))
+        for key, value in analysed:
+            if value > min(n, limit):
+                where = f"the {n} training examples" if n <= limit else f"loader.analysis_examples {limit}"
+                raise ConfigError(f"{key}: {value} exceeds {where} of workload {name!r}")
 
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:

@@ -108,25 +108,45 @@ def run_table(ds: xr.Dataset) -> pd.DataFrame:
     return table
 
 
+def _lr_rank_labels(runs: pd.DataFrame) -> tuple[pd.Series, list[str]]:
+    """Each run's learning rate as its position in its batch size's lr grid (a grid scaled per B has different
+    values at every B, but the positions line up): a label per run, and the labels from the smallest lr up."""
+    rank = runs.groupby("batch_size")["lr"].rank(method="dense")
+    n = int(rank.max()) if rank.notna().any() else 0
+
+    def label(r: int) -> str:
+        where = " (smallest)" if r == 1 and n > 1 else " (largest)" if r == n and n > 1 else ""
+        return f"lr rank {r} of {n}{where}"
+
+    return rank.map(lambda r: label(int(r)) if pd.notna(r) else "lr unknown"), [label(r) for r in range(1, n + 1)]
+
+
 def plot_steps(ds: xr.Dataset) -> plt.Figure:
-    """Steps to target per learning rate, K(B) (best lr), and the fit N_iter + C_var / B."""
+    """Steps to target per learning rate, K(B) (best lr), and the fit N_iter + C_var / B.
+
+    Learning rates are coloured by their rank in their batch size's grid, not by value: with a grid scaled per B,
+    one colour per value is a long legend of near-identical colours. The values are in :func:`run_table`."""
     runs = run_table(ds)
     metric = ds.attrs["target_metric"]
     cap = float(runs["steps_to_target"].max()) if runs["reached_target"].any() else 1.0
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    runs["lr_rank"], rank_order = _lr_rank_labels(runs)
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, len(rank_order)))  # 0.85: no pale yellow
     reached = runs[runs["reached_target"].astype(bool)]
+    present = set(reached["lr_rank"])
     sns.lineplot(
         data=reached,
         x="batch_size",
         y="steps_to_target",
-        hue="lr",
-        palette="viridis",
+        hue="lr_rank",
+        hue_order=[label for label in rank_order if label in present],
+        palette=dict(zip(rank_order, map(tuple, colours), strict=True)),
         estimator="median",
         errorbar=("pi", 100),
         marker="o",
         ax=ax,
         legend="full",
-        alpha=0.6,
+        alpha=0.8,
     )
     # runs without a step count, drawn above the curves, one marker per reason
     failed = runs[~runs["reached_target"].astype(bool)]
@@ -153,7 +173,8 @@ def plot_steps(ds: xr.Dataset) -> plt.Figure:
     ax.set_yscale("log")
     ax.set_xlabel("batch size B")
     ax.set_ylabel(f"steps to {metric} {ds.attrs['target_value']}")
-    ax.legend(fontsize=7, title="lr", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=7, title="learning rate: rank in its B's grid\n(the lr values per B: run table)",
+              title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # fmt: skip
     ax.set_title(f"{ds.attrs['workload']}: steps to target K(B)")
     fig.tight_layout()
     return fig
@@ -179,7 +200,7 @@ def failures(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
 
 def plot_total_time(ds: xr.Dataset) -> plt.Figure:
     """T(B) = K(B) T_iter(B): measured on the grid, predicted by the model, with b_opt and the argmin."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(9.0, 4.2))  # wider than the others: the legend sits right of the axes
     b = ds["batch_size"].values
     ax.plot(b, ds["t_empirical"].values, "o", color="C0", label="K(B) x T_iter(B) (measured)")
     ax.plot(
@@ -208,7 +229,8 @@ def plot_total_time(ds: xr.Dataset) -> plt.Figure:
     ax.set_yscale("log")
     ax.set_xlabel("batch size B")
     ax.set_ylabel("time to target (s)")
-    ax.legend(fontsize=7)
+    # outside the axes: inside, wherever it goes, it can cover measured points
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"{ds.attrs['workload']}: total time T(B)")
     fig.tight_layout()
     return fig
@@ -411,6 +433,8 @@ def load_noise(paths: Sequence[str | Path]) -> dict[str, dict[str, xr.Dataset]]:
             snapshots = [read_netcdf(f) for f in sorted(path.glob("snapshot*.nc"))]
             table = xr.concat([s.expand_dims(step=[s.attrs["step"]]) for s in snapshots], dim="step",
                               combine_attrs="drop_conflicts")  # fmt: skip
+            # a run that stopped early maps several snapshot fractions to the same kept step: one row per step
+            table = table.drop_duplicates("step", keep="first").sortby("step")
             out.setdefault(path.name, {}).update(snapshots=table, variance=read_netcdf(path / "variance.nc"))
         else:
             out.setdefault(path.stem, {})["jensen"] = read_netcdf(path)
@@ -435,13 +459,33 @@ def plot_noise_scale(snapshots: xr.Dataset, fit: xr.Dataset | None, name: str) -
     return fig
 
 
+_TWO_BATCH_ONLY = "per-example gradients are undefined with BatchNorm in train mode; two-batch estimator only"
+
+
 def noise_table(snapshots: xr.Dataset, fit: xr.Dataset | None) -> pd.DataFrame:
+    """One row per snapshot step: loss, B_simple (per example and two-batch), and B_crit from the K(B) fit.
+
+    When the per-example values are all NaN (BatchNorm in train mode, see :mod:`batchscope.noise_stage`), their
+    columns are left out, the B_crit / B_simple ratio uses the two-batch estimate, and a ``note`` column (and
+    ``attrs["note"]``) says why."""
     table = pd.DataFrame({"step": snapshots["step"].values, "loss": snapshots["loss"].values,
                           "B_simple (per example)": snapshots["b_simple"].values,
                           "B_simple (two-batch)": snapshots["two_batch_b_simple"].values})  # fmt: skip
+    # two snapshots at one step (a run that stopped early) are the same weights: keep one row
+    table = table.drop_duplicates(subset="step", keep="first").sort_values("step").reset_index(drop=True)
+    two_batch_only = len(table) > 0 and bool(table["B_simple (per example)"].isna().all())
+    if two_batch_only:
+        table = table.drop(columns="B_simple (per example)")
     if fit is not None:
-        table["B_crit (K fit)"] = float(fit["b_crit"])
-        table["B_crit / B_simple"] = float(fit["b_crit"]) / table["B_simple (per example)"]
+        b_crit = float(fit["b_crit"])
+        table["B_crit (K fit)"] = b_crit
+        if two_batch_only:
+            table["B_crit / B_simple (two-batch)"] = b_crit / table["B_simple (two-batch)"]
+        else:
+            table["B_crit / B_simple"] = b_crit / table["B_simple (per example)"]
+    if two_batch_only:
+        table["note"] = _TWO_BATCH_ONLY
+        table.attrs["note"] = _TWO_BATCH_ONLY
     return table
 
 

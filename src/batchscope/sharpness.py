@@ -24,15 +24,17 @@ import xarray as xr
 from torch import nn
 
 from batchscope import hessian
+from batchscope.config import AUTO_EVAL_SIZE
 from batchscope.io import netcdf_files, read_expected, same_provenance
 from batchscope.workload import Workload, analysis_data
 from batchscope.workload import build as build_workload
 
 
 def evaluation_set(x: torch.Tensor, y: torch.Tensor, spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``eval_size`` training examples of a fixed permutation (all when eval_size is null)."""
+    """The first ``eval_size`` training examples of a fixed permutation; when eval_size is null, at most
+    :data:`batchscope.config.AUTO_EVAL_SIZE` of them, so the analysis's cost does not grow with the data set."""
     n = len(x)
-    size = spec["eval_size"] or n
+    size = spec["eval_size"] or min(AUTO_EVAL_SIZE, n)
     if size > n:
         raise ValueError(f"hessian.eval_size: {size} exceeds the {n} training examples")
     if size == n:

@@ -194,11 +194,17 @@ def first_examples(split: TensorPair | Dataset, n: int, device: torch.device) ->
 
 
 def analysis_data(workload: Workload, device: torch.device) -> TensorPair:
-    """The training data the analyses (Hessian, gradient noise, ...) work on, as tensors on the device: all of
-    it when it lives there, else the first ``loader.analysis_examples`` examples of the Dataset."""
-    if isinstance(workload.train, tuple):
-        return workload.train
-    return first_examples(workload.train, workload.spec["loader"]["analysis_examples"], device)
+    """The training data the analyses (Hessian, gradient noise, ...) work on, as tensors on the device: at most
+    ``loader.analysis_examples`` of them, so an analysis costs the same on any data set's size. Device-resident
+    data give a fixed random subset (a factory's tensors may be sorted by class); a Dataset its first examples."""
+    limit = workload.spec["loader"]["analysis_examples"]
+    if not isinstance(workload.train, tuple):
+        return first_examples(workload.train, limit, device)
+    x, y = workload.train
+    if len(x) <= limit:
+        return x, y
+    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:limit].to(x.device)
+    return x[keep], y[keep]
 
 
 def check(workload: Any, path: str, device: torch.device) -> Workload:
