@@ -2,6 +2,8 @@
 # Table of contents only; rules live in workflow/rules/, the computation in src/batchscope/.
 from snakemake.utils import min_version
 
+from batchscope.config import DEFAULT_CONFIG
+
 min_version("9.0")
 
 
@@ -9,7 +11,7 @@ min_version("9.0")
 # deep-merged into it (a merge would add the default workload to every study).
 if not workflow.config_settings.configfiles:
 
-    configfile: "config/config.yaml"
+    configfile: DEFAULT_CONFIG
 
 
 include: "workflow/rules/common.smk"

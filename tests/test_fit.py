@@ -88,6 +88,23 @@ def test_steps_per_batch_size_takes_best_lr_median_and_censors():
     assert np.isnan(table.loc[64, "k"]) and np.isnan(table.loc[64, "best_lr"])
 
 
+def profile_dataset(b, times):
+    """A profile cache as profile_hardware writes it, from step times of shape (round, repeat)."""
+    import xarray as xr
+
+    rounds = np.median(times, axis=1)
+    return xr.Dataset(
+        {
+            "t_iter": (("round", "repeat"), times),
+            "t_iter_round": ("round", rounds),
+            "t_iter_median": ((), np.median(rounds)),
+            "feasible": ((), True),
+            "peak_memory": ((), 0.0),
+        },
+        attrs={"batch_size": b, "device_name": "synthetic", "device_type": "cpu"},
+    )
+
+
 def _write_synthetic_caches(tmp_path, n_iter, c_var, tau_f, tau_d, rng):
     """Profile and training caches as the stages write them, from a known scaling model."""
     import xarray as xr
@@ -97,16 +114,8 @@ def _write_synthetic_caches(tmp_path, n_iter, c_var, tau_f, tau_d, rng):
     batch_sizes = [8, 16, 32, 64, 128, 256, 512]
     profiles, run_dirs = [], []
     for b in batch_sizes:
-        times = (tau_f + tau_d * b) * (1 + 0.01 * rng.standard_normal(9))
-        prof = xr.Dataset(
-            {
-                "t_iter": ("repeat", times),
-                "t_iter_median": ((), np.median(times)),
-                "feasible": ((), True),
-            },
-            attrs={"batch_size": b, "device_name": "synthetic", "device_type": "cpu"},
-        )
-        profiles.append(write_netcdf(prof, tmp_path / "profile" / f"B{b}.nc"))
+        times = (tau_f + tau_d * b) * (1 + 0.01 * rng.standard_normal((3, 3)))  # 3 rounds of 3 repeats
+        profiles.append(write_netcdf(profile_dataset(b, times), tmp_path / "profile" / f"B{b}.nc"))
         run_dir = tmp_path / "train" / f"B{b}"
         for lr, slowdown in ((0.1, 1.0), (0.03, 1.6)):  # the best lr is 0.1 at every B
             for seed in range(4):
@@ -128,7 +137,7 @@ def _write_synthetic_caches(tmp_path, n_iter, c_var, tau_f, tau_d, rng):
 def test_fit_scaling_recovers_the_model_from_caches(tmp_path):
     n_iter, c_var, tau_f, tau_d = 40.0, 2400.0, 2.5e-4, 1.1e-6
     profiles, run_dirs = _write_synthetic_caches(tmp_path, n_iter, c_var, tau_f, tau_d, np.random.default_rng(3))
-    spec = {"fit": {"bootstrap": 200, "seed": 0}, "target": {"metric": "val_accuracy", "value": 0.9}}
+    spec = {"fit": {"bootstrap": 200, "seed": 0, "tolerance": 0.05}, "target": {"metric": "val_accuracy", "value": 0.9}}
     ds = fit.fit_scaling(profiles, run_dirs, spec, "synthetic")
     assert float(ds["n_iter"]) == pytest.approx(n_iter, rel=0.05)
     assert float(ds["c_var"]) == pytest.approx(c_var, rel=0.05)
@@ -140,7 +149,7 @@ def test_fit_scaling_recovers_the_model_from_caches(tmp_path):
     assert low < true_b_opt < high
     assert (ds["best_lr"].values == 0.1).all()
     # the grid point nearest the optimum in log space wins on the noise-free model
-    assert int(ds["measured_best_batch_size"]) == 128
+    assert int(ds["fastest_batch_size"]) == 128
     assert ds.sizes["run"] == 7 * 2 * 4
 
 
@@ -164,3 +173,84 @@ def test_vectorised_bootstrap_matches_the_per_cell_definition():
     assert fit.bootstrap_steps(irregular, 5, np.random.default_rng(0))[1].shape == (5, 3)
     with pytest.raises(ValueError, match="same number of seeds"):
         fit.bootstrap_steps(irregular, 5, np.random.default_rng(0), vectorised=True)
+
+
+class _NoNoise:
+    def standard_normal(self, size=None):
+        return np.zeros(size) if size is not None else 0.0
+
+
+SPEC = {"fit": {"bootstrap": 200, "seed": 0, "tolerance": 0.05}, "target": {"metric": "val_accuracy", "value": 0.9}}
+
+
+def _exact_time(b, n_iter=40.0, c_var=2400.0, tau_f=2.5e-4, tau_d=1.1e-6):
+    """K(B) T_iter(B) of the noise-free caches: steps rounded to whole numbers, as the writer stores them."""
+    return np.round(n_iter + c_var / b) * (tau_f + tau_d * b)
+
+
+@pytest.mark.parametrize("tolerance", [0.05, 0.1, 0.2])
+def test_indistinguishable_sizes_are_those_within_the_tolerance(tmp_path, tolerance):
+    """Noise-free caches: every bootstrap resample equals the data, so the set is exactly the sizes whose time
+    is within the tolerance of the fastest (computed here from the generating formula)."""
+    profiles, runs = _write_synthetic_caches(tmp_path, 40.0, 2400.0, 2.5e-4, 1.1e-6, _NoNoise())
+    spec = {**SPEC, "fit": {**SPEC["fit"], "tolerance": tolerance}}
+    ds = fit.fit_scaling(profiles, runs, spec, "synthetic")
+    grid = np.array([8, 16, 32, 64, 128, 256, 512])
+    times = _exact_time(grid)
+    expected = grid[times <= (1 + tolerance) * times.min() * (1 + 1e-12)]
+    assert list(ds["batch_size"].values[ds["indistinguishable"].values]) == list(expected)
+    assert int(ds["fastest_batch_size"]) == 128 and float(ds["p_fastest"].sel(batch_size=128)) == 1.0
+    np.testing.assert_allclose(ds["time_from_profile"].values, times, rtol=1e-9)
+    np.testing.assert_allclose(ds["time_from_profile_ci"].values, np.column_stack([times, times]), rtol=1e-9)
+
+
+def test_a_slow_spell_of_the_machine_moves_no_answer(tmp_path):
+    """Each profiling round scaled by a common factor (the machine 0.6x to 1.6x as fast from round to round):
+    the rounds are resampled together across batch sizes, so b_opt (a ratio of tau_f and tau_d) and the ranking
+    hold still: the interval stays within 5% of the truth, however large the drift."""
+    import xarray as xr
+
+    from batchscope.io import write_netcdf
+
+    tau_f, tau_d = 2.5e-4, 1.1e-6
+    profiles, runs = _write_synthetic_caches(tmp_path, 40.0, 2400.0, tau_f, tau_d, _NoNoise())
+    drift = np.array([0.6, 1.0, 1.6, 0.8, 1.3, 1.1])
+    for path in profiles:
+        b = xr.open_dataset(path, engine="h5netcdf").load().attrs["batch_size"]
+        times = np.outer(drift, np.ones(3)) * (tau_f + tau_d * b)
+        write_netcdf(profile_dataset(b, times), path)
+    ds = fit.fit_scaling(profiles, runs, SPEC, "synthetic")
+    truth = fit.b_opt(40.0, 2400.0, tau_f, tau_d)
+    # K is exact, so b_opt's only uncertainty is the timing's: a common factor cancels in tau_f / tau_d
+    low, high = ds["b_opt_ci"].values
+    assert truth * 0.95 < low <= high < truth * 1.05
+    assert set(ds["batch_size"].values[ds["indistinguishable"].values]) == {128}
+    assert float(ds["p_fastest"].sel(batch_size=128)) == 1.0
+    assert float(ds["t_iter_round_spread"].max()) > 0.3  # the drift is there, and said so
+    assert any("noisy timing" in note for note in fit.diagnose(ds))
+
+
+def test_diagnostics_name_what_to_change(tmp_path):
+    profiles, runs = _write_synthetic_caches(tmp_path / "good", 40.0, 2400.0, 2.5e-4, 1.1e-6, _NoNoise())
+    notes = fit.diagnose(fit.fit_scaling(profiles, runs, SPEC, "synthetic"))
+    # the generator's best lr (0.1) is the larger of the two tried: the only warning, with its remedy
+    assert len(notes) == 1 and "the largest lr won at B = 128" in notes[0] and "upward" in notes[0]
+    # b_opt far below the grid: C_var tiny, so even B = 8 needs no more steps than the largest
+    profiles, runs = _write_synthetic_caches(tmp_path / "low", 400.0, 40.0, 2.5e-5, 1.1e-5, _NoNoise())
+    ds = fit.fit_scaling(profiles, runs, SPEC, "synthetic")
+    notes = " | ".join(fit.diagnose(ds))
+    assert float(ds["b_opt"]) < 8 and int(ds["fastest_batch_size"]) == 8
+    assert "lies outside the grid (8 to 512); add batch sizes below it" in notes
+    assert "the fastest batch size 8 is the grid's smallest" in notes and "downward" in notes
+    # a step time that saturates (flat, then steep): the linear model fits badly and says so
+    profiles, runs = _write_synthetic_caches(tmp_path / "bent", 40.0, 2400.0, 2.5e-4, 1.1e-6, _NoNoise())
+    import xarray as xr
+
+    from batchscope.io import write_netcdf
+
+    for path in profiles:
+        b = xr.open_dataset(path, engine="h5netcdf").load().attrs["batch_size"]
+        write_netcdf(profile_dataset(b, np.full((3, 3), 1e-3 * max(1.0, (b / 128) ** 2))), path)
+    ds = fit.fit_scaling(profiles, runs, SPEC, "synthetic")
+    assert any(note.startswith("poor T_iter fit") for note in fit.diagnose(ds))
+    assert float(ds["t_iter_residual_max"]) > fit.RESIDUAL_MAX

@@ -9,23 +9,17 @@ import xarray as xr
 from batchscope import cli, fit
 from batchscope.io import provenance, write_netcdf
 from batchscope.recommend import CacheError, recommendations
-from tests.test_fit import _write_synthetic_caches
+from tests.test_fit import SPEC, _NoNoise, _write_synthetic_caches
 
 N_ITER, C_VAR, TAU_F, TAU_D = 40.0, 2400.0, 2.5e-4, 1.1e-6
-
-
-class _NoNoise:
-    def standard_normal(self, size=None):
-        return np.zeros(size) if size is not None else 0.0
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("results")
     profiles, runs = _write_synthetic_caches(root / "caches", N_ITER, C_VAR, TAU_F, TAU_D, _NoNoise())
-    spec = {"fit": {"bootstrap": 20, "seed": 0}, "target": {"metric": "val_accuracy", "value": 0.9}}
-    ds = fit.fit_scaling(profiles, runs, spec, "synthetic")
-    ds.attrs.update(provenance("fit_scaling", spec))
+    ds = fit.fit_scaling(profiles, runs, SPEC, "synthetic")
+    ds.attrs.update(provenance("fit_scaling", SPEC))
     write_netcdf(ds, root / "fit" / "synthetic.nc")
     return root
 
@@ -36,11 +30,16 @@ def measured_time(b):
 
 
 def test_recommendation_numbers(results):
-    (row,) = recommendations(results)
+    (row,) = recommendations(results, everything=True)
     grid = [8, 16, 32, 64, 128, 256, 512]
     best = min(grid, key=measured_time)
     assert row["batch_size"] == best == 128 and row["learning_rate"] == 0.1
-    assert row["measured_time_to_target_s"] == pytest.approx(measured_time(best), rel=1e-9)
+    assert row["time_from_profile_s"] == pytest.approx(measured_time(best), rel=1e-9)
+    # the runs' own clock (the fixture stores K x T_iter unrounded as each run's time to target)
+    assert row["training_time_to_target_s"] == pytest.approx((N_ITER + C_VAR / 128) * (TAU_F + TAU_D * 128))
+    # the fitted model at 128: K is fitted to whole step counts (rounding <= 0.5 of ~59 steps), so within 1%
+    assert row["time_from_fit_s"] == pytest.approx((N_ITER + C_VAR / 128) * (TAU_F + TAU_D * 128), rel=0.01)
+    assert row["indistinguishable"] == [b for b in grid if measured_time(b) <= 1.05 * measured_time(best)]
     assert row["smallest_slowdown"] == pytest.approx(measured_time(8) / measured_time(best), rel=1e-9)
     assert row["largest_slowdown"] == pytest.approx(measured_time(512) / measured_time(best), rel=1e-9)
     assert row["predicted_b_opt"] == pytest.approx(fit.b_opt(N_ITER, C_VAR, TAU_F, TAU_D), rel=0.01)
@@ -49,25 +48,34 @@ def test_recommendation_numbers(results):
 
 
 def test_cli_text_and_json(results, capsys):
-    assert cli.main(["recommend", str(results)]) == 0
-    line = capsys.readouterr().out.strip()
-    assert line.startswith("synthetic on cpu (synthetic): batch size 128 at learning rate 0.1")
-    assert cli.main(["recommend", str(results / "fit"), "--json"]) == 0
+    assert cli.main(["recommend", str(results), "--all"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("synthetic on cpu (synthetic), config ")
+    assert "  batch size 128 at learning rate 0.1; as fast within 5%" in text
+    # each time named for where it comes from; the recommended size is not compared with itself
+    assert "s from the profile (K x T_iter" in text and "s from the fit" in text and "s measured in training" in text
+    assert "B = 8 takes" in text and "1.00x" not in text
+    assert "warning: best learning rate on the edge of its grid" in text
+    assert cli.main(["recommend", str(results / "fit"), "--json", "--all"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["batch_size"] == 128 and rows[0]["smallest_batch_size"] == 8
 
 
 def test_missing_and_inconsistent_caches(results, tmp_path):
     with pytest.raises(SystemExit, match="no fit results"):
-        cli.main(["recommend", str(tmp_path)])
+        cli.main(["recommend", str(tmp_path), "--all"])
     stray = tmp_path / "fit"
     write_netcdf(xr.Dataset({"x": ((), 1.0)}, attrs={"stage": "train_model"}), stray / "stray.nc")
-    with pytest.raises(CacheError, match="stray.nc: not a fit_scaling result"):
-        recommendations(tmp_path)
+    with pytest.raises(CacheError, match="stray.nc: written by stage 'train_model', expected a 'fit_scaling'"):
+        recommendations(tmp_path, everything=True)
     mixed = tmp_path / "mixed"
-    for name, version in (("a", "1"), ("b", "2")):
+    for name, version in (("a", "0.0.9"), ("b", "0.1.0")):
         ds = xr.open_dataset(results / "fit" / "synthetic.nc", engine="h5netcdf").load()
-        ds.attrs.update(workload=name, algorithm_version=version)
+        ds.attrs.update(workload=name, batchscope_version=version)
         write_netcdf(ds, mixed / "fit" / f"{name}.nc")
     with pytest.raises(CacheError, match="different batchscope or algorithm versions"):
-        recommendations(mixed)
+        recommendations(mixed, everything=True)
+    ds.attrs.update(algorithm_version="1")  # a fit by an older fit algorithm is refused by name
+    write_netcdf(ds, mixed / "fit" / "b.nc")
+    with pytest.raises(CacheError, match="b.nc: computed by version '1' of the fit_scaling algorithm"):
+        recommendations(mixed, everything=True)

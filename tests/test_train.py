@@ -98,13 +98,16 @@ def test_regression_workload_uses_val_loss():
 
 def test_profile_times_the_training_step():
     settings = {
-        "profile": {"warmup": 2, "repeats": 5, "min_repeat_time": 0.002},
+        "profile": {"warmup": 2, "rounds": 3, "repeats": 5, "min_repeat_time": 0.002},
         "workload": spec()["workload"],
         "optimizer": spec()["optimizer"],
     }
-    small, large = (profile.profile(settings, b, CPU) for b in (8, 1024))
+    timed = profile.profile(settings, [1024, 8], CPU)
+    small, large = timed[8], timed[1024]
     for ds in (small, large):
-        assert bool(ds["feasible"]) and ds.sizes["repeat"] == 5
+        assert bool(ds["feasible"]) and ds.sizes["repeat"] == 5 and ds.sizes["round"] == 3
+        np.testing.assert_allclose(ds["t_iter_round"].values, np.median(ds["t_iter"].values, axis=1))
+        assert float(ds["t_iter_median"]) == pytest.approx(float(np.median(ds["t_iter_round"].values)))
         assert float(ds["t_iter_q25"]) <= float(ds["t_iter_median"]) <= float(ds["t_iter_q75"])
         # the calibration block lasted >= min_repeat_time (0.002 s); half of it allows for the machine's drift
         assert int(ds["steps_per_repeat"]) * float(ds["t_iter_median"]) >= 0.5 * 0.002
@@ -134,11 +137,11 @@ def test_out_of_memory_is_recorded_by_profile_and_train(monkeypatch):
     # A real OOM cannot be provoked safely on a shared CPU machine; the step raises torch's message instead.
     monkeypatch.setattr(runtime, "make_step", _oom_step)
     settings = {
-        "profile": {"warmup": 1, "repeats": 3, "min_repeat_time": 0.001},
+        "profile": {"warmup": 1, "rounds": 3, "repeats": 1, "min_repeat_time": 0.001},
         "workload": spec()["workload"],
         "optimizer": spec()["optimizer"],
     }
-    prof = profile.profile(settings, 64, CPU)
+    prof = profile.profile(settings, [64], CPU)[64]
     assert not bool(prof["feasible"]) and np.isnan(prof["t_iter"].values).all()
     ds, _ = train(spec(), 64, 0.1, seed=0, device=CPU)
     assert bool(ds["out_of_memory"]) and not bool(ds["reached_target"]) and int(ds["steps_done"]) == 0
@@ -154,3 +157,49 @@ def test_other_runtime_errors_are_not_swallowed(monkeypatch):
     monkeypatch.setattr(runtime, "make_step", broken)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         train(spec(), 64, 0.1, seed=0, device=CPU)
+
+
+def test_profile_interleaves_batch_sizes_so_drift_falls_on_all(monkeypatch):
+    """A machine that slows down steadily while profiling (each step costs more the later it runs): timed in
+    interleaved rounds, two batch sizes keep their true step-time ratio; timed one after the other (the old
+    profile), the later size would look slower than it is by the drift between them."""
+    order = []  # the batch size of every step, in the order the steps ran
+
+    def counting_step(*args, **kwargs):
+        def step(x, y):
+            order.append(len(x))
+
+        return step
+
+    def cost(i, b):  # 1 ms x (1 + B/64), times a drift that adds 1% per 2 steps
+        return 1e-3 * (1 + b / 64) * (1 + i / 200)
+
+    class DriftingClock:
+        def __init__(self, device):
+            pass
+
+        def start(self):
+            self.begin = len(order)
+
+        def stop(self):
+            return sum(cost(i, b) for i, b in enumerate(order[self.begin :], self.begin))
+
+    monkeypatch.setattr(runtime, "make_step", counting_step)
+    monkeypatch.setattr(runtime, "StepClock", DriftingClock)
+    settings = {
+        "profile": {"warmup": 2, "rounds": 8, "repeats": 2, "min_repeat_time": 0.004},
+        "workload": spec()["workload"],
+        "optimizer": spec()["optimizer"],
+    }
+    timed = profile.profile(settings, [8, 128], CPU)
+    truth = (1 + 128 / 64) / (1 + 8 / 64)
+    ratio = float(timed[128]["t_iter_median"]) / float(timed[8]["t_iter_median"])
+    assert ratio == pytest.approx(truth, rel=0.03)
+    # the same steps timed size after size: the drift between the two halves biases the ratio by over 20%
+    n8, n128 = (int(timed[b]["steps_per_repeat"]) * 8 * 2 for b in (8, 128))
+    sequential = (sum(cost(i, 128) for i in range(n8, n8 + n128)) / n128) / (sum(cost(i, 8) for i in range(n8)) / n8)
+    assert sequential / truth > 1.2
+    # every round times both sizes: the sizes alternate at least once per round in the timed part
+    timed_part = order[-(n8 + n128) :]
+    switches = sum(a != b for a, b in zip(timed_part, timed_part[1:], strict=False))
+    assert switches >= 8

@@ -161,8 +161,9 @@ def test_streaming_path_trains_like_the_device_path_and_is_profiled():
     assert device_run.attrs["data_path"] == "device" and stream_run.attrs["data_path"] == "stream"
     assert bool(stream_run["reached_target"])
     assert 0.5 <= float(stream_run["steps_to_target"]) / float(device_run["steps_to_target"]) <= 2.0
-    settings = {**cfg.profile_slice(config, "w"), "profile": {"warmup": 2, "repeats": 3, "min_repeat_time": 0.002}}
-    prof = profile.profile(settings, 64, CPU)
+    settings = {**cfg.profile_slice(config, "w"), "profile": {"warmup": 2, "rounds": 3, "repeats": 1,
+                                                              "min_repeat_time": 0.002}}  # fmt: skip
+    prof = profile.profile(settings, [64], CPU)[64]
     assert prof.attrs["data_path"] == "stream" and prof.attrs["loader_workers"] == 1 and bool(prof["feasible"])
 
 
@@ -178,8 +179,9 @@ def test_bf16_autocast_trains_and_is_recorded():
     ds, checkpoint = train(cfg.train_slice(config, "w"), 64, 0.1, 0, CPU)
     assert bool(ds["reached_target"]) and ds.attrs["precision"] == "bf16"
     assert all(v.dtype == torch.float32 for v in checkpoint["state_dict"].values())  # weights stay fp32
-    settings = {**cfg.profile_slice(config, "w"), "profile": {"warmup": 2, "repeats": 3, "min_repeat_time": 0.002}}
-    assert profile.profile(settings, 64, CPU).attrs["precision"] == "bf16"
+    settings = {**cfg.profile_slice(config, "w"), "profile": {"warmup": 2, "rounds": 3, "repeats": 1,
+                                                              "min_repeat_time": 0.002}}  # fmt: skip
+    assert profile.profile(settings, [64], CPU)[64].attrs["precision"] == "bf16"
 
 
 @pytest.mark.slow

@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 # to its code trigger).
 ALGORITHM_VERSIONS = {
     "prepare_data": 1,
-    "profile_hardware": 1,
+    "profile_hardware": 2,
     "train_model": 1,
-    "fit_scaling": 1,
+    "fit_scaling": 2,
     "analyze_hessian": 2,
     "aggregate_hessian": 1,
     "edge_of_stability": 2,

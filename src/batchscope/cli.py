@@ -97,20 +97,21 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
+    """Every batch size of a workload in one process, in interleaved rounds; one NetCDF per batch size."""
     from batchscope import io
     from batchscope.profile import profile
 
     spec = _spec(args, cfg.profile_slice)
     device = _runtime(spec)
-    ds = profile(spec, args.batch_size, device, data_file=args.data)
-    ds.attrs.update(io.provenance("profile_hardware", spec, device=str(device)))
-    io.write_netcdf(ds, args.out)
-    log.info(
-        "B=%d: median step %.3g ms, feasible=%s",
-        args.batch_size,
-        1e3 * float(ds["t_iter_median"]),
-        bool(ds["feasible"]),
-    )
+    if len(args.out) != len(args.batch_size):
+        raise SystemExit(f"profile: {len(args.batch_size)} batch sizes but {len(args.out)} --out files")
+    results = profile(spec, args.batch_size, device, data_file=args.data)
+    for batch_size, out in zip(args.batch_size, args.out, strict=True):
+        ds = results[batch_size]
+        ds.attrs.update(io.provenance("profile_hardware", spec, device=str(device)))
+        io.write_netcdf(ds, out)
+        log.info("B=%d: median step %.3g ms over %d rounds, feasible=%s", batch_size,
+                 1e3 * float(ds["t_iter_median"]), ds.sizes["round"], bool(ds["feasible"]))  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -156,10 +157,10 @@ def cmd_fit(args: argparse.Namespace) -> None:
     ds.attrs.update(io.provenance("fit_scaling", spec))
     io.write_netcdf(ds, args.out)
     log.info(
-        "%s: b_opt=%.1f, measured best B=%d, B_crit=%.1f",
+        "%s: b_opt=%.1f, fastest B from the profile=%d, B_crit=%.1f",
         args.workload,
         float(ds["b_opt"]),
-        int(ds["measured_best_batch_size"]),
+        int(ds["fastest_batch_size"]),
         float(ds["b_crit"]),
     )
 
@@ -208,15 +209,24 @@ def cmd_edge_of_stability(args: argparse.Namespace) -> None:
              float(ds["lambda_max"][-1]), 2 / args.step_size)  # fmt: skip
 
 
+def _pairs(pairs: list[str], option: str) -> dict[str, list[str]]:
+    """``KEY=PATH`` arguments grouped by key."""
+    grouped: dict[str, list[str]] = {}
+    for pair in pairs:
+        key, _, path = pair.partition("=")
+        if not key or not path:
+            raise SystemExit(f"{option}: expected KEY=PATH, got {pair!r}")
+        grouped.setdefault(key, []).append(path)
+    return grouped
+
+
 def _by_ghost_size(pairs: list[str]) -> dict[int, list[str]]:
     """``SIZE=PATH`` arguments grouped by ghost size."""
-    grouped: dict[int, list[str]] = {}
-    for pair in pairs:
-        size, _, path = pair.partition("=")
-        if not size.isdigit() or not path:
-            raise SystemExit(f"expected GHOST_SIZE=PATH, got {pair!r}")
-        grouped.setdefault(int(size), []).append(path)
-    return grouped
+    grouped = _pairs(pairs, "ghost sizes")
+    bad = [size for size in grouped if not size.isdigit()]
+    if bad:
+        raise SystemExit(f"expected GHOST_SIZE=PATH, got ghost size {bad[0]!r}")
+    return {int(size): paths for size, paths in grouped.items()}
 
 
 def cmd_ghost_variance(args: argparse.Namespace) -> None:
@@ -321,15 +331,21 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     html = render(args.fits, args.notebook, args.out, args.figures, hessian_paths=args.hessian,
                   stability_paths=args.edge_of_stability, ghost_paths=args.ghost, noise_paths=args.noise,
-                  expect=_expect(args))  # fmt: skip
+                  expect=_expect(args), benchmarks=_pairs(args.benchmarks, "--benchmarks"))  # fmt: skip
     print(html)
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
     from batchscope.recommend import CacheError, main
 
+    config_file = args.configfile
+    if config_file is None and not args.all:
+        if not Path(cfg.DEFAULT_CONFIG).is_file():
+            raise SystemExit(f"batchscope recommend: no {cfg.DEFAULT_CONFIG} here; give --configfile FILE (the "
+                             "study you ran) or --all")  # fmt: skip
+        config_file = cfg.DEFAULT_CONFIG
     try:
-        print(main(args.results, args.json))
+        print(main(args.results, config_file, args.all, args.json))
     except CacheError as err:
         raise SystemExit(f"batchscope recommend: {err}") from None
 
@@ -339,13 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def stage(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
+    def stage(name: str, func: Callable, help_text: str, outputs: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(func=func)
         p.add_argument("--spec", help="the stage's config slice as JSON (what the workflow passes)")
         p.add_argument("--config", help="a study config file (instead of --spec)")
         p.add_argument("--workload", help="workload name in --config")
-        p.add_argument("--out", required=True, help="output path")
+        p.add_argument("--out", required=True, nargs=outputs, help="output path" + ("s" if outputs else ""))
         return p
 
     p = sub.add_parser("validate", help="validate a config file and its data (the workflow's checks) and summarise")
@@ -354,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     stage("prepare-data", cmd_prepare_data, "check a workload's factory; cache a built-in dataset as NetCDF")
-    p = stage("profile", cmd_profile, "time the training step at one batch size")
+    p = stage("profile", cmd_profile, "time the training step at batch sizes, in interleaved rounds", outputs="+")
     p.add_argument("--data", required=True)
-    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--batch-size", type=int, nargs="+", required=True)
     p = stage("train", cmd_train, "train (lr, seed) points at one batch size; --out is a directory")
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, required=True)
@@ -406,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recommend)
     p.add_argument("results", nargs="?", default="results", help="a results directory (or its fit/ directory)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--configfile", help=f"the study's config, as given to snakemake (default: {cfg.DEFAULT_CONFIG}, as "
+                   "snakemake's)")  # fmt: skip
+    p.add_argument("--all", action="store_true", help="every cached fit, labelled by config hash")
 
     p = sub.add_parser("report", help="execute the report notebook and write HTML")
     p.set_defaults(func=cmd_report)
@@ -415,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-of-stability", nargs="*", default=[], help="edge_of_stability outputs (optional)")
     p.add_argument("--ghost", nargs="*", default=[], help="summarize_ghost outputs (optional)")
     p.add_argument("--noise", nargs="*", default=[], help="gradient-noise directories and Jensen files (optional)")
+    p.add_argument("--benchmarks", nargs="*", default=[], help="RULE=FILE: Snakemake benchmark files, for the "
+                   "stages' share of the compute (optional)")  # fmt: skip
     p.add_argument("--notebook", required=True)
     p.add_argument("--out", required=True, help="output HTML path")
     p.add_argument("--figures", required=True, help="directory for the figure PNGs")

@@ -21,6 +21,7 @@ import jsonschema
 import yaml
 
 SCHEMA_FILE = "config.schema.yaml"
+DEFAULT_CONFIG = "config/config.yaml"  # the study the Snakefile runs, and recommend reads, when no config is given
 BUILTIN_FACTORY = "batchscope.workload:builtin"  # the built-in datasets and models, through the same protocol
 
 # Per-name defaults for the tagged sub-objects. They live here rather than in the schema because the schema
@@ -456,7 +457,22 @@ def train_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
 
 
 def fit_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    return {"fit": config["fit"], "target": config["workloads"][workload]["target"]}
+    """The fit's settings, and what identifies its inputs (their config hashes and the grid): a fit's config hash
+    then names the whole study of its workload, which is how ``recommend`` and the report tell a current fit
+    from one of another config."""
+    wl = config["workloads"][workload]
+    return {
+        "fit": config["fit"],
+        "target": wl["target"],
+        "inputs": {
+            "profile_hardware": config_hash(profile_slice(config, workload)),
+            "train_model": config_hash(train_slice(config, workload)),
+            "batch_sizes": sorted(config["grid"]["batch_sizes"]),
+            "profile_batch_sizes": profile_batch_sizes(config),
+            "seeds": sorted(config["grid"]["seeds"]),
+            "learning_rates": {str(b): learning_rates(wl, b) for b in sorted(config["grid"]["batch_sizes"])},
+        },
+    }
 
 
 def edge_of_stability_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ non-negative (scipy's ``lsq_linear``).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ def bootstrap_steps(
 # --------------------------------------------------------------------------------- reading the caches
 
 
-PROFILE_VARIABLES = ("t_iter", "t_iter_median", "feasible", "peak_memory")
+PROFILE_VARIABLES = ("t_iter", "t_iter_round", "t_iter_median", "feasible", "peak_memory")
 RUN_VARIABLES = ("steps_to_target", "reached_target", "diverged", "out_of_memory", "time_to_target", "val_metric")
 
 
@@ -149,6 +150,23 @@ def read_runs(paths: Sequence[str | Path], expect: dict[str, str] | None = None)
 
 # -------------------------------------------------------------------------------------- the fit stage
 
+# Thresholds of the diagnostics (:func:`diagnose`): below them a fit, or the answer, is flagged with what to change.
+R2_MIN_T_ITER = 0.9  # a linear T_iter(B) explains at least 90% of the step times' variance
+R2_MIN_K = 0.8  # K(B) is noisier (seeds, the evaluation interval's resolution)
+RESIDUAL_MAX = 0.25  # no grid point more than 25% off either fitted curve
+ROUND_SPREAD_MAX = 0.10  # the profiling rounds' medians agree within 10% (relative IQR) at every batch size
+
+
+def _round_bootstrap(t_round: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """T_iter per batch size for ``n_boot`` resamples of the profiling rounds: (n_boot, n_sizes).
+
+    ``t_round`` is (n_sizes, n_rounds), each round's median. The same rounds are drawn for every size: a round
+    timed all sizes within seconds of each other, so a slow spell of the machine moves them together and their
+    ratios, which decide b_opt and the ranking, stay as they were.
+    """
+    picks = rng.integers(0, t_round.shape[1], (n_boot, t_round.shape[1]))
+    return np.median(t_round[:, picks], axis=-1).T
+
 
 def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, Any], workload: str,
                 expect: dict[str, str] | None = None) -> xr.Dataset:  # fmt: skip
@@ -156,8 +174,12 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
 
     ``spec`` is :func:`batchscope.config.fit_slice`. The result holds the aggregated inputs (dims
     ``profile_batch_size``, ``run``, ``step``), K(B) and T(B) on the grid (dim ``batch_size``), the fitted
-    parameters with bootstrap intervals (dim ``bootstrap``), and the recommendation. ``expect`` maps
-    ``profile_hardware`` and ``train_model`` to the config hashes the inputs must carry.
+    parameters with bootstrap intervals (dim ``bootstrap``), the recommendation with the batch sizes that are
+    indistinguishable from the fastest, and diagnostics. ``expect`` maps ``profile_hardware`` and
+    ``train_model`` to the config hashes the inputs must carry.
+
+    T_iter is fitted on the trained grid only: the extra profiled sizes (up to the memory limit) would let sizes
+    nobody trains set tau_f and tau_d; they serve the largest feasible batch size.
     """
     profiles = read_profiles(profile_paths, expect)
     runs = read_runs(train_paths, expect)
@@ -165,16 +187,20 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
         {k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")}
         | {"steps_to_target": runs["steps_to_target"].values}
     )
-    feasible = profiles["profile_feasible"].values.astype(bool) & np.isfinite(profiles["profile_t_iter_median"])
-    prof_b = profiles["profile_batch_size"].values[feasible]
-    prof_t = profiles["profile_t_iter_median"].values[feasible]
-    timing = fit_step_time(prof_b, prof_t)
-    tau_f, tau_d = timing.intercept, timing.slope
-
     k_table = steps_per_batch_size(table)
     grid_b = k_table.index.values.astype(int)
-    t_iter_at = dict(zip(profiles["profile_batch_size"].values, profiles["profile_t_iter_median"].values, strict=True))
-    t_iter_grid = np.array([t_iter_at.get(b, np.nan) for b in grid_b])
+    missing = sorted(set(grid_b) - set(profiles["profile_batch_size"].values.tolist()))
+    if missing:
+        raise ValueError(f"workload {workload!r}: trained batch size {missing[0]} was not profiled")
+    on_grid = profiles.sel(profile_batch_size=grid_b)
+    t_iter_grid = on_grid["profile_t_iter_median"].values
+    t_round = on_grid["profile_t_iter_round"].values  # (grid size, round)
+    timed = on_grid["profile_feasible"].values.astype(bool) & np.isfinite(t_iter_grid)
+    if timed.sum() < 2:
+        raise ValueError(f"workload {workload!r}: {timed.sum()} trained batch size(s) could be timed; T_iter(B) "
+                         "needs at least 2 (out of memory? see the profile)")  # fmt: skip
+    timing = fit_step_time(grid_b[timed], t_iter_grid[timed])
+    tau_f, tau_d = timing.intercept, timing.slope
     ok = np.isfinite(k_table["k"].values)
     if ok.sum() < 2:
         raise ValueError(
@@ -184,84 +210,71 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     steps_fit = fit_steps(grid_b[ok], k_table["k"].values[ok])
     n_iter, c_var = steps_fit.intercept, steps_fit.slope
     best_b_pred = b_opt(n_iter, c_var, tau_f, tau_d)
+    time_from_profile = k_table["k"].values * t_iter_grid
 
-    # bootstrap: seeds within each (B, lr) cell, and profile repeats within each B
+    # bootstrap: seeds within each (B, lr) cell for K, profiling rounds (the same rounds at every B) for T_iter
     rng = np.random.default_rng(spec["fit"]["seed"])
     n_boot = spec["fit"]["bootstrap"]
     boot = {k: np.full(n_boot, np.nan) for k in ("n_iter", "c_var", "tau_f", "tau_d", "b_opt")}
-    boot_b, boot_k = bootstrap_steps(table, n_boot, rng)
-    reps = profiles["profile_t_iter"].values[feasible]
-    picks = rng.integers(0, reps.shape[1], (n_boot, *reps.shape))
-    boot_t = np.nanmedian(np.take_along_axis(np.broadcast_to(reps, picks.shape), picks, axis=-1), axis=-1)
+    _, boot_k = bootstrap_steps(table, n_boot, rng)
+    boot_t = _round_bootstrap(t_round, n_boot, rng)
     for i in range(n_boot):
         good = np.isfinite(boot_k[i])
         if good.sum() < 2:
             continue
-        f = fit_steps(boot_b[good], boot_k[i][good])
-        t = fit_step_time(prof_b, boot_t[i])
-        values = (
-            f.intercept,
-            f.slope,
-            t.intercept,
-            t.slope,
-            b_opt(f.intercept, f.slope, t.intercept, t.slope),
-        )
+        f = fit_steps(grid_b[good], boot_k[i][good])
+        t = fit_step_time(grid_b[timed], boot_t[i][timed])
+        values = (f.intercept, f.slope, t.intercept, t.slope, b_opt(f.intercept, f.slope, t.intercept, t.slope))
         for key, value in zip(boot, values, strict=True):
             boot[key][i] = value
-
-    t_empirical = k_table["k"].values * t_iter_grid
-    measured_best = int(grid_b[np.nanargmin(t_empirical)]) if np.isfinite(t_empirical).any() else -1
-    measured_time = _measured_time_to_target(runs, k_table)
+    boot_time = boot_k * boot_t  # (n_boot, grid): T(B) = K(B) T_iter(B) in each resample
+    fastest, candidates, p_fastest = _fastest(grid_b, time_from_profile, boot_time, spec["fit"]["tolerance"])
 
     out = xr.Dataset(
         {
-            "k": (
-                "batch_size",
-                k_table["k"].values,
-                {"units": "steps", "long_name": "K(B), best lr's median"},
-            ),
+            "k": ("batch_size", k_table["k"].values, {"units": "steps", "long_name": "K(B), best lr's median"}),
             "best_lr": ("batch_size", k_table["best_lr"].values, {"long_name": "learning rate minimising K"}),
             "k_fitted": ("batch_size", n_iter + c_var / grid_b, {"units": "steps"}),
             "t_iter": ("batch_size", t_iter_grid, {"units": "s", "long_name": "profiled median step time"}),
-            "t_empirical": ("batch_size", t_empirical, {"units": "s", "long_name": "K(B) x T_iter(B)"}),
-            "t_predicted": (
-                "batch_size",
-                predicted_time(grid_b, n_iter, c_var, tau_f, tau_d),
-                {"units": "s", "long_name": "(N_iter + C_var/B)(tau_f + tau_d B)"},
-            ),
-            "time_to_target_measured": (
-                "batch_size",
-                measured_time,
-                {"units": "s", "long_name": "median training time to target at the best lr (from the runs)"},
-            ),
-            "t_iter_fitted": (
-                "profile_batch_size",
-                tau_f + tau_d * profiles["profile_batch_size"].values,
-                {"units": "s"},
-            ),
+            "time_from_profile": ("batch_size", time_from_profile, {"units": "s", "long_name":
+                                  "time to target from the profile: K(B) x profiled T_iter(B)"}),
+            "time_from_profile_ci": (("batch_size", "bound"), _interval(boot_time), {"units": "s",
+                                     "long_name": "95% bootstrap interval (seeds and profiling rounds)"}),
+            "time_from_fit": ("batch_size", predicted_time(grid_b, n_iter, c_var, tau_f, tau_d), {"units": "s",
+                              "long_name": "time to target from the fit: (N_iter + C_var/B)(tau_f + tau_d B)"}),
+            "training_time_to_target": ("batch_size", _training_time_to_target(runs, k_table), {"units": "s",
+                                        "long_name": "measured: the runs' own clock to the target, median over "
+                                        "seeds at the best lr (evaluations included)"}),
+            "indistinguishable": ("batch_size", candidates, {"long_name": "time to target within fit.tolerance of "
+                                  "the fastest in at least 5% of the bootstrap resamples"}),
+            "p_fastest": ("batch_size", p_fastest, {"long_name": "share of bootstrap resamples in which this batch "
+                          "size is the fastest"}),
+            "t_iter_fitted": ("profile_batch_size", tau_f + tau_d * profiles["profile_batch_size"].values,
+                              {"units": "s"}),
+            "t_iter_round_spread": ("batch_size", _relative_iqr(t_round), {"long_name": "relative interquartile "
+                                    "range of the profiling rounds' medians"}),
             "n_iter": ((), n_iter, {"units": "steps", "long_name": "N_iter = S_min"}),
             "c_var": ((), c_var, {"units": "steps*examples"}),
             "b_crit": ((), c_var / n_iter if n_iter > 0 else math.inf, {"units": "examples"}),
             "k_r2": ((), steps_fit.r2),
+            "k_residual_max": ((), _max_relative(steps_fit.residuals, k_table["k"].values[ok]),
+                               {"long_name": "largest |K - fit| / K on the grid"}),
             "tau_f": ((), tau_f, {"units": "s"}),
             "tau_d": ((), tau_d, {"units": "s/example"}),
             "t_iter_r2": ((), timing.r2),
+            "t_iter_residual_max": ((), _max_relative(timing.residuals, t_iter_grid[timed]),
+                                    {"long_name": "largest |T_iter - fit| / T_iter on the trained grid"}),
             "b_opt": ((), best_b_pred, {"units": "examples", "long_name": "predicted optimal batch size"}),
-            "t_at_b_opt": (
-                (),
-                float(predicted_time(best_b_pred, n_iter, c_var, tau_f, tau_d)),
-                {"units": "s"},
-            ),
-            "measured_best_batch_size": ((), measured_best, {"long_name": "grid argmin of K(B) T_iter(B)"}),
+            "time_from_fit_at_b_opt": ((), float(predicted_time(best_b_pred, n_iter, c_var, tau_f, tau_d)),
+                                       {"units": "s"}),
+            "fastest_batch_size": ((), fastest, {"long_name": "grid argmin of the time to target from the profile "
+                                   "(-1: none reached the target)"}),
             **{f"boot_{k}": ("bootstrap", v) for k, v in boot.items()},
         },
-        coords={"batch_size": grid_b, "bootstrap": np.arange(n_boot)},
-    )
+        coords={"batch_size": grid_b, "bootstrap": np.arange(n_boot), "bound": ["low", "high"]},
+    )  # fmt: skip
     for key in ("n_iter", "c_var", "tau_f", "tau_d", "b_opt"):
-        samples = boot[key][np.isfinite(boot[key])]
-        low, high = np.quantile(samples, [0.025, 0.975]) if len(samples) else (math.nan, math.nan)
-        out[f"{key}_ci"] = ("bound", [low, high], {"long_name": "95% bootstrap percentile interval"})
-    out = out.assign_coords(bound=["low", "high"])
+        out[f"{key}_ci"] = ("bound", _interval(boot[key][:, None])[0], {"long_name": "95% bootstrap interval"})
     feasible_sizes = profiles["profile_batch_size"].values[profiles["profile_feasible"].values.astype(bool)]
     out["largest_feasible_batch_size"] = ((), int(feasible_sizes.max()) if len(feasible_sizes) else -1, {
         "long_name": "largest profiled batch size that did not run out of memory (-1: none)"})  # fmt: skip
@@ -272,6 +285,7 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
         device_type=profiles.attrs.get("device_type", ""),
         target_metric=spec["target"]["metric"],
         target_value=spec["target"]["value"],
+        tolerance=spec["fit"]["tolerance"],
         # how batches reached the step (device-resident tensors or a DataLoader) and in what precision: both
         # change tau_f and tau_d, so the report says which applied
         data_path=profiles.attrs.get("data_path", "device"),
@@ -279,10 +293,128 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
         compiled=int(profiles.attrs.get("compiled", 0)),
         metric_name=runs.attrs.get("metric_name", ""),
     )
+    merged.attrs["diagnostics"] = json.dumps(diagnose(merged))
     return merged
 
 
-def _measured_time_to_target(runs: xr.Dataset, k_table: pd.DataFrame) -> np.ndarray:
+def _interval(samples: np.ndarray) -> np.ndarray:
+    """95% percentile interval of each column of ``samples`` (n_boot, n): (n, 2), NaN where none is finite."""
+    result = np.full((samples.shape[1], 2), np.nan)
+    for j in range(samples.shape[1]):
+        finite = samples[:, j][np.isfinite(samples[:, j])]
+        if len(finite):
+            result[j] = np.quantile(finite, [0.025, 0.975])
+    return result
+
+
+def _relative_iqr(t_round: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        q25, q50, q75 = np.nanquantile(t_round, [0.25, 0.5, 0.75], axis=1) if t_round.size else (np.nan,) * 3
+    return (q75 - q25) / q50
+
+
+def _max_relative(residuals: np.ndarray, observed: np.ndarray) -> float:
+    return float(np.max(np.abs(residuals) / observed)) if len(observed) else math.nan
+
+
+def _fastest(grid_b: np.ndarray, time: np.ndarray, boot_time: np.ndarray,
+             tolerance: float) -> tuple[int, np.ndarray, np.ndarray]:  # fmt: skip
+    """(fastest batch size, which sizes are indistinguishable from it, share of resamples each is fastest in).
+
+    A size is indistinguishable when its time is within ``tolerance`` of the resample's fastest in at least 5% of
+    the resamples: the data cannot rule out that it is as fast. The point estimate's fastest always is.
+    """
+    if not np.isfinite(time).any():
+        return -1, np.zeros(len(grid_b), bool), np.zeros(len(grid_b))
+    best = int(np.nanargmin(time))
+    candidates = np.zeros(len(grid_b), bool)
+    candidates[best] = True
+    p_fastest = np.zeros(len(grid_b))
+    usable = np.isfinite(boot_time).any(axis=1)
+    if usable.any():
+        resampled = np.where(np.isfinite(boot_time[usable]), boot_time[usable], np.inf)
+        ratio = resampled / resampled.min(axis=1, keepdims=True)
+        candidates |= np.isfinite(time) & (np.quantile(ratio, 0.05, axis=0) <= 1 + tolerance)
+        p_fastest = np.bincount(resampled.argmin(axis=1), minlength=len(grid_b)) / usable.sum()
+    return int(grid_b[best]), candidates, p_fastest
+
+
+def diagnose(ds: xr.Dataset) -> list[str]:
+    """What makes the answer unsure, each with what to change in the config. Empty when nothing does."""
+    notes = []
+    b = ds["batch_size"].values
+    lowest, highest = int(b.min()), int(b.max())
+    r2, worst = float(ds["t_iter_r2"]), float(ds["t_iter_residual_max"])
+    if not r2 >= R2_MIN_T_ITER or worst > RESIDUAL_MAX:
+        notes.append(f"poor T_iter fit: R^2 = {r2:.2f} (want >= {R2_MIN_T_ITER}), largest residual "
+                     f"{100 * worst:.0f}% (want <= {100 * RESIDUAL_MAX:.0f}%): the step time is not linear in B on "
+                     "this device (it saturates), or the machine was busy; raise profile.rounds, or profile on an "
+                     "idle machine")  # fmt: skip
+    spread = ds["t_iter_round_spread"].values
+    if np.nanmax(spread, initial=0) > ROUND_SPREAD_MAX:
+        at = int(b[np.nanargmax(spread)])
+        notes.append(f"noisy timing: the profiling rounds' medians spread {100 * np.nanmax(spread):.0f}% at B = {at} "
+                     f"(want <= {100 * ROUND_SPREAD_MAX:.0f}%): another program competed for the device; raise "
+                     "profile.rounds or profile.min_repeat_time, or rerun on an idle machine")  # fmt: skip
+    r2, worst = float(ds["k_r2"]), float(ds["k_residual_max"])
+    if not r2 >= R2_MIN_K or worst > RESIDUAL_MAX:
+        notes.append(
+            f"poor K fit: R^2 = {r2:.2f} (want >= {R2_MIN_K}), largest residual {100 * worst:.0f}%: add "
+            "seeds (grid.seeds), or lower eval_interval (the resolution of the steps to target)"
+        )
+    edges = _lr_on_edge(ds)
+    for side, sizes in edges.items():
+        if sizes:
+            notes.append(
+                f"best learning rate on the edge of its grid: the {side} lr won at B = "
+                f"{', '.join(map(str, sizes))}; extend the workload's learning_rates (or lr_scaling.base_lrs) "
+                f"{'upward' if side == 'largest' else 'downward'}, or K(B) there is overestimated"
+            )
+    best = int(ds["fastest_batch_size"])
+    if best in (lowest, highest) and len(b) > 1:
+        where = "smallest" if best == lowest else "largest"
+        notes.append(
+            f"the fastest batch size {best} is the grid's {where}: the optimum may lie beyond it; extend "
+            f"grid.batch_sizes {'downward' if best == lowest else 'upward'}"
+        )
+    b_opt_value = float(ds["b_opt"])
+    low, high = ds["b_opt_ci"].values
+    if not lowest <= b_opt_value <= highest:
+        notes.append(
+            f"predicted b_opt = {b_opt_value:.0f} lies outside the grid ({lowest} to {highest}); add batch "
+            f"sizes {'below' if b_opt_value < lowest else 'above'} it, or trust the grid's fastest only"
+        )
+    elif np.isfinite([low, high]).all() and (low < lowest or high > highest):
+        notes.append(
+            f"b_opt's 95% interval ({low:.0f} to {high:.0f}) reaches beyond the grid ({lowest} to "
+            f"{highest}): the prediction is unsure there; add seeds or batch sizes"
+        )
+    feasible = int(ds["largest_feasible_batch_size"])
+    if feasible > 0 and b_opt_value > feasible:
+        notes.append(
+            f"predicted b_opt = {b_opt_value:.0f} is above the largest batch size that fits in memory "
+            f"({feasible}): use at most {feasible} (or gradient accumulation, whose steps cost more)"
+        )
+    return notes
+
+
+def _lr_on_edge(ds: xr.Dataset) -> dict[str, list[int]]:
+    """Batch sizes (among those indistinguishable from the fastest) whose best lr is the smallest or largest
+    learning rate trained at that batch size."""
+    edges: dict[str, list[int]] = {"smallest": [], "largest": []}
+    for b, lr, chosen in zip(ds["batch_size"].values, ds["best_lr"].values, ds["indistinguishable"].values,
+                             strict=True):  # fmt: skip
+        tried = np.unique(ds["run_lr"].values[ds["run_batch_size"].values == b])
+        if not chosen or not np.isfinite(lr) or len(tried) < 2:
+            continue
+        if lr == tried.min():
+            edges["smallest"].append(int(b))
+        elif lr == tried.max():
+            edges["largest"].append(int(b))
+    return edges
+
+
+def _training_time_to_target(runs: xr.Dataset, k_table: pd.DataFrame) -> np.ndarray:
     result = []
     for b, best_lr in zip(k_table.index.values, k_table["best_lr"].values, strict=True):
         mask = (runs["run_batch_size"].values == b) & (runs["run_lr"].values == best_lr)

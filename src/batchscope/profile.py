@@ -1,17 +1,23 @@
-"""Time the training step T_iter(B) for one (workload, batch size), as training runs it.
+"""Time the training step T_iter(B) of one workload at every batch size, in interleaved rounds, as training runs it.
 
-After ``warmup`` untimed steps, each of ``repeats`` repeats times enough consecutive steps to last at least
-``min_repeat_time`` (a single sub-millisecond step is below the clock's useful resolution); the per-step time
-of each repeat is recorded and the median reported. The learning rate is small (PROFILE_LR): the update runs
-as in training (at exactly 0 it measured ~15% faster here), while the weights barely move and so cannot blow
-up into NaN/inf, whose arithmetic would change the timing.
+All batch sizes are profiled in one process: after ``warmup`` untimed steps and a calibration at each size, every
+round times each size once (``repeats`` repeats of enough consecutive steps to last at least ``min_repeat_time``;
+a single sub-millisecond step is below the clock's useful resolution), in a rotated order, for ``rounds`` rounds.
+A machine that slows down for a while (another program, a thermal limit) then slows every size alike instead of
+the one that happened to be profiled then, and the per-round medians let the fit bootstrap over rounds: the
+ratios between sizes, which decide the answer, hold still when the machine does not.
+
+The learning rate is small (PROFILE_LR): the update runs as in training (at exactly 0 it measured ~15% faster
+here), while the weights barely move and so cannot blow up into NaN/inf, whose arithmetic would change the timing.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,81 +38,107 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale), "process peak RSS (upper bound)"
 
 
-def profile(spec: dict[str, Any], batch_size: int, device: torch.device, data_file: str | None = None) -> xr.Dataset:
-    """Profile one batch size. Out-of-memory is recorded (``feasible`` = False), not raised.
+def profile(spec: dict[str, Any], batch_sizes: Sequence[int], device: torch.device,
+            data_file: str | None = None) -> dict[int, xr.Dataset]:  # fmt: skip
+    """Profile every batch size in interleaved rounds; one Dataset per size. Out-of-memory at a size is recorded
+    (``feasible`` = False) and that size left out of the rounds, not raised.
 
     The timed step takes its batch as training does (:func:`batchscope.runtime.batches`): on the streaming
     path the DataLoader's cost is inside the clock.
     """
     settings, wl_spec = spec["profile"], spec["workload"]
-    repeats = settings["repeats"]
+    rounds, repeats = settings["rounds"], settings["repeats"]
+    sizes = sorted(set(batch_sizes))
     workload = build_workload(wl_spec, device, seed=0, data_file=data_file)
     streamed = runtime.streams(workload, wl_spec["loader"])
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    times = np.full(repeats, math.nan)
-    steps_per_repeat, feasible = 0, True
-    try:
-        model = workload.model
-        optimizer = runtime.make_optimizer(spec["optimizer"], model.parameters(), lr=PROFILE_LR)
-        # the schedule's LambdaLR.step is part of a training step; its factors do not matter at PROFILE_LR
-        scheduler = runtime.make_schedule(optimizer, spec.get("schedule"), 10**9)
-        step = runtime.make_step(model, optimizer, workload.loss, device, scheduler, wl_spec["precision"],
-                                 wl_spec["compile"])  # fmt: skip
-        model.train()
+    model = workload.model
+    optimizer = runtime.make_optimizer(spec["optimizer"], model.parameters(), lr=PROFILE_LR)
+    # the schedule's LambdaLR.step is part of a training step; its factors do not matter at PROFILE_LR
+    scheduler = runtime.make_schedule(optimizer, spec.get("schedule"), 10**9)
+    step = runtime.make_step(model, optimizer, workload.loss, device, scheduler, wl_spec["precision"],
+                             wl_spec["compile"])  # fmt: skip
+    model.train()
+    clock = runtime.StepClock(device)
+    times = {b: np.full((rounds, repeats), math.nan) for b in sizes}
+    steps_per_repeat = dict.fromkeys(sizes, 0)
+    peak = dict.fromkeys(sizes, math.nan)
+    peak_method = ""
+    batches = {}
+    for b in sizes:
         # training's access pattern: consecutive batches of epoch permutations (not a few cache-hot ones)
-        batches = runtime.batches(workload, batch_size, torch.Generator().manual_seed(0), wl_spec["loader"], device)
-        clock = runtime.StepClock(device)
-        for _ in range(max(settings["warmup"], 1)):  # with compile: true the first step compiles
-            step(*next(batches))
-        # how many consecutive steps make a repeat last at least min_repeat_time: double until a block does (as
-        # timeit's autorange), so one slow step cannot shrink every repeat
-        steps_per_repeat = 1
-        while True:
-            clock.start()
-            for _ in range(steps_per_repeat):
-                step(*next(batches))
-            if clock.stop() >= settings["min_repeat_time"]:
-                break
-            steps_per_repeat *= 2
-        for r in range(repeats):
-            clock.start()
-            for _ in range(steps_per_repeat):
-                step(*next(batches))
-            times[r] = clock.stop() / steps_per_repeat
-    except (RuntimeError, MemoryError) as err:
-        if not runtime.is_out_of_memory(err):
-            raise
-        feasible = False
-        times[:] = math.nan
-    peak, peak_method = _peak_memory(device)
+        batches[b] = runtime.batches(workload, b, torch.Generator().manual_seed(0), wl_spec["loader"], device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            for _ in range(max(settings["warmup"], 1)):  # with compile: true the first step compiles
+                step(*next(batches[b]))
+            steps_per_repeat[b] = _calibrate(step, batches[b], clock, settings["min_repeat_time"])
+        except (RuntimeError, MemoryError) as err:
+            if not runtime.is_out_of_memory(err):
+                raise
+            del batches[b]
+            optimizer.zero_grad(set_to_none=True)
+        peak[b], peak_method = _peak_memory(device)
+    feasible = [b for b in sizes if b in batches]
+    for r in range(rounds):
+        shift = r % max(len(feasible), 1)  # rotated, so no size is always timed right after the same other one
+        for b in feasible[shift:] + feasible[:shift]:
+            for k in range(repeats):
+                clock.start()
+                for _ in range(steps_per_repeat[b]):
+                    step(*next(batches[b]))
+                times[b][r, k] = clock.stop() / steps_per_repeat[b]
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    attrs = {
+        "device_type": device.type,
+        "device_name": runtime.device_name(device),
+        "threads": torch.get_num_threads(),
+        "warmup": settings["warmup"],
+        "rounds": rounds,
+        "profiled_together": json.dumps(sizes),
+        "data_path": "stream" if streamed else "device",
+        "loader_workers": wl_spec["loader"]["workers"] if streamed else 0,
+        "precision": wl_spec["precision"],
+        "compiled": int(wl_spec["compile"]),
+    }
+    return {b: _dataset(b, times[b], b in batches, peak[b], peak_method, steps_per_repeat[b], attrs) for b in sizes}
 
-    finite = times[np.isfinite(times)]
-    quantiles = np.quantile(finite, [0.25, 0.5, 0.75]) if len(finite) else [math.nan] * 3
+
+def _calibrate(step, batches, clock: runtime.StepClock, min_repeat_time: float) -> int:
+    """How many consecutive steps make a repeat last at least ``min_repeat_time``: doubled until a block does (as
+    timeit's autorange), so one slow step cannot shrink every repeat."""
+    steps = 1
+    while True:
+        clock.start()
+        for _ in range(steps):
+            step(*next(batches))
+        if clock.stop() >= min_repeat_time:
+            return steps
+        steps *= 2
+
+
+def _dataset(batch_size: int, times: np.ndarray, feasible: bool, peak: float, peak_method: str,
+             steps_per_repeat: int, attrs: dict[str, Any]) -> xr.Dataset:  # fmt: skip
+    per_round = np.median(times, axis=1) if feasible else np.full(len(times), math.nan)
+    if feasible:
+        median = float(np.median(per_round))
+        q25, q75 = np.quantile(times, [0.25, 0.75])
+    else:
+        median = q25 = q75 = math.nan
     ds = xr.Dataset(
         {
-            "t_iter": ("repeat", times, {"units": "s", "long_name": "time per training step, per repeat"}),
-            "t_iter_median": ((), quantiles[1], {"units": "s"}),
-            "t_iter_q25": ((), quantiles[0], {"units": "s"}),
-            "t_iter_q75": ((), quantiles[2], {"units": "s"}),
+            "t_iter": (("round", "repeat"), times, {"units": "s", "long_name": "time per training step, per repeat"}),
+            "t_iter_round": ("round", per_round, {"units": "s", "long_name": "median over the round's repeats"}),
+            "t_iter_median": ((), median, {"units": "s", "long_name": "median over rounds of the round medians"}),
+            "t_iter_q25": ((), q25, {"units": "s"}),
+            "t_iter_q75": ((), q75, {"units": "s"}),
             "feasible": ((), feasible, {"long_name": "False: out of memory at this batch size"}),
             "peak_memory": ((), peak, {"units": "bytes", "method": peak_method}),
             "steps_per_repeat": ((), steps_per_repeat),
         },
-        coords={"repeat": np.arange(repeats)},
+        coords={"round": np.arange(times.shape[0]), "repeat": np.arange(times.shape[1])},
     )
-    ds.attrs.update(
-        batch_size=batch_size,
-        device_type=device.type,
-        device_name=runtime.device_name(device),
-        threads=torch.get_num_threads(),
-        warmup=settings["warmup"],
-        data_path="stream" if streamed else "device",
-        loader_workers=wl_spec["loader"]["workers"] if streamed else 0,
-        precision=wl_spec["precision"],
-        compiled=int(wl_spec["compile"]),
-    )
+    ds.attrs.update(batch_size=batch_size, **attrs)
     return ds

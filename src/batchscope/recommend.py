@@ -1,9 +1,18 @@
-"""The answer in one line: the recommended batch size and learning rate per workload, from the cached fits only.
+"""The answer in a few lines: the recommended batch size and learning rate per workload, from the cached fits only.
 
-Reads ``results/fit/*.nc`` (no training, no torch), so it works on results copied from a cluster. For each
-workload: the grid's best batch size (the argmin of the measured K(B) T_iter(B)) with its best learning rate, the
-predicted b_opt, the predicted and measured time to target there, and how much slower the grid's smallest and
-largest batch sizes were.
+Reads ``results/fit/*.nc`` (no training, no torch), so it works on results copied from a cluster. By default it
+reads the fits of the current config's workloads, and refuses one computed for another config (its config hash
+names the whole study of its workload: :func:`batchscope.config.fit_slice`); ``--all`` lists every cached fit,
+labelled by its config hash. The report's summary is built from the same rows (:func:`recommend_row`) under the
+same names (:data:`LABELS`).
+
+Three times to target, each named for where it comes from:
+
+- *from the profile*: K(B) x profiled T_iter(B), the steps the runs took times the profiled step time. Batch sizes
+  are ranked by it: it leaves out the evaluations a run pays for on its own clock.
+- *from the fit*: the fitted model (N_iter + C_var/B)(tau_f + tau_d B) at that B.
+- *measured in training*: the runs' own clock to the target (median over seeds at the best lr), evaluations
+  included: what a run of yours with the same evaluation interval would take.
 """
 
 from __future__ import annotations
@@ -13,42 +22,86 @@ import math
 from pathlib import Path
 from typing import Any
 
+from batchscope import config as cfg
 from batchscope.io import CacheError, read_netcdf
 
 REQUIRED = (
     "b_opt",
+    "b_opt_ci",
     "k",
     "best_lr",
-    "t_empirical",
-    "t_predicted",
-    "measured_best_batch_size",
-    "time_to_target_measured",
+    "time_from_profile",
+    "time_from_profile_ci",
+    "time_from_fit",
+    "fastest_batch_size",
+    "training_time_to_target",
+    "indistinguishable",
 )
 
+# The names under which `recommend` and the report print each number (one place, so they agree).
+LABELS = {
+    "workload": "workload",
+    "device_name": "device",
+    "batch_size": "recommended B",
+    "learning_rate": "learning rate",
+    "indistinguishable": "as fast (within tolerance)",
+    "predicted_b_opt": "predicted b_opt",
+    "time_from_profile_s": "time to target from the profile (s)",
+    "time_from_fit_s": "time to target from the fit (s)",
+    "training_time_to_target_s": "time to target measured in training (s)",
+    "steps_to_target": "steps to target K",
+    "largest_feasible_batch_size": "largest feasible B",
+    "config_hash": "config hash",
+}
 
-__all__ = ["CacheError", "recommend_row", "recommendations"]
+__all__ = ["CacheError", "LABELS", "recommend_row", "recommendations", "study_fits"]
 
 
-def recommendations(results: str | Path) -> list[dict[str, Any]]:
+def _fit_dir(results: str | Path) -> Path:
     results = Path(results)
-    fit_dir = results / "fit" if (results / "fit").is_dir() else results
-    files = sorted(fit_dir.glob("*.nc"))
-    if not files:
-        raise CacheError(f"{fit_dir}: no fit results (*.nc); run the workflow, or give the results directory")
+    return results / "fit" if (results / "fit").is_dir() else results
+
+
+def _read_fit(path: Path, config_hash: str | None = None):
+    return read_netcdf(path, "fit_scaling", REQUIRED, config_hash)
+
+
+def study_fits(results: str | Path, config: dict[str, Any], config_name: str = "the config") -> dict[str, Path]:
+    """{workload: fit file} of the config's workloads, each checked to be computed for this config."""
+    fit_dir = _fit_dir(results)
+    files = {}
+    for name in sorted(config["workloads"]):
+        path = fit_dir / f"{name}.nc"
+        if not path.is_file():
+            raise CacheError(f"{path}: no fit for workload {name!r} of {config_name}; run the workflow with this "
+                             "config (or pass --configfile for the study you ran, or --all)")  # fmt: skip
+        _read_fit(path, cfg.config_hash(cfg.fit_slice(config, name)))
+        files[name] = path
+    return files
+
+
+def recommendations(results: str | Path, config: dict[str, Any] | None = None, config_name: str = "the config",
+                    everything: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per fit: the config's workloads (``config``), or every cached fit (``everything``)."""
+    fit_dir = _fit_dir(results)
+    if everything:
+        paths = sorted(fit_dir.glob("*.nc"))
+        if not paths:
+            raise CacheError(f"{fit_dir}: no fit results (*.nc); run the workflow, or give the results directory")
+        current = {}
+        if config is not None:
+            current = {n: cfg.config_hash(cfg.fit_slice(config, n)) for n in config["workloads"]}
+    else:
+        if config is None:
+            raise CacheError("give the study's config (--configfile FILE), or --all for every cached fit")
+        paths = list(study_fits(results, config, config_name).values())
     rows, versions = [], set()
-    for path in files:
-        try:
-            ds = read_netcdf(path)
-        except OSError as err:
-            raise CacheError(str(err)) from err
-        missing = [name for name in REQUIRED if name not in ds]
-        if ds.attrs.get("stage") != "fit_scaling" or missing:
-            raise CacheError(
-                f"{path}: not a fit_scaling result (stage {ds.attrs.get('stage')!r}, missing {missing}); "
-                "delete it and rerun the workflow"
-            )
+    for path in paths:
+        ds = _read_fit(path)
         versions.add((ds.attrs.get("batchscope_version"), ds.attrs.get("algorithm_version")))
-        rows.append(recommend_row(ds, path))
+        row = recommend_row(ds, path)
+        row["current"] = (not everything) or current.get(row["workload"]) == row["config_hash"]
+        rows.append(row)
     if len(versions) > 1:
         raise CacheError(
             f"{fit_dir}: fits from different batchscope or algorithm versions {sorted(versions)}; rerun the "
@@ -59,54 +112,89 @@ def recommendations(results: str | Path) -> list[dict[str, Any]]:
 
 def recommend_row(ds, path: str | Path = "") -> dict[str, Any]:
     """The recommendation from one workload's fit (the report's summary and sentence use it too)."""
-    best = int(ds["measured_best_batch_size"])
+    best = int(ds["fastest_batch_size"])
     if best <= 0:
         raise CacheError(f"{path}: no batch size reached the target; nothing to recommend")
-    measured = ds["t_empirical"]
+    from_profile = ds["time_from_profile"]
     smallest, largest = int(ds["batch_size"].min()), int(ds["batch_size"].max())
-    at = float(measured.sel(batch_size=best))
+    at = float(from_profile.sel(batch_size=best))
 
     def slowdown(b: int) -> float:
-        value = float(measured.sel(batch_size=b))
+        value = float(from_profile.sel(batch_size=b))
         return value / at if math.isfinite(value) else math.inf
 
+    low, high = (float(x) for x in ds["time_from_profile_ci"].sel(batch_size=best).values)
     return {
         "workload": ds.attrs.get("workload", Path(path).stem),
+        "config_hash": ds.attrs.get("config_hash", ""),
         "device": ds.attrs.get("device_type", ""),
         "device_name": ds.attrs.get("device_name", ""),
         "batch_size": best,
         "learning_rate": float(ds["best_lr"].sel(batch_size=best)),
+        "indistinguishable": [int(b) for b in ds["batch_size"].values[ds["indistinguishable"].values.astype(bool)]],
+        "tolerance": float(ds.attrs.get("tolerance", math.nan)),
         "predicted_b_opt": float(ds["b_opt"]),
-        "b_opt_ci": [float(x) for x in ds["b_opt_ci"].values] if "b_opt_ci" in ds else None,
-        "predicted_time_to_target_s": float(ds["t_predicted"].sel(batch_size=best)),
-        "measured_time_to_target_s": at,
-        "training_time_to_target_s": float(ds["time_to_target_measured"].sel(batch_size=best)),
+        "b_opt_ci": [float(x) for x in ds["b_opt_ci"].values],
+        "time_from_profile_s": at,
+        "time_from_profile_ci": [low, high],
+        "time_from_fit_s": float(ds["time_from_fit"].sel(batch_size=best)),
+        "training_time_to_target_s": float(ds["training_time_to_target"].sel(batch_size=best)),
         "steps_to_target": float(ds["k"].sel(batch_size=best)),
+        "largest_feasible_batch_size": int(ds["largest_feasible_batch_size"]),
         "smallest_batch_size": smallest,
         "smallest_slowdown": slowdown(smallest),
         "largest_batch_size": largest,
         "largest_slowdown": slowdown(largest),
+        "diagnostics": json.loads(ds.attrs.get("diagnostics", "[]")),
     }
 
 
-def _slowdown(ratio: float) -> str:
+def _slowdown(b: int, ratio: float, best: int) -> str:
+    if b == best:
+        return f"B = {b} is the recommended size"
     # inf: that batch size never reached the target (diverged, out of memory or censored at every lr)
-    return f"{ratio:.2f}x" if math.isfinite(ratio) else "never reached the target (see the report's failed points)"
+    if not math.isfinite(ratio):
+        return f"B = {b} never reached the target (see the report's failed points)"
+    return f"B = {b} takes {ratio:.2f}x as long"
 
 
-def format_line(row: dict[str, Any]) -> str:
-    return (
-        f"{row['workload']} on {row['device']} ({row['device_name']}): batch size {row['batch_size']} at learning "
-        f"rate {row['learning_rate']:g} (predicted b_opt {row['predicted_b_opt']:.0f}); time to target "
-        f"{row['measured_time_to_target_s']:.3g} s measured, {row['predicted_time_to_target_s']:.3g} s predicted; "
-        f"B = {row['smallest_batch_size']}: {_slowdown(row['smallest_slowdown'])} slower, "
-        f"B = {row['largest_batch_size']}: {_slowdown(row['largest_slowdown'])}"
-    )
+def format_row(row: dict[str, Any]) -> str:
+    best = row["batch_size"]
+    same = ", ".join(map(str, row["indistinguishable"]))
+    low, high = row["b_opt_ci"]
+    t_low, t_high = row["time_from_profile_ci"]
+    label = "" if row.get("current", True) else " [not the current config's]"
+    lines = [
+        f"{row['workload']} on {row['device']} ({row['device_name']}), config {row['config_hash']}{label}:",
+        f"  batch size {best} at learning rate {row['learning_rate']:g}; as fast within "
+        f"{100 * row['tolerance']:.0f}% (bootstrap over seeds and profiling rounds): B = {same}",
+        f"  predicted b_opt {row['predicted_b_opt']:.0f} (95% interval {low:.0f} to {high:.0f}); largest feasible "
+        f"B {row['largest_feasible_batch_size']}",
+        f"  time to target at B = {best}: {row['time_from_profile_s']:.3g} s from the profile (K x T_iter, 95% "
+        f"interval {t_low:.3g} to {t_high:.3g}; batch sizes are ranked by this), {row['time_from_fit_s']:.3g} s from "
+        f"the fit, {row['training_time_to_target_s']:.3g} s measured in training (the runs' clock, evaluations "
+        "included: what your run would take)",
+        f"  {_slowdown(row['smallest_batch_size'], row['smallest_slowdown'], best)}; "
+        f"{_slowdown(row['largest_batch_size'], row['largest_slowdown'], best)} (from the profile)",
+    ]
+    lines += [f"  warning: {note}" for note in row["diagnostics"]]
+    return "\n".join(lines)
 
 
-def main(results: str, as_json: bool) -> str:
-    rows = recommendations(results)
-    if as_json:  # strict JSON has no Infinity/NaN: a batch size that never reached the target is null
-        clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
-        return json.dumps(clean, indent=2)
-    return "\n".join(format_line(row) for row in rows)
+def _strict(value: Any) -> Any:
+    """Strict JSON has no Infinity/NaN: a batch size that never reached the target, a missing bound, is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
+
+
+def main(results: str, config_file: str | None, everything: bool, as_json: bool) -> str:
+    config = cfg.load(config_file) if config_file is not None else None
+    rows = recommendations(results, config, str(config_file), everything)
+    if as_json:
+        return json.dumps(_strict(rows), indent=2, allow_nan=False)
+    return "\n".join(format_row(row) for row in rows)

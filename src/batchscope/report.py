@@ -19,8 +19,8 @@ import seaborn as sns
 import xarray as xr
 
 from batchscope.faults import kill_point
-from batchscope.io import atomic_write, read_netcdf
-from batchscope.recommend import REQUIRED, recommend_row
+from batchscope.io import CacheError, atomic_write, read_netcdf
+from batchscope.recommend import LABELS, REQUIRED, recommend_row
 
 
 def load_fits(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
@@ -48,8 +48,8 @@ def plot_step_time(ds: xr.Dataset) -> plt.Figure:
     """T_iter(B) with the fit tau_f + tau_d B, and the fit's relative residuals."""
     fig, (ax, res) = plt.subplots(2, 1, figsize=(6, 5), sharex=True, height_ratios=[3, 1])
     b = ds["profile_batch_size"].values
-    reps = ds["profile_t_iter"].to_dataframe().reset_index()
-    reps["t_iter_ms"] = 1e3 * reps["profile_t_iter"]
+    reps = ds["profile_t_iter_round"].to_dataframe().reset_index()  # one point per interleaved round
+    reps["t_iter_ms"] = 1e3 * reps["profile_t_iter_round"]
     sns.stripplot(
         data=reps,
         x="profile_batch_size",
@@ -61,7 +61,7 @@ def plot_step_time(ds: xr.Dataset) -> plt.Figure:
         size=3,
         jitter=False,
     )
-    ax.plot(b, 1e3 * ds["profile_t_iter_median"].values, "o", color="C0", label="median")
+    ax.plot(b, 1e3 * ds["profile_t_iter_median"].values, "o", color="C0", label="median over rounds (dots: rounds)")
     grid = np.geomspace(b.min(), b.max(), 200)
     tau_f, tau_d = float(ds["tau_f"]), float(ds["tau_d"])
     ax.plot(
@@ -199,32 +199,28 @@ def failures(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
 
 
 def plot_total_time(ds: xr.Dataset) -> plt.Figure:
-    """T(B) = K(B) T_iter(B): measured on the grid, predicted by the model, with b_opt and the argmin."""
+    """T(B) = K(B) T_iter(B) from the profile with its bootstrap interval, the runs' own clock, the fitted model,
+    b_opt, and the batch sizes indistinguishable from the fastest."""
     fig, ax = plt.subplots(figsize=(9.0, 4.2))  # wider than the others: the legend sits right of the axes
     b = ds["batch_size"].values
-    ax.plot(b, ds["t_empirical"].values, "o", color="C0", label="K(B) x T_iter(B) (measured)")
-    ax.plot(
-        b,
-        ds["time_to_target_measured"].values,
-        "^",
-        color="C2",
-        alpha=0.7,
-        label="training time to target (from the runs)",
-    )
+    t = ds["time_from_profile"].values
+    low, high = ds["time_from_profile_ci"].sel(bound="low").values, ds["time_from_profile_ci"].sel(bound="high").values
+    ax.errorbar(b, t, yerr=[np.clip(t - low, 0, None), np.clip(high - t, 0, None)], fmt="o", color="C0", capsize=3,
+                label="from the profile: K(B) x T_iter(B), 95% interval")  # fmt: skip
+    ax.plot(b, ds["training_time_to_target"].values, "^", color="C2", alpha=0.7,
+            label="measured in training (the runs' clock, evaluations included)")  # fmt: skip
     grid = np.geomspace(b.min(), b.max(), 200)
     pred = (float(ds["n_iter"]) + float(ds["c_var"]) / grid) * (float(ds["tau_f"]) + float(ds["tau_d"]) * grid)
-    ax.plot(grid, pred, color="C1", label="(N_iter + C_var/B)(tau_f + tau_d B)")
+    ax.plot(grid, pred, color="C1", label="from the fit: (N_iter + C_var/B)(tau_f + tau_d B)")
     _mark_b_opt(ax, ds)
-    best = int(ds["measured_best_batch_size"])
+    same = ds["indistinguishable"].values.astype(bool)
+    if same.any():
+        ax.plot(b[same], t[same], "o", ms=13, mfc="none", color="red", lw=0,
+                label=f"as fast within {100 * ds.attrs.get('tolerance', 0):.0f}% (bootstrap)")  # fmt: skip
+    best = int(ds["fastest_batch_size"])
     if best > 0:
-        ax.plot(
-            [best],
-            [float(ds["t_empirical"].sel(batch_size=best))],
-            "*",
-            color="red",
-            ms=14,
-            label=f"measured best B = {best}",
-        )
+        ax.plot([best], [float(ds["time_from_profile"].sel(batch_size=best))], "*", color="red", ms=14,
+                label=f"recommended B = {best} (fastest from the profile)")  # fmt: skip
     _log2_axis(ax)
     ax.set_yscale("log")
     ax.set_xlabel("batch size B")
@@ -550,47 +546,75 @@ FIGURES = {
 
 
 def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
-    """The recommendation table: one row per workload (:func:`batchscope.recommend.recommend_row` plus the fit)."""
+    """The recommendation table: one row per workload, the numbers of :func:`batchscope.recommend.recommend_row`
+    under the names ``recommend`` prints them with (:data:`batchscope.recommend.LABELS`), then the fit."""
     rows = []
     for name, ds in fits.items():
         row = recommend_row(ds, name)
-        b_low, b_high = ds["b_opt_ci"].values
+        b_low, b_high = row["b_opt_ci"]
+        shown = {LABELS[key]: row[key] for key in LABELS if key not in ("indistinguishable", "config_hash")}
+        shown[LABELS["workload"]] = name
+        shown[LABELS["indistinguishable"]] = ", ".join(map(str, row["indistinguishable"]))
         rows.append(
             {
-                "workload": name,
-                "device": row["device_name"],
+                **shown,
+                "b_opt 95% interval": f"{b_low:.0f} to {b_high:.0f}",
                 "data path": ds.attrs.get("data_path", "device")
                 + (f", {ds.attrs['precision']}" if ds.attrs.get("precision", "fp32") != "fp32" else "")
                 + (", compiled" if ds.attrs.get("compiled") else ""),
-                "predicted b_opt": row["predicted_b_opt"],
-                "b_opt 95% CI": f"{b_low:.0f} to {b_high:.0f}",
-                "measured best B": row["batch_size"],
-                "largest feasible B": int(ds["largest_feasible_batch_size"])
-                if "largest_feasible_batch_size" in ds
-                else None,
-                "predicted T(b_opt) (s)": float(ds["t_at_b_opt"]),
-                "measured T(best B) (s)": row["measured_time_to_target_s"],
                 "B_crit": float(ds["b_crit"]),
                 "N_iter": float(ds["n_iter"]),
                 "tau_f (ms)": 1e3 * float(ds["tau_f"]),
                 "tau_d (us)": 1e6 * float(ds["tau_d"]),
                 "R^2 T_iter": float(ds["t_iter_r2"]),
                 "R^2 K": float(ds["k_r2"]),
+                LABELS["config_hash"]: row["config_hash"],
             }
         )
     return pd.DataFrame(rows)
 
 
+def diagnostics(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
+    """Every warning of every fit (:func:`batchscope.fit.diagnose`), the same lines ``recommend`` prints."""
+    rows = [{"workload": name, "warning": note} for name, ds in fits.items()
+            for note in recommend_row(ds)["diagnostics"]]  # fmt: skip
+    return pd.DataFrame(rows, columns=["workload", "warning"])
+
+
 def recommendation(ds: xr.Dataset) -> str:
-    """One sentence: on <device>, for <workload>: predicted b_opt, measured best B, time to target at each."""
+    """One paragraph: the recommended batch size, the ones as fast, b_opt, and the three times to target."""
     row = recommend_row(ds)
+    low, high = row["b_opt_ci"]
     return (
-        f"On {row['device']} ({row['device_name']}), for {row['workload']}: predicted b_opt = "
-        f"{row['predicted_b_opt']:.0f} (95% CI {ds['b_opt_ci'].values[0]:.0f} to {ds['b_opt_ci'].values[1]:.0f}), "
-        f"time to target {float(ds['t_at_b_opt']):.3g} s predicted there; measured best B = {row['batch_size']} on "
-        f"the grid, time to target {row['measured_time_to_target_s']:.3g} s (K = {row['steps_to_target']:.0f} "
-        f"steps at lr {row['learning_rate']:g})."
+        f"On {row['device']} ({row['device_name']}), for {row['workload']}: batch size {row['batch_size']} at "
+        f"learning rate {row['learning_rate']:g} (K = {row['steps_to_target']:.0f} steps); as fast within "
+        f"{100 * row['tolerance']:.0f}%: B = {', '.join(map(str, row['indistinguishable']))}. Predicted b_opt = "
+        f"{row['predicted_b_opt']:.0f} (95% interval {low:.0f} to {high:.0f}). Time to target at B = "
+        f"{row['batch_size']}: {row['time_from_profile_s']:.3g} s from the profile (K x T_iter; batch sizes are "
+        f"ranked by this), {row['time_from_fit_s']:.3g} s from the fit, {row['training_time_to_target_s']:.3g} s "
+        "measured in training (the runs' clock, evaluations included: what your run would take)."
     )
+
+
+# The stages that analyse (rather than produce the answer): the issue's budget is their share of the compute.
+ANALYSIS_RULES = ("analyze_hessian", "aggregate_hessian", "measure_gradient_noise", "measure_jensen_bias",
+                  "measure_jensen_linreg", "edge_of_stability", "ghost_variance", "analyze_ghost_hessian")  # fmt: skip
+
+
+def stage_costs(benchmarks: dict[str, Sequence[str | Path]]) -> pd.DataFrame:
+    """Each stage's jobs, wall seconds and share of the study's job time, from Snakemake's benchmark files
+    (``{rule: [files]}``; the ``s`` column is a job's wall-clock seconds). A missing file (a job run with
+    --touch, or by hand) counts as unknown, not as zero."""
+    rows = []
+    for rule, paths in benchmarks.items():
+        seconds = [float(pd.read_csv(p, sep="\t")["s"].iloc[-1]) if Path(p).is_file() else math.nan for p in paths]
+        rows.append({"stage": rule, "kind": "analysis" if rule in ANALYSIS_RULES else "answer",
+                     "jobs": len(paths), "seconds": float(np.nansum(seconds)),
+                     "unknown": int(np.isnan(seconds).sum())})  # fmt: skip
+    table = pd.DataFrame(rows, columns=["stage", "kind", "jobs", "seconds", "unknown"])
+    total = table["seconds"].sum()
+    table["share"] = table["seconds"] / total if total > 0 else math.nan
+    return table
 
 
 def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str) -> Path:
@@ -619,7 +643,7 @@ def load_hessian(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
 
 
 # what each input of the report must be: the stage that writes it and variables the notebook reads
-FIT_VARIABLES = (*REQUIRED, "b_opt_ci", "tau_f", "tau_d", "n_iter", "c_var", "b_crit", "t_iter_r2", "steps_to_target")
+FIT_VARIABLES = (*REQUIRED, "tau_f", "tau_d", "n_iter", "c_var", "b_crit", "t_iter_r2", "steps_to_target")
 REPORT_INPUTS = {
     "hessian": ("aggregate_hessian", ("lambda_max",)),
     "stability": ("edge_of_stability", ("lambda_max", "loss")),
@@ -633,7 +657,12 @@ def check_inputs(fit_paths, hessian_paths=(), stability_paths=(), ghost_paths=()
     version, missing a variable, or, for the fits, computed for another config than ``expect`` says."""
     fit_hashes = (expect or {}).get("fit_scaling", {})
     for path in fit_paths:
-        read_netcdf(path, "fit_scaling", FIT_VARIABLES, fit_hashes.get(Path(path).stem))
+        ds = read_netcdf(path, "fit_scaling", FIT_VARIABLES)
+        workload = ds.attrs.get("workload")
+        if expect is not None and workload not in fit_hashes:
+            raise CacheError(f"{path}: a fit of workload {workload!r}, which is not in this study "
+                             f"({', '.join(sorted(fit_hashes))}); delete it or run its config")  # fmt: skip
+        read_netcdf(path, "fit_scaling", (), fit_hashes.get(workload))
     for kind, paths in (("hessian", hessian_paths), ("stability", stability_paths), ("ghost", ghost_paths)):
         stage, variables = REPORT_INPUTS[kind]
         for path in paths:
@@ -657,6 +686,7 @@ def render(
     ghost_paths: Sequence[str] = (),
     noise_paths: Sequence[str] = (),
     expect: dict | None = None,
+    benchmarks: dict[str, list[str]] | None = None,
 ) -> Path:
     """Execute the report notebook on ``fit_paths`` (and Hessian aggregates) and write HTML, code hidden.
 
@@ -679,6 +709,9 @@ def render(
             "stability_files": [str(Path(p).resolve()) for p in stability_paths],
             "ghost_files": [str(Path(p).resolve()) for p in ghost_paths],
             "noise_files": [str(Path(p).resolve()) for p in noise_paths],
+            "benchmark_files": {
+                rule: [str(Path(p).resolve()) for p in paths] for rule, paths in (benchmarks or {}).items()
+            },
             "figures_dir": str(Path(figures_dir).resolve()),
         },
         progress_bar=False,

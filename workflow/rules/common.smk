@@ -39,6 +39,7 @@ WORKLOADS = sorted(config["workloads"])
 BATCH_SIZES = sorted(config["grid"]["batch_sizes"])
 PROFILE_BATCH_SIZES = bs_config.profile_batch_sizes(config)
 SEEDS = sorted(config["grid"]["seeds"])
+PROFILE_FILE = "results/profile/{workload}/B{batch_size}.nc"
 REPORT_NOTEBOOK = os.path.join(workflow.basedir, "workflow", "notebooks", "report.ipynb")
 REPORT_TEMPLATE = os.path.join(workflow.basedir, "workflow", "notebooks", "templates", "offline", "index.html.j2")
 
@@ -92,7 +93,7 @@ def learning_rates(wildcards):
 
 
 def profile_files(wildcards):
-    return expand(rules.profile_hardware.output[0], workload=wildcards.workload, batch_size=PROFILE_BATCH_SIZES)
+    return expand(PROFILE_FILE, workload=wildcards.workload, batch_size=PROFILE_BATCH_SIZES)
 
 
 def hessian_dirs(wildcards):
@@ -174,7 +175,7 @@ def ghost_summary_inputs(wildcards):
     inputs = {
         "base_runs": expand(rules.train_model.output[0], workload=w, batch_size=sorted({small, big}), seed=SEEDS),
         "ghost_runs": expand(rules.train_ghost.output[0], workload=w, ghost=sizes, seed=SEEDS),
-        "base_profile": expand(rules.profile_hardware.output[0], workload=w, batch_size=big),
+        "base_profile": expand(PROFILE_FILE, workload=w, batch_size=big),
         "ghost_profiles": expand(rules.profile_ghost.output[0], workload=w, ghost=sizes),
         "variance": rules.ghost_variance.output[0].format(workload=w),
         "base_hessian": [],
@@ -203,3 +204,40 @@ def ghost_summaries(wildcards):
 
 def train_dirs(wildcards):
     return expand(rules.train_model.output[0], workload=wildcards.workload, batch_size=BATCH_SIZES, seed=SEEDS)
+
+
+def job_benchmarks(wildcards):
+    """{rule: benchmark files} of every job the report summarises: the report states each stage's share of the
+    study's compute from Snakemake's own benchmark files (declared here, so none of another study is read)."""
+    w = WORKLOADS
+    jobs = {
+        "prepare_data": expand(rules.prepare_data.benchmark, workload=w),
+        "profile_hardware": expand(rules.profile_hardware.benchmark, workload=w),
+        "train_model": expand(rules.train_model.benchmark, workload=w, batch_size=BATCH_SIZES, seed=SEEDS),
+        "fit_scaling": expand(rules.fit_scaling.benchmark, workload=w),
+    }
+    if config["hessian"]["enabled"]:
+        jobs["analyze_hessian"] = expand(rules.analyze_hessian.benchmark, workload=w, seed=SEEDS)
+        jobs["aggregate_hessian"] = expand(rules.aggregate_hessian.benchmark, workload=w)
+    if config["noise"]["enabled"]:
+        jobs["measure_gradient_noise"] = expand(rules.measure_gradient_noise.benchmark, workload=w)
+        jobs["measure_jensen_bias"] = expand(rules.measure_jensen_bias.benchmark, workload=w)
+        jobs["measure_jensen_linreg"] = [rules.measure_jensen_linreg.benchmark]
+    eos = config["edge_of_stability"]
+    if eos["enabled"]:
+        sizes = [bs_config.format_lr(eta) for eta in eos["step_sizes"]]
+        jobs["edge_of_stability"] = expand(rules.edge_of_stability.benchmark, workload=eos["workload"], step_size=sizes)
+    if GHOST["enabled"]:
+        g, sizes = GHOST["workload"], GHOST["ghost_sizes"]
+        jobs["train_ghost"] = expand(rules.train_ghost.benchmark, workload=g, ghost=sizes, seed=SEEDS)
+        jobs["profile_ghost"] = expand(rules.profile_ghost.benchmark, workload=g, ghost=sizes)
+        jobs["ghost_variance"] = expand(rules.ghost_variance.benchmark, workload=g)
+        jobs["summarize_ghost"] = expand(rules.summarize_ghost.benchmark, workload=g)
+        if config["hessian"]["enabled"]:
+            jobs["analyze_ghost_hessian"] = expand(rules.analyze_ghost_hessian.benchmark, workload=g, ghost=sizes, seed=SEEDS)
+    return jobs
+
+
+def benchmark_pairs(jobs):
+    """RULE=FILE arguments for the report, from the mapping above (the rule comes from it, not from the path)."""
+    return " ".join(f"{rule}={path}" for rule, paths in jobs.items() for path in paths)

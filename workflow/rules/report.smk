@@ -5,6 +5,7 @@ rule render_report:
         stability=stability_files,
         ghost=ghost_summaries,
         noise=noise_outputs,
+        benchmarks=lambda w: [path for paths in job_benchmarks(w).values() for path in paths],
         notebook=REPORT_NOTEBOOK,
         template=REPORT_TEMPLATE,
     output:
@@ -24,6 +25,7 @@ rule render_report:
         "../envs/batchscope.yaml"
     params:
         version=ALGORITHM_VERSIONS["render_report"],
+        benchmarks=lambda w: benchmark_pairs(job_benchmarks(w)),
         expect=json.dumps(
             {"fit_scaling": {w: bs_config.config_hash(bs_config.fit_slice(config, w)) for w in WORKLOADS}},
             sort_keys=True,
@@ -31,5 +33,5 @@ rule render_report:
     shell:
         "python -m batchscope report --fits {input.fits} --hessian {input.hessian} --expect {params.expect:q}"
         " --edge-of-stability {input.stability} --ghost {input.ghost} --noise {input.noise}"
-        " --notebook {input.notebook}"
+        " --benchmarks {params.benchmarks} --notebook {input.notebook}"
         " --out {output.html} --figures {output.figures} > {log} 2>&1"
