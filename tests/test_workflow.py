@@ -48,7 +48,10 @@ def test_report_has_embedded_figures_and_names_b_opt(study):
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]{1000,})"', html)
     # per workload five scaling, three Hessian and two noise figures; edge of stability; two Ghost; Jensen
     assert len(images) == 2 * (5 + 3 + 2) + 1 + 2 + 1
-    assert "predicted b_opt" in html and "measured best B" in html
+    assert "predicted b_opt" in html and "recommended B" in html and "as fast within" in html
+    # the three times, named for where they come from, and each stage's share of the compute
+    assert "from the profile" in html and "from the fit" in html and "measured in training" in html
+    assert "What the study cost" in html and re.search(r"analyses \d+% of it", html)
     assert "larger batch -&gt; sharper minimum" in html and "Dinh et al. 2017" in html
     assert "Edge of stability" in html and "eta = 0.5" in html
     assert "Ghost Batch Normalization" in html and "GBN 16, B = 256" in html
@@ -114,7 +117,8 @@ def ghost_jobs(rule, seeds):
 def test_adding_a_batch_size_schedules_only_that_size(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["grid"]["batch_sizes"].append(32))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
-    profiles = {("profile_hardware", f"workload={w}, batch_size=32") for w in WORKLOADS}
+    # profiling times every size of a workload in interleaved rounds: the workload is reprofiled
+    profiles = {("profile_hardware", f"workload={w}") for w in WORKLOADS}
     training = {("train_model", f"workload={w}, batch_size=32, seed={s}") for w in WORKLOADS for s in SEEDS}
     # the Hessian stage runs one job per (workload, seed): a new batch size reanalyses each of them, and the
     # Ghost summary reads the base workload's Hessian results; the variance law takes in the new size
@@ -161,7 +165,7 @@ def test_algorithm_version_bump_reruns_that_stage(study, repo, venv_env, tmp_pat
     copy = tmp_path / "lib"
     shutil.copytree(repo / "src", copy)
     init = copy / "batchscope/__init__.py"
-    init.write_text(init.read_text().replace('"fit_scaling": 1', '"fit_scaling": 2'))
+    init.write_text(re.sub(r'"fit_scaling": \d+', '"fit_scaling": 99', init.read_text()))
     env = dict(venv_env, PYTHONPATH=str(copy))
     jobs = scheduled(snakemake(repo, study, "-n", env=env))
     assert jobs == FITS | REPORT
@@ -254,3 +258,32 @@ def test_noise_results(study):
             assert first.attrs["method"] == "per-example (linear)" and float(first["b_simple"]) > 0
     linreg = read_netcdf(study / "results/jensen/linreg.nc")
     assert np.all(np.abs(linreg["relative_bias"] - linreg["analytic"]) < 4 * linreg["relative_bias_se"])
+
+
+def test_recommend_reads_the_studys_fits_and_agrees_with_the_report(study, repo, tmp_path, capsys):
+    """recommend --configfile reads the config's workloads only; a fit of another study is listed by --all,
+    labelled, and a fit of the same workload made with another config is refused by name."""
+    import json
+
+    from batchscope import cli
+
+    results = tmp_path / "results"
+    shutil.copytree(study / "results/fit", results / "fit")
+    stray = read_netcdf(results / "fit/tiny_mlp.nc")
+    stray.attrs.update(workload="other_study", config_hash="0123456789abcdef")
+    from batchscope.io import write_netcdf
+
+    write_netcdf(stray, results / "fit/other_study.nc")
+    assert cli.main(["recommend", str(results), "--configfile", str(repo / TINY), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["workload"] for r in rows] == ["tiny_cnn", "tiny_mlp"]
+    html = (study / "results/report/report.html").read_text()
+    for row in rows:  # the report's summary shows the same recommendation
+        sentence = f"for {row['workload']}: batch size {row['batch_size']} at learning rate {row['learning_rate']:g}"
+        assert sentence in html
+    assert cli.main(["recommend", str(results), "--configfile", str(repo / TINY), "--all", "--json"]) == 0
+    listed = {r["workload"]: r["current"] for r in json.loads(capsys.readouterr().out)}
+    assert listed == {"tiny_cnn": True, "tiny_mlp": True, "other_study": False}
+    changed = variant(repo, tmp_path, lambda c: c["fit"].update(bootstrap=41))
+    with pytest.raises(SystemExit, match=r"tiny_cnn.nc: computed for another config"):
+        cli.main(["recommend", str(results), "--configfile", str(changed)])

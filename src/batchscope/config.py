@@ -246,7 +246,7 @@ def _check_target(where: str, wl: dict[str, Any], regression: bool) -> None:
 # The Hessian stage's evaluation set when hessian.eval_size is null: at most this many training examples, so
 # the analysis costs the same on a 1,000- and a 1,000,000-example data set (a user's 16,000-example MLP spent
 # 15x a training job per analyze_hessian job on the whole set).
-AUTO_EVAL_SIZE = 1024
+AUTO_EVAL_SIZE = 512
 
 
 def static_train_sizes(config: dict[str, Any]) -> dict[str, int]:

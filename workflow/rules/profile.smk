@@ -11,7 +11,7 @@ rule profile_hardware:
         "results/benchmarks/profile_hardware/{workload}.tsv"
     conda:
         "../envs/batchscope.yaml"
-    threads: config["threads"]
+    threads: PROFILE_THREADS
     resources:
         gpu=GPU,
         mem_mb=4000,
