@@ -53,6 +53,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	python benchmarks/pipeline.py
+	python benchmarks/stability.py
 	python benchmarks/hessian.py
 	python benchmarks/ghostbn.py
 	python benchmarks/noise.py

@@ -95,7 +95,8 @@ def test_validate_and_the_workflow_refuse_the_same_sizes(clone, venv_env, tmp_pa
     gpu = yaml.safe_load((clone / "config/gpu.yaml").read_text())
     gpu["workloads"]["cifar_resnet20"]["dataset"]["data_dir"] = str(small)
     gpu["profile"]["extra_batch_sizes"] = []
-    gpu["grid"]["batch_sizes"] = [32, 64]
+    gpu["grid"]["batch_sizes"] = [32, 64, 128]
+    gpu["ghost"]["enabled"] = False  # its physical batch (2048) is not on this smaller grid
     path = tmp_path / "small_cifar.yaml"
     path.write_text(yaml.safe_dump(gpu))
     message = "hessian.eval_size: 2048 exceeds the 1500 training examples of workload 'cifar_resnet20'"

@@ -33,9 +33,11 @@ def test_defaults_are_filled_in():
     assert config["profile"] == {
         "extra_batch_sizes": [],
         "warmup": 50,
-        "repeats": 20,
+        "rounds": 6,
+        "repeats": 3,
         "min_repeat_time": 0.02,
     }
+    assert config["fit"] == {"bootstrap": 300, "seed": 0, "tolerance": 0.05}
     wl = config["workloads"]["w"]
     assert wl["dataset"] == {"name": "digits", "val_fraction": 0.2, "seed": 0}
     assert wl["model"] == {"name": "mlp", "widths": [128], "norm": "none"}
@@ -88,7 +90,8 @@ MALFORMED = [
     ("grid.batch_sizes", [8, "64"], "grid.batch_sizes.1: '64'"),
     ("grid.seeds", [0, 0], "grid.seeds: [0, 0]"),
     ("grid.color", "red", "grid.color: unknown key 'color'"),
-    ("profile", {"repeats": 1}, "profile.repeats: 1"),
+    ("profile", {"repeats": 0}, "profile.repeats: 0"),
+    ("profile", {"rounds": 2}, "profile.rounds: 2"),
     ("workloads.w.dataset", {"name": "imagenet"}, "workloads.w.dataset.name: 'imagenet'"),
     ("workloads.w.model", {"name": "transformer"}, "workloads.w.model.name: 'transformer'"),
     ("workloads.w.learning_rates", [0.1, 0.0], "workloads.w.learning_rates.1: 0.0"),

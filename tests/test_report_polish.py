@@ -13,6 +13,7 @@ from matplotlib.colors import to_rgb  # noqa: E402
 
 from batchscope import fit, report  # noqa: E402
 from batchscope.io import write_netcdf  # noqa: E402
+from tests.test_fit import profile_dataset  # noqa: E402
 
 BATCH_SIZES = [8, 16, 32, 64, 128, 256, 512]
 LR_FACTORS = (0.3, 1.0, 3.0)  # the lr grid at B is base_lr(B) x these: a different set of values at every B
@@ -53,12 +54,8 @@ def scaled_fit(tmp_path_factory) -> xr.Dataset:
     rng = np.random.default_rng(5)
     profiles, run_dirs = [], []
     for b in BATCH_SIZES:
-        times = (TAU_F + TAU_D * b) * (1 + 0.01 * rng.standard_normal(9))
-        prof = xr.Dataset(
-            {"t_iter": ("repeat", times), "t_iter_median": ((), np.median(times)), "feasible": ((), True)},
-            attrs={"batch_size": b, "device_name": "synthetic", "device_type": "cpu"},
-        )
-        profiles.append(write_netcdf(prof, tmp / "profile" / f"B{b}.nc"))
+        times = (TAU_F + TAU_D * b) * (1 + 0.01 * rng.standard_normal((3, 3)))
+        profiles.append(write_netcdf(profile_dataset(b, times), tmp / "profile" / f"B{b}.nc"))
         run_dir = tmp / "train" / f"B{b}"
         for factor, slowdown in zip(LR_FACTORS, (1.8, 1.0, 1.3), strict=True):
             lr = round(_base_lr(b) * factor, 6)
@@ -68,7 +65,7 @@ def scaled_fit(tmp_path_factory) -> xr.Dataset:
                            censored=(b == 8 and factor == 0.3 and seed == 1))  # fmt: skip
                 write_netcdf(run, run_dir / f"lr{lr}_seed{seed}.nc")
         run_dirs.append(run_dir)
-    spec = {"fit": {"bootstrap": 50, "seed": 0}, "target": {"metric": "val_accuracy", "value": 0.9}}
+    spec = {"fit": {"bootstrap": 50, "seed": 0, "tolerance": 0.05}, "target": {"metric": "val_accuracy", "value": 0.9}}
     return fit.fit_scaling(profiles, run_dirs, spec, "synthetic")
 
 
@@ -149,10 +146,13 @@ def _crowded_fit() -> xr.Dataset:
     b = 2 ** np.arange(1, 13)
     n_iter, c_var, tau_f, tau_d = 300.0, 300.0, 1e-3, 1e-8
     pred = (n_iter + c_var / b) * (tau_f + tau_d * b)
+    from_profile = pred * np.exp(np.resize([0.45, -0.45, 0.15, -0.15], b.size))
     ds = xr.Dataset(
         {
-            "t_empirical": ("batch_size", pred * np.exp(np.resize([0.45, -0.45, 0.15, -0.15], b.size))),
-            "time_to_target_measured": ("batch_size", pred * np.exp(np.resize([-0.3, 0.3, 0.0, 0.5], b.size))),
+            "time_from_profile": ("batch_size", from_profile),
+            "time_from_profile_ci": (("batch_size", "bound"), np.outer(from_profile, [0.9, 1.1])),
+            "training_time_to_target": ("batch_size", pred * np.exp(np.resize([-0.3, 0.3, 0.0, 0.5], b.size))),
+            "indistinguishable": ("batch_size", from_profile <= 1.05 * from_profile.min()),
             "n_iter": ((), n_iter),
             "c_var": ((), c_var),
             "tau_f": ((), tau_f),
@@ -161,9 +161,9 @@ def _crowded_fit() -> xr.Dataset:
             "b_opt_ci": ("bound", [150.0, 400.0]),
         },
         coords={"batch_size": b, "bound": ["low", "high"]},
-        attrs={"workload": "crowded"},
+        attrs={"workload": "crowded", "tolerance": 0.05},
     )
-    ds["measured_best_batch_size"] = ((), int(b[np.argmin(ds["t_empirical"].values)]))
+    ds["fastest_batch_size"] = ((), int(b[np.argmin(from_profile)]))
     return ds
 
 

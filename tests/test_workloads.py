@@ -217,7 +217,8 @@ def test_the_example_factories_run_through_the_whole_workflow(repo, venv_env, tm
     assert np.isfinite(read_netcdf(results / "fit" / "spirals.nc")["k"].values).all()
     html = (results / "report" / "report.html").read_text()
     assert "spirals_streamed" in html and "stream" in html
-    out = subprocess.run([sys.executable, "-m", "batchscope", "recommend", str(results), "--json"],
+    out = subprocess.run([sys.executable, "-m", "batchscope", "recommend", str(results), "--json", "--configfile",
+                          str(repo / "examples/own_workload/config.yaml")],
                          capture_output=True, text=True, env=env, check=True)  # fmt: skip
     rows = json.loads(out.stdout)
     assert {row["workload"] for row in rows} == {"spirals", "spirals_streamed"}
