@@ -12,7 +12,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # jobs call `python -m batchscope`: put the venv first on PATH
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test lint format bench clean
+BENCH_VENV := benchmarks/.venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+.PHONY: install run test lint format bench bench-env clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,10 +54,24 @@ format: $(STAMP)
 	ruff format .
 	snakefmt Snakefile workflow/rules
 
-bench: $(STAMP)
+# The Hessian benchmark compares with PyHessian and curvlinops: they go into benchmarks/.venv, which sees the
+# project's venv (a .pth line) and adds them without dependencies (curvlinops' would replace the CPU torch);
+# nothing is installed into the project's environment.
+$(BENCH_STAMP): $(STAMP)
+	test -x $(BENCH_VENV)/bin/python || $(BIN)/python -m venv $(BENCH_VENV)
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_path('purelib'))" > \
+		"$$($(BENCH_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")/project-venv.pth"
+	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps -e . pyhessian==0.1 \
+		curvlinops-for-pytorch==3.0.1 backpack-for-pytorch einconv linear_operator jaxtyping wadler_lindig einops \
+		opt-einsum unfoldNd
+	touch $@
+
+bench-env: $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
 	python benchmarks/pipeline.py
 	python benchmarks/stability.py
-	python benchmarks/hessian.py
+	$(BENCH_VENV)/bin/python benchmarks/hessian.py
 	python benchmarks/ghostbn.py
 	python benchmarks/noise.py
 

@@ -201,3 +201,24 @@ def test_gradient_and_loss_match_autograd():
     expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert torch.allclose(op.gradient(), expected, rtol=1e-10)
     assert math.isclose(op.loss_value(), float(loss.detach()), rel_tol=1e-12)
+
+
+def test_a_second_start_finds_the_eigenvalue_the_first_krylov_space_missed():
+    """A start vector orthogonal to the 5th eigenvector: its Lanczos run meets its own error bound with the 5th
+    eigenvalue missing (the 6th reported in its place), as a trained checkpoint once showed. A second start
+    finds it; merged, the top 5 equal the dense reference, and the flag says the starts disagreed."""
+    eigenvalues = np.array([10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0] + [0.1] * 40)
+    matrix = torch.diag(torch.tensor(eigenvalues, dtype=torch.float64))
+    matvec = hessian.dense_matvec(matrix)
+    blind = torch.ones(50, dtype=torch.float64)
+    blind[4] = 0.0  # no component along the eigenvector of 6
+    missed = hessian.lanczos(matvec, blind, 50, k=5, tol=1e-8)
+    assert missed.converged and 6.0 not in np.round(missed.ritz_values, 6)
+    other = hessian.lanczos(matvec, torch.randn(50, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+                            50, k=5, tol=1e-8)  # fmt: skip
+    merged = hessian.merge_starts([missed, other], 5, 1e-8)
+    np.testing.assert_allclose(merged.values, eigenvalues[:5], rtol=1e-8)
+    assert not merged.converged  # they disagreed at rank 5: said so, not hidden
+    assert merged.n_matvec == missed.n_matvec + other.n_matvec
+    agreed = hessian.merge_starts([other, other], 5, 1e-8)
+    assert agreed.converged

@@ -36,8 +36,16 @@ def test_report_renders_in_headless_chromium(tiny_study, artifacts):
     assert len(images) == expected_images >= 20
     assert all(image["ok"] and image["w"] > 0 and image["h"] > 0 and image["shown"] > 0 for image in images), images
     # the summary table, under recommend's names for the same numbers
-    for column in ("workload", "predicted b_opt", "recommended B", "as fast (within tolerance)", "data path",
-                   "time to target from the profile (s)", "time to target measured in training (s)", "stage"):
+    for column in (
+        "workload",
+        "predicted b_opt",
+        "recommended B",
+        "as fast (within tolerance)",
+        "data path",
+        "time to target from the profile (s)",
+        "time to target measured in training (s)",
+        "stage",
+    ):
         assert column in headers, headers  # fmt: skip
     assert title
     assert (artifacts / "report.png").stat().st_size > 50_000

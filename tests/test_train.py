@@ -203,3 +203,14 @@ def test_profile_interleaves_batch_sizes_so_drift_falls_on_all(monkeypatch):
     timed_part = order[-(n8 + n128) :]
     switches = sum(a != b for a, b in zip(timed_part, timed_part[1:], strict=False))
     assert switches >= 8
+
+
+@pytest.mark.parametrize("n", range(2, 10))
+def test_thinning_snapshots_keeps_the_initial_and_the_newest_state(n):
+    from batchscope.train import thin
+
+    kept = [(10 * i, f"state {i}") for i in range(n)]
+    thin(kept)
+    assert kept[0] == (0, "state 0") and kept[-1] == (10 * (n - 1), f"state {n - 1}")
+    assert len(kept) == (n + 1) // 2 + (n % 2 == 0)  # every other one between them
+    assert [step for step, _ in kept] == sorted({step for step, _ in kept})

@@ -256,7 +256,7 @@ def test_noise_results(study):
             assert np.isnan(float(first["b_simple"])) and first.attrs["method"].startswith("two-batch only")
         else:
             assert first.attrs["method"] == "per-example (linear)" and float(first["b_simple"]) > 0
-    linreg = read_netcdf(study / "results/jensen/linreg.nc")
+    linreg = read_netcdf(study / "results/jensen_linreg.nc")
     assert np.all(np.abs(linreg["relative_bias"] - linreg["analytic"]) < 4 * linreg["relative_bias_se"])
 
 
@@ -287,3 +287,14 @@ def test_recommend_reads_the_studys_fits_and_agrees_with_the_report(study, repo,
     changed = variant(repo, tmp_path, lambda c: c["fit"].update(bootstrap=41))
     with pytest.raises(SystemExit, match=r"tiny_cnn.nc: computed for another config"):
         cli.main(["recommend", str(results), "--configfile", str(changed)])
+
+
+def test_a_workload_named_like_an_experiment_has_its_own_files(repo, venv_env, tmp_path):
+    """Files are named so that no workload name can collide with another stage's file: a workload called
+    "linreg" gets results/jensen/linreg.nc while the linear-regression experiment writes results/jensen_linreg.nc."""
+    path = variant(repo, tmp_path, lambda c: c["workloads"].update(linreg=c["workloads"].pop("tiny_mlp"))
+                   or c["edge_of_stability"].update(workload="linreg"))  # fmt: skip
+    workdir = tmp_path / "named"
+    workdir.mkdir()
+    jobs = scheduled(snakemake(repo, workdir, "-n", env=venv_env, configfile=path))
+    assert ("measure_jensen_bias", "workload=linreg") in jobs and ("measure_jensen_linreg", "") in jobs

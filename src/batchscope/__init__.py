@@ -13,7 +13,7 @@ ALGORITHM_VERSIONS = {
     "profile_hardware": 2,
     "train_model": 1,
     "fit_scaling": 2,
-    "analyze_hessian": 2,
+    "analyze_hessian": 3,
     "aggregate_hessian": 1,
     "edge_of_stability": 2,
     "ghost_variance": 1,

@@ -280,12 +280,14 @@ def cmd_noise(args: argparse.Namespace) -> None:
     for i, snapshot in enumerate(progress(saved["snapshots"], desc="snapshots")):
         ds = measure_snapshot(snapshot, workload, spec, device)
         ds.attrs.update(io.provenance("measure_gradient_noise", spec, device=str(device)),
-                        reference=f"B={saved['batch_size']} lr={saved['lr']} seed={saved['seed']}")  # fmt: skip
+                        reference=f"B={saved['batch_size']} lr={saved['lr']} seed={saved['seed']}",
+                        workload=saved["workload"]["name"])  # fmt: skip
         io.write_netcdf(ds, out_dir / f"snapshot{i}.nc")
         log.info("step %d: B_simple %.1f (per example), %.1f (two-batch)", ds.attrs["step"], float(ds["b_simple"]),
                  float(ds["two_batch_b_simple"]))  # fmt: skip
-    ds = measure_variance(saved["snapshots"][-1]["state_dict"], workload, spec, device)
-    ds.attrs.update(io.provenance("measure_gradient_noise", spec, device=str(device)))
+    ds = measure_variance(saved["state_dict"], workload, spec, device)  # the run's final weights
+    ds.attrs.update(io.provenance("measure_gradient_noise", spec, device=str(device)),
+                    workload=saved["workload"]["name"])  # fmt: skip
     io.write_netcdf(ds, out_dir / "variance.nc")
     log.info("variance law slope %.3f, corrected %.3f", float(ds["slope"]), float(ds["slope_corrected"]))
 
@@ -301,7 +303,7 @@ def cmd_jensen(args: argparse.Namespace) -> None:
             raise SystemExit("jensen without --data needs --spec (noise.jensen settings as JSON)")
         spec = json.loads(args.spec)
         ds = measure_jensen_linreg(spec)
-        ds.attrs.update(io.provenance("measure_jensen_bias", spec))
+        ds.attrs.update(io.provenance("measure_jensen_bias", spec), experiment="linreg")
     else:
         spec = _spec(args, cfg.jensen_slice)
         device = _runtime(spec)
@@ -309,7 +311,8 @@ def cmd_jensen(args: argparse.Namespace) -> None:
         settings = {**spec["jensen"], "seed": spec["seed"]}
         workload = _workload(checkpoint["workload"], device, args.data)
         ds = measure_jensen_subspace(checkpoint["state_dict"], workload, settings, device)
-        ds.attrs.update(io.provenance("measure_jensen_bias", spec, device=str(device)))
+        ds.attrs.update(io.provenance("measure_jensen_bias", spec, device=str(device)), experiment="trained model",
+                        workload=checkpoint["workload"]["name"])  # fmt: skip
     io.write_netcdf(ds, args.out)
     log.info(
         "relative bias by m: %s", dict(zip(ds["m"].values.tolist(), ds["relative_bias"].values.round(4), strict=True))

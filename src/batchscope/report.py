@@ -422,7 +422,8 @@ def ghost_table(ds: xr.Dataset) -> pd.DataFrame:
 
 
 def load_noise(paths: Sequence[str | Path]) -> dict[str, dict[str, xr.Dataset]]:
-    """{workload: {"snapshots": ..., "variance": ..., "jensen": ...}} plus {"linreg": {"jensen": ...}}."""
+    """{workload: {"snapshots": ..., "variance": ..., "jensen": ...}} plus {"linreg": {"jensen": ...}}, keyed by the
+    files' own ``workload`` and ``experiment`` attributes (never by a file or folder name)."""
     out: dict[str, dict[str, xr.Dataset]] = {}
     for path in map(Path, paths):
         if path.is_dir():
@@ -431,9 +432,12 @@ def load_noise(paths: Sequence[str | Path]) -> dict[str, dict[str, xr.Dataset]]:
                               combine_attrs="drop_conflicts")  # fmt: skip
             # a run that stopped early maps several snapshot fractions to the same kept step: one row per step
             table = table.drop_duplicates("step", keep="first").sortby("step")
-            out.setdefault(path.name, {}).update(snapshots=table, variance=read_netcdf(path / "variance.nc"))
+            variance = read_netcdf(path / "variance.nc")
+            out.setdefault(variance.attrs["workload"], {}).update(snapshots=table, variance=variance)
         else:
-            out.setdefault(path.stem, {})["jensen"] = read_netcdf(path)
+            ds = read_netcdf(path)
+            key = "linreg" if ds.attrs.get("experiment") == "linreg" else ds.attrs["workload"]
+            out.setdefault(key, {})["jensen"] = ds
     return out
 
 

@@ -98,7 +98,14 @@ def analyze(checkpoint: dict[str, Any], workload: Workload, spec: dict[str, Any]
                 results["eigenvalues"][0],
                 {"long_name": "largest Hessian eigenvalue (sharpness)"},
             ),
-            "top_converged": ((), results["converged"], {"long_name": "Lanczos met its error bound"}),
+            "top_converged": (
+                (),
+                results["converged"],
+                {
+                    "long_name": "Lanczos from two start vectors: each met its "
+                    "error bound and they agree within tol (batchscope.hessian.merge_starts)"
+                },
+            ),
             "trace": ((), results["trace"], {"long_name": "Hutchinson estimate of tr(H)"}),
             "trace_se": ((), results["trace_se"], {"long_name": "standard error of trace"}),
             "density": ("density_point", results["density"], {"long_name": "SLQ eigenvalue density"}),
@@ -261,7 +268,8 @@ def edge_of_stability(step_size: float, spec: dict[str, Any], device: torch.devi
             value = op.loss_value()
             if not math.isfinite(value):
                 break
-            top = hessian.top_eigenvalues(op, op.dim, 1, tol=1e-3, seed=spec["seed"], device=device)
+            # one start: lambda_max only, measured every `interval` steps along a path it follows closely
+            top = hessian.top_eigenvalues(op, op.dim, 1, tol=1e-3, seed=spec["seed"], device=device, starts=1)
             steps.append(step)
             sharpness_values.append(float(top.values[0]))
             losses.append(value)

@@ -74,6 +74,12 @@ def reached(value: float, target: float, higher_is_better: bool) -> bool:
 SNAPSHOT_BUDGET = 2 * 10**8  # parameters x kept snapshots held in memory before they are thinned
 
 
+def thin(kept: list) -> None:
+    """Drop every other kept state in place, keeping the first (the initial weights) and the newest: the newest
+    is the nearest to the run's end, where the last snapshot fraction (1.0) is taken."""
+    del kept[1:-1:2]
+
+
 def _pick_snapshots(kept: list[tuple[int, dict]], fractions: list[float], steps_done: int) -> list[dict]:
     """For each fraction f, the kept state nearest f x steps_done (kept states are at step 0 and each evaluation)."""
     picked = []
@@ -128,7 +134,7 @@ def train(
         if snapshot_fractions:
             kept.append((step, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
             if len(kept) * n_params > SNAPSHOT_BUDGET:
-                del kept[1::2]  # thin to every other, keeping the initial weights
+                thin(kept)
 
     keep(0)
     divergence_threshold = DIVERGENCE_FACTOR * initial_val_loss
@@ -241,5 +247,7 @@ def train(
         "steps_done": steps_done,
     }
     if snapshot_fractions:
+        if kept[-1][0] != steps_done:  # the final weights, when the run ended between evaluations
+            kept.append((steps_done, checkpoint["state_dict"]))
         checkpoint["snapshots"] = _pick_snapshots(kept, snapshot_fractions, steps_done)
     return ds, checkpoint

@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 import sys
-from pathlib import PurePath
 
 from snakemake.exceptions import WorkflowError
 
@@ -192,12 +191,14 @@ def ghost_summary_inputs(wildcards):
     return inputs
 
 
-def ghost_pairs(paths):
-    """SIZE=PATH arguments for the summary, the ghost size read from each path's G<size> component."""
+def ghost_pairs(rule, workload, seeds=None):
+    """SIZE=PATH arguments for the summary, built from the config's ghost sizes (never read back from a path:
+    a workload named G2 would otherwise map every file to ghost size 2)."""
     pairs = []
-    for path in paths:
-        size = next(part[1:] for part in PurePath(path).parts if part.startswith("G") and part[1:].isdigit())
-        pairs.append(f"{size}={path}")
+    for size in GHOST["ghost_sizes"]:
+        for seed in seeds if seeds is not None else [None]:
+            keys = {"workload": workload, "ghost": size} | ({} if seed is None else {"seed": seed})
+            pairs.append(f"{size}={rule.output[0].format(**keys)}")
     return " ".join(pairs)
 
 

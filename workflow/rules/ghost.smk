@@ -114,9 +114,11 @@ rule summarize_ghost:
         "../envs/batchscope.yaml"
     params:
         spec=config_slice(bs_config.ghost_slice),
-        ghost_runs=lambda w, input: ghost_pairs(input.ghost_runs),
-        ghost_profiles=lambda w, input: ghost_pairs(input.ghost_profiles),
-        ghost_hessian=lambda w, input: ghost_pairs(input.get("ghost_hessian", [])),
+        ghost_runs=lambda w: ghost_pairs(rules.train_ghost, w.workload, SEEDS),
+        ghost_profiles=lambda w: ghost_pairs(rules.profile_ghost, w.workload),
+        ghost_hessian=lambda w: (
+            ghost_pairs(rules.analyze_ghost_hessian, w.workload, SEEDS) if config["hessian"]["enabled"] else ""
+        ),
         version=ALGORITHM_VERSIONS["summarize_ghost"],
     shell:
         "python -m batchscope ghost-summary --spec {params.spec:q} --base-runs {input.base_runs}"

@@ -54,11 +54,11 @@ rule measure_jensen_bias:
 
 rule measure_jensen_linreg:
     output:
-        "results/jensen/linreg.nc",
+        "results/jensen_linreg.nc",
     log:
-        "logs/measure_jensen_linreg/linreg.log",
+        "logs/measure_jensen_linreg.log",
     benchmark:
-        "results/benchmarks/measure_jensen_linreg/linreg.tsv"
+        "results/benchmarks/measure_jensen_linreg.tsv"
     conda:
         "../envs/batchscope.yaml"
     resources:
