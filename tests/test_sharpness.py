@@ -90,7 +90,17 @@ def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):
         # training results: lr 0.1 reaches the target first at B <= 32, lr 0.3 above
         steps = 100.0 if (lr == 0.1) == (b <= 32) else 200.0
         train_point = xr.Dataset(
-            {"steps_to_target": ((), steps), "gap_accuracy": ((), 0.001 * b + 0.0001 * s)},
+            {
+                "steps_to_target": ((), steps),
+                "gap_accuracy": ((), 0.001 * b + 0.0001 * s),
+                "gap_loss": ((), 0.0),
+                "reached_target": ((), True),
+                "diverged": ((), False),
+                "out_of_memory": ((), False),
+                "time_to_target": ((), 1.0),
+                "val_metric": ("step", [0.9]),
+            },
+            coords={"step": [10]},
             attrs={"batch_size": b, "lr": lr, "seed": s, "stop_at_target": 1},
         )
         write_netcdf(train_point, tmp_path / "train" / f"B{b}" / f"lr{lr}_seed{s}.nc")
@@ -107,7 +117,16 @@ def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):
             attrs={"batch_size": b, "lr": lr, "seed": s, "skipped": ""},
         )
         write_netcdf(point, tmp_path / "h" / f"B{b}_lr{lr}_seed{s}.nc")
-    ds = sharpness.aggregate([tmp_path / "h"], sorted((tmp_path / "train").iterdir()), "synthetic")
+    from batchscope.fit import fit_scaling
+    from tests.test_fit import profile_dataset
+
+    profiles = [write_netcdf(profile_dataset(b, np.full((3, 1), 1e-3 + 1e-6 * b)), tmp_path / "p" / f"B{b}.nc")
+                for b in batch_sizes]  # fmt: skip
+    spec = {"fit": {"bootstrap": 0, "seed": 0, "tolerance": 0.05}, "target": {"metric": "val_accuracy", "value": 0.9}}
+    fit = fit_scaling(profiles, sorted((tmp_path / "train").iterdir()), spec, "synthetic")
+    assert {b: float(fit["best_lr"].sel(batch_size=b)) for b in batch_sizes} == best  # the fit decides, once
+    write_netcdf(fit, tmp_path / "fit.nc")
+    ds = sharpness.aggregate([tmp_path / "h"], tmp_path / "fit.nc", "synthetic")
     import pandas as pd
 
     # B has ties (two seeds each), so rho(B, lambda_max) < 1: compare with pandas' rank correlation

@@ -144,12 +144,14 @@ def test_changing_learning_rates_reruns_only_that_workloads_training(study, repo
 
 
 FITS = {("fit_scaling", f"workload={w}") for w in WORKLOADS}
+# the Hessian aggregate reads the fit (the best learning rates, decided there once): it follows every fit
+FIT_READERS = {("aggregate_hessian", f"workload={w}") for w in WORKLOADS}
 
 
 def test_fit_settings_rerun_only_fits_and_report(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["fit"].update(bootstrap=41))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
-    assert jobs == FITS | REPORT
+    assert jobs == FITS | FIT_READERS | REPORT
 
 
 def test_hessian_settings_rerun_no_training(study, repo, venv_env, tmp_path):
@@ -168,7 +170,7 @@ def test_algorithm_version_bump_reruns_that_stage(study, repo, venv_env, tmp_pat
     init.write_text(re.sub(r'"fit_scaling": \d+', '"fit_scaling": 99', init.read_text()))
     env = dict(venv_env, PYTHONPATH=str(copy))
     jobs = scheduled(snakemake(repo, study, "-n", env=env))
-    assert jobs == FITS | REPORT
+    assert jobs == FITS | FIT_READERS | REPORT
 
 
 def test_report_only_rebuild_runs_no_training(study, repo, venv_env, tmp_path):

@@ -14,7 +14,7 @@ ALGORITHM_VERSIONS = {
     "train_model": 1,
     "fit_scaling": 2,
     "analyze_hessian": 3,
-    "aggregate_hessian": 1,
+    "aggregate_hessian": 2,
     "edge_of_stability": 2,
     "ghost_variance": 1,
     "measure_gradient_noise": 2,

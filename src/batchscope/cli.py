@@ -323,7 +323,7 @@ def cmd_aggregate_hessian(args: argparse.Namespace) -> None:
     from batchscope import io
     from batchscope.sharpness import aggregate, reproduction_sentence
 
-    ds = aggregate(args.hessian, args.runs, args.workload, _expect(args))
+    ds = aggregate(args.hessian, args.fit, args.workload, _expect(args))
     ds.attrs.update(io.provenance("aggregate_hessian", {"workload": args.workload}))
     io.write_netcdf(ds, args.out)
     log.info(reproduction_sentence(ds))
@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("aggregate-hessian", help="aggregate a workload's Hessian results")
     p.set_defaults(func=cmd_aggregate_hessian)
     p.add_argument("--workload", required=True)
-    p.add_argument("--runs", nargs="+", required=True, help="the workload's train_model output directories")
+    p.add_argument("--fit", required=True, help="the workload's fit_scaling result (best lr, gaps)")
     p.add_argument("--hessian", nargs="+", required=True, help="analyze_hessian output directories")
     p.add_argument("--out", required=True)
     p.add_argument("--expect", help="JSON: stage -> config hash the input files must carry (refuses others)")

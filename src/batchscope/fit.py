@@ -278,9 +278,15 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     feasible_sizes = profiles["profile_batch_size"].values[profiles["profile_feasible"].values.astype(bool)]
     out["largest_feasible_batch_size"] = ((), int(feasible_sizes.max()) if len(feasible_sizes) else -1, {
         "long_name": "largest profiled batch size that did not run out of memory (-1: none)"})  # fmt: skip
+    # which runs used their batch size's best learning rate: decided here once, read by every later stage
+    best_at = dict(zip(grid_b, k_table["best_lr"].values, strict=True))
+    runs["run_at_best_lr"] = ("run", np.array([best_at.get(b) == lr for b, lr in zip(
+        runs["run_batch_size"].values, runs["run_lr"].values, strict=True)]), {"long_name":
+        "the run used its batch size's best learning rate (best_lr)"})  # fmt: skip
     merged = xr.merge([out, profiles, runs], combine_attrs="drop_conflicts")
     merged.attrs.update(
         workload=workload,
+        stop_at_target=int(runs.attrs.get("stop_at_target", 0)),
         device_name=profiles.attrs.get("device_name", ""),
         device_type=profiles.attrs.get("device_type", ""),
         target_metric=spec["target"]["metric"],

@@ -234,9 +234,7 @@ def plot_total_time(ds: xr.Dataset) -> plt.Figure:
 
 def plot_curves(ds: xr.Dataset) -> plt.Figure:
     """Validation metric against step at each batch size's best learning rate, one line per seed."""
-    runs = run_table(ds)
-    best_lr = dict(zip(ds["batch_size"].values, ds["best_lr"].values, strict=True))
-    keep = [i for i, row in runs.iterrows() if best_lr.get(row["batch_size"]) == row["lr"]]
+    keep = np.flatnonzero(ds["run_at_best_lr"].values)  # decided once, in the fit
     curves = ds["val_metric"].isel(run=keep).to_dataframe().reset_index().dropna(subset=["val_metric"])
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     if len(curves):
@@ -265,8 +263,7 @@ def plot_curves(ds: xr.Dataset) -> plt.Figure:
 def plot_gap(ds: xr.Dataset) -> plt.Figure:
     """Generalization gap (train minus validation accuracy, or val minus train loss) against B."""
     runs = run_table(ds)
-    best_lr = dict(zip(ds["batch_size"].values, ds["best_lr"].values, strict=True))
-    runs = runs[[best_lr.get(b) == lr for b, lr in zip(runs["batch_size"], runs["lr"], strict=True)]]
+    runs = runs[ds["run_at_best_lr"].values.astype(bool)]  # decided once, in the fit
     column = "gap_accuracy" if runs["gap_accuracy"].notna().any() else "gap_loss"
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     sns.pointplot(
@@ -647,7 +644,8 @@ def load_hessian(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
 
 
 # what each input of the report must be: the stage that writes it and variables the notebook reads
-FIT_VARIABLES = (*REQUIRED, "tau_f", "tau_d", "n_iter", "c_var", "b_crit", "t_iter_r2", "steps_to_target")
+FIT_VARIABLES = (*REQUIRED, "run_at_best_lr", "tau_f", "tau_d", "n_iter", "c_var", "b_crit", "t_iter_r2",
+                 "steps_to_target")  # fmt: skip
 REPORT_INPUTS = {
     "hessian": ("aggregate_hessian", ("lambda_max",)),
     "stability": ("edge_of_stability", ("lambda_max", "loss")),

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import xarray as xr
 from torch import nn
@@ -131,17 +130,15 @@ def analyze(checkpoint: dict[str, Any], workload: Workload, spec: dict[str, Any]
     return ds
 
 
-def aggregate(hessian_paths: Sequence[str | Path], run_paths: Sequence[str | Path], workload: str,
+def aggregate(hessian_paths: Sequence[str | Path], fit_path: str | Path, workload: str,
               expect: dict[str, str] | None = None) -> xr.Dataset:  # fmt: skip
     """Concatenate a workload's per-checkpoint results and relate sharpness to batch size and generalization.
 
-    ``hessian_paths`` are analyze_hessian output directories (or files); ``run_paths`` the train_model
-    outputs, which give each run's generalization gap and, through :func:`batchscope.fit.steps_per_batch_size`
-    (the fit's own rule), each batch size's best learning rate. Reading them here rather than the fit lets
-    this stage run beside fit_scaling. ``expect``: stage -> config hash the inputs must carry (the workflow's).
+    ``hessian_paths`` are analyze_hessian output directories (or files); ``fit_path`` the workload's
+    fit_scaling result, which holds every run's generalization gap and, computed there once, each batch size's
+    best learning rate (``best_lr``) and which runs used it (``run_at_best_lr``). ``expect``: stage -> config
+    hash the inputs must carry (the workflow's).
     """
-    from batchscope.fit import read_runs, steps_per_batch_size
-
     parts, datasets = [], []
     files = netcdf_files(hessian_paths, "Hessian results")
     for path in files:
@@ -154,22 +151,19 @@ def aggregate(hessian_paths: Sequence[str | Path], run_paths: Sequence[str | Pat
     order = np.lexsort((runs["run_seed"].values, runs["run_lr"].values, runs["run_batch_size"].values))
     runs = runs.isel(run=order).assign_coords(run=np.arange(runs.sizes["run"]))
 
-    training = read_runs(run_paths, expect)
+    fit = read_expected(fit_path, "fit_scaling", ("best_lr", "run_at_best_lr", "gap_accuracy", "gap_loss"), expect)
     keys_of = ("run_batch_size", "run_lr", "run_seed")
-    table = pd.DataFrame({k.removeprefix("run_"): training[k].values for k in keys_of})
-    table["steps_to_target"] = training["steps_to_target"].values
-    k_table = steps_per_batch_size(table)
-    gap_name = "gap_accuracy" if np.isfinite(training["gap_accuracy"].values).any() else "gap_loss"
-    gap_of = dict(zip(zip(*(training[k].values for k in keys_of), strict=True), training[gap_name].values,
-                      strict=True))  # fmt: skip
+    trained = list(zip(*(fit[k].values for k in keys_of), strict=True))
+    gap_name = "gap_accuracy" if np.isfinite(fit["gap_accuracy"].values).any() else "gap_loss"
+    gap_of = dict(zip(trained, fit[gap_name].values, strict=True))
+    best_of = dict(zip(trained, fit["run_at_best_lr"].values.astype(bool), strict=True))
     keys = list(zip(*(runs[k].values for k in keys_of), strict=True))
     runs["gap"] = ("run", np.array([gap_of.get(key, np.nan) for key in keys]), {"long_name": gap_name})
-    best_lr = dict(zip(k_table.index.values, k_table["best_lr"].values, strict=True))
-    at_best = np.array([best_lr.get(b) == lr for b, lr, _ in keys])
+    at_best = np.array([best_of.get(key, False) for key in keys])
     runs["at_best_lr"] = ("run", at_best, {"long_name": "the run used its batch size's best learning rate"})
-    stop_at_target = int(training.attrs.get("stop_at_target", 0))
+    stop_at_target = int(fit.attrs.get("stop_at_target", 0))
 
-    grid_b = k_table.index.values
+    grid_b = fit["batch_size"].values
     per_b = {name: np.full((len(grid_b), 3), np.nan) for name in ("lambda_max", "trace")}
     for i, b in enumerate(grid_b):
         mask = at_best & (runs["run_batch_size"].values == b)

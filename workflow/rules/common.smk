@@ -74,6 +74,7 @@ def expected_provenance(*stages):
         "profile_hardware": bs_config.profile_slice,
         "train_model": bs_config.train_slice,
         "analyze_hessian": bs_config.hessian_slice,
+        "fit_scaling": bs_config.fit_slice,
     }
 
     def params(wildcards):

@@ -28,11 +28,10 @@ rule analyze_hessian:
         " --checkpoints {input.checkpoints} --out {output} > {log} 2>&1"
 
 
-# Reads the training results itself (for the best lr per batch size and the gaps), so it runs beside
-# fit_scaling rather than after it.
+# After fit_scaling: the fit decided each batch size's best learning rate once, and holds every run's gap.
 rule aggregate_hessian:
     input:
-        runs=train_dirs,
+        fit=rules.fit_scaling.output[0],
         hessian=hessian_dirs,
     output:
         "results/hessian/{workload}.nc",
@@ -45,9 +44,9 @@ rule aggregate_hessian:
         "../envs/batchscope.yaml"
     params:
         version=ALGORITHM_VERSIONS["aggregate_hessian"],
-        expect=expected_provenance("analyze_hessian", "train_model"),
+        expect=expected_provenance("analyze_hessian", "fit_scaling"),
     shell:
-        "python -m batchscope aggregate-hessian --workload {wildcards.workload} --runs {input.runs}"
+        "python -m batchscope aggregate-hessian --workload {wildcards.workload} --fit {input.fit}"
         " --expect {params.expect:q}"
         " --hessian {input.hessian} --out {output} > {log} 2>&1"
 
