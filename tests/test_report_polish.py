@@ -235,9 +235,11 @@ def _noise_dir(tmp_path, batchnorm: bool):
         if last is not None and last.attrs["step"] == step:
             ds = last.copy()
             ds.attrs["fraction"] = fraction
+        ds.attrs["workload"] = out.name  # as the stage writes them: the report keys on this, not on the folder
         write_netcdf(ds, out / f"snapshot{i}.nc")
         last = ds
-    variance = xr.Dataset({"mean_sq_error": ("batch_size", [1.0, 0.5])}, coords={"batch_size": [8, 16]})
+    variance = xr.Dataset({"mean_sq_error": ("batch_size", [1.0, 0.5])}, coords={"batch_size": [8, 16]},
+                          attrs={"workload": out.name})  # fmt: skip
     write_netcdf(variance, out / "variance.nc")
     return out
 
