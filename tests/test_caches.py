@@ -120,3 +120,12 @@ def test_expect_must_be_json(caches, tmp_path, venv_env):
         capture_output=True, text=True, env=venv_env,
     )  # fmt: skip
     assert result.returncode == 2 and "--expect: '{nope' is not JSON" in result.stderr
+
+
+def test_profiles_of_two_devices_are_refused(caches, tmp_path):
+    """device: auto gives one config hash on a laptop and on a GPU node: the fit refuses to mix their files."""
+    ds = read_netcdf(caches["profiles"][0])
+    ds.attrs.update(device="cuda:0", device_name="NVIDIA H100 80GB HBM3")
+    other = write_netcdf(ds, tmp_path / "B32.nc")
+    with pytest.raises(CacheError, match=r"were computed on different devices"):
+        fit_scaling([other, caches["profiles"][1]], caches["runs"], caches["fit_spec"], "w", caches["expect"])

@@ -35,8 +35,9 @@ def _spec(args: argparse.Namespace, slicer: Callable) -> dict:
 def _runtime(spec: dict):
     from batchscope import runtime
 
-    runtime.setup(spec["threads"])
-    return runtime.resolve_device(spec["device"])
+    device = runtime.resolve_device(spec["device"])
+    runtime.setup(spec["threads"], device, spec.get("deterministic"), spec.get("tf32", False))
+    return device
 
 
 def _workload(spec: dict, device, data_file: str | None, cache: dict | None = None):

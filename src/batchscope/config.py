@@ -425,6 +425,11 @@ def train_points(config: dict[str, Any], workload: str) -> list[tuple[int, float
 # the profiling slice.
 
 
+def execution(config: dict[str, Any]) -> dict[str, Any]:
+    """Where and how a computing stage runs: device, threads and numerics (every computing stage's slice)."""
+    return {key: config[key] for key in ("device", "threads", "deterministic", "tf32")}
+
+
 def workload_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     """What the workload's factory is called with: what defines the model, the data and how they are run."""
     wl = config["workloads"][workload]
@@ -444,16 +449,14 @@ def profile_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
         "optimizer": wl["optimizer"],
         "schedule": wl["schedule"],
         "profile": {k: v for k, v in config["profile"].items() if k != "extra_batch_sizes"},
-        "device": config["device"],
-        "threads": config["threads"],
+        **execution(config),
     }
 
 
 def train_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     wl = config["workloads"][workload]
     keys = ("optimizer", "schedule", "target", "max_steps", "eval_interval", "stop_at_target")
-    return {"workload": workload_slice(config, workload), **{k: wl[k] for k in keys}, "device": config["device"],
-            "threads": config["threads"]}  # fmt: skip
+    return {"workload": workload_slice(config, workload), **{k: wl[k] for k in keys}, **execution(config)}  # fmt: skip
 
 
 def fit_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
@@ -477,19 +480,17 @@ def fit_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
 
 def edge_of_stability_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     settings = {k: v for k, v in config["edge_of_stability"].items() if k not in ("enabled", "step_sizes")}
-    return {**settings, "workload": workload_slice(config, workload), "device": config["device"],
-            "threads": config["threads"]}  # fmt: skip
+    return {**settings, "workload": workload_slice(config, workload), **execution(config)}  # fmt: skip
 
 
 def noise_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     settings = {k: v for k, v in config["noise"].items() if k not in ("enabled", "jensen", "snapshot_fractions")}
-    return {**settings, "jensen": config["noise"]["jensen"], "device": config["device"], "threads": config["threads"]}
+    return {**settings, "jensen": config["noise"]["jensen"], **execution(config)}
 
 
 def jensen_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     """The trained-model Jensen experiment: its settings only (the variance-law grid does not concern it)."""
-    return {"jensen": config["noise"]["jensen"], "seed": config["noise"]["seed"], "device": config["device"],
-            "threads": config["threads"]}  # fmt: skip
+    return {"jensen": config["noise"]["jensen"], "seed": config["noise"]["seed"], **execution(config)}  # fmt: skip
 
 
 def jensen_linreg_slice(config: dict[str, Any]) -> dict[str, Any]:
@@ -513,11 +514,10 @@ def ghost_profile_slice(config: dict[str, Any], workload: str, ghost_size: int) 
 def ghost_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     """The variance experiment and the summary: the ghost settings and the workload's model."""
     settings = {k: v for k, v in config["ghost"].items() if k not in ("enabled", "workload")}
-    return {**settings, "workload": workload_slice(config, workload), "device": config["device"],
-            "threads": config["threads"]}  # fmt: skip
+    return {**settings, "workload": workload_slice(config, workload), **execution(config)}  # fmt: skip
 
 
 def hessian_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     """The Hessian stage's slice: its own settings only, so changing hessian.* reruns no training."""
     settings = {k: v for k, v in config["hessian"].items() if k != "enabled"}
-    return {**settings, "device": config["device"], "threads": config["threads"]}
+    return {**settings, **execution(config)}

@@ -23,7 +23,7 @@ import pandas as pd
 import xarray as xr
 from scipy.optimize import lsq_linear
 
-from batchscope.io import netcdf_files, read_expected, same_provenance
+from batchscope.io import netcdf_files, read_expected, same_device, same_provenance
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,7 @@ def read_profiles(paths: Sequence[str | Path], expect: dict[str, str] | None = N
         datasets.append(ds)
         parts.append(ds.expand_dims(profile_batch_size=[int(ds.attrs["batch_size"])]))
     same_provenance(datasets, list(paths), "profiles")
+    same_device(datasets, list(paths), "profiles")
     merged = xr.concat(parts, dim="profile_batch_size", combine_attrs="drop_conflicts").sortby("profile_batch_size")
     return merged.rename({name: f"profile_{name}" for name in merged.data_vars})
 
@@ -143,6 +144,7 @@ def read_runs(paths: Sequence[str | Path], expect: dict[str, str] | None = None)
         run = xr.Dataset(coords={f"run_{k}": ("run", [ds.attrs[k]]) for k in ("batch_size", "lr", "seed")})
         parts.append(ds.expand_dims("run").assign_coords(run.coords))
     same_provenance(datasets, files, "training results")
+    same_device(datasets, files, "training results")
     merged = xr.concat(parts, dim="run", join="outer", combine_attrs="drop_conflicts")
     order = np.lexsort((merged["run_seed"].values, merged["run_lr"].values, merged["run_batch_size"].values))
     return merged.isel(run=order).assign_coords(run=np.arange(merged.sizes["run"]))

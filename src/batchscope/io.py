@@ -51,7 +51,10 @@ def provenance(stage: str, config_slice: object, device: str | None = None) -> d
     except ImportError:  # the report environment may not need torch
         pass
     if device is not None:
+        from batchscope.runtime import numerics
+
         attrs["device"] = device
+        attrs.update(numerics())
     return attrs
 
 
@@ -154,6 +157,21 @@ def read_expected(path, stage: str, variables: tuple[str, ...], expect: dict[str
     if expect is None:
         return read_netcdf(path)
     return read_netcdf(path, stage, variables, expect.get(stage))
+
+
+def same_device(datasets: list[xr.Dataset], paths: list, what: str) -> None:
+    """Refuse to aggregate files computed on different kinds of device (cpu and cuda) or different GPU models:
+    with ``device: auto`` one config gives the same hash on a laptop and on a GPU node, and a fit of CPU profiles
+    with GPU training times would be silently wrong."""
+    seen: dict[tuple, object] = {}
+    for ds, path in zip(datasets, paths, strict=True):
+        kind = str(ds.attrs.get("device", "")).split(":")[0]
+        seen.setdefault((kind, ds.attrs.get("device_name", "")), path)
+    if len(seen) > 1:
+        (k1, p1), (k2, p2) = list(seen.items())[:2]
+        raise CacheError(f"{what}: {p1} (device {k1[0]} {k1[1]}) and {p2} (device {k2[0]} {k2[1]}) were computed "
+                         "on different devices; delete the stale ones (or give each device its own config, "
+                         "e.g. device: cpu / cuda) and rerun")  # fmt: skip
 
 
 def same_provenance(datasets: list[xr.Dataset], paths: list, what: str) -> None:

@@ -6,11 +6,15 @@ training pays per step.
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,11 +26,48 @@ from batchscope.workload import Workload, size
 
 
 def resolve_device(requested: str) -> torch.device:
+    """The job's device. A CUDA job claims a GPU of its own from the visible ones (:func:`claim_slot`, keyed by
+    each GPU's UUID): Snakemake's ``--resources gpu=N`` only limits how many GPU jobs run at once, and without
+    this every job would use cuda:0 while the other GPUs idle. Under a scheduler that hands each job its own GPU
+    (CUDA_VISIBLE_DEVICES), the one visible GPU is claimed, and two jobs sharing it take turns."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device (set device: auto or cpu)")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but torch sees no CUDA device (set device: auto or cpu)")
+        ids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+        index = claim_slot(ids)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(requested)
+
+
+_claimed: list = []  # lock files held for the life of the process: a job's GPU stays its own until it exits
+
+
+def slot_directory() -> Path:
+    return Path(os.environ.get("BATCHSCOPE_GPU_LOCKS", Path(tempfile.gettempdir()) / f"batchscope-gpus-{os.getuid()}"))
+
+
+def claim_slot(ids: list[str], directory: Path | None = None, poll: float = 0.2) -> int:
+    """Index of the first of ``ids`` that no other process holds, claimed (an exclusive ``flock`` on a file named
+    by the id) until this process exits; waits while all are held. The kernel drops a dead process's locks, so
+    a killed job frees its GPU. Written here (fcntl, a few lines) because no library in the environment does it."""
+    directory = directory or slot_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    while True:
+        for index, slot in enumerate(ids):
+            handle = open(directory / f"{slot}.lock", "w")  # noqa: SIM115 (held open on purpose)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            _claimed.append(handle)
+            return index
+        time.sleep(poll)
 
 
 def device_name(device: torch.device) -> str:
@@ -42,10 +83,28 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def setup(threads: int, deterministic: bool = True) -> None:
+def setup(threads: int, device: torch.device, deterministic: bool | None = None, tf32: bool = False) -> None:
+    """Threads, and the numerics the user asked for. ``deterministic`` null means: on the CPU, deterministic
+    algorithms (bitwise reproducible runs, which the tests check); on CUDA, the kernels people train with (cuDNN's
+    benchmark mode picks the fastest; deterministic ones can be much slower), so T_iter is what training pays.
+    ``tf32``: TF32 matrix products and convolutions on Ampere and newer GPUs (off unless asked)."""
     torch.set_num_threads(threads)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    if deterministic is None:
+        deterministic = device.type != "cuda"
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def numerics() -> dict[str, int]:
+    """The numerics in force, recorded in every file a computing stage writes."""
+    return {
+        "deterministic": int(torch.are_deterministic_algorithms_enabled()),
+        "tf32": int(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_benchmark": int(torch.backends.cudnn.benchmark),
+    }
 
 
 def make_optimizer(spec: dict[str, Any], params, lr: float) -> torch.optim.Optimizer:
@@ -245,10 +304,13 @@ def progress(iterable=None, total: int | None = None, desc: str = ""):
                 dynamic_ncols=tty)  # fmt: skip
 
 
+# What allocation failures say where no OutOfMemoryError is raised: the CPU allocator, and cuBLAS / cuDNN, which
+# fail with their own status codes when the memory they need for a handle or a workspace is not there.
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                          "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")  # fmt: skip
+
+
 def is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, torch.cuda.OutOfMemoryError):
+    if isinstance(err, torch.cuda.OutOfMemoryError | MemoryError):
         return True
-    text = str(err)
-    return isinstance(err, RuntimeError | MemoryError) and (
-        "out of memory" in text or "can't allocate memory" in text or isinstance(err, MemoryError)
-    )
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in OUT_OF_MEMORY_MESSAGES)

@@ -233,6 +233,7 @@ def train(
     ds["val_metric"].attrs["long_name"] = metric
     ds.attrs.update(
         batch_size=batch_size, lr=lr, seed=seed, target_metric=metric, target_value=target,
+        device_name=runtime.device_name(device),
         stop_at_target=int(spec["stop_at_target"]), metric_name=workload.metric_name,
         data_path="stream" if runtime.streams(workload, loader) else "device", precision=wl_spec["precision"],
         compiled=int(wl_spec["compile"]), optimizer=spec["optimizer"]["name"],

@@ -1,0 +1,82 @@
+"""The runtime's machine-facing parts: one GPU per job (the slot pool), the numerics a job runs with, what counts
+as out of memory."""
+
+import multiprocessing
+import time
+
+import pytest
+import torch
+
+from batchscope import io, runtime
+
+CPU = torch.device("cpu")
+
+
+def _hold(ids, directory, hold_s, queue):
+    """A job: claim a slot, report (slot, when claimed, when released), hold it for ``hold_s``, exit."""
+    index = runtime.claim_slot(ids, directory, poll=0.05)
+    claimed = time.monotonic()
+    time.sleep(hold_s)
+    queue.put((index, claimed, time.monotonic()))
+
+
+def test_concurrent_jobs_get_a_gpu_each_and_wait_when_all_are_taken(tmp_path):
+    """Four jobs on three (fake) GPUs: the first three hold three different slots at once; the fourth waits for
+    one to be freed (its owner exits) and takes that one. Without the pool every job would use cuda:0."""
+    ids = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    jobs = [context.Process(target=_hold, args=(ids, tmp_path, 1.0, queue)) for _ in range(3)]
+    for job in jobs:
+        job.start()
+    time.sleep(0.5)  # the three hold their slots
+    late = context.Process(target=_hold, args=(ids, tmp_path, 0.1, queue))
+    late.start()
+    for job in [*jobs, late]:
+        job.join(timeout=20)
+    results = [queue.get(timeout=5) for _ in range(4)]
+    first, last = results[:3], results[3]
+    assert sorted(index for index, _, _ in first) == [0, 1, 2]  # three different GPUs at once
+    assert last[1] >= min(released for _, _, released in first) - 0.05  # the fourth waited for a release
+    assert last[0] in {index for index, _, _ in first}
+
+
+def test_a_killed_job_frees_its_gpu(tmp_path):
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    job = context.Process(target=_hold, args=(["GPU-only"], tmp_path, 60.0, queue))
+    job.start()
+    time.sleep(0.5)
+    job.kill()  # as the OOM killer or a cancelled job would: no cleanup runs
+    job.join()
+    start = time.monotonic()
+    assert runtime.claim_slot(["GPU-only"], tmp_path, poll=0.05) == 0
+    assert time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize(("deterministic", "expected"), [(None, 1), (True, 1), (False, 0)])
+def test_numerics_follow_the_config_and_are_recorded(deterministic, expected):
+    """On the CPU, null means deterministic (bitwise reproducible runs); every file records what was in force."""
+    try:
+        runtime.setup(1, CPU, deterministic, tf32=False)
+        assert runtime.numerics() == {"deterministic": expected, "tf32": 0, "cudnn_benchmark": 0}
+        attrs = io.provenance("train_model", {"x": 1}, device="cpu")
+        assert attrs["deterministic"] == expected and attrs["tf32"] == 0
+    finally:
+        runtime.setup(1, CPU)
+
+
+@pytest.mark.parametrize(
+    ("message", "oom"),
+    [
+        ("CUDA out of memory. Tried to allocate 2.00 GiB", True),
+        ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+        ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", True),
+        ("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", True),
+        ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB", True),
+        ("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)", False),
+        ("cuDNN error: CUDNN_STATUS_BAD_PARAM", False),
+    ],
+)
+def test_out_of_memory_includes_cublas_and_cudnn_allocation_failures(message, oom):
+    assert runtime.is_out_of_memory(RuntimeError(message)) is oom
