@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 ALGORITHM_VERSIONS = {
     "prepare_data": 1,
     "profile_hardware": 2,
-    "train_model": 1,
+    "train_model": 2,
     "fit_scaling": 2,
     "analyze_hessian": 3,
     "aggregate_hessian": 2,
