@@ -62,6 +62,7 @@ def profile(spec: dict[str, Any], batch_sizes: Sequence[int], device: torch.devi
     times = {b: np.full((rounds, repeats), math.nan) for b in sizes}
     steps_per_repeat = dict.fromkeys(sizes, 0)
     peak = dict.fromkeys(sizes, math.nan)
+    step_memory = dict.fromkeys(sizes, math.nan)
     peak_method = ""
     batches = {}
     for b in sizes:
@@ -70,6 +71,7 @@ def profile(spec: dict[str, Any], batch_sizes: Sequence[int], device: torch.devi
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)  # the data set and the model, before any step
         try:
             for _ in range(max(settings["warmup"], 1)):  # with compile: true the first step compiles
                 step(*next(batches[b]))
@@ -80,6 +82,8 @@ def profile(spec: dict[str, Any], batch_sizes: Sequence[int], device: torch.devi
             del batches[b]
             optimizer.zero_grad(set_to_none=True)
         peak[b], peak_method = _peak_memory(device)
+        if device.type == "cuda":
+            step_memory[b] = peak[b] - resident
     feasible = [b for b in sizes if b in batches]
     for r in range(rounds):
         shift = r % max(len(feasible), 1)  # rotated, so no size is always timed right after the same other one
@@ -103,7 +107,8 @@ def profile(spec: dict[str, Any], batch_sizes: Sequence[int], device: torch.devi
         "precision": wl_spec["precision"],
         "compiled": int(wl_spec["compile"]),
     }
-    return {b: _dataset(b, times[b], b in batches, peak[b], peak_method, steps_per_repeat[b], attrs) for b in sizes}
+    return {b: _dataset(b, times[b], b in batches, peak[b], step_memory[b], peak_method, steps_per_repeat[b], attrs)
+            for b in sizes}  # fmt: skip
 
 
 def _calibrate(step, batches, clock: runtime.StepClock, min_repeat_time: float) -> int:
@@ -119,8 +124,8 @@ def _calibrate(step, batches, clock: runtime.StepClock, min_repeat_time: float) 
         steps *= 2
 
 
-def _dataset(batch_size: int, times: np.ndarray, feasible: bool, peak: float, peak_method: str,
-             steps_per_repeat: int, attrs: dict[str, Any]) -> xr.Dataset:  # fmt: skip
+def _dataset(batch_size: int, times: np.ndarray, feasible: bool, peak: float, step_memory: float,
+             peak_method: str, steps_per_repeat: int, attrs: dict[str, Any]) -> xr.Dataset:  # fmt: skip
     per_round = np.median(times, axis=1) if feasible else np.full(len(times), math.nan)
     if feasible:
         median = float(np.median(per_round))
@@ -136,6 +141,16 @@ def _dataset(batch_size: int, times: np.ndarray, feasible: bool, peak: float, pe
             "t_iter_q75": ((), q75, {"units": "s"}),
             "feasible": ((), feasible, {"long_name": "False: out of memory at this batch size"}),
             "peak_memory": ((), peak, {"units": "bytes", "method": peak_method}),
+            "step_memory": (
+                (),
+                step_memory,
+                {
+                    "units": "bytes",
+                    "long_name": "CUDA: peak beyond what was resident "
+                    "before the first step (data set, model): activations, gradients, optimizer state; NaN "
+                    "on the CPU",
+                },
+            ),
             "steps_per_repeat": ((), steps_per_repeat),
         },
         coords={"round": np.arange(times.shape[0]), "repeat": np.arange(times.shape[1])},
