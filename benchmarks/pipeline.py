@@ -75,7 +75,11 @@ def analysis_share(workdir: Path) -> tuple[float, dict[str, float]]:
     from batchscope.report import stage_costs
 
     root = workdir / "results" / "benchmarks"
-    by_rule = {d.name: sorted(map(str, d.rglob("*.tsv"))) for d in sorted(root.iterdir()) if d.name != "render_report"}
+    by_rule = {}
+    for entry in sorted(root.iterdir()):  # a folder per rule, or one file for a rule with a single job
+        rule = entry.name.removesuffix(".tsv")
+        if rule != "render_report":
+            by_rule[rule] = sorted(map(str, entry.rglob("*.tsv"))) if entry.is_dir() else [str(entry)]
     costs = stage_costs(by_rule)
     seconds = dict(zip(costs["stage"], costs["seconds"], strict=True))
     return float(costs.loc[costs["kind"] == "analysis", "share"].sum()), seconds
