@@ -50,11 +50,12 @@ def main() -> None:
     config = cfg.load(args.config, overrides)
     workload = args.workload or next(iter(config["workloads"]))
     spec = cfg.profile_slice(config, workload)
-    runtime.setup(config["threads"])
     device = runtime.resolve_device(config["device"])
+    runtime.setup(config["threads"], device, config["deterministic"], config["tf32"])
     rows = []
+    timed = profile.profile(spec, cfg.profile_batch_sizes(config), device)  # interleaved rounds, as the workflow
     for b in cfg.profile_batch_sizes(config):
-        ds = profile.profile(spec, b, device)
+        ds = timed[b]
         rows.append((b, float(ds["t_iter_median"]), bool(ds["feasible"]), float(ds["peak_memory"])))
         _, t_iter, ok, peak = rows[-1]
         print(f"B={b:>6}  T_iter={1e3 * t_iter:9.3f} ms  feasible={ok}  peak={peak / 2**20:8.1f} MiB")

@@ -79,3 +79,31 @@ def test_missing_and_inconsistent_caches(results, tmp_path):
     write_netcdf(ds, mixed / "fit" / "b.nc")
     with pytest.raises(CacheError, match="b.nc: computed by version '1' of the fit_scaling algorithm"):
         recommendations(mixed, everything=True)
+
+
+def test_all_without_a_config_labels_nothing_as_current(results, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no config/config.yaml here
+    assert cli.main(["recommend", str(results), "--all", "--json"]) == 0
+    assert [row["current"] for row in json.loads(capsys.readouterr().out)] == [None]
+    assert cli.main(["recommend", str(results), "--all"]) == 0
+    assert "[no config given to compare with]" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="give --configfile FILE"):
+        cli.main(["recommend", str(results)])
+
+
+def test_reading_results_does_not_need_the_factorys_package(tmp_path):
+    """Results copied from a cluster: the study's config names a factory whose package is not installed here.
+    The workflow refuses such a config; recommend only needs to read it."""
+    import yaml
+
+    from batchscope import config as cfg
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({
+        "grid": {"batch_sizes": [16, 64]},
+        "workloads": {"mine": {"factory": "not_installed_here.workloads:make", "target": {"metric": "val_loss",
+                               "value": 0.5}, "max_steps": 100, "learning_rates": [0.1]}},
+    }))  # fmt: skip
+    with pytest.raises(cfg.ConfigError, match="not_installed_here"):
+        cfg.load(path)
+    assert "mine" in cfg.load(path, importable=False)["workloads"]

@@ -36,7 +36,7 @@ def spec(**overrides):
 
 
 def test_training_is_bitwise_reproducible_per_seed():
-    runtime.setup(1)
+    runtime.setup(1, CPU)  # null deterministic: on, on the CPU
     first, ckpt_a = train(spec(), 32, 0.1, seed=3, device=CPU)
     second, ckpt_b = train(spec(), 32, 0.1, seed=3, device=CPU)
     other, _ = train(spec(), 32, 0.1, seed=4, device=CPU)
@@ -237,3 +237,31 @@ def test_the_first_steps_warm_up_is_not_in_the_time_to_target(monkeypatch):
     ds, _ = train(spec(), 64, 0.1, seed=0, device=CPU)
     assert float(ds["first_step_time"]) >= 0.3
     assert float(ds["train_time"]) < 0.3 and float(ds["time_to_target"]) < 0.3
+
+
+def test_out_of_memory_in_the_middle_of_the_rounds_drops_only_that_size(monkeypatch):
+    """B = 1024 passes warm-up and calibration, then runs out of memory in a later round (the other sizes'
+    cached blocks left too little room): it is recorded as infeasible, and the other size keeps its timings."""
+    real = runtime.make_step
+
+    def failing_later(*args, **kwargs):
+        step, seen = real(*args, **kwargs), {"big": 0}
+
+        def wrapped(x, y):
+            if len(x) == 1024:
+                seen["big"] += 1
+                if seen["big"] > 5:  # past warm-up (2 steps) and calibration (1 step of >= 1 ms)
+                    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return step(x, y)
+
+        return wrapped
+
+    monkeypatch.setattr(runtime, "make_step", failing_later)
+    settings = {
+        "profile": {"warmup": 2, "rounds": 4, "repeats": 2, "min_repeat_time": 0.001},
+        "workload": spec()["workload"],
+        "optimizer": spec()["optimizer"],
+    }
+    timed = profile.profile(settings, [64, 1024], CPU)
+    assert not bool(timed[1024]["feasible"]) and np.isnan(timed[1024]["t_iter"].values).all()
+    assert bool(timed[64]["feasible"]) and np.isfinite(timed[64]["t_iter"].values).all()

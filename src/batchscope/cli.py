@@ -343,11 +343,11 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     from batchscope.recommend import CacheError, main
 
     config_file = args.configfile
+    if config_file is None and Path(cfg.DEFAULT_CONFIG).is_file():
+        config_file = cfg.DEFAULT_CONFIG  # as snakemake: the default study when no config is named
     if config_file is None and not args.all:
-        if not Path(cfg.DEFAULT_CONFIG).is_file():
-            raise SystemExit(f"batchscope recommend: no {cfg.DEFAULT_CONFIG} here; give --configfile FILE (the "
-                             "study you ran) or --all")  # fmt: skip
-        config_file = cfg.DEFAULT_CONFIG
+        raise SystemExit(f"batchscope recommend: no {cfg.DEFAULT_CONFIG} here; give --configfile FILE (the "
+                         "study you ran) or --all")  # fmt: skip
     try:
         print(main(args.results, config_file, args.all, args.json))
     except CacheError as err:

@@ -173,7 +173,7 @@ def _check_factory(where: str, path: str) -> None:
         )
 
 
-def _check_workload(name: str, wl: dict[str, Any]) -> None:
+def _check_workload(name: str, wl: dict[str, Any], importable: bool = True) -> None:
     where = f"workloads.{name}"
     builtin = "factory" not in wl
     given = [key for key in ("dataset", "model") if key in wl]
@@ -195,7 +195,8 @@ def _check_workload(name: str, wl: dict[str, Any]) -> None:
             f"{where}.schedule.warmup_steps: {wl['schedule']['warmup_steps']} exceeds max_steps {wl['max_steps']}"
         )
     if not builtin:
-        _check_factory(where, wl["factory"])
+        if importable:
+            _check_factory(where, wl["factory"])
         _check_target(where, wl, regression=False)
         return
     if wl["options"]:
@@ -289,14 +290,18 @@ def check_sizes(config: dict[str, Any], n_train: dict[str, int]) -> None:
                 raise ConfigError(f"{key}: {value} exceeds {where} of workload {name!r}")
 
 
-def validate(config: dict[str, Any]) -> dict[str, Any]:
-    """Return a validated copy of ``config`` with every default filled in, or raise :class:`ConfigError`."""
+def validate(config: dict[str, Any], importable: bool = True) -> dict[str, Any]:
+    """Return a validated copy of ``config`` with every default filled in, or raise :class:`ConfigError`.
+
+    ``importable``: a factory workload's module must be importable here (what the workflow needs). Reading cached
+    results (``recommend``) sets it False: results copied from a cluster need not come with the user's package.
+    """
     if not isinstance(config, dict):
         raise ConfigError(f"<top level>: the config must be a mapping, got {type(config).__name__}")
     config = copy.deepcopy(config)
     _check_schema(config)
     for name, wl in config["workloads"].items():
-        _check_workload(name, wl)
+        _check_workload(name, wl, importable)
     eos = config["edge_of_stability"]
     eos.setdefault("workload", next(iter(config["workloads"])))
     if eos["workload"] not in config["workloads"]:
@@ -372,7 +377,7 @@ def _check_ghost(config: dict[str, Any]) -> None:
         )
 
 
-def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def load(path: str | Path, overrides: dict[str, Any] | None = None, importable: bool = True) -> dict[str, Any]:
     """Read a YAML config (safe loader: nothing in it is ever evaluated), apply overrides, validate."""
     try:
         config = yaml.safe_load(Path(path).read_text())
@@ -381,7 +386,7 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str,
     config = config if config is not None else {}
     if isinstance(config, dict):
         config.update(overrides or {})
-    return validate(config)
+    return validate(config, importable)
 
 
 # ---------------------------------------------------------------------------------------------- the grid

@@ -131,6 +131,9 @@ def read_profiles(paths: Sequence[str | Path], expect: dict[str, str] | None = N
     same_provenance(datasets, list(paths), "profiles")
     same_device(datasets, list(paths), "profiles")
     merged = xr.concat(parts, dim="profile_batch_size", combine_attrs="drop_conflicts").sortby("profile_batch_size")
+    # round r of every file is one stretch of time only when one job timed them all (profile_hardware does)
+    together = {ds.attrs.get("profiled_together") for ds in datasets}
+    merged.attrs["paired_rounds"] = int(len(together) == 1 and None not in together)
     return merged.rename({name: f"profile_{name}" for name in merged.data_vars})
 
 
@@ -159,15 +162,20 @@ RESIDUAL_MAX = 0.25  # no grid point more than 25% off either fitted curve
 ROUND_SPREAD_MAX = 0.10  # the profiling rounds' medians agree within 10% (relative IQR) at every batch size
 
 
-def _round_bootstrap(t_round: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+def _round_bootstrap(t_round: np.ndarray, n_boot: int, rng: np.random.Generator, paired: bool) -> np.ndarray:
     """T_iter per batch size for ``n_boot`` resamples of the profiling rounds: (n_boot, n_sizes).
 
-    ``t_round`` is (n_sizes, n_rounds), each round's median. The same rounds are drawn for every size: a round
-    timed all sizes within seconds of each other, so a slow spell of the machine moves them together and their
-    ratios, which decide b_opt and the ranking, stay as they were.
+    ``t_round`` is (n_sizes, n_rounds), each round's median. ``paired`` (the sizes were timed in the same
+    interleaved rounds): the same rounds are drawn for every size, since a round timed all sizes within seconds
+    of each other, so a slow spell of the machine moves them together and their ratios, which decide b_opt and
+    the ranking, stay as they were. Otherwise (profiles of separate jobs) each size's rounds are drawn alone.
     """
-    picks = rng.integers(0, t_round.shape[1], (n_boot, t_round.shape[1]))
-    return np.median(t_round[:, picks], axis=-1).T
+    n_sizes, n_rounds = t_round.shape
+    if paired:
+        picks = rng.integers(0, n_rounds, (n_boot, n_rounds))
+        return np.median(t_round[:, picks], axis=-1).T
+    picks = rng.integers(0, n_rounds, (n_boot, n_sizes, n_rounds))
+    return np.median(np.take_along_axis(np.broadcast_to(t_round, picks.shape), picks, axis=-1), axis=-1)
 
 
 def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, Any], workload: str,
@@ -219,7 +227,7 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     n_boot = spec["fit"]["bootstrap"]
     boot = {k: np.full(n_boot, np.nan) for k in ("n_iter", "c_var", "tau_f", "tau_d", "b_opt")}
     _, boot_k = bootstrap_steps(table, n_boot, rng)
-    boot_t = _round_bootstrap(t_round, n_boot, rng)
+    boot_t = _round_bootstrap(t_round, n_boot, rng, bool(profiles.attrs.get("paired_rounds", 0)))
     for i in range(n_boot):
         good = np.isfinite(boot_k[i])
         if good.sum() < 2:
@@ -229,7 +237,9 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
         values = (f.intercept, f.slope, t.intercept, t.slope, b_opt(f.intercept, f.slope, t.intercept, t.slope))
         for key, value in zip(boot, values, strict=True):
             boot[key][i] = value
-    boot_time = boot_k * boot_t  # (n_boot, grid): T(B) = K(B) T_iter(B) in each resample
+    # (n_boot, grid): T(B) = K(B) T_iter(B) in each resample; a resample where no lr's median reached the
+    # target at B takes infinitely long there (it must widen B's interval, not drop out of it)
+    boot_time = np.where(np.isnan(boot_k), np.inf, boot_k) * boot_t
     fastest, candidates, p_fastest = _fastest(grid_b, time_from_profile, boot_time, spec["fit"]["tolerance"])
 
     out = xr.Dataset(
@@ -246,7 +256,7 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
                               "long_name": "time to target from the fit: (N_iter + C_var/B)(tau_f + tau_d B)"}),
             "training_time_to_target": ("batch_size", _training_time_to_target(runs, k_table), {"units": "s",
                                         "long_name": "measured: the runs' own clock to the target, median over "
-                                        "seeds at the best lr (evaluations included)"}),
+                                        "seeds at the best lr (training steps only, evaluations excluded)"}),
             "indistinguishable": ("batch_size", candidates, {"long_name": "time to target within fit.tolerance of "
                                   "the fastest in at least 5% of the bootstrap resamples"}),
             "p_fastest": ("batch_size", p_fastest, {"long_name": "share of bootstrap resamples in which this batch "
@@ -254,7 +264,7 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
             "t_iter_fitted": ("profile_batch_size", tau_f + tau_d * profiles["profile_batch_size"].values,
                               {"units": "s"}),
             "t_iter_round_spread": ("batch_size", _relative_iqr(t_round), {"long_name": "relative interquartile "
-                                    "range of the profiling rounds' medians"}),
+                                    "range of the rounds' medians, each round's common level divided out"}),
             "n_iter": ((), n_iter, {"units": "steps", "long_name": "N_iter = S_min"}),
             "c_var": ((), c_var, {"units": "steps*examples"}),
             "b_crit": ((), c_var / n_iter if n_iter > 0 else math.inf, {"units": "examples"}),
@@ -306,18 +316,26 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
 
 
 def _interval(samples: np.ndarray) -> np.ndarray:
-    """95% percentile interval of each column of ``samples`` (n_boot, n): (n, 2), NaN where none is finite."""
+    """95% percentile interval of each column of ``samples`` (n_boot, n): (n, 2). Infinite samples (a resample
+    that never reached the target) count, and can make a bound infinite; NaN ones (none drawn) do not."""
     result = np.full((samples.shape[1], 2), np.nan)
     for j in range(samples.shape[1]):
-        finite = samples[:, j][np.isfinite(samples[:, j])]
-        if len(finite):
-            result[j] = np.quantile(finite, [0.025, 0.975])
+        drawn = samples[:, j][~np.isnan(samples[:, j])]
+        if len(drawn) and np.isfinite(drawn).any():
+            result[j] = np.quantile(np.sort(drawn), [0.025, 0.975], method="lower")
     return result
 
 
 def _relative_iqr(t_round: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore"):
-        q25, q50, q75 = np.nanquantile(t_round, [0.25, 0.5, 0.75], axis=1) if t_round.size else (np.nan,) * 3
+    """Per size, the relative interquartile range of its round medians after dividing out each round's common
+    level (the geometric mean over sizes): a slow spell that moved every size alike (which the paired bootstrap
+    cancels) is not counted; what one size suffered alone is."""
+    if not t_round.size:
+        return np.full(len(t_round), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        level = np.exp(np.nanmean(np.log(t_round), axis=0))
+        ratio = t_round / level
+        q25, q50, q75 = np.nanquantile(ratio, [0.25, 0.5, 0.75], axis=1)
     return (q75 - q25) / q50
 
 
@@ -378,13 +396,14 @@ def diagnose(ds: xr.Dataset) -> list[str]:
                 f"{', '.join(map(str, sizes))}; extend the workload's learning_rates (or lr_scaling.base_lrs) "
                 f"{'upward' if side == 'largest' else 'downward'}, or K(B) there is overestimated"
             )
-    best = int(ds["fastest_batch_size"])
-    if best in (lowest, highest) and len(b) > 1:
-        where = "smallest" if best == lowest else "largest"
-        notes.append(
-            f"the fastest batch size {best} is the grid's {where}: the optimum may lie beyond it; extend "
-            f"grid.batch_sizes {'downward' if best == lowest else 'upward'}"
-        )
+    same = set(b[ds["indistinguishable"].values.astype(bool)].tolist())
+    for edge, where, direction in ((lowest, "smallest", "downward"), (highest, "largest", "upward")):
+        if edge in same and len(b) > 1:
+            how = "the fastest" if edge == int(ds["fastest_batch_size"]) else "as fast as the fastest"
+            notes.append(
+                f"the grid's {where} batch size {edge} is {how}: the optimum may lie beyond it; extend "
+                f"grid.batch_sizes {direction}"
+            )
     b_opt_value = float(ds["b_opt"])
     low, high = ds["b_opt_ci"].values
     if not lowest <= b_opt_value <= highest:
@@ -398,7 +417,8 @@ def diagnose(ds: xr.Dataset) -> list[str]:
             f"{highest}): the prediction is unsure there; add seeds or batch sizes"
         )
     feasible = int(ds["largest_feasible_batch_size"])
-    if feasible > 0 and b_opt_value > feasible:
+    out_of_memory = not ds["profile_feasible"].values.astype(bool).all()  # a memory limit was actually seen
+    if out_of_memory and feasible > 0 and b_opt_value > feasible:
         notes.append(
             f"predicted b_opt = {b_opt_value:.0f} is above the largest batch size that fits in memory "
             f"({feasible}): use at most {feasible} (or gradient accumulation, whose steps cost more)"
@@ -426,6 +446,8 @@ def _training_time_to_target(runs: xr.Dataset, k_table: pd.DataFrame) -> np.ndar
     result = []
     for b, best_lr in zip(k_table.index.values, k_table["best_lr"].values, strict=True):
         mask = (runs["run_batch_size"].values == b) & (runs["run_lr"].values == best_lr)
-        times = runs["time_to_target"].values[mask]
-        result.append(float(np.median(times)) if mask.any() and np.isfinite(times).all() else math.nan)
+        # as K: a seed that never reached the target counts as never, so the median stays finite while most did
+        times = np.where(np.isnan(runs["time_to_target"].values[mask]), np.inf, runs["time_to_target"].values[mask])
+        median = float(np.median(times)) if mask.any() else math.nan
+        result.append(median if math.isfinite(median) else math.nan)
     return np.asarray(result)

@@ -52,6 +52,10 @@ def profile(spec: dict[str, Any], batch_sizes: Sequence[int], device: torch.devi
     workload = build_workload(wl_spec, device, seed=0, data_file=data_file)
     streamed = runtime.streams(workload, wl_spec["loader"])
     model = workload.model
+    if wl_spec["compile"]:  # one static-shape graph per batch size: let dynamo keep all of them (default 8)
+        from torch import _dynamo
+
+        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, len(sizes) + 1)
     optimizer = runtime.make_optimizer(spec["optimizer"], model.parameters(), lr=PROFILE_LR)
     # the schedule's LambdaLR.step is part of a training step; its factors do not matter at PROFILE_LR
     scheduler = runtime.make_schedule(optimizer, spec.get("schedule"), 10**9)
@@ -65,34 +69,40 @@ def profile(spec: dict[str, Any], batch_sizes: Sequence[int], device: torch.devi
     step_memory = dict.fromkeys(sizes, math.nan)
     peak_method = ""
     batches = {}
+    if device.type == "cuda":  # what is resident before any step: the data set (when on the device) and the model
+        torch.cuda.empty_cache()
+        resident = torch.cuda.memory_allocated(device)
     for b in sizes:
         # training's access pattern: consecutive batches of epoch permutations (not a few cache-hot ones)
         batches[b] = runtime.batches(workload, b, torch.Generator().manual_seed(0), wl_spec["loader"], device)
         if device.type == "cuda":
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-            resident = torch.cuda.memory_allocated(device)  # the data set and the model, before any step
         try:
             for _ in range(max(settings["warmup"], 1)):  # with compile: true the first step compiles
                 step(*next(batches[b]))
             steps_per_repeat[b] = _calibrate(step, batches[b], clock, settings["min_repeat_time"])
         except (RuntimeError, MemoryError) as err:
-            if not runtime.is_out_of_memory(err):
-                raise
-            del batches[b]
-            optimizer.zero_grad(set_to_none=True)
+            _give_up(b, err, batches, optimizer, device)
         peak[b], peak_method = _peak_memory(device)
         if device.type == "cuda":
             step_memory[b] = peak[b] - resident
-    feasible = [b for b in sizes if b in batches]
+    # a streamed size's DataLoader prefetches while the other sizes are timed: untimed steps drain what it has
+    # ready, so the timed steps wait for the input pipeline as training's do
+    drain = 2 * wl_spec["loader"]["workers"] + 1 if streamed else 0
     for r in range(rounds):
+        feasible = [b for b in sizes if b in batches]
         shift = r % max(len(feasible), 1)  # rotated, so no size is always timed right after the same other one
         for b in feasible[shift:] + feasible[:shift]:
-            for k in range(repeats):
-                clock.start()
-                for _ in range(steps_per_repeat[b]):
+            try:
+                for _ in range(drain):
                     step(*next(batches[b]))
-                times[b][r, k] = clock.stop() / steps_per_repeat[b]
+                for k in range(repeats):
+                    clock.start()
+                    for _ in range(steps_per_repeat[b]):
+                        step(*next(batches[b]))
+                    times[b][r, k] = clock.stop() / steps_per_repeat[b]
+            except (RuntimeError, MemoryError) as err:  # the other sizes' cached blocks left too little room
+                _give_up(b, err, batches, optimizer, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     attrs = {
@@ -111,6 +121,17 @@ def profile(spec: dict[str, Any], batch_sizes: Sequence[int], device: torch.devi
             for b in sizes}  # fmt: skip
 
 
+def _give_up(batch_size: int, err: BaseException, batches: dict, optimizer, device: torch.device) -> None:
+    """Out of memory at ``batch_size``: recorded as infeasible (its timings are dropped) and left out of the
+    remaining rounds; any other error is raised."""
+    if not runtime.is_out_of_memory(err):
+        raise err
+    batches.pop(batch_size, None)
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _calibrate(step, batches, clock: runtime.StepClock, min_repeat_time: float) -> int:
     """How many consecutive steps make a repeat last at least ``min_repeat_time``: doubled until a block does (as
     timeit's autorange), so one slow step cannot shrink every repeat."""
@@ -126,6 +147,8 @@ def _calibrate(step, batches, clock: runtime.StepClock, min_repeat_time: float) 
 
 def _dataset(batch_size: int, times: np.ndarray, feasible: bool, peak: float, step_memory: float,
              peak_method: str, steps_per_repeat: int, attrs: dict[str, Any]) -> xr.Dataset:  # fmt: skip
+    if not feasible:
+        times = np.full_like(times, math.nan)
     per_round = np.median(times, axis=1) if feasible else np.full(len(times), math.nan)
     if feasible:
         median = float(np.median(per_round))

@@ -9,10 +9,11 @@ same names (:data:`LABELS`).
 Three times to target, each named for where it comes from:
 
 - *from the profile*: K(B) x profiled T_iter(B), the steps the runs took times the profiled step time. Batch sizes
-  are ranked by it: it leaves out the evaluations a run pays for on its own clock.
+  are ranked by it: every size's step was timed in the same interleaved rounds, so the machine's drift falls on
+  all of them alike.
 - *from the fit*: the fitted model (N_iter + C_var/B)(tau_f + tau_d B) at that B.
-- *measured in training*: the runs' own clock to the target (median over seeds at the best lr), evaluations
-  included: what a run of yours with the same evaluation interval would take.
+- *measured in training*: the runs' own clock over their training steps to the target (median over seeds at the
+  best lr; evaluations excluded): what the steps took, each run timed at its own moment.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def recommendations(results: str | Path, config: dict[str, Any] | None = None, c
         paths = sorted(fit_dir.glob("*.nc"))
         if not paths:
             raise CacheError(f"{fit_dir}: no fit results (*.nc); run the workflow, or give the results directory")
-        current = {}
+        current = None
         if config is not None:
             current = {n: cfg.config_hash(cfg.fit_slice(config, n)) for n in config["workloads"]}
     else:
@@ -100,7 +101,9 @@ def recommendations(results: str | Path, config: dict[str, Any] | None = None, c
         ds = _read_fit(path)
         versions.add((ds.attrs.get("batchscope_version"), ds.attrs.get("algorithm_version")))
         row = recommend_row(ds, path)
-        row["current"] = (not everything) or current.get(row["workload"]) == row["config_hash"]
+        # None: no config to compare with (--all alone, and no config/config.yaml here)
+        row["current"] = True if not everything else None if current is None else (
+            current.get(row["workload"]) == row["config_hash"])  # fmt: skip
         rows.append(row)
     if len(versions) > 1:
         raise CacheError(
@@ -163,7 +166,8 @@ def format_row(row: dict[str, Any]) -> str:
     same = ", ".join(map(str, row["indistinguishable"]))
     low, high = row["b_opt_ci"]
     t_low, t_high = row["time_from_profile_ci"]
-    label = "" if row.get("current", True) else " [not the current config's]"
+    labels = {False: " [not the current config's]", None: " [no config given to compare with]"}
+    label = labels.get(row.get("current"), "")
     lines = [
         f"{row['workload']} on {row['device']} ({row['device_name']}), config {row['config_hash']}{label}:",
         f"  batch size {best} at learning rate {row['learning_rate']:g}; as fast within "
@@ -172,8 +176,8 @@ def format_row(row: dict[str, Any]) -> str:
         f"B {row['largest_feasible_batch_size']}",
         f"  time to target at B = {best}: {row['time_from_profile_s']:.3g} s from the profile (K x T_iter, 95% "
         f"interval {t_low:.3g} to {t_high:.3g}; batch sizes are ranked by this), {row['time_from_fit_s']:.3g} s from "
-        f"the fit, {row['training_time_to_target_s']:.3g} s measured in training (the runs' clock, evaluations "
-        "included: what your run would take)",
+        f"the fit, {row['training_time_to_target_s']:.3g} s measured in training (the runs' own clock over "
+        "their training steps)",
         f"  {_slowdown(row['smallest_batch_size'], row['smallest_slowdown'], best)}; "
         f"{_slowdown(row['largest_batch_size'], row['largest_slowdown'], best)} (from the profile)",
     ]
@@ -193,7 +197,8 @@ def _strict(value: Any) -> Any:
 
 
 def main(results: str, config_file: str | None, everything: bool, as_json: bool) -> str:
-    config = cfg.load(config_file) if config_file is not None else None
+    # the config names the study; its factories need not be importable where the results are read
+    config = cfg.load(config_file, importable=False) if config_file is not None else None
     rows = recommendations(results, config, str(config_file), everything)
     if as_json:
         return json.dumps(_strict(rows), indent=2, allow_nan=False)

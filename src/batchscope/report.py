@@ -208,7 +208,7 @@ def plot_total_time(ds: xr.Dataset) -> plt.Figure:
     ax.errorbar(b, t, yerr=[np.clip(t - low, 0, None), np.clip(high - t, 0, None)], fmt="o", color="C0", capsize=3,
                 label="from the profile: K(B) x T_iter(B), 95% interval")  # fmt: skip
     ax.plot(b, ds["training_time_to_target"].values, "^", color="C2", alpha=0.7,
-            label="measured in training (the runs' clock, evaluations included)")  # fmt: skip
+            label="measured in training (the runs' own clock over their training steps)")  # fmt: skip
     grid = np.geomspace(b.min(), b.max(), 200)
     pred = (float(ds["n_iter"]) + float(ds["c_var"]) / grid) * (float(ds["tau_f"]) + float(ds["tau_d"]) * grid)
     ax.plot(grid, pred, color="C1", label="from the fit: (N_iter + C_var/B)(tau_f + tau_d B)")
@@ -593,13 +593,14 @@ def recommendation(ds: xr.Dataset) -> str:
         f"{row['predicted_b_opt']:.0f} (95% interval {low:.0f} to {high:.0f}). Time to target at B = "
         f"{row['batch_size']}: {row['time_from_profile_s']:.3g} s from the profile (K x T_iter; batch sizes are "
         f"ranked by this), {row['time_from_fit_s']:.3g} s from the fit, {row['training_time_to_target_s']:.3g} s "
-        "measured in training (the runs' clock, evaluations included: what your run would take)."
+        "measured in training (the runs' own clock over their training steps, evaluations excluded)."
     )
 
 
 # The stages that analyse (rather than produce the answer): the issue's budget is their share of the compute.
 ANALYSIS_RULES = ("analyze_hessian", "aggregate_hessian", "measure_gradient_noise", "measure_jensen_bias",
-                  "measure_jensen_linreg", "edge_of_stability", "ghost_variance", "analyze_ghost_hessian")  # fmt: skip
+                  "measure_jensen_linreg", "edge_of_stability", "ghost_variance", "analyze_ghost_hessian",
+                  "train_ghost", "profile_ghost", "summarize_ghost")  # fmt: skip  (the Ghost BN experiment too)
 
 
 def stage_costs(benchmarks: dict[str, Sequence[str | Path]]) -> pd.DataFrame:

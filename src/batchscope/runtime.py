@@ -43,6 +43,7 @@ def resolve_device(requested: str) -> torch.device:
 
 
 _claimed: list = []  # lock files held for the life of the process: a job's GPU stays its own until it exits
+_claimed_index: list[int] = []
 
 
 def slot_directory() -> Path:
@@ -53,8 +54,11 @@ def claim_slot(ids: list[str], directory: Path | None = None, poll: float = 0.2)
     """Index of the first of ``ids`` that no other process holds, claimed (an exclusive ``flock`` on a file named
     by the id) until this process exits; waits while all are held. The kernel drops a dead process's locks, so
     a killed job frees its GPU. Written here (fcntl, a few lines) because no library in the environment does it."""
+    if _claimed:  # this process holds a GPU already (flock conflicts with a second lock of its own)
+        return _claimed_index[0]
     directory = directory or slot_directory()
     directory.mkdir(parents=True, exist_ok=True)
+    waited = False
     while True:
         for index, slot in enumerate(ids):
             handle = open(directory / f"{slot}.lock", "w")  # noqa: SIM115 (held open on purpose)
@@ -66,7 +70,11 @@ def claim_slot(ids: list[str], directory: Path | None = None, poll: float = 0.2)
             handle.write(f"{os.getpid()}\n")
             handle.flush()
             _claimed.append(handle)
+            _claimed_index.append(index)
             return index
+        if not waited:
+            print(f"batchscope: every GPU ({len(ids)}) is held by another job; waiting", file=sys.stderr)
+            waited = True
         time.sleep(poll)
 
 
@@ -168,7 +176,9 @@ def make_step(
         return loss(model(x), y)
 
     if compile:
-        forward = torch.compile(forward)
+        # static shapes, as training (one batch size per process) compiles them: the profile, which steps every
+        # size in one process, would otherwise be timed on dynamic-shape kernels from the second size on
+        forward = torch.compile(forward, dynamic=False)
     bf16 = precision == "bf16"
     oom_limit = faults.oom_above()
 

@@ -38,16 +38,29 @@ def record(workload_spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
 
 def cached_record(path: str | Path, workload_spec: dict[str, Any]) -> dict[str, Any] | None:
-    """The summary a ``prepare_data`` file keeps, when it exists and was made for this workload slice."""
-    from batchscope.io import CacheError, read_netcdf
+    """The summary a ``prepare_data`` file keeps, when it exists and was made for this workload slice and by
+    this version of the stage. Only its attributes are read: for a built-in dataset the file is the whole data
+    cache (hundreds of MB for CIFAR-10), and this runs at every Snakemake start."""
+    import xarray as xr
+
+    from batchscope import ALGORITHM_VERSIONS
+    from batchscope.io import ENGINE
 
     if not Path(path).is_file():
         return None
     try:
-        ds = read_netcdf(path, "prepare_data", (), cfg.config_hash({"workload": workload_spec}))
-    except CacheError:
+        with xr.open_dataset(path, engine=ENGINE) as ds:  # lazily: the variables are never loaded
+            attrs = dict(ds.attrs)
+    except (OSError, ValueError):
+        return None  # unreadable: prepare_data will rebuild it
+    current = (
+        attrs.get("stage") == "prepare_data"
+        and str(attrs.get("algorithm_version")) == str(ALGORITHM_VERSIONS["prepare_data"])
+        and attrs.get("config_hash") == cfg.config_hash({"workload": workload_spec})
+    )
+    if not current:
         return None
-    return {k: json.loads(v) if isinstance(v, str) and v.startswith("[") else v for k, v in ds.attrs.items()}
+    return {k: json.loads(v) if isinstance(v, str) and v.startswith("[") else v for k, v in attrs.items()}
 
 
 def train_sizes(config: dict[str, Any], results: str | Path | None = "results") -> dict[str, int]:

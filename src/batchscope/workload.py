@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 FACTORY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 CHECK_EXAMPLES = 2  # examples of the validation data the loss and metric are tried on before any work
@@ -195,15 +195,18 @@ def first_examples(split: TensorPair | Dataset, n: int, device: torch.device) ->
 
 def analysis_data(workload: Workload, device: torch.device) -> TensorPair:
     """The training data the analyses (Hessian, gradient noise, ...) work on, as tensors on the device: at most
-    ``loader.analysis_examples`` of them, so an analysis costs the same on any data set's size. Device-resident
-    data give a fixed random subset (a factory's tensors may be sorted by class); a Dataset its first examples."""
+    ``loader.analysis_examples`` of them, a fixed random subset (seed 0), so an analysis costs the same on any
+    data set's size and sees every class of a data set stored sorted by class."""
     limit = workload.spec["loader"]["analysis_examples"]
+    n = size(workload.train)
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit] if n > limit else None
     if not isinstance(workload.train, tuple):
-        return first_examples(workload.train, limit, device)
+        subset = workload.train if keep is None else Subset(workload.train, keep.tolist())
+        return first_examples(subset, limit, device)
     x, y = workload.train
-    if len(x) <= limit:
+    if keep is None:
         return x, y
-    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:limit].to(x.device)
+    keep = keep.to(x.device)
     return x[keep], y[keep]
 
 
