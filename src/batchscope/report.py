@@ -598,9 +598,19 @@ def recommendation(ds: xr.Dataset) -> str:
 
 
 # The stages that analyse (rather than produce the answer): the budget is their share of the compute.
-ANALYSIS_RULES = ("analyze_hessian", "aggregate_hessian", "measure_gradient_noise", "measure_jensen_bias",
-                  "measure_jensen_linreg", "edge_of_stability", "ghost_variance", "analyze_ghost_hessian",
-                  "train_ghost", "profile_ghost", "summarize_ghost")  # fmt: skip  (the Ghost BN experiment too)
+ANALYSIS_RULES = (
+    "analyze_hessian",
+    "aggregate_hessian",
+    "measure_gradient_noise",
+    "measure_jensen_bias",
+    "measure_jensen_linreg",
+    "edge_of_stability",
+    "ghost_variance",
+    "analyze_ghost_hessian",
+    "train_ghost",
+    "profile_ghost",
+    "summarize_ghost",
+)  # fmt: skip  (the Ghost BN experiment too)
 
 
 def stage_costs(benchmarks: dict[str, Sequence[str | Path]]) -> pd.DataFrame:
