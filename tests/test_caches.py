@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +130,22 @@ def test_profiles_of_two_devices_are_refused(caches, tmp_path):
     other = write_netcdf(ds, tmp_path / "B32.nc")
     with pytest.raises(CacheError, match=r"were computed on different devices"):
         fit_scaling([other, caches["profiles"][1]], caches["runs"], caches["fit_spec"], "w", caches["expect"])
+
+
+def test_the_parse_time_record_is_read_only_when_current(tmp_path):
+    """study.cached_record: the prepare_data record's sizes when it was made for this workload slice, else None
+    (then the workflow builds the record afresh), and a damaged file is not an error here."""
+    import xarray as xr
+
+    from batchscope import study
+
+    spec = {"name": "w", "factory": "batchscope.workload:builtin", "dataset": {"name": "digits"}}
+    record = xr.Dataset({"x": ("i", np.arange(3.0))}, attrs={"n_train": 1437, "input_shape": "[64]"})
+    record.attrs.update(io.provenance("prepare_data", {"workload": spec}))
+    path = write_netcdf(record, tmp_path / "w.nc")
+    summary = study.cached_record(path, spec)
+    assert summary["n_train"] == 1437 and summary["input_shape"] == [64]
+    assert study.cached_record(path, {**spec, "dataset": {"name": "digits", "seed": 1}}) is None
+    assert study.cached_record(tmp_path / "absent.nc", spec) is None
+    (tmp_path / "bad.nc").write_bytes(path.read_bytes()[:100])
+    assert study.cached_record(tmp_path / "bad.nc", spec) is None

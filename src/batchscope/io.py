@@ -113,11 +113,14 @@ def read_netcdf(
     stage: str | None = None,
     variables: tuple[str, ...] = (),
     config_hash: str | None = None,
+    attrs_only: bool = False,
 ) -> xr.Dataset:
     """Read a whole NetCDF file into memory and close it, refusing a file that cannot be what the caller needs.
 
     With ``stage``: the file must have been written by that stage, with this library's algorithm version for
     it; ``variables`` must be present; with ``config_hash``: it must have been computed for that config slice.
+    ``attrs_only``: the same checks, returning an empty Dataset with the file's attributes (no variable is read:
+    for a data cache of hundreds of MB, when only its record is wanted).
     """
     from batchscope import ALGORITHM_VERSIONS
 
@@ -126,7 +129,8 @@ def read_netcdf(
         raise CacheError(f"NetCDF file {path} does not exist; rerun the workflow to build it")
     try:
         with xr.open_dataset(path, engine=ENGINE) as ds:
-            ds = ds.load()
+            names = set(ds.variables)
+            ds = xr.Dataset(attrs=dict(ds.attrs)) if attrs_only else ds.load()
     except (OSError, ValueError) as err:
         raise CacheError(f"cannot read NetCDF file {path} (truncated or corrupted?): {err}. {rebuild[0].upper()}"
                          f"{rebuild[1:]}.") from err  # fmt: skip
@@ -140,7 +144,7 @@ def read_netcdf(
                 f"{path}: computed by version {ds.attrs.get('algorithm_version')!r} of the {stage} algorithm; this "
                 f"batchscope has version {version}: {rebuild}"
             )
-    missing = [name for name in variables if name not in ds.variables]
+    missing = [name for name in variables if name not in names]
     if missing:
         raise CacheError(f"{path}: variable {missing[0]!r} is missing (a wrong or damaged file); {rebuild}")
     if config_hash is not None and ds.attrs.get("config_hash") != config_hash:

@@ -41,25 +41,13 @@ def cached_record(path: str | Path, workload_spec: dict[str, Any]) -> dict[str, 
     """The summary a ``prepare_data`` file keeps, when it exists and was made for this workload slice and by
     this version of the stage. Only its attributes are read: for a built-in dataset the file is the whole data
     cache (hundreds of MB for CIFAR-10), and this runs at every Snakemake start."""
-    import xarray as xr
+    from batchscope.io import CacheError, read_netcdf
 
-    from batchscope import ALGORITHM_VERSIONS
-    from batchscope.io import ENGINE
-
-    if not Path(path).is_file():
-        return None
     try:
-        with xr.open_dataset(path, engine=ENGINE) as ds:  # lazily: the variables are never loaded
-            attrs = dict(ds.attrs)
-    except (OSError, ValueError):
-        return None  # unreadable: prepare_data will rebuild it
-    current = (
-        attrs.get("stage") == "prepare_data"
-        and str(attrs.get("algorithm_version")) == str(ALGORITHM_VERSIONS["prepare_data"])
-        and attrs.get("config_hash") == cfg.config_hash({"workload": workload_spec})
-    )
-    if not current:
-        return None
+        expected = cfg.config_hash({"workload": workload_spec})
+        attrs = read_netcdf(path, "prepare_data", (), expected, attrs_only=True).attrs
+    except CacheError:
+        return None  # absent, unreadable, stale or another config's: prepare_data will rebuild it
     return {k: json.loads(v) if isinstance(v, str) and v.startswith("[") else v for k, v in attrs.items()}
 
 
