@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from batchscope import data, runtime
-from batchscope.models import cnn
+from batchscope.engine import runtime
+from batchscope.workloads import data
+from batchscope.workloads.models import cnn
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ghostbn.json"
 BATCH, GHOST, REPEATS, STEPS = 1024, 32, 15, 10

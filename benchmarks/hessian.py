@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchscope import data, hessian, models
+from batchscope.core import hessian
+from batchscope.workloads import data, models
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hessian.json"
 REPEATS = 11

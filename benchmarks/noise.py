@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from batchscope import config, noise
-from batchscope.workload import build
+from batchscope import config
+from batchscope.core import noise
+from batchscope.workloads.base import build
 
 RESULTS = Path(__file__).resolve().parent / "results" / "noise.json"
 BATCH, REPEATS = 256, 15

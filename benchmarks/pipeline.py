@@ -54,7 +54,7 @@ def step_ratios(fit_path: Path) -> dict[str, dict[int, float]]:
     ``steady``: the runs' steady-state step time (first step after each evaluation left out);
     ``all_steps``: train_time / steps_done, which includes that post-evaluation cache refill.
     """
-    from batchscope.io import read_netcdf
+    from batchscope.store import read_netcdf
 
     ds = read_netcdf(fit_path)
     profiled = dict(zip(ds["profile_batch_size"].values.tolist(), ds["profile_t_iter_median"].values, strict=True))
@@ -72,7 +72,7 @@ def step_ratios(fit_path: Path) -> dict[str, dict[int, float]]:
 def analysis_share(workdir: Path) -> tuple[float, dict[str, float]]:
     """The analyses' share of the job time, and each stage's seconds, from Snakemake's benchmark files (the rule
     is the first folder under results/benchmarks/, Snakemake's layout for this workflow)."""
-    from batchscope.report import stage_costs
+    from batchscope.figures import stage_costs
 
     root = workdir / "results" / "benchmarks"
     by_rule = {}
@@ -87,7 +87,7 @@ def analysis_share(workdir: Path) -> tuple[float, dict[str, float]]:
 
 def default_study_checks(fit_path: Path) -> dict[str, object]:
     """What the default config must show: every B reaches the target, and b_opt lies inside the grid."""
-    from batchscope.io import read_netcdf
+    from batchscope.store import read_netcdf
 
     ds = read_netcdf(fit_path)
     grid = ds["batch_size"].values

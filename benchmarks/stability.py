@@ -46,7 +46,7 @@ def _busy() -> None:
 
 
 def answer(workdir: Path) -> dict[str, object]:
-    from batchscope.io import read_netcdf
+    from batchscope.store import read_netcdf
 
     ds = read_netcdf(workdir / FIT)
     same = ds["batch_size"].values[ds["indistinguishable"].values.astype(bool)]

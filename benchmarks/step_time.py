@@ -21,8 +21,10 @@ import torch
 from scipy.optimize import least_squares
 
 from batchscope import config as cfg
-from batchscope import profile, runtime
-from batchscope.fit import fit_step_time
+from batchscope.engine import profiling as profile
+from batchscope.engine import runtime
+from batchscope.stages import profile as stage_profile
+from batchscope.stages.fit import fit_step_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +51,7 @@ def main() -> None:
     overrides = {"device": args.device} if args.device else None
     config = cfg.load(args.config, overrides)
     workload = args.workload or next(iter(config["workloads"]))
-    spec = cfg.profile_slice(config, workload)
+    spec = stage_profile.config_slice(config, workload)
     device = runtime.resolve_device(config["device"])
     runtime.setup(config["threads"], device, config["deterministic"], config["tf32"])
     rows = []

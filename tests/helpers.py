@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from batchscope.io import read_netcdf
+from batchscope.store import read_netcdf
 
 TINY = "config/test/tiny.yaml"
 

@@ -9,11 +9,15 @@ import pytest
 import torch
 
 from batchscope import config as cfg
-from batchscope import io, profile
-from batchscope.fit import fit_scaling
-from batchscope.io import CacheError, read_netcdf, write_netcdf
-from batchscope.report import check_inputs
-from batchscope.train import train
+from batchscope import store as io
+from batchscope.engine import profiling as profile
+from batchscope.engine.training import train
+from batchscope.stages import fit as stage_fit
+from batchscope.stages import profile as stage_profile
+from batchscope.stages import train as stage_train
+from batchscope.stages.fit import fit_scaling
+from batchscope.stages.report import check_inputs
+from batchscope.store import CacheError, read_netcdf, write_netcdf
 
 CPU = torch.device("cpu")
 
@@ -29,7 +33,7 @@ def caches(tmp_path_factory):
                             "target": {"metric": "val_accuracy", "value": 0.8}, "max_steps": 200,
                             "learning_rates": [0.1]}},
     })  # fmt: skip
-    p_spec, t_spec = cfg.profile_slice(config, "w"), cfg.train_slice(config, "w")
+    p_spec, t_spec = stage_profile.config_slice(config, "w"), stage_train.config_slice(config, "w")
     profiles, runs = [], []
     timed = profile.profile(p_spec, [32, 128], CPU)
     for b in (32, 128):
@@ -40,7 +44,7 @@ def caches(tmp_path_factory):
         ds.attrs.update(io.provenance("train_model", t_spec, device="cpu"))
         runs.append(write_netcdf(ds, root / f"train/B{b}/lr0.1_seed0.nc"))
     expect = {"profile_hardware": cfg.config_hash(p_spec), "train_model": cfg.config_hash(t_spec)}
-    fit_spec = cfg.fit_slice(config, "w")
+    fit_spec = stage_fit.config_slice(config, "w")
     return {"root": root, "profiles": profiles, "runs": runs, "expect": expect, "fit_spec": fit_spec}
 
 
@@ -137,9 +141,9 @@ def test_the_parse_time_record_is_read_only_when_current(tmp_path):
     (then the workflow builds the record afresh), and a damaged file is not an error here."""
     import xarray as xr
 
-    from batchscope import study
+    from batchscope.stages import prepare as study
 
-    spec = {"name": "w", "factory": "batchscope.workload:builtin", "dataset": {"name": "digits"}}
+    spec = {"name": "w", "factory": "batchscope.workloads:builtin", "dataset": {"name": "digits"}}
     record = xr.Dataset({"x": ("i", np.arange(3.0))}, attrs={"n_train": 1437, "input_shape": "[64]"})
     record.attrs.update(io.provenance("prepare_data", {"workload": spec}))
     path = write_netcdf(record, tmp_path / "w.nc")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from batchscope import cli
-from batchscope.io import read_netcdf
+from batchscope.stages import train as stage_train
+from batchscope.store import read_netcdf
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_by_hand_equals_the_workflow_spec(by_hand, repo, tmp_path):
     """--config/--workload and the workflow's --spec JSON give bitwise-equal training results."""
     from batchscope import config as cfg
 
-    spec = json.dumps(cfg.train_slice(cfg.load(repo / "config/test/tiny.yaml"), "tiny_mlp"))
+    spec = json.dumps(stage_train.config_slice(cfg.load(repo / "config/test/tiny.yaml"), "tiny_mlp"))
     args = [
         "train",
         "--spec",

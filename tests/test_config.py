@@ -7,6 +7,8 @@ import pytest
 import yaml
 
 from batchscope import config as cfg
+from batchscope.stages import profile as stage_profile
+from batchscope.stages import train as stage_train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,13 +176,13 @@ def test_slices_isolate_what_each_stage_depends_on():
     changed["workloads"]["w"]["learning_rates"] = [0.05, 0.2]
     changed["workloads"]["w"]["target"]["value"] = 0.8
     # learning rates live in the paths/params, not the slices; the target does not touch profiling
-    assert cfg.profile_slice(config, "w") == cfg.profile_slice(changed, "w")
-    assert cfg.train_slice(config, "w") != cfg.train_slice(changed, "w")  # target changed
+    assert stage_profile.config_slice(config, "w") == stage_profile.config_slice(changed, "w")
+    assert stage_train.config_slice(config, "w") != stage_train.config_slice(changed, "w")  # target changed
     changed["workloads"]["w"]["target"]["value"] = 0.9
-    assert cfg.train_slice(config, "w") == cfg.train_slice(changed, "w")
+    assert stage_train.config_slice(config, "w") == stage_train.config_slice(changed, "w")
     changed["profile"]["repeats"] = 30
-    assert cfg.profile_slice(config, "w") != cfg.profile_slice(changed, "w")
-    assert cfg.train_slice(config, "w") == cfg.train_slice(changed, "w")
+    assert stage_profile.config_slice(config, "w") != stage_profile.config_slice(changed, "w")
+    assert stage_train.config_slice(config, "w") == stage_train.config_slice(changed, "w")
 
 
 def test_default_config_grid(repo):

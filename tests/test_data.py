@@ -6,8 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from batchscope import data
 from batchscope.config import DATASET_DEFAULTS, train_size
+from batchscope.workloads import data
 
 
 def write_idx(path, array, magic):

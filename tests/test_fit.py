@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batchscope import fit
+from batchscope.core import scaling
+from batchscope.stages import fit
 
 
 def test_step_time_fit_recovers_tau_f_and_tau_d():
@@ -15,7 +16,7 @@ def test_step_time_fit_recovers_tau_f_and_tau_d():
     batch_sizes = np.array([8, 16, 32, 64, 128, 256, 512, 1024])
     # 2% multiplicative timing noise, about what the profile's median of repeats shows here
     observed = (tau_f + tau_d * batch_sizes) * (1 + 0.02 * rng.standard_normal(len(batch_sizes)))
-    result = fit.fit_step_time(batch_sizes, observed)
+    result = scaling.fit_step_time(batch_sizes, observed)
     assert result.intercept == pytest.approx(tau_f, rel=0.05)
     assert result.slope == pytest.approx(tau_d, rel=0.05)
     assert result.r2 > 0.99
@@ -26,27 +27,27 @@ def test_steps_fit_recovers_n_iter_and_c_var():
     n_iter, c_var = 40.0, 2400.0  # B_crit = 60
     batch_sizes = np.array([8, 16, 32, 64, 128, 256, 512, 1024])
     observed = (n_iter + c_var / batch_sizes) * (1 + 0.02 * rng.standard_normal(len(batch_sizes)))
-    result = fit.fit_steps(batch_sizes, observed)
+    result = scaling.fit_steps(batch_sizes, observed)
     assert result.intercept == pytest.approx(n_iter, rel=0.05)
     assert result.slope == pytest.approx(c_var, rel=0.05)
 
 
 def test_fits_are_exact_on_noise_free_data():
     b = np.array([4.0, 32.0, 300.0])
-    exact = fit.fit_steps(b, 10 + 500 / b)
+    exact = scaling.fit_steps(b, 10 + 500 / b)
     assert (exact.intercept, exact.slope) == pytest.approx((10, 500), rel=1e-9)
     assert np.abs(exact.residuals).max() < 1e-9
 
 
 def test_fit_is_non_negative_when_data_slope_down():
     # step time falling with B (noise) must not give a negative tau_d
-    result = fit.fit_step_time([8, 16, 32], [3e-4, 2.9e-4, 2.8e-4])
+    result = scaling.fit_step_time([8, 16, 32], [3e-4, 2.9e-4, 2.8e-4])
     assert result.slope >= 0 and result.intercept > 0
 
 
 def test_fit_needs_two_points():
     with pytest.raises(ValueError, match="at least 2 points"):
-        fit.fit_steps([8], [100])
+        scaling.fit_steps([8], [100])
 
 
 @pytest.mark.parametrize(
@@ -55,12 +56,12 @@ def test_fit_needs_two_points():
 )
 def test_b_opt_matches_brute_force_argmin(n_iter, c_var, tau_f, tau_d):
     grid = np.geomspace(0.01, 1e6, 2_000_001)
-    brute = grid[np.argmin(fit.predicted_time(grid, n_iter, c_var, tau_f, tau_d))]
-    assert fit.b_opt(n_iter, c_var, tau_f, tau_d) == pytest.approx(brute, rel=1e-4)
+    brute = grid[np.argmin(scaling.predicted_time(grid, n_iter, c_var, tau_f, tau_d))]
+    assert scaling.b_opt(n_iter, c_var, tau_f, tau_d) == pytest.approx(brute, rel=1e-4)
 
 
 def test_b_opt_is_infinite_without_per_example_cost():
-    assert math.isinf(fit.b_opt(10, 100, 1e-3, 0.0))
+    assert math.isinf(scaling.b_opt(10, 100, 1e-3, 0.0))
 
 
 def test_steps_per_batch_size_takes_best_lr_median_and_censors():
@@ -82,7 +83,7 @@ def test_steps_per_batch_size_takes_best_lr_median_and_censors():
         ],
         columns=["batch_size", "lr", "seed", "steps_to_target"],
     )
-    table = fit.steps_per_batch_size(runs)
+    table = scaling.steps_per_batch_size(runs)
     assert table.loc[8, "k"] == 110 and table.loc[8, "best_lr"] == 0.1
     assert table.loc[16, "k"] == 70
     assert np.isnan(table.loc[64, "k"]) and np.isnan(table.loc[64, "best_lr"])
@@ -111,7 +112,7 @@ def _write_synthetic_caches(tmp_path, n_iter, c_var, tau_f, tau_d, rng):
     """Profile and training caches as the stages write them, from a known scaling model."""
     import xarray as xr
 
-    from batchscope.io import write_netcdf
+    from batchscope.store import write_netcdf
 
     batch_sizes = [8, 16, 32, 64, 128, 256, 512]
     profiles, run_dirs = [], []
@@ -145,7 +146,7 @@ def test_fit_scaling_recovers_the_model_from_caches(tmp_path):
     assert float(ds["c_var"]) == pytest.approx(c_var, rel=0.05)
     assert float(ds["tau_f"]) == pytest.approx(tau_f, rel=0.05)
     assert float(ds["tau_d"]) == pytest.approx(tau_d, rel=0.05)
-    true_b_opt = fit.b_opt(n_iter, c_var, tau_f, tau_d)  # ~117
+    true_b_opt = scaling.b_opt(n_iter, c_var, tau_f, tau_d)  # ~117
     assert float(ds["b_opt"]) == pytest.approx(true_b_opt, rel=0.05)
     low, high = ds["b_opt_ci"].values
     assert low < true_b_opt < high
@@ -165,16 +166,16 @@ def test_vectorised_bootstrap_matches_the_per_cell_definition():
         for seed in range(5)
     ]
     runs = pd.DataFrame(rows, columns=["batch_size", "lr", "seed", "steps_to_target"])
-    _, cube = fit.bootstrap_steps(runs, 20000, np.random.default_rng(0), vectorised=True)
-    _, cells = fit.bootstrap_steps(runs, 600, np.random.default_rng(1), vectorised=False)
+    _, cube = scaling.bootstrap_steps(runs, 20000, np.random.default_rng(0), vectorised=True)
+    _, cells = scaling.bootstrap_steps(runs, 600, np.random.default_rng(1), vectorised=False)
     # 600 replicates: the mean's Monte Carlo error is ~2% of K here, so 8% is about 4 standard errors
     np.testing.assert_allclose(np.nanmean(cells, axis=0), np.nanmean(cube, axis=0), rtol=0.08)
     finite = runs["steps_to_target"].dropna()
     assert np.nanmin(cube) >= finite.min() and np.nanmax(cube) <= finite.max()
     irregular = runs.iloc[1:]  # one cell loses a seed: only the per-cell path applies
-    assert fit.bootstrap_steps(irregular, 5, np.random.default_rng(0))[1].shape == (5, 3)
+    assert scaling.bootstrap_steps(irregular, 5, np.random.default_rng(0))[1].shape == (5, 3)
     with pytest.raises(ValueError, match="same number of seeds"):
-        fit.bootstrap_steps(irregular, 5, np.random.default_rng(0), vectorised=True)
+        scaling.bootstrap_steps(irregular, 5, np.random.default_rng(0), vectorised=True)
 
 
 class _NoNoise:
@@ -212,7 +213,7 @@ def test_a_slow_spell_of_the_machine_moves_no_answer(tmp_path):
     hold still: the interval stays within 5% of the truth, however large the drift."""
     import xarray as xr
 
-    from batchscope.io import write_netcdf
+    from batchscope.store import write_netcdf
 
     tau_f, tau_d = 2.5e-4, 1.1e-6
     profiles, runs = _write_synthetic_caches(tmp_path, 40.0, 2400.0, tau_f, tau_d, _NoNoise())
@@ -227,7 +228,7 @@ def test_a_slow_spell_of_the_machine_moves_no_answer(tmp_path):
         return fit.fit_scaling(profiles, runs, SPEC, "synthetic")
 
     ds = write(together=sizes)
-    truth = fit.b_opt(40.0, 2400.0, tau_f, tau_d)
+    truth = scaling.b_opt(40.0, 2400.0, tau_f, tau_d)
     # K is exact, so b_opt's only uncertainty is the timing's: a common factor cancels in tau_f / tau_d
     low, high = ds["b_opt_ci"].values
     assert truth * 0.95 < low <= high < truth * 1.05
@@ -245,7 +246,7 @@ def test_a_slow_spell_of_the_machine_moves_no_answer(tmp_path):
 def test_a_size_slowed_alone_is_reported_as_noisy_timing(tmp_path):
     import xarray as xr
 
-    from batchscope.io import write_netcdf
+    from batchscope.store import write_netcdf
 
     profiles, runs = _write_synthetic_caches(tmp_path, 40.0, 2400.0, 2.5e-4, 1.1e-6, _NoNoise())
     sizes = [8, 16, 32, 64, 128, 256, 512]
@@ -274,7 +275,7 @@ def test_diagnostics_name_what_to_change(tmp_path):
     profiles, runs = _write_synthetic_caches(tmp_path / "bent", 40.0, 2400.0, 2.5e-4, 1.1e-6, _NoNoise())
     import xarray as xr
 
-    from batchscope.io import write_netcdf
+    from batchscope.store import write_netcdf
 
     for path in profiles:
         b = xr.open_dataset(path, engine="h5netcdf").load().attrs["batch_size"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from batchscope.ghost import GhostBatchNorm1d, GhostBatchNorm2d
+from batchscope.core.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 
 
 def pair(cls, bn_cls, channels, ghost, seed=0):
@@ -100,7 +100,7 @@ def test_eval_mode_equals_batchnorm_eval():
 
 def test_ghost_noise_variance_ratio_is_g():
     """Var(ghost-batch mean) / Var(full-batch mean) over i.i.d. synthetic batches is g (within 3 standard errors)."""
-    from batchscope.ghost import mean_variance_ratio
+    from batchscope.core.ghost import mean_variance_ratio
 
     rng = np.random.default_rng(0)
     population = rng.standard_normal(10**5)
@@ -111,7 +111,7 @@ def test_ghost_noise_variance_ratio_is_g():
 
 
 def test_finite_population_ratio_follows_the_correction():
-    from batchscope.ghost import expected_ratio, mean_variance_ratio
+    from batchscope.core.ghost import expected_ratio, mean_variance_ratio
 
     rng = np.random.default_rng(1)
     population = rng.standard_normal((1437, 3))  # digits-sized, three channels
@@ -129,7 +129,7 @@ def test_refuses_bad_arguments():
 
 
 def test_models_take_a_norm_option():
-    from batchscope.models import build_model
+    from batchscope.workloads.models import build_model
 
     model = build_model({"name": "cnn", "channels": [4], "hidden": 8, "norm": "ghost", "ghost_batch_size": 16},
                         (1, 8, 8), 10)  # fmt: skip
@@ -142,10 +142,10 @@ def test_models_take_a_norm_option():
 
 def test_variance_experiment_on_digits_cnn_activations():
     """Real activations (the first BatchNorm's input of the digits CNN): the ratio follows g (N - m)/(N - B)."""
-    from batchscope.ghost_experiment import variance_experiment
+    from batchscope.measure.ghost import variance_experiment
 
     workload = {
-        "factory": "batchscope.workload:builtin",
+        "factory": "batchscope.workloads:builtin",
         "dataset": {"name": "digits", "val_fraction": 0.2, "seed": 0},
         "model": {"name": "cnn", "channels": [8, 16], "hidden": 32, "norm": "batch"},
         "loader": {"stream": False, "workers": 0, "pin_memory": True, "analysis_examples": 4096},

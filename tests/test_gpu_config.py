@@ -5,8 +5,9 @@ import torch
 import yaml
 
 from batchscope import config as cfg
-from batchscope.models import build_model
-from batchscope.train import train
+from batchscope.engine.training import train
+from batchscope.stages import train as stage_train
+from batchscope.workloads.models import build_model
 from tests.test_data import write_cifar
 
 CPU = torch.device("cpu")
@@ -45,6 +46,6 @@ def test_resnet_trains_a_few_steps_on_cifar_shaped_data(repo, cifar_dir):
     config = gpu_config(repo, cifar_dir, device="cpu", threads=1)
     config["workloads"]["cifar_resnet20"]["model"]["blocks"] = 1
     config["workloads"]["cifar_resnet20"].update(max_steps=4, eval_interval=2)
-    ds, checkpoint = train(cfg.train_slice(config, "cifar_resnet20"), 32, 0.05, 0, CPU)
+    ds, checkpoint = train(stage_train.config_slice(config, "cifar_resnet20"), 32, 0.05, 0, CPU)
     assert int(ds["steps_done"]) == 4 and bool(torch.isfinite(torch.tensor(ds["train_loss"].values)).all())
     assert any("running_mean" in key for key in checkpoint["state_dict"])

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from batchscope import data, hessian
 from batchscope.config import DATASET_DEFAULTS
-from batchscope.models import mlp
+from batchscope.core import hessian
+from batchscope.workloads import data
+from batchscope.workloads.models import mlp
 
 
 def tiny_problem(dtype, n=60, seed=0, widths=(8,)):

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from batchscope import data, noise
 from batchscope.config import DATASET_DEFAULTS
-from batchscope.models import cnn, mlp
+from batchscope.core import noise
+from batchscope.workloads import data
+from batchscope.workloads.models import cnn, mlp
 
 CE = nn.functional.cross_entropy
 
@@ -90,7 +91,7 @@ def test_two_batch_estimate_is_within_15_percent_of_per_example():
 
 @pytest.mark.parametrize("m", [15, 30, 100])
 def test_jensen_bias_matches_the_inverse_wishart_mean(m):
-    from batchscope.data import linreg_covariance
+    from batchscope.workloads.data import linreg_covariance
 
     p = 10
     result = noise.jensen_linreg(linreg_covariance(p, 30.0, 0), [m], draws=4000, rng=np.random.default_rng(m))

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from batchscope import cli, fit
-from batchscope.io import provenance, write_netcdf
-from batchscope.recommend import CacheError, recommendations
+from batchscope import cli
+from batchscope.core import scaling
+from batchscope.stages import fit
+from batchscope.stages.recommend import CacheError, recommendations
+from batchscope.store import provenance, write_netcdf
 from tests.test_fit import SPEC, _NoNoise, _write_synthetic_caches
 
 N_ITER, C_VAR, TAU_F, TAU_D = 40.0, 2400.0, 2.5e-4, 1.1e-6
@@ -42,7 +44,7 @@ def test_recommendation_numbers(results):
     assert row["indistinguishable"] == [b for b in grid if measured_time(b) <= 1.05 * measured_time(best)]
     assert row["smallest_slowdown"] == pytest.approx(measured_time(8) / measured_time(best), rel=1e-9)
     assert row["largest_slowdown"] == pytest.approx(measured_time(512) / measured_time(best), rel=1e-9)
-    assert row["predicted_b_opt"] == pytest.approx(fit.b_opt(N_ITER, C_VAR, TAU_F, TAU_D), rel=0.01)
+    assert row["predicted_b_opt"] == pytest.approx(scaling.b_opt(N_ITER, C_VAR, TAU_F, TAU_D), rel=0.01)
     assert row["steps_to_target"] == np.round(N_ITER + C_VAR / 128)
     assert row["device_name"] == "synthetic"
 

@@ -11,8 +11,9 @@ import pytest  # noqa: E402
 import xarray as xr  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 
-from batchscope import fit, report  # noqa: E402
-from batchscope.io import write_netcdf  # noqa: E402
+from batchscope import figures as report  # noqa: E402
+from batchscope.stages import fit
+from batchscope.store import write_netcdf  # noqa: E402
 from tests.test_fit import profile_dataset  # noqa: E402
 
 BATCH_SIZES = [8, 16, 32, 64, 128, 256, 512]

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from batchscope import io, runtime
+from batchscope import store as io
+from batchscope.engine import runtime
 
 CPU = torch.device("cpu")
 

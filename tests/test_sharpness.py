@@ -8,11 +8,15 @@ import torch
 import xarray as xr
 
 from batchscope import config as cfg
-from batchscope import data, sharpness
-from batchscope.io import write_netcdf
-from batchscope.models import build_model
-from batchscope.train import train
-from batchscope.workload import build
+from batchscope.engine.training import train
+from batchscope.measure import edge_of_stability
+from batchscope.measure import hessian as sharpness
+from batchscope.stages import hessian as hessian_stage
+from batchscope.stages import train as stage_train
+from batchscope.store import write_netcdf
+from batchscope.workloads import data
+from batchscope.workloads.base import build
+from batchscope.workloads.models import build_model
 
 CPU = torch.device("cpu")
 
@@ -34,7 +38,7 @@ def settings(**overrides):
             "target": {"metric": "val_accuracy", "value": 0.8}, "max_steps": 300, "learning_rates": [0.1],
         }},
     })  # fmt: skip
-    return cfg.train_slice(config, "w"), cfg.hessian_slice(config, "w")
+    return stage_train.config_slice(config, "w"), hessian_stage.config_slice(config, "w")
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +131,7 @@ def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):
             attrs={"batch_size": b, "lr": lr, "seed": s, "skipped": ""},
         )
         write_netcdf(point, tmp_path / "h" / f"B{b}_lr{lr}_seed{s}.nc")
-    from batchscope.fit import fit_scaling
+    from batchscope.stages.fit import fit_scaling
     from tests.test_fit import profile_dataset
 
     profiles = [write_netcdf(profile_dataset(b, np.full((3, 1), 1e-3 + 1e-6 * b)), tmp_path / "p" / f"B{b}.nc")
@@ -136,7 +140,7 @@ def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):
     fit = fit_scaling(profiles, sorted((tmp_path / "train").iterdir()), spec, "synthetic")
     assert {b: float(fit["best_lr"].sel(batch_size=b)) for b in batch_sizes} == best  # the fit decides, once
     write_netcdf(fit, tmp_path / "fit.nc")
-    ds = sharpness.aggregate([tmp_path / "h"], tmp_path / "fit.nc", "synthetic")
+    ds = hessian_stage.aggregate([tmp_path / "h"], tmp_path / "fit.nc", "synthetic")
     import pandas as pd
 
     # B has ties (two seeds each), so rho(B, lambda_max) < 1: compare with pandas' rank correlation
@@ -148,7 +152,7 @@ def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):
     assert bool(ds["larger_batch_sharper"]) and int(ds["n_runs_compared"]) == 8
     medians = ds["lambda_max_at_best_lr"].sel(summary="median").values
     np.testing.assert_allclose(medians, np.log(batch_sizes) + 0.005)
-    assert "reproduced" in sharpness.reproduction_sentence(ds)
+    assert "reproduced" in hessian_stage.reproduction_sentence(ds)
 
 
 def test_edge_of_stability_sharpness_settles_at_two_over_eta():
@@ -156,11 +160,11 @@ def test_edge_of_stability_sharpness_settles_at_two_over_eta():
     lambda_max ends within 10% of 2/eta; with a small step it stays far below its limit."""
     workload = {**settings()[0]["workload"], "model": {"name": "mlp", "widths": [64], "norm": "none"}}
     spec = {"examples": 1000, "steps": 500, "interval": 50, "seed": 0, "workload": workload}
-    large = sharpness.edge_of_stability(0.5, spec, CPU)
+    large = edge_of_stability.edge_of_stability(0.5, spec, CPU)
     assert float(large["stability_limit"]) == pytest.approx(4.0)
     assert float(large["lambda_max"][0]) > 4.0  # starts above the limit: GD must push sharpness down to it
     final = large["lambda_max"].values[-3:] / 4.0
     assert np.all(np.abs(final - 1) < 0.10), final
     assert large["loss"].values[-1] < large["loss"].values[0] and not large.attrs["diverged"]
-    small = sharpness.edge_of_stability(0.05, {**spec, "steps": 200}, CPU)
+    small = edge_of_stability.edge_of_stability(0.05, {**spec, "steps": 200}, CPU)
     assert small["lambda_max"].values[-1] < 0.4 * float(small["stability_limit"])

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from batchscope import config as cfg
-from batchscope import profile, runtime
-from batchscope.train import train
+from batchscope.engine import profiling as profile
+from batchscope.engine import runtime
+from batchscope.engine.training import train
+from batchscope.stages import train as stage_train
 
 CPU = torch.device("cpu")
 
@@ -32,7 +34,7 @@ def spec(**overrides):
             },
         }
     )
-    return cfg.train_slice(config, "w")
+    return stage_train.config_slice(config, "w")
 
 
 def test_training_is_bitwise_reproducible_per_seed():
@@ -203,7 +205,7 @@ def test_profile_interleaves_batch_sizes_so_drift_falls_on_all(monkeypatch):
 
 @pytest.mark.parametrize("n", range(2, 10))
 def test_thinning_snapshots_keeps_the_initial_and_the_newest_state(n):
-    from batchscope.train import thin
+    from batchscope.engine.training import thin
 
     kept = [(10 * i, f"state {i}") for i in range(n)]
     thin(kept)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from batchscope import config as cfg
-from batchscope.io import read_netcdf
+from batchscope.store import read_netcdf
 from tests.helpers import TINY, snakemake
 
 pytestmark = pytest.mark.integration
@@ -280,7 +280,7 @@ def test_recommend_reads_the_studys_fits_and_agrees_with_the_report(study, repo,
     shutil.copytree(study / "results/fit", results / "fit")
     stray = read_netcdf(results / "fit/tiny_mlp.nc")
     stray.attrs.update(workload="other_study", config_hash="0123456789abcdef")
-    from batchscope.io import write_netcdf
+    from batchscope.store import write_netcdf
 
     write_netcdf(stray, results / "fit/other_study.nc")
     assert cli.main(["recommend", str(results), "--configfile", str(repo / TINY), "--json"]) == 0

@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from batchscope import config as cfg
-from batchscope import profile, runtime
-from batchscope.train import train
-from batchscope.workload import WorkloadError, build
+from batchscope.engine import profiling as profile
+from batchscope.engine import runtime
+from batchscope.engine.training import train
+from batchscope.stages import profile as stage_profile
+from batchscope.stages import train as stage_train
+from batchscope.workloads.base import WorkloadError, build
 
 CPU = torch.device("cpu")
 BAD = "tests.factories.bad:"
@@ -140,14 +143,14 @@ def test_schedule_follows_its_closed_form_in_a_real_optimizer(decay):
 def test_warmup_and_cosine_train_and_are_recorded():
     config = digits_config(schedule={"warmup_steps": 20, "decay": "cosine"},
                            optimizer={"name": "sgd", "momentum": 0.9, "nesterov": True})  # fmt: skip
-    ds, _ = train(cfg.train_slice(config, "w"), 64, 0.1, 0, CPU)
+    ds, _ = train(stage_train.config_slice(config, "w"), 64, 0.1, 0, CPU)
     assert bool(ds["reached_target"]) and ds.attrs["optimizer"] == "sgd"
     assert json.loads(ds.attrs["schedule"])["decay"] == "cosine"
 
 
 def test_adamw_trains():
     config = digits_config(optimizer={"name": "adamw"})
-    ds, _ = train(cfg.train_slice(config, "w"), 64, 0.003, 0, CPU)
+    ds, _ = train(stage_train.config_slice(config, "w"), 64, 0.003, 0, CPU)
     assert bool(ds["reached_target"]) and ds.attrs["optimizer"] == "adamw"
 
 
@@ -155,20 +158,20 @@ def test_streaming_path_trains_like_the_device_path_and_is_profiled():
     """The same digits workload read through a DataLoader: the same batches cannot be promised (the loader
     draws its own permutation), but the run reaches the target within a similar number of steps, and the
     record and the profile say which path was used."""
-    device_run, _ = train(cfg.train_slice(digits_config(), "w"), 64, 0.1, 0, CPU)
+    device_run, _ = train(stage_train.config_slice(digits_config(), "w"), 64, 0.1, 0, CPU)
     config = digits_config(loader={"stream": True, "workers": 1})
-    stream_run, _ = train(cfg.train_slice(config, "w"), 64, 0.1, 0, CPU)
+    stream_run, _ = train(stage_train.config_slice(config, "w"), 64, 0.1, 0, CPU)
     assert device_run.attrs["data_path"] == "device" and stream_run.attrs["data_path"] == "stream"
     assert bool(stream_run["reached_target"])
     assert 0.5 <= float(stream_run["steps_to_target"]) / float(device_run["steps_to_target"]) <= 2.0
-    settings = {**cfg.profile_slice(config, "w"), "profile": {"warmup": 2, "rounds": 3, "repeats": 1,
+    settings = {**stage_profile.config_slice(config, "w"), "profile": {"warmup": 2, "rounds": 3, "repeats": 1,
                                                               "min_repeat_time": 0.002}}  # fmt: skip
     prof = profile.profile(settings, [64], CPU)[64]
     assert prof.attrs["data_path"] == "stream" and prof.attrs["loader_workers"] == 1 and bool(prof["feasible"])
 
 
 def test_a_batch_larger_than_a_factorys_data_is_refused():
-    spec = cfg.train_slice(digits_config(), "w")
+    spec = stage_train.config_slice(digits_config(), "w")
     spec["workload"] = workload_spec(BAD + "good")
     with pytest.raises(ValueError, match="batch size 64 exceeds the 32 training examples"):
         train(spec, 64, 0.1, 0, CPU)
@@ -178,7 +181,7 @@ def test_a_batch_larger_than_a_factorys_data_is_refused():
 def test_the_step_runs_the_forward_pass_in_the_asked_precision(precision, dtype):
     """What the layers compute in, seen from inside the forward pass (a hook on the first Linear): bf16 under
     autocast, fp32 otherwise; the weights and their gradients stay fp32 either way."""
-    from batchscope import runtime
+    from batchscope.engine import runtime
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
@@ -193,10 +196,10 @@ def test_the_step_runs_the_forward_pass_in_the_asked_precision(precision, dtype)
 
 def test_bf16_autocast_trains_and_is_recorded():
     config = digits_config(precision="bf16")
-    ds, checkpoint = train(cfg.train_slice(config, "w"), 64, 0.1, 0, CPU)
+    ds, checkpoint = train(stage_train.config_slice(config, "w"), 64, 0.1, 0, CPU)
     assert bool(ds["reached_target"]) and ds.attrs["precision"] == "bf16"
     assert all(v.dtype == torch.float32 for v in checkpoint["state_dict"].values())  # weights stay fp32
-    settings = {**cfg.profile_slice(config, "w"), "profile": {"warmup": 2, "rounds": 3, "repeats": 1,
+    settings = {**stage_profile.config_slice(config, "w"), "profile": {"warmup": 2, "rounds": 3, "repeats": 1,
                                                               "min_repeat_time": 0.002}}  # fmt: skip
     assert profile.profile(settings, [64], CPU)[64].attrs["precision"] == "bf16"
 
@@ -207,9 +210,9 @@ def test_compiled_step_matches_eager():
     evaluation interval (compiled kernels round differently)."""
     from torch._dynamo.utils import counters
 
-    eager, _ = train(cfg.train_slice(digits_config(), "w"), 64, 0.1, 0, CPU)
+    eager, _ = train(stage_train.config_slice(digits_config(), "w"), 64, 0.1, 0, CPU)
     counters.clear()
-    compiled, _ = train(cfg.train_slice(digits_config(compile=True), "w"), 64, 0.1, 0, CPU)
+    compiled, _ = train(stage_train.config_slice(digits_config(compile=True), "w"), 64, 0.1, 0, CPU)
     # dynamo really captured the forward (an attribute copied from the spec would pass with compile a no-op)
     assert counters["stats"]["unique_graphs"] >= 1 and compiled.attrs["compiled"] == 1
     assert abs(float(compiled["steps_to_target"]) - float(eager["steps_to_target"])) <= 10
@@ -218,7 +221,7 @@ def test_compiled_step_matches_eager():
 @pytest.mark.integration
 def test_the_example_factories_run_through_the_whole_workflow(repo, venv_env, tmp_path):
     """examples/own_workload as a user runs it: two factory workloads (one streamed) through every stage."""
-    from batchscope.io import read_netcdf
+    from batchscope.store import read_netcdf
 
     env = {**venv_env, "PYTHONPATH": str(repo / "examples" / "own_workload")}
     cmd = ["snakemake", "-s", str(repo / "Snakefile"), "--directory", str(tmp_path), "--cores", "2",

@@ -22,7 +22,7 @@ import yaml
 
 SCHEMA_FILE = "config.schema.yaml"
 DEFAULT_CONFIG = "config/config.yaml"  # the study the Snakefile runs, and recommend reads, when no config is given
-BUILTIN_FACTORY = "batchscope.workload:builtin"  # the built-in datasets and models, through the same protocol
+BUILTIN_FACTORY = "batchscope.workloads:builtin"  # the built-in datasets and models, through the same protocol
 
 # Per-name defaults for the tagged sub-objects. They live here rather than in the schema because the schema
 # describes one object for all names: defaults there would give digits a `noise_std` and mlp a `channels`.
@@ -252,7 +252,7 @@ AUTO_EVAL_SIZE = 512
 
 def static_train_sizes(config: dict[str, Any]) -> dict[str, int]:
     """Training-set sizes known from the config alone (generated and bundled data sets); the others (a factory's
-    data, a local directory's files) need the data: :func:`batchscope.study.data_records` gives them."""
+    data, a local directory's files) need the data: :func:`batchscope.stages.prepare.data_records` gives them."""
     return {
         name: train_size(wl["dataset"])
         for name, wl in config["workloads"].items()
@@ -263,7 +263,7 @@ def static_train_sizes(config: dict[str, Any]) -> dict[str, int]:
 def check_sizes(config: dict[str, Any], n_train: dict[str, int]) -> None:
     """Every size the study draws from a workload's training set, against that set's size (``n_train`` maps the
     workloads whose size is known). The same check for the static sizes (in :func:`validate`) and the sizes read
-    from the data (``batchscope validate`` and the workflow, through :mod:`batchscope.study`)."""
+    from the data (``batchscope validate`` and the workflow, through :mod:`batchscope.stages.prepare`)."""
     noise, eos = config["noise"], config["edge_of_stability"]
     for name, n in n_train.items():
         if name not in config["workloads"]:
@@ -273,7 +273,7 @@ def check_sizes(config: dict[str, Any], n_train: dict[str, int]) -> None:
         for key, value in drawn:
             if value > n:
                 raise ConfigError(f"{key}: {value} exceeds the {n} training examples of workload {name!r}")
-        # the analyses draw from at most loader.analysis_examples of them (batchscope.workload.analysis_data)
+        # the analyses draw from at most loader.analysis_examples of them (batchscope.workloads.base.analysis_data)
         limit = config["workloads"][name]["loader"]["analysis_examples"]
         analysed = []
         if config["hessian"]["enabled"] and config["hessian"]["eval_size"] is not None:
@@ -424,10 +424,9 @@ def train_points(config: dict[str, Any], workload: str) -> list[tuple[int, float
     ]
 
 
-# ------------------------------------------------------------------------------ per-stage config slices
-# Each stage sees only what changes its result, so Snakemake's params trigger reruns exactly what a config
-# change touches: learning rates are not in the training slice (they are in the path), the target is not in
-# the profiling slice.
+# ------------------------------------------------------------------------------ what every stage's slice shares
+# Each stage's own slice (its module under batchscope.stages) holds only what changes its result, so Snakemake's
+# params trigger reruns exactly what a config change touches.
 
 
 def execution(config: dict[str, Any]) -> dict[str, Any]:
@@ -443,86 +442,7 @@ def workload_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     return {**spec, "loader": wl["loader"], "precision": wl["precision"], "compile": wl["compile"]}
 
 
-def data_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    return {"workload": workload_slice(config, workload)}
-
-
-def profile_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    wl = config["workloads"][workload]
-    return {
-        "workload": workload_slice(config, workload),
-        "optimizer": wl["optimizer"],
-        "schedule": wl["schedule"],
-        "profile": {k: v for k, v in config["profile"].items() if k != "extra_batch_sizes"},
-        **execution(config),
-    }
-
-
-def train_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    wl = config["workloads"][workload]
-    keys = ("optimizer", "schedule", "target", "max_steps", "eval_interval", "stop_at_target")
-    return {"workload": workload_slice(config, workload), **{k: wl[k] for k in keys}, **execution(config)}  # fmt: skip
-
-
-def fit_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    """The fit's settings, and what identifies its inputs (their config hashes and the grid): a fit's config hash
-    then names the whole study of its workload, which is how ``recommend`` and the report tell a current fit
-    from one of another config."""
-    wl = config["workloads"][workload]
-    return {
-        "fit": config["fit"],
-        "target": wl["target"],
-        "inputs": {
-            "profile_hardware": config_hash(profile_slice(config, workload)),
-            "train_model": config_hash(train_slice(config, workload)),
-            "batch_sizes": sorted(config["grid"]["batch_sizes"]),
-            "profile_batch_sizes": profile_batch_sizes(config),
-            "seeds": sorted(config["grid"]["seeds"]),
-            "learning_rates": {str(b): learning_rates(wl, b) for b in sorted(config["grid"]["batch_sizes"])},
-        },
-    }
-
-
-def edge_of_stability_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    settings = {k: v for k, v in config["edge_of_stability"].items() if k not in ("enabled", "step_sizes")}
-    return {**settings, "workload": workload_slice(config, workload), **execution(config)}  # fmt: skip
-
-
-def noise_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    settings = {k: v for k, v in config["noise"].items() if k not in ("enabled", "jensen", "snapshot_fractions")}
-    return {**settings, "jensen": config["noise"]["jensen"], **execution(config)}
-
-
-def jensen_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    """The trained-model Jensen experiment: its settings only (the variance-law grid does not concern it)."""
-    return {"jensen": config["noise"]["jensen"], "seed": config["noise"]["seed"], **execution(config)}  # fmt: skip
-
-
-def jensen_linreg_slice(config: dict[str, Any]) -> dict[str, Any]:
-    return {**config["noise"]["jensen"], "seed": config["noise"]["seed"]}
-
-
 def ghost_workload(config: dict[str, Any], workload: str, ghost_size: int) -> dict[str, Any]:
     """The workload slice with its BatchNorm replaced by Ghost BatchNorm of ``ghost_size``."""
     spec = workload_slice(config, workload)
     return {**spec, "model": {**spec["model"], "norm": "ghost", "ghost_batch_size": ghost_size}}
-
-
-def ghost_train_slice(config: dict[str, Any], workload: str, ghost_size: int) -> dict[str, Any]:
-    return {**train_slice(config, workload), "workload": ghost_workload(config, workload, ghost_size)}
-
-
-def ghost_profile_slice(config: dict[str, Any], workload: str, ghost_size: int) -> dict[str, Any]:
-    return {**profile_slice(config, workload), "workload": ghost_workload(config, workload, ghost_size)}
-
-
-def ghost_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    """The variance experiment and the summary: the ghost settings and the workload's model."""
-    settings = {k: v for k, v in config["ghost"].items() if k not in ("enabled", "workload")}
-    return {**settings, "workload": workload_slice(config, workload), **execution(config)}  # fmt: skip
-
-
-def hessian_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    """The Hessian stage's slice: its own settings only, so changing hessian.* reruns no training."""
-    settings = {k: v for k, v in config["hessian"].items() if k != "enabled"}
-    return {**settings, **execution(config)}

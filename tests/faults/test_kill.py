@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchscope.io import read_netcdf
+from batchscope.store import read_netcdf
 from tests.helpers import compare_results
 
 pytestmark = pytest.mark.integration

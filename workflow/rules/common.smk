@@ -6,9 +6,11 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
-from batchscope import ALGORITHM_VERSIONS
 from batchscope import config as bs_config
-from batchscope import study as bs_study
+from batchscope import stages as bs_stages
+from batchscope.stages import ghost as bs_ghost
+from batchscope.stages import noise as bs_noise
+from batchscope.stages import prepare as bs_study
 
 
 # Jobs run `python -m batchscope`: make that the interpreter running Snakemake (the project's venv), even when
@@ -34,6 +36,8 @@ except ValueError as err:  # ConfigError, and a factory's or a data file's own e
 config.clear()
 config.update(_validated)
 
+# each rule's algorithm version and config slice, declared by its stage module (batchscope.stages)
+STAGES = bs_stages.rules()
 WORKLOADS = sorted(config["workloads"])
 BATCH_SIZES = sorted(config["grid"]["batch_sizes"])
 PROFILE_BATCH_SIZES = bs_config.profile_batch_sizes(config)
@@ -67,25 +71,21 @@ wildcard_constraints:
     ghost=r"[0-9]+",
 
 
-def expected_provenance(*stages):
+def expected_provenance(*rule_names):
     """Params function: the config hash each input stage's files must carry for the current config; the
     aggregations refuse files computed for another config (copied in, or left by a run with --touch)."""
-    slicers = {
-        "profile_hardware": bs_config.profile_slice,
-        "train_model": bs_config.train_slice,
-        "analyze_hessian": bs_config.hessian_slice,
-        "fit_scaling": bs_config.fit_slice,
-    }
 
     def params(wildcards):
-        hashes = {s: bs_config.config_hash(slicers[s](config, wildcards.workload)) for s in stages}
+        hashes = {s: bs_config.config_hash(STAGES[s].config_slice(config, wildcards.workload)) for s in rule_names}
         return json.dumps(hashes, sort_keys=True)
 
     return params
 
 
-def config_slice(slicer):
-    """Params function: the rule's own config slice as canonical JSON (drives the params rerun trigger)."""
+def config_slice(rule_name):
+    """Params function: the rule's own config slice (declared by its stage module) as canonical JSON; it drives
+    the params rerun trigger."""
+    slicer = STAGES[rule_name].config_slice
 
     def params(wildcards):
         return json.dumps(slicer(config, wildcards.workload), sort_keys=True)

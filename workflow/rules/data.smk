@@ -11,7 +11,7 @@ rule prepare_data:
         mem_mb=2000,
         runtime=10,
     params:
-        spec=config_slice(bs_config.data_slice),
-        version=ALGORITHM_VERSIONS["prepare_data"],
+        spec=config_slice("prepare_data"),
+        version=STAGES["prepare_data"].version,
     shell:
         "python -m batchscope prepare-data --spec {params.spec:q} --out {output} > {log} 2>&1"

@@ -12,8 +12,8 @@ rule fit_scaling:
     conda:
         "../envs/batchscope.yaml"
     params:
-        spec=config_slice(bs_config.fit_slice),
-        version=ALGORITHM_VERSIONS["fit_scaling"],
+        spec=config_slice("fit_scaling"),
+        version=STAGES["fit_scaling"].version,
         expect=expected_provenance("profile_hardware", "train_model"),
     shell:
         "python -m batchscope fit --spec {params.spec:q} --workload {wildcards.workload} --expect {params.expect:q}"

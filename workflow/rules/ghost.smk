@@ -18,10 +18,10 @@ rule train_ghost:
         mem_mb=4000,
         runtime=60,
     params:
-        spec=lambda w: json.dumps(bs_config.ghost_train_slice(config, w.workload, int(w.ghost)), sort_keys=True),
+        spec=lambda w: json.dumps(bs_ghost.ghost_train_slice(config, w.workload, int(w.ghost)), sort_keys=True),
         lrs=lambda w: ghost_learning_rates(w.workload),
         batch_size=config["ghost"]["batch_size"],
-        version=ALGORITHM_VERSIONS["train_model"],
+        version=STAGES["train_model"].version,
     shell:
         "python -m batchscope train --spec {params.spec:q} --data {input.data} --batch-size {params.batch_size}"
         " --lrs {params.lrs} --seeds {wildcards.seed} --out {output} > {log} 2>&1"
@@ -44,9 +44,9 @@ rule profile_ghost:
         mem_mb=4000,
         runtime=15,
     params:
-        spec=lambda w: json.dumps(bs_config.ghost_profile_slice(config, w.workload, int(w.ghost)), sort_keys=True),
+        spec=lambda w: json.dumps(bs_ghost.ghost_profile_slice(config, w.workload, int(w.ghost)), sort_keys=True),
         batch_size=config["ghost"]["batch_size"],
-        version=ALGORITHM_VERSIONS["profile_hardware"],
+        version=STAGES["profile_hardware"].version,
     shell:
         "python -m batchscope profile --spec {params.spec:q} --data {input.data}"
         " --batch-size {params.batch_size} --out {output} > {log} 2>&1"
@@ -70,8 +70,8 @@ rule analyze_ghost_hessian:
         mem_mb=4000,
         runtime=30,
     params:
-        spec=config_slice(bs_config.hessian_slice),
-        version=ALGORITHM_VERSIONS["analyze_hessian"],
+        spec=config_slice("analyze_hessian"),
+        version=STAGES["analyze_hessian"].version,
     shell:
         "python -m batchscope hessian --spec {params.spec:q} --data {input.data}"
         " --checkpoints {input.checkpoints} --out {output} > {log} 2>&1"
@@ -94,8 +94,8 @@ rule ghost_variance:
         mem_mb=4000,
         runtime=10,
     params:
-        spec=config_slice(bs_config.ghost_slice),
-        version=ALGORITHM_VERSIONS["ghost_variance"],
+        spec=config_slice("ghost_variance"),
+        version=STAGES["ghost_variance"].version,
     shell:
         "python -m batchscope ghost-variance --spec {params.spec:q} --data {input.data} --out {output} > {log} 2>&1"
 
@@ -113,13 +113,13 @@ rule summarize_ghost:
     conda:
         "../envs/batchscope.yaml"
     params:
-        spec=config_slice(bs_config.ghost_slice),
+        spec=config_slice("summarize_ghost"),
         ghost_runs=lambda w: ghost_pairs(rules.train_ghost, w.workload, SEEDS),
         ghost_profiles=lambda w: ghost_pairs(rules.profile_ghost, w.workload),
         ghost_hessian=lambda w: (
             ghost_pairs(rules.analyze_ghost_hessian, w.workload, SEEDS) if config["hessian"]["enabled"] else ""
         ),
-        version=ALGORITHM_VERSIONS["summarize_ghost"],
+        version=STAGES["summarize_ghost"].version,
     shell:
         "python -m batchscope ghost-summary --spec {params.spec:q} --base-runs {input.base_runs}"
         " --ghost-runs {params.ghost_runs} --base-profile {input.base_profile}"

@@ -21,8 +21,8 @@ rule analyze_hessian:
         mem_mb=4000,
         runtime=60,
     params:
-        spec=config_slice(bs_config.hessian_slice),
-        version=ALGORITHM_VERSIONS["analyze_hessian"],
+        spec=config_slice("analyze_hessian"),
+        version=STAGES["analyze_hessian"].version,
     shell:
         "python -m batchscope hessian --spec {params.spec:q} --data {input.data}"
         " --checkpoints {input.checkpoints} --out {output} > {log} 2>&1"
@@ -43,7 +43,7 @@ rule aggregate_hessian:
     conda:
         "../envs/batchscope.yaml"
     params:
-        version=ALGORITHM_VERSIONS["aggregate_hessian"],
+        version=STAGES["aggregate_hessian"].version,
         expect=expected_provenance("analyze_hessian", "fit_scaling"),
     shell:
         "python -m batchscope aggregate-hessian --workload {wildcards.workload} --fit {input.fit}"
@@ -69,8 +69,8 @@ rule edge_of_stability:
         mem_mb=4000,
         runtime=30,
     params:
-        spec=config_slice(bs_config.edge_of_stability_slice),
-        version=ALGORITHM_VERSIONS["edge_of_stability"],
+        spec=config_slice("edge_of_stability"),
+        version=STAGES["edge_of_stability"].version,
     shell:
         "python -m batchscope edge-of-stability --spec {params.spec:q} --data {input.data}"
         " --step-size {wildcards.step_size} --out {output} > {log} 2>&1"

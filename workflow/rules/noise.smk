@@ -18,9 +18,9 @@ rule measure_gradient_noise:
         mem_mb=4000,
         runtime=30,
     params:
-        spec=config_slice(bs_config.noise_slice),
+        spec=config_slice("measure_gradient_noise"),
         snapshots=lambda w, input: noise_snapshot_file(w, input.run),
-        version=ALGORITHM_VERSIONS["measure_gradient_noise"],
+        version=STAGES["measure_gradient_noise"].version,
     shell:
         "python -m batchscope noise --spec {params.spec:q} --data {input.data}"
         " --snapshots {params.snapshots} --out {output} > {log} 2>&1"
@@ -44,9 +44,9 @@ rule measure_jensen_bias:
         mem_mb=4000,
         runtime=30,
     params:
-        spec=config_slice(bs_config.jensen_slice),
+        spec=config_slice("measure_jensen_bias"),
         checkpoint=lambda w, input: noise_checkpoint_file(w, input.run),
-        version=ALGORITHM_VERSIONS["measure_jensen_bias"],
+        version=STAGES["measure_jensen_bias"].version,
     shell:
         "python -m batchscope jensen --spec {params.spec:q} --data {input.data}"
         " --checkpoint {params.checkpoint} --out {output} > {log} 2>&1"
@@ -65,7 +65,7 @@ rule measure_jensen_linreg:
         mem_mb=2000,
         runtime=10,
     params:
-        spec=json.dumps(bs_config.jensen_linreg_slice(config), sort_keys=True),
-        version=ALGORITHM_VERSIONS["measure_jensen_bias"],
+        spec=json.dumps(bs_noise.jensen_linreg_slice(config), sort_keys=True),
+        version=STAGES["measure_jensen_bias"].version,
     shell:
         "python -m batchscope jensen --spec {params.spec:q} --out {output} > {log} 2>&1"

@@ -1,4 +1,4 @@
-# One job per workload profiles all of its batch sizes in interleaved rounds (batchscope.profile): drift of the
+# One job per workload profiles all of its batch sizes in interleaved rounds (batchscope.engine.profiling): drift of the
 # machine then falls on every size alike. One NetCDF per batch size; adding a batch size reprofiles the workload.
 rule profile_hardware:
     input:
@@ -17,9 +17,9 @@ rule profile_hardware:
         mem_mb=4000,
         runtime=30,
     params:
-        spec=config_slice(bs_config.profile_slice),
+        spec=config_slice("profile_hardware"),
         sizes=" ".join(map(str, PROFILE_BATCH_SIZES)),
-        version=ALGORITHM_VERSIONS["profile_hardware"],
+        version=STAGES["profile_hardware"].version,
     shell:
         "python -m batchscope profile --spec {params.spec:q} --data {input.data}"
         " --batch-size {params.sizes} --out {output} > {log} 2>&1"

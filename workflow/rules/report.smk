@@ -24,10 +24,14 @@ rule render_report:
     conda:
         "../envs/batchscope.yaml"
     params:
-        version=ALGORITHM_VERSIONS["render_report"],
+        version=STAGES["render_report"].version,
         benchmarks=lambda w: benchmark_pairs(job_benchmarks(w)),
         expect=json.dumps(
-            {"fit_scaling": {w: bs_config.config_hash(bs_config.fit_slice(config, w)) for w in WORKLOADS}},
+            {
+                "fit_scaling": {
+                    w: bs_config.config_hash(STAGES["fit_scaling"].config_slice(config, w)) for w in WORKLOADS
+                }
+            },
             sort_keys=True,
         ),
     shell:

@@ -19,10 +19,10 @@ rule train_model:
         mem_mb=4000,
         runtime=60,
     params:
-        spec=config_slice(bs_config.train_slice),
+        spec=config_slice("train_model"),
         lrs=learning_rates,
         snapshots=snapshot_params,
-        version=ALGORITHM_VERSIONS["train_model"],
+        version=STAGES["train_model"].version,
     shell:
         "python -m batchscope train --spec {params.spec:q} --data {input.data}"
         " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {wildcards.seed} {params.snapshots}"

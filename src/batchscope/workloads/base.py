@@ -79,8 +79,8 @@ def regression_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 @cache
 def _dataset(data_file: str | None, dataset_json: str):
     """A built-in dataset, once per process (an xarray.Dataset; do not modify it)."""
-    from batchscope import data
-    from batchscope.io import read_netcdf
+    from batchscope.store import read_netcdf
+    from batchscope.workloads import data
 
     # the workflow passes the prepare_data cache (reading it costs 60 ms; importing scikit-learn for digits 0.7 s)
     return read_netcdf(data_file) if data_file else data.build(json.loads(dataset_json))
@@ -95,14 +95,14 @@ def builtin_dataset(dataset: dict[str, Any], data_file: str | None = None):
 def _cached_tensors(data_file: str | None, dataset_json: str, device: str):
     """The built-in data on the device, once per process: a job training a whole lr grid calls the factory per
     point."""
-    from batchscope import data
+    from batchscope.workloads import data
 
     return data.load_tensors(_dataset(data_file, dataset_json), device)
 
 
 def builtin(spec: dict[str, Any], device: torch.device) -> Workload:
     """The built-in datasets (``spec["dataset"]``) and models (``spec["model"]``) as a workload."""
-    from batchscope.models import build_model
+    from batchscope.workloads.models import build_model
 
     tensors = _cached_tensors(spec.get("data_file"), json.dumps(spec["dataset"], sort_keys=True), str(device))
     model = build_model(spec["model"], tensors.input_shape, tensors.num_classes).to(device)

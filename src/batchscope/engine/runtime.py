@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from batchscope import faults
-from batchscope.workload import Workload, size
+from batchscope.workloads.base import Workload, size
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -2,7 +2,7 @@
 
 Reads ``results/fit/*.nc`` (no training, no torch), so it works on results copied from a cluster. By default it
 reads the fits of the current config's workloads, and refuses one computed for another config (its config hash
-names the whole study of its workload: :func:`batchscope.config.fit_slice`); ``--all`` lists every cached fit,
+names the whole study of its workload: :func:`batchscope.stages.fit.config_slice`); ``--all`` lists every cached fit,
 labelled by its config hash. The report's summary is built from the same rows (:func:`recommend_row`) under the
 same names (:data:`LABELS`).
 
@@ -18,13 +18,15 @@ Three times to target, each named for where it comes from:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from batchscope import config as cfg
-from batchscope.io import CacheError, read_netcdf
+from batchscope.stages import Command
+from batchscope.store import CacheError, read_netcdf
 
 REQUIRED = (
     "b_opt",
@@ -69,6 +71,8 @@ def _read_fit(path: Path, config_hash: str | None = None):
 
 def study_fits(results: str | Path, config: dict[str, Any], config_name: str = "the config") -> dict[str, Path]:
     """{workload: fit file} of the config's workloads, each checked to be computed for this config."""
+    from batchscope.stages.fit import config_slice as fit_slice  # (fit reads this module's REQUIRED)
+
     fit_dir = _fit_dir(results)
     files = {}
     for name in sorted(config["workloads"]):
@@ -76,7 +80,7 @@ def study_fits(results: str | Path, config: dict[str, Any], config_name: str = "
         if not path.is_file():
             raise CacheError(f"{path}: no fit for workload {name!r} of {config_name}; run the workflow with this "
                              "config (or pass --configfile for the study you ran, or --all)")  # fmt: skip
-        _read_fit(path, cfg.config_hash(cfg.fit_slice(config, name)))
+        _read_fit(path, cfg.config_hash(fit_slice(config, name)))
         files[name] = path
     return files
 
@@ -84,6 +88,8 @@ def study_fits(results: str | Path, config: dict[str, Any], config_name: str = "
 def recommendations(results: str | Path, config: dict[str, Any] | None = None, config_name: str = "the config",
                     everything: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """One row per fit: the config's workloads (``config``), or every cached fit (``everything``)."""
+    from batchscope.stages.fit import config_slice as fit_slice
+
     fit_dir = _fit_dir(results)
     if everything:
         paths = sorted(fit_dir.glob("*.nc"))
@@ -91,7 +97,7 @@ def recommendations(results: str | Path, config: dict[str, Any] | None = None, c
             raise CacheError(f"{fit_dir}: no fit results (*.nc); run the workflow, or give the results directory")
         current = None
         if config is not None:
-            current = {n: cfg.config_hash(cfg.fit_slice(config, n)) for n in config["workloads"]}
+            current = {n: cfg.config_hash(fit_slice(config, n)) for n in config["workloads"]}
     else:
         if config is None:
             raise CacheError("give the study's config (--configfile FILE), or --all for every cached fit")
@@ -203,3 +209,29 @@ def main(results: str, config_file: str | None, everything: bool, as_json: bool)
     if as_json:
         return json.dumps(_strict(rows), indent=2, allow_nan=False)
     return "\n".join(format_row(row) for row in rows)
+
+
+def run(args: argparse.Namespace) -> None:
+    config_file = args.configfile
+    if config_file is None and Path(cfg.DEFAULT_CONFIG).is_file():
+        config_file = cfg.DEFAULT_CONFIG  # as snakemake: the default study when no config is named
+    if config_file is None and not args.all:
+        raise SystemExit(f"batchscope recommend: no {cfg.DEFAULT_CONFIG} here; give --configfile FILE (the "
+                         "study you ran) or --all")  # fmt: skip
+    try:
+        print(main(args.results, config_file, args.all, args.json))
+    except CacheError as err:
+        raise SystemExit(f"batchscope recommend: {err}") from None
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", nargs="?", default="results", help="a results directory (or its fit/ directory)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--configfile", help=f"the study's config, as given to snakemake (default: "
+                        f"{cfg.DEFAULT_CONFIG}, as snakemake's)")  # fmt: skip
+    parser.add_argument("--all", action="store_true", help="every cached fit, labelled by config hash")
+
+
+COMMANDS = (
+    Command("recommend", "the recommended batch size and learning rate, from the cached fits", run, _arguments),
+)

@@ -18,9 +18,8 @@ import pandas as pd
 import seaborn as sns
 import xarray as xr
 
-from batchscope.faults import kill_point
-from batchscope.io import CacheError, atomic_write, read_netcdf
-from batchscope.recommend import LABELS, REQUIRED, recommend_row
+from batchscope.stages.recommend import LABELS, recommend_row
+from batchscope.store import atomic_write, read_netcdf
 
 
 def load_fits(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
@@ -462,7 +461,7 @@ _TWO_BATCH_ONLY = "per-example gradients are undefined with BatchNorm in train m
 def noise_table(snapshots: xr.Dataset, fit: xr.Dataset | None) -> pd.DataFrame:
     """One row per snapshot step: loss, B_simple (per example and two-batch), and B_crit from the K(B) fit.
 
-    When the per-example values are all NaN (BatchNorm in train mode, see :mod:`batchscope.noise_stage`), their
+    When the per-example values are all NaN (BatchNorm in train mode, see :mod:`batchscope.measure.noise`), their
     columns are left out, the B_crit / B_simple ratio uses the two-batch estimate, and a ``note`` column (and
     ``attrs["note"]``) says why."""
     table = pd.DataFrame({"step": snapshots["step"].values, "loss": snapshots["loss"].values,
@@ -547,8 +546,8 @@ FIGURES = {
 
 
 def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
-    """The recommendation table: one row per workload, the numbers of :func:`batchscope.recommend.recommend_row`
-    under the names ``recommend`` prints them with (:data:`batchscope.recommend.LABELS`), then the fit."""
+    """The recommendation table: one row per workload, the numbers of :func:`batchscope.stages.recommend.recommend_row`
+    under the names ``recommend`` prints them with (:data:`batchscope.stages.recommend.LABELS`), then the fit."""
     rows = []
     for name, ds in fits.items():
         row = recommend_row(ds, name)
@@ -576,7 +575,7 @@ def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
 
 
 def diagnostics(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
-    """Every warning of every fit (:func:`batchscope.fit.diagnose`), the same lines ``recommend`` prints."""
+    """Every warning of every fit (:func:`batchscope.stages.fit.diagnose`), the same lines ``recommend`` prints."""
     rows = [{"workload": name, "warning": note} for name, ds in fits.items()
             for note in recommend_row(ds)["diagnostics"]]  # fmt: skip
     return pd.DataFrame(rows, columns=["workload", "warning"])
@@ -652,91 +651,3 @@ def provenance_table(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
 
 def load_hessian(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
     return {ds.attrs["workload"]: ds for ds in map(read_netcdf, paths)}
-
-
-# what each input of the report must be: the stage that writes it and variables the notebook reads
-FIT_VARIABLES = (*REQUIRED, "run_at_best_lr", "tau_f", "tau_d", "n_iter", "c_var", "b_crit", "t_iter_r2",
-                 "steps_to_target")  # fmt: skip
-REPORT_INPUTS = {
-    "hessian": ("aggregate_hessian", ("lambda_max",)),
-    "stability": ("edge_of_stability", ("lambda_max", "loss")),
-    "ghost": ("summarize_ghost", ("val_accuracy", "steps_to_target")),
-}
-
-
-def check_inputs(fit_paths, hessian_paths=(), stability_paths=(), ghost_paths=(), noise_paths=(),
-                 expect: dict | None = None) -> None:  # fmt: skip
-    """Refuse (CacheError naming the file) any input that is unreadable, from another stage or algorithm
-    version, missing a variable, or, for the fits, computed for another config than ``expect`` says."""
-    fit_hashes = (expect or {}).get("fit_scaling", {})
-    for path in fit_paths:
-        ds = read_netcdf(path, "fit_scaling", FIT_VARIABLES)
-        workload = ds.attrs.get("workload")
-        if expect is not None and workload not in fit_hashes:
-            raise CacheError(f"{path}: a fit of workload {workload!r}, which is not in this study "
-                             f"({', '.join(sorted(fit_hashes))}); delete it or run its config")  # fmt: skip
-        read_netcdf(path, "fit_scaling", (), fit_hashes.get(workload))
-    for kind, paths in (("hessian", hessian_paths), ("stability", stability_paths), ("ghost", ghost_paths)):
-        stage, variables = REPORT_INPUTS[kind]
-        for path in paths:
-            read_netcdf(path, stage, variables)
-    for path in map(Path, noise_paths):
-        if path.is_dir():
-            for file in sorted(path.glob("snapshot*.nc")):
-                read_netcdf(file, "measure_gradient_noise", ("b_simple", "two_batch_b_simple"))
-            read_netcdf(path / "variance.nc", "measure_gradient_noise", ("mean_sq_error",))
-        else:
-            read_netcdf(path, "measure_jensen_bias", ("relative_bias",))
-
-
-def render(
-    fit_paths: Sequence[str],
-    notebook: str,
-    html_out: str,
-    figures_dir: str,
-    hessian_paths: Sequence[str] = (),
-    stability_paths: Sequence[str] = (),
-    ghost_paths: Sequence[str] = (),
-    noise_paths: Sequence[str] = (),
-    expect: dict | None = None,
-    benchmarks: dict[str, list[str]] | None = None,
-) -> Path:
-    """Execute the report notebook on ``fit_paths`` (and Hessian aggregates) and write HTML, code hidden.
-
-    Every input cache is checked first (:func:`check_inputs`): a damaged or foreign file stops the report with
-    the file's name before anything is drawn, instead of being read into it.
-    """
-    import nbformat
-    import papermill
-    from nbconvert import HTMLExporter
-
-    check_inputs(fit_paths, hessian_paths, stability_paths, ghost_paths, noise_paths, expect)
-    html_out = Path(html_out)
-    executed = html_out.with_suffix(".ipynb")
-    papermill.execute_notebook(
-        notebook,
-        str(executed),
-        parameters={
-            "fit_files": [str(Path(p).resolve()) for p in fit_paths],
-            "hessian_files": [str(Path(p).resolve()) for p in hessian_paths],
-            "stability_files": [str(Path(p).resolve()) for p in stability_paths],
-            "ghost_files": [str(Path(p).resolve()) for p in ghost_paths],
-            "noise_files": [str(Path(p).resolve()) for p in noise_paths],
-            "benchmark_files": {
-                rule: [str(Path(p).resolve()) for p in paths] for rule, paths in (benchmarks or {}).items()
-            },
-            "figures_dir": str(Path(figures_dir).resolve()),
-        },
-        progress_bar=False,
-        cwd=str(Path.cwd()),
-    )
-    kill_point("report_render")  # tests: a kill after the figures, before the HTML
-    exporter = HTMLExporter(
-        template_name="offline",  # workflow/notebooks/templates/offline: lab without CDN scripts
-        extra_template_basedirs=[str(Path(notebook).resolve().parent / "templates")],
-        exclude_input=True,
-        exclude_input_prompt=True,
-        exclude_output_prompt=True,
-    )
-    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
-    return atomic_write(html_out, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))

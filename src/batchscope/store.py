@@ -32,12 +32,12 @@ ENGINE = "h5netcdf"  # explicit: xarray would prefer netCDF4 when both are insta
 
 def provenance(stage: str, config_slice: object, device: str | None = None) -> dict[str, str]:
     """Global attributes recorded in every NetCDF file a stage writes."""
-    from batchscope import ALGORITHM_VERSIONS
+    from batchscope.stages import rule  # the stage table holds each rule's version
 
     attrs = {
         "batchscope_version": __version__,
         "stage": stage,
-        "algorithm_version": str(ALGORITHM_VERSIONS[stage]),
+        "algorithm_version": str(rule(stage).version),
         "config_hash": config_hash(config_slice),
         "config_slice": json.dumps(config_slice, sort_keys=True),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -51,7 +51,7 @@ def provenance(stage: str, config_slice: object, device: str | None = None) -> d
     except ImportError:  # the report environment may not need torch
         pass
     if device is not None:
-        from batchscope.runtime import numerics
+        from batchscope.engine.runtime import numerics
 
         attrs["device"] = device
         attrs.update(numerics())
@@ -122,7 +122,7 @@ def read_netcdf(
     ``attrs_only``: the same checks, returning an empty Dataset with the file's attributes (no variable is read:
     for a data cache of hundreds of MB, when only its record is wanted).
     """
-    from batchscope import ALGORITHM_VERSIONS
+    from batchscope.stages import rule  # the stage table holds each rule's version
 
     rebuild = "delete it and rerun the workflow to rebuild it"
     if not Path(path).is_file():
@@ -138,7 +138,7 @@ def read_netcdf(
         found = ds.attrs.get("stage")
         if found != stage:
             raise CacheError(f"{path}: written by stage {found!r}, expected a {stage!r} result; {rebuild}")
-        version = str(ALGORITHM_VERSIONS[stage])
+        version = str(rule(stage).version)
         if str(ds.attrs.get("algorithm_version")) != version:
             raise CacheError(
                 f"{path}: computed by version {ds.attrs.get('algorithm_version')!r} of the {stage} algorithm; this "

@@ -1,7 +1,7 @@
 """Train one (workload, batch size, learning rate, seed) point until the validation target or max steps.
 
-The loop is deliberately short: batches come from :func:`batchscope.runtime.batches` (a slice of a per-epoch
-permutation of data on the device, or a DataLoader), and the step is :func:`batchscope.runtime.make_step`, the
+The loop is deliberately short: batches come from :func:`batchscope.engine.runtime.batches` (a slice of a per-epoch
+permutation of data on the device, or a DataLoader), and the step is :func:`batchscope.engine.runtime.make_step`, the
 same function the profiler times.
 """
 
@@ -18,9 +18,10 @@ import torch
 import xarray as xr
 from torch.utils.data import DataLoader
 
-from batchscope import faults, runtime
-from batchscope.workload import Workload
-from batchscope.workload import build as build_workload
+from batchscope import faults
+from batchscope.engine import runtime
+from batchscope.workloads.base import Workload
+from batchscope.workloads.base import build as build_workload
 
 EVAL_CHUNK = 4096  # examples per forward pass during evaluation: bounds memory on large validation sets
 # A run has diverged when its loss is NaN/inf or exceeds this multiple of the initial validation loss: with

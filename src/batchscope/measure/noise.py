@@ -15,9 +15,9 @@ import torch
 import xarray as xr
 from torch import nn
 
-from batchscope import hessian, noise
-from batchscope.data import linreg_covariance
-from batchscope.workload import Workload, analysis_data
+from batchscope.core import hessian, noise
+from batchscope.workloads.base import Workload, analysis_data
+from batchscope.workloads.data import linreg_covariance
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from batchscope import runtime
-from batchscope.workload import build as build_workload
+from batchscope.engine import runtime
+from batchscope.workloads.base import build as build_workload
 
 PROFILE_LR = 1e-4
 
@@ -43,7 +43,7 @@ def profile(spec: dict[str, Any], batch_sizes: Sequence[int], device: torch.devi
     """Profile every batch size in interleaved rounds; one Dataset per size. Out-of-memory at a size is recorded
     (``feasible`` = False) and that size left out of the rounds, not raised.
 
-    The timed step takes its batch as training does (:func:`batchscope.runtime.batches`): on the streaming
+    The timed step takes its batch as training does (:func:`batchscope.engine.runtime.batches`): on the streaming
     path the DataLoader's cost is inside the clock.
     """
     settings, wl_spec = spec["profile"], spec["workload"]

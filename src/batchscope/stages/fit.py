@@ -1,131 +1,56 @@
-"""The scaling model: T_iter(B) = tau_f + tau_d B, K(B) = N_iter + C_var / B, and T(B) = K(B) T_iter(B).
-
-T(B) is minimised at b_opt = sqrt(C_var tau_f / (N_iter tau_d)). In McCandlish et al.'s notation
-N_iter = S_min and C_var / N_iter = B_crit.
-
-Both fits are linear in their parameters; they are solved as least squares on *relative* residuals
-(each row divided by its observation), because K and T_iter span orders of magnitude across the grid and an
-absolute fit would ignore the small-B end where tau_f and C_var are determined. Parameters are bounded to be
-non-negative (scipy's ``lsq_linear``).
+"""Stage ``fit_scaling``: read a workload's profiles and runs, fit the scaling model (:mod:`batchscope.core.scaling`)
+with bootstrap intervals, decide each batch size's best learning rate once, and say what makes the answer unsure.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy.optimize import lsq_linear
 
-from batchscope.io import netcdf_files, read_expected, same_device, same_provenance
+from batchscope import config as cfg
+from batchscope.core import scaling
+from batchscope.stages import Command, Rule, _common, profile, train
+from batchscope.stages.recommend import REQUIRED
+from batchscope.store import netcdf_files, read_expected, same_device, same_provenance
 
-
-@dataclass(frozen=True)
-class LinearFit:
-    intercept: float
-    slope: float
-    r2: float
-    residuals: np.ndarray  # observed minus fitted, in the observation's units
+log = logging.getLogger("batchscope")
 
 
-def _relative_fit(features: np.ndarray, observed: np.ndarray) -> LinearFit:
-    features, observed = np.asarray(features, float), np.asarray(observed, float)
-    if len(observed) < 2:
-        raise ValueError(f"need at least 2 points to fit a line, got {len(observed)}")
-    design = np.column_stack([np.ones_like(features), features]) / observed[:, None]
-    solution = lsq_linear(design, np.ones_like(observed), bounds=(0.0, np.inf)).x
-    fitted = solution[0] + solution[1] * features
-    ss_res = float(np.sum((observed - fitted) ** 2))
-    ss_tot = float(np.sum((observed - observed.mean()) ** 2))
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else math.nan
-    return LinearFit(float(solution[0]), float(solution[1]), r2, observed - fitted)
-
-
-def fit_step_time(batch_sizes: Sequence[float], t_iter: Sequence[float]) -> LinearFit:
-    """T_iter(B) = tau_f + tau_d B: intercept is tau_f (s), slope tau_d (s per example)."""
-    return _relative_fit(np.asarray(batch_sizes, float), np.asarray(t_iter, float))
-
-
-def fit_steps(batch_sizes: Sequence[float], steps: Sequence[float]) -> LinearFit:
-    """K(B) = N_iter + C_var / B: intercept is N_iter (steps), slope C_var (steps x examples)."""
-    return _relative_fit(1.0 / np.asarray(batch_sizes, float), np.asarray(steps, float))
-
-
-def b_opt(n_iter: float, c_var: float, tau_f: float, tau_d: float) -> float:
-    """argmin over B of (N_iter + C_var/B)(tau_f + tau_d B); inf when either N_iter or tau_d is zero."""
-    if n_iter <= 0 or tau_d <= 0:
-        return math.inf
-    return math.sqrt(c_var * tau_f / (n_iter * tau_d))
-
-
-def predicted_time(b: np.ndarray | float, n_iter: float, c_var: float, tau_f: float, tau_d: float):
-    b = np.asarray(b, float)
-    return (n_iter + c_var / b) * (tau_f + tau_d * b)
-
-
-def steps_per_batch_size(runs: pd.DataFrame) -> pd.DataFrame:
-    """K(B): per batch size, the best learning rate's median steps-to-target over seeds.
-
-    ``runs`` has columns batch_size, lr, seed, steps_to_target (NaN when censored or diverged). A censored
-    run counts as infinitely many steps, so an lr whose median run never reached the target cannot win;
-    a batch size where no lr's median reached it gets K = NaN and is left out of the fit.
-    """
-    steps = runs.assign(steps=runs["steps_to_target"].fillna(np.inf))
-    per_lr = steps.groupby(["batch_size", "lr"])["steps"].median().reset_index()
-    best = per_lr.loc[per_lr.groupby("batch_size")["steps"].idxmin()].set_index("batch_size")
-    best.loc[~np.isfinite(best["steps"]), ["steps", "lr"]] = np.nan
-    return best.rename(columns={"steps": "k", "lr": "best_lr"})[["k", "best_lr"]]
-
-
-def bootstrap_steps(
-    runs: pd.DataFrame, n_boot: int, rng: np.random.Generator, vectorised: bool | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """K(B) for ``n_boot`` bootstrap replicates: seeds resampled with replacement in every (B, lr) cell.
-
-    Returns (batch sizes, K of shape (n_boot, n_batch_sizes)). Vectorised over replicates on a
-    (B, lr, seed) cube when every cell has the same number of seeds (what the workflow produces); cells of
-    different sizes are resampled one by one (``vectorised=False`` forces that path).
-    """
-    steps = runs.assign(steps=runs["steps_to_target"].fillna(np.inf))
-    batch_sizes = np.sort(steps["batch_size"].unique())
-    cells = [group["steps"].to_numpy() for _, group in steps.groupby(["batch_size", "lr"])]
-    lr_counts = steps.groupby("batch_size")["lr"].nunique().to_numpy()
-    regular = len({len(c) for c in cells}) == 1 and len(set(lr_counts)) == 1
-    if vectorised is None:
-        vectorised = regular
-    if vectorised and not regular:
-        raise ValueError("vectorised bootstrap needs the same number of seeds in every (batch size, lr) cell")
-    if vectorised:
-        cube = np.stack(cells).reshape(len(batch_sizes), lr_counts[0], len(cells[0]))
-        picks = rng.integers(0, cube.shape[-1], (n_boot, *cube.shape))
-        resampled = np.take_along_axis(np.broadcast_to(cube, picks.shape), picks, axis=-1)
-        k = np.median(resampled, axis=-1).min(axis=-1)
-    else:
-        k = np.empty((n_boot, len(batch_sizes)))
-        for i in range(n_boot):
-            parts = [g.iloc[rng.integers(0, len(g), len(g))] for _, g in runs.groupby(["batch_size", "lr"])]
-            k[i] = steps_per_batch_size(pd.concat(parts))["k"].fillna(np.inf).to_numpy()
-    k[~np.isfinite(k)] = np.nan
-    return batch_sizes, k
+def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    """The fit's settings, and what identifies its inputs (their config hashes and the grid): a fit's config hash
+    then names the whole study of its workload, which is how ``recommend`` and the report tell a current fit
+    from one of another config."""
+    wl = config["workloads"][workload]
+    return {
+        "fit": config["fit"],
+        "target": wl["target"],
+        "inputs": {
+            "profile_hardware": cfg.config_hash(profile.config_slice(config, workload)),
+            "train_model": cfg.config_hash(train.config_slice(config, workload)),
+            "batch_sizes": sorted(config["grid"]["batch_sizes"]),
+            "profile_batch_sizes": cfg.profile_batch_sizes(config),
+            "seeds": sorted(config["grid"]["seeds"]),
+            "learning_rates": {str(b): cfg.learning_rates(wl, b) for b in sorted(config["grid"]["batch_sizes"])},
+        },
+    }
 
 
 # --------------------------------------------------------------------------------- reading the caches
 
 
-PROFILE_VARIABLES = ("t_iter", "t_iter_round", "t_iter_median", "feasible", "peak_memory")
-RUN_VARIABLES = ("steps_to_target", "reached_target", "diverged", "out_of_memory", "time_to_target", "val_metric")
-
-
 def read_profiles(paths: Sequence[str | Path], expect: dict[str, str] | None = None) -> xr.Dataset:
     parts, datasets = [], []
     for path in paths:
-        ds = read_expected(path, "profile_hardware", PROFILE_VARIABLES, expect)
+        ds = read_expected(path, "profile_hardware", profile.VARIABLES, expect)
         datasets.append(ds)
         parts.append(ds.expand_dims(profile_batch_size=[int(ds.attrs["batch_size"])]))
     same_provenance(datasets, list(paths), "profiles")
@@ -142,7 +67,7 @@ def read_runs(paths: Sequence[str | Path], expect: dict[str, str] | None = None)
     parts, datasets = [], []
     files = netcdf_files(paths, "training results")
     for path in files:
-        ds = read_expected(path, "train_model", RUN_VARIABLES, expect)
+        ds = read_expected(path, "train_model", train.VARIABLES, expect)
         datasets.append(ds)
         run = xr.Dataset(coords={f"run_{k}": ("run", [ds.attrs[k]]) for k in ("batch_size", "lr", "seed")})
         parts.append(ds.expand_dims("run").assign_coords(run.coords))
@@ -162,27 +87,11 @@ RESIDUAL_MAX = 0.25  # no grid point more than 25% off either fitted curve
 ROUND_SPREAD_MAX = 0.10  # the profiling rounds' medians agree within 10% (relative IQR) at every batch size
 
 
-def _round_bootstrap(t_round: np.ndarray, n_boot: int, rng: np.random.Generator, paired: bool) -> np.ndarray:
-    """T_iter per batch size for ``n_boot`` resamples of the profiling rounds: (n_boot, n_sizes).
-
-    ``t_round`` is (n_sizes, n_rounds), each round's median. ``paired`` (the sizes were timed in the same
-    interleaved rounds): the same rounds are drawn for every size, since a round timed all sizes within seconds
-    of each other, so a slow spell of the machine moves them together and their ratios, which decide b_opt and
-    the ranking, stay as they were. Otherwise (profiles of separate jobs) each size's rounds are drawn alone.
-    """
-    n_sizes, n_rounds = t_round.shape
-    if paired:
-        picks = rng.integers(0, n_rounds, (n_boot, n_rounds))
-        return np.median(t_round[:, picks], axis=-1).T
-    picks = rng.integers(0, n_rounds, (n_boot, n_sizes, n_rounds))
-    return np.median(np.take_along_axis(np.broadcast_to(t_round, picks.shape), picks, axis=-1), axis=-1)
-
-
 def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, Any], workload: str,
                 expect: dict[str, str] | None = None) -> xr.Dataset:  # fmt: skip
     """Aggregate a workload's profile and training caches and fit the scaling model.
 
-    ``spec`` is :func:`batchscope.config.fit_slice`. The result holds the aggregated inputs (dims
+    ``spec`` is :func:`config_slice`. The result holds the aggregated inputs (dims
     ``profile_batch_size``, ``run``, ``step``), K(B) and T(B) on the grid (dim ``batch_size``), the fitted
     parameters with bootstrap intervals (dim ``bootstrap``), the recommendation with the batch sizes that are
     indistinguishable from the fastest, and diagnostics. ``expect`` maps ``profile_hardware`` and
@@ -197,7 +106,7 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
         {k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")}
         | {"steps_to_target": runs["steps_to_target"].values}
     )
-    k_table = steps_per_batch_size(table)
+    k_table = scaling.steps_per_batch_size(table)
     grid_b = k_table.index.values.astype(int)
     missing = sorted(set(grid_b) - set(profiles["profile_batch_size"].values.tolist()))
     if missing:
@@ -209,7 +118,7 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     if timed.sum() < 2:
         raise ValueError(f"workload {workload!r}: {timed.sum()} trained batch size(s) could be timed; T_iter(B) "
                          "needs at least 2 (out of memory? see the profile)")  # fmt: skip
-    timing = fit_step_time(grid_b[timed], t_iter_grid[timed])
+    timing = scaling.fit_step_time(grid_b[timed], t_iter_grid[timed])
     tau_f, tau_d = timing.intercept, timing.slope
     ok = np.isfinite(k_table["k"].values)
     if ok.sum() < 2:
@@ -217,30 +126,30 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
             f"workload {workload!r}: the target was reached at {ok.sum()} batch size(s); K(B) needs at "
             "least 2. Lower the target or raise max_steps."
         )
-    steps_fit = fit_steps(grid_b[ok], k_table["k"].values[ok])
+    steps_fit = scaling.fit_steps(grid_b[ok], k_table["k"].values[ok])
     n_iter, c_var = steps_fit.intercept, steps_fit.slope
-    best_b_pred = b_opt(n_iter, c_var, tau_f, tau_d)
+    best_b_pred = scaling.b_opt(n_iter, c_var, tau_f, tau_d)
     time_from_profile = k_table["k"].values * t_iter_grid
 
     # bootstrap: seeds within each (B, lr) cell for K, profiling rounds (the same rounds at every B) for T_iter
     rng = np.random.default_rng(spec["fit"]["seed"])
     n_boot = spec["fit"]["bootstrap"]
     boot = {k: np.full(n_boot, np.nan) for k in ("n_iter", "c_var", "tau_f", "tau_d", "b_opt")}
-    _, boot_k = bootstrap_steps(table, n_boot, rng)
-    boot_t = _round_bootstrap(t_round, n_boot, rng, bool(profiles.attrs.get("paired_rounds", 0)))
+    _, boot_k = scaling.bootstrap_steps(table, n_boot, rng)
+    boot_t = scaling.round_bootstrap(t_round, n_boot, rng, bool(profiles.attrs.get("paired_rounds", 0)))
     for i in range(n_boot):
         good = np.isfinite(boot_k[i])
         if good.sum() < 2:
             continue
-        f = fit_steps(grid_b[good], boot_k[i][good])
-        t = fit_step_time(grid_b[timed], boot_t[i][timed])
-        values = (f.intercept, f.slope, t.intercept, t.slope, b_opt(f.intercept, f.slope, t.intercept, t.slope))
+        f = scaling.fit_steps(grid_b[good], boot_k[i][good])
+        t = scaling.fit_step_time(grid_b[timed], boot_t[i][timed])
+        values = (f.intercept, f.slope, t.intercept, t.slope, scaling.b_opt(f.intercept, f.slope, t.intercept, t.slope))
         for key, value in zip(boot, values, strict=True):
             boot[key][i] = value
     # (n_boot, grid): T(B) = K(B) T_iter(B) in each resample; a resample where no lr's median reached the
     # target at B takes infinitely long there (it must widen B's interval, not drop out of it)
     boot_time = np.where(np.isnan(boot_k), np.inf, boot_k) * boot_t
-    fastest, candidates, p_fastest = _fastest(grid_b, time_from_profile, boot_time, spec["fit"]["tolerance"])
+    fastest, candidates, p_fastest = scaling.fastest(grid_b, time_from_profile, boot_time, spec["fit"]["tolerance"])
 
     out = xr.Dataset(
         {
@@ -250,9 +159,9 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
             "t_iter": ("batch_size", t_iter_grid, {"units": "s", "long_name": "profiled median step time"}),
             "time_from_profile": ("batch_size", time_from_profile, {"units": "s", "long_name":
                                   "time to target from the profile: K(B) x profiled T_iter(B)"}),
-            "time_from_profile_ci": (("batch_size", "bound"), _interval(boot_time), {"units": "s",
+            "time_from_profile_ci": (("batch_size", "bound"), scaling.interval(boot_time), {"units": "s",
                                      "long_name": "95% bootstrap interval (seeds and profiling rounds)"}),
-            "time_from_fit": ("batch_size", predicted_time(grid_b, n_iter, c_var, tau_f, tau_d), {"units": "s",
+            "time_from_fit": ("batch_size", scaling.predicted_time(grid_b, n_iter, c_var, tau_f, tau_d), {"units": "s",
                               "long_name": "time to target from the fit: (N_iter + C_var/B)(tau_f + tau_d B)"}),
             "training_time_to_target": ("batch_size", _training_time_to_target(runs, k_table), {"units": "s",
                                         "long_name": "measured: the runs' own clock to the target, median over "
@@ -263,21 +172,21 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
                           "size is the fastest"}),
             "t_iter_fitted": ("profile_batch_size", tau_f + tau_d * profiles["profile_batch_size"].values,
                               {"units": "s"}),
-            "t_iter_round_spread": ("batch_size", _relative_iqr(t_round), {"long_name": "relative interquartile "
+            "t_iter_round_spread": ("batch_size", scaling.relative_iqr(t_round), {"long_name": "relative interquartile "
                                     "range of the rounds' medians, each round's common level divided out"}),
             "n_iter": ((), n_iter, {"units": "steps", "long_name": "N_iter = S_min"}),
             "c_var": ((), c_var, {"units": "steps*examples"}),
             "b_crit": ((), c_var / n_iter if n_iter > 0 else math.inf, {"units": "examples"}),
             "k_r2": ((), steps_fit.r2),
-            "k_residual_max": ((), _max_relative(steps_fit.residuals, k_table["k"].values[ok]),
+            "k_residual_max": ((), scaling.max_relative(steps_fit.residuals, k_table["k"].values[ok]),
                                {"long_name": "largest |K - fit| / K on the grid"}),
             "tau_f": ((), tau_f, {"units": "s"}),
             "tau_d": ((), tau_d, {"units": "s/example"}),
             "t_iter_r2": ((), timing.r2),
-            "t_iter_residual_max": ((), _max_relative(timing.residuals, t_iter_grid[timed]),
+            "t_iter_residual_max": ((), scaling.max_relative(timing.residuals, t_iter_grid[timed]),
                                     {"long_name": "largest |T_iter - fit| / T_iter on the trained grid"}),
             "b_opt": ((), best_b_pred, {"units": "examples", "long_name": "predicted optimal batch size"}),
-            "time_from_fit_at_b_opt": ((), float(predicted_time(best_b_pred, n_iter, c_var, tau_f, tau_d)),
+            "time_from_fit_at_b_opt": ((), float(scaling.predicted_time(best_b_pred, n_iter, c_var, tau_f, tau_d)),
                                        {"units": "s"}),
             "fastest_batch_size": ((), fastest, {"long_name": "grid argmin of the time to target from the profile "
                                    "(-1: none reached the target)"}),
@@ -286,7 +195,7 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
         coords={"batch_size": grid_b, "bootstrap": np.arange(n_boot), "bound": ["low", "high"]},
     )  # fmt: skip
     for key in ("n_iter", "c_var", "tau_f", "tau_d", "b_opt"):
-        out[f"{key}_ci"] = ("bound", _interval(boot[key][:, None])[0], {"long_name": "95% bootstrap interval"})
+        out[f"{key}_ci"] = ("bound", scaling.interval(boot[key][:, None])[0], {"long_name": "95% bootstrap interval"})
     feasible_sizes = profiles["profile_batch_size"].values[profiles["profile_feasible"].values.astype(bool)]
     out["largest_feasible_batch_size"] = ((), int(feasible_sizes.max()) if len(feasible_sizes) else -1, {
         "long_name": "largest profiled batch size that did not run out of memory (-1: none)"})  # fmt: skip
@@ -313,56 +222,6 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     )
     merged.attrs["diagnostics"] = json.dumps(diagnose(merged))
     return merged
-
-
-def _interval(samples: np.ndarray) -> np.ndarray:
-    """95% percentile interval of each column of ``samples`` (n_boot, n): (n, 2). Infinite samples (a resample
-    that never reached the target) count, and can make a bound infinite; NaN ones (none drawn) do not."""
-    result = np.full((samples.shape[1], 2), np.nan)
-    for j in range(samples.shape[1]):
-        drawn = samples[:, j][~np.isnan(samples[:, j])]
-        if len(drawn) and np.isfinite(drawn).any():
-            result[j] = np.quantile(np.sort(drawn), [0.025, 0.975], method="lower")
-    return result
-
-
-def _relative_iqr(t_round: np.ndarray) -> np.ndarray:
-    """Per size, the relative interquartile range of its round medians after dividing out each round's common
-    level (the geometric mean over sizes): a slow spell that moved every size alike (which the paired bootstrap
-    cancels) is not counted; what one size suffered alone is."""
-    if not t_round.size:
-        return np.full(len(t_round), np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        level = np.exp(np.nanmean(np.log(t_round), axis=0))
-        ratio = t_round / level
-        q25, q50, q75 = np.nanquantile(ratio, [0.25, 0.5, 0.75], axis=1)
-    return (q75 - q25) / q50
-
-
-def _max_relative(residuals: np.ndarray, observed: np.ndarray) -> float:
-    return float(np.max(np.abs(residuals) / observed)) if len(observed) else math.nan
-
-
-def _fastest(grid_b: np.ndarray, time: np.ndarray, boot_time: np.ndarray,
-             tolerance: float) -> tuple[int, np.ndarray, np.ndarray]:  # fmt: skip
-    """(fastest batch size, which sizes are indistinguishable from it, share of resamples each is fastest in).
-
-    A size is indistinguishable when its time is within ``tolerance`` of the resample's fastest in at least 5% of
-    the resamples: the data cannot rule out that it is as fast. The point estimate's fastest always is.
-    """
-    if not np.isfinite(time).any():
-        return -1, np.zeros(len(grid_b), bool), np.zeros(len(grid_b))
-    best = int(np.nanargmin(time))
-    candidates = np.zeros(len(grid_b), bool)
-    candidates[best] = True
-    p_fastest = np.zeros(len(grid_b))
-    usable = np.isfinite(boot_time).any(axis=1)
-    if usable.any():
-        resampled = np.where(np.isfinite(boot_time[usable]), boot_time[usable], np.inf)
-        ratio = resampled / resampled.min(axis=1, keepdims=True)
-        candidates |= np.isfinite(time) & (np.quantile(ratio, 0.05, axis=0) <= 1 + tolerance)
-        p_fastest = np.bincount(resampled.argmin(axis=1), minlength=len(grid_b)) / usable.sum()
-    return int(grid_b[best]), candidates, p_fastest
 
 
 def diagnose(ds: xr.Dataset) -> list[str]:
@@ -451,3 +310,29 @@ def _training_time_to_target(runs: xr.Dataset, k_table: pd.DataFrame) -> np.ndar
         median = float(np.median(times)) if mask.any() else math.nan
         result.append(median if math.isfinite(median) else math.nan)
     return np.asarray(result)
+
+
+def run(args: argparse.Namespace) -> None:
+    from batchscope import store
+
+    if args.workload is None:  # it names the output's workload, even with --spec
+        raise SystemExit("fit: --workload is required")
+    spec = _common.spec(args, config_slice)
+    ds = fit_scaling(args.profiles, args.runs, spec, args.workload, _common.expect(args))
+    ds.attrs.update(store.provenance("fit_scaling", spec))
+    store.write_netcdf(ds, args.out)
+    log.info("%s: b_opt=%.1f, fastest B from the profile=%d, B_crit=%.1f", args.workload, float(ds["b_opt"]),
+             int(ds["fastest_batch_size"]), float(ds["b_crit"]))  # fmt: skip
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profiles", nargs="+", required=True)
+    parser.add_argument("--runs", nargs="+", required=True, help="train_model output directories")
+    _common.add_expect(parser)
+
+
+# what the report and `recommend` read of a fit
+VARIABLES = (*REQUIRED, "run_at_best_lr", "tau_f", "tau_d", "n_iter", "c_var", "b_crit", "t_iter_r2",
+             "steps_to_target")  # fmt: skip
+RULES = {"fit_scaling": Rule(version=2, config_slice=config_slice, variables=VARIABLES)}
+COMMANDS = (Command("fit", "fit the scaling model of one workload", run, _arguments, spec=config_slice),)

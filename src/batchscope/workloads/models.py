@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from batchscope.ghost import GhostBatchNorm1d, GhostBatchNorm2d
+from batchscope.core.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 
 
 def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:

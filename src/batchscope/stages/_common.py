@@ -1,0 +1,71 @@
+"""What the stages' commands share: their config slice from the command line, the device, built workloads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+from batchscope import config as cfg
+
+
+def spec(args: argparse.Namespace, slicer: Callable) -> dict:
+    """The stage's config slice: ``--spec`` JSON (what the workflow passes), or sliced from ``--config`` for
+    ``--workload`` (running a stage by hand)."""
+    if args.spec is not None:
+        return json.loads(args.spec)
+    if args.config is None or args.workload is None:
+        raise SystemExit("give --spec JSON, or --config FILE with --workload NAME")
+    config = cfg.load(args.config)
+    if args.workload not in config["workloads"]:
+        raise SystemExit(f"--workload: {args.workload!r} is not in {args.config} ({', '.join(config['workloads'])})")
+    return slicer(config, args.workload)
+
+
+def runtime(spec: dict):
+    """The job's device, with threads and numerics set as the slice says."""
+    from batchscope.engine import runtime
+
+    device = runtime.resolve_device(spec["device"])
+    runtime.setup(spec["threads"], device, spec.get("deterministic"), spec.get("tf32", False))
+    return device
+
+
+def workload(spec: dict, device, data_file: str | None, cache: dict | None = None):
+    """The workload a checkpoint was trained on, built once per distinct spec (its weights are loaded after)."""
+    from batchscope.workloads import build
+
+    key = json.dumps(spec, sort_keys=True)
+    if cache is None:
+        return build(spec, device, data_file=data_file)
+    if key not in cache:
+        cache[key] = build(spec, device, data_file=data_file)
+    return cache[key]
+
+
+def expect(args: argparse.Namespace) -> dict | None:
+    """--expect: JSON of stage -> the config hash its input files must carry (the workflow passes it)."""
+    if getattr(args, "expect", None) is None:
+        return None
+    try:
+        value = json.loads(args.expect)
+    except json.JSONDecodeError as err:
+        raise cfg.ConfigError(f"--expect: {args.expect!r} is not JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise cfg.ConfigError(f"--expect: {args.expect!r} is not a JSON object")
+    return value
+
+
+def add_expect(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--expect", help="JSON: stage -> config hash the input files must carry (refuses others)")
+
+
+def pairs(values: list[str], option: str) -> dict[str, list[str]]:
+    """``KEY=PATH`` arguments grouped by key."""
+    grouped: dict[str, list[str]] = {}
+    for pair in values:
+        key, _, path = pair.partition("=")
+        if not key or not path:
+            raise SystemExit(f"{option}: expected KEY=PATH, got {pair!r}")
+        grouped.setdefault(key, []).append(path)
+    return grouped

@@ -1,0 +1,196 @@
+"""Stages ``analyze_hessian`` and ``aggregate_hessian``: the curvature of every trained checkpoint
+(:mod:`batchscope.measure.hessian`), one NetCDF per checkpoint, and its aggregate per workload: lambda_max and
+trace against the batch size at each batch size's best learning rate, and how sharpness relates to the batch size
+and to the generalization gap (Spearman's rho), the comparison of Keskar et al. 2017.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from batchscope import config as cfg
+from batchscope.stages import Command, Rule, _common
+from batchscope.store import netcdf_files, read_expected, same_provenance
+
+log = logging.getLogger("batchscope")
+
+
+def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    """The Hessian stage's own settings only, so changing hessian.* reruns no training."""
+    settings = {k: v for k, v in config["hessian"].items() if k != "enabled"}
+    return {**settings, **cfg.execution(config)}
+
+
+def aggregate(hessian_paths: Sequence[str | Path], fit_path: str | Path, workload: str,
+              expect: dict[str, str] | None = None) -> xr.Dataset:  # fmt: skip
+    """Concatenate a workload's per-checkpoint results and relate sharpness to batch size and generalization.
+
+    ``hessian_paths`` are analyze_hessian output directories (or files); ``fit_path`` the workload's
+    fit_scaling result, which holds every run's generalization gap and, computed there once, each batch size's
+    best learning rate (``best_lr``) and which runs used it (``run_at_best_lr``). ``expect``: stage -> config
+    hash the inputs must carry (the workflow's).
+    """
+    parts, datasets = [], []
+    files = netcdf_files(hessian_paths, "Hessian results")
+    for path in files:
+        ds = read_expected(path, "analyze_hessian", RULES["analyze_hessian"].variables, expect)
+        datasets.append(ds)
+        keys = {f"run_{k}": ("run", [ds.attrs[k]]) for k in ("batch_size", "lr", "seed")}
+        parts.append(ds.drop_vars(["slq_nodes", "slq_weights"]).expand_dims("run").assign_coords(keys))
+    same_provenance(datasets, files, "Hessian results")
+    runs = xr.concat(parts, dim="run", combine_attrs="drop_conflicts")
+    order = np.lexsort((runs["run_seed"].values, runs["run_lr"].values, runs["run_batch_size"].values))
+    runs = runs.isel(run=order).assign_coords(run=np.arange(runs.sizes["run"]))
+
+    fit = read_expected(fit_path, "fit_scaling", ("best_lr", "run_at_best_lr", "gap_accuracy", "gap_loss"), expect)
+    keys_of = ("run_batch_size", "run_lr", "run_seed")
+    trained = list(zip(*(fit[k].values for k in keys_of), strict=True))
+    gap_name = "gap_accuracy" if np.isfinite(fit["gap_accuracy"].values).any() else "gap_loss"
+    gap_of = dict(zip(trained, fit[gap_name].values, strict=True))
+    best_of = dict(zip(trained, fit["run_at_best_lr"].values.astype(bool), strict=True))
+    keys = list(zip(*(runs[k].values for k in keys_of), strict=True))
+    runs["gap"] = ("run", np.array([gap_of.get(key, np.nan) for key in keys]), {"long_name": gap_name})
+    at_best = np.array([best_of.get(key, False) for key in keys])
+    runs["at_best_lr"] = ("run", at_best, {"long_name": "the run used its batch size's best learning rate"})
+    stop_at_target = int(fit.attrs.get("stop_at_target", 0))
+
+    grid_b = fit["batch_size"].values
+    per_b = {name: np.full((len(grid_b), 3), np.nan) for name in ("lambda_max", "trace")}
+    for i, b in enumerate(grid_b):
+        mask = at_best & (runs["run_batch_size"].values == b)
+        for name in per_b:
+            values = runs[name].values[mask]
+            values = values[np.isfinite(values)]
+            if len(values):
+                per_b[name][i] = [np.median(values), values.min(), values.max()]
+    out = xr.Dataset(
+        {
+            f"{name}_at_best_lr": (
+                ("batch_size", "summary"),
+                table,
+                {"long_name": f"{name}, seeds at the best lr"},
+            )
+            for name, table in per_b.items()
+        },
+        coords={"batch_size": grid_b, "summary": ["median", "min", "max"]},
+    )
+    best = at_best & np.isfinite(runs["lambda_max"].values)
+    b_rho, b_p = _spearman(runs["run_batch_size"].values[best], runs["lambda_max"].values[best])
+    gap_ok = best & np.isfinite(runs["gap"].values)
+    g_rho, g_p = _spearman(runs["lambda_max"].values[gap_ok], runs["gap"].values[gap_ok])
+    out["rho_batch_size_sharpness"] = ((), b_rho, {"long_name": "Spearman rho(B, lambda_max), best-lr runs"})
+    out["p_batch_size_sharpness"] = ((), b_p)
+    out["rho_sharpness_gap"] = (
+        (),
+        g_rho,
+        {"long_name": f"Spearman rho(lambda_max, {gap_name}), best-lr runs"},
+    )
+    out["p_sharpness_gap"] = ((), g_p)
+    out["n_runs_compared"] = ((), int(best.sum()))
+    out["larger_batch_sharper"] = ((), bool(b_rho > 0 and b_p < 0.05))
+    merged = xr.merge([out, runs], combine_attrs="drop_conflicts")
+    merged.attrs.update(workload=workload, gap_metric=gap_name, stop_at_target=stop_at_target)
+    return merged
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    from scipy.stats import spearmanr  # imported here: scipy.stats costs ~0.5 s, analysis jobs never need it
+
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan, math.nan
+    result = spearmanr(a, b)
+    return float(result.statistic), float(result.pvalue)
+
+
+def reproduction_sentence(ds: xr.Dataset) -> str:
+    """Whether this run reproduced "larger batch -> sharper minimum", with the evidence."""
+    rho, p, n = (
+        float(ds["rho_batch_size_sharpness"]),
+        float(ds["p_batch_size_sharpness"]),
+        int(ds["n_runs_compared"]),
+    )
+    verdict = "reproduced" if bool(ds["larger_batch_sharper"]) else "did not reproduce"
+    gap_rho = float(ds["rho_sharpness_gap"])
+    sentence = (
+        f'For {ds.attrs["workload"]}, this run {verdict} "larger batch -> sharper minimum": Spearman\'s rho '
+        f"between the batch size and lambda_max is {rho:.2f} (p = {p:.2g}, {n} runs at each batch size's "
+        f"best learning rate); between lambda_max and the generalization gap it is {gap_rho:.2f}."
+    )
+    if ds.attrs.get("stop_at_target"):
+        sentence += (
+            " The checkpoints were taken when each run first reached the target (stop_at_target: true), at "
+            "equal validation accuracy rather than at convergence as in Keskar et al.; set stop_at_target: "
+            "false to measure the minima that training converges to."
+        )
+    return sentence
+
+
+def run(args: argparse.Namespace) -> None:
+    """Analyse every checkpoint (.pt) in the given train_model directories; one NetCDF per checkpoint."""
+    import torch
+
+    from batchscope import store
+    from batchscope.engine.runtime import progress
+    from batchscope.measure.hessian import analyze
+
+    spec = _common.spec(args, config_slice)
+    device = _common.runtime(spec)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workloads: dict = {}
+    checkpoints = [p for d in map(Path, args.checkpoints) for p in (sorted(d.glob("*.pt")) if d.is_dir() else [d])]
+    if not checkpoints:
+        raise SystemExit(f"no checkpoints (.pt) in {' '.join(args.checkpoints)}")
+    for path in progress(checkpoints, desc="checkpoints"):
+        checkpoint = torch.load(path, map_location=device)
+        workload = _common.workload(checkpoint["workload"], device, args.data, workloads)
+        ds = analyze(checkpoint, workload, spec, device)
+        ds.attrs.update(store.provenance("analyze_hessian", spec, device=str(device)))
+        store.write_netcdf(ds, out_dir / f"B{checkpoint['batch_size']}_{path.stem}.nc")
+        log.info(
+            "%s: lambda_max=%.4g trace=%.4g+-%.2g, %d HVPs, %.2f s%s", path, float(ds["lambda_max"]),
+            float(ds["trace"]), float(ds["trace_se"]),
+            int(ds["n_hvp_top"] + ds["n_hvp_trace"] + ds["n_hvp_slq"]),
+            float(np.nansum([ds["time_top"], ds["time_trace"], ds["time_slq"]])),
+            f" (skipped: {ds.attrs['skipped']})" if ds.attrs["skipped"] else "",
+        )  # fmt: skip
+
+
+def run_aggregate(args: argparse.Namespace) -> None:
+    from batchscope import store
+
+    ds = aggregate(args.hessian, args.fit, args.workload, _common.expect(args))
+    ds.attrs.update(store.provenance("aggregate_hessian", {"workload": args.workload}))
+    store.write_netcdf(ds, args.out)
+    log.info(reproduction_sentence(ds))
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="train_model directories or .pt files")
+
+
+def _aggregate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", required=True)
+    parser.add_argument("--fit", required=True, help="the workload's fit_scaling result (best lr, gaps)")
+    parser.add_argument("--hessian", nargs="+", required=True, help="analyze_hessian output directories")
+    parser.add_argument("--out", required=True)
+    _common.add_expect(parser)
+
+
+RULES = {
+    "analyze_hessian": Rule(version=3, config_slice=config_slice, variables=("lambda_max", "trace", "density")),
+    "aggregate_hessian": Rule(version=2, variables=("lambda_max",)),
+}
+COMMANDS = (
+    Command("hessian", "Hessian spectrum of checkpoints; --out is a directory", run, _arguments, spec=config_slice),
+    Command("aggregate-hessian", "aggregate a workload's Hessian results", run_aggregate, _aggregate_arguments),
+)

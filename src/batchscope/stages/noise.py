@@ -1,0 +1,117 @@
+"""Stages ``measure_gradient_noise`` and ``measure_jensen_bias`` (:mod:`batchscope.measure.noise`): B_simple along
+one reference run per workload and the variance law at its end; the Jensen bias of E[H_m^-1], on linear
+regression (exact) and in a trained model's top-eigenvector subspace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from batchscope import config as cfg
+from batchscope.stages import Command, Rule, _common
+
+log = logging.getLogger("batchscope")
+
+
+def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    settings = {k: v for k, v in config["noise"].items() if k not in ("enabled", "jensen", "snapshot_fractions")}
+    return {**settings, "jensen": config["noise"]["jensen"], **cfg.execution(config)}
+
+
+def jensen_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    """The trained-model Jensen experiment: its settings only (the variance-law grid does not concern it)."""
+    return {"jensen": config["noise"]["jensen"], "seed": config["noise"]["seed"], **cfg.execution(config)}
+
+
+def jensen_linreg_slice(config: dict[str, Any]) -> dict[str, Any]:
+    return {**config["noise"]["jensen"], "seed": config["noise"]["seed"]}
+
+
+def run(args: argparse.Namespace) -> None:
+    """B_simple at each snapshot of the reference run and the variance law at its end; one NetCDF each."""
+    import torch
+
+    from batchscope import store
+    from batchscope.engine.runtime import progress
+    from batchscope.measure.noise import measure_snapshot, measure_variance
+
+    spec = _common.spec(args, config_slice)
+    device = _common.runtime(spec)
+    saved = torch.load(args.snapshots, map_location=device)
+    workload = _common.workload(saved["workload"], device, args.data)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, snapshot in enumerate(progress(saved["snapshots"], desc="snapshots")):
+        ds = measure_snapshot(snapshot, workload, spec, device)
+        ds.attrs.update(store.provenance("measure_gradient_noise", spec, device=str(device)),
+                        reference=f"B={saved['batch_size']} lr={saved['lr']} seed={saved['seed']}",
+                        workload=saved["workload"]["name"])  # fmt: skip
+        store.write_netcdf(ds, out_dir / f"snapshot{i}.nc")
+        log.info("step %d: B_simple %.1f (per example), %.1f (two-batch)", ds.attrs["step"], float(ds["b_simple"]),
+                 float(ds["two_batch_b_simple"]))  # fmt: skip
+    ds = measure_variance(saved["state_dict"], workload, spec, device)  # the run's final weights
+    ds.attrs.update(store.provenance("measure_gradient_noise", spec, device=str(device)),
+                    workload=saved["workload"]["name"])  # fmt: skip
+    store.write_netcdf(ds, out_dir / "variance.nc")
+    log.info("variance law slope %.3f, corrected %.3f", float(ds["slope"]), float(ds["slope_corrected"]))
+
+
+def run_jensen(args: argparse.Namespace) -> None:
+    import torch
+
+    from batchscope import store
+    from batchscope.measure.noise import measure_jensen_linreg, measure_jensen_subspace
+
+    if args.data is None:  # the linear-regression experiment needs no workload
+        if args.spec is None:
+            raise SystemExit("jensen without --data needs --spec (noise.jensen settings as JSON)")
+        spec = json.loads(args.spec)
+        ds = measure_jensen_linreg(spec)
+        ds.attrs.update(store.provenance("measure_jensen_bias", spec), experiment="linreg")
+    else:
+        spec = _common.spec(args, jensen_slice)
+        device = _common.runtime(spec)
+        checkpoint = torch.load(args.checkpoint, map_location=device)
+        settings = {**spec["jensen"], "seed": spec["seed"]}
+        workload = _common.workload(checkpoint["workload"], device, args.data)
+        ds = measure_jensen_subspace(checkpoint["state_dict"], workload, settings, device)
+        ds.attrs.update(store.provenance("measure_jensen_bias", spec, device=str(device)), experiment="trained model",
+                        workload=checkpoint["workload"]["name"])  # fmt: skip
+    store.write_netcdf(ds, args.out)
+    log.info(
+        "relative bias by m: %s", dict(zip(ds["m"].values.tolist(), ds["relative_bias"].values.round(4), strict=True))
+    )
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--snapshots", required=True, help="the reference run's .snapshots file")
+
+
+def _jensen_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data")
+    parser.add_argument("--checkpoint", help="the trained model (.pt), with --data")
+
+
+# what the report requires: per snapshot, and of the variance law (variance.nc)
+SNAPSHOT_VARIABLES = ("b_simple", "two_batch_b_simple")
+VARIANCE_VARIABLES = ("mean_sq_error",)
+RULES = {
+    "measure_gradient_noise": Rule(version=2, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
+    "measure_jensen_bias": Rule(version=2, config_slice=jensen_slice, variables=("relative_bias",)),
+}
+COMMANDS = (
+    Command(
+        "noise", "gradient noise along the reference run; --out is a directory", run, _arguments, spec=config_slice
+    ),  # fmt: skip
+    Command(
+        "jensen",
+        "Jensen bias: linear regression (no --data) or a trained model's subspace",
+        run_jensen,
+        _jensen_arguments,
+        spec=jensen_slice,
+    ),  # fmt: skip
+)
