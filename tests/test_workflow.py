@@ -173,8 +173,11 @@ def test_algorithm_version_bump_reruns_that_stage(study, repo, venv_env, tmp_pat
     """A copy of the library whose fit algorithm version is bumped, first on the path."""
     copy = tmp_path / "lib"
     shutil.copytree(repo / "src", copy)
-    init = copy / "batchscope/__init__.py"
-    init.write_text(re.sub(r'"fit_scaling": \d+', '"fit_scaling": 99', init.read_text()))
+    stage = copy / "batchscope/stages/fit.py"  # where the fit stage declares its version
+    text = stage.read_text()
+    bumped = re.sub(r'"fit_scaling": Rule\(version=\d+', '"fit_scaling": Rule(version=99', text)
+    assert bumped != text
+    stage.write_text(bumped)
     env = dict(venv_env, PYTHONPATH=str(copy))
     jobs = scheduled(snakemake(repo, study, "-n", env=env))
     assert jobs == FITS | FIT_READERS | REPORT
