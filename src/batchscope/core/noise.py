@@ -9,7 +9,9 @@ Two ways to measure tr(Sigma) and |G|^2:
 - per example (:func:`per_example_sq_norms`, :func:`noise_scale`): tr(Sigma) = N/(N-1) (mean |g_n|^2 - |G|^2) needs
   only the squared norms of the per-example gradients. For models whose parametrised layers are all ``nn.Linear``
   the norms come from one backward pass, |dW_n|^2 = |a_n|^2 |delta_n|^2 (input activation times output gradient,
-  a rank-one gradient) plus |delta_n|^2 for the bias; otherwise from ``vmap(grad)`` in chunks.
+  a rank-one gradient) plus |delta_n|^2 for the bias; for models of Linear (also on sequences), Conv1d/2d,
+  Layer/Group/RMS/BatchNorm (eval mode) and Embedding layers also from one pass (:mod:`batchscope.per_example`);
+  otherwise from ``vmap(grad)`` in chunks.
 - from two batch sizes (:func:`two_batch_noise_scale`, McCandlish et al. appendix A): E|g_B|^2 = |G|^2 +
   tr(Sigma)/B, solved for both from minibatch gradients at B_small and B_big. It needs no per-example gradients,
   so it also works where they are undefined (BatchNorm in train mode).
@@ -27,6 +29,8 @@ import torch
 from scipy import stats
 from torch import nn
 from torch.func import functional_call, grad, vmap
+
+from batchscope import per_example
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -88,20 +92,35 @@ def _linear_sq_norms(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Ten
     return total
 
 
-def per_example_sq_norms(
-    model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024, method: str = "auto"
-) -> torch.Tensor:
-    """(N,) squared norms of the per-example gradients. ``method``: "linear" (one backward pass, all-Linear
-    models), "vmap" (materialises each gradient), or "auto" (linear when possible; benchmarks/noise.py)."""
+def _sq_norms(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, chunk: int,
+              method: str) -> tuple[torch.Tensor, str]:  # fmt: skip
+    """:func:`per_example_sq_norms` and the method it used."""
     if method == "auto":
-        method = "linear" if _all_linear(model) else "vmap"
+        method = "linear" if _all_linear(model) else "hooks" if per_example.supported(model) else "vmap"
+        if method == "hooks":
+            try:
+                return _sq_norms(model, loss, x, y, chunk, "hooks")
+            except per_example.Unsupported:  # a layer without the example dimension first
+                method = "vmap"
     if method == "linear":
         if not _all_linear(model):
             raise ValueError("method 'linear' needs a model whose parametrised layers are all nn.Linear")
         return torch.cat([_linear_sq_norms(model, loss, x[i : i + chunk], y[i : i + chunk])
-                          for i in range(0, len(x), chunk)])  # fmt: skip
+                          for i in range(0, len(x), chunk)]), method  # fmt: skip
+    if method == "hooks":
+        return torch.cat([per_example.sq_norms(model, loss, x[i : i + chunk], y[i : i + chunk])
+                          for i in range(0, len(x), chunk)]), method  # fmt: skip
     return torch.cat([(per_example_grads(model, loss, x[i : i + chunk], y[i : i + chunk]) ** 2).sum(1)
-                      for i in range(0, len(x), chunk)])  # fmt: skip
+                      for i in range(0, len(x), chunk)]), "vmap"  # fmt: skip
+
+
+def per_example_sq_norms(
+    model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024, method: str = "auto"
+) -> torch.Tensor:
+    """(N,) squared norms of the per-example gradients. ``method``: "linear" (one backward pass, all-Linear
+    models), "hooks" (one pass, the layers of :func:`batchscope.per_example.supported`), "vmap" (materialises
+    each gradient), or "auto" (linear, else hooks, else vmap; benchmarks/noise.py, benchmarks/per_example.py)."""
+    return _sq_norms(model, loss, x, y, chunk, method)[0]
 
 
 def full_gradient(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -128,10 +147,9 @@ def noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, 
     """|G|^2, tr(Sigma) and B_simple over the whole of (x, y), from per-example squared gradient norms."""
     n = len(x)
     g = full_gradient(model, loss, x, y)
-    sq = per_example_sq_norms(model, loss, x, y, method=method)
+    sq, used = _sq_norms(model, loss, x, y, 1024, method)
     g_sq = float(g @ g)
     trace = n / (n - 1) * (float(sq.mean()) - g_sq)  # sum_n |g_n - G|^2 / (N - 1)
-    used = ("linear" if _all_linear(model) else "vmap") if method == "auto" else method
     return NoiseScale(g_sq, trace, trace / g_sq if g_sq > 0 else math.inf, f"per-example ({used})")
 
 
