@@ -3,13 +3,13 @@
 - loop: one forward and backward pass per example (the reference a user would write first);
 - vmap: ``vmap(grad(...))`` materialising every per-example gradient (what the stage used for any model that
   was not all-Linear);
-- hooks: per-example squared norms from one forward and one backward pass (batchscope.per_example: Conv2d by the
+- hooks: per-example squared norms from one forward and one backward pass (batchscope.core.per_example: Conv2d by the
   convolution's weight-gradient kernel with the examples as groups, BatchNorm's affine terms from x_hat, the
   Linear head rank one), what ``noise.per_example_sq_norms(method="auto")`` now picks for this model.
 A fourth row, "batch step", is one forward and backward pass of the whole batch (the gradient training takes):
 no one-pass method can be much faster than it, so loop / batch step bounds the hooks path's speedup.
 
-Model: ``batchscope.models`` resnet, widths 16/32/64, 3 blocks per stage (ResNet-20, 0.27 M parameters), 10
+Model: ``batchscope.workloads.models`` resnet, widths 16/32/64, 3 blocks per stage (ResNet-20, 0.27 M parameters), 10
 classes, synthetic 3x32x32 inputs, float32, 1 thread. Normalisation: BatchNorm in eval mode, because it is the
 architecture the project trains (the models module offers BatchNorm, Ghost BatchNorm or none, no GroupNorm),
 and in eval mode (running statistics, set here by a few train-mode passes first) each example is normalised on
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from batchscope import noise
-from batchscope.models import build_model
+from batchscope.core import noise
+from batchscope.workloads.models import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "per_example.json"
 BATCH, REPEATS, LOOP_REPEATS = 128, 9, 5

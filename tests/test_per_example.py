@@ -1,4 +1,4 @@
-"""One-pass per-example squared gradient norms (batchscope.per_example) against vmap(grad) as the reference.
+"""One-pass per-example squared gradient norms (batchscope.core.per_example) against vmap(grad) as the reference.
 
 The reference materialises every per-example gradient (noise.per_example_grads) and squares it. In float64 the two
 agree to rounding: rtol 1e-9 (the one-pass path sums in another order, explicit matrices or Gram matrices); in
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from batchscope import noise, per_example
-from batchscope.models import build_model
+from batchscope.core import noise, per_example
+from batchscope.workloads.models import build_model
 
 CE = nn.functional.cross_entropy
 # torch's notes on its own kernels (vmap has no batching rule for CPU flash attention; an even "same" kernel pads
@@ -151,7 +151,7 @@ def test_shared_layers_pool_their_calls():
 
 @pytest.mark.parametrize("norm", ["batch", "ghost", "none"])
 def test_project_resnet(norm):
-    """batchscope.models' ResNet (norm layers in eval mode): per example, and summed over the examples."""
+    """batchscope.workloads.models' ResNet (norm layers in eval mode): per example, and summed over the examples."""
     torch.manual_seed(5)
     spec = {"name": "resnet", "widths": [4, 8], "blocks": 1, "norm": norm, "ghost_batch_size": 4}
     model = randomise_norms(build_model(spec, (3, 8, 8), 10)).double().eval()

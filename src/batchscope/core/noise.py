@@ -10,7 +10,7 @@ Two ways to measure tr(Sigma) and |G|^2:
   only the squared norms of the per-example gradients. For models whose parametrised layers are all ``nn.Linear``
   the norms come from one backward pass, |dW_n|^2 = |a_n|^2 |delta_n|^2 (input activation times output gradient,
   a rank-one gradient) plus |delta_n|^2 for the bias; for models of Linear (also on sequences), Conv1d/2d,
-  Layer/Group/RMS/BatchNorm (eval mode) and Embedding layers also from one pass (:mod:`batchscope.per_example`);
+  Layer/Group/RMS/BatchNorm (eval mode) and Embedding layers also from one pass (:mod:`batchscope.core.per_example`);
   otherwise from ``vmap(grad)`` in chunks.
 - from two batch sizes (:func:`two_batch_noise_scale`, McCandlish et al. appendix A): E|g_B|^2 = |G|^2 +
   tr(Sigma)/B, solved for both from minibatch gradients at B_small and B_big. It needs no per-example gradients,
@@ -20,7 +20,6 @@ Two ways to measure tr(Sigma) and |G|^2:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ from scipy import stats
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from batchscope import per_example
+from batchscope.core import per_example
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -61,37 +60,6 @@ def _all_linear(model: nn.Module) -> bool:
     return bool(layers) and all(isinstance(m, nn.Linear) for m in layers)
 
 
-def _linear_sq_norms(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example squared gradient norms of an all-Linear model from one forward and one backward pass."""
-    inputs, grads, handles = {}, {}, []
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(lambda m, a, _o: inputs.__setitem__(m, a[0].detach())))
-            handles.append(module.register_full_backward_hook(lambda m, _gi, go: grads.__setitem__(m, go[0].detach())))
-    try:
-        model.zero_grad(set_to_none=True)
-        with torch.enable_grad(), warnings.catch_warnings():
-            # the input needs no gradient, so torch notes the hook sees output gradients only: all it needs
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            # N x the mean loss is the sum over examples, so each output gradient's row n is example n's own
-            (loss(model(x), y) * len(x)).backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.zero_grad(set_to_none=True)
-    total = torch.zeros(len(x), dtype=x.dtype, device=x.device)
-    for module, a in inputs.items():
-        delta = grads[module].reshape(len(x), -1, grads[module].shape[-1])
-        a = a.reshape(len(x), -1, a.shape[-1])
-        if delta.shape[1] == 1:  # one position per example: the weight gradient is rank one
-            total += (a.squeeze(1) ** 2).sum(1) * (delta.squeeze(1) ** 2).sum(1)
-        else:
-            total += (torch.einsum("nti,ntj->nij", delta, a) ** 2).sum((1, 2))
-        if module.bias is not None:
-            total += (delta.sum(1) ** 2).sum(1)
-    return total
-
-
 def _sq_norms(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, chunk: int,
               method: str) -> tuple[torch.Tensor, str]:  # fmt: skip
     """:func:`per_example_sq_norms` and the method it used."""
@@ -105,7 +73,8 @@ def _sq_norms(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, ch
     if method == "linear":
         if not _all_linear(model):
             raise ValueError("method 'linear' needs a model whose parametrised layers are all nn.Linear")
-        return torch.cat([_linear_sq_norms(model, loss, x[i : i + chunk], y[i : i + chunk])
+        # the one-pass path, on a model where it needs only the rank-one Linear identity
+        return torch.cat([per_example.sq_norms(model, loss, x[i : i + chunk], y[i : i + chunk])
                           for i in range(0, len(x), chunk)]), method  # fmt: skip
     if method == "hooks":
         return torch.cat([per_example.sq_norms(model, loss, x[i : i + chunk], y[i : i + chunk])
@@ -118,7 +87,7 @@ def per_example_sq_norms(
     model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024, method: str = "auto"
 ) -> torch.Tensor:
     """(N,) squared norms of the per-example gradients. ``method``: "linear" (one backward pass, all-Linear
-    models), "hooks" (one pass, the layers of :func:`batchscope.per_example.supported`), "vmap" (materialises
+    models), "hooks" (one pass, the layers of :func:`batchscope.core.per_example.supported`), "vmap" (materialises
     each gradient), or "auto" (linear, else hooks, else vmap; benchmarks/noise.py, benchmarks/per_example.py)."""
     return _sq_norms(model, loss, x, y, chunk, method)[0]
 

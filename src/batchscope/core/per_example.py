@@ -48,7 +48,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.nn import functional
 
-from batchscope.ghost import GhostBatchNorm1d, GhostBatchNorm2d
+from batchscope.core.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
