@@ -1,0 +1,200 @@
+"""The gradient-noise stage (noise_stage.measure_snapshot / measure_variance) on a built digits workload, against
+per-example gradients computed here by a plain loop (one torch.autograd.grad per example, in float64)."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from batchscope import config as cfg
+from batchscope.noise_stage import measure_snapshot, measure_variance
+from batchscope.workload import build
+
+CPU = torch.device("cpu")
+BATCH_SIZES = [8, 32, 128, 512]
+
+
+def study(norm="none"):
+    return cfg.validate(
+        {
+            "device": "cpu",
+            "grid": {"batch_sizes": BATCH_SIZES},
+            "workloads": {
+                "w": {
+                    "dataset": {"name": "digits"},
+                    "model": {"name": "mlp", "widths": [32], "norm": norm},
+                    "target": {"metric": "val_accuracy", "value": 0.9},
+                    "max_steps": 10,
+                    "eval_interval": 5,
+                    "learning_rates": [0.1],
+                }
+            },
+            "noise": {"pairs": 100, "variance_draws": 200, "seed": 3},
+        }
+    )
+
+
+def workload_and_spec(norm="none"):
+    config = study(norm)
+    workload = build(cfg.workload_slice(config, "w"), CPU, seed=0)
+    return workload, cfg.noise_slice(config, "w")
+
+
+def trained_state(workload, steps=30, lr=0.1):
+    """A state some way into training (plain SGD on batches of 64), so that G is not the initial gradient."""
+    model, (x, y) = workload.model, workload.train
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        index = torch.randint(0, len(x), (64,), generator=generator)
+        optimizer.zero_grad()
+        workload.loss(model(x[index]), y[index]).backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def per_example_gradients(workload, state):
+    """(N, P) float64 gradients of each training example's loss: the reference, no batchscope code."""
+    model = copy.deepcopy(workload.model)
+    model.load_state_dict(state)
+    model = model.double().train()
+    x, y = workload.train
+    x = x.double()
+    params = list(model.parameters())
+    rows = []
+    for n in range(len(x)):
+        loss = workload.loss(model(x[n : n + 1]), y[n : n + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows).numpy()
+
+
+def exact_noise(grads):
+    """|G|^2 and tr(Sigma) = sum_n |g_n - G|^2 / (N - 1) from the per-example gradients."""
+    g = grads.mean(0)
+    return float(g @ g), float(((grads - g) ** 2).sum() / (len(grads) - 1))
+
+
+def minibatch_sq_norms(grads, size, draws, rng, centre=None):
+    """|g_B - centre|^2 for ``draws`` minibatches of ``size`` drawn without replacement (the mean of their per-example
+    gradients: exact for a model without BatchNorm)."""
+    gram = grads @ grads.T if centre is None else (grads - centre) @ (grads - centre).T
+    weights = np.zeros((draws, len(grads)))
+    for row in weights:
+        row[rng.choice(len(grads), size, replace=False)] = 1 / size
+    return np.einsum("dn,dn->d", weights @ gram, weights)
+
+
+@pytest.fixture(scope="module")
+def linear():
+    workload, spec = workload_and_spec()
+    state = trained_state(workload)
+    return workload, spec, state, per_example_gradients(workload, state)
+
+
+@pytest.fixture(scope="module")
+def snapshot(linear):
+    workload, spec, state, _ = linear
+    return measure_snapshot({"state_dict": state, "step": 30, "fraction": 0.5}, workload, spec, CPU)
+
+
+def test_snapshot_per_example_noise_equals_a_loop_over_examples(linear, snapshot):
+    """|G|^2, tr(Sigma) and B_simple over the whole training set against the float64 loop (the stage computes in
+    float32; tr(Sigma) = N/(N - 1)(mean |g_n|^2 - |G|^2) loses a digit to B_simple ~ 90: 1e-5 relative), and the
+    loss in eval mode."""
+    workload, _, state, grads = linear
+    ds = snapshot
+    g_sq, trace = exact_noise(grads)
+    assert float(ds["grad_sq_norm"]) == pytest.approx(g_sq, rel=1e-5)
+    assert float(ds["trace_sigma"]) == pytest.approx(trace, rel=1e-5)
+    assert float(ds["b_simple"]) == pytest.approx(trace / g_sq, rel=1e-5)
+    assert ds.attrs["method"] == "per-example (linear)"
+    assert ds.attrs["step"] == 30 and ds.attrs["fraction"] == 0.5
+    model = copy.deepcopy(workload.model)
+    model.load_state_dict(state)
+    x, y = workload.train
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model.double().eval()(x.double()), y)
+    assert float(ds["loss"]) == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_snapshot_two_batch_estimate_is_within_its_standard_error_of_the_exact_one(linear, snapshot):
+    """The two-batch estimator is linear in the pair means of |g_small|^2 and |g_big|^2, each unbiased for
+    |G|^2 + tr(Sigma) (N - B)/(B (N - 1)): its estimates of |G|^2 and tr(Sigma) are unbiased, with a standard
+    error from the variances of |g_B|^2, simulated here from the per-example gradients (3000 draws per size).
+    Tolerance: 4 standard errors."""
+    _, spec, _, grads = linear
+    ds = snapshot
+    g_sq, trace = exact_noise(grads)
+    n, small, big, pairs = len(grads), spec["b_small"], spec["b_big"], spec["pairs"]
+    assert (small, big, pairs) == (8, 512, 100)
+    inv_small, inv_big = (n - small) / (small * (n - 1)), (n - big) / (big * (n - 1))
+    rng = np.random.default_rng(99)
+    var_small, var_big = (minibatch_sq_norms(grads, size, 3000, rng).var(ddof=1) for size in (small, big))
+    trace_se = math.sqrt((var_small + var_big) / pairs) / (inv_small - inv_big)
+    g_sq_se = math.sqrt((inv_big**2 * var_small + inv_small**2 * var_big) / pairs) / (inv_small - inv_big)
+    assert trace_se < 0.2 * trace and g_sq_se < 0.2 * g_sq  # the check can tell a broken estimator apart
+    assert abs(float(ds["two_batch_trace_sigma"]) - trace) < 4 * trace_se
+    assert abs(float(ds["two_batch_grad_sq_norm"]) - g_sq) < 4 * g_sq_se
+    two_b = float(ds["two_batch_b_simple"])
+    assert two_b == pytest.approx(float(ds["two_batch_trace_sigma"]) / float(ds["two_batch_grad_sq_norm"]), rel=1e-12)
+    assert ds.attrs["b_small"] == small and ds.attrs["b_big"] == big and ds.attrs["pairs"] == pairs
+
+
+def test_snapshot_with_batchnorm_in_train_mode_reports_two_batch_only():
+    """Per-example gradients are undefined with BatchNorm in train mode: NaN, and the method says so."""
+    workload, spec = workload_and_spec(norm="batch")
+    state = {k: v.clone() for k, v in workload.model.state_dict().items()}
+    ds = measure_snapshot({"state_dict": state, "step": 0, "fraction": 0.0}, workload, spec, CPU)
+    for name in ("grad_sq_norm", "trace_sigma", "b_simple"):
+        assert np.isnan(float(ds[name])), name
+    assert ds.attrs["method"].startswith("two-batch only") and "BatchNorm" in ds.attrs["method"]
+    trace, g_sq = float(ds["two_batch_trace_sigma"]), float(ds["two_batch_grad_sq_norm"])
+    assert trace > 0 and g_sq > 0 and float(ds["two_batch_b_simple"]) == pytest.approx(trace / g_sq, rel=1e-12)
+
+
+def test_variance_law_against_the_finite_population_expectation(linear):
+    """E|g_B - G|^2 over minibatches drawn without replacement is tr(Sigma) (N - B)/(B (N - 1)), tr(Sigma) from the
+    loop. The stage's mean over 200 draws against it within 4 standard errors (the SD of |g_B - G|^2 simulated
+    here from the per-example gradients, 2000 draws); its slopes are the log-log fits of its own means."""
+    workload, spec, state, grads = linear
+    ds = measure_variance(state, workload, spec, CPU)
+    n, draws = len(grads), spec["variance_draws"]
+    _, trace = exact_noise(grads)
+    sizes = np.asarray(BATCH_SIZES, float)
+    assert ds["batch_size"].values.tolist() == BATCH_SIZES and ds.attrs["population"] == n
+    expected = trace * (n - sizes) / (sizes * (n - 1))
+    np.testing.assert_allclose(ds["predicted"].values, expected, rtol=1e-4)
+    rng = np.random.default_rng(7)
+    for i, size in enumerate(BATCH_SIZES):
+        errors = minibatch_sq_norms(grads, size, 2000, rng, centre=grads.mean(0))
+        # the simulation agrees with the formula (4 of its own standard errors), then the stage with both
+        assert abs(errors.mean() - expected[i]) < 4 * errors.std(ddof=1) / math.sqrt(len(errors))
+        se = errors.std(ddof=1) / math.sqrt(draws)
+        assert abs(float(ds["mean_sq_error"][i]) - expected[i]) < 4 * se, (size, float(ds["mean_sq_error"][i]))
+    mse = ds["mean_sq_error"].values
+    fpc = (n - sizes) / (n - 1)
+    assert float(ds["slope"]) == pytest.approx(np.polyfit(np.log(sizes), np.log(mse), 1)[0], rel=1e-9)
+    assert float(ds["slope_corrected"]) == pytest.approx(np.polyfit(np.log(sizes), np.log(mse / fpc), 1)[0], rel=1e-9)
+    assert abs(float(ds["slope_corrected"]) + 1) < 0.1  # the 1/B law once the finite population is divided out
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measure_snapshot evaluates the loss after the two-batch estimator's forward passes in train mode, which "
+    "overwrite BatchNorm's running statistics: the reported loss is not the snapshot's (1.14 here against 0.87 "
+    "reported) and changes with noise.pairs",
+)
+def test_snapshot_loss_with_batchnorm_is_the_snapshots_own():
+    """The loss at a snapshot: its weights and running statistics in eval mode (computed here on a copy)."""
+    workload, spec = workload_and_spec(norm="batch")
+    state = trained_state(workload)
+    model = copy.deepcopy(workload.model)
+    model.load_state_dict(state)
+    x, y = workload.train
+    with torch.no_grad():
+        expected = float(torch.nn.functional.cross_entropy(model.double().eval()(x.double()), y))
+    ds = measure_snapshot({"state_dict": state, "step": 30, "fraction": 0.5}, workload, spec, CPU)
+    assert float(ds["loss"]) == pytest.approx(expected, rel=1e-5)
