@@ -1,5 +1,5 @@
-"""ghost_experiment.summarize on synthetic training, profile, variance and Hessian caches (real NetCDF files written
-by batchscope.io), against the numbers worked out by hand from those same inputs.
+"""stages.ghost.summarize on synthetic training, profile, variance and Hessian caches (real NetCDF files written
+by batchscope.store), against the numbers worked out by hand from those same inputs.
 
 Each variant's learning rate is the one with the fewest median steps to target over seeds, a censored run
 counting as never; where no learning rate reached the target, the one with the best median final validation
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from batchscope import io
-from batchscope.ghost_experiment import summarize
+from batchscope import store as io
+from batchscope.stages.ghost import summarize
 
 NAN = math.nan
 SEEDS = (0, 1, 2)

@@ -112,7 +112,7 @@ def test_inverse_wishart_needs_enough_samples():
 def linreg_population(n, p, seed):
     """x ~ N(0, S) rows (S of condition 10) and y = x w* + noise, and ``hessian_of``: the autograd Hessian of the
     mean squared error of a bias-free linear model, exact for a quadratic loss (it is 2 X^T X / m at any w)."""
-    from batchscope.data import linreg_covariance
+    from batchscope.workloads.data import linreg_covariance
 
     covariance = linreg_covariance(p, 10.0, seed)
     rng = np.random.default_rng(seed)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from batchscope import config as cfg
-from batchscope.noise_stage import measure_snapshot, measure_variance
-from batchscope.workload import build
+from batchscope.measure.noise import measure_snapshot, measure_variance
+from batchscope.stages import noise as noise_stage
+from batchscope.workloads.base import build
 
 CPU = torch.device("cpu")
 BATCH_SIZES = [8, 32, 128, 512]
@@ -39,7 +40,7 @@ def study(norm="none"):
 def workload_and_spec(norm="none"):
     config = study(norm)
     workload = build(cfg.workload_slice(config, "w"), CPU, seed=0)
-    return workload, cfg.noise_slice(config, "w")
+    return workload, noise_stage.config_slice(config, "w")
 
 
 def trained_state(workload, steps=30, lr=0.1):

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from batchscope import config as cfg
-from batchscope import runtime
-from batchscope import train as train_module
-from batchscope.train import _pick_snapshots, thin, train
-from batchscope.workload import build
+from batchscope.engine import runtime
+from batchscope.engine import training as train_module
+from batchscope.engine.training import _pick_snapshots, thin, train
+from batchscope.stages import train as stage_train
+from batchscope.workloads.base import build
 
 CPU = torch.device("cpu")
 FRACTIONS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -40,7 +41,7 @@ def spec(max_steps):
             },
         }
     )
-    return cfg.train_slice(config, "w")
+    return stage_train.config_slice(config, "w")
 
 
 @pytest.fixture(autouse=True)
