@@ -182,12 +182,6 @@ def test_variance_law_against_the_finite_population_expectation(linear):
     assert abs(float(ds["slope_corrected"]) + 1) < 0.1  # the 1/B law once the finite population is divided out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measure_snapshot evaluates the loss after the two-batch estimator's forward passes in train mode, which "
-    "overwrite BatchNorm's running statistics: the reported loss is not the snapshot's (1.14 here against 0.87 "
-    "reported) and changes with noise.pairs",
-)
 def test_snapshot_loss_with_batchnorm_is_the_snapshots_own():
     """The loss at a snapshot: its weights and running statistics in eval mode (computed here on a copy)."""
     workload, spec = workload_and_spec(norm="batch")

@@ -1,8 +1,8 @@
-"""Snapshots of the noise stage's reference run: train.thin and train._pick_snapshots, alone and inside train().
+"""Snapshots of the noise stage's reference run: training.Snapshots and _pick_snapshots, alone and inside train().
 
-train() keeps the weights at step 0 and at every evaluation, and thins the kept list (every other state dropped,
-the first and the newest kept) whenever the kept states exceed SNAPSHOT_BUDGET parameters. At the end each
-snapshot fraction f gets the kept state nearest f x steps_done. References: a brute-force search over the kept
+train() keeps the weights at step 0 and at every evaluation; whenever the kept states would exceed
+SNAPSHOT_BUDGET parameters, the stride of the kept states doubles (the first and the newest always kept). At the
+end each snapshot fraction f gets the kept state nearest f x steps_done. References: a brute-force search over the kept
 list, a freshly built model for the initial weights, and a shorter run of the same seed for the weights at a
 step (training is bitwise reproducible per seed on the CPU, and a constant learning rate does not depend on
 max_steps).
@@ -14,7 +14,7 @@ import torch
 from batchscope import config as cfg
 from batchscope.engine import runtime
 from batchscope.engine import training as train_module
-from batchscope.engine.training import _pick_snapshots, thin, train
+from batchscope.engine.training import Snapshots, _pick_snapshots, train
 from batchscope.stages import train as stage_train
 from batchscope.workloads.base import build
 
@@ -62,36 +62,36 @@ def run_with_capacity(monkeypatch, max_steps, capacity, seed=0):
     the number of thinnings."""
     n_params = sum(p.numel() for p in build(spec(max_steps)["workload"], CPU).model.parameters())
     monkeypatch.setattr(train_module, "SNAPSHOT_BUDGET", capacity * n_params)
-    seen, thinnings = {}, []
+    seen, keepers = {}, []
 
-    def counting_thin(kept):
-        thinnings.append(len(kept))
-        thin(kept)
+    class Recorded(Snapshots):
+        def __init__(self, *args):
+            super().__init__(*args)
+            keepers.append(self)
 
     def capturing_pick(kept, fractions, steps_done):
         seen["kept"] = list(kept)
         return _pick_snapshots(kept, fractions, steps_done)
 
-    monkeypatch.setattr(train_module, "thin", counting_thin)
+    monkeypatch.setattr(train_module, "Snapshots", Recorded)
     monkeypatch.setattr(train_module, "_pick_snapshots", capturing_pick)
     _, checkpoint = train(spec(max_steps), 32, 0.1, seed=seed, device=CPU, snapshot_fractions=FRACTIONS)
-    return checkpoint, seen["kept"], len(thinnings)
+    return checkpoint, seen["kept"], keepers[0].thinnings
 
 
 @pytest.mark.parametrize("capacity", [3, 5, 6, 7])  # thinning lists of odd and of even length
 def test_many_thinnings_keep_the_first_and_the_newest_state(capacity):
-    """200 evaluations into a list of at most ``capacity`` states: dozens of thinnings, the ends always kept."""
-    kept = [(0, "initial")]
-    thinnings = 0
+    """200 evaluations into a list of at most ``capacity`` states: the stride doubles several times, and the ends
+    are always kept."""
+    snapshots = Snapshots(capacity, INTERVAL)  # train(): room for SNAPSHOT_BUDGET // parameters states
+    snapshots.add(0, "initial")
     for evaluation in range(1, 201):
-        kept.append((INTERVAL * evaluation, f"state {evaluation}"))
-        if len(kept) > capacity:  # train(): len(kept) x parameters > SNAPSHOT_BUDGET
-            thin(kept)
-            thinnings += 1
+        snapshots.add(INTERVAL * evaluation, f"state {evaluation}")
+        kept = snapshots.kept
         assert kept[0] == (0, "initial") and kept[-1] == (INTERVAL * evaluation, f"state {evaluation}")
         steps = [step for step, _ in kept]
         assert steps == sorted(set(steps)) and len(kept) <= capacity
-    assert thinnings > 50
+    assert snapshots.thinnings >= 5  # the stride doubled from one evaluation to at least 32
     picked = _pick_snapshots(kept, FRACTIONS, INTERVAL * 200)
     assert [p["fraction"] for p in picked] == FRACTIONS
     assert picked[0]["step"] == 0 and picked[0]["state_dict"] == "initial"
@@ -130,13 +130,6 @@ def test_training_snapshots_are_the_nearest_kept_states_with_their_weights(monke
             assert torch.equal(snapshot["state_dict"][key], value), (snapshot["step"], key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.thin drops every other kept state whatever its spacing, so repeated thinning removes the old "
-    "states fastest: after k thinnings the kept list is the initial weights plus a cluster of the newest "
-    "evaluations (here steps 0, 170, 185, 195, 200), and the 0.25 snapshot is the initial weights (step 0 for "
-    "a target of 50). A regular stride of INTERVAL x 2^j fits the same room with every pick within one stride.",
-)
 def test_picks_are_within_one_regular_stride_of_their_fraction(monkeypatch):
     """200 steps, 40 evaluations, room for 6 snapshots. Halving a regular grid of the evaluations until it fits
     keeps every (INTERVAL x 2^j)-th step, j the smallest with 40 / 2^j + 1 <= 6 (j = 3, a stride of 40 steps), and

@@ -75,10 +75,34 @@ def reached(value: float, target: float, higher_is_better: bool) -> bool:
 SNAPSHOT_BUDGET = 2 * 10**8  # parameters x kept snapshots held in memory before they are thinned
 
 
-def thin(kept: list) -> None:
-    """Drop every other kept state in place, keeping the first (the initial weights) and the newest: the newest
-    is the nearest to the run's end, where the last snapshot fraction (1.0) is taken."""
-    del kept[1:-1:2]
+class Snapshots:
+    """Weights along a run within room for ``capacity`` states: step 0, every ``stride``-th step, and the newest.
+
+    States arrive at step 0 and at each evaluation (multiples of ``interval``). A state off the stride is kept only
+    while it is the newest. When the room is full the stride doubles and the states off it go (:meth:`thin`), so
+    the kept states stay evenly spaced over the whole run: any fraction of it has a kept state within one stride,
+    and the newest (the run's end, where fraction 1.0 is taken) is always there. (Dropping every other state
+    whatever its spacing would instead empty the early run fastest.)
+    """
+
+    def __init__(self, capacity: int, interval: int):
+        self.capacity, self.stride = max(capacity, 2), interval
+        self.kept: list[tuple[int, Any]] = []
+        self.thinnings = 0
+
+    def add(self, step: int, state: Any) -> None:
+        if len(self.kept) > 1 and self.kept[-1][0] % self.stride:
+            self.kept.pop()  # off the stride: it was kept only as the newest
+        self.kept.append((step, state))
+        while len(self.kept) > self.capacity:
+            self.thin()
+
+    def thin(self) -> None:
+        """Double the stride; keep the states on it, and the newest."""
+        self.stride *= 2
+        self.thinnings += 1
+        newest = self.kept[-1]
+        self.kept = [item for item in self.kept[:-1] if item[0] % self.stride == 0] + [newest]
 
 
 def _pick_snapshots(kept: list[tuple[int, dict]], fractions: list[float], steps_done: int) -> list[dict]:
@@ -129,14 +153,12 @@ def train(
     wall_start = time.perf_counter()
     initial_val_loss = evaluate(workload, "val", device, loader).loss
     first_step_time = math.nan
-    kept: list[tuple[int, dict]] = []
     n_params = sum(p.numel() for p in model.parameters())
+    snapshots = Snapshots(SNAPSHOT_BUDGET // max(n_params, 1), interval)
 
     def keep(step: int) -> None:
         if snapshot_fractions:
-            kept.append((step, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
-            if len(kept) * n_params > SNAPSHOT_BUDGET:
-                thin(kept)
+            snapshots.add(step, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
 
     keep(0)
     divergence_threshold = DIVERGENCE_FACTOR * initial_val_loss
@@ -264,7 +286,7 @@ def train(
         "steps_done": steps_done,
     }
     if snapshot_fractions:
-        if kept[-1][0] != steps_done:  # the final weights, when the run ended between evaluations
-            kept.append((steps_done, checkpoint["state_dict"]))
-        checkpoint["snapshots"] = _pick_snapshots(kept, snapshot_fractions, steps_done)
+        if snapshots.kept[-1][0] != steps_done:  # the final weights, when the run ended between evaluations
+            snapshots.add(steps_done, checkpoint["state_dict"])
+        checkpoint["snapshots"] = _pick_snapshots(snapshots.kept, snapshot_fractions, steps_done)
     return ds, checkpoint

@@ -35,6 +35,9 @@ def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: tor
     model = _model(workload, snapshot["state_dict"])
     loss = workload.loss
     x, y = analysis_data(workload, device)
+    with torch.no_grad():  # first: the train-mode passes below move BatchNorm's running statistics
+        snapshot_loss = float(loss(model.eval()(x), y))
+    model.train()
     rng = np.random.default_rng(spec["seed"])
     two = noise.two_batch_noise_scale(model, loss, x, y, spec["b_small"], spec["b_big"], spec["pairs"], rng)
     values = {"two_batch_grad_sq_norm": two.grad_sq_norm, "two_batch_trace_sigma": two.trace_sigma,
@@ -46,8 +49,7 @@ def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: tor
         exact = noise.noise_scale(model, loss, x, y)
         method = exact.method
         values.update(grad_sq_norm=exact.grad_sq_norm, trace_sigma=exact.trace_sigma, b_simple=exact.b_simple)
-    with torch.no_grad():
-        values["loss"] = float(loss(model.eval()(x), y))
+    values["loss"] = snapshot_loss
     ds = xr.Dataset({name: ((), float(value)) for name, value in values.items()})
     for name in ("b_simple", "two_batch_b_simple"):
         ds[name].attrs.update(units="examples", long_name="tr(Sigma) / |G|^2")

@@ -100,7 +100,7 @@ def _jensen_arguments(parser: argparse.ArgumentParser) -> None:
 SNAPSHOT_VARIABLES = ("b_simple", "two_batch_b_simple")
 VARIANCE_VARIABLES = ("mean_sq_error",)
 RULES = {
-    "measure_gradient_noise": Rule(version=2, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
+    "measure_gradient_noise": Rule(version=3, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
     "measure_jensen_bias": Rule(version=2, config_slice=jensen_slice, variables=("relative_bias",)),
 }
 COMMANDS = (

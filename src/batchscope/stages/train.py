@@ -60,7 +60,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snapshot-fractions", type=float, nargs="*", default=[0.0, 0.25, 0.5, 0.75, 1.0])
 
 
-RULES = {"train_model": Rule(version=2, config_slice=config_slice, variables=VARIABLES)}
+RULES = {"train_model": Rule(version=3, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "train", "train (lr, seed) points at one batch size; --out is a directory", run, _arguments, spec=config_slice
