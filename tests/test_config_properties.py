@@ -34,7 +34,7 @@ INTEGER_PATHS = [
     ("threads",), ("profile", "warmup"), ("profile", "repeats"), ("hessian", "top_k"), ("noise", "pairs"),
     ("workloads", "w", "max_steps"), ("workloads", "w", "eval_interval"),
 ]  # fmt: skip
-MINIMUM = dict(zip(INTEGER_PATHS, [1, 0, 3, 1, 2, 1, 1], strict=True))  # each path's smallest valid value
+MINIMUM = dict(zip(INTEGER_PATHS, [1, 0, 1, 1, 2, 1, 1], strict=True))  # each path's smallest valid value
 LIST_PATHS = [("grid", "batch_sizes"), ("grid", "seeds"), ("workloads", "w", "learning_rates")]
 DICT_PATHS = [(), ("grid",), ("profile",), ("hessian",), ("noise",), ("workloads", "w"), ("workloads", "w", "target"),
               ("workloads", "w", "dataset"), ("workloads", "w", "model")]  # fmt: skip
@@ -65,6 +65,22 @@ wrong_types = st.one_of(
 )
 
 
+def schema_keys(path: tuple) -> set[str]:
+    """Every key the schema allows at ``path`` (any variant's, for the tagged dataset and model)."""
+    definitions = cfg.schema()["definitions"]
+    if path[:2] == ("workloads", "w"):
+        node = definitions["workload"] if len(path) == 2 else definitions.get(path[2])
+        node = node or definitions["workload"]["properties"][path[2]]
+    else:
+        node = cfg.schema()
+        for part in path:
+            node = node["properties"][part]
+    keys = set(node.get("properties", {}))
+    for branch in node.get("allOf", []):
+        keys |= set(branch["then"]["properties"])
+    return keys
+
+
 @st.composite
 def malformed(draw) -> tuple[dict, str, str]:
     """(config, key that must be named, text of the value that must be named)."""
@@ -88,10 +104,8 @@ def malformed(draw) -> tuple[dict, str, str]:
         node = BASE
         for part in path:
             node = node[part]
-        if key in node or (path == ("workloads", "w") and key in cfg.schema()["definitions"]["workload"]["properties"]):
+        if key in node or key in schema_keys(path):  # a key the schema knows is not unknown
             key = f"zz_{key}"
-        if path == ():  # a top-level key is checked against the schema's properties
-            key = key if key not in cfg.schema()["properties"] else f"zz_{key}"
         return put(BASE, (*path, key), 1), key, key
     if kind == "enum":
         where = draw(st.sampled_from([("workloads", "w", "dataset", "name"), ("workloads", "w", "model", "name"),

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from batchscope.config import DATASET_DEFAULTS, train_size
+from batchscope.config import filled, train_size
 from batchscope.workloads import data
 
 
@@ -129,7 +129,7 @@ def test_cifar10_refuses_code_in_pickles(tmp_path):
 
 
 def test_digits_split_is_fixed_and_stratified():
-    spec = {"name": "digits", **DATASET_DEFAULTS["digits"]}
+    spec = {"name": "digits", **filled("dataset", {"name": "digits"})}
     first, second = data.build(spec), data.build(spec)
     np.testing.assert_array_equal(first["y_val"].values, second["y_val"].values)
     assert first.sizes["train_example"] == train_size(spec) == 1437
@@ -141,7 +141,7 @@ def test_digits_split_is_fixed_and_stratified():
 
 def test_linreg_has_its_stated_covariance():
     spec = {
-        **DATASET_DEFAULTS["linreg"],
+        **filled("dataset", {"name": "linreg"}),
         "name": "linreg",
         "n_train": 50000,
         "dim": 5,
@@ -158,7 +158,7 @@ def test_linreg_has_its_stated_covariance():
 
 
 def test_teacher_labels_follow_the_teacher():
-    spec = {**DATASET_DEFAULTS["teacher"], "name": "teacher"}
+    spec = {**filled("dataset", {"name": "teacher"}), "name": "teacher"}
     ds = data.build(spec)
     assert set(np.unique(ds["y_train"].values)) <= set(range(spec["num_classes"]))
     assert len(np.unique(ds["y_train"].values)) > 1

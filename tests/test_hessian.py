@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from batchscope.config import DATASET_DEFAULTS
+from batchscope.config import filled
 from batchscope.core import hessian
 from batchscope.workloads import data
 from batchscope.workloads.models import mlp
@@ -124,7 +124,7 @@ def test_slq_on_a_model_hessian():
 
 def test_linreg_hessian_is_the_analytic_one():
     """Linear model on linreg with MSE: H = (2/n) Z^T Z with Z = [X, 1] (weights, then bias)."""
-    spec = {**DATASET_DEFAULTS["linreg"], "name": "linreg", "n_train": 2000, "dim": 10}
+    spec = {**filled("dataset", {"name": "linreg"}), "name": "linreg", "n_train": 2000, "dim": 10}
     tensors = data.load_tensors(data.build(spec), "cpu")
     torch.manual_seed(0)
     model = mlp(10, [], 1)

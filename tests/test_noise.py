@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from batchscope.config import DATASET_DEFAULTS
+from batchscope.config import filled
 from batchscope.core import noise
 from batchscope.workloads import data
 from batchscope.workloads.models import cnn, mlp
@@ -47,7 +47,7 @@ def test_norms_in_one_backward_pass_equal_vmap():
 
 def test_linreg_noise_has_its_closed_form():
     """Per-example MSE gradients of a linear model are 2 z_n (z_n^T w - y_n) with z = [x, 1]: numpy reference."""
-    spec = {**DATASET_DEFAULTS["linreg"], "name": "linreg", "n_train": 500, "dim": 4}
+    spec = {**filled("dataset", {"name": "linreg"}), "name": "linreg", "n_train": 500, "dim": 4}
     t = data.load_tensors(data.build(spec), "cpu")
     torch.manual_seed(0)
     model = mlp(4, [], 1).double()
@@ -64,7 +64,7 @@ def test_linreg_noise_has_its_closed_form():
 
 def test_minibatch_gradients_are_unbiased_and_follow_the_corrected_variance_law():
     """Synthetic teacher data, N = 20000: means within 3 standard errors, slope -1 +- 0.05 after correction."""
-    spec = {**DATASET_DEFAULTS["teacher"], "name": "teacher", "n_train": 20000, "dim": 10}
+    spec = {**filled("dataset", {"name": "teacher"}), "name": "teacher", "n_train": 20000, "dim": 10}
     t = data.load_tensors(data.build(spec), "cpu")
     torch.manual_seed(0)
     model = mlp(10, [16], 4).double()

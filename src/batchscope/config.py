@@ -24,58 +24,10 @@ SCHEMA_FILE = "config.schema.yaml"
 DEFAULT_CONFIG = "config/config.yaml"  # the study the Snakefile runs, and recommend reads, when no config is given
 BUILTIN_FACTORY = "batchscope.workloads:builtin"  # the built-in datasets and models, through the same protocol
 
-# Per-name defaults for the tagged sub-objects. They live here rather than in the schema because the schema
-# describes one object for all names: defaults there would give digits a `noise_std` and mlp a `channels`.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"val_fraction": 0.2, "seed": 0},
-    "linreg": {
-        "dim": 10,
-        "n_train": 4096,
-        "n_val": 1024,
-        "noise_std": 0.5,
-        "condition_number": 100.0,
-        "seed": 0,
-    },
-    "teacher": {
-        "dim": 20,
-        "n_train": 4096,
-        "n_val": 1024,
-        "num_classes": 4,
-        "teacher_width": 32,
-        "label_noise": 0.0,
-        "seed": 0,
-    },
-    "mnist": {},
-    "fashion_mnist": {},
-    "cifar10": {},
-}
 FILE_DATASETS = {"mnist", "fashion_mnist", "cifar10"}
 # Training-set size of each file dataset when n_train is not given (the standard splits).
 FILE_DATASET_TRAIN_SIZE = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000}
 IMAGE_DATASETS = {"digits", "mnist", "fashion_mnist", "cifar10"}
-DATASET_KEYS = {
-    "digits": {"val_fraction", "seed"},
-    "linreg": {"dim", "n_train", "n_val", "noise_std", "condition_number", "seed"},
-    "teacher": {"dim", "n_train", "n_val", "num_classes", "teacher_width", "label_noise", "seed"},
-    "mnist": {"data_dir", "n_train", "n_val"},
-    "fashion_mnist": {"data_dir", "n_train", "n_val"},
-    "cifar10": {"data_dir", "n_train", "n_val"},
-}
-MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mlp": {"widths": [128], "norm": "none"},
-    "cnn": {"channels": [16, 32], "hidden": 64, "norm": "none"},
-    "resnet": {"widths": [16, 32, 64], "blocks": 1, "norm": "batch"},
-}
-MODEL_KEYS = {
-    "mlp": {"widths", "norm", "ghost_batch_size"},
-    "cnn": {"channels", "hidden", "norm", "ghost_batch_size"},
-    "resnet": {"widths", "blocks", "norm", "ghost_batch_size"},
-}
-OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sgd": {"momentum": 0.9, "nesterov": False, "weight_decay": 0.0},
-    "adamw": {"betas": [0.9, 0.999], "weight_decay": 0.01},
-}
-OPTIMIZER_KEYS = {"sgd": {"momentum", "nesterov", "weight_decay"}, "adamw": {"betas", "weight_decay"}}
 DIGITS_SIZE = 1797
 
 
@@ -138,15 +90,15 @@ def _check_schema(config: dict[str, Any]) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(_schema_message(e) for e in errors))
 
 
-def _tagged(obj: dict[str, Any], where: str, defaults: dict, allowed: dict) -> dict[str, Any]:
-    name = obj["name"]
-    extra = sorted(set(obj) - {"name"} - allowed[name])
-    if extra:
-        raise ConfigError(
-            f"{where}.{extra[0]}: key {extra[0]!r} does not apply to {where.rsplit('.', 1)[-1]} {name!r} "
-            f"(its keys: {', '.join(sorted(allowed[name])) or 'none'})"
-        )
-    return {"name": name, **copy.deepcopy(defaults[name]), **{k: v for k, v in obj.items() if k != "name"}}
+def filled(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``obj`` (a ``dataset``, ``model`` or ``optimizer`` of the schema's definitions) with its variant's
+    defaults filled in from the schema, the one place they are written."""
+    instance = copy.deepcopy(obj)
+    definitions = schema()["definitions"]
+    errors = list(_Validator({**definitions[kind], "definitions": definitions}).iter_errors(instance))
+    if errors:
+        raise ConfigError(f"{kind}: " + "; ".join(_schema_message(err) for err in errors))
+    return instance
 
 
 def train_size(dataset: dict[str, Any]) -> int:
@@ -185,9 +137,7 @@ def _check_workload(name: str, wl: dict[str, Any], importable: bool = True) -> N
             f"{where}.{given[0]}: a workload with factory {wl['factory']!r} gets its data and model from the "
             f"factory; remove {given[0]!r} (or the factory)"
         )
-    wl["optimizer"] = opt = _tagged(
-        wl.get("optimizer", {"name": "sgd"}), f"{where}.optimizer", OPTIMIZER_DEFAULTS, OPTIMIZER_KEYS
-    )
+    opt = wl["optimizer"]  # its variant's defaults are the schema's
     if opt["name"] == "sgd" and opt["nesterov"] and opt["momentum"] == 0:
         raise ConfigError(f"{where}.optimizer.nesterov: true needs momentum > 0, got momentum {opt['momentum']!r}")
     if wl["schedule"]["warmup_steps"] > wl["max_steps"]:
@@ -201,8 +151,7 @@ def _check_workload(name: str, wl: dict[str, Any], importable: bool = True) -> N
         return
     if wl["options"]:
         raise ConfigError(f"{where}.options: {wl['options']!r}: options go to a factory; this workload has none")
-    wl["dataset"] = ds = _tagged(wl["dataset"], f"{where}.dataset", DATASET_DEFAULTS, DATASET_KEYS)
-    wl["model"] = model = _tagged(wl["model"], f"{where}.model", MODEL_DEFAULTS, MODEL_KEYS)
+    ds, model = wl["dataset"], wl["model"]
 
     if ds["name"] in FILE_DATASETS:
         if "data_dir" not in ds:
@@ -299,11 +248,11 @@ def validate(config: dict[str, Any], importable: bool = True) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError(f"<top level>: the config must be a mapping, got {type(config).__name__}")
     config = copy.deepcopy(config)
-    _check_schema(config)
+    _check_schema(config)  # and fills the schema's defaults
+    _derive_defaults(config)
     for name, wl in config["workloads"].items():
         _check_workload(name, wl, importable)
     eos = config["edge_of_stability"]
-    eos.setdefault("workload", next(iter(config["workloads"])))
     if eos["workload"] not in config["workloads"]:
         raise ConfigError(
             f"edge_of_stability.workload: {eos['workload']!r} is not a workload ({', '.join(config['workloads'])})"
@@ -316,17 +265,28 @@ def validate(config: dict[str, Any], importable: bool = True) -> dict[str, Any]:
     return config
 
 
+def _derive_defaults(config: dict[str, Any]) -> None:
+    """The defaults that depend on other keys (the grid, the workloads), so a schema cannot state them; every
+    other default is the schema's. Filled in before any check, which then only checks."""
+    sizes, seeds = sorted(config["grid"]["batch_sizes"]), sorted(config["grid"]["seeds"])
+    config["edge_of_stability"].setdefault("workload", next(iter(config["workloads"])))
+    ghost = config["ghost"]
+    ghost["batch_size"] = ghost["batch_size"] or sizes[-1]
+    ghost["small_batch_size"] = ghost["small_batch_size"] or sizes[0]
+    noise = config["noise"]
+    if noise["reference_batch_size"] is None:  # the grid's size nearest 64, the smaller on a tie
+        noise["reference_batch_size"] = min(sizes, key=lambda b: (abs(math.log(b / 64)), b))
+    if noise["reference_seed"] is None:
+        noise["reference_seed"] = seeds[0]
+    noise["b_big"] = noise["b_big"] or sizes[-1]
+    # with a one-size grid the smallest and largest coincide: default to a quarter of it
+    noise["b_small"] = noise["b_small"] or (sizes[0] if sizes[0] < noise["b_big"] else max(1, sizes[0] // 4))
+    noise["variance_batch_sizes"] = noise["variance_batch_sizes"] or [b for b in sizes if b >= 2]
+
+
 def _check_noise(config: dict[str, Any]) -> None:
     settings = config["noise"]
     sizes = sorted(config["grid"]["batch_sizes"])
-    if settings["reference_batch_size"] is None:
-        settings["reference_batch_size"] = min(sizes, key=lambda b: (abs(math.log(b / 64)), b))
-    if settings["reference_seed"] is None:
-        settings["reference_seed"] = sorted(config["grid"]["seeds"])[0]
-    settings["b_big"] = settings["b_big"] or sizes[-1]
-    # with a one-size grid the smallest and largest coincide: default to a quarter of it
-    settings["b_small"] = settings["b_small"] or (sizes[0] if sizes[0] < settings["b_big"] else max(1, sizes[0] // 4))
-    settings["variance_batch_sizes"] = settings["variance_batch_sizes"] or [b for b in sizes if b >= 2]
     if not settings["enabled"]:
         return
     if settings["reference_batch_size"] not in sizes:
@@ -353,10 +313,6 @@ def noise_reference(config: dict[str, Any], workload: str) -> tuple[int, float, 
 def _check_ghost(config: dict[str, Any]) -> None:
     settings = config["ghost"]
     batch_sizes = sorted(config["grid"]["batch_sizes"])
-    if settings["batch_size"] is None:
-        settings["batch_size"] = batch_sizes[-1]
-    if settings["small_batch_size"] is None:
-        settings["small_batch_size"] = batch_sizes[0]
     if not settings["enabled"]:
         return
     name = settings.get("workload")

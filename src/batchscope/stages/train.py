@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> None:
     from batchscope import store
     from batchscope.engine.training import point_name, train
 
+    if (args.snapshot_lr is None) != (args.snapshot_fractions is None):
+        raise SystemExit("train: --snapshot-lr and --snapshot-fractions go together")
     spec = _common.spec(args, config_slice)
     device = _common.runtime(spec)
     out_dir = Path(args.out)
@@ -57,7 +59,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lrs", type=float, nargs="+", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", required=True)
     parser.add_argument("--snapshot-lr", type=float, help="save weights along the run at this learning rate")
-    parser.add_argument("--snapshot-fractions", type=float, nargs="*", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--snapshot-fractions", type=float, nargs="+", help="with --snapshot-lr: where along the run "
+                        "(noise.snapshot_fractions)")  # fmt: skip
 
 
 RULES = {"train_model": Rule(version=3, config_slice=config_slice, variables=VARIABLES)}
