@@ -60,7 +60,7 @@ def test_numerics_follow_the_config_and_are_recorded(deterministic, expected):
     """On the CPU, null means deterministic (bitwise reproducible runs); every file records what was in force."""
     try:
         runtime.setup(1, CPU, deterministic, tf32=False)
-        assert runtime.numerics() == {"deterministic": expected, "tf32": 0, "cudnn_benchmark": 0}
+        assert io.numerics() == {"deterministic": expected, "tf32": 0, "cudnn_benchmark": 0}
         attrs = io.provenance("train_model", {"x": 1}, device="cpu")
         assert attrs["deterministic"] == expected and attrs["tf32"] == 0
     finally:

@@ -1,4 +1,5 @@
-"""Study config: schema validation with defaults, semantic checks, the grid and per-stage config slices.
+"""Study config: schema validation with its defaults, the checks a schema cannot express, the grid, and the slice
+every stage shares (each stage's own slice is in its module under :mod:`batchscope.stages`).
 
 Both the workflow (``workflow/rules/common.smk``) and the command line validate through :func:`validate`, so
 a bad config gets the same message wherever it is used, before any job starts.

@@ -51,11 +51,21 @@ def provenance(stage: str, config_slice: object, device: str | None = None) -> d
     except ImportError:  # the report environment may not need torch
         pass
     if device is not None:
-        from batchscope.engine.runtime import numerics
-
         attrs["device"] = device
         attrs.update(numerics())
     return attrs
+
+
+def numerics() -> dict[str, int]:
+    """The numerics in force (set by :func:`batchscope.engine.runtime.setup`), recorded in every file a computing
+    stage writes."""
+    import torch
+
+    return {
+        "deterministic": int(torch.are_deterministic_algorithms_enabled()),
+        "tf32": int(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_benchmark": int(torch.backends.cudnn.benchmark),
+    }
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

@@ -106,15 +106,6 @@ def setup(threads: int, device: torch.device, deterministic: bool | None = None,
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-def numerics() -> dict[str, int]:
-    """The numerics in force, recorded in every file a computing stage writes."""
-    return {
-        "deterministic": int(torch.are_deterministic_algorithms_enabled()),
-        "tf32": int(torch.backends.cuda.matmul.allow_tf32),
-        "cudnn_benchmark": int(torch.backends.cudnn.benchmark),
-    }
-
-
 def make_optimizer(spec: dict[str, Any], params, lr: float) -> torch.optim.Optimizer:
     if spec["name"] == "sgd":
         return torch.optim.SGD(

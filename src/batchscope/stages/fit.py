@@ -19,7 +19,6 @@ import xarray as xr
 from batchscope import config as cfg
 from batchscope.core import scaling
 from batchscope.stages import Command, Rule, _common, profile, train
-from batchscope.stages.recommend import REQUIRED
 from batchscope.store import netcdf_files, read_expected, same_device, same_provenance
 
 log = logging.getLogger("batchscope")
@@ -331,7 +330,19 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_expect(parser)
 
 
-# what the report and `recommend` read of a fit
+# what `recommend` reads of a fit, and what the report reads besides
+REQUIRED = (
+    "b_opt",
+    "b_opt_ci",
+    "k",
+    "best_lr",
+    "time_from_profile",
+    "time_from_profile_ci",
+    "time_from_fit",
+    "fastest_batch_size",
+    "training_time_to_target",
+    "indistinguishable",
+)
 VARIABLES = (*REQUIRED, "run_at_best_lr", "tau_f", "tau_d", "n_iter", "c_var", "b_crit", "t_iter_r2",
              "steps_to_target")  # fmt: skip
 RULES = {"fit_scaling": Rule(version=2, config_slice=config_slice, variables=VARIABLES)}

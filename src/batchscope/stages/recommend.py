@@ -26,20 +26,9 @@ from typing import Any
 
 from batchscope import config as cfg
 from batchscope.stages import Command
+from batchscope.stages.fit import REQUIRED
+from batchscope.stages.fit import config_slice as fit_slice
 from batchscope.store import CacheError, read_netcdf
-
-REQUIRED = (
-    "b_opt",
-    "b_opt_ci",
-    "k",
-    "best_lr",
-    "time_from_profile",
-    "time_from_profile_ci",
-    "time_from_fit",
-    "fastest_batch_size",
-    "training_time_to_target",
-    "indistinguishable",
-)
 
 # The names under which `recommend` and the report print each number (one place, so they agree).
 LABELS = {
@@ -71,8 +60,6 @@ def _read_fit(path: Path, config_hash: str | None = None):
 
 def study_fits(results: str | Path, config: dict[str, Any], config_name: str = "the config") -> dict[str, Path]:
     """{workload: fit file} of the config's workloads, each checked to be computed for this config."""
-    from batchscope.stages.fit import config_slice as fit_slice  # (fit reads this module's REQUIRED)
-
     fit_dir = _fit_dir(results)
     files = {}
     for name in sorted(config["workloads"]):
@@ -88,8 +75,6 @@ def study_fits(results: str | Path, config: dict[str, Any], config_name: str = "
 def recommendations(results: str | Path, config: dict[str, Any] | None = None, config_name: str = "the config",
                     everything: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """One row per fit: the config's workloads (``config``), or every cached fit (``everything``)."""
-    from batchscope.stages.fit import config_slice as fit_slice
-
     fit_dir = _fit_dir(results)
     if everything:
         paths = sorted(fit_dir.glob("*.nc"))
