@@ -110,6 +110,10 @@ class NoiseScale:
     trace_sigma: float  # tr(Sigma), the per-example gradient covariance
     b_simple: float  # tr(Sigma) / |G|^2
     method: str
+    # with a Hessian-vector product (two-batch only): G^T H G, tr(H Sigma) and B_noise = tr(H Sigma) / G^T H G
+    g_h_g: float = math.nan
+    trace_h_sigma: float = math.nan
+    b_noise: float = math.nan
 
 
 def noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, method: str = "auto") -> NoiseScale:
@@ -132,26 +136,34 @@ def minibatch_gradient(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.T
 
 
 def two_batch_noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, b_small: int, b_big: int,
-                          pairs: int, rng: np.random.Generator) -> NoiseScale:  # fmt: skip
+                          pairs: int, rng: np.random.Generator,
+                          hvp: Callable[[torch.Tensor], torch.Tensor] | None = None) -> NoiseScale:  # fmt: skip
     """McCandlish et al.'s estimator from ``pairs`` draws of a small and a big minibatch (without replacement).
 
     With E|g_B|^2 = |G|^2 + tr(Sigma)/B: |G|^2 = (B_big |g_big|^2 - B_small |g_small|^2)/(B_big - B_small) and
     tr(Sigma) = (|g_small|^2 - |g_big|^2)/(1/B_small - 1/B_big), each averaged over the pairs before the ratio.
     Draws without replacement shrink the 1/B term by (N - B)/(N - 1); both sizes are corrected for it.
+
+    ``hvp`` (v -> H v, H the Hessian of the loss over (x, y) at the same weights): the same two sizes also give
+    B_noise, since any fixed quadratic form obeys the same law, E[g_B^T H g_B] = G^T H G + tr(H Sigma)/B. It needs
+    no per-example gradients, so it works for any model (BatchNorm in train mode included); one HVP per draw.
     """
     n = len(x)
-    small, big = [], []
+    draws: dict[int, list[tuple[float, float]]] = {b_small: [], b_big: []}
     for _ in range(pairs):
-        for size, store in ((b_small, small), (b_big, big)):
+        for size in (b_small, b_big):
             index = torch.as_tensor(rng.choice(n, size, replace=False), device=x.device)
             g = minibatch_gradient(model, loss, x[index], y[index])
-            store.append(float(g @ g))
-    s, b = np.mean(small), np.mean(big)
-    # effective batch sizes: the 1/B term of E|g_B|^2 is tr(Sigma) (N - B) / (B (N - 1)) without replacement
+            draws[size].append((float(g @ g), float(g @ hvp(g)) if hvp is not None else math.nan))
+    # the 1/B term of E[q(g_B)] is q-trace x (N - B) / (B (N - 1)) without replacement
     inv_small, inv_big = (n - b_small) / (b_small * (n - 1)), (n - b_big) / (b_big * (n - 1))
-    trace = (s - b) / (inv_small - inv_big)
-    g_sq = s - trace * inv_small
-    return NoiseScale(g_sq, trace, trace / g_sq if g_sq > 0 else math.inf, "two-batch")
+    small, big = np.mean(draws[b_small], axis=0), np.mean(draws[b_big], axis=0)
+    traces = (small - big) / (inv_small - inv_big)  # tr(Sigma), tr(H Sigma)
+    levels = small - traces * inv_small  # |G|^2, G^T H G
+    ratios = [trace / level if level > 0 else math.inf for trace, level in zip(traces, levels, strict=True)]
+    if hvp is None:
+        return NoiseScale(levels[0], traces[0], ratios[0], "two-batch")
+    return NoiseScale(levels[0], traces[0], ratios[0], "two-batch", levels[1], traces[1], ratios[1])
 
 
 @dataclass
