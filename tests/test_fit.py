@@ -89,18 +89,21 @@ def test_steps_per_batch_size_takes_best_lr_median_and_censors():
     assert np.isnan(table.loc[64, "k"]) and np.isnan(table.loc[64, "best_lr"])
 
 
-def profile_dataset(b, times, together=None):
+def profile_dataset(b, times, together=None, feasible=True):
     """A profile cache as profile_hardware writes it, from step times of shape (round, repeat); ``together``: the
-    batch sizes timed in the same interleaved rounds (one profile_hardware job)."""
+    batch sizes timed in the same interleaved rounds (one profile_hardware job). ``feasible=False``: out of memory
+    (the times are dropped, as the profiler does)."""
     import xarray as xr
 
+    if not feasible:
+        times = np.full_like(times, np.nan)
     rounds = np.median(times, axis=1)
     return xr.Dataset(
         {
             "t_iter": (("round", "repeat"), times),
             "t_iter_round": ("round", rounds),
             "t_iter_median": ((), np.median(rounds)),
-            "feasible": ((), True),
+            "feasible": ((), feasible),
             "peak_memory": ((), 0.0),
         },
         attrs={"batch_size": b, "device_name": "synthetic", "device_type": "cpu"}
@@ -108,17 +111,27 @@ def profile_dataset(b, times, together=None):
     )
 
 
-def _write_synthetic_caches(tmp_path, n_iter, c_var, tau_f, tau_d, rng):
-    """Profile and training caches as the stages write them, from a known scaling model."""
+def _write_synthetic_caches(tmp_path, n_iter, c_var, tau_f, tau_d, rng, *, step_time=None, extra=(),
+                            out_of_memory_from=None):  # fmt: skip
+    """Profile and training caches as the stages write them, from a known scaling model.
+
+    ``step_time(B)`` replaces tau_f + tau_d B in the profiles and the runs' clock; ``extra``:
+    batch sizes profiled but not trained (profile.extra_batch_sizes); profiled sizes from ``out_of_memory_from``
+    up ran out of memory."""
     import xarray as xr
 
     from batchscope.store import write_netcdf
 
     batch_sizes = [8, 16, 32, 64, 128, 256, 512]
+    profiled = sorted(set(batch_sizes) | set(extra))
+    step_time = step_time or (lambda b: tau_f + tau_d * b)
     profiles, run_dirs = [], []
-    for b in batch_sizes:
-        times = (tau_f + tau_d * b) * (1 + 0.01 * rng.standard_normal((3, 3)))  # 3 rounds of 3 repeats
-        profiles.append(write_netcdf(profile_dataset(b, times, batch_sizes), tmp_path / "profile" / f"B{b}.nc"))
+    for b in profiled:
+        times = step_time(b) * (1 + 0.01 * rng.standard_normal((3, 3)))  # 3 rounds of 3 repeats
+        fits = out_of_memory_from is None or b < out_of_memory_from
+        profiles.append(write_netcdf(profile_dataset(b, times, profiled, fits), tmp_path / "profile" / f"B{b}.nc"))
+        if b not in batch_sizes:
+            continue
         run_dir = tmp_path / "train" / f"B{b}"
         for lr, slowdown in ((0.1, 1.0), (0.03, 1.6)):  # the best lr is 0.1 at every B
             for seed in range(4):
@@ -126,7 +139,7 @@ def _write_synthetic_caches(tmp_path, n_iter, c_var, tau_f, tau_d, rng):
                 run = xr.Dataset(
                     {
                         "steps_to_target": ((), float(np.round(steps))),
-                        "time_to_target": ((), steps * (tau_f + tau_d * b)),
+                        "time_to_target": ((), steps * step_time(b)),
                         "val_metric": ("step", [0.5, 0.9]),
                     },
                     coords={"step": [10, 20]},

@@ -44,8 +44,9 @@ def _mark_b_opt(ax, ds: xr.Dataset) -> None:
 
 
 def plot_step_time(ds: xr.Dataset) -> plt.Figure:
-    """T_iter(B) with the fit tau_f + tau_d B, and the fit's relative residuals."""
-    fig, (ax, res) = plt.subplots(2, 1, figsize=(6, 5), sharex=True, height_ratios=[3, 1])
+    """T_iter(B) with the linear fit tau_f + tau_d B (on the trained grid) and the saturating one
+    tau_f + tau_d max(B - b_knee, 0) (on every feasible profiled size), and both fits' relative residuals."""
+    fig, (ax, res) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=[3, 1])
     b = ds["profile_batch_size"].values
     reps = ds["profile_t_iter_round"].to_dataframe().reset_index()  # one point per interleaved round
     reps["t_iter_ms"] = 1e3 * reps["profile_t_iter_round"]
@@ -67,9 +68,15 @@ def plot_step_time(ds: xr.Dataset) -> plt.Figure:
         grid,
         1e3 * (tau_f + tau_d * grid),
         color="C1",
-        label=f"tau_f + tau_d B: tau_f = {1e3 * tau_f:.3g} ms, tau_d = {1e6 * tau_d:.3g} us "
-        f"(R^2 = {float(ds['t_iter_r2']):.3f})",
+        label=f"linear tau_f + tau_d B, on the trained grid:\ntau_f = {1e3 * tau_f:.3g} ms, tau_d = "
+        f"{1e6 * tau_d:.3g} us, R^2 = {float(ds['t_iter_r2']):.3f}",
     )
+    sat = float(ds["sat_tau_f"]), float(ds["sat_tau_d"]), float(ds["sat_b_knee"])
+    if np.isfinite(sat).all():
+        ax.plot(grid, 1e3 * (sat[0] + sat[1] * np.maximum(grid - sat[2], 0)), color="C2", ls="--",
+                label=f"saturating tau_f + tau_d max(B - b_knee, 0), on every feasible size:\ntau_f = "
+                f"{1e3 * sat[0]:.3g} ms, tau_d = {1e6 * sat[1]:.3g} us, b_knee = {sat[2]:.0f}, R^2 = "
+                f"{float(ds['t_iter_sat_r2']):.3f}")  # fmt: skip
     infeasible = b[~ds["profile_feasible"].values.astype(bool)]
     for i, x in enumerate(infeasible):
         ax.axvline(x, color="purple", lw=1, ls=":", label="out of memory" if i == 0 else None)
@@ -79,7 +86,11 @@ def plot_step_time(ds: xr.Dataset) -> plt.Figure:
     ax.legend(fontsize=7)
     rel = ds["profile_t_iter_median"].values / ds["t_iter_fitted"].values - 1
     res.axhline(0, color="0.5", lw=1)
-    res.plot(b, 100 * rel, "o-", color="C0")
+    res.plot(b, 100 * rel, "o-", color="C1", label="linear")
+    if np.isfinite(sat).all():
+        rel_sat = ds["profile_t_iter_median"].values / ds["t_iter_sat_fitted"].values - 1
+        res.plot(b, 100 * rel_sat, "s--", color="C2", mfc="none", label="saturating")
+        res.legend(fontsize=7)
     res.set_ylabel("residual (%)")
     res.set_xlabel("batch size B")
     fig.suptitle(f"{ds.attrs['workload']}: step time T_iter(B) on {ds.attrs.get('device_name', '?')}")
@@ -567,6 +578,8 @@ def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
                 "tau_f (ms)": 1e3 * float(ds["tau_f"]),
                 "tau_d (us)": 1e6 * float(ds["tau_d"]),
                 "R^2 T_iter": float(ds["t_iter_r2"]),
+                "b_knee (saturating T_iter)": float(ds["sat_b_knee"]),
+                "R^2 T_iter saturating": float(ds["t_iter_sat_r2"]),
                 "R^2 K": float(ds["k_r2"]),
                 LABELS["config_hash"]: row["config_hash"],
             }
@@ -589,11 +602,34 @@ def recommendation(ds: xr.Dataset) -> str:
         f"On {row['device']} ({row['device_name']}), for {row['workload']}: batch size {row['batch_size']} at "
         f"learning rate {row['learning_rate']:g} (K = {row['steps_to_target']:.0f} steps); as fast within "
         f"{100 * row['tolerance']:.0f}%: B = {', '.join(map(str, row['indistinguishable']))}. Predicted b_opt = "
-        f"{row['predicted_b_opt']:.0f} (95% interval {low:.0f} to {high:.0f}). Time to target at B = "
+        f"{row['predicted_b_opt']:.0f} (95% interval {low:.0f} to {high:.0f}) with the linear step time, "
+        f"{_saturating_sentence(row)}; {_memory_sentence(row)}. Time to target at B = "
         f"{row['batch_size']}: {row['time_from_profile_s']:.3g} s from the profile (K x T_iter; batch sizes are "
         f"ranked by this), {row['time_from_fit_s']:.3g} s from the fit, {row['training_time_to_target_s']:.3g} s "
         "measured in training (the runs' own clock over their training steps, evaluations excluded)."
     )
+
+
+def _saturating_sentence(row: dict) -> str:
+    value = row["saturating_b_opt"]
+    if math.isnan(value):
+        return "none with the saturating step time (it needs 3 feasible profiled sizes)"
+    low, high = row["saturating_b_opt_ci"]
+    interval = f" (95% interval {low:.0f} to {high:.0f})" if math.isfinite(low) else ""
+    return f"{value:.0f}{interval} with the saturating one (flat up to a knee, then linear)"
+
+
+def _memory_sentence(row: dict) -> str:
+    largest, capped = row["largest_feasible_batch_size"], []
+    for key, model in (("predicted_b_opt", "linear"), ("saturating_b_opt", "saturating")):
+        if row[key] > largest:
+            capped.append(model)
+    where = (f"out of memory at B = {row['smallest_infeasible_batch_size']}" if row["memory_limit_seen"] else
+             "no memory limit seen up to it")  # fmt: skip
+    text = f"the largest feasible batch size is {largest} ({where})"
+    if capped:
+        text += f", so the {' and the '.join(capped)} b_opt {'is' if len(capped) == 1 else 'are'} capped at {largest}"
+    return text
 
 
 # The stages that analyse (rather than produce the answer): the issue's budget is their share of the compute.

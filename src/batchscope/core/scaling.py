@@ -7,6 +7,16 @@ Both fits are linear in their parameters; they are solved as least squares on *r
 (each row divided by its observation), because K and T_iter span orders of magnitude across the grid and an
 absolute fit would ignore the small-B end where tau_f and C_var are determined. Parameters are bounded to be
 non-negative (scipy's ``lsq_linear``).
+
+Beside the linear step time, a saturating one (:func:`fit_saturating_step_time`): on a GPU the step time is flat
+(launch and latency bound) up to a knee and linear above it,
+
+    T_sat(B) = tau_f + tau_d max(B - b_knee, 0),    tau_f, tau_d, b_knee >= 0.
+
+It is the linear model when b_knee = 0, so on data that are linear the two agree; the benchmark's
+max(tau_f, tau_d B) is the case b_knee = tau_f / tau_d. Its optimum has a closed form
+(:func:`b_opt_saturating`). A smooth form (softplus, or the roofline sqrt(tau_f^2 + (tau_d B)^2)) would need a
+fourth parameter for the knee's width, or would not contain the linear model, and has no closed-form optimum.
 """
 
 from __future__ import annotations
@@ -62,6 +72,126 @@ def b_opt(n_iter: float, c_var: float, tau_f: float, tau_d: float) -> float:
 def predicted_time(b: np.ndarray | float, n_iter: float, c_var: float, tau_f: float, tau_d: float):
     b = np.asarray(b, float)
     return (n_iter + c_var / b) * (tau_f + tau_d * b)
+
+
+@dataclass(frozen=True)
+class SaturatingFit:
+    tau_f: float  # s: the step time below the knee
+    tau_d: float  # s per example above the knee
+    b_knee: float  # examples: where the step time starts to rise
+    r2: float
+    residuals: np.ndarray  # observed minus fitted, in the observation's units (in the order given)
+
+
+def saturating_step_time(b: np.ndarray | float, tau_f: float, tau_d: float, b_knee: float) -> np.ndarray:
+    """T_sat(B) = tau_f + tau_d max(B - b_knee, 0): flat at tau_f up to b_knee, then rising by tau_d per example."""
+    b = np.asarray(b, float)
+    return tau_f + tau_d * np.maximum(b - b_knee, 0.0)
+
+
+def _hinge_given_knee(b: np.ndarray, t: np.ndarray, knees: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each knee (m,): the non-negative (tau_f, tau_d) minimising sum((T_sat(B)/T - 1)^2) with the knee held,
+    and that sum. With the knee held the model is linear in (tau_f, tau_d): the 2 x 2 normal equations, and where
+    their solution has a negative part, the better of the two one-parameter fits (the non-negative least squares
+    optimum of two parameters has at least one of them at zero when the unconstrained one is infeasible)."""
+    u = 1.0 / t  # (n,): the tau_f column, divided by the observation
+    v = np.maximum(b[None, :] - knees[:, None], 0.0) / t  # (m, n): the tau_d column
+    suu, su = float(u @ u), float(u.sum())
+    suv, svv, sv = v @ u, np.einsum("mn,mn->m", v, v), v.sum(axis=1)
+    det = suu * svv - suv**2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tau_f = np.where(det > 0, (svv * su - suv * sv) / det, np.nan)
+        tau_d = np.where(det > 0, (suu * sv - suv * su) / det, np.nan)
+        only_d = np.where(svv > 0, sv / svv, 0.0)
+
+    def ssr(f, d):
+        return np.sum((f[:, None] * u[None, :] + d[:, None] * v - 1.0) ** 2, axis=1)
+
+    m = len(knees)
+    both_ok = (tau_f >= 0) & (tau_d >= 0)
+    fits = [(np.full(m, su / suu), np.zeros(m)), (np.zeros(m), only_d)]
+    if both_ok.any():
+        fits.append((np.where(both_ok, tau_f, 0.0), np.where(both_ok, tau_d, 0.0)))
+    errors = np.stack([ssr(f, d) for f, d in fits])
+    if both_ok.any():
+        errors[-1, ~both_ok] = np.inf
+    pick = np.argmin(errors, axis=0)
+    rows = np.arange(m)
+    return (np.stack([f for f, _ in fits])[pick, rows], np.stack([d for _, d in fits])[pick, rows],
+            errors[pick, rows])  # fmt: skip
+
+
+def fit_saturating_step_time(batch_sizes: Sequence[float], t_iter: Sequence[float]) -> SaturatingFit:
+    """T_sat(B) = tau_f + tau_d max(B - b_knee, 0) by least squares on relative residuals, as the linear fit.
+
+    The knee is the only parameter the model is not linear in: for a held knee, (tau_f, tau_d) are a
+    non-negative linear least squares (:func:`_hinge_given_knee`), so the knee is found by minimising that
+    profile, first on a grid (0, every batch size, and 256 sizes spaced evenly in log B between the smallest and the
+    second-largest), then on three finer grids of 65 knees between the best knee's neighbours (the knee to about
+    1e-6 of itself). The first grid makes the search global: the profile can have a local minimum between each
+    pair of neighbouring batch sizes; the zooms cost less than a 1-D minimiser's scalar calls would.
+
+    What the data cannot tell is fixed by convention. The knee stays at or below the second-largest size (above
+    it only one size would set tau_d, and any knee up to the largest size would fit as well). A knee at or
+    below the smallest size is moved down to the smallest value that fits alike: 0 (the linear model) when the
+    line through the sizes has a non-negative intercept, -intercept / tau_d otherwise. Needs 3 sizes.
+    """
+    b, t = np.asarray(batch_sizes, float), np.asarray(t_iter, float)
+    if len(t) < 3:
+        raise ValueError(f"need at least 3 points to fit a saturating step time, got {len(t)}")
+    order = np.argsort(b)
+    bs, ts = b[order], t[order]
+    knees = np.unique(np.concatenate([[0.0], bs[:-1], np.geomspace(bs[0], bs[-2], 256)]))
+    for _ in range(4):  # the grid, then three zooms between the best knee's neighbours (65 knees each)
+        tau_f, tau_d, ssr = _hinge_given_knee(bs, ts, knees)
+        best = int(np.argmin(ssr))
+        knee, f, d = knees[best], tau_f[best], tau_d[best]
+        lo, hi = knees[max(best - 1, 0)], knees[min(best + 1, len(knees) - 1)]
+        if not hi > lo:
+            break
+        knees = np.linspace(lo, hi, 65)
+    if knee <= bs[0]:  # every size on the rising line: only its intercept c = tau_f - tau_d b_knee is seen
+        intercept = f - d * knee
+        knee = max(0.0, -intercept / d) if d > 0 else 0.0
+        f = intercept + d * knee
+    fitted = saturating_step_time(b, f, d, knee)
+    ss_res = float(np.sum((t - fitted) ** 2))
+    ss_tot = float(np.sum((t - t.mean()) ** 2))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else math.nan
+    return SaturatingFit(float(f), float(d), float(knee), r2, t - fitted)
+
+
+def b_opt_saturating(n_iter: float, c_var: float, tau_f: float, tau_d: float, b_knee: float) -> float:
+    """argmin over B of (N_iter + C_var/B) T_sat(B), in closed form.
+
+    Below the knee T(B) = (N_iter + C_var/B) tau_f only falls with B. Above it T_sat is the line a + tau_d B with
+    a = tau_f - tau_d b_knee, so T(B) = N_iter a + C_var tau_d + N_iter tau_d B + C_var a / B, whose derivative
+    N_iter tau_d - C_var a / B^2 vanishes at sqrt(C_var a / (N_iter tau_d)). Hence b_opt = max(b_knee, that) when
+    C_var a > 0 (inf when also N_iter tau_d = 0: T falls for ever), and b_knee when C_var a <= 0 (T rises above
+    the knee). With b_knee = 0 it is :func:`b_opt` of the linear model.
+    """
+    a = tau_f - tau_d * b_knee
+    if c_var * a <= 0:
+        return float(b_knee)
+    if n_iter * tau_d <= 0:
+        return math.inf
+    return max(float(b_knee), math.sqrt(c_var * a / (n_iter * tau_d)))
+
+
+def predicted_time_saturating(b: np.ndarray | float, n_iter: float, c_var: float, tau_f: float, tau_d: float,
+                              b_knee: float):  # fmt: skip
+    b = np.asarray(b, float)
+    return (n_iter + c_var / b) * saturating_step_time(b, tau_f, tau_d, b_knee)
+
+
+def goodness(observed: np.ndarray, fitted: np.ndarray) -> tuple[float, float]:
+    """(R^2 on the raw values, largest |observed - fitted| / observed) of a fitted curve at the observations."""
+    observed, fitted = np.asarray(observed, float), np.asarray(fitted, float)
+    if not len(observed):
+        return math.nan, math.nan
+    ss_tot = float(np.sum((observed - observed.mean()) ** 2))
+    r2 = 1.0 - float(np.sum((observed - fitted) ** 2)) / ss_tot if ss_tot > 0 else math.nan
+    return r2, max_relative(observed - fitted, observed)
 
 
 def steps_per_batch_size(runs: pd.DataFrame) -> pd.DataFrame:

@@ -84,6 +84,7 @@ R2_MIN_T_ITER = 0.9  # a linear T_iter(B) explains at least 90% of the step time
 R2_MIN_K = 0.8  # K(B) is noisier (seeds, the evaluation interval's resolution)
 RESIDUAL_MAX = 0.25  # no grid point more than 25% off either fitted curve
 ROUND_SPREAD_MAX = 0.10  # the profiling rounds' medians agree within 10% (relative IQR) at every batch size
+MODELS_RATIO_MAX = 1.5  # the linear and the saturating step time's b_opt (capped at the memory limit) within 1.5x
 
 
 def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, Any], workload: str,
@@ -96,8 +97,11 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     indistinguishable from the fastest, and diagnostics. ``expect`` maps ``profile_hardware`` and
     ``train_model`` to the config hashes the inputs must carry.
 
-    T_iter is fitted on the trained grid only: the extra profiled sizes (up to the memory limit) would let sizes
-    nobody trains set tau_f and tau_d; they serve the largest feasible batch size.
+    The linear T_iter is fitted on the trained grid only: the extra profiled sizes (up to the memory limit) would
+    let sizes nobody trains set tau_f and tau_d. They serve the largest feasible batch size, and the saturating
+    step time (:func:`batchscope.core.scaling.fit_saturating_step_time`), which is fitted on every feasible
+    profiled size: its knee is what the extra sizes are there to find. Both models' b_opt (with the same K fit)
+    are stored, raw and capped at the largest feasible batch size.
     """
     profiles = read_profiles(profile_paths, expect)
     runs = read_runs(train_paths, expect)
@@ -130,12 +134,27 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     best_b_pred = scaling.b_opt(n_iter, c_var, tau_f, tau_d)
     time_from_profile = k_table["k"].values * t_iter_grid
 
+    # the saturating step time, on every profiled size that fitted in memory (grid and extra sizes)
+    sizes = profiles["profile_batch_size"].values
+    feasible = profiles["profile_feasible"].values.astype(bool)
+    t_iter_all = profiles["profile_t_iter_median"].values
+    usable = feasible & np.isfinite(t_iter_all)
+    saturating = _fit_saturating(sizes[usable], t_iter_all[usable])
+    sat = (saturating.tau_f, saturating.tau_d, saturating.b_knee) if saturating else (math.nan,) * 3
+    b_opt_sat = scaling.b_opt_saturating(n_iter, c_var, *sat) if saturating else math.nan
+    largest_feasible = int(sizes[feasible].max()) if feasible.any() else -1
+    smallest_infeasible = int(sizes[~feasible].min()) if (~feasible).any() else -1
+
     # bootstrap: seeds within each (B, lr) cell for K, profiling rounds (the same rounds at every B) for T_iter
     rng = np.random.default_rng(spec["fit"]["seed"])
     n_boot = spec["fit"]["bootstrap"]
-    boot = {k: np.full(n_boot, np.nan) for k in ("n_iter", "c_var", "tau_f", "tau_d", "b_opt")}
+    boot = {k: np.full(n_boot, np.nan) for k in ("n_iter", "c_var", "tau_f", "tau_d", "b_opt", "sat_tau_f",
+                                                  "sat_tau_d", "sat_b_knee", "b_opt_sat")}  # fmt: skip
     _, boot_k = scaling.bootstrap_steps(table, n_boot, rng)
-    boot_t = scaling.round_bootstrap(t_round, n_boot, rng, bool(profiles.attrs.get("paired_rounds", 0)))
+    # every profiled size's rounds, resampled (paired: the same rounds at every size, grid and extra sizes alike)
+    boot_t_all = scaling.round_bootstrap(profiles["profile_t_iter_round"].values, n_boot, rng,
+                                         bool(profiles.attrs.get("paired_rounds", 0)))  # fmt: skip
+    boot_t = boot_t_all[:, np.searchsorted(sizes, grid_b)]
     for i in range(n_boot):
         good = np.isfinite(boot_k[i])
         if good.sum() < 2:
@@ -143,6 +162,12 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
         f = scaling.fit_steps(grid_b[good], boot_k[i][good])
         t = scaling.fit_step_time(grid_b[timed], boot_t[i][timed])
         values = (f.intercept, f.slope, t.intercept, t.slope, scaling.b_opt(f.intercept, f.slope, t.intercept, t.slope))
+        if saturating and np.isfinite(boot_t_all[i][usable]).all():
+            s = scaling.fit_saturating_step_time(sizes[usable], boot_t_all[i][usable])
+            values += (s.tau_f, s.tau_d, s.b_knee, scaling.b_opt_saturating(f.intercept, f.slope, s.tau_f, s.tau_d,
+                                                                             s.b_knee))  # fmt: skip
+        else:
+            values += (math.nan,) * 4
         for key, value in zip(boot, values, strict=True):
             boot[key][i] = value
     # (n_boot, grid): T(B) = K(B) T_iter(B) in each resample; a resample where no lr's median reached the
@@ -187,17 +212,36 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
             "b_opt": ((), best_b_pred, {"units": "examples", "long_name": "predicted optimal batch size"}),
             "time_from_fit_at_b_opt": ((), float(scaling.predicted_time(best_b_pred, n_iter, c_var, tau_f, tau_d)),
                                        {"units": "s"}),
+            "sat_tau_f": ((), sat[0], {"units": "s", "long_name": "saturating T_iter: the step time below the knee"}),
+            "sat_tau_d": ((), sat[1], {"units": "s/example", "long_name": "saturating T_iter: the cost per example "
+                          "above the knee"}),
+            "sat_b_knee": ((), sat[2], {"units": "examples", "long_name": "saturating T_iter: the knee, where the "
+                           "step time starts to rise"}),
+            "t_iter_sat_fitted": ("profile_batch_size", scaling.saturating_step_time(sizes, *sat), {"units": "s",
+                                  "long_name": "tau_f + tau_d max(B - b_knee, 0) (saturating T_iter)"}),
+            "t_iter_sat_r2": ((), saturating.r2 if saturating else math.nan, {"long_name": "R^2 of the saturating "
+                              "T_iter on every feasible profiled size"}),
+            "t_iter_sat_residual_max": ((), scaling.max_relative(saturating.residuals, t_iter_all[usable])
+                                        if saturating else math.nan, {"long_name": "largest |T_iter - fit| / T_iter "
+                                        "of the saturating T_iter on every feasible profiled size"}),
+            "b_opt_sat": ((), b_opt_sat, {"units": "examples", "long_name": "predicted optimal batch size with the "
+                          "saturating T_iter: argmin of (N_iter + C_var/B) T_sat(B)"}),
+            "b_opt_capped": ((), _capped(best_b_pred, largest_feasible), {"units": "examples", "long_name":
+                             "b_opt, at most the largest feasible batch size"}),
+            "b_opt_sat_capped": ((), _capped(b_opt_sat, largest_feasible), {"units": "examples", "long_name":
+                                 "b_opt_sat, at most the largest feasible batch size"}),
+            "largest_feasible_batch_size": ((), largest_feasible, {"long_name": "largest profiled batch size that "
+                                            "did not run out of memory (-1: none)"}),
+            "smallest_infeasible_batch_size": ((), smallest_infeasible, {"long_name": "smallest profiled batch size "
+                                               "that ran out of memory (-1: none did: no memory limit seen)"}),
             "fastest_batch_size": ((), fastest, {"long_name": "grid argmin of the time to target from the profile "
                                    "(-1: none reached the target)"}),
             **{f"boot_{k}": ("bootstrap", v) for k, v in boot.items()},
         },
         coords={"batch_size": grid_b, "bootstrap": np.arange(n_boot), "bound": ["low", "high"]},
     )  # fmt: skip
-    for key in ("n_iter", "c_var", "tau_f", "tau_d", "b_opt"):
+    for key in boot:
         out[f"{key}_ci"] = ("bound", scaling.interval(boot[key][:, None])[0], {"long_name": "95% bootstrap interval"})
-    feasible_sizes = profiles["profile_batch_size"].values[profiles["profile_feasible"].values.astype(bool)]
-    out["largest_feasible_batch_size"] = ((), int(feasible_sizes.max()) if len(feasible_sizes) else -1, {
-        "long_name": "largest profiled batch size that did not run out of memory (-1: none)"})  # fmt: skip
     # which runs used their batch size's best learning rate: decided here once, read by every later stage
     best_at = dict(zip(grid_b, k_table["best_lr"].values, strict=True))
     runs["run_at_best_lr"] = ("run", np.array([best_at.get(b) == lr for b, lr in zip(
@@ -223,6 +267,16 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     return merged
 
 
+def _fit_saturating(b: np.ndarray, t: np.ndarray) -> scaling.SaturatingFit | None:
+    """The saturating step time, or None with fewer than 3 feasible profiled sizes (it has 3 parameters)."""
+    return scaling.fit_saturating_step_time(b, t) if len(t) >= 3 else None
+
+
+def _capped(b_opt: float, largest_feasible: int) -> float:
+    """b_opt, at most the largest batch size known to fit in memory (NaN stays NaN)."""
+    return min(b_opt, float(largest_feasible)) if largest_feasible > 0 and not math.isnan(b_opt) else b_opt
+
+
 def diagnose(ds: xr.Dataset) -> list[str]:
     """What makes the answer unsure, each with what to change in the config. Empty when nothing does."""
     notes = []
@@ -230,10 +284,13 @@ def diagnose(ds: xr.Dataset) -> list[str]:
     lowest, highest = int(b.min()), int(b.max())
     r2, worst = float(ds["t_iter_r2"]), float(ds["t_iter_residual_max"])
     if not r2 >= R2_MIN_T_ITER or worst > RESIDUAL_MAX:
+        sat_worst = float(ds["t_iter_sat_residual_max"]) if "t_iter_sat_residual_max" in ds else math.nan
+        saturates = (f"; the saturating T_iter fits within {100 * sat_worst:.0f}%, with b_opt "
+                     f"{float(ds['b_opt_sat']):.0f}" if sat_worst <= RESIDUAL_MAX else "")  # fmt: skip
         notes.append(f"poor T_iter fit: R^2 = {r2:.2f} (want >= {R2_MIN_T_ITER}), largest residual "
                      f"{100 * worst:.0f}% (want <= {100 * RESIDUAL_MAX:.0f}%): the step time is not linear in B on "
-                     "this device (it saturates), or the machine was busy; raise profile.rounds, or profile on an "
-                     "idle machine")  # fmt: skip
+                     f"this device (it saturates{saturates}), or the machine was busy; raise profile.rounds, or "
+                     "profile on an idle machine")  # fmt: skip
     spread = ds["t_iter_round_spread"].values
     if np.nanmax(spread, initial=0) > ROUND_SPREAD_MAX:
         at = int(b[np.nanargmax(spread)])
@@ -274,14 +331,57 @@ def diagnose(ds: xr.Dataset) -> list[str]:
             f"b_opt's 95% interval ({low:.0f} to {high:.0f}) reaches beyond the grid ({lowest} to "
             f"{highest}): the prediction is unsure there; add seeds or batch sizes"
         )
-    feasible = int(ds["largest_feasible_batch_size"])
-    out_of_memory = not ds["profile_feasible"].values.astype(bool).all()  # a memory limit was actually seen
-    if out_of_memory and feasible > 0 and b_opt_value > feasible:
-        notes.append(
-            f"predicted b_opt = {b_opt_value:.0f} is above the largest batch size that fits in memory "
-            f"({feasible}): use at most {feasible} (or gradient accumulation, whose steps cost more)"
-        )
+    notes += _memory_notes(ds)
+    notes += _model_notes(ds)
     return notes
+
+
+def _memory_notes(ds: xr.Dataset) -> list[str]:
+    """b_opt (of either step-time model) above the largest batch size known to fit: the recommendation is capped
+    there (``b_opt_capped``, ``b_opt_sat_capped``)."""
+    feasible = int(ds["largest_feasible_batch_size"])
+    if feasible <= 0:
+        return []
+    above = [(float(ds[name]), model) for name, model in (("b_opt", "linear"), ("b_opt_sat", "saturating"))
+             if name in ds and float(ds[name]) > feasible]  # fmt: skip
+    if not above:
+        return []
+    which = " and ".join(f"{value:.0f} ({model} T_iter)" for value, model in above)
+    what = f"predicted b_opt = {which} {'is' if len(above) == 1 else 'are'}"
+    limit = int(ds["smallest_infeasible_batch_size"]) if "smallest_infeasible_batch_size" in ds else -1
+    if limit > 0:  # a memory limit was actually seen
+        return [f"{what} above the largest batch size that fits in memory ({feasible}; out of memory at B = {limit}): "
+                f"use at most {feasible} (or gradient accumulation, whose steps cost more)"]  # fmt: skip
+    return [f"{what} above the largest profiled batch size ({feasible}), and no memory limit was seen up to it: "
+            f"the suggestion is capped at {feasible}; add larger sizes to profile.extra_batch_sizes to find where "
+            "memory runs out"]  # fmt: skip
+
+
+def _model_notes(ds: xr.Dataset) -> list[str]:
+    """The answer depends on the step-time model: the linear and the saturating T_iter's b_opt (each capped at the
+    largest feasible batch size) more than MODELS_RATIO_MAX apart. Both models are judged on the same sizes,
+    every feasible profiled one (the linear fit saw only the trained grid's)."""
+    if "b_opt_sat_capped" not in ds:
+        return []
+    linear, saturating = float(ds["b_opt_capped"]), float(ds["b_opt_sat_capped"])
+    if not (math.isfinite(linear) and math.isfinite(saturating)):
+        return []
+    low, high = sorted((linear, saturating))
+    ratio = high / low if low > 0 else math.inf if high > 0 else 1.0
+    if ratio <= MODELS_RATIO_MAX:
+        return []
+    seen = ds["profile_feasible"].values.astype(bool) & np.isfinite(ds["profile_t_iter_median"].values)
+    observed = ds["profile_t_iter_median"].values[seen]
+    r2_lin, worst_lin = scaling.goodness(observed, ds["t_iter_fitted"].values[seen])
+    r2_sat, worst_sat = scaling.goodness(observed, ds["t_iter_sat_fitted"].values[seen])
+    better = "saturating" if worst_sat < worst_lin else "linear"
+    knee = float(ds["sat_b_knee"])
+    return [f"the step-time model decides b_opt: {linear:.0f} with the linear T_iter, {saturating:.0f} with the "
+            f"saturating one (flat up to B = {knee:.0f}), {ratio:.1f}x apart (want <= {MODELS_RATIO_MAX}x). On the "
+            f"{int(seen.sum())} feasible profiled sizes the {better} model fits better: largest residual "
+            f"{100 * worst_lin:.0f}% linear vs {100 * worst_sat:.0f}% saturating, R^2 {r2_lin:.3f} vs {r2_sat:.3f}. "
+            f"Profile more batch sizes near the knee (profile.extra_batch_sizes around {knee:.0f}, or grid.batch_sizes "
+            "to train there); the grid's fastest (measured) does not depend on either model"]  # fmt: skip
 
 
 def _lr_on_edge(ds: xr.Dataset) -> dict[str, list[int]]:
@@ -320,8 +420,9 @@ def run(args: argparse.Namespace) -> None:
     ds = fit_scaling(args.profiles, args.runs, spec, args.workload, _common.expect(args))
     ds.attrs.update(store.provenance("fit_scaling", spec))
     store.write_netcdf(ds, args.out)
-    log.info("%s: b_opt=%.1f, fastest B from the profile=%d, B_crit=%.1f", args.workload, float(ds["b_opt"]),
-             int(ds["fastest_batch_size"]), float(ds["b_crit"]))  # fmt: skip
+    log.info("%s: b_opt=%.1f (saturating T_iter: %.1f), fastest B from the profile=%d, B_crit=%.1f, largest "
+             "feasible B=%d", args.workload, float(ds["b_opt"]), float(ds["b_opt_sat"]), int(ds["fastest_batch_size"]),
+             float(ds["b_crit"]), int(ds["largest_feasible_batch_size"]))  # fmt: skip
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -342,8 +443,15 @@ REQUIRED = (
     "fastest_batch_size",
     "training_time_to_target",
     "indistinguishable",
+    "b_opt_sat",
+    "b_opt_sat_ci",
+    "b_opt_capped",
+    "b_opt_sat_capped",
+    "largest_feasible_batch_size",
+    "smallest_infeasible_batch_size",
 )
 VARIABLES = (*REQUIRED, "run_at_best_lr", "tau_f", "tau_d", "n_iter", "c_var", "b_crit", "t_iter_r2",
-             "steps_to_target")  # fmt: skip
-RULES = {"fit_scaling": Rule(version=2, config_slice=config_slice, variables=VARIABLES)}
+             "steps_to_target", "sat_tau_f", "sat_tau_d", "sat_b_knee", "t_iter_sat_fitted", "t_iter_sat_r2",
+             "t_iter_sat_residual_max")  # fmt: skip
+RULES = {"fit_scaling": Rule(version=3, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (Command("fit", "fit the scaling model of one workload", run, _arguments, spec=config_slice),)

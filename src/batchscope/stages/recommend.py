@@ -14,6 +14,10 @@ Three times to target, each named for where it comes from:
 - *from the fit*: the fitted model (N_iter + C_var/B)(tau_f + tau_d B) at that B.
 - *measured in training*: the runs' own clock over their training steps to the target (median over seeds at the
   best lr; evaluations excluded): what the steps took, each run timed at its own moment.
+
+b_opt is predicted twice, with the linear step time tau_f + tau_d B and with the saturating one
+tau_f + tau_d max(B - b_knee, 0) (:mod:`batchscope.core.scaling`); each is also given capped at the largest batch size
+known to fit in memory, which no suggestion exceeds.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ LABELS = {
     "learning_rate": "learning rate",
     "indistinguishable": "as fast (within tolerance)",
     "predicted_b_opt": "predicted b_opt",
+    "saturating_b_opt": "predicted b_opt, saturating T_iter",
     "time_from_profile_s": "time to target from the profile (s)",
     "time_from_fit_s": "time to target from the fit (s)",
     "training_time_to_target_s": "time to target measured in training (s)",
@@ -118,6 +123,7 @@ def recommend_row(ds, path: str | Path = "") -> dict[str, Any]:
         return value / at if math.isfinite(value) else math.inf
 
     low, high = (float(x) for x in ds["time_from_profile_ci"].sel(batch_size=best).values)
+    limit = int(ds["smallest_infeasible_batch_size"])
     return {
         "workload": ds.attrs.get("workload", Path(path).stem),
         "config_hash": ds.attrs.get("config_hash", ""),
@@ -129,12 +135,19 @@ def recommend_row(ds, path: str | Path = "") -> dict[str, Any]:
         "tolerance": float(ds.attrs.get("tolerance", math.nan)),
         "predicted_b_opt": float(ds["b_opt"]),
         "b_opt_ci": [float(x) for x in ds["b_opt_ci"].values],
+        "predicted_b_opt_capped": float(ds["b_opt_capped"]),
+        "saturating_b_opt": float(ds["b_opt_sat"]),
+        "saturating_b_opt_ci": [float(x) for x in ds["b_opt_sat_ci"].values],
+        "saturating_b_opt_capped": float(ds["b_opt_sat_capped"]),
         "time_from_profile_s": at,
         "time_from_profile_ci": [low, high],
         "time_from_fit_s": float(ds["time_from_fit"].sel(batch_size=best)),
         "training_time_to_target_s": float(ds["training_time_to_target"].sel(batch_size=best)),
         "steps_to_target": float(ds["k"].sel(batch_size=best)),
         "largest_feasible_batch_size": int(ds["largest_feasible_batch_size"]),
+        # null in --json: no profiled size ran out of memory
+        "smallest_infeasible_batch_size": None if limit < 0 else limit,
+        "memory_limit_seen": limit > 0,
         "smallest_batch_size": smallest,
         "smallest_slowdown": slowdown(smallest),
         "largest_batch_size": largest,
@@ -152,10 +165,24 @@ def _slowdown(b: int, ratio: float, best: int) -> str:
     return f"B = {b} takes {ratio:.2f}x as long"
 
 
+def _b_opt(value: float, interval: list[float], capped: float) -> str:
+    if math.isnan(value):
+        return "none (needs 3 feasible profiled sizes)"
+    low, high = interval
+    text = f"{value:.0f}" + (f" (95% interval {low:.0f} to {high:.0f})" if math.isfinite(low) else "")
+    return text + (f", capped at {capped:.0f}" if capped < value else "")
+
+
+def _memory(row: dict[str, Any]) -> str:
+    largest = row["largest_feasible_batch_size"]
+    if row["memory_limit_seen"]:
+        return f"largest feasible B {largest} (out of memory at B = {row['smallest_infeasible_batch_size']})"
+    return f"largest feasible B {largest} (no memory limit seen up to B = {largest}, the largest profiled)"
+
+
 def format_row(row: dict[str, Any]) -> str:
     best = row["batch_size"]
     same = ", ".join(map(str, row["indistinguishable"]))
-    low, high = row["b_opt_ci"]
     t_low, t_high = row["time_from_profile_ci"]
     labels = {False: " [not the current config's]", None: " [no config given to compare with]"}
     label = labels.get(row.get("current"), "")
@@ -163,8 +190,9 @@ def format_row(row: dict[str, Any]) -> str:
         f"{row['workload']} on {row['device']} ({row['device_name']}), config {row['config_hash']}{label}:",
         f"  batch size {best} at learning rate {row['learning_rate']:g}; as fast within "
         f"{100 * row['tolerance']:.0f}% (bootstrap over seeds and profiling rounds): B = {same}",
-        f"  predicted b_opt {row['predicted_b_opt']:.0f} (95% interval {low:.0f} to {high:.0f}); largest feasible "
-        f"B {row['largest_feasible_batch_size']}",
+        f"  predicted b_opt {_b_opt(row['predicted_b_opt'], row['b_opt_ci'], row['predicted_b_opt_capped'])} with the "
+        f"linear T_iter, {_b_opt(row['saturating_b_opt'], row['saturating_b_opt_ci'], row['saturating_b_opt_capped'])}"
+        f" with the saturating T_iter; {_memory(row)}",
         f"  time to target at B = {best}: {row['time_from_profile_s']:.3g} s from the profile (K x T_iter, 95% "
         f"interval {t_low:.3g} to {t_high:.3g}; batch sizes are ranked by this), {row['time_from_fit_s']:.3g} s from "
         f"the fit, {row['training_time_to_target_s']:.3g} s measured in training (the runs' own clock over "

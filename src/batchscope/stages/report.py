@@ -114,5 +114,5 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--figures", required=True, help="directory for the figure PNGs")
 
 
-RULES = {"render_report": Rule(version=1)}
+RULES = {"render_report": Rule(version=2)}
 COMMANDS = (Command("report", "execute the report notebook and write HTML", run, _arguments),)
