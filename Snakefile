@@ -22,6 +22,7 @@ include: "workflow/rules/fit.smk"
 include: "workflow/rules/hessian.smk"
 include: "workflow/rules/ghost.smk"
 include: "workflow/rules/noise.smk"
+include: "workflow/rules/quick.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -130,8 +130,10 @@ def test_adding_a_batch_size_schedules_only_that_size(study, repo, venv_env, tmp
     # the Hessian stage runs one job per (workload, seed): a new batch size reanalyses each of them, and the
     # Ghost summary reads the base workload's Hessian results; the variance law takes in the new size
     noise_jobs = {("measure_gradient_noise", f"workload={w}") for w in WORKLOADS}
+    # the quick estimate fits T_iter on the grid's sizes; its reference run (B = 64) is not retrained
+    quick_jobs = {("quick_estimate", f"workload={w}") for w in WORKLOADS}
     expected = profiles | training | hessian_jobs(WORKLOADS, SEEDS) | aggregates(*WORKLOADS) | GHOST_SUMMARY
-    assert jobs == expected | noise_jobs
+    assert jobs == expected | noise_jobs | quick_jobs
 
 
 def test_adding_a_seed_runs_only_the_new_train_and_hessian_jobs(study, repo, venv_env, tmp_path):
@@ -146,8 +148,8 @@ def test_changing_learning_rates_reruns_only_that_workloads_training(study, repo
     path = variant(repo, tmp_path, lambda c: c["workloads"]["tiny_mlp"].update(learning_rates=[0.05, 0.1]))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
     training = {("train_model", f"workload=tiny_mlp, batch_size={b}, seed={s}") for b in (16, 64, 256) for s in SEEDS}
-    noise_jobs = {("measure_gradient_noise", "workload=tiny_mlp"), ("measure_jensen_bias", "workload=tiny_mlp")}
-    assert jobs == training | hessian_jobs(["tiny_mlp"], SEEDS) | aggregates("tiny_mlp") | noise_jobs
+    # the noise, Jensen and quick-estimate stages read the reference run (lr 0.1 still), which is not retrained
+    assert jobs == training | hessian_jobs(["tiny_mlp"], SEEDS) | aggregates("tiny_mlp")
 
 
 FITS = {("fit_scaling", f"workload={w}") for w in WORKLOADS}
@@ -253,7 +255,8 @@ def test_ghost_summary_compares_the_variants(study):
 def test_noise_settings_rerun_only_the_noise_jobs(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["noise"].update(pairs=21))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
-    assert jobs == {("measure_gradient_noise", f"workload={w}") for w in WORKLOADS} | REPORT
+    noise_jobs = {("measure_gradient_noise", f"workload={w}") for w in WORKLOADS}
+    assert jobs == noise_jobs | {("quick_estimate", f"workload={w}") for w in WORKLOADS} | REPORT
 
 
 def test_noise_results(study):

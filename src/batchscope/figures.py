@@ -19,7 +19,7 @@ import seaborn as sns
 import xarray as xr
 
 from batchscope.stages.recommend import LABELS, recommend_row
-from batchscope.store import atomic_write, read_netcdf
+from batchscope.store import atomic_write, job_seconds, read_netcdf
 
 
 def load_fits(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
@@ -454,6 +454,8 @@ def plot_noise_scale(snapshots: xr.Dataset, fit: xr.Dataset | None, name: str) -
     steps = snapshots["step"].values
     ax.plot(steps, snapshots["b_simple"].values, "o-", label="B_simple, per-example gradients")
     ax.plot(steps, snapshots["two_batch_b_simple"].values, "s--", label="B_simple, two-batch estimator")
+    if "two_batch_b_noise" in snapshots:
+        ax.plot(steps, snapshots["two_batch_b_noise"].values, "^-", label="B_noise = tr(H Sigma) / G^T H G, two-batch")
     if fit is not None:
         b_crit = float(fit["b_crit"])
         ax.axhline(b_crit, color="C3", lw=1, label=f"B_crit from the K(B) fit = {b_crit:.0f}")
@@ -478,6 +480,8 @@ def noise_table(snapshots: xr.Dataset, fit: xr.Dataset | None) -> pd.DataFrame:
     table = pd.DataFrame({"step": snapshots["step"].values, "loss": snapshots["loss"].values,
                           "B_simple (per example)": snapshots["b_simple"].values,
                           "B_simple (two-batch)": snapshots["two_batch_b_simple"].values})  # fmt: skip
+    if "two_batch_b_noise" in snapshots:
+        table["B_noise (two-batch)"] = snapshots["two_batch_b_noise"].values
     # two snapshots at one step (a run that stopped early) are the same weights: keep one row
     table = table.drop_duplicates(subset="step", keep="first").sort_values("step").reset_index(drop=True)
     two_batch_only = len(table) > 0 and bool(table["B_simple (per example)"].isna().all())
@@ -654,7 +658,7 @@ def stage_costs(benchmarks: dict[str, Sequence[str | Path]]) -> pd.DataFrame:
     --touch, or by hand) counts as unknown, not as zero."""
     rows = []
     for rule, paths in benchmarks.items():
-        seconds = [float(pd.read_csv(p, sep="\t")["s"].iloc[-1]) if Path(p).is_file() else math.nan for p in paths]
+        seconds = [job_seconds(p) for p in paths]
         rows.append({"stage": rule, "kind": "analysis" if rule in ANALYSIS_RULES else "answer",
                      "jobs": len(paths), "seconds": float(np.nansum(seconds)),
                      "unknown": int(np.isnan(seconds).sum())})  # fmt: skip
@@ -662,6 +666,35 @@ def stage_costs(benchmarks: dict[str, Sequence[str | Path]]) -> pd.DataFrame:
     total = table["seconds"].sum()
     table["share"] = table["seconds"] / total if total > 0 else math.nan
     return table
+
+
+def load_quick(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
+    """The quick estimates, keyed by their own ``workload`` attribute."""
+    return {ds.attrs["workload"]: ds for ds in map(read_netcdf, paths)}
+
+
+def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset]) -> pd.DataFrame:
+    """Per workload, the full grid's answer and the quick estimate side by side, each with what it cost."""
+    rows = []
+    for name in sorted(set(fits) | set(quick)):
+        row: dict = {"workload": name}
+        if name in fits:
+            rec = recommend_row(fits[name])
+            row.update({"grid: recommended B": rec["batch_size"],
+                        "grid: as fast": ", ".join(map(str, rec["indistinguishable"])),
+                        "grid: cost (device-s)": rec["cost_s"],
+                        "grid: cost (training runs)": rec["cost_in_runs"]})  # fmt: skip
+        if name in quick:
+            q = quick[name]
+            low, high = q["b_opt_band"].values
+            row.update({"quick: b_opt": float(q["b_opt"]), "quick: b_opt over the run": f"{low:.0f} to {high:.0f}",
+                        "quick: nearest grid B": int(q["nearest_grid_batch_size"]),
+                        "quick: cost (device-s)": float(q["total_cost_s"]),
+                        "quick: cost (reference runs)": float(q["cost_in_reference_runs"])})  # fmt: skip
+        if name in fits and name in quick:
+            row["quick cost / grid cost"] = row["quick: cost (device-s)"] / row["grid: cost (device-s)"]
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import glob
 import json
+import math
 import os
 import platform
 import tempfile
@@ -199,6 +200,16 @@ def same_provenance(datasets: list[xr.Dataset], paths: list, what: str) -> None:
             f"{what}: {p1} (config_hash {h1}) and {p2} (config_hash {h2}) were computed for different configs; "
             "delete the stale one and rerun the workflow"
         )
+
+
+def job_seconds(path: str | os.PathLike) -> float:
+    """A job's wall-clock seconds from its Snakemake benchmark file (the ``s`` column of its last row); NaN when
+    there is none (a job run with --touch, or by hand): unknown, not zero."""
+    if not Path(path).is_file():
+        return math.nan
+    with open(path, encoding="utf-8") as handle:
+        header, *rows = [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+    return float(rows[-1][header.index("s")]) if rows else math.nan
 
 
 def save_torch(obj: object, path: str | os.PathLike) -> Path:

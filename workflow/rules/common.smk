@@ -126,33 +126,15 @@ def stability_files(wildcards):
     return expand(rules.edge_of_stability.output[0], workload=eos["workload"], step_size=sizes)
 
 
-def noise_reference_dir(wildcards):
-    batch_size, _, seed = bs_config.noise_reference(config, wildcards.workload)
-    return expand(rules.train_model.output[0], workload=wildcards.workload, batch_size=batch_size, seed=seed)
+def reference_point(wildcards):
+    """The reference run's (batch size, learning rate, seed): the noise, Jensen and quick-estimate stages read it."""
+    return bs_config.noise_reference(config, wildcards.workload)
 
 
-def _reference_stem(wildcards, run_dir):
-    _, lr, seed = bs_config.noise_reference(config, wildcards.workload)
-    return os.path.join(run_dir[0] if isinstance(run_dir, list) else run_dir, f"lr{bs_config.format_lr(lr)}_seed{seed}")
-
-
-def noise_snapshot_file(wildcards, run_dir):
-    return _reference_stem(wildcards, run_dir) + ".snapshots"
-
-
-def noise_checkpoint_file(wildcards, run_dir):
-    return _reference_stem(wildcards, run_dir) + ".pt"
-
-
-def snapshot_params(wildcards):
-    """train_model's snapshot arguments: only the noise stage's reference job saves snapshots."""
-    if not config["noise"]["enabled"]:
-        return ""
-    batch_size, lr, seed = bs_config.noise_reference(config, wildcards.workload)
-    if (int(wildcards.batch_size), int(wildcards.seed)) != (batch_size, seed):
-        return ""
-    fractions = " ".join(str(f) for f in config["noise"]["snapshot_fractions"])
-    return f"--snapshot-lr {bs_config.format_lr(lr)} --snapshot-fractions {fractions}"
+def reference_file(wildcards, run_dir, suffix):
+    """A file of the reference run's directory, named from the config (never parsed back from a path)."""
+    _, lr, seed = reference_point(wildcards)
+    return os.path.join(run_dir, f"lr{bs_config.format_lr(lr)}_seed{seed}{suffix}")
 
 
 def noise_outputs(wildcards):
@@ -214,6 +196,16 @@ def train_dirs(wildcards):
     return expand(rules.train_model.output[0], workload=wildcards.workload, batch_size=BATCH_SIZES, seed=SEEDS)
 
 
+def answer_benchmarks(wildcards):
+    """{rule: benchmark files} of the jobs a workload's full-grid answer needed: its cost, recorded by the fit."""
+    w = wildcards.workload
+    return {
+        "prepare_data": [rules.prepare_data.benchmark.format(workload=w)],
+        "profile_hardware": [rules.profile_hardware.benchmark.format(workload=w)],
+        "train_model": expand(rules.train_model.benchmark, workload=w, batch_size=BATCH_SIZES, seed=SEEDS),
+    }
+
+
 def job_benchmarks(wildcards):
     """{rule: benchmark files} of every job the report summarises: the report states each stage's share of the
     study's compute from Snakemake's own benchmark files (declared here, so none of another study is read)."""
@@ -222,6 +214,8 @@ def job_benchmarks(wildcards):
         "prepare_data": expand(rules.prepare_data.benchmark, workload=w),
         "profile_hardware": expand(rules.profile_hardware.benchmark, workload=w),
         "train_model": expand(rules.train_model.benchmark, workload=w, batch_size=BATCH_SIZES, seed=SEEDS),
+        "train_reference": expand(rules.train_reference.benchmark, workload=w),
+        "quick_estimate": expand(rules.quick_estimate.benchmark, workload=w),
         "fit_scaling": expand(rules.fit_scaling.benchmark, workload=w),
     }
     if config["hessian"]["enabled"]:

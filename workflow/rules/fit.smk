@@ -15,6 +15,8 @@ rule fit_scaling:
         spec=config_slice("fit_scaling"),
         version=STAGES["fit_scaling"].version,
         expect=expected_provenance("profile_hardware", "train_model"),
+        benchmarks=lambda w: benchmark_pairs(answer_benchmarks(w)),
     shell:
         "python -m batchscope fit --spec {params.spec:q} --workload {wildcards.workload} --expect {params.expect:q}"
-        " --profiles {input.profiles} --runs {input.runs} --out {output} > {log} 2>&1"
+        " --profiles {input.profiles} --runs {input.runs} --benchmarks {params.benchmarks}"
+        " --out {output} > {log} 2>&1"

@@ -3,7 +3,7 @@
 rule measure_gradient_noise:
     input:
         data=rules.prepare_data.output[0],
-        run=noise_reference_dir,
+        run=rules.train_reference.output[0],
     output:
         directory("results/noise/{workload}"),
     log:
@@ -19,7 +19,7 @@ rule measure_gradient_noise:
         runtime=30,
     params:
         spec=config_slice("measure_gradient_noise"),
-        snapshots=lambda w, input: noise_snapshot_file(w, input.run),
+        snapshots=lambda w, input: reference_file(w, input.run, ".snapshots"),
         version=STAGES["measure_gradient_noise"].version,
     shell:
         "python -m batchscope noise --spec {params.spec:q} --data {input.data}"
@@ -29,7 +29,7 @@ rule measure_gradient_noise:
 rule measure_jensen_bias:
     input:
         data=rules.prepare_data.output[0],
-        run=noise_reference_dir,
+        run=rules.train_reference.output[0],
     output:
         "results/jensen/{workload}.nc",
     log:
@@ -45,7 +45,7 @@ rule measure_jensen_bias:
         runtime=30,
     params:
         spec=config_slice("measure_jensen_bias"),
-        checkpoint=lambda w, input: noise_checkpoint_file(w, input.run),
+        checkpoint=lambda w, input: reference_file(w, input.run, ".pt"),
         version=STAGES["measure_jensen_bias"].version,
     shell:
         "python -m batchscope jensen --spec {params.spec:q} --data {input.data}"

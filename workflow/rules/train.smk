@@ -21,9 +21,39 @@ rule train_model:
     params:
         spec=config_slice("train_model"),
         lrs=learning_rates,
-        snapshots=snapshot_params,
         version=STAGES["train_model"].version,
     shell:
         "python -m batchscope train --spec {params.spec:q} --data {input.data}"
-        " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {wildcards.seed} {params.snapshots}"
+        " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {wildcards.seed}"
         " --out {output} > {log} 2>&1"
+
+
+# The reference run: one (batch size, learning rate, seed) point of the grid (noise.reference_*), trained once more
+# on its own and saving its weights along the way. The gradient-noise, Jensen and quick-estimate stages read it, so
+# the quick estimate costs the profile and one run, not the reference batch size's whole learning-rate grid.
+rule train_reference:
+    input:
+        data=rules.prepare_data.output[0],
+    output:
+        directory("results/reference/{workload}"),
+    log:
+        "logs/train_reference/{workload}.log",
+    benchmark:
+        "results/benchmarks/train_reference/{workload}.tsv"
+    conda:
+        "../envs/batchscope.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=GPU,
+        mem_mb=4000,
+        runtime=60,
+    params:
+        spec=config_slice("train_model"),
+        point=lambda w: "--batch-size {} --lrs {lr} --seeds {} --snapshot-lr {lr}".format(
+            reference_point(w)[0], reference_point(w)[2], lr=bs_config.format_lr(reference_point(w)[1])
+        ),
+        fractions=" ".join(str(f) for f in config["noise"]["snapshot_fractions"]),
+        version=STAGES["train_model"].version,
+    shell:
+        "python -m batchscope train --spec {params.spec:q} --data {input.data} {params.point}"
+        " --snapshot-fractions {params.fractions} --out {output} > {log} 2>&1"

@@ -15,6 +15,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from batchscope.config import AUTO_EVAL_SIZE
 from batchscope.core import hessian, noise
 from batchscope.workloads.base import Workload, analysis_data
 from batchscope.workloads.data import linreg_covariance
@@ -39,9 +40,16 @@ def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: tor
         snapshot_loss = float(loss(model.eval()(x), y))
     model.train()
     rng = np.random.default_rng(spec["seed"])
-    two = noise.two_batch_noise_scale(model, loss, x, y, spec["b_small"], spec["b_big"], spec["pairs"], rng)
+    # H of the loss the gradients descend (BatchNorm in train mode: each chunk by its own statistics), on the
+    # first AUTO_EVAL_SIZE examples of the analysis set (a random subset already): an unbiased estimate of H at a
+    # cost that does not grow with the data, as the Hessian stage's evaluation set
+    xh, yh = x[:AUTO_EVAL_SIZE], y[:AUTO_EVAL_SIZE]
+    curvature = hessian.HessianOperator(model, loss, xh, yh, mode="train" if has_batchnorm(model) else "eval")
+    two = noise.two_batch_noise_scale(model, loss, x, y, spec["b_small"], spec["b_big"], spec["pairs"], rng,
+                                      hvp=curvature.matvec)  # fmt: skip
     values = {"two_batch_grad_sq_norm": two.grad_sq_norm, "two_batch_trace_sigma": two.trace_sigma,
-              "two_batch_b_simple": two.b_simple}  # fmt: skip
+              "two_batch_b_simple": two.b_simple, "two_batch_g_h_g": two.g_h_g,
+              "two_batch_trace_h_sigma": two.trace_h_sigma, "two_batch_b_noise": two.b_noise}  # fmt: skip
     if has_batchnorm(model):
         method = "two-batch only: per-example gradients are undefined with BatchNorm in train mode"
         values.update(grad_sq_norm=np.nan, trace_sigma=np.nan, b_simple=np.nan)
@@ -53,6 +61,7 @@ def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: tor
     ds = xr.Dataset({name: ((), float(value)) for name, value in values.items()})
     for name in ("b_simple", "two_batch_b_simple"):
         ds[name].attrs.update(units="examples", long_name="tr(Sigma) / |G|^2")
+    ds["two_batch_b_noise"].attrs.update(units="examples", long_name="tr(H Sigma) / G^T H G")
     ds.attrs.update(step=int(snapshot["step"]), fraction=float(snapshot["fraction"]), method=method,
                     b_small=spec["b_small"], b_big=spec["b_big"], pairs=spec["pairs"])  # fmt: skip
     return ds

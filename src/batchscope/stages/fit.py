@@ -411,6 +411,26 @@ def _training_time_to_target(runs: xr.Dataset, k_table: pd.DataFrame) -> np.ndar
     return np.asarray(result)
 
 
+def add_bill(ds: xr.Dataset, benchmarks: dict[str, list[str]]) -> xr.Dataset:
+    """What the answer cost: the device-seconds of the jobs it needed (``{rule: [Snakemake benchmark files]}``; a
+    job holds its device for its wall time), in total and in units of one training run at the recommended batch
+    size (the median wall time of its best-lr runs). NaN where a job's time is unknown (run with --touch)."""
+    from batchscope.store import job_seconds
+
+    seconds = {rule: float(sum(job_seconds(path) for path in paths)) for rule, paths in benchmarks.items()}
+    ds = ds.assign_coords(job=list(seconds))
+    ds["cost_s"] = ("job", list(seconds.values()), {"units": "device-seconds", "long_name": "the jobs' wall time"})
+    total = float(sum(seconds.values())) if seconds else math.nan
+    ds["total_cost_s"] = ((), total, {"units": "device-seconds", "long_name": "what the answer cost"})
+    best = int(ds["fastest_batch_size"])
+    at_best = (ds["run_batch_size"].values == best) & ds["run_at_best_lr"].values.astype(bool)
+    run_s = float(np.median(ds["wall_time"].values[at_best])) if at_best.any() else math.nan
+    ds["run_s_at_recommended"] = ((), run_s, {"units": "s", "long_name": "one training run at the recommended B"})
+    ds["cost_in_runs"] = ((), total / run_s if run_s > 0 else math.nan,
+                          {"long_name": "the answer's cost in training runs at the recommended B"})  # fmt: skip
+    return ds
+
+
 def run(args: argparse.Namespace) -> None:
     from batchscope import store
 
@@ -418,6 +438,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit("fit: --workload is required")
     spec = _common.spec(args, config_slice)
     ds = fit_scaling(args.profiles, args.runs, spec, args.workload, _common.expect(args))
+    ds = add_bill(ds, _common.pairs(args.benchmarks, "--benchmarks"))
     ds.attrs.update(store.provenance("fit_scaling", spec))
     store.write_netcdf(ds, args.out)
     log.info("%s: b_opt=%.1f (saturating T_iter: %.1f), fastest B from the profile=%d, B_crit=%.1f, largest "
@@ -428,6 +449,8 @@ def run(args: argparse.Namespace) -> None:
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profiles", nargs="+", required=True)
     parser.add_argument("--runs", nargs="+", required=True, help="train_model output directories")
+    parser.add_argument("--benchmarks", nargs="*", default=[], help="RULE=FILE: the benchmark files of the jobs the "
+                        "answer needed (its cost)")  # fmt: skip
     _common.add_expect(parser)
 
 

@@ -78,8 +78,10 @@ def study_fits(results: str | Path, config: dict[str, Any], config_name: str = "
 
 
 def recommendations(results: str | Path, config: dict[str, Any] | None = None, config_name: str = "the config",
-                    everything: bool = False) -> list[dict[str, Any]]:  # fmt: skip
-    """One row per fit: the config's workloads (``config``), or every cached fit (``everything``)."""
+                    everything: bool = False, current_batch_size: int | None = None
+                    ) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per fit: the config's workloads (``config``), or every cached fit (``everything``); each compared
+    with ``current_batch_size`` when given."""
     fit_dir = _fit_dir(results)
     if everything:
         paths = sorted(fit_dir.glob("*.nc"))
@@ -96,7 +98,7 @@ def recommendations(results: str | Path, config: dict[str, Any] | None = None, c
     for path in paths:
         ds = _read_fit(path)
         versions.add((ds.attrs.get("batchscope_version"), ds.attrs.get("algorithm_version")))
-        row = recommend_row(ds, path)
+        row = recommend_row(ds, path, current_batch_size)
         # None: no config to compare with (--all alone, and no config/config.yaml here)
         row["current"] = True if not everything else None if current is None else (
             current.get(row["workload"]) == row["config_hash"])  # fmt: skip
@@ -109,8 +111,9 @@ def recommendations(results: str | Path, config: dict[str, Any] | None = None, c
     return rows
 
 
-def recommend_row(ds, path: str | Path = "") -> dict[str, Any]:
-    """The recommendation from one workload's fit (the report's summary and sentence use it too)."""
+def recommend_row(ds, path: str | Path = "", current_batch_size: int | None = None) -> dict[str, Any]:
+    """The recommendation from one workload's fit (the report's summary and sentence use it too), with what the
+    answer cost and, given the batch size a user trains with now, what the recommendation saves against it."""
     best = int(ds["fastest_batch_size"])
     if best <= 0:
         raise CacheError(f"{path}: no batch size reached the target; nothing to recommend")
@@ -153,7 +156,28 @@ def recommend_row(ds, path: str | Path = "") -> dict[str, Any]:
         "largest_batch_size": largest,
         "largest_slowdown": slowdown(largest),
         "diagnostics": json.loads(ds.attrs.get("diagnostics", "[]")),
+        # the bill (fits made without benchmark files: unknown)
+        "cost_s": float(ds["total_cost_s"]) if "total_cost_s" in ds else math.nan,
+        "cost_in_runs": float(ds["cost_in_runs"]) if "cost_in_runs" in ds else math.nan,
+        "run_s_at_recommended": float(ds["run_s_at_recommended"]) if "run_s_at_recommended" in ds else math.nan,
+        **(_against(ds, current_batch_size, at) if current_batch_size is not None else {}),
     }
+
+
+def _against(ds, batch_size: int, at: float) -> dict[str, Any]:
+    """Time to target at the user's batch size against the recommended one's: measured (from the profile) on the
+    grid, else predicted by the fit's model T(B) = K(B) T_iter(B)."""
+    from batchscope.core import scaling
+
+    if batch_size in ds["batch_size"].values and math.isfinite(
+        float(ds["time_from_profile"].sel(batch_size=batch_size))
+    ):
+        value, source = float(ds["time_from_profile"].sel(batch_size=batch_size)), "profile"
+    else:
+        params = (float(ds[k]) for k in ("n_iter", "c_var", "tau_f", "tau_d"))
+        value, source = float(scaling.predicted_time(batch_size, *params)), "fit"
+    return {"current_batch_size": batch_size, "current_time_s": value, "current_source": source,
+            "current_slowdown": value / at, "saving_per_run_s": value - at}  # fmt: skip
 
 
 def _slowdown(b: int, ratio: float, best: int) -> str:
@@ -200,8 +224,50 @@ def format_row(row: dict[str, Any]) -> str:
         f"  {_slowdown(row['smallest_batch_size'], row['smallest_slowdown'], best)}; "
         f"{_slowdown(row['largest_batch_size'], row['largest_slowdown'], best)} (from the profile)",
     ]
+    lines.append(f"  this answer cost {row['cost_s']:.4g} device-seconds, {row['cost_in_runs']:.3g} training runs "
+                 f"at B = {best} ({row['run_s_at_recommended']:.3g} s each)")  # fmt: skip
+    if "current_batch_size" in row:
+        lines.append(f"  against your B = {row['current_batch_size']}: {row['current_slowdown']:.2f}x the recommended "
+                     f"time to target (from the {row['current_source']}); it saves {row['saving_per_run_s']:.3g} s "
+                     "per training run")  # fmt: skip
     lines += [f"  warning: {note}" for note in row["diagnostics"]]
     return "\n".join(lines)
+
+
+def quick_rows(results: str | Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The quick estimates of the config's workloads (``results/quick``), each checked to be this config's."""
+    from batchscope.stages.quick import VARIABLES
+    from batchscope.stages.quick import config_slice as quick_slice
+
+    rows = []
+    for name in sorted(config["workloads"]):
+        path = Path(results) / "quick" / f"{name}.nc"
+        if not path.is_file():
+            raise CacheError(f"{path}: no quick estimate for workload {name!r}; run `snakemake quick` with this config")
+        ds = read_netcdf(path, "quick_estimate", VARIABLES, cfg.config_hash(quick_slice(config, name)))
+        rows.append({
+            "workload": name,
+            "b_opt": float(ds["b_opt"]),
+            "b_opt_band": [float(x) for x in ds["b_opt_band"].values],
+            "b_crit_band": [float(x) for x in ds["b_crit_band"].values],
+            "nearest_grid_batch_size": int(ds["nearest_grid_batch_size"]),
+            "largest_feasible_batch_size": int(ds["largest_feasible_batch_size"]),
+            "cost_s": float(ds["total_cost_s"]),
+            "cost_in_reference_runs": float(ds["cost_in_reference_runs"]),
+            "reference": f"B={ds.attrs['reference_batch_size']} lr={ds.attrs['reference_lr']:g}",
+        })  # fmt: skip
+    return rows
+
+
+def format_quick(row: dict[str, Any]) -> str:
+    low, high = row["b_opt_band"]
+    c_low, c_high = row["b_crit_band"]
+    return (f"{row['workload']} (quick estimate: the profile and one reference run, {row['reference']}):\n"
+            f"  b_opt {row['b_opt']:.0f} (over the run {low:.0f} to {high:.0f}; B_noise {c_low:.3g} to {c_high:.3g}); "
+            f"the grid's nearest: B = {row['nearest_grid_batch_size']}; largest feasible B "
+            f"{row['largest_feasible_batch_size']}\n"
+            f"  it cost {row['cost_s']:.4g} device-seconds, {row['cost_in_reference_runs']:.3g} reference "
+            "runs")  # fmt: skip
 
 
 def _strict(value: Any) -> Any:
@@ -215,13 +281,21 @@ def _strict(value: Any) -> Any:
     return value
 
 
-def main(results: str, config_file: str | None, everything: bool, as_json: bool) -> str:
+def main(results: str, config_file: str | None, everything: bool, as_json: bool, current_batch_size: int | None = None,
+         quick: bool = False) -> str:  # fmt: skip
     # the config names the study; its factories need not be importable where the results are read
     config = cfg.load(config_file, importable=False) if config_file is not None else None
-    rows = recommendations(results, config, str(config_file), everything)
+    if quick:
+        if config is None:
+            raise CacheError("--quick reads the config's quick estimates: give --configfile FILE")
+        rows = quick_rows(Path(results).parent if Path(results).name == "fit" else results, config)
+        fmt = format_quick
+    else:
+        rows = recommendations(results, config, str(config_file), everything, current_batch_size)
+        fmt = format_row
     if as_json:
         return json.dumps(_strict(rows), indent=2, allow_nan=False)
-    return "\n".join(format_row(row) for row in rows)
+    return "\n".join(fmt(row) for row in rows)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -232,7 +306,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"batchscope recommend: no {cfg.DEFAULT_CONFIG} here; give --configfile FILE (the "
                          "study you ran) or --all")  # fmt: skip
     try:
-        print(main(args.results, config_file, args.all, args.json))
+        print(main(args.results, config_file, args.all, args.json, args.current_batch_size, args.quick))
     except CacheError as err:
         raise SystemExit(f"batchscope recommend: {err}") from None
 
@@ -243,6 +317,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configfile", help=f"the study's config, as given to snakemake (default: "
                         f"{cfg.DEFAULT_CONFIG}, as snakemake's)")  # fmt: skip
     parser.add_argument("--all", action="store_true", help="every cached fit, labelled by config hash")
+    parser.add_argument("--current-batch-size", type=int, metavar="B", help="the batch size you train with now: "
+                        "what the recommendation saves against it")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="the quick estimates (snakemake quick): b_opt from the "
+                        "profile and one reference run")  # fmt: skip
 
 
 COMMANDS = (

@@ -12,11 +12,12 @@ from batchscope.stages import Command, Rule, _common, noise, rule
 from batchscope.store import CacheError, atomic_write, read_netcdf
 
 # each optional input of the report: the rule that writes it (whose declared variables the notebook reads)
-OPTIONAL_INPUTS = {"hessian": "aggregate_hessian", "stability": "edge_of_stability", "ghost": "summarize_ghost"}
+OPTIONAL_INPUTS = {"hessian": "aggregate_hessian", "stability": "edge_of_stability", "ghost": "summarize_ghost",
+                   "quick": "quick_estimate"}  # fmt: skip
 
 
 def check_inputs(fit_paths, hessian_paths=(), stability_paths=(), ghost_paths=(), noise_paths=(),
-                 expect: dict | None = None) -> None:  # fmt: skip
+                 expect: dict | None = None, quick_paths=()) -> None:  # fmt: skip
     """Refuse (CacheError naming the file) any input that is unreadable, from another stage or algorithm
     version, missing a variable, or, for the fits, computed for another config than ``expect`` says."""
     fit_hashes = (expect or {}).get("fit_scaling", {})
@@ -27,7 +28,9 @@ def check_inputs(fit_paths, hessian_paths=(), stability_paths=(), ghost_paths=()
             raise CacheError(f"{path}: a fit of workload {workload!r}, which is not in this study "
                              f"({', '.join(sorted(fit_hashes))}); delete it or run its config")  # fmt: skip
         read_netcdf(path, "fit_scaling", (), fit_hashes.get(workload))
-    for kind, paths in (("hessian", hessian_paths), ("stability", stability_paths), ("ghost", ghost_paths)):
+    optional = (("hessian", hessian_paths), ("stability", stability_paths), ("ghost", ghost_paths),
+                ("quick", quick_paths))  # fmt: skip
+    for kind, paths in optional:
         stage = OPTIONAL_INPUTS[kind]
         for path in paths:
             read_netcdf(path, stage, rule(stage).variables)
@@ -48,6 +51,7 @@ def render(
     hessian_paths: Sequence[str] = (),
     stability_paths: Sequence[str] = (),
     ghost_paths: Sequence[str] = (),
+    quick_paths: Sequence[str] = (),
     noise_paths: Sequence[str] = (),
     expect: dict | None = None,
     benchmarks: dict[str, list[str]] | None = None,
@@ -61,7 +65,7 @@ def render(
     import papermill
     from nbconvert import HTMLExporter
 
-    check_inputs(fit_paths, hessian_paths, stability_paths, ghost_paths, noise_paths, expect)
+    check_inputs(fit_paths, hessian_paths, stability_paths, ghost_paths, noise_paths, expect, quick_paths)
     html_out = Path(html_out)
     executed = html_out.with_suffix(".ipynb")
     papermill.execute_notebook(
@@ -72,6 +76,7 @@ def render(
             "hessian_files": [str(Path(p).resolve()) for p in hessian_paths],
             "stability_files": [str(Path(p).resolve()) for p in stability_paths],
             "ghost_files": [str(Path(p).resolve()) for p in ghost_paths],
+            "quick_files": [str(Path(p).resolve()) for p in quick_paths],
             "noise_files": [str(Path(p).resolve()) for p in noise_paths],
             "benchmark_files": {
                 rule: [str(Path(p).resolve()) for p in paths] for rule, paths in (benchmarks or {}).items()
@@ -96,6 +101,7 @@ def render(
 def run(args: argparse.Namespace) -> None:
     html = render(args.fits, args.notebook, args.out, args.figures, hessian_paths=args.hessian,
                   stability_paths=args.edge_of_stability, ghost_paths=args.ghost, noise_paths=args.noise,
+                  quick_paths=args.quick,
                   expect=_common.expect(args), benchmarks=_common.pairs(args.benchmarks, "--benchmarks"))  # fmt: skip
     print(html)
 
@@ -106,6 +112,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hessian", nargs="*", default=[], help="aggregate_hessian outputs (optional)")
     parser.add_argument("--edge-of-stability", nargs="*", default=[], help="edge_of_stability outputs (optional)")
     parser.add_argument("--ghost", nargs="*", default=[], help="summarize_ghost outputs (optional)")
+    parser.add_argument("--quick", nargs="*", default=[], help="quick_estimate outputs (optional)")
     parser.add_argument("--noise", nargs="*", default=[], help="gradient-noise directories and Jensen files (optional)")
     parser.add_argument("--benchmarks", nargs="*", default=[], help="RULE=FILE: Snakemake benchmark files, for the "
                         "stages' share of the compute (optional)")  # fmt: skip
@@ -114,5 +121,5 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--figures", required=True, help="directory for the figure PNGs")
 
 
-RULES = {"render_report": Rule(version=2)}
+RULES = {"render_report": Rule(version=3)}
 COMMANDS = (Command("report", "execute the report notebook and write HTML", run, _arguments),)

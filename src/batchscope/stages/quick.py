@@ -1,0 +1,142 @@
+"""Stage ``quick_estimate``: an answer from the profile and one reference run, before (or instead of) the grid.
+
+McCandlish et al. (2018): the critical batch size B_crit = C_var / N_iter is close to the noise scale
+B_noise = tr(H Sigma) / G^T H G, so b_opt = sqrt(C_var tau_f / (N_iter tau_d)) = sqrt(B_crit tau_f / tau_d) needs
+only the hardware ratio tau_f / tau_d (the profile) and B_noise. The gradient-noise stage measures B_noise (and
+B_simple = tr(Sigma) / |G|^2, equal to it only when H is a multiple of the identity) at snapshots of the reference
+run with the two-batch estimator; both grow during training, so the estimate is a band over the run's snapshots
+(the one at step 0 left out: the noise at initialisation says little about the batch size to train with). The
+point estimate is the median snapshot's. Every b_opt is capped at the largest batch size the profile fitted in
+memory.
+
+Its cost is recorded beside it: the device-seconds of the jobs it needed (profile, reference run, noise), from
+Snakemake's benchmark files, and the same in units of the reference run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from batchscope import config as cfg
+from batchscope.stages import Command, Rule, _common, noise, profile
+from batchscope.store import job_seconds, netcdf_files, read_netcdf
+
+log = logging.getLogger("batchscope")
+
+
+def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    """The grid it fits T_iter on and what identifies its inputs (their config hashes, the reference run)."""
+    return {
+        "batch_sizes": sorted(config["grid"]["batch_sizes"]),
+        "reference": list(cfg.noise_reference(config, workload)),
+        "inputs": {
+            "profile_hardware": cfg.config_hash(profile.config_slice(config, workload)),
+            "measure_gradient_noise": cfg.config_hash(noise.config_slice(config, workload)),
+        },
+    }
+
+
+def _snapshots(noise_dir: str) -> xr.Dataset:
+    files = [path for path in netcdf_files([noise_dir], "gradient-noise results") if path.name.startswith("snapshot")]
+    rows = [read_netcdf(path, "measure_gradient_noise", noise.SNAPSHOT_VARIABLES) for path in files]
+    ds = xr.concat(
+        [row[["two_batch_b_noise", "two_batch_b_simple", "b_simple"]].expand_dims(step=[row.attrs["step"]])
+         .assign_coords(fraction=("step", [row.attrs["fraction"]])) for row in rows],
+        dim="step",
+        combine_attrs="drop",
+    ).sortby("step")  # fmt: skip
+    return ds.rename(two_batch_b_noise="b_noise", two_batch_b_simple="b_simple_two_batch",
+                     b_simple="b_simple_per_example")  # fmt: skip
+
+
+def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> xr.Dataset:
+    """The quick estimate's NetCDF: per snapshot B_noise, B_simple and their b_opt; the bands and the point."""
+    from batchscope.core import scaling
+    from batchscope.stages.fit import read_profiles
+
+    profiles = read_profiles(profile_paths)
+    sizes = profiles["profile_batch_size"].values
+    feasible = profiles["profile_feasible"].values.astype(bool)
+    largest = int(sizes[feasible].max()) if feasible.any() else -1
+    grid = np.isin(sizes, spec["batch_sizes"]) & feasible  # T_iter on the grid, as the full fit
+    timing = scaling.fit_step_time(sizes[grid], profiles["profile_t_iter_median"].values[grid])
+    ratio = timing.intercept / timing.slope if timing.slope > 0 else math.inf  # tau_f / tau_d, in examples
+
+    ds = _snapshots(noise_dir)
+    for name in ("b_noise", "b_simple_two_batch", "b_simple_per_example"):
+        b_crit = ds[name].values
+        uncapped = np.sqrt(np.where(b_crit > 0, b_crit, np.nan) * ratio)
+        ds[f"b_opt_{name}"] = ("step", np.minimum(uncapped, largest) if largest > 0 else uncapped,
+                               {"units": "examples", "long_name": f"sqrt({name} tau_f / tau_d), capped"})  # fmt: skip
+    later = ds["fraction"].values > 0
+    b_noise, b_opt = ds["b_noise"].values[later], ds["b_opt_b_noise"].values[later]
+    usable = np.isfinite(b_noise) & (b_noise > 0)
+    band = [float(b_noise[usable].min()), float(b_noise[usable].max())] if usable.any() else [math.nan] * 2
+    opt_band = [float(np.nanmin(b_opt)), float(np.nanmax(b_opt))] if usable.any() else [math.nan] * 2
+    point = float(np.nanmedian(b_opt)) if usable.any() else math.nan
+    ds["b_crit_band"] = ("bound", band, {"units": "examples", "long_name": "B_noise over the run (after step 0)"})
+    ds["b_opt_band"] = ("bound", opt_band, {"units": "examples", "long_name": "b_opt over the run, capped"})
+    ds["b_opt"] = ((), point, {"units": "examples", "long_name": "the median snapshot's b_opt, capped"})
+    grid_sizes = np.asarray(spec["batch_sizes"], float)
+    nearest = int(grid_sizes[np.argmin(np.abs(np.log(grid_sizes / point)))]) if np.isfinite(point) else -1
+    ds["nearest_grid_batch_size"] = ((), nearest, {"long_name": "the grid's batch size nearest b_opt (log scale)"})
+    ds["tau_f"] = ((), timing.intercept, {"units": "s"})
+    ds["tau_d"] = ((), timing.slope, {"units": "s per example"})
+    ds["largest_feasible_batch_size"] = ((), largest)
+    ds = ds.assign_coords(bound=["low", "high"])
+    ds.attrs.update(reference_batch_size=spec["reference"][0], reference_lr=spec["reference"][1],
+                    reference_seed=spec["reference"][2])  # fmt: skip
+    return ds
+
+
+def add_cost(ds: xr.Dataset, benchmarks: dict[str, list[str]]) -> xr.Dataset:
+    """The device-seconds of each job the estimate needed (``{rule: [benchmark files]}``; a job holds its device
+    for its wall time), and their sum in units of the reference run."""
+    seconds = {rule: sum(job_seconds(path) for path in paths) for rule, paths in benchmarks.items()}
+    ds = ds.assign_coords(job=list(seconds))
+    ds["cost_s"] = ("job", list(seconds.values()), {"units": "device-seconds", "long_name": "the jobs' wall time"})
+    reference = seconds.get("train_reference", math.nan)
+    total = float(sum(seconds.values()))
+    ds["total_cost_s"] = ((), total, {"units": "device-seconds"})
+    ds["cost_in_reference_runs"] = ((), total / reference if reference > 0 else math.nan)
+    return ds
+
+
+def run(args: argparse.Namespace) -> None:
+    from batchscope import store
+
+    spec = _common.spec(args, config_slice)
+    ds = estimate(spec, args.profiles, args.noise)
+    ds = add_cost(ds, _common.pairs(args.benchmarks, "--benchmarks"))
+    ds.attrs.update(store.provenance("quick_estimate", spec), workload=args.workload or "")
+    store.write_netcdf(ds, args.out)
+    low, high = ds["b_opt_band"].values
+    log.info("b_opt %.0f (band %.0f to %.0f over the run), B_noise %s; cost %.1f device-s = %.2f reference runs",
+             float(ds["b_opt"]), low, high, ds["b_crit_band"].values.round(1), float(ds["total_cost_s"]),
+             float(ds["cost_in_reference_runs"]))  # fmt: skip
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profiles", nargs="+", required=True)
+    parser.add_argument("--noise", required=True, help="the measure_gradient_noise directory of the reference run")
+    parser.add_argument("--benchmarks", nargs="*", default=[], help="RULE=FILE: the benchmark files of the jobs the "
+                        "estimate needed (its cost)")  # fmt: skip
+
+
+VARIABLES = ("b_noise", "b_opt", "b_opt_band", "b_crit_band", "tau_f", "tau_d", "total_cost_s")
+RULES = {"quick_estimate": Rule(version=1, config_slice=config_slice, variables=VARIABLES)}
+COMMANDS = (
+    Command(
+        "quick-estimate",
+        "b_opt from the profile and the reference run's gradient noise",
+        run,
+        _arguments,
+        spec=config_slice,
+    ),  # fmt: skip
+)

@@ -1,0 +1,133 @@
+"""The quick estimate and the bill: b_opt from the profile and the reference run's B_noise, against the formula
+computed here from the same synthetic caches; the cost from Snakemake benchmark files; `recommend --quick` and
+`recommend --current-batch-size` against hand computations."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+from batchscope import config as cfg
+from batchscope.stages import quick
+from batchscope.stages import recommend as rec
+from batchscope.store import write_netcdf
+from tests.test_fit import profile_dataset
+
+TAU_F, TAU_D = 2e-3, 1e-5  # tau_f / tau_d = 200 examples
+GRID = [16, 64, 256]
+B_NOISE = {0: 3.0, 10: 20.0, 20: 50.0, 30: 80.0, 40: 125.0}  # step -> B_noise along the run, growing
+
+
+def write_caches(tmp_path, out_of_memory_from=None, extra=(1024,)):
+    rng = np.random.default_rng(0)
+    profiles = []
+    sizes = sorted([*GRID, *extra])
+    for b in sizes:
+        times = (TAU_F + TAU_D * b) * (1 + 0.001 * rng.standard_normal((3, 3)))
+        fits = out_of_memory_from is None or b < out_of_memory_from
+        profiles.append(write_netcdf(profile_dataset(b, times, sizes, fits), tmp_path / "profile" / f"B{b}.nc"))
+    noise_dir = tmp_path / "noise"
+    for i, (step, b_noise) in enumerate(B_NOISE.items()):
+        ds = xr.Dataset({"two_batch_b_noise": ((), b_noise), "two_batch_b_simple": ((), b_noise / 2),
+                         "b_simple": ((), b_noise / 2)},
+                        attrs={"stage": "measure_gradient_noise", "algorithm_version": "3", "step": step,
+                               "fraction": step / 40})  # fmt: skip
+        write_netcdf(ds, noise_dir / f"snapshot{i}.nc")
+    write_netcdf(xr.Dataset({"mean_sq_error": ("batch_size", [1.0])}), noise_dir / "variance.nc")
+    return [str(p) for p in profiles], str(noise_dir)
+
+
+SPEC = {"batch_sizes": GRID, "reference": [64, 0.1, 0], "inputs": {}}
+
+
+def test_b_opt_band_from_b_noise_and_the_profile(tmp_path):
+    profiles, noise_dir = write_caches(tmp_path)
+    ds = quick.estimate(SPEC, profiles, noise_dir)
+    ratio = float(ds["tau_f"]) / float(ds["tau_d"])
+    assert ratio == pytest.approx(TAU_F / TAU_D, rel=0.02)  # the linear fit on the grid's sizes
+    later = [b for step, b in B_NOISE.items() if step > 0]  # step 0 is left out of the band
+    expected = np.sqrt(np.array(later) * ratio)
+    assert ds["b_crit_band"].values.tolist() == [min(later), max(later)]
+    np.testing.assert_allclose(ds["b_opt_band"].values, [expected.min(), expected.max()], rtol=1e-12)
+    assert float(ds["b_opt"]) == pytest.approx(np.median(expected), rel=1e-12)
+    # per snapshot, sqrt(B tau_f / tau_d) of each noise scale
+    np.testing.assert_allclose(ds["b_opt_b_noise"].values, np.sqrt(np.array(list(B_NOISE.values())) * ratio))
+    # the grid's size nearest b_opt on a log scale (b_opt ~ 100: 64 is nearer than 256)
+    nearest = min(GRID, key=lambda b: abs(math.log(b / float(ds["b_opt"]))))
+    assert int(ds["nearest_grid_batch_size"]) == nearest == 64
+    assert int(ds["largest_feasible_batch_size"]) == 1024
+
+
+def test_b_opt_never_exceeds_the_largest_feasible_batch_size(tmp_path):
+    profiles, noise_dir = write_caches(tmp_path, out_of_memory_from=128, extra=(1024,))
+    ds = quick.estimate(SPEC, profiles, noise_dir)
+    assert int(ds["largest_feasible_batch_size"]) == 64
+    assert float(ds["b_opt_band"].max()) <= 64 and float(ds["b_opt"]) <= 64
+    assert np.nanmax(ds["b_opt_b_noise"].values) == 64  # capped, where sqrt(125 x 200) = 158 would be
+
+
+def test_the_cost_comes_from_the_benchmark_files(tmp_path):
+    profiles, noise_dir = write_caches(tmp_path)
+    files = {}
+    for rule, seconds in (("profile_hardware", 12.5), ("train_reference", 5.0), ("measure_gradient_noise", 7.5)):
+        path = tmp_path / "bench" / f"{rule}.tsv"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(f"s\th:m:s\tmax_rss\n{seconds}\t0:00:{int(seconds):02d}\t100.0\n")
+        files[rule] = [str(path)]
+    files["prepare_data"] = [str(tmp_path / "bench" / "absent.tsv")]  # run with --touch: unknown
+    ds = quick.add_cost(quick.estimate(SPEC, profiles, noise_dir), files)
+    assert math.isnan(float(ds["total_cost_s"]))  # one job's time unknown: the total is unknown, not low
+    del files["prepare_data"]
+    ds = quick.add_cost(quick.estimate(SPEC, profiles, noise_dir), files)
+    assert float(ds["total_cost_s"]) == 25.0
+    assert float(ds["cost_in_reference_runs"]) == 5.0
+    assert dict(zip(ds["job"].values.tolist(), ds["cost_s"].values.tolist(), strict=True))["train_reference"] == 5.0
+
+
+def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
+    config = cfg.load("config/test/tiny.yaml")
+    profiles, noise_dir = write_caches(tmp_path)
+    for name in config["workloads"]:
+        spec = quick.config_slice(config, name)
+        ds = quick.add_cost(quick.estimate(spec, profiles, noise_dir), {})
+        from batchscope import store
+
+        ds.attrs.update(store.provenance("quick_estimate", spec), workload=name)
+        write_netcdf(ds, tmp_path / "results" / "quick" / f"{name}.nc")
+    rows = json.loads(rec.main(str(tmp_path / "results"), "config/test/tiny.yaml", False, True, quick=True))
+    assert [row["workload"] for row in rows] == sorted(config["workloads"])
+    assert rows[0]["b_opt"] == pytest.approx(float(ds["b_opt"]))
+    text = rec.main(str(tmp_path / "results"), "config/test/tiny.yaml", False, False, quick=True)
+    assert "quick estimate" in text and "b_opt" in text
+    # another config's estimate is refused, naming the file
+    other = tmp_path / "other.yaml"
+    changed = yaml.safe_load(Path("config/test/tiny.yaml").read_text())
+    changed["grid"]["batch_sizes"] = [*changed["grid"]["batch_sizes"], 32]
+    other.write_text(yaml.safe_dump(changed))
+    with pytest.raises(rec.CacheError, match="computed for another config"):
+        rec.main(str(tmp_path / "results"), str(other), False, True, quick=True)
+
+
+def test_against_a_current_batch_size(tmp_path):
+    from batchscope.core import scaling
+    from batchscope.stages.fit import fit_scaling
+    from tests.test_fit import _write_synthetic_caches
+
+    rng = np.random.default_rng(3)
+    profiles, runs = _write_synthetic_caches(tmp_path, 40.0, 2400.0, 2.5e-4, 1.1e-6, rng)
+    spec = {"fit": {"bootstrap": 50, "seed": 0, "tolerance": 0.05}, "target": {"metric": "val_accuracy", "value": 0.9}}
+    ds = fit_scaling(profiles, runs, spec, "w")
+    best = int(ds["fastest_batch_size"])
+    at = float(ds["time_from_profile"].sel(batch_size=best))
+    on_grid = rec.recommend_row(ds, "", current_batch_size=8)
+    assert on_grid["current_source"] == "profile"
+    assert on_grid["current_slowdown"] == pytest.approx(float(ds["time_from_profile"].sel(batch_size=8)) / at)
+    off_grid = rec.recommend_row(ds, "", current_batch_size=1000)
+    predicted = scaling.predicted_time(1000, *(float(ds[k]) for k in ("n_iter", "c_var", "tau_f", "tau_d")))
+    assert off_grid["current_source"] == "fit"
+    assert off_grid["current_time_s"] == pytest.approx(float(predicted))
+    assert off_grid["saving_per_run_s"] == pytest.approx(float(predicted) - at)
