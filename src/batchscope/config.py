@@ -220,6 +220,9 @@ def check_sizes(config: dict[str, Any], n_train: dict[str, int]) -> None:
             continue
         drawn = [("grid.batch_sizes", b) for b in sorted(config["grid"]["batch_sizes"])]
         drawn += [("profile.extra_batch_sizes", b) for b in sorted(config["profile"]["extra_batch_sizes"])]
+        if config["branch"]["enabled"]:  # the largest branch draws batches of k x the reference batch size
+            largest = max(config["branch"]["factors"]) * config["noise"]["reference_batch_size"]
+            drawn.append(("branch.factors", int(round(largest))))
         for key, value in drawn:
             if value > n:
                 raise ConfigError(f"{key}: {value} exceeds the {n} training examples of workload {name!r}")
@@ -232,6 +235,8 @@ def check_sizes(config: dict[str, Any], n_train: dict[str, int]) -> None:
             analysed += [("noise.b_big", noise["b_big"])]
             analysed += [("noise.variance_batch_sizes", b) for b in noise["variance_batch_sizes"]]
             analysed += [("noise.jensen.subspace_sizes", b) for b in noise["jensen"]["subspace_sizes"]]
+        if config["branch"]["enabled"]:
+            analysed.append(("branch.eval_size", config["branch"]["eval_size"]))
         if eos["enabled"] and eos["workload"] == name:
             analysed.append(("edge_of_stability.examples", eos["examples"]))
         for key, value in analysed:

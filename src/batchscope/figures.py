@@ -448,14 +448,31 @@ def load_noise(paths: Sequence[str | Path]) -> dict[str, dict[str, xr.Dataset]]:
     return out
 
 
-def plot_noise_scale(snapshots: xr.Dataset, fit: xr.Dataset | None, name: str) -> plt.Figure:
-    """B_simple along the reference run (per example and two-batch), against B_crit from the K(B) fit."""
+def load_branch(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
+    """The branched critical batch sizes, per workload (their own ``workload`` attribute) over the snapshot step."""
+    by_workload: dict[str, list[xr.Dataset]] = {}
+    for ds in map(read_netcdf, paths):
+        by_workload.setdefault(ds.attrs["workload"], []).append(ds)
+    return {name: xr.concat([d[["critical_batch_size", "critical_upper"]].expand_dims(step=[d.attrs["step"]])
+                             for d in parts], dim="step", combine_attrs="drop").sortby("step")
+            for name, parts in by_workload.items()}  # fmt: skip
+
+
+def plot_noise_scale(snapshots: xr.Dataset, fit: xr.Dataset | None, name: str,
+                     branch: xr.Dataset | None = None) -> plt.Figure:  # fmt: skip
+    """B_simple and B_noise along the reference run, the branched local critical batch size with its bracket (when
+    measured), against B_crit from the K(B) fit."""
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     steps = snapshots["step"].values
     ax.plot(steps, snapshots["b_simple"].values, "o-", label="B_simple, per-example gradients")
     ax.plot(steps, snapshots["two_batch_b_simple"].values, "s--", label="B_simple, two-batch estimator")
     if "two_batch_b_noise" in snapshots:
         ax.plot(steps, snapshots["two_batch_b_noise"].values, "^-", label="B_noise = tr(H Sigma) / G^T H G, two-batch")
+    if branch is not None:
+        low = branch["critical_batch_size"].values.astype(float)
+        high = np.where(branch["critical_upper"].values > 0, branch["critical_upper"].values, low)
+        ax.errorbar(branch["step"].values, low, yerr=[np.zeros_like(low), high - low], fmt="D", color="C4",
+                    capsize=3, label="local critical B by branching, up to the next branch")  # fmt: skip
     if fit is not None:
         b_crit = float(fit["b_crit"])
         ax.axhline(b_crit, color="C3", lw=1, label=f"B_crit from the K(B) fit = {b_crit:.0f}")

@@ -69,6 +69,7 @@ wildcard_constraints:
     seed=r"[0-9]+",
     step_size=r"[0-9.e+-]+",
     ghost=r"[0-9]+",
+    index=r"[0-9]+",
 
 
 def expected_provenance(*rule_names):
@@ -206,6 +207,14 @@ def answer_benchmarks(wildcards):
     }
 
 
+def branch_files(wildcards):
+    """The report's branched critical batch sizes: one per workload and snapshot, none unless enabled."""
+    if not config["branch"]["enabled"]:
+        return []
+    snapshots = range(len(config["noise"]["snapshot_fractions"]))
+    return expand(rules.branch_checkpoint.output[0], workload=WORKLOADS, index=snapshots)
+
+
 def job_benchmarks(wildcards):
     """{rule: benchmark files} of every job the report summarises: the report states each stage's share of the
     study's compute from Snakemake's own benchmark files (declared here, so none of another study is read)."""
@@ -225,6 +234,9 @@ def job_benchmarks(wildcards):
         jobs["measure_gradient_noise"] = expand(rules.measure_gradient_noise.benchmark, workload=w)
         jobs["measure_jensen_bias"] = expand(rules.measure_jensen_bias.benchmark, workload=w)
         jobs["measure_jensen_linreg"] = [rules.measure_jensen_linreg.benchmark]
+    if config["branch"]["enabled"]:
+        snapshots = range(len(config["noise"]["snapshot_fractions"]))
+        jobs["branch_checkpoint"] = expand(rules.branch_checkpoint.benchmark, workload=w, index=snapshots)
     eos = config["edge_of_stability"]
     if eos["enabled"]:
         sizes = [bs_config.format_lr(eta) for eta in eos["step_sizes"]]

@@ -69,3 +69,31 @@ rule measure_jensen_linreg:
         version=STAGES["measure_jensen_bias"].version,
     shell:
         "python -m batchscope jensen --spec {params.spec:q} --out {output} > {log} 2>&1"
+
+
+# Optional (branch.enabled): the local critical batch size at each snapshot of the reference run, one job per
+# snapshot (adding a snapshot fraction adds only its job).
+rule branch_checkpoint:
+    input:
+        data=rules.prepare_data.output[0],
+        run=rules.train_reference.output[0],
+    output:
+        "results/branch/{workload}/snapshot{index}.nc",
+    log:
+        "logs/branch_checkpoint/{workload}/snapshot{index}.log",
+    benchmark:
+        "results/benchmarks/branch_checkpoint/{workload}/snapshot{index}.tsv"
+    conda:
+        "../envs/batchscope.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=GPU,
+        mem_mb=4000,
+        runtime=30,
+    params:
+        spec=config_slice("branch_checkpoint"),
+        snapshots=lambda w, input: reference_file(w, input.run, ".snapshots"),
+        version=STAGES["branch_checkpoint"].version,
+    shell:
+        "python -m batchscope branch --spec {params.spec:q} --data {input.data} --snapshots {params.snapshots}"
+        " --index {wildcards.index} --out {output} > {log} 2>&1"

@@ -6,6 +6,7 @@ rule render_report:
         ghost=ghost_summaries,
         noise=noise_outputs,
         quick=quick_estimates,
+        branch=branch_files,
         benchmarks=lambda w: [path for paths in job_benchmarks(w).values() for path in paths],
         notebook=REPORT_NOTEBOOK,
         template=REPORT_TEMPLATE,
@@ -38,5 +39,6 @@ rule render_report:
     shell:
         "python -m batchscope report --fits {input.fits} --hessian {input.hessian} --expect {params.expect:q}"
         " --edge-of-stability {input.stability} --ghost {input.ghost} --noise {input.noise} --quick {input.quick}"
+        " --branch {input.branch}"
         " --benchmarks {params.benchmarks} --notebook {input.notebook}"
         " --out {output.html} --figures {output.figures} > {log} 2>&1"

@@ -13,11 +13,11 @@ from batchscope.store import CacheError, atomic_write, read_netcdf
 
 # each optional input of the report: the rule that writes it (whose declared variables the notebook reads)
 OPTIONAL_INPUTS = {"hessian": "aggregate_hessian", "stability": "edge_of_stability", "ghost": "summarize_ghost",
-                   "quick": "quick_estimate"}  # fmt: skip
+                   "quick": "quick_estimate", "branch": "branch_checkpoint"}  # fmt: skip
 
 
 def check_inputs(fit_paths, hessian_paths=(), stability_paths=(), ghost_paths=(), noise_paths=(),
-                 expect: dict | None = None, quick_paths=()) -> None:  # fmt: skip
+                 expect: dict | None = None, quick_paths=(), branch_paths=()) -> None:  # fmt: skip
     """Refuse (CacheError naming the file) any input that is unreadable, from another stage or algorithm
     version, missing a variable, or, for the fits, computed for another config than ``expect`` says."""
     fit_hashes = (expect or {}).get("fit_scaling", {})
@@ -29,7 +29,7 @@ def check_inputs(fit_paths, hessian_paths=(), stability_paths=(), ghost_paths=()
                              f"({', '.join(sorted(fit_hashes))}); delete it or run its config")  # fmt: skip
         read_netcdf(path, "fit_scaling", (), fit_hashes.get(workload))
     optional = (("hessian", hessian_paths), ("stability", stability_paths), ("ghost", ghost_paths),
-                ("quick", quick_paths))  # fmt: skip
+                ("quick", quick_paths), ("branch", branch_paths))  # fmt: skip
     for kind, paths in optional:
         stage = OPTIONAL_INPUTS[kind]
         for path in paths:
@@ -52,6 +52,7 @@ def render(
     stability_paths: Sequence[str] = (),
     ghost_paths: Sequence[str] = (),
     quick_paths: Sequence[str] = (),
+    branch_paths: Sequence[str] = (),
     noise_paths: Sequence[str] = (),
     expect: dict | None = None,
     benchmarks: dict[str, list[str]] | None = None,
@@ -65,7 +66,7 @@ def render(
     import papermill
     from nbconvert import HTMLExporter
 
-    check_inputs(fit_paths, hessian_paths, stability_paths, ghost_paths, noise_paths, expect, quick_paths)
+    check_inputs(fit_paths, hessian_paths, stability_paths, ghost_paths, noise_paths, expect, quick_paths, branch_paths)
     html_out = Path(html_out)
     executed = html_out.with_suffix(".ipynb")
     papermill.execute_notebook(
@@ -77,6 +78,7 @@ def render(
             "stability_files": [str(Path(p).resolve()) for p in stability_paths],
             "ghost_files": [str(Path(p).resolve()) for p in ghost_paths],
             "quick_files": [str(Path(p).resolve()) for p in quick_paths],
+            "branch_files": [str(Path(p).resolve()) for p in branch_paths],
             "noise_files": [str(Path(p).resolve()) for p in noise_paths],
             "benchmark_files": {
                 rule: [str(Path(p).resolve()) for p in paths] for rule, paths in (benchmarks or {}).items()
@@ -101,7 +103,7 @@ def render(
 def run(args: argparse.Namespace) -> None:
     html = render(args.fits, args.notebook, args.out, args.figures, hessian_paths=args.hessian,
                   stability_paths=args.edge_of_stability, ghost_paths=args.ghost, noise_paths=args.noise,
-                  quick_paths=args.quick,
+                  quick_paths=args.quick, branch_paths=args.branch,
                   expect=_common.expect(args), benchmarks=_common.pairs(args.benchmarks, "--benchmarks"))  # fmt: skip
     print(html)
 
@@ -113,6 +115,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edge-of-stability", nargs="*", default=[], help="edge_of_stability outputs (optional)")
     parser.add_argument("--ghost", nargs="*", default=[], help="summarize_ghost outputs (optional)")
     parser.add_argument("--quick", nargs="*", default=[], help="quick_estimate outputs (optional)")
+    parser.add_argument("--branch", nargs="*", default=[], help="branch_checkpoint outputs (optional)")
     parser.add_argument("--noise", nargs="*", default=[], help="gradient-noise directories and Jensen files (optional)")
     parser.add_argument("--benchmarks", nargs="*", default=[], help="RULE=FILE: Snakemake benchmark files, for the "
                         "stages' share of the compute (optional)")  # fmt: skip

@@ -1,0 +1,59 @@
+"""Stage ``branch_checkpoint`` (optional, ``branch.enabled``): the local critical batch size at one snapshot of the
+reference run, by short branches at k x its batch size (:mod:`batchscope.measure.branch`). One job per snapshot,
+so adding a snapshot adds only its job; the report draws the curve over training beside B_simple and B_noise."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from batchscope import config as cfg
+from batchscope.stages import Command, Rule, _common
+
+log = logging.getLogger("batchscope")
+
+
+def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    wl = config["workloads"][workload]
+    settings = {k: v for k, v in config["branch"].items() if k != "enabled"}
+    return {**settings, "optimizer": wl["optimizer"], "loader": wl["loader"],
+            "reference": list(cfg.noise_reference(config, workload)), **cfg.execution(config)}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from batchscope import store
+    from batchscope.measure.branch import branch
+
+    spec = _common.spec(args, config_slice)
+    device = _common.runtime(spec)
+    saved = torch.load(args.snapshots, map_location=device)
+    snapshot = saved["snapshots"][args.index]
+    workload = _common.workload(saved["workload"], device, args.data)
+    batch_size, lr, _ = spec["reference"]
+    ds = branch(snapshot["state_dict"], workload, spec, (batch_size, lr), device)
+    ds.attrs.update(store.provenance("branch_checkpoint", spec, device=str(device)), step=int(snapshot["step"]),
+                    fraction=float(snapshot["fraction"]), workload=saved["workload"]["name"])  # fmt: skip
+    store.write_netcdf(ds, args.out)
+    log.info("step %d: local critical batch size %d (next branch %d); losses %s", snapshot["step"],
+             int(ds["critical_batch_size"]), int(ds["critical_upper"]), ds["loss"].values.round(4))  # fmt: skip
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--snapshots", required=True, help="the reference run's .snapshots file")
+    parser.add_argument("--index", type=int, required=True, help="which snapshot (0 = the first fraction)")
+
+
+RULES = {
+    "branch_checkpoint": Rule(
+        version=1, config_slice=config_slice, variables=("loss", "critical_batch_size", "critical_upper")
+    ),  # fmt: skip
+}
+COMMANDS = (
+    Command(
+        "branch", "the local critical batch size at one snapshot, by branching", run, _arguments, spec=config_slice
+    ),  # fmt: skip
+)
