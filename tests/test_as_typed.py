@@ -126,3 +126,25 @@ def test_the_example_study_as_the_docs_type_it(clone, venv_env):
     assert default.returncode != 0 and "no fit for workload 'digits_mlp' of config/config.yaml" in default.stderr
     assert "Traceback" not in default.stderr
     assert os.path.isfile(clone / "results/report/report.html")
+
+
+def test_the_gpu_rehearsal_runs_every_stage_from_the_root(clone, venv_env):
+    """config/test/gpu_rehearsal.yaml, gpu.yaml's kind of study on the CPU, run as typed from the clone's root on the
+    CIFAR-shaped files the fixture wrote: every stage writes its results and the report draws them. (Last in this
+    file: the example's test above counts the fits under results/.)"""
+    run(clone, venv_env, "snakemake --cores 2 --configfile config/test/gpu_rehearsal.yaml")
+    results = clone / "results"
+    expected = [
+        "data/cifar_resnet.nc", "profile/cifar_resnet/B16.nc", "profile/cifar_resnet/B256.nc",
+        "fit/cifar_resnet.nc", "hessian/cifar_resnet.nc", "noise/cifar_resnet/variance.nc",
+        "jensen/cifar_resnet.nc", "jensen_linreg.nc", "quick/cifar_resnet.nc", "ghost/cifar_resnet.nc",
+        "branch/cifar_resnet/snapshot2.nc", "report/report.html",
+    ]  # fmt: skip
+    missing = [name for name in expected if not (results / name).is_file()]
+    assert not missing, missing
+    html = (results / "report/report.html").read_text()
+    for section in ("The answer, and what it cost", "Gradient noise", "Ghost BatchNorm", "The Jensen bias"):
+        assert section in html, section
+    rows = json.loads(run(clone, venv_env, "batchscope recommend --json --configfile config/test/gpu_rehearsal.yaml")
+                      .stdout)  # fmt: skip
+    assert [row["workload"] for row in rows] == ["cifar_resnet"] and rows[0]["batch_size"] in (16, 64)

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU check: one script for a machine with one NVIDIA GPU (H100/H200), <= 8 minutes, no downloads (the GPU
+# machine has no internet: CIFAR-shaped synthetic files). Run from the repository root with the project's .venv:
+#   bash benchmarks/gpu_check.sh
+# 1. the CUDA-marked tests (tests/test_cuda.py: slot pool, profiling, out of memory, Hessian and per-example norms
+#    against the CPU, TF32 and cuDNN settings recorded);
+# 2. ResNet-20's step time up to the memory limit, fp32 / bf16 / compiled, linear against saturating fit
+#    (benchmarks/gpu_profile.py);
+# 3. the CPU rehearsal's study (config/test/gpu_rehearsal.yaml: every stage) on CUDA through Snakemake;
+# 4. the memory benchmark on CUDA (benchmarks/memory.py, when present);
+# then prints a table and writes docs/gpu.md. Each step has its own time limit; a failed step is reported, and the
+# others still run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+OUT="benchmarks/results/gpu"
+mkdir -p "$OUT"
+status=()
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, keep its output, note its exit status and time
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    status+=("$name|$rc|$((SECONDS - start))")
+    echo "== $name: exit $rc in $((SECONDS - start)) s"
+    tail -n 25 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+step cuda_tests 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+step profile 180 python benchmarks/gpu_profile.py
+
+# the rehearsal's study on CUDA, in a scratch directory, on CIFAR-shaped files written there
+WORK=$(mktemp -d)
+python - "$WORK" <<'PY'
+import sys
+from pathlib import Path
+
+sys.path.insert(0, ".")
+from tests.test_data import write_cifar
+
+target = Path(sys.argv[1]) / "data" / "cifar-10-batches-py"
+target.mkdir(parents=True)
+write_cifar(target, per_batch=400)
+PY
+step study 150 snakemake --cores 4 --resources gpu=1 --configfile config/test/gpu_rehearsal.yaml \
+    --config device=cuda --directory "$WORK"
+if [ -f benchmarks/memory.py ]; then
+    step memory 90 python benchmarks/memory.py --device cuda
+fi
+
+python - "$OUT" "$WORK" "${status[@]}" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+out, work, rows = Path(sys.argv[1]), Path(sys.argv[2]), [r.split("|") for r in sys.argv[3:]]
+gpu = (out / "gpu.txt").read_text().strip()
+lines = ["# batchscope on a GPU", "", f"Measured by `bash benchmarks/gpu_check.sh` on: {gpu}.", "",
+         "| step | exit status | seconds |", "| --- | --- | --- |"]
+lines += [f"| {name} | {rc} | {seconds} |" for name, rc, seconds in rows]
+profile = Path("benchmarks/results/gpu_profile.json")
+if profile.is_file():
+    data = json.loads(profile.read_text())
+    lines += ["", "## ResNet-20 step time (CIFAR-shaped, `benchmarks/gpu_profile.py`)", "",
+              "| variant | largest feasible B | T_iter at 128 (ms) | R^2 linear | R^2 saturating | knee |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name, row in data["variants"].items():
+        at = dict(zip(row["feasible"], row["t_iter_s"]))
+        sat = row["saturating"] or {}
+        lines.append(f"| {name} | {row['largest_feasible']} | {1e3 * at.get(128, float('nan')):.3f} | "
+                     f"{row['linear']['r2']:.3f} | {sat.get('r2', float('nan')):.3f} | {sat.get('b_knee', float('nan')):.0f} |")
+fit = Path(work) / "results" / "fit" / "cifar_resnet.nc"
+if fit.is_file():
+    import xarray as xr
+
+    ds = xr.open_dataset(fit)
+    lines += ["", f"The rehearsal study on CUDA: recommended B = {int(ds['fastest_batch_size'])}, b_opt = "
+              f"{float(ds['b_opt']):.0f}, device {ds.attrs.get('device_name', '?')}."]
+Path("docs/gpu.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
