@@ -73,9 +73,11 @@ def main() -> None:
     for variant, row in rows.items():
         at = dict(zip(row["feasible"], row["t_iter_s"], strict=True))
         sat = row["saturating"] or {}
-        print(f"{variant:<10}{row['largest_feasible'] or 0:>10}{1e3 * at.get(128, float('nan')):>15.3f}"
-              f"{1e3 * at.get(row['largest_feasible'], float('nan')):>19.2f}{row['linear']['r2']:>8.3f}"
-              f"{sat.get('r2', float('nan')):>8.3f}{sat.get('b_knee', float('nan')):>8.0f}{row['seconds']:>7.0f}")
+        print(
+            f"{variant:<10}{row['largest_feasible'] or 0:>10}{1e3 * at.get(128, float('nan')):>15.3f}"
+            f"{1e3 * at.get(row['largest_feasible'], float('nan')):>19.2f}{row['linear']['r2']:>8.3f}"
+            f"{sat.get('r2', float('nan')):>8.3f}{sat.get('b_knee', float('nan')):>8.0f}{row['seconds']:>7.0f}"
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"device": name, "variants": rows}, indent=2))
 
