@@ -168,3 +168,41 @@ def test_edge_of_stability_sharpness_settles_at_two_over_eta():
     assert large["loss"].values[-1] < large["loss"].values[0] and not large.attrs["diverged"]
     small = edge_of_stability.edge_of_stability(0.05, {**spec, "steps": 200}, CPU)
     assert small["lambda_max"].values[-1] < 0.4 * float(small["stability_limit"])
+
+
+def test_a_checkpoints_analysis_is_reused_and_only_new_ones_are_analysed(tmp_path, monkeypatch):
+    """The hessian command twice on one reuse directory, the second time with one more checkpoint: only that one
+    is analysed, and the reused file holds the first analysis's numbers. A checkpoint whose bytes changed, or other
+    settings, are analysed again."""
+    import json
+
+    from batchscope.cli import main
+    from batchscope.measure import hessian as measure_hessian
+    from batchscope.store import read_netcdf, save_torch
+
+    train_spec, hessian_spec = settings(top_k=2, hutchinson_probes=10, slq_runs=1, slq_steps=8)
+    first = save_torch(train(train_spec, 32, 0.1, seed=0, device=CPU)[1], tmp_path / "ckpt" / "lr0.1_seed0.pt")
+    second = save_torch(train(train_spec, 32, 0.1, seed=1, device=CPU)[1], tmp_path / "more" / "lr0.1_seed1.pt")
+    calls = []
+    real = measure_hessian.analyze
+    monkeypatch.setattr(measure_hessian, "analyze", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    data_file = str(tmp_path / "data.nc")  # the data cache, as prepare_data writes it
+    assert main(["prepare-data", "--spec", json.dumps({"workload": train_spec["workload"]}), "--out", data_file]) == 0
+
+    def run(out, *paths, spec=hessian_spec):
+        args = ["hessian", "--spec", json.dumps(spec), "--data", data_file, "--reuse", str(tmp_path / "reuse"),
+                "--checkpoints", *map(str, paths), "--out", str(tmp_path / out)]  # fmt: skip
+        assert main(args) == 0
+
+    run("a", first)
+    assert len(calls) == 1
+    run("b", first, second)
+    assert len(calls) == 2  # only the new checkpoint
+    before, after = (read_netcdf(tmp_path / d / "B32_lr0.1_seed0.nc") for d in ("a", "b"))
+    assert float(after["lambda_max"]) == float(before["lambda_max"]) and float(after["trace"]) == float(before["trace"])
+    run("c", first, spec={**hessian_spec, "hutchinson_probes": 11})  # other settings: analysed again
+    assert len(calls) == 3
+    save_torch(train(train_spec, 32, 0.1, seed=2, device=CPU)[1], first)  # other weights under the same name
+    run("d", first)
+    assert len(calls) == 4

@@ -43,6 +43,9 @@ BATCH_SIZES = sorted(config["grid"]["batch_sizes"])
 PROFILE_BATCH_SIZES = bs_config.profile_batch_sizes(config)
 SEEDS = sorted(config["grid"]["seeds"])
 PROFILE_FILE = "results/profile/{workload}/B{batch_size}.nc"
+HESSIAN_REUSE = (
+    "results/reuse/analyze_hessian"  # each checkpoint's analysis, by content (analyze_hessian reads it back)
+)
 REPORT_NOTEBOOK = os.path.join(workflow.basedir, "workflow", "notebooks", "report.ipynb")
 REPORT_TEMPLATE = os.path.join(workflow.basedir, "workflow", "notebooks", "templates", "offline", "index.html.j2")
 

@@ -72,8 +72,9 @@ rule analyze_ghost_hessian:
     params:
         spec=config_slice("analyze_hessian"),
         version=STAGES["analyze_hessian"].version,
+        reuse=HESSIAN_REUSE,
     shell:
-        "python -m batchscope hessian --spec {params.spec:q} --data {input.data}"
+        "python -m batchscope hessian --spec {params.spec:q} --reuse {params.reuse} --data {input.data}"
         " --checkpoints {input.checkpoints} --out {output} > {log} 2>&1"
 
 

@@ -1,8 +1,10 @@
 # Curvature of every trained checkpoint, one NetCDF per checkpoint, one job per (workload, seed): a checkpoint
 # takes ~0.25 s on digits while a job's start costs ~3 s (torch, scipy, and the dynamo import torch.func makes),
 # so a job per checkpoint, or per (batch size, seed), would spend most of the study starting processes. Adding
-# a seed analyses only the new seed's checkpoints; adding a batch size reanalyses the workload. Its params
-# carry only the hessian slice: changing hessian.* reruns no training.
+# a seed analyses only the new seed's checkpoints. Adding a batch size reruns the workload's jobs, which read the
+# analyses of unchanged checkpoints back (HESSIAN_REUSE, keyed by the checkpoint's bytes, the slice and the
+# version) and analyse only the new ones. Its params carry only the hessian slice: changing hessian.* reruns no
+# training.
 rule analyze_hessian:
     input:
         data=rules.prepare_data.output[0],
@@ -23,8 +25,9 @@ rule analyze_hessian:
     params:
         spec=config_slice("analyze_hessian"),
         version=STAGES["analyze_hessian"].version,
+        reuse=HESSIAN_REUSE,
     shell:
-        "python -m batchscope hessian --spec {params.spec:q} --data {input.data}"
+        "python -m batchscope hessian --spec {params.spec:q} --data {input.data} --reuse {params.reuse}"
         " --checkpoints {input.checkpoints} --out {output} > {log} 2>&1"
 
 

@@ -7,6 +7,7 @@ and to the generalization gap (Spearman's rho), the comparison of Keskar et al. 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -149,12 +150,25 @@ def run(args: argparse.Namespace) -> None:
     checkpoints = [p for d in map(Path, args.checkpoints) for p in (sorted(d.glob("*.pt")) if d.is_dir() else [d])]
     if not checkpoints:
         raise SystemExit(f"no checkpoints (.pt) in {' '.join(args.checkpoints)}")
+    reused = 0
     for path in progress(checkpoints, desc="checkpoints"):
         checkpoint = torch.load(path, map_location=device)
+        out = out_dir / f"B{checkpoint['batch_size']}_{path.stem}.nc"
+        kept = _reuse_file(args.reuse, path, spec)
+        if kept is not None and kept.is_file():
+            try:  # the same checkpoint's bytes, analysed with the same settings and algorithm version
+                store.write_netcdf(store.read_netcdf(kept, "analyze_hessian", RULES["analyze_hessian"].variables,
+                                                     cfg.config_hash(spec)), out)  # fmt: skip
+                reused += 1
+                continue
+            except store.CacheError:
+                pass  # damaged or foreign: analysed again below, and replaced
         workload = _common.workload(checkpoint["workload"], device, args.data, workloads)
         ds = analyze(checkpoint, workload, spec, device)
         ds.attrs.update(store.provenance("analyze_hessian", spec, device=str(device)))
-        store.write_netcdf(ds, out_dir / f"B{checkpoint['batch_size']}_{path.stem}.nc")
+        store.write_netcdf(ds, out)
+        if kept is not None:
+            store.write_netcdf(ds, kept)
         log.info(
             "%s: lambda_max=%.4g trace=%.4g+-%.2g, %d HVPs, %.2f s%s", path, float(ds["lambda_max"]),
             float(ds["trace"]), float(ds["trace_se"]),
@@ -162,6 +176,19 @@ def run(args: argparse.Namespace) -> None:
             float(np.nansum([ds["time_top"], ds["time_trace"], ds["time_slq"]])),
             f" (skipped: {ds.attrs['skipped']})" if ds.attrs["skipped"] else "",
         )  # fmt: skip
+    log.info("%d of %d checkpoints analysed before with these settings: reused", reused, len(checkpoints))
+
+
+def _reuse_file(directory: str | None, checkpoint: Path, spec: dict) -> Path | None:
+    """Where a checkpoint's analysis is kept for reuse, named by what decides it: the checkpoint's bytes, the
+    stage's config slice and its algorithm version. The job analyses a (workload, seed)'s checkpoints at every
+    batch size (job starts cost more than a checkpoint's analysis), so adding a batch size reruns it; the
+    checkpoints it analysed before are then read back, not analysed again (on a GPU study, hours)."""
+    if directory is None:
+        return None
+    digest = hashlib.sha256(checkpoint.read_bytes())
+    digest.update(f"{cfg.config_hash(spec)}:{RULES['analyze_hessian'].version}".encode())
+    return Path(directory) / f"{digest.hexdigest()[:24]}.nc"
 
 
 def run_aggregate(args: argparse.Namespace) -> None:
@@ -176,6 +203,7 @@ def run_aggregate(args: argparse.Namespace) -> None:
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--checkpoints", nargs="+", required=True, help="train_model directories or .pt files")
+    parser.add_argument("--reuse", help="a directory where each checkpoint's analysis is kept, by content, for reuse")
 
 
 def _aggregate_arguments(parser: argparse.ArgumentParser) -> None:
