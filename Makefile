@@ -74,6 +74,7 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/hessian.py
 	python benchmarks/ghostbn.py
 	python benchmarks/noise.py
+	python benchmarks/memory.py
 
 clean:
 	rm -rf results logs .snakemake

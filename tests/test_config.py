@@ -120,6 +120,16 @@ MALFORMED = [
     ("workloads.w.eval_interval", 500, "workloads.w.eval_interval: 500 exceeds max_steps 100"),
     ("workloads.w.momentum", 0.9, "workloads.w.momentum: unknown key 'momentum'"),
     ("grid.batch_sizes", [8, 4096], "grid.batch_sizes: 4096 exceeds the 1437 training examples"),
+    ("noise", {"eval_size": 5000}, "noise.eval_size: 5000 exceeds the 1437 training examples of workload 'w'"),
+    ("noise", {"eval_size": 32}, "noise.b_big: 64 exceeds noise.eval_size 32"),
+    (
+        "noise",
+        {"eval_size": 100, "jensen": {"subspace_sizes": [32, 256]}},
+        "noise.jensen.subspace_sizes: 256 exceeds noise.eval_size 100",
+    ),
+    ("noise", {"eval_size": 1}, "noise.eval_size: 1"),
+    ("noise", {"chunk_size": 0}, "noise.chunk_size: 0"),
+    ("hessian", {"cache_mb": -1}, "hessian.cache_mb: -1"),
     ("workloads", {}, "workloads: {} is invalid"),
     ("workloads", {"1bad": base()["workloads"]["w"]}, "invalid name '1bad'"),
 ]

@@ -223,3 +223,54 @@ def test_a_second_start_finds_the_eigenvalue_the_first_krylov_space_missed():
     assert merged.n_matvec == missed.n_matvec + other.n_matvec
     agreed = hessian.merge_starts([other, other], 5, 1e-8)
     assert agreed.converged
+
+
+def test_kept_linearisations_are_bounded_by_cache_mb_not_by_the_number_of_chunks():
+    """The operator keeps the linearisations of the first chunks within cache_mb and rebuilds the others in each
+    product: with room for 2 chunks it keeps 2 whether there are 10 or 20 chunks, and its products equal the dense
+    Hessian's as before, bit for bit the same as with every chunk kept or none."""
+    model, x, y = tiny_problem(torch.float64, n=120)
+    everything = hessian.HessianOperator(model, nn.functional.cross_entropy, x, y, chunk_size=6, cache_mb=1e6)
+    everything.gradient()
+    assert everything.cached_chunks == 20
+    one_chunk = everything.cached_bytes / 20  # the chunks are alike: each saved the same tensors
+    assert one_chunk == hessian.linearisation_bytes(everything._linearised[0], [everything.point, x, y]) > 0
+    room_for_two = 2.5 * one_chunk / 2**20
+    v = torch.randn(everything.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for n in (60, 120):
+        op = hessian.HessianOperator(model, nn.functional.cross_entropy, x[:n], y[:n], chunk_size=6,
+                                     cache_mb=room_for_two)  # fmt: skip
+        assert len(op.chunks) == n // 6
+        dense = torch.func.hessian(full_loss(op))(op.point)
+        product = op.matvec(v)
+        assert op.cached_chunks == len(op._linearised) == 2 and op.cached_bytes == 2 * one_chunk
+        exact = dense @ v
+        assert torch.linalg.vector_norm(product - exact) / torch.linalg.vector_norm(exact) < 1e-10
+        for cache_mb in (0, 1e6):
+            other = hessian.HessianOperator(model, nn.functional.cross_entropy, x[:n], y[:n], chunk_size=6,
+                                            cache_mb=cache_mb)  # fmt: skip
+            assert torch.equal(other.matvec(v), product) and torch.equal(other.gradient(), op.gradient())
+        assert other.cached_chunks == n // 6
+    nothing = hessian.HessianOperator(model, nn.functional.cross_entropy, x, y, chunk_size=6, cache_mb=0)
+    assert torch.equal(nothing.matvec(v), everything.matvec(v)) and nothing.cached_chunks == 0
+
+
+def test_a_single_chunk_is_kept_whatever_the_budget():
+    """One chunk: a product needs its linearisation alive anyway, so keeping it costs no peak memory."""
+    model, x, y = tiny_problem(torch.float64)
+    op = hessian.HessianOperator(model, nn.functional.cross_entropy, x, y, cache_mb=0)
+    op.matvec(torch.ones(op.dim, dtype=torch.float64))
+    assert op.cached_chunks == 1
+
+
+def test_linearisation_bytes_grow_with_the_chunk():
+    """The count of saved tensors is of the chunk's activations: twice the examples, about twice the bytes (less
+    the weights' share, which does not grow); the data and weights given as held are left out."""
+    model, x, y = tiny_problem(torch.float32, n=400, widths=(64, 64))
+    sizes = {}
+    for chunk in (100, 200):
+        op = hessian.HessianOperator(model, nn.functional.cross_entropy, x[:chunk], y[:chunk], cache_mb=0)
+        _, product = op._linearise(x[:chunk], y[:chunk])
+        sizes[chunk] = hessian.linearisation_bytes(product, [op.point, x, y])
+        assert sizes[chunk] >= chunk * (64 + 64) * 4  # at least the hidden activations, float32
+    assert 1.6 < sizes[200] / sizes[100] <= 2.0

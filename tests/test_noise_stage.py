@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from batchscope import config as cfg
-from batchscope.measure.noise import measure_snapshot, measure_variance
+from batchscope.core import noise
+from batchscope.measure.noise import measure_jensen_subspace, measure_snapshot, measure_variance
 from batchscope.stages import noise as noise_stage
 from batchscope.workloads.base import build
 
@@ -17,7 +18,7 @@ CPU = torch.device("cpu")
 BATCH_SIZES = [8, 32, 128, 512]
 
 
-def study(norm="none"):
+def study(norm="none", widths=(32,), **noise):
     return cfg.validate(
         {
             "device": "cpu",
@@ -25,22 +26,22 @@ def study(norm="none"):
             "workloads": {
                 "w": {
                     "dataset": {"name": "digits"},
-                    "model": {"name": "mlp", "widths": [32], "norm": norm},
+                    "model": {"name": "mlp", "widths": list(widths), "norm": norm},
                     "target": {"metric": "val_accuracy", "value": 0.9},
                     "max_steps": 10,
                     "eval_interval": 5,
                     "learning_rates": [0.1],
                 }
             },
-            "noise": {"pairs": 100, "variance_draws": 200, "seed": 3},
+            "noise": {"pairs": 100, "variance_draws": 200, "seed": 3, **noise},
         }
     )
 
 
-def workload_and_spec(norm="none"):
-    config = study(norm)
+def workload_and_spec(norm="none", slicer=noise_stage.config_slice, **settings):
+    config = study(norm, **settings)
     workload = build(cfg.workload_slice(config, "w"), CPU, seed=0)
-    return workload, noise_stage.config_slice(config, "w")
+    return workload, slicer(config, "w")
 
 
 def trained_state(workload, steps=30, lr=0.1):
@@ -57,12 +58,13 @@ def trained_state(workload, steps=30, lr=0.1):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def per_example_gradients(workload, state):
-    """(N, P) float64 gradients of each training example's loss: the reference, no batchscope code."""
+def per_example_gradients(workload, state, data=None):
+    """(N, P) float64 gradients of each example's loss (of ``data``, default the training set): the reference, no
+    batchscope code."""
     model = copy.deepcopy(workload.model)
     model.load_state_dict(state)
     model = model.double().train()
-    x, y = workload.train
+    x, y = data or workload.train
     x = x.double()
     params = list(model.parameters())
     rows = []
@@ -193,3 +195,73 @@ def test_snapshot_loss_with_batchnorm_is_the_snapshots_own():
         expected = float(torch.nn.functional.cross_entropy(model.double().eval()(x.double()), y))
     ds = measure_snapshot({"state_dict": state, "step": 30, "fraction": 0.5}, workload, spec, CPU)
     assert float(ds["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def subset(workload, size, seed):
+    """The noise stage's evaluation set, drawn here as the stage documents it: the first ``size`` examples of a
+    permutation seeded by noise.seed (digits has fewer examples than loader.analysis_examples: all are there)."""
+    x, y = workload.train
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:size]
+    return x[order], y[order]
+
+
+def test_noise_eval_size_is_the_population_of_every_measurement():
+    """noise.eval_size = 300 of the 1437 examples, in chunks of 64: |G|^2, tr(Sigma), the loss and the variance
+    law's population are those of exactly that subset (a loop over its examples), not of the training set."""
+    workload, spec = workload_and_spec(eval_size=300, chunk_size=64, b_big=128, variance_batch_sizes=[8, 32, 128])
+    assert spec["eval_size"] == 300 and spec["chunk_size"] == 64
+    state = trained_state(workload)
+    x, y = subset(workload, 300, spec["seed"])
+    grads = per_example_gradients(workload, state, (x, y))
+    g_sq, trace = exact_noise(grads)
+    ds = measure_snapshot({"state_dict": state, "step": 30, "fraction": 0.5}, workload, spec, CPU)
+    assert ds.attrs["eval_size"] == 300
+    assert float(ds["grad_sq_norm"]) == pytest.approx(g_sq, rel=1e-5)
+    assert float(ds["trace_sigma"]) == pytest.approx(trace, rel=1e-5)
+    whole_g_sq, _ = exact_noise(per_example_gradients(workload, state))
+    assert abs(whole_g_sq / g_sq - 1) > 1e-2  # the whole set's would have been told apart
+    model = copy.deepcopy(workload.model)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model.double().eval()(x.double()), y)
+    assert float(ds["loss"]) == pytest.approx(float(loss), rel=1e-5)
+    law = measure_variance(state, workload, spec, CPU)
+    sizes = np.array([8, 32, 128])
+    assert law.attrs["population"] == 300
+    np.testing.assert_allclose(law["predicted"].values, trace * (300 - sizes) / (sizes * 299), rtol=1e-4)
+
+
+def test_jensen_eval_size_is_the_set_of_the_full_hessian_and_the_draws():
+    """The trained-model Jensen experiment on noise.eval_size = 200 examples in chunks of 48: the same result as
+    a reference built here from dense Hessians (torch.func.hessian) of that subset and of minibatches drawn from it
+    with the stage's generator; the bias is invariant to the basis chosen within the top-k eigenspace."""
+    workload, spec = workload_and_spec(widths=(8,), slicer=noise_stage.jensen_slice, eval_size=200, chunk_size=48,
+                                       jensen={"subspace_dim": 2, "subspace_sizes": [32, 64], "subspace_draws": 3},
+                                       variance_batch_sizes=[8, 32, 128], b_big=128)  # fmt: skip
+    settings = {**spec["jensen"], "seed": spec["seed"], "eval_size": spec["eval_size"], "chunk_size": 48}
+    state = trained_state(workload)
+    ds = measure_jensen_subspace(state, workload, settings, CPU)
+    assert ds.attrs["eval_size"] == 200 and ds.attrs["chunk_size"] == 48
+    x, y = subset(workload, 200, spec["seed"])
+    model = copy.deepcopy(workload.model)
+    model.load_state_dict(state)
+    model = model.double().eval()
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def dense(xb, yb):
+        def loss_of(w):
+            parts = torch.split(w, [int(np.prod(shape)) for shape in shapes])
+            params = {n: part.reshape(shape) for n, part, shape in zip(names, parts, shapes, strict=True)}
+            return torch.nn.functional.cross_entropy(torch.func.functional_call(model, params, (xb.double(),)), yb)
+
+        return torch.func.hessian(loss_of)(flat)
+
+    k = settings["subspace_dim"]
+    basis = torch.linalg.eigh(dense(x, y)).eigenvectors[:, -k:]
+    reference = noise.jensen_subspace(lambda xb, yb: basis.T @ dense(xb, yb) @ basis, x, y, settings["subspace_sizes"],
+                                      settings["subspace_draws"], settings["damping"],
+                                      np.random.default_rng(spec["seed"]))  # fmt: skip
+    np.testing.assert_allclose(ds["relative_bias"].values, reference.relative_bias, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(ds["min_eigenvalue"].values, reference.min_eigenvalue, rtol=1e-2, atol=1e-3)

@@ -15,7 +15,7 @@ from batchscope.stages import hessian as hessian_stage
 from batchscope.stages import train as stage_train
 from batchscope.store import write_netcdf
 from batchscope.workloads import data
-from batchscope.workloads.base import build
+from batchscope.workloads.base import build, evaluation_set
 from batchscope.workloads.models import build_model
 
 CPU = torch.device("cpu")
@@ -80,9 +80,24 @@ def test_eval_subset_and_train_mode_are_recorded(digits, checkpoint):
     _, spec = settings(eval_size=500, mode="train", chunk_size=128)
     ds = sharpness.analyze(checkpoint, build(checkpoint["workload"], CPU), spec, CPU)
     assert ds.attrs["eval_size"] == 500 and ds.attrs["mode"] == "train" and ds.attrs["chunk_size"] == 128
-    x, _ = sharpness.evaluation_set(digits.x_train, digits.y_train, spec)
-    x_again, _ = sharpness.evaluation_set(digits.x_train, digits.y_train, spec)
+    size = sharpness.eval_size(spec, len(digits.x_train))
+    x, _ = evaluation_set(digits.x_train, digits.y_train, size, spec["seed"], "hessian.eval_size")
+    x_again, _ = evaluation_set(digits.x_train, digits.y_train, size, spec["seed"], "hessian.eval_size")
     assert len(x) == 500 and torch.equal(x, x_again)  # a fixed subset
+
+
+def test_a_cache_smaller_than_the_chunks_changes_memory_not_results(digits, checkpoint):
+    """hessian.cache_mb reaches the operator: with 0 MB no chunk's linearisation is kept (each product rebuilds
+    them), and every result is the same, bit for bit, as with all 4 chunks kept."""
+    results = {}
+    for cache_mb in (0, 1024):
+        _, spec = settings(eval_size=500, chunk_size=128, cache_mb=cache_mb, hutchinson_probes=4, slq_runs=1)
+        assert spec["cache_mb"] == cache_mb
+        results[cache_mb] = sharpness.analyze(checkpoint, build(checkpoint["workload"], CPU), spec, CPU)
+    assert results[0].attrs["cached_chunks"] == 0 and results[1024].attrs["cached_chunks"] == 4
+    assert results[0].attrs["n_chunks"] == 4
+    for name in ("eigenvalues", "trace", "slq_nodes", "grad_norm", "loss"):
+        np.testing.assert_array_equal(results[0][name].values, results[1024][name].values, err_msg=name)
 
 
 def test_a_diverged_checkpoint_is_recorded_as_skipped(checkpoint):

@@ -258,3 +258,32 @@ def test_out_of_memory_in_the_middle_of_the_rounds_drops_only_that_size(monkeypa
     timed = profile.profile(settings, [64, 1024], CPU)
     assert not bool(timed[1024]["feasible"]) and np.isnan(timed[1024]["t_iter"].values).all()
     assert bool(timed[64]["feasible"]) and np.isfinite(timed[64]["t_iter"].values).all()
+
+
+def test_evaluation_chunks_are_sized_from_the_model_and_do_not_change_the_result():
+    """eval_chunk: the probe's bytes per example (the layers' outputs on the CPU) against the budget, at most
+    EVAL_CHUNK; the mean loss and accuracy over chunks of any size are those of one pass over the split."""
+    from torch import nn
+
+    from batchscope.engine.training import EVAL_CHUNK, Evaluation, activation_bytes, eval_chunk, evaluate
+    from batchscope.workloads.base import Workload, accuracy
+    from batchscope.workloads.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"name": "cnn", "channels": [8, 16], "hidden": 32, "norm": "batch"}, (1, 8, 8), 10)
+    x, y = torch.randn(300, 1, 8, 8), torch.randint(0, 10, (300,))
+    workload = Workload(model=model, train=(x, y), val=(x, y), loss=nn.functional.cross_entropy, metric=accuracy)
+    per_example = activation_bytes(model, x[:1])
+    assert per_example >= (8 * 8 * 8 + 16 * 4 * 4) * 4  # at least the conv outputs, float32
+    assert activation_bytes(model, x[:10]) == 10 * per_example and model.training  # mode restored
+    assert eval_chunk(workload, torch.device("cpu")) == EVAL_CHUNK  # a small model: the cap
+    assert eval_chunk(workload, torch.device("cpu"), budget=37 * per_example) == 37
+    assert eval_chunk(workload, torch.device("cpu"), budget=1) == 1
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    whole = Evaluation(float(nn.functional.cross_entropy(out, y)), float(accuracy(out, y)))
+    model.train()
+    for chunk in (1, 37, 300, EVAL_CHUNK):
+        result = evaluate(workload, "val", torch.device("cpu"), chunk=chunk)
+        assert result.loss == pytest.approx(whole.loss, rel=1e-6) and result.metric == pytest.approx(whole.metric)

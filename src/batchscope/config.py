@@ -232,6 +232,8 @@ def check_sizes(config: dict[str, Any], n_train: dict[str, int]) -> None:
         if config["hessian"]["enabled"] and config["hessian"]["eval_size"] is not None:
             analysed.append(("hessian.eval_size", config["hessian"]["eval_size"]))
         if noise["enabled"]:
+            if noise["eval_size"] is not None:
+                analysed.append(("noise.eval_size", noise["eval_size"]))
             analysed += [("noise.b_big", noise["b_big"])]
             analysed += [("noise.variance_batch_sizes", b) for b in noise["variance_batch_sizes"]]
             analysed += [("noise.jensen.subspace_sizes", b) for b in noise["jensen"]["subspace_sizes"]]
@@ -302,6 +304,14 @@ def _check_noise(config: dict[str, Any]) -> None:
     if settings["b_small"] >= settings["b_big"]:
         raise ConfigError(f"noise.b_small: {settings['b_small']} is not smaller than noise.b_big {settings['b_big']}")
     jensen = settings["jensen"]
+    population = settings["eval_size"]  # the sizes drawn from it against the data: check_sizes
+    if population is not None:
+        drawn = [("noise.b_big", settings["b_big"])]
+        drawn += [("noise.variance_batch_sizes", b) for b in sorted(settings["variance_batch_sizes"])]
+        drawn += [("noise.jensen.subspace_sizes", m) for m in sorted(jensen["subspace_sizes"])]
+        for key, value in drawn:
+            if value > population:
+                raise ConfigError(f"{key}: {value} exceeds noise.eval_size {population}, the examples it is drawn from")
     small = [m for m in jensen["sizes"] if m <= jensen["dim"] + 1]
     if small:
         raise ConfigError(f"noise.jensen.sizes: {small[0]} is not above dim + 1 = {jensen['dim'] + 1}")

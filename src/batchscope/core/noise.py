@@ -116,11 +116,13 @@ class NoiseScale:
     b_noise: float = math.nan
 
 
-def noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, method: str = "auto") -> NoiseScale:
-    """|G|^2, tr(Sigma) and B_simple over the whole of (x, y), from per-example squared gradient norms."""
+def noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, method: str = "auto",
+                chunk: int = 4096) -> NoiseScale:  # fmt: skip
+    """|G|^2, tr(Sigma) and B_simple over the whole of (x, y), from per-example squared gradient norms; passes of
+    at most ``chunk`` examples (1024 for the per-example norms)."""
     n = len(x)
-    g = full_gradient(model, loss, x, y)
-    sq, used = _sq_norms(model, loss, x, y, 1024, method)
+    g = full_gradient(model, loss, x, y, chunk)
+    sq, used = _sq_norms(model, loss, x, y, min(chunk, 1024), method)
     g_sq = float(g @ g)
     trace = n / (n - 1) * (float(sq.mean()) - g_sq)  # sum_n |g_n - G|^2 / (N - 1)
     return NoiseScale(g_sq, trace, trace / g_sq if g_sq > 0 else math.inf, f"per-example ({used})")
@@ -186,11 +188,13 @@ def _loglog_slope(batch_sizes: np.ndarray, values: np.ndarray) -> tuple[float, t
 
 
 def variance_law(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, batch_sizes: list[int],
-                 draws: int, rng: np.random.Generator, trace_sigma: float | None = None) -> VarianceLaw:  # fmt: skip
+                 draws: int, rng: np.random.Generator, trace_sigma: float | None = None,
+                 chunk: int = 4096) -> VarianceLaw:  # fmt: skip
     """Unbiasedness and the 1/B law: for each B, ``draws`` minibatches without replacement; the mean of their
-    gradients against G (in standard errors), and E|g_B - G|^2 against B with the finite-population correction."""
+    gradients against G (in standard errors; G in passes of ``chunk`` examples), and E|g_B - G|^2 against B with
+    the finite-population correction."""
     n = len(x)
-    g_full = full_gradient(model, loss, x, y)
+    g_full = full_gradient(model, loss, x, y, chunk)
     mse, z_max, within = [], [], []
     for size in batch_sizes:
         grads = torch.stack([

@@ -16,14 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 import xarray as xr
+from torch import nn
 from torch.utils.data import DataLoader
 
 from batchscope import faults
 from batchscope.engine import runtime
-from batchscope.workloads.base import Workload
+from batchscope.workloads.base import Workload, first_examples
 from batchscope.workloads.base import build as build_workload
 
-EVAL_CHUNK = 4096  # examples per forward pass during evaluation: bounds memory on large validation sets
+EVAL_CHUNK = 4096  # at most this many examples per forward pass during evaluation
+EVAL_MEMORY = 2**30  # bytes of activations one evaluation forward pass may take (eval_chunk)
+EVAL_PROBE = 8  # examples of the probe forward pass that sizes the evaluation chunks
 # A run has diverged when its loss is NaN/inf or exceeds this multiple of the initial validation loss: with
 # ReLUs a too-large step often kills the units and parks the loss at ~1e6 without ever producing a NaN.
 DIVERGENCE_FACTOR = 100.0
@@ -43,19 +46,68 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(workload: Workload, split: str, device: torch.device, loader: dict[str, Any] | None = None) -> Evaluation:
-    """Mean loss and metric over a whole split, in eval mode, in chunks of EVAL_CHUNK examples."""
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes a no-grad forward pass of ``x`` in eval mode takes beyond what was allocated before it: on CUDA the
+    allocator's peak; elsewhere (no allocator statistics) the outputs of every layer (module without children)
+    added up, an upper bound, since a forward pass frees each layer's input once the next layers have used it."""
+    was_training = model.training
+    model.eval()
+    try:
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+            before = torch.cuda.memory_allocated(x.device)
+            torch.cuda.reset_peak_memory_stats(x.device)
+            model(x)
+            return max(torch.cuda.max_memory_allocated(x.device) - before, 0)
+        total = 0
+
+        def count(module, inputs, output):
+            nonlocal total
+            total += sum(t.nbytes for t in (output if isinstance(output, tuple | list) else (output,))
+                         if isinstance(t, torch.Tensor))  # fmt: skip
+
+        leaves = [m for m in model.modules() if next(m.children(), None) is None]
+        handles = [m.register_forward_hook(count) for m in leaves]
+        try:
+            model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return total
+    finally:
+        model.train(was_training)
+
+
+def eval_chunk(workload: Workload, device: torch.device, budget: int = EVAL_MEMORY) -> int:
+    """Examples per evaluation forward pass: the most whose activations stay within ``budget`` bytes, at most
+    EVAL_CHUNK. The bytes per example are the difference between probe passes of 2 x EVAL_PROBE and EVAL_PROBE
+    validation examples, per example, so what a pass allocates whatever its size (a cuDNN workspace) does not
+    count as activations. The evaluation's result does not depend on the chunk (a mean over chunks, each weighted
+    by its size, in eval mode), so each model gets its own: 545 examples for a CIFAR ResNet-20 on the CPU, all
+    4096 for the digits MLP."""
+    x, _ = first_examples(workload.val, 2 * EVAL_PROBE, device)
+    whole = activation_bytes(workload.model, x)
+    half = len(x) // 2
+    per_example = (whole - activation_bytes(workload.model, x[:half])) / (len(x) - half) if half else 0
+    if per_example <= 0:  # one example, or a device whose figures do not grow with the examples
+        per_example = whole / len(x)
+    return int(min(EVAL_CHUNK, max(1, budget // max(per_example, 1))))
+
+
+@torch.no_grad()
+def evaluate(workload: Workload, split: str, device: torch.device, loader: dict[str, Any] | None = None,
+             chunk: int = EVAL_CHUNK) -> Evaluation:  # fmt: skip
+    """Mean loss and metric over a whole split, in eval mode, in chunks of ``chunk`` examples (:func:`eval_chunk`
+    sizes them for the model)."""
     data = getattr(workload, split)
     model = workload.model
     was_training = model.training
     model.eval()
     if isinstance(data, tuple):
-        chunks = (
-            (data[0][i : i + EVAL_CHUNK], data[1][i : i + EVAL_CHUNK]) for i in range(0, len(data[0]), EVAL_CHUNK)
-        )
+        chunks = ((data[0][i : i + chunk], data[1][i : i + chunk]) for i in range(0, len(data[0]), chunk))
     else:
         workers = loader["workers"] if loader else 0
-        chunks = ((x.to(device), y.to(device)) for x, y in DataLoader(data, batch_size=EVAL_CHUNK, num_workers=workers))
+        chunks = ((x.to(device), y.to(device)) for x, y in DataLoader(data, batch_size=chunk, num_workers=workers))
     total_loss = total_metric = 0.0
     count = 0
     for x, y in chunks:
@@ -151,7 +203,8 @@ def train(
     diverged = out_of_memory = False
     steady_steps: list[float] = []
     wall_start = time.perf_counter()
-    initial_val_loss = evaluate(workload, "val", device, loader).loss
+    chunk = eval_chunk(workload, device)
+    initial_val_loss = evaluate(workload, "val", device, loader, chunk).loss
     first_step_time = math.nan
     n_params = sum(p.numel() for p in model.parameters())
     snapshots = Snapshots(SNAPSHOT_BUDGET // max(n_params, 1), interval)
@@ -201,7 +254,7 @@ def train(
         bar.update(block)  # outside the clock
         faults.kill_point("train_step")  # tests: a kill in the middle of a run
         keep(steps_done)
-        evaluation = evaluate(workload, "val", device, loader)
+        evaluation = evaluate(workload, "val", device, loader, chunk)
         value = evaluation.loss if metric == "val_loss" else evaluation.metric
         for key, item in zip(
             curve,
@@ -220,8 +273,8 @@ def train(
     wall_time = time.perf_counter() - wall_start
     bar.close()
 
-    final_train = evaluate(workload, "train", device, loader)
-    final_val = evaluate(workload, "val", device, loader)
+    final_train = evaluate(workload, "train", device, loader, chunk)
+    final_val = evaluate(workload, "val", device, loader, chunk)
     # per-step durations on the CPU; block means on CUDA, where the first block (warm-up) is left out
     steady = np.asarray(steady_steps if steady_steps else curve["step_time"][1:] or curve["step_time"])
     scalars = {

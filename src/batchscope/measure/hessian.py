@@ -17,20 +17,13 @@ import xarray as xr
 
 from batchscope.config import AUTO_EVAL_SIZE
 from batchscope.core import hessian
-from batchscope.workloads.base import Workload, analysis_data
+from batchscope.workloads.base import Workload, analysis_data, evaluation_set
 
 
-def evaluation_set(x: torch.Tensor, y: torch.Tensor, spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``eval_size`` training examples of a fixed permutation; when eval_size is null, at most
-    :data:`batchscope.config.AUTO_EVAL_SIZE` of them, so the analysis's cost does not grow with the data set."""
-    n = len(x)
-    size = spec["eval_size"] or min(AUTO_EVAL_SIZE, n)
-    if size > n:
-        raise ValueError(f"hessian.eval_size: {size} exceeds the {n} training examples")
-    if size == n:
-        return x, y
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(spec["seed"]))[:size].to(x.device)
-    return x[order], y[order]
+def eval_size(spec: dict[str, Any], n: int) -> int:
+    """hessian.eval_size, or when it is null at most :data:`batchscope.config.AUTO_EVAL_SIZE` of the ``n``
+    analysis examples, so the analysis's cost does not grow with the data set."""
+    return spec["eval_size"] or min(AUTO_EVAL_SIZE, n)
 
 
 def analyze(checkpoint: dict[str, Any], workload: Workload, spec: dict[str, Any], device: torch.device) -> xr.Dataset:
@@ -41,8 +34,10 @@ def analyze(checkpoint: dict[str, Any], workload: Workload, spec: dict[str, Any]
     """
     model = workload.model
     model.load_state_dict(checkpoint["state_dict"])
-    x, y = evaluation_set(*analysis_data(workload, device), spec)
-    op = hessian.HessianOperator(model, workload.loss, x, y, chunk_size=spec["chunk_size"], mode=spec["mode"])
+    x, y = analysis_data(workload, device)
+    x, y = evaluation_set(x, y, eval_size(spec, len(x)), spec["seed"], "hessian.eval_size")
+    op = hessian.HessianOperator(model, workload.loss, x, y, chunk_size=spec["chunk_size"], mode=spec["mode"],
+                                 cache_mb=spec["cache_mb"])  # fmt: skip
     k, runs, steps, points = spec["top_k"], spec["slq_runs"], spec["slq_steps"], spec["density_points"]
     common = {"seed": spec["seed"], "dtype": op.dtype, "device": device}
     loss_value = op.loss_value() if bool(torch.isfinite(op.point).all()) else math.nan
@@ -115,6 +110,7 @@ def analyze(checkpoint: dict[str, Any], workload: Workload, spec: dict[str, Any]
     ds.attrs.update(
         batch_size=checkpoint["batch_size"], lr=checkpoint["lr"], seed=checkpoint["seed"], mode=spec["mode"],
         eval_size=len(x), chunk_size=spec["chunk_size"] or len(x), hvp_method=op.method, n_params=op.dim,
+        cached_chunks=op.cached_chunks, n_chunks=len(op.chunks),
         dtype=str(op.dtype).removeprefix("torch."), skipped=results["skipped"],
         density_sigma=spec["density_sigma"],
     )  # fmt: skip

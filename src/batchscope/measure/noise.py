@@ -1,9 +1,13 @@
 """The gradient-noise stage: B_simple along the reference run, the variance law, and the Jensen bias.
 
-- :func:`measure_snapshot`: per saved snapshot of the reference run, |G|^2, tr(Sigma) and B_simple over the whole
-  training set, per example (when per-example gradients are defined) and by the two-batch estimator.
+- :func:`measure_snapshot`: per saved snapshot of the reference run, |G|^2, tr(Sigma) and B_simple over the
+  evaluation set (:func:`evaluation_data`), per example (when per-example gradients are defined) and by the
+  two-batch estimator.
 - :func:`measure_variance`: unbiasedness and E|g_B - G|^2 against B at the reference run's final weights.
 - :func:`measure_jensen_linreg` / :func:`measure_jensen_subspace`: E[H_m^-1] against H^-1.
+
+Every pass over the evaluation set goes in chunks of ``chunk_size`` examples, so memory is bounded by the settings
+(chunk_size, b_big, the Jensen minibatch sizes), not by the evaluation set's size (``benchmarks/memory.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import nn
 
 from batchscope.config import AUTO_EVAL_SIZE
 from batchscope.core import hessian, noise
-from batchscope.workloads.base import Workload, analysis_data
+from batchscope.workloads.base import Workload, analysis_data, evaluation_set
 from batchscope.workloads.data import linreg_covariance
 
 
@@ -31,13 +35,27 @@ def _model(workload: Workload, state: dict) -> nn.Module:
     return workload.model.train()
 
 
-def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: torch.device) -> xr.Dataset:
-    """Noise scale at one snapshot of ``workload.model``; ``spec`` is :func:`batchscope.config.noise_slice`."""
-    model = _model(workload, snapshot["state_dict"])
-    loss = workload.loss
+def evaluation_data(workload: Workload, spec: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples the noise and Jensen experiments work on: ``spec["eval_size"]`` of the analysis set (a fixed
+    subset seeded by ``spec["seed"]``, as the Hessian stage's), or all of it when eval_size is null."""
     x, y = analysis_data(workload, device)
-    with torch.no_grad():  # first: the train-mode passes below move BatchNorm's running statistics
-        snapshot_loss = float(loss(model.eval()(x), y))
+    return evaluation_set(x, y, spec["eval_size"], spec["seed"], "noise.eval_size")
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor, chunk: int) -> float:
+    """The mean loss over (x, y) in the model's current mode, one chunk of examples per forward pass."""
+    return float(sum(loss(model(x[i : i + chunk]), y[i : i + chunk]) * (len(x[i : i + chunk]) / len(x))
+                     for i in range(0, len(x), chunk)))  # fmt: skip
+
+
+def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: torch.device) -> xr.Dataset:
+    """Noise scale at one snapshot of ``workload.model``; ``spec`` is :func:`batchscope.stages.noise.config_slice`."""
+    model = _model(workload, snapshot["state_dict"])
+    loss, chunk = workload.loss, spec["chunk_size"]
+    x, y = evaluation_data(workload, spec, device)
+    # first: the train-mode passes below move BatchNorm's running statistics
+    snapshot_loss = mean_loss(model.eval(), loss, x, y, chunk)
     model.train()
     rng = np.random.default_rng(spec["seed"])
     # H of the loss the gradients descend (BatchNorm in train mode: each chunk by its own statistics), on the
@@ -54,7 +72,7 @@ def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: tor
         method = "two-batch only: per-example gradients are undefined with BatchNorm in train mode"
         values.update(grad_sq_norm=np.nan, trace_sigma=np.nan, b_simple=np.nan)
     else:
-        exact = noise.noise_scale(model, loss, x, y)
+        exact = noise.noise_scale(model, loss, x, y, chunk=chunk)
         method = exact.method
         values.update(grad_sq_norm=exact.grad_sq_norm, trace_sigma=exact.trace_sigma, b_simple=exact.b_simple)
     values["loss"] = snapshot_loss
@@ -63,17 +81,17 @@ def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: tor
         ds[name].attrs.update(units="examples", long_name="tr(Sigma) / |G|^2")
     ds["two_batch_b_noise"].attrs.update(units="examples", long_name="tr(H Sigma) / G^T H G")
     ds.attrs.update(step=int(snapshot["step"]), fraction=float(snapshot["fraction"]), method=method,
-                    b_small=spec["b_small"], b_big=spec["b_big"], pairs=spec["pairs"])  # fmt: skip
+                    b_small=spec["b_small"], b_big=spec["b_big"], pairs=spec["pairs"], eval_size=len(x))  # fmt: skip
     return ds
 
 
 def measure_variance(state: dict, workload: Workload, spec: dict, device: torch.device) -> xr.Dataset:
     model = _model(workload, state)
-    loss = workload.loss
-    x, y = analysis_data(workload, device)
-    trace = np.nan if has_batchnorm(model) else noise.noise_scale(model, loss, x, y).trace_sigma
+    loss, chunk = workload.loss, spec["chunk_size"]
+    x, y = evaluation_data(workload, spec, device)
+    trace = np.nan if has_batchnorm(model) else noise.noise_scale(model, loss, x, y, chunk=chunk).trace_sigma
     law = noise.variance_law(model, loss, x, y, spec["variance_batch_sizes"], spec["variance_draws"],
-                             np.random.default_rng(spec["seed"]), trace_sigma=trace)  # fmt: skip
+                             np.random.default_rng(spec["seed"]), trace_sigma=trace, chunk=chunk)  # fmt: skip
     ds = xr.Dataset(
         {
             "mean_sq_error": ("batch_size", law.mean_sq_error, {"long_name": "E|g_B - G|^2 over the draws"}),
@@ -113,12 +131,14 @@ def measure_jensen_linreg(spec: dict[str, Any]) -> xr.Dataset:
 
 
 def measure_jensen_subspace(state: dict, workload: Workload, spec: dict, device) -> xr.Dataset:
-    """The trained model: the Hessian restricted to its top-k eigenvectors (Lanczos on the full training set)."""
+    """The trained model: the Hessian restricted to its top-k eigenvectors (Lanczos on the evaluation set,
+    :func:`evaluation_data`). ``spec``: the noise.jensen settings with ``seed``, ``eval_size`` and ``chunk_size``."""
     model = workload.model
     model.load_state_dict(state)
     loss = workload.loss
-    x, y = analysis_data(workload, device)
-    full = hessian.HessianOperator(model, loss, x, y)
+    x, y = evaluation_data(workload, spec, device)
+    # chunked: its memory is chunk_size's and the operator's cache bound, whatever the evaluation set's size
+    full = hessian.HessianOperator(model, loss, x, y, chunk_size=spec["chunk_size"])
     k = spec["subspace_dim"]
     from scipy.sparse.linalg import eigsh
 
@@ -128,12 +148,15 @@ def measure_jensen_subspace(state: dict, workload: Workload, spec: dict, device)
     basis = torch.as_tensor(vectors, dtype=full.dtype, device=full.device)
 
     def restricted(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        op = hessian.HessianOperator(model, loss, xb, yb)
+        # the whole evaluation set's is the operator above (its kept linearisations reused); a minibatch is one
+        # chunk (at most the largest of subspace_sizes examples)
+        op = full if xb is x else hessian.HessianOperator(model, loss, xb, yb)
         return basis.T @ torch.stack([op.matvec(basis[:, j]) for j in range(k)], dim=1)
 
     result = noise.jensen_subspace(restricted, x, y, spec["subspace_sizes"], spec["subspace_draws"],
                                    spec["damping"], np.random.default_rng(spec["seed"]))  # fmt: skip
     ds = _jensen_dataset(result)
-    ds.attrs.update(subspace="top Hessian eigenvectors (Lanczos, full training set)", subspace_dim=k,
-                    damping=spec["damping"], draws=spec["subspace_draws"], batchnorm_mode="eval")  # fmt: skip
+    ds.attrs.update(subspace="top Hessian eigenvectors (Lanczos, the evaluation set)", subspace_dim=k,
+                    damping=spec["damping"], draws=spec["subspace_draws"], batchnorm_mode="eval",
+                    eval_size=len(x), chunk_size=spec["chunk_size"])  # fmt: skip
     return ds

@@ -22,8 +22,10 @@ def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
 
 
 def jensen_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    """The trained-model Jensen experiment: its settings only (the variance-law grid does not concern it)."""
-    return {"jensen": config["noise"]["jensen"], "seed": config["noise"]["seed"], **cfg.execution(config)}
+    """The trained-model Jensen experiment: its settings and the evaluation set's (the variance-law grid does not
+    concern it)."""
+    shared = {key: config["noise"][key] for key in ("seed", "eval_size", "chunk_size")}
+    return {"jensen": config["noise"]["jensen"], **shared, **cfg.execution(config)}
 
 
 def jensen_linreg_slice(config: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +77,7 @@ def run_jensen(args: argparse.Namespace) -> None:
         spec = _common.spec(args, jensen_slice)
         device = _common.runtime(spec)
         checkpoint = torch.load(args.checkpoint, map_location=device)
-        settings = {**spec["jensen"], "seed": spec["seed"]}
+        settings = {**spec["jensen"], **{key: spec[key] for key in ("seed", "eval_size", "chunk_size")}}
         workload = _common.workload(checkpoint["workload"], device, args.data)
         ds = measure_jensen_subspace(checkpoint["state_dict"], workload, settings, device)
         ds.attrs.update(store.provenance("measure_jensen_bias", spec, device=str(device)), experiment="trained model",
@@ -100,8 +102,11 @@ def _jensen_arguments(parser: argparse.ArgumentParser) -> None:
 SNAPSHOT_VARIABLES = ("b_simple", "two_batch_b_simple")
 VARIANCE_VARIABLES = ("mean_sq_error",)
 RULES = {
-    "measure_gradient_noise": Rule(version=3, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
-    "measure_jensen_bias": Rule(version=2, config_slice=jensen_slice, variables=("relative_bias",)),
+    # 4: noise.eval_size and noise.chunk_size (the snapshot's loss in chunks)
+    "measure_gradient_noise": Rule(version=4, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
+    # 3: the full Hessian over noise.eval_size examples in chunks of noise.chunk_size, its kept linearisations
+    # bounded (batchscope.core.hessian.CACHE_MB)
+    "measure_jensen_bias": Rule(version=3, config_slice=jensen_slice, variables=("relative_bias",)),
 }
 COMMANDS = (
     Command(

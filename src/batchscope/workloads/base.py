@@ -210,6 +210,19 @@ def analysis_data(workload: Workload, device: torch.device) -> TensorPair:
     return x[keep], y[keep]
 
 
+def evaluation_set(x: torch.Tensor, y: torch.Tensor, size: int | None, seed: int, key: str) -> TensorPair:
+    """The fixed evaluation set of an analysis: the first ``size`` examples of a permutation of (x, y) seeded by
+    ``seed`` (all of them, in their order, when ``size`` is None or len(x)). ``key`` names the setting in the
+    error when ``size`` exceeds the examples there are (``batchscope.config.check_sizes`` refuses it earlier)."""
+    n = len(x)
+    if size is None or size == n:
+        return x, y
+    if size > n:
+        raise ValueError(f"{key}: {size} exceeds the {n} training examples")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].to(x.device)
+    return x[order], y[order]
+
+
 def check(workload: Any, path: str, device: torch.device) -> Workload:
     """Refuse a factory's return value that batchscope cannot use, before any training or timing."""
     if not isinstance(workload, Workload):
