@@ -12,13 +12,14 @@ import xarray as xr
 import yaml
 
 from batchscope import config as cfg
-from batchscope.stages import quick
+from batchscope.stages import quick, rule
 from batchscope.stages import recommend as rec
 from batchscope.store import write_netcdf
 from tests.test_fit import profile_dataset
 
 TAU_F, TAU_D = 2e-3, 1e-5  # tau_f / tau_d = 200 examples
 GRID = [16, 64, 256]
+NOISE_VERSION = str(rule("measure_gradient_noise").version)
 B_NOISE = {0: 3.0, 10: 20.0, 20: 50.0, 30: 80.0, 40: 125.0}  # step -> B_noise along the run, growing
 
 
@@ -34,7 +35,7 @@ def write_caches(tmp_path, out_of_memory_from=None, extra=(1024,)):
     for i, (step, b_noise) in enumerate(B_NOISE.items()):
         ds = xr.Dataset({"two_batch_b_noise": ((), b_noise), "two_batch_b_simple": ((), b_noise / 2),
                          "b_simple": ((), b_noise / 2)},
-                        attrs={"stage": "measure_gradient_noise", "algorithm_version": "3", "step": step,
+                        attrs={"stage": "measure_gradient_noise", "algorithm_version": NOISE_VERSION, "step": step,
                                "fraction": step / 40})  # fmt: skip
         write_netcdf(ds, noise_dir / f"snapshot{i}.nc")
     write_netcdf(xr.Dataset({"mean_sq_error": ("batch_size", [1.0])}), noise_dir / "variance.nc")
@@ -73,11 +74,11 @@ def test_b_opt_never_exceeds_the_largest_feasible_batch_size(tmp_path):
 def test_the_cost_comes_from_the_benchmark_files(tmp_path):
     profiles, noise_dir = write_caches(tmp_path)
     files = {}
-    for rule, seconds in (("profile_hardware", 12.5), ("train_reference", 5.0), ("measure_gradient_noise", 7.5)):
-        path = tmp_path / "bench" / f"{rule}.tsv"
+    for job, seconds in (("profile_hardware", 12.5), ("train_reference", 5.0), ("measure_gradient_noise", 7.5)):
+        path = tmp_path / "bench" / f"{job}.tsv"
         path.parent.mkdir(exist_ok=True)
         path.write_text(f"s\th:m:s\tmax_rss\n{seconds}\t0:00:{int(seconds):02d}\t100.0\n")
-        files[rule] = [str(path)]
+        files[job] = [str(path)]
     files["prepare_data"] = [str(tmp_path / "bench" / "absent.tsv")]  # run with --touch: unknown
     ds = quick.add_cost(quick.estimate(SPEC, profiles, noise_dir), files)
     assert math.isnan(float(ds["total_cost_s"]))  # one job's time unknown: the total is unknown, not low

@@ -203,14 +203,19 @@ def test_profile_interleaves_batch_sizes_so_drift_falls_on_all(monkeypatch):
     assert switches >= 8
 
 
-@pytest.mark.parametrize("n", range(2, 10))
+@pytest.mark.parametrize("n", range(3, 10))
 def test_thinning_snapshots_keeps_the_initial_and_the_newest_state(n):
-    from batchscope.engine.training import thin
+    """n states into room for n - 1: one thinning doubles the stride; the first and the newest stay, and every
+    other kept state lies on the doubled stride (tests/test_snapshots.py follows many thinnings)."""
+    from batchscope.engine.training import Snapshots
 
-    kept = [(10 * i, f"state {i}") for i in range(n)]
-    thin(kept)
+    snapshots = Snapshots(n - 1, 10)
+    for i in range(n):
+        snapshots.add(10 * i, f"state {i}")
+    kept = snapshots.kept
     assert kept[0] == (0, "state 0") and kept[-1] == (10 * (n - 1), f"state {n - 1}")
-    assert len(kept) == (n + 1) // 2 + (n % 2 == 0)  # every other one between them
+    assert snapshots.thinnings == 1 and snapshots.stride == 20
+    assert all(step % 20 == 0 for step, _ in kept[:-1]) and len(kept) == (n - 1) // 2 + 1 + (n - 1) % 2
     assert [step for step, _ in kept] == sorted({step for step, _ in kept})
 
 
