@@ -44,9 +44,10 @@ def _deterministic(path: Path) -> dict:
 
 def compare_results(reference: Path, other: Path, workload_fits: list[str]) -> int:
     """Every deterministic variable of every cache under ``reference``/results equals ``other``'s, every
-    checkpoint's weights too; returns the number of NetCDF files compared. Fits, ghost summaries and the report
-    depend on timings throughout and are compared through their timing-free part (K(B), best lr) only."""
-    skip = ("results/fit/", "results/benchmarks/", "results/report/", "results/ghost/")
+    checkpoint's weights too; returns the number of NetCDF files compared. Fits, ghost summaries, quick estimates
+    and the report depend on timings throughout and are compared through their timing-free part (K(B), best lr;
+    the noise scales) only."""
+    skip = ("results/fit/", "results/benchmarks/", "results/report/", "results/ghost/", "results/quick/")
     files = [p for p in sorted((reference / "results").rglob("*.nc")) if not any(s in str(p) for s in skip)]
     for path in files:
         name_in_run = path.relative_to(reference)
@@ -62,6 +63,10 @@ def compare_results(reference: Path, other: Path, workload_fits: list[str]) -> i
         for name in ("k", "best_lr"):
             a, b = (read_netcdf(d / f"results/fit/{workload}.nc")[name].values for d in (reference, other))
             np.testing.assert_array_equal(a, b, err_msg=f"fit {workload}: {name}")
+    for path in sorted((reference / "results/quick").glob("*.nc")):
+        for name in ("b_noise", "b_simple_two_batch", "b_crit_band"):
+            a, b = (read_netcdf(d / path.relative_to(reference))[name].values for d in (reference, other))
+            np.testing.assert_allclose(b, a, rtol=1e-6, equal_nan=True, err_msg=f"{path.name}: {name}")
     for path in sorted((reference / "results").rglob("*.pt")):
         mine = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         theirs = torch.load(other / path.relative_to(reference), map_location="cpu", weights_only=False)["state_dict"]
