@@ -143,8 +143,10 @@ def test_the_first_seeds_job_prunes_and_a_later_seed_trains_the_survivors(tmp_pa
 
 
 def test_the_fit_reads_the_adaptive_studys_irregular_runs(tmp_path):
-    """Batch sizes 64 to 256 of a grid of 8 to 512 trained; at each, the first seed tried two learning rates (the
-    worse pruned) and three later seeds trained the survivor only: cells of 1 and 4 seeds."""
+    """Batch sizes 64 to 256 of a grid of 8 to 512 trained; at each, the first seed tried three learning rates (one
+    pruned, one slower than the survivor) and three later seeds trained the survivor only: cells of 1 and 4 seeds.
+    The slower one's single run beats the survivor's median over seeds (the survivor's first seed was its luckiest)
+    but K(B) is taken from the learning rates trained at every seed."""
     import xarray as xr
 
     n_iter, c_var, tau_f, tau_d = 40.0, 2400.0, 2.5e-4, 1.1e-6
@@ -155,9 +157,13 @@ def test_the_fit_reads_the_adaptive_studys_irregular_runs(tmp_path):
         times = (tau_f + tau_d * b) * (1 + 0.01 * rng.standard_normal((3, 3)))
         profiles.append(write_netcdf(profile_dataset(b, times, grid), tmp_path / "profile" / f"B{b}.nc"))
     for b in trained:
-        steps = [float(np.round((n_iter + c_var / b) * (1 + 0.03 * rng.standard_normal()))) for _ in range(4)]
+        steps = [float(np.round((n_iter + c_var / b) * f)) for f in (0.9, 1.0, 1.05, 1.1)]
         expected_k[b] = float(np.median(steps))
-        points = [(0.1, seed, s, False) for seed, s in enumerate(steps)] + [(0.03, 0, NAN, True)]
+        slower = float(np.round((n_iter + c_var / b) * 0.95))  # between the survivor's seed 0 and its median
+        points = [(0.1, seed, s, False) for seed, s in enumerate(steps)] + [
+            (0.03, 0, NAN, True),
+            (0.05, 0, slower, False),
+        ]
         for lr, seed, s, pruned in points:
             run = xr.Dataset({"steps_to_target": ((), s), "time_to_target": ((), s * (tau_f + tau_d * b)),
                               "val_metric": ("step", [0.5, 0.9]), "pruned": ((), pruned)}, coords={"step": [10, 20]},
@@ -170,10 +176,15 @@ def test_the_fit_reads_the_adaptive_studys_irregular_runs(tmp_path):
     assert ds["batch_size"].values.tolist() == trained  # sizes not trained are not in the fit's grid
     assert ds["profile_batch_size"].values.tolist() == grid  # the profile timed them all
     assert ds["k"].values.tolist() == [expected_k[b] for b in trained] and (ds["best_lr"].values == 0.1).all()
-    assert ds.sizes["run"] == 3 * 5 and int(ds["pruned"].values.sum()) == 3
+    assert ds.sizes["run"] == 3 * 6 and int(ds["pruned"].values.sum()) == 3
+    assert ds["run_at_best_lr"].values.sum() == 3 * 4  # the survivor's runs
     assert np.isfinite(ds["boot_b_opt"].values).all()  # the bootstrap resamples the irregular cells one by one
     assert ds.attrs["study"] == "adaptive" and json.loads(ds.attrs["grid_batch_sizes"]) == grid
     assert float(ds["b_opt"]) == pytest.approx(math.sqrt(c_var * tau_f / (n_iter * tau_d)), rel=0.15)
+    # the full grid's rule (every cell's median, one seed or four) would have taken the slower lr's single run
+    table = fit.halving_survivors(fit.pd.DataFrame({"batch_size": [64] * 3, "lr": [0.1, 0.1, 0.05], "seed": [0, 1, 0],
+                                                    "steps_to_target": [10.0, 30.0, 15.0]}))  # fmt: skip
+    assert table["lr"].tolist() == [0.1, 0.1]
 
 
 def test_an_edge_of_the_trained_bracket_is_not_called_the_grids_edge():

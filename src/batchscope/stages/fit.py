@@ -114,6 +114,8 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
         {k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")}
         | {"steps_to_target": runs["steps_to_target"].values}
     )
+    if spec.get("study") == "adaptive":
+        table = halving_survivors(table)
     k_table = scaling.steps_per_batch_size(table)
     grid_b = k_table.index.values.astype(int)
     missing = sorted(set(grid_b) - set(profiles["profile_batch_size"].values.tolist()))
@@ -273,6 +275,15 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     )
     merged.attrs["diagnostics"] = json.dumps(diagnose(merged))
     return merged
+
+
+def halving_survivors(table: pd.DataFrame) -> pd.DataFrame:
+    """The adaptive study's runs that K(B) is taken from: at each batch size, the learning rates trained at every
+    seed (successive halving's last round). The others ran at the first seed only; their one run against the
+    survivors' median over seeds would favour them by the luck of a single seed. Where every learning rate has
+    the same seeds (none was halved away) nothing is dropped."""
+    seeds = table.groupby(["batch_size", "lr"])["seed"].transform("nunique")
+    return table[seeds == seeds.groupby(table["batch_size"]).transform("max")]
 
 
 def _fit_saturating(b: np.ndarray, t: np.ndarray) -> scaling.SaturatingFit | None:
