@@ -271,6 +271,22 @@ def branch_files(wildcards):
     return expand(rules.branch_checkpoint.output[0], workload=WORKLOADS, index=snapshots)
 
 
+def quick_benchmarks(wildcards):
+    """{rule: benchmark files} of the jobs a workload's quick estimate needed: its cost."""
+    w = wildcards.workload
+    return {
+        "prepare_data": [rules.prepare_data.benchmark.format(workload=w)],
+        "profile_hardware": [rules.profile_hardware.benchmark.format(workload=w)],
+        "train_reference": [rules.train_reference.benchmark.format(workload=w)],
+        "measure_gradient_noise": [rules.measure_gradient_noise.benchmark.format(workload=w)],
+    }
+
+
+def quick_estimates(wildcards):
+    """The report's quick estimates: one per workload (the profile, one reference run, its gradient noise)."""
+    return expand(rules.quick_estimate.output[0], workload=WORKLOADS)
+
+
 def job_benchmarks(wildcards):
     """{rule: benchmark files} of every job the report summarises: the report states each stage's share of the
     study's compute from Snakemake's own benchmark files (declared here, so none of another study is read)."""

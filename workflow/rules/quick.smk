@@ -1,22 +1,6 @@
 # The quick estimate: b_opt from the profile and the reference run's gradient noise (B_noise), with what it cost.
 # `snakemake quick` runs only what it needs: prepare_data, profile_hardware, train_reference and
 # measure_gradient_noise per workload.
-def quick_benchmarks(wildcards):
-    """{rule: benchmark files} of the jobs a workload's quick estimate needed: its cost."""
-    w = wildcards.workload
-    return {
-        "prepare_data": [rules.prepare_data.benchmark.format(workload=w)],
-        "profile_hardware": [rules.profile_hardware.benchmark.format(workload=w)],
-        "train_reference": [rules.train_reference.benchmark.format(workload=w)],
-        "measure_gradient_noise": [rules.measure_gradient_noise.benchmark.format(workload=w)],
-    }
-
-
-def quick_estimates(wildcards):
-    """The report's quick estimates: one per workload (the profile, one reference run, its gradient noise)."""
-    return expand(rules.quick_estimate.output[0], workload=WORKLOADS)
-
-
 rule quick_estimate:
     input:
         profiles=profile_files,
