@@ -23,6 +23,7 @@ include: "workflow/rules/hessian.smk"
 include: "workflow/rules/ghost.smk"
 include: "workflow/rules/noise.smk"
 include: "workflow/rules/quick.smk"
+include: "workflow/rules/adaptive.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -31,6 +31,7 @@ def test_gpu_config_is_valid_with_a_local_cifar(repo, cifar_dir):
     config = gpu_config(repo, cifar_dir)
     assert config["device"] == "cuda" and config["workloads"]["cifar_resnet20"]["model"]["name"] == "resnet"
     assert max(cfg.profile_batch_sizes(config)) == 32768  # profiled up to the memory limit
+    assert config["study"] == "adaptive"  # a real workload: the grid trained around the quick b_opt only
 
 
 @pytest.mark.parametrize(("blocks", "parameters"), [(1, 78042), (3, 272474)])

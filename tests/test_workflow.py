@@ -313,3 +313,82 @@ def test_a_workload_named_like_an_experiment_has_its_own_files(repo, venv_env, t
     workdir.mkdir()
     jobs = scheduled(snakemake(repo, workdir, "-n", env=venv_env, configfile=path))
     assert ("measure_jensen_bias", "workload=linreg") in jobs and ("measure_jensen_linreg", "") in jobs
+
+
+# ------------------------------------------------------------------------------------------ the adaptive study
+ADAPTIVE = "config/test/adaptive.yaml"
+
+
+@pytest.fixture(scope="module")
+def adaptive_study(repo, venv_env, tmp_path_factory):
+    """A real Snakemake run of config/test/adaptive.yaml (study: adaptive), and what it printed."""
+    workdir = tmp_path_factory.mktemp("adaptive")
+    result = snakemake(repo, workdir, env=venv_env, configfile=repo / ADAPTIVE)
+    return workdir, result
+
+
+def test_the_adaptive_study_trains_only_the_chosen_batch_sizes(adaptive_study, repo):
+    from batchscope.stages import adaptive
+
+    workdir, result = adaptive_study
+    config = cfg.load(repo / ADAPTIVE)
+    grid, seeds = sorted(config["grid"]["batch_sizes"]), sorted(config["grid"]["seeds"])
+    quick = read_netcdf(workdir / "results/quick/tiny_mlp.nc")
+    expected = adaptive.choose(grid, float(quick["b_opt"]), quick["b_opt_band"].values,
+                               int(quick["largest_feasible_batch_size"])).batch_sizes  # fmt: skip
+    chosen = adaptive.read_choice(str(workdir / "results/adaptive/tiny_mlp.nc"))
+    assert chosen == expected and len(chosen) < len(grid)  # seven sizes: a bracket of 3, widened by its band
+    ran = {wildcards for rule, wildcards in scheduled(result) if rule == "train_model"}
+    assert ran == {f"workload=tiny_mlp, batch_size={b}, seed={s}" for b in chosen for s in seeds}
+    assert sorted(int(p.name[1:]) for p in (workdir / "results/train/tiny_mlp").iterdir()) == chosen
+    lrs = config["workloads"]["tiny_mlp"]["learning_rates"]
+    pruned = 0
+    for b in chosen:
+        first = {
+            read_netcdf(p).attrs["lr"]: read_netcdf(p)
+            for p in (workdir / f"results/train/tiny_mlp/B{b}/seed0").glob("*.nc")
+        }
+        assert sorted(first) == sorted(lrs)  # the first seed tries every learning rate
+        steps = {lr: float(ds["steps_to_target"]) for lr, ds in first.items()}
+        for ds in first.values():  # a pruned run stopped at an earlier run's steps to the target, not reached
+            if bool(ds["pruned"]):
+                pruned += 1
+                assert int(ds["steps_done"]) == float(ds["prune_at"]) and float(ds["prune_at"]) in steps.values()
+                assert not bool(ds["reached_target"]) and np.isnan(float(ds["steps_to_target"]))
+        later = [read_netcdf(p).attrs["lr"] for p in (workdir / f"results/train/tiny_mlp/B{b}/seed1").glob("*.nc")]
+        assert sorted(later) == adaptive.survivors(steps)  # the second seed trains the survivors only
+    assert pruned > 0  # lr 0.03 is the slowest at every size (training is bitwise reproducible on the CPU)
+    # the Hessian stage analysed the chosen sizes' checkpoints only
+    analysed = {read_netcdf(p).attrs["batch_size"] for p in (workdir / "results/hessian/tiny_mlp").glob("seed*/*.nc")}
+    assert analysed == set(chosen)
+
+
+def test_the_adaptive_studys_fit_report_and_recommendation(adaptive_study, repo, capsys):
+    import json
+
+    from batchscope import cli
+
+    workdir, _ = adaptive_study
+    fit = read_netcdf(workdir / "results/fit/tiny_mlp.nc")
+    chosen = [int(b) for b in fit["batch_size"].values]
+    assert fit.attrs["study"] == "adaptive" and np.isfinite(fit["k"].values).sum() >= 2
+    # its bill: the quick estimate's jobs and the choice, then the chosen sizes' training
+    jobs = list(fit["job"].values)
+    assert {"train_reference", "measure_gradient_noise", "quick_estimate", "choose_batch_sizes", "train_model"} <= set(
+        jobs
+    )
+    assert np.isfinite(fit["cost_s"].values).all()
+    assert cli.main(["recommend", str(workdir / "results"), "--configfile", str(repo / ADAPTIVE), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["study"] == "adaptive" and row["batch_size"] in chosen and row["trained_batch_sizes"] == chosen
+    assert cli.main(["recommend", str(workdir / "results"), "--configfile", str(repo / ADAPTIVE)]) == 0
+    assert "adaptive study: trained B = " + ", ".join(map(str, chosen)) in capsys.readouterr().out
+    html = (workdir / "results/report/report.html").read_text()
+    assert "adaptive: recommended B" in html and "adaptive: trained B" in html
+    assert f"for tiny_mlp: batch size {row['batch_size']} at learning rate" in html
+
+
+def test_the_adaptive_study_reruns_nothing(adaptive_study, repo, venv_env):
+    workdir, _ = adaptive_study
+    result = snakemake(repo, workdir, "-n", env=venv_env, configfile=repo / ADAPTIVE)
+    assert "Nothing to be done" in result.stdout + result.stderr

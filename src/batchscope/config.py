@@ -295,7 +295,7 @@ def _derive_defaults(config: dict[str, Any]) -> None:
 def _check_noise(config: dict[str, Any]) -> None:
     settings = config["noise"]
     sizes = sorted(config["grid"]["batch_sizes"])
-    if not settings["enabled"]:
+    if not settings["enabled"] and config["study"] != "adaptive":  # the adaptive study reads the quick estimate
         return
     if settings["reference_batch_size"] not in sizes:
         raise ConfigError(f"noise.reference_batch_size: {settings['reference_batch_size']} is not in grid.batch_sizes")

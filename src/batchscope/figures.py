@@ -113,6 +113,8 @@ def run_table(ds: xr.Dataset) -> pd.DataFrame:
         "step_time_median",
     ]
     table = pd.DataFrame({name: ds[name].values for name in names})
+    # the adaptive study's pruned runs (stopped at the best run's steps); a full grid's runs are never pruned
+    table["pruned"] = ds["pruned"].values.astype(bool) if "pruned" in ds else False
     for key in ("batch_size", "lr", "seed"):
         table[key] = ds[f"run_{key}"].values
     return table
@@ -161,14 +163,16 @@ def plot_steps(ds: xr.Dataset) -> plt.Figure:
     # runs without a step count, drawn above the curves, one marker per reason
     failed = runs[~runs["reached_target"].astype(bool)]
     diverged, oom = failed["diverged"].astype(bool), failed["out_of_memory"].astype(bool)
+    pruned = failed["pruned"].astype(bool) & ~diverged & ~oom
     for mask, marker, color, label in (
         (diverged, "x", "red", "diverged (NaN/inf or 100x loss)"),
         (oom, "v", "purple", "out of memory"),
-        (~diverged & ~oom, "o", "0.5", "not reached in max_steps"),
+        (pruned, "s", "0.5", "pruned: stopped at the best run's steps"),
+        (~diverged & ~oom & ~pruned, "o", "0.5", "not reached in max_steps"),
     ):
         if mask.any():
             ax.plot(failed["batch_size"][mask], np.full(int(mask.sum()), cap * 1.3), marker, color=color,
-                    mfc="none" if marker == "o" else color, label=label)  # fmt: skip
+                    mfc="none" if marker in "os" else color, label=label)  # fmt: skip
     b = ds["batch_size"].values
     ax.plot(b, ds["k"].values, "s", color="black", ms=7, mfc="none", label="K(B): best lr, median over seeds")
     grid = np.geomspace(b.min(), b.max(), 200)
@@ -691,16 +695,20 @@ def load_quick(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
 
 
 def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset]) -> pd.DataFrame:
-    """Per workload, the full grid's answer and the quick estimate side by side, each with what it cost."""
+    """Per workload, the study's answer (the full grid's, or the adaptive study's with the sizes it trained) and the
+    quick estimate side by side, each with what it cost."""
     rows = []
     for name in sorted(set(fits) | set(quick)):
         row: dict = {"workload": name}
         if name in fits:
             rec = recommend_row(fits[name])
-            row.update({"grid: recommended B": rec["batch_size"],
-                        "grid: as fast": ", ".join(map(str, rec["indistinguishable"])),
-                        "grid: cost (device-s)": rec["cost_s"],
-                        "grid: cost (training runs)": rec["cost_in_runs"]})  # fmt: skip
+            study = "adaptive" if rec["study"] == "adaptive" else "grid"
+            row.update({f"{study}: recommended B": rec["batch_size"],
+                        f"{study}: as fast": ", ".join(map(str, rec["indistinguishable"]))})  # fmt: skip
+            if study == "adaptive":
+                row["adaptive: trained B"] = ", ".join(map(str, rec["trained_batch_sizes"]))
+            row.update({f"{study}: cost (device-s)": rec["cost_s"],
+                        f"{study}: cost (training runs)": rec["cost_in_runs"]})  # fmt: skip
         if name in quick:
             q = quick[name]
             low, high = q["b_opt_band"].values
@@ -709,7 +717,7 @@ def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset]) -> p
                         "quick: cost (device-s)": float(q["total_cost_s"]),
                         "quick: cost (reference runs)": float(q["cost_in_reference_runs"])})  # fmt: skip
         if name in fits and name in quick:
-            row["quick cost / grid cost"] = row["quick: cost (device-s)"] / row["grid: cost (device-s)"]
+            row[f"quick cost / {study} cost"] = row["quick: cost (device-s)"] / row[f"{study}: cost (device-s)"]
         rows.append(row)
     return pd.DataFrame(rows)
 

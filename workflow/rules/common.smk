@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from batchscope import config as bs_config
 from batchscope import stages as bs_stages
+from batchscope.stages import adaptive as bs_adaptive
 from batchscope.stages import ghost as bs_ghost
 from batchscope.stages import noise as bs_noise
 from batchscope.stages import prepare as bs_study
@@ -42,6 +43,9 @@ WORKLOADS = sorted(config["workloads"])
 BATCH_SIZES = sorted(config["grid"]["batch_sizes"])
 PROFILE_BATCH_SIZES = bs_config.profile_batch_sizes(config)
 SEEDS = sorted(config["grid"]["seeds"])
+# study: adaptive trains the batch sizes the choose_batch_sizes checkpoint picks around the quick b_opt, the first
+# seed's learning rates with a pruning bound, and the later seeds' survivors only (batchscope.stages.adaptive)
+ADAPTIVE = config["study"] == "adaptive"
 PROFILE_FILE = "results/profile/{workload}/B{batch_size}.nc"
 HESSIAN_REUSE = (
     "results/reuse/analyze_hessian"  # each checkpoint's analysis, by content (analyze_hessian reads it back)
@@ -98,8 +102,50 @@ def config_slice(rule_name):
 
 
 def learning_rates(wildcards):
+    """The batch size's learning-rate grid; in the adaptive study in the order it is trained, the likely best first."""
     wl = config["workloads"][wildcards.workload]
-    return " ".join(bs_config.format_lr(lr) for lr in bs_config.learning_rates(wl, int(wildcards.batch_size)))
+    lrs = bs_config.learning_rates(wl, int(wildcards.batch_size))
+    if ADAPTIVE:
+        lrs = bs_adaptive.lr_order(lrs, config["noise"]["reference_lr_index"])
+    return " ".join(bs_config.format_lr(lr) for lr in lrs)
+
+
+def first_seed_dir(wildcards):
+    """Adaptive study, a later seed's training: the first seed's job at the same batch size, whose results decide
+    which learning rates survive (successive halving). Nothing otherwise."""
+    if not ADAPTIVE or int(wildcards.seed) == SEEDS[0]:
+        return []
+    return rules.train_model.output[0].format(
+        workload=wildcards.workload, batch_size=wildcards.batch_size, seed=SEEDS[0]
+    )
+
+
+def adaptive_training(wildcards, input):
+    """The train command's adaptive options: the first seed prunes, a later seed trains the survivors."""
+    if not ADAPTIVE:
+        return ""
+    return f"--survivors-of {input.survivors}" if input.survivors else "--prune"
+
+
+def trained_batch_sizes(workload):
+    """The batch sizes a workload's answer trains: the grid (study: full), or the bracket the choose_batch_sizes
+    checkpoint picked around the quick b_opt (study: adaptive; read from its file once it exists)."""
+    if not ADAPTIVE:
+        return BATCH_SIZES
+    return bs_adaptive.read_choice(checkpoints.choose_batch_sizes.get(workload=workload).output[0])
+
+
+def ghost_base_batch_sizes(workload):
+    """The batch sizes the Ghost BatchNorm summary trains plain BatchNorm at (in the grid, so trained by the full
+    study anyway): its physical and its small batch."""
+    if not GHOST["enabled"] or workload != GHOST["workload"]:
+        return []
+    return sorted({GHOST["small_batch_size"], GHOST["batch_size"]})
+
+
+def analysed_batch_sizes(workload):
+    """The batch sizes whose checkpoints the Hessian stage analyses: the trained ones and the Ghost summary's."""
+    return sorted(set(trained_batch_sizes(workload)) | set(ghost_base_batch_sizes(workload)))
 
 
 def profile_files(wildcards):
@@ -111,7 +157,8 @@ def hessian_dirs(wildcards):
 
 
 def seed_train_dirs(wildcards):
-    return expand(rules.train_model.output[0], workload=wildcards.workload, batch_size=BATCH_SIZES, seed=wildcards.seed)
+    sizes = analysed_batch_sizes(wildcards.workload)
+    return expand(rules.train_model.output[0], workload=wildcards.workload, batch_size=sizes, seed=wildcards.seed)
 
 
 def hessian_aggregates(wildcards):
@@ -197,17 +244,26 @@ def ghost_summaries(wildcards):
 
 
 def train_dirs(wildcards):
-    return expand(rules.train_model.output[0], workload=wildcards.workload, batch_size=BATCH_SIZES, seed=SEEDS)
+    sizes = trained_batch_sizes(wildcards.workload)
+    return expand(rules.train_model.output[0], workload=wildcards.workload, batch_size=sizes, seed=SEEDS)
 
 
 def answer_benchmarks(wildcards):
-    """{rule: benchmark files} of the jobs a workload's full-grid answer needed: its cost, recorded by the fit."""
+    """{rule: benchmark files} of the jobs a workload's answer needed: its cost, recorded by the fit. The adaptive
+    study's answer also needed the quick estimate's jobs and the choice."""
     w = wildcards.workload
-    return {
+    jobs = {
         "prepare_data": [rules.prepare_data.benchmark.format(workload=w)],
         "profile_hardware": [rules.profile_hardware.benchmark.format(workload=w)],
-        "train_model": expand(rules.train_model.benchmark, workload=w, batch_size=BATCH_SIZES, seed=SEEDS),
     }
+    if ADAPTIVE:
+        jobs["train_reference"] = [rules.train_reference.benchmark.format(workload=w)]
+        jobs["measure_gradient_noise"] = [rules.measure_gradient_noise.benchmark.format(workload=w)]
+        jobs["quick_estimate"] = [rules.quick_estimate.benchmark.format(workload=w)]
+        jobs["choose_batch_sizes"] = [rules.choose_batch_sizes.benchmark.format(workload=w)]
+    sizes = trained_batch_sizes(w)
+    jobs["train_model"] = expand(rules.train_model.benchmark, workload=w, batch_size=sizes, seed=SEEDS)
+    return jobs
 
 
 def branch_files(wildcards):
@@ -241,11 +297,19 @@ def job_benchmarks(wildcards):
     jobs = {
         "prepare_data": expand(rules.prepare_data.benchmark, workload=w),
         "profile_hardware": expand(rules.profile_hardware.benchmark, workload=w),
-        "train_model": expand(rules.train_model.benchmark, workload=w, batch_size=BATCH_SIZES, seed=SEEDS),
+        "train_model": [
+            path
+            for name in w
+            for path in expand(
+                rules.train_model.benchmark, workload=name, batch_size=analysed_batch_sizes(name), seed=SEEDS
+            )
+        ],
         "train_reference": expand(rules.train_reference.benchmark, workload=w),
         "quick_estimate": expand(rules.quick_estimate.benchmark, workload=w),
         "fit_scaling": expand(rules.fit_scaling.benchmark, workload=w),
     }
+    if ADAPTIVE:
+        jobs["choose_batch_sizes"] = expand(rules.choose_batch_sizes.benchmark, workload=w)
     if config["hessian"]["enabled"]:
         jobs["analyze_hessian"] = expand(rules.analyze_hessian.benchmark, workload=w, seed=SEEDS)
         jobs["aggregate_hessian"] = expand(rules.aggregate_hessian.benchmark, workload=w)

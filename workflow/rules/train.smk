@@ -1,10 +1,13 @@
 # One job per (workload, batch size, seed) trains that point's learning-rate grid: a digits run takes ~0.2 s
 # while a job's process start costs ~2.5 s. Each (lr, seed) point is still its own NetCDF + checkpoint in the
 # job's directory. Adding a seed or a batch size schedules only new jobs; the lr list is a param, so changing
-# it reruns only that workload's training.
+# it reruns only that workload's training. In the adaptive study (study: adaptive) the first seed's job prunes
+# (each run capped at the best run's steps so far) and a later seed's job reads the first seed's results at the
+# same batch size to train only the surviving learning rates.
 rule train_model:
     input:
         data=rules.prepare_data.output[0],
+        survivors=first_seed_dir,
     output:
         directory("results/train/{workload}/B{batch_size}/seed{seed}"),
     log:
@@ -21,10 +24,11 @@ rule train_model:
     params:
         spec=config_slice("train_model"),
         lrs=learning_rates,
+        adaptive=adaptive_training,
         version=STAGES["train_model"].version,
     shell:
         "python -m batchscope train --spec {params.spec:q} --data {input.data}"
-        " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {wildcards.seed}"
+        " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {wildcards.seed} {params.adaptive}"
         " --out {output} > {log} 2>&1"
 
 

@@ -174,12 +174,18 @@ def train(
     device: torch.device,
     snapshot_fractions: list[float] | None = None,
     data_file: str | None = None,
+    prune_at: int | None = None,
 ) -> tuple[xr.Dataset, dict[str, Any]]:
     """Run one training point. Returns its record (an ``xarray.Dataset``) and a checkpoint dict.
 
     ``spec`` is the training config slice (:func:`batchscope.config.train_slice`); the workload's factory is
     called with torch seeded by ``seed`` (the model's initialisation). A NaN/inf loss ends the run with
     ``diverged`` set; out-of-memory ends it with ``out_of_memory`` set. Neither raises.
+
+    ``prune_at`` (the adaptive study's pruning bound: the steps the best run at this batch size took to the
+    target): a run that has taken that many steps without reaching the target cannot beat it, so it stops there
+    with ``pruned`` set, recorded as not reached. Up to the bound it is the same run (the schedule still spans
+    ``max_steps``), so a run that would reach the target within the bound does.
     """
     wl_spec, loader = spec["workload"], spec["workload"]["loader"]
     workload = build_workload(wl_spec, device, seed=seed, data_file=data_file)
@@ -200,7 +206,7 @@ def train(
     curve: dict[str, list[float]] = {k: [] for k in ("step", "train_loss", "val_loss", "val_metric", "step_time")}
     steps_done = 0
     train_time, time_to_target, steps_to_target = 0.0, math.nan, math.nan
-    diverged = out_of_memory = False
+    diverged = out_of_memory = pruned = False
     steady_steps: list[float] = []
     wall_start = time.perf_counter()
     chunk = eval_chunk(workload, device)
@@ -270,6 +276,9 @@ def train(
             steps_to_target, time_to_target = steps_done, train_time
             if spec["stop_at_target"]:
                 break
+        if prune_at is not None and math.isnan(steps_to_target) and steps_done >= prune_at:
+            pruned = True  # as many steps as the best run took, and not there: it cannot win
+            break
     wall_time = time.perf_counter() - wall_start
     bar.close()
 
@@ -279,7 +288,18 @@ def train(
     steady = np.asarray(steady_steps if steady_steps else curve["step_time"][1:] or curve["step_time"])
     scalars = {
         "steps_to_target": (steps_to_target, "steps", "first evaluated step at which the target was reached"),
-        "reached_target": (not math.isnan(steps_to_target), "", "False: censored at max_steps"),
+        "reached_target": (not math.isnan(steps_to_target), "", "False: censored at max_steps, or pruned"),
+        "pruned": (
+            pruned,
+            "",
+            "stopped at the best run's steps at this batch size without reaching the target "
+            "(the adaptive study's bound): counts as not reached",
+        ),
+        "prune_at": (
+            math.nan if prune_at is None else float(prune_at),
+            "steps",
+            "the pruning bound the run trained under (NaN: none)",
+        ),
         "diverged": (
             diverged,
             "",

@@ -18,7 +18,7 @@ import xarray as xr
 
 from batchscope import config as cfg
 from batchscope.core import scaling
-from batchscope.stages import Command, Rule, _common, profile, train
+from batchscope.stages import Command, Rule, _common, adaptive, profile, train
 from batchscope.store import netcdf_files, read_expected, same_device, same_provenance
 
 log = logging.getLogger("batchscope")
@@ -29,7 +29,7 @@ def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     then names the whole study of its workload, which is how ``recommend`` and the report tell a current fit
     from one of another config."""
     wl = config["workloads"][workload]
-    return {
+    spec = {
         "fit": config["fit"],
         "target": wl["target"],
         "inputs": {
@@ -41,6 +41,11 @@ def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
             "learning_rates": {str(b): cfg.learning_rates(wl, b) for b in sorted(config["grid"]["batch_sizes"])},
         },
     }
+    if config["study"] == "adaptive":  # which sizes were trained, and how, follows from the choice's inputs
+        spec["study"] = "adaptive"
+        spec["inputs"]["choose_batch_sizes"] = cfg.config_hash(adaptive.config_slice(config, workload))
+        spec["inputs"]["reference_lr_index"] = config["noise"]["reference_lr_index"]  # the lr order
+    return spec
 
 
 # --------------------------------------------------------------------------------- reading the caches
@@ -109,6 +114,8 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
         {k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")}
         | {"steps_to_target": runs["steps_to_target"].values}
     )
+    if spec.get("study") == "adaptive":
+        table = halving_survivors(table)
     k_table = scaling.steps_per_batch_size(table)
     grid_b = k_table.index.values.astype(int)
     missing = sorted(set(grid_b) - set(profiles["profile_batch_size"].values.tolist()))
@@ -250,6 +257,9 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     merged = xr.merge([out, profiles, runs], combine_attrs="drop_conflicts")
     merged.attrs.update(
         workload=workload,
+        # the adaptive study trained a bracket of the grid (this file's batch_size) around the quick b_opt
+        study=spec.get("study", "full"),
+        grid_batch_sizes=json.dumps(sorted(spec.get("inputs", {}).get("batch_sizes", grid_b.tolist()))),
         stop_at_target=int(runs.attrs.get("stop_at_target", 0)),
         device_name=profiles.attrs.get("device_name", ""),
         device_type=profiles.attrs.get("device_type", ""),
@@ -265,6 +275,15 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     )
     merged.attrs["diagnostics"] = json.dumps(diagnose(merged))
     return merged
+
+
+def halving_survivors(table: pd.DataFrame) -> pd.DataFrame:
+    """The adaptive study's runs that K(B) is taken from: at each batch size, the learning rates trained at every
+    seed (successive halving's last round). The others ran at the first seed only; their one run against the
+    survivors' median over seeds would favour them by the luck of a single seed. Where every learning rate has
+    the same seeds (none was halved away) nothing is dropped."""
+    seeds = table.groupby(["batch_size", "lr"])["seed"].transform("nunique")
+    return table[seeds == seeds.groupby(table["batch_size"]).transform("max")]
 
 
 def _fit_saturating(b: np.ndarray, t: np.ndarray) -> scaling.SaturatingFit | None:
@@ -312,23 +331,36 @@ def diagnose(ds: xr.Dataset) -> list[str]:
                 f"{'upward' if side == 'largest' else 'downward'}, or K(B) there is overestimated"
             )
     same = set(b[ds["indistinguishable"].values.astype(bool)].tolist())
+    grid = json.loads(ds.attrs.get("grid_batch_sizes", "[]")) or b.tolist()
+    adaptive_study = ds.attrs.get("study") == "adaptive"
+    trained = "the trained sizes" if adaptive_study else "the grid"
+    fastest_only = "the fastest trained size" if adaptive_study else "the grid's fastest"
     for edge, where, direction in ((lowest, "smallest", "downward"), (highest, "largest", "upward")):
         if edge in same and len(b) > 1:
             how = "the fastest" if edge == int(ds["fastest_batch_size"]) else "as fast as the fastest"
-            notes.append(
-                f"the grid's {where} batch size {edge} is {how}: the optimum may lie beyond it; extend "
-                f"grid.batch_sizes {direction}"
-            )
+            beyond = [g for g in grid if (g < edge if direction == "downward" else g > edge)]
+            if adaptive_study and beyond:  # the bracket's edge, not the grid's: the grid has sizes beyond it
+                nearest = max(beyond) if direction == "downward" else min(beyond)
+                notes.append(
+                    f"the adaptive study's {where} trained batch size {edge} is {how}: the optimum may lie beyond "
+                    f"the bracket it trained around the quick b_opt ({', '.join(map(str, b))}); train the grid's "
+                    f"next size {nearest} too, or run study: full"
+                )
+            else:
+                notes.append(
+                    f"the grid's {where} batch size {edge} is {how}: the optimum may lie beyond it; extend "
+                    f"grid.batch_sizes {direction}"
+                )
     b_opt_value = float(ds["b_opt"])
     low, high = ds["b_opt_ci"].values
     if not lowest <= b_opt_value <= highest:
         notes.append(
-            f"predicted b_opt = {b_opt_value:.0f} lies outside the grid ({lowest} to {highest}); add batch "
-            f"sizes {'below' if b_opt_value < lowest else 'above'} it, or trust the grid's fastest only"
+            f"predicted b_opt = {b_opt_value:.0f} lies outside {trained} ({lowest} to {highest}); add batch "
+            f"sizes {'below' if b_opt_value < lowest else 'above'} it, or trust {fastest_only} only"
         )
     elif np.isfinite([low, high]).all() and (low < lowest or high > highest):
         notes.append(
-            f"b_opt's 95% interval ({low:.0f} to {high:.0f}) reaches beyond the grid ({lowest} to "
+            f"b_opt's 95% interval ({low:.0f} to {high:.0f}) reaches beyond {trained} ({lowest} to "
             f"{highest}): the prediction is unsure there; add seeds or batch sizes"
         )
     notes += _memory_notes(ds)
@@ -476,5 +508,5 @@ REQUIRED = (
 VARIABLES = (*REQUIRED, "run_at_best_lr", "tau_f", "tau_d", "n_iter", "c_var", "b_crit", "t_iter_r2",
              "steps_to_target", "sat_tau_f", "sat_tau_d", "sat_b_knee", "t_iter_sat_fitted", "t_iter_sat_r2",
              "t_iter_sat_residual_max")  # fmt: skip
-RULES = {"fit_scaling": Rule(version=3, config_slice=config_slice, variables=VARIABLES)}
+RULES = {"fit_scaling": Rule(version=4, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (Command("fit", "fit the scaling model of one workload", run, _arguments, spec=config_slice),)

@@ -127,8 +127,13 @@ def recommend_row(ds, path: str | Path = "", current_batch_size: int | None = No
 
     low, high = (float(x) for x in ds["time_from_profile_ci"].sel(batch_size=best).values)
     limit = int(ds["smallest_infeasible_batch_size"])
+    trained = [int(b) for b in ds["batch_size"].values]
     return {
         "workload": ds.attrs.get("workload", Path(path).stem),
+        # the adaptive study trained a bracket of the grid around the quick b_opt (the fit's batch sizes)
+        "study": ds.attrs.get("study", "full"),
+        "trained_batch_sizes": trained,
+        "grid_batch_sizes": json.loads(ds.attrs.get("grid_batch_sizes", "null")) or trained,
         "config_hash": ds.attrs.get("config_hash", ""),
         "device": ds.attrs.get("device_type", ""),
         "device_name": ds.attrs.get("device_name", ""),
@@ -224,6 +229,10 @@ def format_row(row: dict[str, Any]) -> str:
         f"  {_slowdown(row['smallest_batch_size'], row['smallest_slowdown'], best)}; "
         f"{_slowdown(row['largest_batch_size'], row['largest_slowdown'], best)} (from the profile)",
     ]
+    if row["study"] == "adaptive":
+        lines.append(f"  adaptive study: trained B = {', '.join(map(str, row['trained_batch_sizes']))} of the grid "
+                     f"{', '.join(map(str, row['grid_batch_sizes']))}, around the quick estimate's b_opt; the smallest "
+                     "and largest above are the trained ones")  # fmt: skip
     lines.append(f"  this answer cost {row['cost_s']:.4g} device-seconds, {row['cost_in_runs']:.3g} training runs "
                  f"at B = {best} ({row['run_s_at_recommended']:.3g} s each)")  # fmt: skip
     if "current_batch_size" in row:

@@ -124,5 +124,5 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--figures", required=True, help="directory for the figure PNGs")
 
 
-RULES = {"render_report": Rule(version=3)}
+RULES = {"render_report": Rule(version=4)}
 COMMANDS = (Command("report", "execute the report notebook and write HTML", run, _arguments),)

@@ -1,5 +1,10 @@
 """Stage ``train_model``: train every (learning rate, seed) point of one batch size to the target (the loop is
-:mod:`batchscope.engine.training`); one NetCDF and one checkpoint per point."""
+:mod:`batchscope.engine.training`); one NetCDF and one checkpoint per point.
+
+The adaptive study (:mod:`batchscope.stages.adaptive`) adds two options: ``--prune`` caps each run at the steps
+the best run of the job (same seed) took to the target so far, and ``--survivors-of DIR`` trains only the learning
+rates whose run in DIR (the first seed's job at the same batch size) reached the target in the fewest steps.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from batchscope.stages import Command, Rule, _common
 log = logging.getLogger("batchscope")
 
 # what a run's file holds for the fit, the Hessian aggregate and the Ghost summary
-VARIABLES = ("steps_to_target", "reached_target", "diverged", "out_of_memory", "time_to_target", "val_metric")
+VARIABLES = ("steps_to_target", "reached_target", "diverged", "out_of_memory", "time_to_target", "val_metric", "pruned")
 
 
 def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
@@ -34,13 +39,20 @@ def run(args: argparse.Namespace) -> None:
     if (args.snapshot_lr is None) != (args.snapshot_fractions is None):
         raise SystemExit("train: --snapshot-lr and --snapshot-fractions go together")
     spec = _common.spec(args, config_slice)
+    lrs = args.lrs if args.survivors_of is None else surviving(args.lrs, args.survivors_of, args.batch_size)
     device = _common.runtime(spec)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for lr in args.lrs:
+    best: dict[int, float] = {}  # seed -> the fewest steps to the target of this job's runs so far (--prune)
+    for lr in lrs:
         for seed in args.seeds:
             fractions = args.snapshot_fractions if args.snapshot_lr is not None and lr == args.snapshot_lr else None
-            ds, checkpoint = train(spec, args.batch_size, lr, seed, device, fractions, data_file=args.data)
+            bound = int(best[seed]) if args.prune and seed in best else None
+            ds, checkpoint = train(spec, args.batch_size, lr, seed, device, fractions, data_file=args.data,
+                                   prune_at=bound)  # fmt: skip
+            steps = float(ds["steps_to_target"])
+            if steps == steps:  # reached: with the bound on, a run that reaches the target is at least as fast
+                best[seed] = min(best.get(seed, steps), steps)
             snapshots = checkpoint.pop("snapshots", None)
             ds.attrs.update(store.provenance("train_model", spec, device=str(device)))
             name = point_name(lr, seed)
@@ -48,9 +60,27 @@ def run(args: argparse.Namespace) -> None:
                 store.save_torch({**checkpoint, "snapshots": snapshots}, out_dir / f"{name}.snapshots")
             store.save_torch(checkpoint, out_dir / f"{name}.pt")  # weights first: the .nc marks the point done
             store.write_netcdf(ds, out_dir / f"{name}.nc")
-            log.info("B=%d lr=%g seed=%d: steps_to_target=%s diverged=%s out_of_memory=%s, %.2f s", args.batch_size,
-                     lr, seed, float(ds["steps_to_target"]), bool(ds["diverged"]), bool(ds["out_of_memory"]),
-                     float(ds["wall_time"]))  # fmt: skip
+            log.info("B=%d lr=%g seed=%d: steps_to_target=%s diverged=%s out_of_memory=%s pruned=%s (bound %s), "
+                     "%.2f s", args.batch_size, lr, seed, steps, bool(ds["diverged"]), bool(ds["out_of_memory"]),
+                     bool(ds["pruned"]), bound, float(ds["wall_time"]))  # fmt: skip
+
+
+def surviving(lrs: list[float], first_seed_dir: str, batch_size: int) -> list[float]:
+    """The learning rates of ``lrs`` that survived the first seed's job at this batch size (successive halving,
+    :func:`batchscope.stages.adaptive.survivors`), in the order given."""
+    from batchscope.stages import adaptive
+    from batchscope.stages.fit import read_runs
+
+    runs = read_runs([first_seed_dir])
+    if set(runs["run_batch_size"].values.tolist()) != {batch_size}:
+        raise ValueError(f"--survivors-of {first_seed_dir}: runs at batch sizes "
+                         f"{sorted(set(runs['run_batch_size'].values.tolist()))}, not {batch_size}")  # fmt: skip
+    steps = dict(zip(runs["run_lr"].values.tolist(), runs["steps_to_target"].values.tolist(), strict=True))
+    kept = {cfg.format_lr(lr) for lr in adaptive.survivors(steps)}
+    chosen = [lr for lr in lrs if cfg.format_lr(lr) in kept]
+    log.info("B=%d: the first seed's runs %s; training the survivors %s", batch_size,
+             {cfg.format_lr(lr): s for lr, s in steps.items()}, chosen)  # fmt: skip
+    return chosen
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,9 +91,21 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snapshot-lr", type=float, help="save weights along the run at this learning rate")
     parser.add_argument("--snapshot-fractions", type=float, nargs="+", help="with --snapshot-lr: where along the run "
                         "(noise.snapshot_fractions)")  # fmt: skip
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="adaptive study: stop each run at the steps the best "
+        "run of this job (same seed) took to the target; it is recorded as pruned, not reached",
+    )
+    parser.add_argument(
+        "--survivors-of",
+        metavar="DIR",
+        help="adaptive study: train only the learning rates whose "
+        "run in DIR (the first seed's job at this batch size) reached the target in the fewest steps",
+    )
 
 
-RULES = {"train_model": Rule(version=3, config_slice=config_slice, variables=VARIABLES)}
+RULES = {"train_model": Rule(version=4, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "train", "train (lr, seed) points at one batch size; --out is a directory", run, _arguments, spec=config_slice

@@ -1,0 +1,220 @@
+"""Budget benchmark: is the adaptive study's answer the full grid's, at a fraction of its cost? And the quick
+estimate's?
+
+For each of three workloads (the default digits MLP of config/config.yaml; the spirals example of
+examples/own_workload, on a wider grid; the built-in ``teacher`` data set, benchmarks/configs/teacher.yaml) it runs
+the full grid (``study: full``) and the adaptive study (``study: adaptive``), each in a fresh temporary working
+directory up to the fit (``snakemake results/fit/WORKLOAD.nc``), with the analyses that are not part of the answer
+off (Hessian, Ghost BatchNorm, edge of stability, branches; the noise stage's own results: the quick estimate
+still measures B_noise along its reference run). The quick estimate is the adaptive study's first stage, read from
+its directory (``results/quick``): a separate run would repeat the same jobs.
+
+Reported per workload:
+
+- the quick b_opt over the full grid's measured best B (``fastest_batch_size``: the argmin of the time to target
+  from the profile); target: within 2x;
+- the adaptive study's recommended B against the full grid's, in grid steps (log2 of their ratio on these
+  power-of-two grids); target: within one step;
+- the adaptive study's compute as a fraction of the full grid's: the fits' ``total_cost_s``, the sum of the
+  Snakemake benchmark files' ``s`` (wall seconds) of the jobs each answer needed (the adaptive study's includes the
+  quick estimate's jobs and the choice); target: <= 35%. Beside it, the same jobs' CPU seconds (wall seconds on a
+  shared machine include waiting for a core), the training runs each trained (the adaptive study's reference run
+  included) and the seconds those runs took (their own ``wall_time``), which leave the jobs' process starts out:
+  what the fraction tends to when a run takes minutes rather than a tenth of a second.
+
+Prints a table and writes benchmarks/results/budget.json. Needs no package beyond the project's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "budget.json"
+EXAMPLE = REPO / "examples" / "own_workload"
+TARGETS = {"quick_over_best": 2.0, "adaptive_grid_steps": 1, "cost_fraction": 0.35}
+# the analyses that explain the answer rather than produce it: off, so each study costs what its answer needs
+ANALYSES_OFF = {
+    "hessian": {"enabled": False},
+    "ghost": {"enabled": False},
+    "edge_of_stability": {"enabled": False},
+    "branch": {"enabled": False},
+}
+
+
+def digits() -> dict:
+    """The default study (config/config.yaml) as it is."""
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def spirals() -> dict:
+    """The example's in-memory spirals workload (examples/own_workload/config.yaml), on a grid wide enough to
+    choose a bracket from: the example's own grid is two sizes."""
+    config = yaml.safe_load((EXAMPLE / "config.yaml").read_text())
+    config["workloads"] = {"spirals": config["workloads"]["spirals"]}
+    config["grid"] = {"batch_sizes": [16, 32, 64, 128, 256, 512], "seeds": [0, 1]}
+    config["workloads"]["spirals"]["lr_scaling"]["base_lrs"] = [0.01, 0.03, 0.1]
+    config["profile"].update(rounds=4, repeats=2, min_repeat_time=0.01, warmup=10)
+    config["fit"]["bootstrap"] = 200
+    return config
+
+
+def teacher() -> dict:
+    return yaml.safe_load((REPO / "benchmarks" / "configs" / "teacher.yaml").read_text())
+
+
+STUDIES = {"digits_mlp": digits, "spirals": spirals, "teacher_mlp": teacher}
+
+
+def study_config(base: dict, study: str) -> dict:
+    config = json.loads(json.dumps(base))
+    config["study"] = study
+    for key, value in ANALYSES_OFF.items():
+        config[key] = {**config.get(key, {}), **value}
+    config["noise"] = {**config.get("noise", {}), "enabled": False}  # its own results; quick still measures B_noise
+    return config
+
+
+def snakemake(workdir: Path, config_path: Path, target: str, cores: int) -> float:
+    path = os.pathsep.join(p for p in (str(EXAMPLE), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], PYTHONPATH=path)
+    # the target first: --configfile and --quiet both take several values and would swallow it
+    cmd = ["snakemake", target, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores),
+           "--configfile", str(config_path), "--quiet"]  # fmt: skip
+    start = time.perf_counter()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def cpu_seconds(workdir: Path) -> float:
+    """The CPU seconds (Snakemake's ``cpu_time``) of every job the answer needed: each job this run ran but the fit.
+    Wall seconds on this shared machine include waiting for a core; CPU seconds do not."""
+    total = 0.0
+    for path in (workdir / "results" / "benchmarks").rglob("*.tsv"):
+        if path.parent.name == "fit_scaling":
+            continue
+        header, *rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines() if line.strip()]
+        total += float(rows[-1][header.index("cpu_time")])
+    return total
+
+
+def answer(workdir: Path, workload: str) -> dict:
+    from batchscope.store import read_netcdf
+
+    ds = read_netcdf(workdir / "results" / "fit" / f"{workload}.nc")
+    # the runs' own clock: the adaptive study's reference run (the quick estimate's) counts too
+    reference = sorted((workdir / "results" / "reference" / workload).glob("*.nc"))
+    run_seconds = float(np.nansum(ds["wall_time"].values)) + sum(float(read_netcdf(p)["wall_time"]) for p in reference)
+    same = ds["batch_size"].values[ds["indistinguishable"].values.astype(bool)]
+    pruned = ds["pruned"].values.astype(bool) if "pruned" in ds else np.zeros(ds.sizes["run"], bool)
+    return {
+        "trained": [int(b) for b in ds["batch_size"].values],
+        "fastest": int(ds["fastest_batch_size"]),
+        "as_fast": [int(b) for b in same],
+        "b_opt": round(float(ds["b_opt"]), 1),
+        "best_lr": float(ds["best_lr"].sel(batch_size=int(ds["fastest_batch_size"]))),
+        "cost_s": round(float(ds["total_cost_s"]), 2),
+        "cpu_s": round(cpu_seconds(workdir), 2),
+        "cost_by_job": {str(j): round(float(s), 2) for j, s in zip(ds["job"].values, ds["cost_s"].values, strict=True)},
+        "runs": int(ds.sizes["run"]) + len(reference),
+        "pruned_runs": int(pruned.sum()),
+        "run_seconds": round(run_seconds, 2),
+        "warnings": len(json.loads(ds.attrs.get("diagnostics", "[]"))),
+    }
+
+
+def quick_answer(workdir: Path, workload: str) -> dict:
+    from batchscope.store import read_netcdf
+
+    ds = read_netcdf(workdir / "results" / "quick" / f"{workload}.nc")
+    return {
+        "b_opt": round(float(ds["b_opt"]), 1),
+        "b_opt_band": [round(float(x), 1) for x in ds["b_opt_band"].values],
+        "cost_s": round(float(ds["total_cost_s"]), 2),
+    }
+
+
+def grid_steps(a: int, b: int, grid: list[int]) -> int:
+    """How many grid sizes apart two batch sizes are."""
+    return abs(grid.index(a) - grid.index(b))
+
+
+def run_workload(workload: str, base: dict, cores: int, keep: Path | None) -> dict:
+    grid = sorted(base["grid"]["batch_sizes"])
+    row: dict = {"workload": workload, "grid": grid, "seeds": sorted(base["grid"].get("seeds", [0]))}
+    with tempfile.TemporaryDirectory(prefix=f"batchscope-budget-{workload}-") as tmp:
+        root = keep / workload if keep else Path(tmp)
+        for study in ("full", "adaptive"):
+            workdir = root / study
+            workdir.mkdir(parents=True, exist_ok=True)
+            config_path = workdir / "config.yaml"
+            config_path.write_text(yaml.safe_dump(study_config(base, study)))
+            seconds = snakemake(workdir, config_path, f"results/fit/{workload}.nc", cores)
+            row[study] = {"wall_s": round(seconds, 1), **answer(workdir, workload)}
+            print(f"  {workload} {study}: {seconds:.0f} s, fastest B {row[study]['fastest']}", flush=True)
+        row["quick"] = quick_answer(root / "adaptive", workload)
+    full, adaptive, quick = row["full"], row["adaptive"], row["quick"]
+    row["quick_over_best"] = round(quick["b_opt"] / full["fastest"], 3)
+    row["adaptive_log2_steps"] = round(math.log2(adaptive["fastest"] / full["fastest"]), 3)
+    row["adaptive_grid_steps"] = grid_steps(adaptive["fastest"], full["fastest"], grid)
+    row["adaptive_in_full_as_fast"] = adaptive["fastest"] in full["as_fast"]
+    row["cost_fraction"] = round(adaptive["cost_s"] / full["cost_s"], 3)
+    row["cpu_fraction"] = round(adaptive["cpu_s"] / full["cpu_s"], 3)
+    row["runs_fraction"] = round(adaptive["runs"] / full["runs"], 3)
+    row["run_seconds_fraction"] = round(adaptive["run_seconds"] / full["run_seconds"], 3)
+    row["met"] = {
+        "quick_within_2x": 1 / TARGETS["quick_over_best"] <= row["quick_over_best"] <= TARGETS["quick_over_best"],
+        "adaptive_within_one_step": row["adaptive_grid_steps"] <= TARGETS["adaptive_grid_steps"],
+        "adaptive_cost_le_35pct": row["cost_fraction"] <= TARGETS["cost_fraction"],
+    }
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", choices=list(STUDIES), default=list(STUDIES))
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--keep", type=Path, help="keep the working directories under this folder")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    rows = []
+    for workload in args.workloads:
+        rows.append(run_workload(workload, STUDIES[workload](), args.cores, args.keep))
+    print(f"\n{'workload':<13}{'best B':>7}{'quick b_opt':>12}{'quick/best':>11}{'adaptive B':>11}{'steps':>6}"
+          f"{'trained':>22}{'cost full':>10}{'adaptive':>9}{'fraction':>9}{'cpu':>6}{'runs':>6}"
+          f"{'run-s':>7}")  # fmt: skip
+    for r in rows:
+        full, adaptive = r["full"], r["adaptive"]
+        print(f"{r['workload']:<13}{full['fastest']:>7}{r['quick']['b_opt']:>12.0f}{r['quick_over_best']:>11.2f}"
+              f"{adaptive['fastest']:>11}{r['adaptive_grid_steps']:>6}{', '.join(map(str, adaptive['trained'])):>22}"
+              f"{full['cost_s']:>9.0f}s{adaptive['cost_s']:>8.0f}s{r['cost_fraction']:>9.0%}"
+              f"{r['cpu_fraction']:>6.0%}{r['runs_fraction']:>6.0%}{r['run_seconds_fraction']:>7.0%}")  # fmt: skip
+    print(
+        "\ntargets: quick within 2x of the full grid's best B; adaptive within one grid step of it at <= 35% of "
+        "its compute (fraction: the answer jobs' wall seconds; cpu: their CPU seconds; runs: training runs, the "
+        "reference run included; run-s: the runs' own seconds)"
+    )
+    for r in rows:
+        print(f"  {r['workload']}: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in r["met"].items()))
+    result = {"rows": rows, "targets": TARGETS, "cores": args.cores, "cpu_count": os.cpu_count(),
+              "total_s": round(time.perf_counter() - start, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {RESULTS} ({result['total_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Stage ``choose_batch_sizes``: the adaptive study's batch sizes, chosen from the quick estimate.
+
+The full grid (``study: full``) trains every batch size, learning rate and seed. The adaptive study
+(``study: adaptive``) spends its training where the answer is:
+
+- **Batch sizes.** A Snakemake checkpoint (``workflow/rules/adaptive.smk``) reads the workload's quick estimate
+  (b_opt from the profile and the reference run's B_noise, capped at the largest feasible batch size) and picks
+  a geometric bracket of the grid around it (:func:`choose`): the grid size nearest b_opt (on a log scale) and
+  ``adaptive.neighbours`` grid sizes on each side, widened until it covers the quick estimate's b_opt band over
+  the run, never above the largest feasible batch size. Everything downstream (the fit, the Hessian stage, the
+  bill and the report's cost table) reads the chosen sizes from the checkpoint's file. The profile still times
+  every grid size: it is cheap, and the memory limit needs it.
+- **Learning rates, by successive halving with a pruning bound.** The first seed's job at a batch size trains
+  every learning rate, the likely best first (:func:`lr_order`: the noise stage's reference lr index, the middle
+  of the grid by default, then outward), each capped at the steps of the best run so far: a run that has taken
+  that many steps without reaching the target cannot win, so it stops there, recorded as not reached
+  (``steps_to_target`` NaN, ``reached_target`` false, ``pruned`` true). The later seeds' jobs train only the
+  learning rates that survived (:func:`survivors`: the fewest steps to the target at the first seed, ties
+  kept), in full: K(B) is a median over seeds, which a per-seed bound could bias.
+
+The choice is written to a small NetCDF (values in its variables, not in paths), read back by the workflow's
+input functions (:func:`read_choice`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from batchscope import config as cfg
+from batchscope.stages import Command, Rule, _common, quick
+
+log = logging.getLogger("batchscope")
+
+
+def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    """The grid it chooses from, the bracket's width, and what identifies its input (the quick estimate)."""
+    return {
+        "batch_sizes": sorted(config["grid"]["batch_sizes"]),
+        "neighbours": config["adaptive"]["neighbours"],
+        "inputs": {"quick_estimate": cfg.config_hash(quick.config_slice(config, workload))},
+    }
+
+
+@dataclass(frozen=True)
+class Choice:
+    batch_sizes: list[int]  # the chosen grid sizes, ascending
+    centre: int  # the feasible grid size nearest b_opt (-1: no b_opt)
+    reason: str
+
+
+def choose(grid: Sequence[int], b_opt: float, band: Sequence[float], largest_feasible: int,
+           neighbours: int = 1) -> Choice:  # fmt: skip
+    """The grid sizes to train around a predicted ``b_opt``.
+
+    Only the feasible grid sizes count (at most ``largest_feasible``; ``largest_feasible`` <= 0: no profiled size
+    fitted in memory, and the smallest sizes are chosen). The bracket is the feasible size nearest ``b_opt`` on a
+    log scale (the smaller on a tie) and ``neighbours`` sizes on each side; at an end of the feasible grid it is
+    shifted inward, so it keeps its 2 x neighbours + 1 sizes where the grid has them (b_opt below the smallest
+    size: the smallest sizes; above the largest feasible one: the largest feasible sizes). It is then widened to
+    cover ``band`` (the quick b_opt's range over the run: it moves as training proceeds), rounded to the grid:
+    down to the feasible size nearest the band's low end and up to the one nearest its high end (log scale, a tie
+    widening). No ``b_opt`` (NaN: no usable noise measurement): the whole feasible grid.
+    """
+    sizes = sorted(int(b) for b in grid)
+    feasible = [b for b in sizes if b <= largest_feasible] if largest_feasible > 0 else []
+    width = 2 * neighbours + 1
+    if not feasible:
+        return Choice(sizes[:width], -1, "no profiled batch size fitted in memory: the grid's smallest sizes")
+    if not math.isfinite(b_opt) or b_opt <= 0:
+        return Choice(feasible, -1, "no quick b_opt (no usable noise measurement): the whole feasible grid")
+    given, b_opt = b_opt, min(b_opt, float(feasible[-1]))
+    distance = [round(abs(math.log(b / b_opt)), 12) for b in feasible]  # rounded: a tie is a tie
+    centre = min(range(len(feasible)), key=lambda i: (distance[i], feasible[i]))
+    low, high = centre - neighbours, centre + neighbours
+    if low < 0:
+        low, high = 0, high - low
+    if high > len(feasible) - 1:
+        low, high = max(0, low - (high - len(feasible) + 1)), len(feasible) - 1
+    band_low, band_high = (float(x) for x in band)
+    before = (low, high)
+    if math.isfinite(band_low) and band_low > 0:  # each end of the band to its nearest feasible size (log scale)
+        low = min(low, _nearest(feasible, band_low, prefer_smaller=True))
+    if math.isfinite(band_high) and band_high > 0:
+        high = max(high, _nearest(feasible, band_high, prefer_smaller=False))
+    widened = feasible[low : before[0]] + feasible[before[1] + 1 : high + 1]
+    chosen = feasible[low : high + 1]
+    capped = f" (capped at {feasible[-1]})" if given > b_opt else ""
+    reason = (
+        f"the feasible grid size nearest b_opt {given:.0f}{capped}, {feasible[centre]}, and {neighbours} on each side"
+    )
+    if widened:
+        reason += f", widened to {', '.join(map(str, sorted(widened)))} to cover the b_opt band"
+    if feasible[-1] < sizes[-1]:
+        reason += f"; the grid above {feasible[-1]} does not fit in memory"
+    return Choice(chosen, feasible[centre], reason)
+
+
+def _nearest(sizes: list[int], value: float, prefer_smaller: bool) -> int:
+    """The index of the size nearest ``value`` on a log scale; a tie goes to the smaller or the larger size."""
+    sign = 1 if prefer_smaller else -1
+    return min(range(len(sizes)), key=lambda i: (round(abs(math.log(sizes[i] / value)), 12), sign * sizes[i]))
+
+
+def lr_order(lrs: Sequence[float], centre: int | None = None) -> list[float]:
+    """The learning rates in the order the adaptive study trains them: the likely best first. ``centre`` is the
+    index of the likely best in the ascending grid (the noise stage's ``reference_lr_index``; None: the middle),
+    then outward, the smaller of each pair first."""
+    ascending = sorted(lrs)
+    index = len(ascending) // 2 if centre is None else min(centre, len(ascending) - 1)
+    return sorted(ascending, key=lambda lr: (abs(ascending.index(lr) - index), lr))
+
+
+def survivors(steps: dict[float, float]) -> list[float]:
+    """The learning rates the later seeds train (successive halving): those whose first-seed run reached the target
+    in the fewest steps, ties all kept. ``steps`` maps each learning rate to its first-seed run's steps to target
+    (NaN: not reached, pruned or diverged). When none reached it there is nothing to halve on: every one survives.
+    """
+    reached = {lr: s for lr, s in steps.items() if math.isfinite(s)}
+    if not reached:
+        return sorted(steps)
+    best = min(reached.values())
+    return sorted(lr for lr, s in reached.items() if s == best)
+
+
+def estimate_choice(spec: dict[str, Any], quick_path: str, expect: dict[str, str] | None = None) -> xr.Dataset:
+    """The checkpoint's file: per grid size whether it is trained (``chosen``) and feasible, and what decided it."""
+    from batchscope.store import read_expected
+
+    estimate = read_expected(quick_path, "quick_estimate", quick.VARIABLES + ("largest_feasible_batch_size",), expect)
+    b_opt = float(estimate["b_opt"])
+    band = [float(x) for x in estimate["b_opt_band"].values]
+    largest = int(estimate["largest_feasible_batch_size"])
+    choice = choose(spec["batch_sizes"], b_opt, band, largest, spec["neighbours"])
+    grid = np.asarray(sorted(spec["batch_sizes"]), dtype=np.int64)
+    ds = xr.Dataset(
+        {
+            "chosen": ("grid_batch_size", np.isin(grid, choice.batch_sizes), {"long_name": "trained by the adaptive "
+                       "study"}),
+            "feasible": ("grid_batch_size", (grid <= largest) if largest > 0 else np.zeros(len(grid), bool),
+                         {"long_name": "at most the largest batch size that fitted in memory"}),
+            "b_opt": ((), b_opt, {"units": "examples", "long_name": "the quick estimate's b_opt (capped)"}),
+            "b_opt_band": ("bound", band, {"units": "examples", "long_name": "the quick b_opt over the run"}),
+            "largest_feasible_batch_size": ((), largest),
+            "centre_batch_size": ((), choice.centre, {"long_name": "the feasible grid size nearest b_opt (-1: none)"}),
+        },
+        coords={"grid_batch_size": grid, "bound": ["low", "high"]},
+    )  # fmt: skip
+    ds.attrs["reason"] = choice.reason
+    return ds
+
+
+def read_choice(path: str) -> list[int]:
+    """The batch sizes the checkpoint chose (the workflow's input functions read them here)."""
+    from batchscope.store import read_netcdf
+
+    ds = read_netcdf(path, "choose_batch_sizes", VARIABLES)
+    return [int(b) for b in ds["grid_batch_size"].values[ds["chosen"].values.astype(bool)]]
+
+
+def run(args: argparse.Namespace) -> None:
+    from batchscope import store
+
+    spec = _common.spec(args, config_slice)
+    ds = estimate_choice(spec, args.quick, _common.expect(args))
+    ds.attrs.update(store.provenance("choose_batch_sizes", spec), workload=args.workload or "")
+    store.write_netcdf(ds, args.out)
+    chosen = ds["grid_batch_size"].values[ds["chosen"].values]
+    log.info("train B = %s of the grid %s: %s", ", ".join(map(str, chosen)),
+             ", ".join(map(str, ds["grid_batch_size"].values)), ds.attrs["reason"])  # fmt: skip
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", required=True, help="the workload's quick estimate (results/quick/WORKLOAD.nc)")
+    _common.add_expect(parser)
+
+
+VARIABLES = ("chosen", "feasible", "b_opt", "b_opt_band", "largest_feasible_batch_size")
+RULES = {"choose_batch_sizes": Rule(version=1, config_slice=config_slice, variables=VARIABLES)}
+COMMANDS = (
+    Command(
+        "choose-batch-sizes",
+        "the adaptive study's batch sizes: a bracket of the grid around the quick estimate's b_opt",
+        run,
+        _arguments,
+        spec=config_slice,
+    ),  # fmt: skip
+)

@@ -1,0 +1,218 @@
+"""The adaptive study: the batch sizes chosen around the quick b_opt (against hand-worked brackets), the learning
+rates' order and survivors, the pruning bound in the training loop and the train stage, and the fit on the
+irregular grid it leaves (pruned runs, a later seed's single survivor, batch sizes missing)."""
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from batchscope import config as cfg
+from batchscope.engine import runtime
+from batchscope.engine.training import train
+from batchscope.stages import adaptive, fit
+from batchscope.stages import train as stage_train
+from batchscope.store import read_netcdf, write_netcdf
+from tests.test_fit import profile_dataset
+from tests.test_train import spec
+
+GRID = [8, 16, 32, 64, 128, 256, 512, 1024]
+NAN = math.nan
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------- the batch sizes
+
+
+def test_a_band_inside_the_grid_gives_the_nearest_size_and_one_neighbour_each_side():
+    # b_opt 100: log distance to 128 is 0.25, to 64 0.45; the band [70, 130] rounds to 64 and 128, inside
+    choice = adaptive.choose(GRID, 100.0, [70.0, 130.0], largest_feasible=1024)
+    assert choice.batch_sizes == [64, 128, 256] and choice.centre == 128
+    assert "widened" not in choice.reason
+
+
+def test_a_wide_band_widens_the_bracket_to_the_grid_sizes_nearest_its_ends():
+    # the band [30, 600] rounds to 32 (log distance 0.06) and 512 (0.16): two sizes more than 64..256
+    choice = adaptive.choose(GRID, 100.0, [30.0, 600.0], largest_feasible=1024)
+    assert choice.batch_sizes == [32, 64, 128, 256, 512]
+    assert "widened to 32, 512" in choice.reason
+    # a band end just past a grid size rounds to it, not to the next doubling (514 -> 512, not 1024): the
+    # numbers of the default digits study's quick estimate
+    assert adaptive.choose(GRID, 252.4, [155.7, 513.9], largest_feasible=1024).batch_sizes == [128, 256, 512]
+
+
+def test_b_opt_above_the_largest_feasible_size_gives_the_largest_feasible_sizes():
+    # out of memory above 300: 512 and 1024 are never chosen, whatever the estimate says
+    choice = adaptive.choose(GRID, 900.0, [600.0, 2000.0], largest_feasible=300)
+    assert choice.batch_sizes == [64, 128, 256] and choice.centre == 256
+    assert "capped at 256" in choice.reason and "does not fit in memory" in choice.reason
+    assert max(adaptive.choose(GRID, 5000.0, [NAN, NAN], largest_feasible=512).batch_sizes) == 512
+
+
+def test_b_opt_below_the_smallest_grid_size_gives_the_smallest_sizes():
+    # the bracket is shifted inward at the grid's end and keeps its three sizes
+    choice = adaptive.choose(GRID, 3.0, [2.0, 5.0], largest_feasible=1024)
+    assert choice.batch_sizes == [8, 16, 32] and choice.centre == 8
+
+
+def test_wider_brackets_no_estimate_and_no_memory():
+    assert adaptive.choose(GRID, 100.0, [90.0, 110.0], 1024, neighbours=2).batch_sizes == [32, 64, 128, 256, 512]
+    # a tie in log distance (sqrt(64 x 128) = 90.5) goes to the smaller size
+    assert adaptive.choose(GRID, math.sqrt(64 * 128), [NAN, NAN], 1024).centre == 64
+    # no usable noise measurement: nothing to bracket, the whole feasible grid
+    assert adaptive.choose(GRID, NAN, [NAN, NAN], 256).batch_sizes == [8, 16, 32, 64, 128, 256]
+    assert adaptive.choose(GRID, 100.0, [90.0, 110.0], -1).batch_sizes == [8, 16, 32]  # nothing fitted
+    assert adaptive.choose([16, 64], 100.0, [90.0, 110.0], 1024).batch_sizes == [16, 64]  # a grid of two
+
+
+def test_the_checkpoint_file_holds_the_choice(tmp_path):
+    import xarray as xr
+
+    quick = xr.Dataset({"b_noise": ("step", [1.0]), "b_opt": ((), 100.0), "b_opt_band": ("bound", [30.0, 600.0]),
+                        "b_crit_band": ("bound", [1.0, 2.0]), "tau_f": ((), 1e-3), "tau_d": ((), 1e-5),
+                        "total_cost_s": ((), 1.0), "largest_feasible_batch_size": ((), 1024)})  # fmt: skip
+    path = write_netcdf(quick, tmp_path / "quick.nc")
+    ds = adaptive.estimate_choice({"batch_sizes": GRID, "neighbours": 1, "inputs": {}}, str(path))
+    ds.attrs.update(stage="choose_batch_sizes", algorithm_version=str(adaptive.RULES["choose_batch_sizes"].version))
+    out = write_netcdf(ds, tmp_path / "choice.nc")
+    assert adaptive.read_choice(str(out)) == [32, 64, 128, 256, 512]
+    assert int(ds["centre_batch_size"]) == 128 and ds["feasible"].values.all()
+
+
+# ----------------------------------------------------------------------------------- the learning rates
+
+
+def test_learning_rates_are_tried_from_the_likely_best_outward():
+    assert adaptive.lr_order([0.3, 0.03, 0.1]) == [0.1, 0.03, 0.3]  # the middle, then the smaller, the larger
+    assert adaptive.lr_order([0.01, 0.03, 0.1, 0.3]) == [0.1, 0.03, 0.3, 0.01]
+    assert adaptive.lr_order([0.01, 0.03, 0.1, 0.3], centre=0) == [0.01, 0.03, 0.1, 0.3]
+    assert adaptive.lr_order([0.01, 0.03], centre=5) == [0.03, 0.01]  # an index past the grid: its largest
+
+
+def test_the_survivors_are_the_fewest_steps_ties_kept():
+    assert adaptive.survivors({0.03: NAN, 0.1: 30.0, 0.3: 20.0}) == [0.3]
+    assert adaptive.survivors({0.03: 20.0, 0.1: 20.0, 0.3: NAN}) == [0.03, 0.1]
+    # nothing reached the target at the first seed: nothing to halve on
+    assert adaptive.survivors({0.03: NAN, 0.1: NAN}) == [0.03, 0.1]
+
+
+# ------------------------------------------------------------------------------------- the pruning bound
+
+
+def test_a_run_is_stopped_at_the_best_runs_steps_and_flagged():
+    runtime.setup(1, CPU)
+    best, _ = train(spec(), 32, 0.1, seed=0, device=CPU)
+    bound = int(best["steps_to_target"])
+    slow, _ = train(spec(), 32, 0.01, seed=0, device=CPU)  # the same lr without the bound: slower than the best
+    assert float(slow["steps_to_target"]) > bound or not bool(slow["reached_target"])
+    pruned, _ = train(spec(), 32, 0.01, seed=0, device=CPU, prune_at=bound)
+    assert bool(pruned["pruned"]) and not bool(pruned["reached_target"])
+    assert math.isnan(float(pruned["steps_to_target"])) and math.isnan(float(pruned["time_to_target"]))
+    assert int(pruned["steps_done"]) == bound and float(pruned["prune_at"]) == bound
+    # up to the bound it is the same run (the schedule still spans max_steps): bitwise on the CPU
+    n = pruned.sizes["step"]
+    np.testing.assert_array_equal(pruned["val_metric"].values, slow["val_metric"].values[:n])
+    np.testing.assert_array_equal(pruned["train_loss"].values, slow["train_loss"].values[:n])
+    # a run that reaches the target within the bound is not pruned, and the unbounded run is unflagged
+    tie, _ = train(spec(), 32, 0.1, seed=0, device=CPU, prune_at=bound)
+    assert float(tie["steps_to_target"]) == bound and not bool(tie["pruned"])
+    assert not bool(best["pruned"]) and math.isnan(float(best["prune_at"]))
+
+
+def _train_job(out, lrs, seed, **options):
+    args = argparse.Namespace(spec=json.dumps(spec()), config=None, workload=None, data=None, batch_size=32,
+                              lrs=lrs, seeds=[seed], snapshot_lr=None, snapshot_fractions=None, out=str(out),
+                              prune=options.get("prune", False), survivors_of=options.get("survivors_of"))  # fmt: skip
+    stage_train.run(args)
+    return {float(read_netcdf(p).attrs["lr"]): read_netcdf(p) for p in sorted(out.glob("*.nc"))}
+
+
+def test_the_first_seeds_job_prunes_and_a_later_seed_trains_the_survivors(tmp_path):
+    first = _train_job(tmp_path / "seed0", [0.1, 0.01, 0.3], 0, prune=True)
+    assert not bool(first[0.1]["pruned"]) and math.isnan(float(first[0.1]["prune_at"]))  # the first is unbounded
+    assert bool(first[0.01]["pruned"]) and int(first[0.01]["steps_done"]) == int(first[0.1]["steps_to_target"])
+    steps = {lr: float(ds["steps_to_target"]) for lr, ds in first.items()}
+    later = _train_job(tmp_path / "seed1", [0.1, 0.01, 0.3], 1, survivors_of=str(tmp_path / "seed0"))
+    assert sorted(later) == adaptive.survivors(steps) and not any(bool(ds["pruned"]) for ds in later.values())
+
+
+# ---------------------------------------------------------------------------------------------- the fit
+
+
+def test_the_fit_reads_the_adaptive_studys_irregular_runs(tmp_path):
+    """Batch sizes 64 to 256 of a grid of 8 to 512 trained; at each, the first seed tried three learning rates (one
+    pruned, one slower than the survivor) and three later seeds trained the survivor only: cells of 1 and 4 seeds.
+    The slower one's single run beats the survivor's median over seeds (the survivor's first seed was its luckiest)
+    but K(B) is taken from the learning rates trained at every seed."""
+    import xarray as xr
+
+    n_iter, c_var, tau_f, tau_d = 40.0, 2400.0, 2.5e-4, 1.1e-6
+    rng = np.random.default_rng(0)
+    grid, trained = [8, 16, 32, 64, 128, 256, 512], [64, 128, 256]
+    profiles, run_dirs, expected_k = [], [], {}
+    for b in grid:
+        times = (tau_f + tau_d * b) * (1 + 0.01 * rng.standard_normal((3, 3)))
+        profiles.append(write_netcdf(profile_dataset(b, times, grid), tmp_path / "profile" / f"B{b}.nc"))
+    for b in trained:
+        steps = [float(np.round((n_iter + c_var / b) * f)) for f in (0.9, 1.0, 1.05, 1.1)]
+        expected_k[b] = float(np.median(steps))
+        slower = float(np.round((n_iter + c_var / b) * 0.95))  # between the survivor's seed 0 and its median
+        points = [(0.1, seed, s, False) for seed, s in enumerate(steps)] + [
+            (0.03, 0, NAN, True),
+            (0.05, 0, slower, False),
+        ]
+        for lr, seed, s, pruned in points:
+            run = xr.Dataset({"steps_to_target": ((), s), "time_to_target": ((), s * (tau_f + tau_d * b)),
+                              "val_metric": ("step", [0.5, 0.9]), "pruned": ((), pruned)}, coords={"step": [10, 20]},
+                             attrs={"batch_size": b, "lr": lr, "seed": seed})  # fmt: skip
+            write_netcdf(run, tmp_path / "train" / f"B{b}" / f"seed{seed}" / f"lr{lr}_seed{seed}.nc")
+            run_dirs.append(tmp_path / "train" / f"B{b}" / f"seed{seed}")
+    spec_ = {"fit": {"bootstrap": 100, "seed": 0, "tolerance": 0.05}, "study": "adaptive",
+             "target": {"metric": "val_accuracy", "value": 0.9}, "inputs": {"batch_sizes": grid}}  # fmt: skip
+    ds = fit.fit_scaling(profiles, sorted(set(run_dirs)), spec_, "synthetic")
+    assert ds["batch_size"].values.tolist() == trained  # sizes not trained are not in the fit's grid
+    assert ds["profile_batch_size"].values.tolist() == grid  # the profile timed them all
+    assert ds["k"].values.tolist() == [expected_k[b] for b in trained] and (ds["best_lr"].values == 0.1).all()
+    assert ds.sizes["run"] == 3 * 6 and int(ds["pruned"].values.sum()) == 3
+    assert ds["run_at_best_lr"].values.sum() == 3 * 4  # the survivor's runs
+    assert np.isfinite(ds["boot_b_opt"].values).all()  # the bootstrap resamples the irregular cells one by one
+    assert ds.attrs["study"] == "adaptive" and json.loads(ds.attrs["grid_batch_sizes"]) == grid
+    assert float(ds["b_opt"]) == pytest.approx(math.sqrt(c_var * tau_f / (n_iter * tau_d)), rel=0.15)
+    # the full grid's rule (every cell's median, one seed or four) would have taken the slower lr's single run
+    table = fit.halving_survivors(fit.pd.DataFrame({"batch_size": [64] * 3, "lr": [0.1, 0.1, 0.05], "seed": [0, 1, 0],
+                                                    "steps_to_target": [10.0, 30.0, 15.0]}))  # fmt: skip
+    assert table["lr"].tolist() == [0.1, 0.1]
+
+
+def test_an_edge_of_the_trained_bracket_is_not_called_the_grids_edge():
+    """The fastest at the bracket's smallest size: the grid has smaller sizes, so the note says to train the next
+    one (or the full grid), not to extend grid.batch_sizes."""
+    import xarray as xr
+
+    b = np.array([64, 128, 256])
+    ds = xr.Dataset(
+        {"t_iter_r2": ((), 1.0), "t_iter_residual_max": ((), 0.0), "t_iter_round_spread": ("batch_size", [0.0] * 3),
+         "k_r2": ((), 1.0), "k_residual_max": ((), 0.0), "best_lr": ("batch_size", [0.1] * 3),
+         "indistinguishable": ("batch_size", [True, False, False]), "fastest_batch_size": ((), 64),
+         "b_opt": ((), 80.0), "b_opt_ci": ("bound", [70.0, 90.0]), "largest_feasible_batch_size": ((), 512),
+         "run_batch_size": ("run", b), "run_lr": ("run", [0.1] * 3)},
+        coords={"batch_size": b}, attrs={"study": "adaptive", "grid_batch_sizes": json.dumps(GRID)},
+    )  # fmt: skip
+    notes = fit.diagnose(ds)
+    assert any("the adaptive study's smallest trained batch size 64 is the fastest" in n and "next size 32" in n
+               for n in notes)  # fmt: skip
+    ds.attrs["grid_batch_sizes"] = json.dumps([64, 128, 256])  # the bracket is the whole grid: the grid's edge
+    assert any("the grid's smallest batch size 64 is the fastest" in n for n in fit.diagnose(ds))
+
+
+def test_the_study_is_in_the_fits_config_hash_and_full_is_unchanged(repo):
+    config = cfg.load(repo / "config/test/adaptive.yaml")
+    adaptive_slice = fit.config_slice(config, "tiny_mlp")
+    assert adaptive_slice["study"] == "adaptive" and "choose_batch_sizes" in adaptive_slice["inputs"]
+    full = fit.config_slice({**config, "study": "full"}, "tiny_mlp")
+    assert "study" not in full and "choose_batch_sizes" not in full["inputs"]  # the full grid's hash as before
+    assert cfg.config_hash(full) != cfg.config_hash(adaptive_slice)
+    assert cfg.load(repo / "config/config.yaml")["study"] == "full"  # the default study is the full grid
