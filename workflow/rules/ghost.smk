@@ -15,7 +15,7 @@ rule train_ghost:
     threads: config["threads"]
     resources:
         gpu=GPU,
-        mem_mb=4000,
+        mem_mb=config["mem_mb"],
         runtime=60,
     params:
         spec=lambda w: json.dumps(bs_ghost.ghost_train_slice(config, w.workload, int(w.ghost)), sort_keys=True),
@@ -41,7 +41,7 @@ rule profile_ghost:
     threads: config["threads"]
     resources:
         gpu=GPU,
-        mem_mb=4000,
+        mem_mb=config["mem_mb"],
         runtime=15,
     params:
         spec=lambda w: json.dumps(bs_ghost.ghost_profile_slice(config, w.workload, int(w.ghost)), sort_keys=True),
@@ -67,7 +67,7 @@ rule analyze_ghost_hessian:
     threads: config["threads"]
     resources:
         gpu=GPU,
-        mem_mb=4000,
+        mem_mb=config["mem_mb"],
         runtime=30,
     params:
         spec=config_slice("analyze_hessian"),
@@ -92,7 +92,7 @@ rule ghost_variance:
     threads: config["threads"]
     resources:
         gpu=GPU,
-        mem_mb=4000,
+        mem_mb=config["mem_mb"],
         runtime=10,
     params:
         spec=config_slice("ghost_variance"),

@@ -20,7 +20,7 @@ rule analyze_hessian:
     threads: config["threads"]
     resources:
         gpu=GPU,
-        mem_mb=4000,
+        mem_mb=config["mem_mb"],
         runtime=60,
     params:
         spec=config_slice("analyze_hessian"),
@@ -69,7 +69,7 @@ rule edge_of_stability:
     threads: config["threads"]
     resources:
         gpu=GPU,
-        mem_mb=4000,
+        mem_mb=config["mem_mb"],
         runtime=30,
     params:
         spec=config_slice("edge_of_stability"),

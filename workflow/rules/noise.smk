@@ -15,7 +15,7 @@ rule measure_gradient_noise:
     threads: config["threads"]
     resources:
         gpu=GPU,
-        mem_mb=4000,
+        mem_mb=config["mem_mb"],
         runtime=30,
     params:
         spec=config_slice("measure_gradient_noise"),
@@ -41,7 +41,7 @@ rule measure_jensen_bias:
     threads: config["threads"]
     resources:
         gpu=GPU,
-        mem_mb=4000,
+        mem_mb=config["mem_mb"],
         runtime=30,
     params:
         spec=config_slice("measure_jensen_bias"),
@@ -88,7 +88,7 @@ rule branch_checkpoint:
     threads: config["threads"]
     resources:
         gpu=GPU,
-        mem_mb=4000,
+        mem_mb=config["mem_mb"],
         runtime=30,
     params:
         spec=config_slice("branch_checkpoint"),

@@ -14,7 +14,7 @@ rule profile_hardware:
     threads: PROFILE_THREADS
     resources:
         gpu=GPU,
-        mem_mb=4000,
+        mem_mb=config["mem_mb"],
         runtime=30,
     params:
         spec=config_slice("profile_hardware"),

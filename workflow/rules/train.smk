@@ -19,7 +19,7 @@ rule train_model:
     threads: config["threads"]
     resources:
         gpu=GPU,
-        mem_mb=4000,
+        mem_mb=config["mem_mb"],
         runtime=60,
     params:
         spec=config_slice("train_model"),
@@ -49,7 +49,7 @@ rule train_reference:
     threads: config["threads"]
     resources:
         gpu=GPU,
-        mem_mb=4000,
+        mem_mb=config["mem_mb"],
         runtime=60,
     params:
         spec=config_slice("train_model"),
