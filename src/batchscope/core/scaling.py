@@ -194,6 +194,13 @@ def goodness(observed: np.ndarray, fitted: np.ndarray) -> tuple[float, float]:
     return r2, max_relative(observed - fitted, observed)
 
 
+def steps_cube(runs: pd.DataFrame):
+    """The runs' steps to target as a (batch_size, lr, seed) cube (xarray): a censored or diverged run (NaN) counts
+    as infinitely many steps; NaN marks a point that was not trained."""
+    steps = runs.assign(steps=runs["steps_to_target"].fillna(np.inf))
+    return steps.set_index(["batch_size", "lr", "seed"])["steps"].to_xarray()
+
+
 def steps_per_batch_size(runs: pd.DataFrame) -> pd.DataFrame:
     """K(B): per batch size, the best learning rate's median steps-to-target over seeds.
 
@@ -201,11 +208,11 @@ def steps_per_batch_size(runs: pd.DataFrame) -> pd.DataFrame:
     run counts as infinitely many steps, so an lr whose median run never reached the target cannot win;
     a batch size where no lr's median reached it gets K = NaN and is left out of the fit.
     """
-    steps = runs.assign(steps=runs["steps_to_target"].fillna(np.inf))
-    per_lr = steps.groupby(["batch_size", "lr"])["steps"].median().reset_index()
-    best = per_lr.loc[per_lr.groupby("batch_size")["steps"].idxmin()].set_index("batch_size")
-    best.loc[~np.isfinite(best["steps"]), ["steps", "lr"]] = np.nan
-    return best.rename(columns={"steps": "k", "lr": "best_lr"})[["k", "best_lr"]]
+    per_lr = steps_cube(runs).median("seed")  # over the seeds each lr was trained with
+    k, best_lr = per_lr.min("lr"), per_lr.fillna(np.inf).idxmin("lr")
+    reached = np.isfinite(k.values)
+    columns = {"k": np.where(reached, k.values, np.nan), "best_lr": np.where(reached, best_lr.values, np.nan)}
+    return pd.DataFrame(columns, index=pd.Index(k["batch_size"].values, name="batch_size"))
 
 
 def bootstrap_steps(
@@ -217,24 +224,24 @@ def bootstrap_steps(
     (B, lr, seed) cube when every cell has the same number of seeds (what the workflow produces); cells of
     different sizes are resampled one by one (``vectorised=False`` forces that path).
     """
-    steps = runs.assign(steps=runs["steps_to_target"].fillna(np.inf))
-    batch_sizes = np.sort(steps["batch_size"].unique())
-    cells = [group["steps"].to_numpy() for _, group in steps.groupby(["batch_size", "lr"])]
-    lr_counts = steps.groupby("batch_size")["lr"].nunique().to_numpy()
-    regular = len({len(c) for c in cells}) == 1 and len(set(lr_counts)) == 1
+    cube = steps_cube(runs).transpose("batch_size", "lr", "seed")
+    batch_sizes = cube["batch_size"].values
+    regular = not bool(cube.isnull().any())  # every (batch size, lr) trained at every seed
     if vectorised is None:
         vectorised = regular
     if vectorised and not regular:
         raise ValueError("vectorised bootstrap needs the same number of seeds in every (batch size, lr) cell")
     if vectorised:
-        cube = np.stack(cells).reshape(len(batch_sizes), lr_counts[0], len(cells[0]))
+        cube = cube.values
         picks = rng.integers(0, cube.shape[-1], (n_boot, *cube.shape))
         resampled = np.take_along_axis(np.broadcast_to(cube, picks.shape), picks, axis=-1)
         k = np.median(resampled, axis=-1).min(axis=-1)
     else:
         k = np.empty((n_boot, len(batch_sizes)))
         for i in range(n_boot):
-            parts = [g.iloc[rng.integers(0, len(g), len(g))] for _, g in runs.groupby(["batch_size", "lr"])]
+            # a resample draws a seed more than once: its draws are labelled by position in the cell
+            parts = [g.iloc[rng.integers(0, len(g), len(g))].assign(seed=np.arange(len(g)))
+                     for _, g in runs.groupby(["batch_size", "lr"])]  # fmt: skip
             k[i] = steps_per_batch_size(pd.concat(parts))["k"].fillna(np.inf).to_numpy()
     k[~np.isfinite(k)] = np.nan
     return batch_sizes, k

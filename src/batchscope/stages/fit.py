@@ -78,8 +78,9 @@ def read_runs(paths: Sequence[str | Path], expect: dict[str, str] | None = None)
     same_provenance(datasets, files, "training results")
     same_device(datasets, files, "training results")
     merged = xr.concat(parts, dim="run", join="outer", combine_attrs="drop_conflicts")
-    order = np.lexsort((merged["run_seed"].values, merged["run_lr"].values, merged["run_batch_size"].values))
-    return merged.isel(run=order).assign_coords(run=np.arange(merged.sizes["run"]))
+    # in (batch size, lr, seed) order, whatever order the files came in
+    merged = merged.sortby(["run_batch_size", "run_lr", "run_seed"])
+    return merged.assign_coords(run=np.arange(merged.sizes["run"]))
 
 
 # -------------------------------------------------------------------------------------- the fit stage

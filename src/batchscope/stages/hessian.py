@@ -48,8 +48,8 @@ def aggregate(hessian_paths: Sequence[str | Path], fit_path: str | Path, workloa
         parts.append(ds.drop_vars(["slq_nodes", "slq_weights"]).expand_dims("run").assign_coords(keys))
     same_provenance(datasets, files, "Hessian results")
     runs = xr.concat(parts, dim="run", combine_attrs="drop_conflicts")
-    order = np.lexsort((runs["run_seed"].values, runs["run_lr"].values, runs["run_batch_size"].values))
-    runs = runs.isel(run=order).assign_coords(run=np.arange(runs.sizes["run"]))
+    runs = runs.sortby(["run_batch_size", "run_lr", "run_seed"])
+    runs = runs.assign_coords(run=np.arange(runs.sizes["run"]))
 
     fit = read_expected(fit_path, "fit_scaling", ("best_lr", "run_at_best_lr", "gap_accuracy", "gap_loss"), expect)
     keys_of = ("run_batch_size", "run_lr", "run_seed")
