@@ -11,12 +11,11 @@ max_steps).
 import pytest
 import torch
 
-from batchscope import config as cfg
 from batchscope.engine import runtime
 from batchscope.engine import training as train_module
 from batchscope.engine.training import Snapshots, _pick_snapshots, train
-from batchscope.stages import train as stage_train
 from batchscope.workloads.base import build
+from tests.test_train import spec as train_spec
 
 CPU = torch.device("cpu")
 FRACTIONS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -24,24 +23,8 @@ INTERVAL = 5
 
 
 def spec(max_steps):
-    config = cfg.validate(
-        {
-            "device": "cpu",
-            "grid": {"batch_sizes": [32]},
-            "workloads": {
-                "w": {
-                    "dataset": {"name": "digits"},
-                    "model": {"name": "mlp", "widths": [32]},
-                    "target": {"metric": "val_accuracy", "value": 0.9},
-                    "max_steps": max_steps,
-                    "eval_interval": INTERVAL,
-                    "stop_at_target": False,
-                    "learning_rates": [0.1],
-                }
-            },
-        }
-    )
-    return stage_train.config_slice(config, "w")
+    """The digits MLP of tests/test_train.py, run for ``max_steps`` without stopping at the target."""
+    return train_spec(max_steps=max_steps, eval_interval=INTERVAL, stop_at_target=False)
 
 
 @pytest.fixture(autouse=True)
