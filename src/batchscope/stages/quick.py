@@ -16,6 +16,7 @@ Snakemake's benchmark files, and the same in units of the reference run.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from typing import Any
@@ -28,6 +29,8 @@ from batchscope.stages import Command, Rule, _common, noise, profile
 from batchscope.store import job_seconds, netcdf_files, read_netcdf
 
 log = logging.getLogger("batchscope")
+BOOTSTRAP = 200  # resamples of the profiling rounds for tau_f / tau_d's interval
+RATIO_SPREAD_MAX = 4.0  # an interval of tau_f / tau_d wider than 4x (b_opt unsure by 2x) is flagged
 
 
 def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
@@ -83,6 +86,28 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     ds["b_crit_band"] = ("bound", band, {"units": "examples", "long_name": "B_noise over the run (after step 0)"})
     ds["b_opt_band"] = ("bound", opt_band, {"units": "examples", "long_name": "b_opt over the run, capped"})
     ds["b_opt"] = ((), point, {"units": "examples", "long_name": "the median snapshot's b_opt, capped"})
+    # how well the profile pins tau_f / tau_d: the fit's bootstrap over the profiling rounds (paired when one job
+    # timed every size), as the full fit's; b_opt moves with its square root
+    t_round = profiles["profile_t_iter_round"].values[grid]
+    boot = scaling.round_bootstrap(t_round, BOOTSTRAP, np.random.default_rng(0), bool(profiles.attrs["paired_rounds"]))
+    fits = [scaling.fit_step_time(sizes[grid], row) for row in boot if np.isfinite(row).all()]
+    ratios = np.array([f.intercept / f.slope if f.slope > 0 else np.inf for f in fits])
+    ratio_ci = np.quantile(ratios, [0.025, 0.975]) if len(ratios) else np.array([np.nan, np.nan])
+    ds["tau_ratio"] = ((), ratio, {"units": "examples", "long_name": "tau_f / tau_d"})
+    ds["tau_ratio_ci"] = ("bound", ratio_ci, {"long_name": "95% bootstrap interval over the profiling rounds"})
+    median_noise = float(np.median(b_noise[usable])) if usable.any() else math.nan
+    b_opt_ci = np.sqrt(median_noise * ratio_ci)
+    ds["b_opt_ci"] = ("bound", np.minimum(b_opt_ci, largest) if largest > 0 else b_opt_ci,
+                      {"units": "examples", "long_name": "b_opt's interval from tau_f / tau_d's, capped"})  # fmt: skip
+    notes = []
+    if not np.isfinite(ratio_ci).all() or ratio_ci[1] > RATIO_SPREAD_MAX * ratio_ci[0]:
+        notes.append(f"the profile does not pin tau_f / tau_d down (95% interval {ratio_ci[0]:.3g} to "
+                     f"{ratio_ci[1]:.3g} examples), so b_opt is unsure by the square root of that; profile more "
+                     "rounds (profile.rounds) or more batch sizes, or on a quieter machine")  # fmt: skip
+    if largest > 0 and np.isfinite(point) and point >= largest:
+        notes.append(f"b_opt is capped at the largest feasible batch size {largest}: the optimum may lie beyond what "
+                     "fits in memory")  # fmt: skip
+    ds.attrs["diagnostics"] = json.dumps(notes)
     grid_sizes = np.asarray(spec["batch_sizes"], float)
     nearest = int(grid_sizes[np.argmin(np.abs(np.log(grid_sizes / point)))]) if np.isfinite(point) else -1
     ds["nearest_grid_batch_size"] = ((), nearest, {"long_name": "the grid's batch size nearest b_opt (log scale)"})
@@ -130,7 +155,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 VARIABLES = ("b_noise", "b_opt", "b_opt_band", "b_crit_band", "tau_f", "tau_d", "total_cost_s")
-RULES = {"quick_estimate": Rule(version=1, config_slice=config_slice, variables=VARIABLES)}
+RULES = {"quick_estimate": Rule(version=2, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "quick-estimate",

@@ -258,6 +258,8 @@ def quick_rows(results: str | Path, config: dict[str, Any]) -> list[dict[str, An
             "workload": name,
             "b_opt": float(ds["b_opt"]),
             "b_opt_band": [float(x) for x in ds["b_opt_band"].values],
+            "b_opt_ci": [float(x) for x in ds["b_opt_ci"].values] if "b_opt_ci" in ds else [math.nan] * 2,
+            "diagnostics": json.loads(ds.attrs.get("diagnostics", "[]")),
             "b_crit_band": [float(x) for x in ds["b_crit_band"].values],
             "nearest_grid_batch_size": int(ds["nearest_grid_batch_size"]),
             "largest_feasible_batch_size": int(ds["largest_feasible_batch_size"]),
@@ -275,8 +277,9 @@ def format_quick(row: dict[str, Any]) -> str:
             f"  b_opt {row['b_opt']:.0f} (over the run {low:.0f} to {high:.0f}; B_noise {c_low:.3g} to {c_high:.3g}); "
             f"the grid's nearest: B = {row['nearest_grid_batch_size']}; largest feasible B "
             f"{row['largest_feasible_batch_size']}\n"
+            f"  b_opt's 95% interval from the profile's rounds: {row['b_opt_ci'][0]:.0f} to {row['b_opt_ci'][1]:.0f}\n"
             f"  it cost {row['cost_s']:.4g} device-seconds, {row['cost_in_reference_runs']:.3g} reference "
-            "runs")  # fmt: skip
+            "runs" + "".join(f"\n  warning: {note}" for note in row["diagnostics"]))  # fmt: skip
 
 
 def _strict(value: Any) -> Any:
