@@ -9,7 +9,6 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,6 @@ import xarray as xr
 from batchscope import config as cfg
 from batchscope.core import scaling
 from batchscope.stages import Command, Rule, _common, adaptive, profile, train
-from batchscope.store import netcdf_files, read_expected, same_device, same_provenance
 
 log = logging.getLogger("batchscope")
 
@@ -51,38 +49,6 @@ def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------- reading the caches
 
 
-def read_profiles(paths: Sequence[str | Path], expect: dict[str, str] | None = None) -> xr.Dataset:
-    parts, datasets = [], []
-    for path in paths:
-        ds = read_expected(path, "profile_hardware", profile.VARIABLES, expect)
-        datasets.append(ds)
-        parts.append(ds.expand_dims(profile_batch_size=[int(ds.attrs["batch_size"])]))
-    same_provenance(datasets, list(paths), "profiles")
-    same_device(datasets, list(paths), "profiles")
-    merged = xr.concat(parts, dim="profile_batch_size", combine_attrs="drop_conflicts").sortby("profile_batch_size")
-    # round r of every file is one stretch of time only when one job timed them all (profile_hardware does)
-    together = {ds.attrs.get("profiled_together") for ds in datasets}
-    merged.attrs["paired_rounds"] = int(len(together) == 1 and None not in together)
-    return merged.rename({name: f"profile_{name}" for name in merged.data_vars})
-
-
-def read_runs(paths: Sequence[str | Path], expect: dict[str, str] | None = None) -> xr.Dataset:
-    """Concatenate training points along ``run``; ``paths`` may be point files or train_model directories."""
-    parts, datasets = [], []
-    files = netcdf_files(paths, "training results")
-    for path in files:
-        ds = read_expected(path, "train_model", train.VARIABLES, expect)
-        datasets.append(ds)
-        run = xr.Dataset(coords={f"run_{k}": ("run", [ds.attrs[k]]) for k in ("batch_size", "lr", "seed")})
-        parts.append(ds.expand_dims("run").assign_coords(run.coords))
-    same_provenance(datasets, files, "training results")
-    same_device(datasets, files, "training results")
-    merged = xr.concat(parts, dim="run", join="outer", combine_attrs="drop_conflicts")
-    # in (batch size, lr, seed) order, whatever order the files came in
-    merged = merged.sortby(["run_batch_size", "run_lr", "run_seed"])
-    return merged.assign_coords(run=np.arange(merged.sizes["run"]))
-
-
 # -------------------------------------------------------------------------------------- the fit stage
 
 # Thresholds of the diagnostics (:func:`diagnose`): below them a fit, or the answer, is flagged with what to change.
@@ -109,8 +75,8 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     profiled size: its knee is what the extra sizes are there to find. Both models' b_opt (with the same K fit)
     are stored, raw and capped at the largest feasible batch size.
     """
-    profiles = read_profiles(profile_paths, expect)
-    runs = read_runs(train_paths, expect)
+    profiles = profile.read_profiles(profile_paths, expect)
+    runs = train.read_runs(train_paths, expect)
     table = pd.DataFrame(
         {k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")}
         | {"steps_to_target": runs["steps_to_target"].values}

@@ -21,7 +21,6 @@ import xarray as xr
 from batchscope import config as cfg
 from batchscope.core import scaling
 from batchscope.stages import Command, Rule, _common, profile, train
-from batchscope.stages.fit import read_runs
 from batchscope.store import netcdf_files, read_netcdf
 
 log = logging.getLogger("batchscope")
@@ -87,7 +86,7 @@ def summarize(
     ghost_hessian: dict[int, Sequence[str | Path]] | None = None,
 ) -> xr.Dataset:
     """One row per variant: BN at the small batch, BN at the large batch, GBN at each ghost size (large batch)."""
-    base = read_runs(base_runs)
+    base = train.read_runs(base_runs)
     base_lambda = _lambda_max(base_hessian) if base_hessian else None
     rows = [
         _variant(base, f"BN, B = {spec['small_batch_size']}", spec["small_batch_size"], base_lambda),
@@ -96,8 +95,8 @@ def summarize(
     step_times = [np.nan, float(read_netcdf(base_profile)["t_iter_median"])]
     for size in sorted(ghost_runs, reverse=True):
         lambdas = _lambda_max(ghost_hessian[size]) if ghost_hessian else None
-        rows.append(_variant(read_runs(ghost_runs[size]), f"GBN {size}, B = {spec['batch_size']}", spec["batch_size"],
-                             lambdas))  # fmt: skip
+        name = f"GBN {size}, B = {spec['batch_size']}"
+        rows.append(_variant(train.read_runs(ghost_runs[size]), name, spec["batch_size"], lambdas))
         step_times.append(float(read_netcdf(ghost_profiles[size])["t_iter_median"]))
     table = pd.DataFrame(rows)
     ghost_sizes = [np.nan, np.nan, *sorted(ghost_runs, reverse=True)]

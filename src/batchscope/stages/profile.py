@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+import xarray as xr
 
 from batchscope import config as cfg
 from batchscope.stages import Command, Rule, _common
+from batchscope.store import read_expected, same_device, same_provenance
 
 log = logging.getLogger("batchscope")
 
@@ -26,6 +31,23 @@ def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
         "profile": {k: v for k, v in config["profile"].items() if k != "extra_batch_sizes"},
         **cfg.execution(config),
     }
+
+
+def read_profiles(paths: Sequence[str | Path], expect: dict[str, str] | None = None) -> xr.Dataset:
+    """A workload's profiles, one per batch size, as one Dataset (dim ``profile_batch_size``); the fit and the quick
+    estimate read them."""
+    parts, datasets = [], []
+    for path in paths:
+        ds = read_expected(path, "profile_hardware", VARIABLES, expect)
+        datasets.append(ds)
+        parts.append(ds.expand_dims(profile_batch_size=[int(ds.attrs["batch_size"])]))
+    same_provenance(datasets, list(paths), "profiles")
+    same_device(datasets, list(paths), "profiles")
+    merged = xr.concat(parts, dim="profile_batch_size", combine_attrs="drop_conflicts").sortby("profile_batch_size")
+    # round r of every file is one stretch of time only when one job timed them all (profile_hardware does)
+    together = {ds.attrs.get("profiled_together") for ds in datasets}
+    merged.attrs["paired_rounds"] = int(len(together) == 1 and None not in together)
+    return merged.rename({name: f"profile_{name}" for name in merged.data_vars})
 
 
 def run(args: argparse.Namespace) -> None:

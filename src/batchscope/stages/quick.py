@@ -61,9 +61,8 @@ def _snapshots(noise_dir: str) -> xr.Dataset:
 def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> xr.Dataset:
     """The quick estimate's NetCDF: per snapshot B_noise, B_simple and their b_opt; the bands and the point."""
     from batchscope.core import scaling
-    from batchscope.stages.fit import read_profiles
 
-    profiles = read_profiles(profile_paths)
+    profiles = profile.read_profiles(profile_paths)
     sizes = profiles["profile_batch_size"].values
     feasible = profiles["profile_feasible"].values.astype(bool)
     largest = int(sizes[feasible].max()) if feasible.any() else -1

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import xarray as xr
+
 from batchscope import config as cfg
 from batchscope.stages import Command, Rule, _common
+from batchscope.store import netcdf_files, read_expected, same_device, same_provenance
 
 log = logging.getLogger("batchscope")
 
@@ -27,6 +32,23 @@ def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     wl = config["workloads"][workload]
     keys = ("optimizer", "schedule", "target", "max_steps", "eval_interval", "stop_at_target")
     return {"workload": cfg.workload_slice(config, workload), **{k: wl[k] for k in keys}, **cfg.execution(config)}
+
+
+def read_runs(paths: Sequence[str | Path], expect: dict[str, str] | None = None) -> xr.Dataset:
+    """Concatenate training points along ``run``; ``paths`` may be point files or train_model directories."""
+    parts, datasets = [], []
+    files = netcdf_files(paths, "training results")
+    for path in files:
+        ds = read_expected(path, "train_model", VARIABLES, expect)
+        datasets.append(ds)
+        run = xr.Dataset(coords={f"run_{k}": ("run", [ds.attrs[k]]) for k in ("batch_size", "lr", "seed")})
+        parts.append(ds.expand_dims("run").assign_coords(run.coords))
+    same_provenance(datasets, files, "training results")
+    same_device(datasets, files, "training results")
+    merged = xr.concat(parts, dim="run", join="outer", combine_attrs="drop_conflicts")
+    # in (batch size, lr, seed) order, whatever order the files came in
+    merged = merged.sortby(["run_batch_size", "run_lr", "run_seed"])
+    return merged.assign_coords(run=np.arange(merged.sizes["run"]))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -69,7 +91,6 @@ def surviving(lrs: list[float], first_seed_dir: str, batch_size: int) -> list[fl
     """The learning rates of ``lrs`` that survived the first seed's job at this batch size (successive halving,
     :func:`batchscope.stages.adaptive.survivors`), in the order given."""
     from batchscope.stages import adaptive
-    from batchscope.stages.fit import read_runs
 
     runs = read_runs([first_seed_dir])
     if set(runs["run_batch_size"].values.tolist()) != {batch_size}:
