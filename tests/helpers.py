@@ -47,7 +47,8 @@ def compare_results(reference: Path, other: Path, workload_fits: list[str]) -> i
     checkpoint's weights too; returns the number of NetCDF files compared. Fits, ghost summaries, quick estimates
     and the report depend on timings throughout and are compared through their timing-free part (K(B), best lr;
     the noise scales) only."""
-    skip = ("results/fit/", "results/benchmarks/", "results/report/", "results/ghost/", "results/quick/")
+    skip = ("results/fit/", "results/benchmarks/", "results/report/", "results/ghost/", "results/quick/",
+            "results/reuse/")  # the last: analyses kept for reuse, a cache rather than a result  # fmt: skip
     files = [p for p in sorted((reference / "results").rglob("*.nc")) if not any(s in str(p) for s in skip)]
     for path in files:
         name_in_run = path.relative_to(reference)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> None:
     for path in progress(checkpoints, desc="checkpoints"):
         checkpoint = torch.load(path, map_location=device)
         out = out_dir / f"B{checkpoint['batch_size']}_{path.stem}.nc"
-        kept = _reuse_file(args.reuse, path, spec)
+        kept = _reuse_file(args.reuse, checkpoint, spec)
         if kept is not None and kept.is_file():
             try:  # the same checkpoint's bytes, analysed with the same settings and algorithm version
                 store.write_netcdf(store.read_netcdf(kept, "analyze_hessian", RULES["analyze_hessian"].variables,
@@ -179,14 +180,20 @@ def run(args: argparse.Namespace) -> None:
     log.info("%d of %d checkpoints analysed before with these settings: reused", reused, len(checkpoints))
 
 
-def _reuse_file(directory: str | None, checkpoint: Path, spec: dict) -> Path | None:
-    """Where a checkpoint's analysis is kept for reuse, named by what decides it: the checkpoint's bytes, the
-    stage's config slice and its algorithm version. The job analyses a (workload, seed)'s checkpoints at every
-    batch size (job starts cost more than a checkpoint's analysis), so adding a batch size reruns it; the
-    checkpoints it analysed before are then read back, not analysed again (on a GPU study, hours)."""
+def _reuse_file(directory: str | None, checkpoint: dict, spec: dict) -> Path | None:
+    """Where a checkpoint's analysis is kept for reuse, named by what decides it: the checkpoint's weights and
+    workload, the stage's config slice and its algorithm version (not the file's bytes: a rewritten file of the
+    same weights differs in its archive's name). The job analyses a (workload, seed)'s checkpoints at every batch
+    size (job starts cost more than a checkpoint's analysis), so adding a batch size reruns it; the checkpoints it
+    analysed before are then read back, not analysed again (on a GPU study, hours)."""
+    import torch
+
     if directory is None:
         return None
-    digest = hashlib.sha256(checkpoint.read_bytes())
+    digest = hashlib.sha256(json.dumps(checkpoint["workload"], sort_keys=True).encode())
+    for name, tensor in sorted(checkpoint["state_dict"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     digest.update(f"{cfg.config_hash(spec)}:{RULES['analyze_hessian'].version}".encode())
     return Path(directory) / f"{digest.hexdigest()[:24]}.nc"
 
