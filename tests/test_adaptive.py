@@ -122,24 +122,35 @@ def test_a_run_is_stopped_at_the_best_runs_steps_and_flagged():
     assert not bool(best["pruned"]) and math.isnan(float(best["prune_at"]))
 
 
-def _train_job(out, lrs, seed, **options):
+def _train_job(outs, lrs, seeds, adaptive=False):
     args = argparse.Namespace(spec=json.dumps(spec()), config=None, workload=None, data=None, batch_size=32,
-                              lrs=lrs, seeds=[seed], snapshot_lr=None, snapshot_fractions=None, out=str(out),
-                              prune=options.get("prune", False), survivors_of=options.get("survivors_of"))  # fmt: skip
+                              lrs=lrs, seeds=seeds, snapshot_lr=None, snapshot_fractions=None,
+                              out=[str(out) for out in outs], adaptive=adaptive)  # fmt: skip
     stage_train.run(args)
-    return {float(read_netcdf(p).attrs["lr"]): read_netcdf(p) for p in sorted(out.glob("*.nc"))}
+    return [{float(read_netcdf(p).attrs["lr"]): read_netcdf(p) for p in sorted(out.glob("*.nc"))} for out in outs]
 
 
-def test_the_first_seeds_job_prunes_and_a_later_seed_trains_the_survivors(tmp_path):
-    first = _train_job(tmp_path / "seed0", [0.1, 0.01, 0.3], 0, prune=True)
+def test_the_first_seed_prunes_and_the_later_seeds_train_the_survivors_in_one_job(tmp_path):
+    first, later, last = _train_job([tmp_path / f"seed{s}" for s in (0, 1, 2)], [0.1, 0.01, 0.3], [0, 1, 2], True)
     assert not bool(first[0.1]["pruned"]) and math.isnan(float(first[0.1]["prune_at"]))  # the first is unbounded
     assert bool(first[0.01]["pruned"]) and int(first[0.01]["steps_done"]) == int(first[0.1]["steps_to_target"])
     steps = {lr: float(ds["steps_to_target"]) for lr, ds in first.items()}
-    later = _train_job(tmp_path / "seed1", [0.1, 0.01, 0.3], 1, survivors_of=str(tmp_path / "seed0"))
-    assert sorted(later) == adaptive.survivors(steps) and not any(bool(ds["pruned"]) for ds in later.values())
+    survivors = adaptive.survivors(steps)
+    assert len(survivors) < 3  # pruning left something out, or this test would not test it
+    for runs, seed in ((later, 1), (last, 2)):
+        assert sorted(runs) == survivors and not any(bool(ds["pruned"]) for ds in runs.values())
+        assert {int(ds.attrs["seed"]) for ds in runs.values()} == {seed}  # each seed in its own directory
+    # the full grid's job, same points: every lr at every seed, nothing pruned, and the same unpruned runs bitwise
+    (full,) = _train_job([tmp_path / "full"], [0.1, 0.01, 0.3], [0])
+    assert len(full) == 3 and not any(bool(ds["pruned"]) for ds in full.values())
+    np.testing.assert_array_equal(full[0.1]["val_metric"].values, first[0.1]["val_metric"].values)
 
 
-# ---------------------------------------------------------------------------------------------- the fit
+def test_the_train_command_refuses_out_directories_that_do_not_match_the_seeds(tmp_path):
+    with pytest.raises(SystemExit, match="--out names 2 directories for 3 seeds"):
+        _train_job([tmp_path / "a", tmp_path / "b"], [0.1], [0, 1, 2])
+    with pytest.raises(SystemExit, match=r"--seeds \[0, 0\] repeats a seed"):
+        _train_job([tmp_path / "a", tmp_path / "b"], [0.1], [0, 0])
 
 
 def test_the_fit_reads_the_adaptive_studys_irregular_runs(tmp_path):

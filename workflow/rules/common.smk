@@ -110,23 +110,6 @@ def learning_rates(wildcards):
     return " ".join(bs_config.format_lr(lr) for lr in lrs)
 
 
-def first_seed_dir(wildcards):
-    """Adaptive study, a later seed's training: the first seed's job at the same batch size, whose results decide
-    which learning rates survive (successive halving). Nothing otherwise."""
-    if not ADAPTIVE or int(wildcards.seed) == SEEDS[0]:
-        return []
-    return rules.train_model.output[0].format(
-        workload=wildcards.workload, batch_size=wildcards.batch_size, seed=SEEDS[0]
-    )
-
-
-def adaptive_training(wildcards, input):
-    """The train command's adaptive options: the first seed prunes, a later seed trains the survivors."""
-    if not ADAPTIVE:
-        return ""
-    return f"--survivors-of {input.survivors}" if input.survivors else "--prune"
-
-
 def trained_batch_sizes(workload):
     """The batch sizes a workload's answer trains: the grid (study: full), or the bracket the choose_batch_sizes
     checkpoint picked around the quick b_opt (study: adaptive; read from its file once it exists)."""
@@ -261,9 +244,16 @@ def answer_benchmarks(wildcards):
         jobs["measure_gradient_noise"] = [rules.measure_gradient_noise.benchmark.format(workload=w)]
         jobs["quick_estimate"] = [rules.quick_estimate.benchmark.format(workload=w)]
         jobs["choose_batch_sizes"] = [rules.choose_batch_sizes.benchmark.format(workload=w)]
-    sizes = trained_batch_sizes(w)
-    jobs["train_model"] = expand(rules.train_model.benchmark, workload=w, batch_size=sizes, seed=SEEDS)
+    jobs["train_model"] = train_benchmarks(w, trained_batch_sizes(w))
     return jobs
+
+
+def train_benchmarks(workload, sizes):
+    """The benchmark files of a workload's training jobs at ``sizes``: one per (batch size, seed), or in the
+    adaptive study one per batch size (train_batch_size). The cost tables list both as train_model."""
+    if ADAPTIVE:
+        return expand(rules.train_batch_size.benchmark, workload=workload, batch_size=sizes)
+    return expand(rules.train_model.benchmark, workload=workload, batch_size=sizes, seed=SEEDS)
 
 
 def branch_files(wildcards):
@@ -297,13 +287,7 @@ def job_benchmarks(wildcards):
     jobs = {
         "prepare_data": expand(rules.prepare_data.benchmark, workload=w),
         "profile_hardware": expand(rules.profile_hardware.benchmark, workload=w),
-        "train_model": [
-            path
-            for name in w
-            for path in expand(
-                rules.train_model.benchmark, workload=name, batch_size=analysed_batch_sizes(name), seed=SEEDS
-            )
-        ],
+        "train_model": [path for name in w for path in train_benchmarks(name, analysed_batch_sizes(name))],
         "train_reference": expand(rules.train_reference.benchmark, workload=w),
         "quick_estimate": expand(rules.quick_estimate.benchmark, workload=w),
         "fit_scaling": expand(rules.fit_scaling.benchmark, workload=w),

@@ -1,13 +1,11 @@
 # One job per (workload, batch size, seed) trains that point's learning-rate grid: a digits run takes ~0.2 s
 # while a job's process start costs ~2.5 s. Each (lr, seed) point is still its own NetCDF + checkpoint in the
 # job's directory. Adding a seed or a batch size schedules only new jobs; the lr list is a param, so changing
-# it reruns only that workload's training. In the adaptive study (study: adaptive) the first seed's job prunes
-# (each run capped at the best run's steps so far) and a later seed's job reads the first seed's results at the
-# same batch size to train only the surviving learning rates.
+# it reruns only that workload's training. The adaptive study trains a batch size's seeds in one job instead
+# (train_batch_size, below).
 rule train_model:
     input:
         data=rules.prepare_data.output[0],
-        survivors=first_seed_dir,
     output:
         directory("results/train/{workload}/B{batch_size}/seed{seed}"),
     log:
@@ -24,12 +22,46 @@ rule train_model:
     params:
         spec=config_slice("train_model"),
         lrs=learning_rates,
-        adaptive=adaptive_training,
         version=STAGES["train_model"].version,
     shell:
         "python -m batchscope train --spec {params.spec:q} --data {input.data}"
-        " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {wildcards.seed} {params.adaptive}"
+        " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {wildcards.seed}"
         " --out {output} > {log} 2>&1"
+
+
+# The adaptive study (study: adaptive): one job per chosen batch size trains every seed, into the same per-seed
+# directories as train_model. The seeds run in order anyway: the first seed tries the learning rates, likely best
+# first, each run capped at the best run's steps so far; the later seeds train the surviving learning rates. One
+# job rather than one per seed saves a process start (~3.5 s, more than a digits run) per later seed.
+if ADAPTIVE:
+
+    rule train_batch_size:
+        input:
+            data=rules.prepare_data.output[0],
+        output:
+            directory(expand("results/train/{{workload}}/B{{batch_size}}/seed{seed}", seed=SEEDS)),
+        log:
+            "logs/train_batch_size/{workload}/B{batch_size}.log",
+        benchmark:
+            "results/benchmarks/train_batch_size/{workload}/B{batch_size}.tsv"
+        conda:
+            "../envs/batchscope.yaml"
+        threads: config["threads"]
+        resources:
+            gpu=GPU,
+            mem_mb=config["mem_mb"],
+            runtime=60 * len(SEEDS),
+        params:
+            spec=config_slice("train_model"),
+            lrs=learning_rates,
+            seeds=" ".join(str(seed) for seed in SEEDS),
+            version=STAGES["train_model"].version,
+        shell:
+            "python -m batchscope train --spec {params.spec:q} --data {input.data}"
+            " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {params.seeds} --adaptive"
+            " --out {output} > {log} 2>&1"
+
+    ruleorder: train_batch_size > train_model
 
 
 # The reference run: one (batch size, learning rate, seed) point of the grid (noise.reference_*), trained once more

@@ -1,15 +1,16 @@
 """Stage ``train_model``: train every (learning rate, seed) point of one batch size to the target (the loop is
 :mod:`batchscope.engine.training`); one NetCDF and one checkpoint per point.
 
-The adaptive study (:mod:`batchscope.stages.adaptive`) adds two options: ``--prune`` caps each run at the steps
-the best run of the job (same seed) took to the target so far, and ``--survivors-of DIR`` trains only the learning
-rates whose run in DIR (the first seed's job at the same batch size) reached the target in the fewest steps.
+The adaptive study (:mod:`batchscope.stages.adaptive`) trains a batch size's seeds in one job (``--adaptive``,
+one ``--out`` directory per seed): the first seed's runs are each capped at the steps of the best run so far, and
+the later seeds train only the learning rates whose first-seed run reached the target in the fewest steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,48 +54,70 @@ def read_runs(paths: Sequence[str | Path], expect: dict[str, str] | None = None)
 
 def run(args: argparse.Namespace) -> None:
     """Train every (lr, seed) point at one batch size in one process: a run costs ~0.2 s on digits while a
-    process start (torch, xarray, torch.optim's dynamo import) costs ~2.5 s, so the workflow gives each job a
-    seed's whole learning-rate grid. Each point still gets its own NetCDF and checkpoint."""
+    process start (torch, xarray, torch.optim's dynamo import) costs ~3.5 s, so the workflow gives each job a
+    seed's whole learning-rate grid (the adaptive study: every seed's). Each point still gets its own NetCDF and
+    checkpoint: in ``--out``'s one directory, or with one directory per seed, in its seed's."""
+    if (args.snapshot_lr is None) != (args.snapshot_fractions is None):
+        raise SystemExit("train: --snapshot-lr and --snapshot-fractions go together")
+    if len(args.out) not in (1, len(args.seeds)):
+        raise SystemExit(f"train: --out names {len(args.out)} directories for {len(args.seeds)} seeds "
+                         "(give one, or one per seed)")  # fmt: skip
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"train: --seeds {args.seeds} repeats a seed")
+    spec = _common.spec(args, config_slice)
+    device = _common.runtime(spec)
+    out_dirs = [Path(out) for out in args.out] * (len(args.seeds) if len(args.out) == 1 else 1)
+    if not args.adaptive:
+        for lr in args.lrs:  # lr outer, as before: a seed's runs of one lr follow each other
+            for seed, out_dir in zip(args.seeds, out_dirs, strict=True):
+                _train_point(args, spec, device, lr, seed, out_dir)
+        return
+    # the adaptive study: the first seed tries every lr, each run capped at the steps of its best run so far
+    # (a run that has taken as many steps without reaching the target cannot win); the later seeds train the
+    # learning rates that survived, in full (K(B) is a median over seeds, which a per-seed bound could bias)
+    best = math.nan
+    for lr in args.lrs:
+        ds = _train_point(args, spec, device, lr, args.seeds[0], out_dirs[0], None if math.isnan(best) else int(best))
+        steps = float(ds["steps_to_target"])
+        if not math.isnan(steps):  # reached: with the bound on, a run that reaches the target is at least as fast
+            best = steps if math.isnan(best) else min(best, steps)
+    if len(args.seeds) > 1:
+        kept = surviving(args.lrs, out_dirs[0], args.batch_size)
+        for seed, out_dir in zip(args.seeds[1:], out_dirs[1:], strict=True):
+            for lr in kept:
+                _train_point(args, spec, device, lr, seed, out_dir)
+
+
+def _train_point(args, spec: dict, device, lr: float, seed: int, out_dir: Path, bound: int | None = None):
+    """One (lr, seed) point, written to ``out_dir``: its NetCDF (written last: it marks the point done), its
+    checkpoint, and at the snapshot lr its weights along the run."""
     from batchscope import store
     from batchscope.engine.training import point_name, train
 
-    if (args.snapshot_lr is None) != (args.snapshot_fractions is None):
-        raise SystemExit("train: --snapshot-lr and --snapshot-fractions go together")
-    spec = _common.spec(args, config_slice)
-    lrs = args.lrs if args.survivors_of is None else surviving(args.lrs, args.survivors_of, args.batch_size)
-    device = _common.runtime(spec)
-    out_dir = Path(args.out)
+    fractions = args.snapshot_fractions if args.snapshot_lr is not None and lr == args.snapshot_lr else None
+    ds, checkpoint = train(spec, args.batch_size, lr, seed, device, fractions, data_file=args.data, prune_at=bound)
+    snapshots = checkpoint.pop("snapshots", None)
+    ds.attrs.update(store.provenance("train_model", spec, device=str(device)))
+    name = point_name(lr, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    best: dict[int, float] = {}  # seed -> the fewest steps to the target of this job's runs so far (--prune)
-    for lr in lrs:
-        for seed in args.seeds:
-            fractions = args.snapshot_fractions if args.snapshot_lr is not None and lr == args.snapshot_lr else None
-            bound = int(best[seed]) if args.prune and seed in best else None
-            ds, checkpoint = train(spec, args.batch_size, lr, seed, device, fractions, data_file=args.data,
-                                   prune_at=bound)  # fmt: skip
-            steps = float(ds["steps_to_target"])
-            if steps == steps:  # reached: with the bound on, a run that reaches the target is at least as fast
-                best[seed] = min(best.get(seed, steps), steps)
-            snapshots = checkpoint.pop("snapshots", None)
-            ds.attrs.update(store.provenance("train_model", spec, device=str(device)))
-            name = point_name(lr, seed)
-            if snapshots:  # weights along the run, for the gradient-noise stage (not a .pt: not a checkpoint)
-                store.save_torch({**checkpoint, "snapshots": snapshots}, out_dir / f"{name}.snapshots")
-            store.save_torch(checkpoint, out_dir / f"{name}.pt")  # weights first: the .nc marks the point done
-            store.write_netcdf(ds, out_dir / f"{name}.nc")
-            log.info("B=%d lr=%g seed=%d: steps_to_target=%s diverged=%s out_of_memory=%s pruned=%s (bound %s), "
-                     "%.2f s", args.batch_size, lr, seed, steps, bool(ds["diverged"]), bool(ds["out_of_memory"]),
-                     bool(ds["pruned"]), bound, float(ds["wall_time"]))  # fmt: skip
+    if snapshots:  # weights along the run, for the gradient-noise stage (not a .pt: not a checkpoint)
+        store.save_torch({**checkpoint, "snapshots": snapshots}, out_dir / f"{name}.snapshots")
+    store.save_torch(checkpoint, out_dir / f"{name}.pt")  # weights first: the .nc marks the point done
+    store.write_netcdf(ds, out_dir / f"{name}.nc")
+    log.info("B=%d lr=%g seed=%d: steps_to_target=%s diverged=%s out_of_memory=%s pruned=%s (bound %s), %.2f s",
+             args.batch_size, lr, seed, float(ds["steps_to_target"]), bool(ds["diverged"]),
+             bool(ds["out_of_memory"]), bool(ds["pruned"]), bound, float(ds["wall_time"]))  # fmt: skip
+    return ds
 
 
-def surviving(lrs: list[float], first_seed_dir: str, batch_size: int) -> list[float]:
-    """The learning rates of ``lrs`` that survived the first seed's job at this batch size (successive halving,
+def surviving(lrs: list[float], first_seed_dir: str | Path, batch_size: int) -> list[float]:
+    """The learning rates of ``lrs`` that survived the first seed's runs at this batch size (successive halving,
     :func:`batchscope.stages.adaptive.survivors`), in the order given."""
     from batchscope.stages import adaptive
 
     runs = read_runs([first_seed_dir])
     if set(runs["run_batch_size"].values.tolist()) != {batch_size}:
-        raise ValueError(f"--survivors-of {first_seed_dir}: runs at batch sizes "
+        raise ValueError(f"{first_seed_dir}: runs at batch sizes "
                          f"{sorted(set(runs['run_batch_size'].values.tolist()))}, not {batch_size}")  # fmt: skip
     steps = dict(zip(runs["run_lr"].values.tolist(), runs["steps_to_target"].values.tolist(), strict=True))
     kept = {cfg.format_lr(lr) for lr in adaptive.survivors(steps)}
@@ -113,22 +136,22 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snapshot-fractions", type=float, nargs="+", help="with --snapshot-lr: where along the run "
                         "(noise.snapshot_fractions)")  # fmt: skip
     parser.add_argument(
-        "--prune",
+        "--adaptive",
         action="store_true",
-        help="adaptive study: stop each run at the steps the best "
-        "run of this job (same seed) took to the target; it is recorded as pruned, not reached",
-    )
-    parser.add_argument(
-        "--survivors-of",
-        metavar="DIR",
-        help="adaptive study: train only the learning rates whose "
-        "run in DIR (the first seed's job at this batch size) reached the target in the fewest steps",
+        help="adaptive study: the first seed tries the learning rates in the order given, each run stopped at the "
+        "steps its best run so far took to the target (recorded as pruned, not reached); the later seeds train the "
+        "learning rates that reached the target in the fewest steps",
     )
 
 
 RULES = {"train_model": Rule(version=4, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
-        "train", "train (lr, seed) points at one batch size; --out is a directory", run, _arguments, spec=config_slice
+        "train",
+        "train (lr, seed) points at one batch size; --out: a directory, or one per seed",
+        run,
+        _arguments,
+        spec=config_slice,
+        outputs="+",
     ),  # fmt: skip
 )
