@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from reference import per_example_loop
 
 from batchscope import config
 from batchscope.core import noise
@@ -39,12 +40,7 @@ def main() -> None:
     x, y = x_train[index], y_train[index]
 
     def loop():
-        norms = []
-        for n in range(BATCH):
-            model.zero_grad(set_to_none=True)
-            loss(model(x[n : n + 1]), y[n : n + 1]).backward()
-            norms.append(sum(float((p.grad**2).sum()) for p in model.parameters()))
-        return torch.tensor(norms)
+        return per_example_loop(model, loss, x, y)
 
     paths = {
         "loop": loop,

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from reference import per_example_loop
 from torch import nn
 
 from batchscope.core import noise
@@ -52,12 +53,7 @@ def main() -> None:
     loss = nn.functional.cross_entropy
 
     def loop():
-        norms = []
-        for n in range(BATCH):
-            model.zero_grad(set_to_none=True)
-            loss(model(x[n : n + 1]), y[n : n + 1]).backward()
-            norms.append(sum(float((p.grad**2).sum()) for p in model.parameters()))
-        return torch.tensor(norms)
+        return per_example_loop(model, loss, x, y)
 
     def batch_step():
         model.zero_grad(set_to_none=True)
