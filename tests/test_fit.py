@@ -8,6 +8,7 @@ import pytest
 
 from batchscope.core import scaling
 from batchscope.stages import fit
+from batchscope.store import ENGINE
 
 
 def test_step_time_fit_recovers_tau_f_and_tau_d():
@@ -235,7 +236,7 @@ def test_a_slow_spell_of_the_machine_moves_no_answer(tmp_path):
 
     def write(together):
         for path in profiles:
-            b = xr.open_dataset(path, engine="h5netcdf").load().attrs["batch_size"]
+            b = xr.open_dataset(path, engine=ENGINE).load().attrs["batch_size"]
             times = np.outer(drift, np.ones(3)) * (tau_f + tau_d * b)
             write_netcdf(profile_dataset(b, times, together), path)
         return fit.fit_scaling(profiles, runs, SPEC, "synthetic")
@@ -264,7 +265,7 @@ def test_a_size_slowed_alone_is_reported_as_noisy_timing(tmp_path):
     profiles, runs = _write_synthetic_caches(tmp_path, 40.0, 2400.0, 2.5e-4, 1.1e-6, _NoNoise())
     sizes = [8, 16, 32, 64, 128, 256, 512]
     for path in profiles:
-        b = xr.open_dataset(path, engine="h5netcdf").load().attrs["batch_size"]
+        b = xr.open_dataset(path, engine=ENGINE).load().attrs["batch_size"]
         alone = np.array([1.0, 1.0, 1.6, 1.0, 1.4, 1.0]) if b == 64 else np.ones(6)  # B = 64 slowed alone
         write_netcdf(profile_dataset(b, np.outer(alone, np.ones(3)) * (2.5e-4 + 1.1e-6 * b), sizes), path)
     ds = fit.fit_scaling(profiles, runs, SPEC, "synthetic")
@@ -291,7 +292,7 @@ def test_diagnostics_name_what_to_change(tmp_path):
     from batchscope.store import write_netcdf
 
     for path in profiles:
-        b = xr.open_dataset(path, engine="h5netcdf").load().attrs["batch_size"]
+        b = xr.open_dataset(path, engine=ENGINE).load().attrs["batch_size"]
         write_netcdf(profile_dataset(b, np.full((3, 3), 1e-3 * max(1.0, (b / 128) ** 2))), path)
     ds = fit.fit_scaling(profiles, runs, SPEC, "synthetic")
     assert any(note.startswith("poor T_iter fit") for note in fit.diagnose(ds))

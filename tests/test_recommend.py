@@ -10,7 +10,7 @@ from batchscope import cli
 from batchscope.core import scaling
 from batchscope.stages import fit
 from batchscope.stages.recommend import CacheError, recommendations
-from batchscope.store import provenance, write_netcdf
+from batchscope.store import ENGINE, provenance, write_netcdf
 from tests.test_fit import SPEC, _NoNoise, _write_synthetic_caches
 
 N_ITER, C_VAR, TAU_F, TAU_D = 40.0, 2400.0, 2.5e-4, 1.1e-6
@@ -72,7 +72,7 @@ def test_missing_and_inconsistent_caches(results, tmp_path):
         recommendations(tmp_path, everything=True)
     mixed = tmp_path / "mixed"
     for name, version in (("a", "0.0.9"), ("b", "0.1.0")):
-        ds = xr.open_dataset(results / "fit" / "synthetic.nc", engine="h5netcdf").load()
+        ds = xr.open_dataset(results / "fit" / "synthetic.nc", engine=ENGINE).load()
         ds.attrs.update(workload=name, batchscope_version=version)
         write_netcdf(ds, mixed / "fit" / f"{name}.nc")
     with pytest.raises(CacheError, match="different batchscope or algorithm versions"):

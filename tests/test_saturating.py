@@ -18,7 +18,7 @@ from batchscope import figures as report  # noqa: E402
 from batchscope.core import scaling  # noqa: E402
 from batchscope.stages import fit  # noqa: E402
 from batchscope.stages.recommend import recommend_row  # noqa: E402
-from batchscope.store import provenance, write_netcdf  # noqa: E402
+from batchscope.store import ENGINE, provenance, write_netcdf  # noqa: E402
 from tests.test_fit import SPEC, _NoNoise, _write_synthetic_caches  # noqa: E402
 
 SIZES = 2.0 ** np.arange(3, 16)  # 8 to 32768, as a GPU study's grid plus extra sizes
@@ -196,7 +196,7 @@ def test_two_profiled_sizes_leave_the_saturating_model_empty(tmp_path):
     import xarray as xr
 
     profiles, runs = _write_synthetic_caches(tmp_path, 40.0, 2400.0, 2.5e-4, 1.1e-6, _NoNoise())
-    keep = [p for p in profiles if xr.open_dataset(p, engine="h5netcdf").attrs["batch_size"] in (8, 512)]
+    keep = [p for p in profiles if xr.open_dataset(p, engine=ENGINE).attrs["batch_size"] in (8, 512)]
     ds = fit.fit_scaling(keep, [r for r in runs if r.name in ("B8", "B512")], SPEC, "synthetic")
     assert np.isnan(float(ds["b_opt_sat"])) and np.isnan(float(ds["sat_b_knee"]))
     assert np.isfinite(float(ds["b_opt"]))

