@@ -145,3 +145,31 @@ def test_the_interval_of_tau_f_over_tau_d_says_how_sure_b_opt_is(tmp_path):
     low, high = noisy["tau_ratio_ci"].values
     assert not high < 4 * low
     assert any("does not pin tau_f / tau_d down" in note for note in json.loads(noisy.attrs["diagnostics"]))
+
+
+def test_the_quick_estimate_and_the_choice_run_without_torch(tmp_path):
+    """Light stages never import torch (its import is 1.6 s of a 2.8 s job); their files carry no torch version,
+    which only a job that ran torch records."""
+    import subprocess
+    import sys
+
+    profiles, noise_dir = write_caches(tmp_path)
+    out, choice = tmp_path / "quick.nc", tmp_path / "choice.nc"
+    spec = {**SPEC, "inputs": {}}
+    choose_spec = {"batch_sizes": GRID, "neighbours": 1, "inputs": {"quick_estimate": cfg.config_hash(spec)}}
+    script = (
+        "import sys\nfrom batchscope import cli\n"
+        f"assert cli.main(['quick-estimate', '--spec', {json.dumps(spec)!r}, '--workload', 'w', '--profiles', "
+        f"*{profiles!r}, '--noise', {noise_dir!r}, '--out', {str(out)!r}]) in (0, None)\n"
+        f"assert cli.main(['choose-batch-sizes', '--spec', {json.dumps(choose_spec)!r}, '--workload', 'w', "
+        f"'--quick', {str(out)!r}, '--out', {str(choice)!r}]) in (0, None)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
+    from batchscope.stages import adaptive
+    from batchscope.store import read_netcdf
+
+    assert "torch_version" not in read_netcdf(out).attrs
+    assert adaptive.read_choice(str(choice)) == GRID  # b_opt ~ 100 on a grid of three: all of it
