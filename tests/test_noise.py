@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from batchscope.config import filled
-from batchscope.core import noise
+from batchscope.core import jensen, noise
 from batchscope.workloads import data
 from batchscope.workloads.models import cnn, mlp
 
@@ -91,10 +91,10 @@ def test_two_batch_estimate_is_within_15_percent_of_per_example():
 
 @pytest.mark.parametrize("m", [15, 30, 100])
 def test_jensen_bias_matches_the_inverse_wishart_mean(m):
-    from batchscope.workloads.data import linreg_covariance
+    from batchscope.core.jensen import linreg_covariance
 
     p = 10
-    result = noise.jensen_linreg(linreg_covariance(p, 30.0, 0), [m], draws=4000, rng=np.random.default_rng(m))
+    result = jensen.jensen_linreg(linreg_covariance(p, 30.0, 0), [m], draws=4000, rng=np.random.default_rng(m))
     assert result.analytic[0] == pytest.approx((p + 1) / (m - p - 1))
     assert abs(result.relative_bias[0] - result.analytic[0]) < 3 * result.relative_bias_se[0]
     assert result.min_eigenvalue[0] > 0  # E[H_m^-1] - H^-1 is positive definite: Jensen
@@ -102,8 +102,8 @@ def test_jensen_bias_matches_the_inverse_wishart_mean(m):
 
 def test_inverse_wishart_needs_enough_samples():
     with pytest.raises(ValueError, match="m > p \\+ 1"):
-        noise.inverse_wishart_bias(10, 11)
-    assert math.isclose(noise.inverse_wishart_bias(10, 22), 1.0)
+        jensen.inverse_wishart_bias(10, 11)
+    assert math.isclose(jensen.inverse_wishart_bias(10, 22), 1.0)
 
 
 # ------------------------------------------------------------------ jensen_subspace on an exact Hessian
@@ -112,7 +112,7 @@ def test_inverse_wishart_needs_enough_samples():
 def linreg_population(n, p, seed):
     """x ~ N(0, S) rows (S of condition 10) and y = x w* + noise, and ``hessian_of``: the autograd Hessian of the
     mean squared error of a bias-free linear model, exact for a quadratic loss (it is 2 X^T X / m at any w)."""
-    from batchscope.workloads.data import linreg_covariance
+    from batchscope.core.jensen import linreg_covariance
 
     covariance = linreg_covariance(p, 10.0, seed)
     rng = np.random.default_rng(seed)

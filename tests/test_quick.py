@@ -147,14 +147,15 @@ def test_the_interval_of_tau_f_over_tau_d_says_how_sure_b_opt_is(tmp_path):
     assert any("does not pin tau_f / tau_d down" in note for note in json.loads(noisy.attrs["diagnostics"]))
 
 
-def test_the_quick_estimate_and_the_choice_run_without_torch(tmp_path):
+def test_the_quick_estimate_the_choice_and_the_linear_regression_run_without_torch(tmp_path):
     """Light stages never import torch (its import is 1.6 s of a 2.8 s job); their files carry no torch version,
-    which only a job that ran torch records."""
+    which only a job that ran torch records. The Jensen experiment on linear regression is NumPy only."""
     import subprocess
     import sys
 
     profiles, noise_dir = write_caches(tmp_path)
-    out, choice = tmp_path / "quick.nc", tmp_path / "choice.nc"
+    out, choice, jensen = tmp_path / "quick.nc", tmp_path / "choice.nc", tmp_path / "jensen.nc"
+    linreg = {"dim": 4, "condition_number": 10.0, "seed": 0, "sizes": [8, 32], "draws": 50}
     spec = {**SPEC, "inputs": {}}
     choose_spec = {"batch_sizes": GRID, "neighbours": 1, "inputs": {"quick_estimate": cfg.config_hash(spec)}}
     script = (
@@ -163,6 +164,7 @@ def test_the_quick_estimate_and_the_choice_run_without_torch(tmp_path):
         f"*{profiles!r}, '--noise', {noise_dir!r}, '--out', {str(out)!r}]) in (0, None)\n"
         f"assert cli.main(['choose-batch-sizes', '--spec', {json.dumps(choose_spec)!r}, '--workload', 'w', "
         f"'--quick', {str(out)!r}, '--out', {str(choice)!r}]) in (0, None)\n"
+        f"assert cli.main(['jensen', '--spec', {json.dumps(linreg)!r}, '--out', {str(jensen)!r}]) in (0, None)\n"
         "print('torch' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
@@ -173,3 +175,5 @@ def test_the_quick_estimate_and_the_choice_run_without_torch(tmp_path):
 
     assert "torch_version" not in read_netcdf(out).attrs
     assert adaptive.read_choice(str(choice)) == GRID  # b_opt ~ 100 on a grid of three: all of it
+    bias = read_netcdf(jensen)  # the closed form (p + 1)/(m - p - 1) beside the Monte Carlo
+    np.testing.assert_allclose(bias["analytic"].values, [5 / 3, 5 / 27], rtol=1e-12)

@@ -4,15 +4,14 @@
   evaluation set (:func:`evaluation_data`), per example (when per-example gradients are defined) and by the
   two-batch estimator.
 - :func:`measure_variance`: unbiasedness and E|g_B - G|^2 against B at the reference run's final weights.
-- :func:`measure_jensen_linreg` / :func:`measure_jensen_subspace`: E[H_m^-1] against H^-1.
+- :func:`measure_jensen_subspace`: E[H_m^-1] against H^-1 on the trained model's top Hessian eigenvectors (the
+  linear-regression counterpart, with its closed form, is :mod:`batchscope.measure.jensen`).
 
 Every pass over the evaluation set goes in chunks of ``chunk_size`` examples, so memory is bounded by the settings
 (chunk_size, b_big, the Jensen minibatch sizes), not by the evaluation set's size (``benchmarks/memory.py``).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +20,8 @@ from torch import nn
 
 from batchscope.config import AUTO_EVAL_SIZE
 from batchscope.core import hessian, noise
+from batchscope.measure.jensen import jensen_dataset
 from batchscope.workloads.base import Workload, analysis_data, evaluation_set
-from batchscope.workloads.data import linreg_covariance
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -109,27 +108,6 @@ def measure_variance(state: dict, workload: Workload, spec: dict, device: torch.
     return ds
 
 
-def _jensen_dataset(result: noise.JensenResult) -> xr.Dataset:
-    return xr.Dataset(
-        {
-            "relative_bias": ("m", result.relative_bias, {"long_name": "tr(E[H_m^-1] H) / k - 1"}),
-            "relative_bias_se": ("m", result.relative_bias_se),
-            "min_eigenvalue": ("m", result.min_eigenvalue, {"long_name": "smallest eigenvalue of E[H_m^-1] - H^-1"}),
-            "analytic": ("m", result.analytic, {"long_name": "(p + 1) / (m - p - 1)"}),
-        },
-        coords={"m": result.m},
-    )
-
-
-def measure_jensen_linreg(spec: dict[str, Any]) -> xr.Dataset:
-    """Linear regression, x ~ N(0, Sigma) in p dimensions: Monte Carlo against the inverse-Wishart mean."""
-    covariance = linreg_covariance(spec["dim"], spec["condition_number"], spec["seed"])
-    result = noise.jensen_linreg(covariance, spec["sizes"], spec["draws"], np.random.default_rng(spec["seed"]))
-    ds = _jensen_dataset(result)
-    ds.attrs.update(dim=spec["dim"], draws=spec["draws"], condition_number=spec["condition_number"])
-    return ds
-
-
 def measure_jensen_subspace(state: dict, workload: Workload, spec: dict, device) -> xr.Dataset:
     """The trained model: the Hessian restricted to its top-k eigenvectors (Lanczos on the evaluation set,
     :func:`evaluation_data`). ``spec``: the noise.jensen settings with ``seed``, ``eval_size`` and ``chunk_size``."""
@@ -155,7 +133,7 @@ def measure_jensen_subspace(state: dict, workload: Workload, spec: dict, device)
 
     result = noise.jensen_subspace(restricted, x, y, spec["subspace_sizes"], spec["subspace_draws"],
                                    spec["damping"], np.random.default_rng(spec["seed"]))  # fmt: skip
-    ds = _jensen_dataset(result)
+    ds = jensen_dataset(result)
     ds.attrs.update(subspace="top Hessian eigenvectors (Lanczos, the evaluation set)", subspace_dim=k,
                     damping=spec["damping"], draws=spec["subspace_draws"], batchnorm_mode="eval",
                     eval_size=len(x), chunk_size=spec["chunk_size"])  # fmt: skip

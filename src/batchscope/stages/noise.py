@@ -62,18 +62,21 @@ def run(args: argparse.Namespace) -> None:
 
 
 def run_jensen(args: argparse.Namespace) -> None:
-    import torch
-
     from batchscope import store
-    from batchscope.measure.noise import measure_jensen_linreg, measure_jensen_subspace
 
-    if args.data is None:  # the linear-regression experiment needs no workload
+    if args.data is None:  # the linear-regression experiment needs no workload (nor torch)
+        from batchscope.measure.jensen import measure_jensen_linreg
+
         if args.spec is None:
             raise SystemExit("jensen without --data needs --spec (noise.jensen settings as JSON)")
         spec = json.loads(args.spec)
         ds = measure_jensen_linreg(spec)
         ds.attrs.update(store.provenance("measure_jensen_bias", spec), experiment="linreg")
     else:
+        import torch
+
+        from batchscope.measure.noise import measure_jensen_subspace
+
         spec = _common.spec(args, jensen_slice)
         device = _common.runtime(spec)
         checkpoint = torch.load(args.checkpoint, map_location=device)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from batchscope.core.jensen import linreg_covariance
+
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dims
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dim
 IDX_FILES = {
@@ -137,14 +139,6 @@ def _digits(spec: dict[str, Any]):
         x, y, test_size=spec["val_fraction"], stratify=y, random_state=spec["seed"]
     )
     return {"train": (x_tr, y_tr), "val": (x_va, y_va)}, {"task": "classification", "num_classes": 10}
-
-
-def linreg_covariance(dim: int, condition_number: float, seed: int) -> np.ndarray:
-    """The input covariance of ``linreg``: log-spaced eigenvalues from 1 down to 1/condition, random basis."""
-    rng = np.random.default_rng(seed)
-    basis, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
-    eigenvalues = np.logspace(0, -np.log10(condition_number), dim)
-    return (basis * eigenvalues) @ basis.T
 
 
 def _linreg(spec: dict[str, Any]):
