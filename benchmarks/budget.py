@@ -67,6 +67,9 @@ def spirals() -> dict:
     config["workloads"]["spirals"]["lr_scaling"]["base_lrs"] = [0.01, 0.03, 0.1]
     config["profile"].update(rounds=4, repeats=2, min_repeat_time=0.01, warmup=10)
     config["fit"]["bootstrap"] = 200
+    # the noise settings the quick estimate has by default: the example cuts them (10 pairs) to run in seconds,
+    # which leaves B_noise at one snapshot to a handful of minibatch pairs
+    config["noise"] = {key: value for key, value in config["noise"].items() if key not in ("pairs", "variance_draws")}
     return config
 
 
