@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from batchscope import cli
+from batchscope import config as cfg
 from batchscope.stages import train as stage_train
 from batchscope.store import read_netcdf
 
@@ -84,7 +85,13 @@ def test_by_hand_equals_the_workflow_spec(by_hand, repo, tmp_path):
 
 def test_validate_command(repo, capsys, tmp_path):
     assert cli.main(["validate", str(repo / "config/config.yaml")]) == 0
-    assert "72 training run(s)" in capsys.readouterr().out  # 8 batch sizes x 3 lrs x 3 seeds
+    out = capsys.readouterr().out
+    assert "72 training run(s)" in out and "at most" not in out  # 8 batch sizes x 3 lrs x 3 seeds
+    adaptive = repo / "config/test/adaptive.yaml"  # the grid bounds what the chosen bracket trains
+    grid = cfg.load(adaptive)
+    n = sum(len(cfg.train_points(grid, w)) for w in grid["workloads"])
+    assert cli.main(["validate", str(adaptive)]) == 0
+    assert f"at most {n} training run(s) (study: adaptive)" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text((repo / "config/test/tiny.yaml").read_text().replace("threads: 1", "threads: -2"))
     assert cli.main(["validate", str(bad)]) == 2

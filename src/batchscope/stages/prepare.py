@@ -90,7 +90,13 @@ def run_validate(args: argparse.Namespace) -> None:
     sizes = check(config, args.results)
     n_runs = sum(len(cfg.train_points(config, w)) for w in config["workloads"])
     examples = ", ".join(f"{name} {n}" for name, n in sorted(sizes.items()))
-    print(f"{args.config}: valid; {len(config['workloads'])} workload(s), {n_runs} training run(s); "
+    # the adaptive study trains a bracket of the grid, chosen after the quick estimate: the grid is its upper bound
+    runs = (
+        f"at most {n_runs} training run(s) (study: adaptive)"
+        if config["study"] == "adaptive"
+        else (f"{n_runs} training run(s)")
+    )
+    print(f"{args.config}: valid; {len(config['workloads'])} workload(s), {runs}; "
           f"training examples: {examples}")  # fmt: skip
 
 
