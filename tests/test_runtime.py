@@ -2,6 +2,7 @@
 as out of memory."""
 
 import multiprocessing
+import os
 import time
 
 import pytest
@@ -63,6 +64,22 @@ def test_numerics_follow_the_config_and_are_recorded(deterministic, expected):
         assert io.numerics() == {"deterministic": expected, "tf32": 0, "cudnn_benchmark": 0}
         attrs = io.provenance("train_model", {"x": 1}, device="cpu")
         assert attrs["deterministic"] == expected and attrs["tf32"] == 0
+    finally:
+        runtime.setup(1, CPU)
+
+
+@pytest.mark.parametrize(("device", "deterministic", "expected"), [
+    ("cuda", True, ":4096:8"), ("cuda", None, None), ("cuda", False, None), ("cpu", True, None)])  # fmt: skip
+def test_deterministic_cuda_fixes_the_cublas_workspace(monkeypatch, device, deterministic, expected):
+    """cuBLAS products are reproducible only with a fixed workspace: set for deterministic CUDA runs (null on CUDA
+    means the fast kernels), never elsewhere, and a value the user set is kept."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        runtime.setup(1, torch.device(device), deterministic)
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == expected
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        runtime.setup(1, torch.device(device), deterministic)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     finally:
         runtime.setup(1, CPU)
 

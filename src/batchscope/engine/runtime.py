@@ -99,6 +99,10 @@ def setup(threads: int, device: torch.device, deterministic: bool | None = None,
     torch.set_num_threads(threads)
     if deterministic is None:
         deterministic = device.type != "cuda"
+    if deterministic and device.type == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace, chosen before its first handle (before any product:
+        # setup runs before the workload is built); without it, deterministic runs on CUDA are not bitwise
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
     torch.backends.cudnn.deterministic = deterministic
