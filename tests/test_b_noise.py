@@ -45,7 +45,8 @@ def assert_within(draws: np.ndarray, truth: float, what: str) -> float:
     return se / abs(truth)
 
 
-def test_linear_regression_b_noise_is_exact():
+def linear_regression():
+    """A linear model on n = 400 examples at weights off the optimum, and its exact (tr(H Sigma), G^T H G, B_simple)."""
     torch.manual_seed(0)
     n, d = 400, 5
     x = torch.randn(n, d, dtype=torch.float64) * torch.linspace(0.5, 2.0, d, dtype=torch.float64)
@@ -59,6 +60,12 @@ def test_linear_regression_b_noise_is_exact():
     per_example = x * residual[:, None]  # the gradient of 0.5 (x_n^T w - y_n)^2
     h = x.T @ x / n  # the Hessian of the mean loss: constant in w
     trace_h_sigma, g_h_g = exact(per_example, h)
+    b_simple = float((per_example - per_example.mean(0)).pow(2).sum(1).mean() / per_example.mean(0).pow(2).sum())
+    return model, x, y, trace_h_sigma, g_h_g, b_simple
+
+
+def test_linear_regression_b_noise_is_exact():
+    model, x, y, trace_h_sigma, g_h_g, b_simple = linear_regression()
     draws = repeated(model, half_mse, x, y, 8, 128)
     rel_trace = assert_within(draws[:, 0], trace_h_sigma, "tr(H Sigma)")
     rel_level = assert_within(draws[:, 1], g_h_g, "G^T H G")
@@ -67,8 +74,30 @@ def test_linear_regression_b_noise_is_exact():
     ratio = draws[:, 0].mean() / draws[:, 1].mean()
     assert ratio == pytest.approx(b_noise, rel=4 * (rel_trace + rel_level))
     # and B_noise differs from B_simple here (H is not a multiple of the identity): the test tells them apart
-    b_simple = float((per_example - per_example.mean(0)).pow(2).sum(1).mean() / per_example.mean(0).pow(2).sum())
     assert abs(b_noise / b_simple - 1) > 0.1
+
+
+def test_b_noises_interval_from_the_resampled_pairs_covers_the_exact_value():
+    """Each run's 95% interval (its pairs resampled) against the exact B_noise: over 16 independent runs of 40 pairs,
+    at least 13 cover it (a 95% interval would miss 3 or more of 16 with probability 0.04), and 4x the pairs
+    narrows the interval by about 2 (1/sqrt(pairs); between 1.5 and 2.7 here)."""
+    model, x, y, trace_h_sigma, g_h_g, _ = linear_regression()
+    truth = trace_h_sigma / g_h_g
+    hvp = HessianOperator(model, half_mse, x, y).matvec
+
+    def run(seed, pairs):
+        return noise.two_batch_noise_scale(model, half_mse, x, y, 8, 128, pairs, np.random.default_rng(seed), hvp=hvp)
+
+    runs = [run(seed, PAIRS) for seed in range(REPEATS)]
+    covered = sum(r.interval(1)[0] <= truth <= r.interval(1)[1] for r in runs)
+    assert covered >= 13, f"{covered} of {REPEATS} intervals cover B_noise = {truth}"
+    assert all(r.boot.shape == (noise.BOOTSTRAP, 2) for r in runs)
+    # the point estimate itself, not resampled, sits inside its own interval
+    assert all(r.interval(1)[0] <= r.b_noise <= r.interval(1)[1] for r in runs)
+    narrow = [run(seed, 4 * PAIRS) for seed in range(4)]
+    width = np.median([np.log(r.interval(1)[1] / r.interval(1)[0]) for r in runs])
+    narrow_width = np.median([np.log(r.interval(1)[1] / r.interval(1)[0]) for r in narrow])
+    assert 1.5 < width / narrow_width < 2.7
 
 
 def test_small_mlp_b_noise_against_the_dense_hessian():

@@ -23,7 +23,9 @@ NOISE_VERSION = str(rule("measure_gradient_noise").version)
 B_NOISE = {0: 3.0, 10: 20.0, 20: 50.0, 30: 80.0, 40: 125.0}  # step -> B_noise along the run, growing
 
 
-def write_caches(tmp_path, out_of_memory_from=None, extra=(1024,), noise=0.001, tau_d=TAU_D):
+def write_caches(tmp_path, out_of_memory_from=None, extra=(1024,), noise=0.001, tau_d=TAU_D, pair_spread=0.05):
+    """Profiles of T_iter = TAU_F + tau_d B, and snapshots of B_NOISE whose resampled pairs scatter lognormally by
+    ``pair_spread``."""
     rng = np.random.default_rng(0)
     profiles = []
     sizes = sorted([*GRID, *extra])
@@ -33,8 +35,9 @@ def write_caches(tmp_path, out_of_memory_from=None, extra=(1024,), noise=0.001, 
         profiles.append(write_netcdf(profile_dataset(b, times, sizes, fits), tmp_path / "profile" / f"B{b}.nc"))
     noise_dir = tmp_path / "noise"
     for i, (step, b_noise) in enumerate(B_NOISE.items()):
+        boot = b_noise * np.exp(pair_spread * rng.standard_normal(200))
         ds = xr.Dataset({"two_batch_b_noise": ((), b_noise), "two_batch_b_simple": ((), b_noise / 2),
-                         "b_simple": ((), b_noise / 2)},
+                         "b_simple": ((), b_noise / 2), "two_batch_b_noise_boot": ("resample", boot)},
                         attrs={"stage": "measure_gradient_noise", "algorithm_version": NOISE_VERSION, "step": step,
                                "fraction": step / 40})  # fmt: skip
         write_netcdf(ds, noise_dir / f"snapshot{i}.nc")
@@ -177,3 +180,30 @@ def test_the_quick_estimate_the_choice_and_the_linear_regression_run_without_tor
     assert adaptive.read_choice(str(choice)) == GRID  # b_opt ~ 100 on a grid of three: all of it
     bias = read_netcdf(jensen)  # the closed form (p + 1)/(m - p - 1) beside the Monte Carlo
     np.testing.assert_allclose(bias["analytic"].values, [5 / 3, 5 / 27], rtol=1e-12)
+
+
+def test_b_opts_interval_carries_the_noise_pairs_and_warns_when_b_noise_is_unsure(tmp_path):
+    """B_crit's interval is the median over the later snapshots of their resampled B_noise (recomputed here by
+    hand); b_opt's joins it with the profile's, which is tight here (0.1% timing noise), so b_opt's interval is
+    sqrt(B_crit's x tau_f / tau_d) to within 2%. A wide scatter of the resampled pairs gets a warning."""
+    from batchscope.store import read_netcdf
+
+    profiles, noise_dir = write_caches(tmp_path / "narrow")
+    ds = quick.estimate(SPEC, profiles, noise_dir)
+    later = sorted(Path(noise_dir).glob("snapshot*.nc"))[1:]  # step 0 is left out, as from the point
+    boot = np.array([read_netcdf(p)["two_batch_b_noise_boot"].values for p in later])
+    expected = np.quantile(np.median(boot, axis=0), [0.025, 0.975], method="inverted_cdf")
+    np.testing.assert_allclose(ds["b_crit_ci"].values, expected, rtol=1e-12)
+    ratio = float(ds["tau_f"]) / float(ds["tau_d"])
+    np.testing.assert_allclose(ds["b_opt_ci"].values, np.sqrt(expected * ratio), rtol=0.02)
+    low, high = ds["b_opt_ci"].values
+    assert low < float(ds["b_opt"]) < high
+    assert not any("B_noise is unsure" in note for note in json.loads(ds.attrs["diagnostics"]))
+    # the same run with pairs that scatter by a factor e^0.8 each way: B_crit's interval spans more than 4x
+    profiles, noise_dir = write_caches(tmp_path / "wide", pair_spread=0.8)
+    wide = quick.estimate(SPEC, profiles, noise_dir)
+    c_low, c_high = wide["b_crit_ci"].values
+    assert c_high > 4 * c_low
+    assert any("B_noise is unsure" in note and "noise.pairs" in note for note in json.loads(wide.attrs["diagnostics"]))
+    w_low, w_high = wide["b_opt_ci"].values
+    assert w_high / w_low > 1.9 * high / low  # the interval widens with the noise, not only with the profile

@@ -34,6 +34,8 @@ from batchscope.core.jensen import JensenResult
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+BOOTSTRAP = 200  # resamples of the two-batch estimator's pairs, for its intervals
+
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.named_parameters()}
@@ -115,6 +117,18 @@ class NoiseScale:
     g_h_g: float = math.nan
     trace_h_sigma: float = math.nan
     b_noise: float = math.nan
+    # two-batch only: (resamples, 2) B_simple and B_noise recomputed from the pairs resampled with replacement (the
+    # pairs are independent draws), for their intervals; None for the per-example estimate
+    boot: np.ndarray | None = None
+
+    def interval(self, column: int, level: float = 0.95) -> tuple[float, float]:
+        """The percentile interval of B_simple (``column`` 0) or B_noise (1) over :attr:`boot`."""
+        if self.boot is None:
+            return math.nan, math.nan
+        # sample values, not interpolations: a resample whose G^T H G estimate is <= 0 gives B = inf, and inf - inf
+        # would be NaN
+        low, high = np.quantile(self.boot[:, column], [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
+        return float(low), float(high)
 
 
 def noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, method: str = "auto",
@@ -160,13 +174,23 @@ def two_batch_noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torc
             draws[size].append((float(g @ g), float(g @ hvp(g)) if hvp is not None else math.nan))
     # the 1/B term of E[q(g_B)] is q-trace x (N - B) / (B (N - 1)) without replacement
     inv_small, inv_big = (n - b_small) / (b_small * (n - 1)), (n - b_big) / (b_big * (n - 1))
-    small, big = np.mean(draws[b_small], axis=0), np.mean(draws[b_big], axis=0)
-    traces = (small - big) / (inv_small - inv_big)  # tr(Sigma), tr(H Sigma)
-    levels = small - traces * inv_small  # |G|^2, G^T H G
-    ratios = [trace / level if level > 0 else math.inf for trace, level in zip(traces, levels, strict=True)]
+    small, big = np.asarray(draws[b_small]), np.asarray(draws[b_big])  # (pairs, 2): |g|^2, g^T H g
+
+    def estimate(small_mean: np.ndarray, big_mean: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(levels, traces, ratios) from the draws' means: |G|^2 and G^T H G, tr(Sigma) and tr(H Sigma)."""
+        traces = (small_mean - big_mean) / (inv_small - inv_big)
+        levels = small_mean - traces * inv_small
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = np.where(levels > 0, traces / np.where(levels > 0, levels, 1.0), np.inf)
+        return levels, traces, ratios
+
+    levels, traces, ratios = estimate(small.mean(0), big.mean(0))
+    # the pairs resampled with replacement: the estimator's spread, from the same draws (no extra gradients)
+    picks = rng.spawn(1)[0].integers(0, pairs, size=(BOOTSTRAP, pairs))
+    boot = estimate(small[picks].mean(1), big[picks].mean(1))[2]  # (BOOTSTRAP, 2)
     if hvp is None:
-        return NoiseScale(levels[0], traces[0], ratios[0], "two-batch")
-    return NoiseScale(levels[0], traces[0], ratios[0], "two-batch", levels[1], traces[1], ratios[1])
+        return NoiseScale(levels[0], traces[0], ratios[0], "two-batch", boot=boot)  # its B_noise column is NaN
+    return NoiseScale(levels[0], traces[0], ratios[0], "two-batch", levels[1], traces[1], ratios[1], boot=boot)
 
 
 @dataclass

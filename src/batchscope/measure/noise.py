@@ -79,6 +79,13 @@ def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: tor
     for name in ("b_simple", "two_batch_b_simple"):
         ds[name].attrs.update(units="examples", long_name="tr(Sigma) / |G|^2")
     ds["two_batch_b_noise"].attrs.update(units="examples", long_name="tr(H Sigma) / G^T H G")
+    # the two-batch estimates with the pairs resampled: how sure one snapshot's B_noise is (the quick estimate
+    # carries it into b_opt's interval)
+    ds["two_batch_b_noise_boot"] = ("resample", two.boot[:, 1], {"units": "examples",
+                                    "long_name": "B_noise from the pairs resampled with replacement"})  # fmt: skip
+    ds["two_batch_b_noise_ci"] = ("bound", list(two.interval(1)), {"units": "examples",
+                                  "long_name": "B_noise's 95% interval over the resampled pairs"})  # fmt: skip
+    ds = ds.assign_coords(bound=["low", "high"])
     ds.attrs.update(step=int(snapshot["step"]), fraction=float(snapshot["fraction"]), method=method,
                     b_small=spec["b_small"], b_big=spec["b_big"], pairs=spec["pairs"], eval_size=len(x))  # fmt: skip
     return ds

@@ -30,7 +30,7 @@ from batchscope.store import job_seconds, netcdf_files, read_netcdf
 
 log = logging.getLogger("batchscope")
 BOOTSTRAP = 200  # resamples of the profiling rounds for tau_f / tau_d's interval
-RATIO_SPREAD_MAX = 4.0  # an interval of tau_f / tau_d wider than 4x (b_opt unsure by 2x) is flagged
+RATIO_SPREAD_MAX = 4.0  # an interval of tau_f / tau_d, or of B_noise, wider than 4x (b_opt unsure by 2x) is flagged
 
 
 def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
@@ -49,13 +49,22 @@ def _snapshots(noise_dir: str) -> xr.Dataset:
     files = [path for path in netcdf_files([noise_dir], "gradient-noise results") if path.name.startswith("snapshot")]
     rows = [read_netcdf(path, "measure_gradient_noise", noise.SNAPSHOT_VARIABLES) for path in files]
     ds = xr.concat(
-        [row[["two_batch_b_noise", "two_batch_b_simple", "b_simple"]].expand_dims(step=[row.attrs["step"]])
+        [row[["two_batch_b_noise", "two_batch_b_simple", "b_simple", "two_batch_b_noise_boot"]]
+         .expand_dims(step=[row.attrs["step"]])
          .assign_coords(fraction=("step", [row.attrs["fraction"]])) for row in rows],
         dim="step",
         combine_attrs="drop",
     ).sortby("step")  # fmt: skip
     return ds.rename(two_batch_b_noise="b_noise", two_batch_b_simple="b_simple_two_batch",
-                     b_simple="b_simple_per_example")  # fmt: skip
+                     b_simple="b_simple_per_example", two_batch_b_noise_boot="b_noise_boot")  # fmt: skip
+
+
+def _interval(samples: np.ndarray) -> np.ndarray:
+    """The 95% percentile interval of bootstrap samples (NaN where there are none)."""
+    samples = np.asarray(samples, float)
+    samples = samples[~np.isnan(samples)]
+    # sample values (no interpolation between an infinite resample and a finite one)
+    return np.quantile(samples, [0.025, 0.975], method="inverted_cdf") if len(samples) else np.array([np.nan] * 2)
 
 
 def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> xr.Dataset:
@@ -91,18 +100,32 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     boot = scaling.round_bootstrap(t_round, BOOTSTRAP, np.random.default_rng(0), bool(profiles.attrs["paired_rounds"]))
     fits = [scaling.fit_step_time(sizes[grid], row) for row in boot if np.isfinite(row).all()]
     ratios = np.array([f.intercept / f.slope if f.slope > 0 else np.inf for f in fits])
-    ratio_ci = np.quantile(ratios, [0.025, 0.975]) if len(ratios) else np.array([np.nan, np.nan])
+    ratio_ci = _interval(ratios)
     ds["tau_ratio"] = ((), ratio, {"units": "examples", "long_name": "tau_f / tau_d"})
     ds["tau_ratio_ci"] = ("bound", ratio_ci, {"long_name": "95% bootstrap interval over the profiling rounds"})
-    median_noise = float(np.median(b_noise[usable])) if usable.any() else math.nan
-    b_opt_ci = np.sqrt(median_noise * ratio_ci)
+    # how well the reference run pins B_crit down: each snapshot's B_noise from its pairs resampled, and the point's
+    # statistic (the median over the later snapshots) recomputed per resample
+    boot = ds["b_noise_boot"].values[later][usable]  # (snapshots, resamples)
+    median_boot = np.median(boot, axis=0) if usable.any() else np.full(ds.sizes["resample"], np.nan)
+    ds["b_crit_ci"] = ("bound", _interval(median_boot), {"units": "examples", "long_name": "the median snapshot's "
+                       "B_noise, 95% interval over the noise pairs resampled"})  # fmt: skip
+    # b_opt's interval: both sources resampled together (independent, so paired by index)
+    ratios = ratios if len(ratios) else np.array([np.nan])
+    b_opt_boot = np.sqrt(np.clip(median_boot, 0, None) * ratios[np.arange(len(median_boot)) % len(ratios)])
+    b_opt_ci = _interval(b_opt_boot)
     ds["b_opt_ci"] = ("bound", np.minimum(b_opt_ci, largest) if largest > 0 else b_opt_ci,
-                      {"units": "examples", "long_name": "b_opt's interval from tau_f / tau_d's, capped"})  # fmt: skip
+                      {"units": "examples", "long_name": "b_opt's 95% interval over the profiling rounds and the "
+                       "noise pairs, resampled; capped"})  # fmt: skip
     notes = []
     if not np.isfinite(ratio_ci).all() or ratio_ci[1] > RATIO_SPREAD_MAX * ratio_ci[0]:
         notes.append(f"the profile does not pin tau_f / tau_d down (95% interval {ratio_ci[0]:.3g} to "
                      f"{ratio_ci[1]:.3g} examples), so b_opt is unsure by the square root of that; profile more "
                      "rounds (profile.rounds) or more batch sizes, or on a quieter machine")  # fmt: skip
+    low, high = ds["b_crit_ci"].values
+    if usable.any() and not (np.isfinite([low, high]).all() and low > 0 and high <= RATIO_SPREAD_MAX * low):
+        notes.append(f"the reference run's B_noise is unsure (95% interval {low:.3g} to {high:.3g} at the median "
+                     "snapshot, from the two-batch estimator's pairs), so b_opt is unsure by the square root of "
+                     "that; raise noise.pairs (or noise.b_big)")  # fmt: skip
     if largest > 0 and np.isfinite(point) and point >= largest:
         notes.append(f"b_opt is capped at the largest feasible batch size {largest}: the optimum may lie beyond what "
                      "fits in memory")  # fmt: skip
@@ -154,7 +177,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 VARIABLES = ("b_noise", "b_opt", "b_opt_band", "b_crit_band", "tau_f", "tau_d", "total_cost_s")
-RULES = {"quick_estimate": Rule(version=2, config_slice=config_slice, variables=VARIABLES)}
+# 3: b_opt_ci from the noise pairs resampled as well as the profiling rounds; b_crit_ci
+RULES = {"quick_estimate": Rule(version=3, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "quick-estimate",

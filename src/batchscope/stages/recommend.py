@@ -277,7 +277,8 @@ def format_quick(row: dict[str, Any]) -> str:
             f"  b_opt {row['b_opt']:.0f} (over the run {low:.0f} to {high:.0f}; B_noise {c_low:.3g} to {c_high:.3g}); "
             f"the grid's nearest: B = {row['nearest_grid_batch_size']}; largest feasible B "
             f"{row['largest_feasible_batch_size']}\n"
-            f"  b_opt's 95% interval from the profile's rounds: {row['b_opt_ci'][0]:.0f} to {row['b_opt_ci'][1]:.0f}\n"
+            f"  b_opt's 95% interval over the profile's rounds and the noise pairs: {row['b_opt_ci'][0]:.0f} to "
+            f"{row['b_opt_ci'][1]:.0f}\n"
             f"  it cost {row['cost_s']:.4g} device-seconds, {row['cost_in_reference_runs']:.3g} reference "
             "runs" + "".join(f"\n  warning: {note}" for note in row["diagnostics"]))  # fmt: skip
 
