@@ -48,6 +48,7 @@ lint: $(STAMP)
 	ruff format --check .
 	snakefmt --check Snakefile workflow/rules
 	snakemake --lint
+	snakemake --lint --configfile config/test/adaptive.yaml  # the adaptive study's own rules
 
 format: $(STAMP)
 	ruff check --fix .

@@ -146,6 +146,19 @@ def test_the_first_seed_prunes_and_the_later_seeds_train_the_survivors_in_one_jo
     np.testing.assert_array_equal(full[0.1]["val_metric"].values, first[0.1]["val_metric"].values)
 
 
+def test_one_directory_for_every_seed_and_a_single_seed(tmp_path):
+    """Every seed's runs in one --out directory: the later seed still trains the survivors of the first seed's
+    runs alone. One seed: its runs, pruned, and nothing else."""
+    (shared,) = _train_job([tmp_path / "all"], [0.1, 0.01, 0.3], [0, 1], True)  # keyed by lr: the later seed's
+    runs = {(float(read_netcdf(p).attrs["lr"]), int(read_netcdf(p).attrs["seed"])): read_netcdf(p)
+            for p in (tmp_path / "all").glob("*.nc")}  # fmt: skip
+    first = {lr: float(ds["steps_to_target"]) for (lr, seed), ds in runs.items() if seed == 0}
+    assert sorted(first) == [0.01, 0.1, 0.3]
+    assert sorted(lr for lr, seed in runs if seed == 1) == adaptive.survivors(first)
+    (alone,) = _train_job([tmp_path / "one"], [0.1, 0.01, 0.3], [0], True)
+    assert sorted(alone) == [0.01, 0.1, 0.3] and bool(alone[0.01]["pruned"])
+
+
 def test_the_train_command_refuses_out_directories_that_do_not_match_the_seeds(tmp_path):
     with pytest.raises(SystemExit, match="--out names 2 directories for 3 seeds"):
         _train_job([tmp_path / "a", tmp_path / "b"], [0.1], [0, 1, 2])

@@ -23,7 +23,9 @@ NOISE_VERSION = str(rule("measure_gradient_noise").version)
 B_NOISE = {0: 3.0, 10: 20.0, 20: 50.0, 30: 80.0, 40: 125.0}  # step -> B_noise along the run, growing
 
 
-def write_caches(tmp_path, out_of_memory_from=None, extra=(1024,), noise=0.001, tau_d=TAU_D, pair_spread=0.05):
+def write_caches(
+    tmp_path, out_of_memory_from=None, extra=(1024,), noise=0.001, tau_d=TAU_D, pair_spread=0.05, b_noise_at=None
+):
     """Profiles of T_iter = TAU_F + tau_d B, and snapshots of B_NOISE whose resampled pairs scatter lognormally by
     ``pair_spread``."""
     rng = np.random.default_rng(0)
@@ -34,7 +36,7 @@ def write_caches(tmp_path, out_of_memory_from=None, extra=(1024,), noise=0.001, 
         fits = out_of_memory_from is None or b < out_of_memory_from
         profiles.append(write_netcdf(profile_dataset(b, times, sizes, fits), tmp_path / "profile" / f"B{b}.nc"))
     noise_dir = tmp_path / "noise"
-    for i, (step, b_noise) in enumerate(B_NOISE.items()):
+    for i, (step, b_noise) in enumerate((b_noise_at or B_NOISE).items()):
         boot = b_noise * np.exp(pair_spread * rng.standard_normal(200))
         ds = xr.Dataset({"two_batch_b_noise": ((), b_noise), "two_batch_b_simple": ((), b_noise / 2),
                          "b_simple": ((), b_noise / 2), "two_batch_b_noise_boot": ("resample", boot)},
@@ -207,3 +209,16 @@ def test_b_opts_interval_carries_the_noise_pairs_and_warns_when_b_noise_is_unsur
     assert any("B_noise is unsure" in note and "noise.pairs" in note for note in json.loads(wide.attrs["diagnostics"]))
     w_low, w_high = wide["b_opt_ci"].values
     assert w_high / w_low > 1.9 * high / low  # the interval widens with the noise, not only with the profile
+
+
+def test_an_infinite_snapshot_counts_in_the_point_and_its_interval_alike(tmp_path):
+    """A snapshot whose G^T H G came out <= 0 has B_noise = inf (its b_opt capped at the largest feasible size):
+    the point takes it into its median, and so does the interval, which therefore still holds the point."""
+    steps = {0: 3.0, 10: 20.0, 20: 50.0, 30: 80.0, 40: math.inf}
+    profiles, noise_dir = write_caches(tmp_path, b_noise_at=steps)
+    ds = quick.estimate(SPEC, profiles, noise_dir)
+    ratio = float(ds["tau_f"]) / float(ds["tau_d"])
+    # the median of 20, 50, 80 and inf: between 50 and 80
+    assert float(ds["b_opt"]) == pytest.approx((np.sqrt(50 * ratio) + np.sqrt(80 * ratio)) / 2, rel=1e-12)
+    low, high = ds["b_opt_ci"].values
+    assert np.sqrt(50 * ratio) * 0.9 < low <= float(ds["b_opt"]) <= high < np.sqrt(80 * ratio) * 1.1

@@ -119,8 +119,9 @@ def trained_batch_sizes(workload):
 
 
 def ghost_base_batch_sizes(workload):
-    """The batch sizes the Ghost BatchNorm summary trains plain BatchNorm at (in the grid, so trained by the full
-    study anyway): its physical and its small batch."""
+    """The batch sizes the Ghost BatchNorm summary trains plain BatchNorm at: its physical and its small batch (in
+    the grid, so the full study trains them anyway; the adaptive study trains them, pruned as its own, even when they
+    lie outside its bracket)."""
     if not GHOST["enabled"] or workload != GHOST["workload"]:
         return []
     return sorted({GHOST["small_batch_size"], GHOST["batch_size"]})

@@ -125,9 +125,13 @@ class NoiseScale:
         """The percentile interval of B_simple (``column`` 0) or B_noise (1) over :attr:`boot`."""
         if self.boot is None:
             return math.nan, math.nan
+        samples = self.boot[:, column]
+        samples = samples[~np.isnan(samples)]
+        if not len(samples):
+            return math.nan, math.nan
         # sample values, not interpolations: a resample whose G^T H G estimate is <= 0 gives B = inf, and inf - inf
         # would be NaN
-        low, high = np.quantile(self.boot[:, column], [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
+        low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
         return float(low), float(high)
 
 
@@ -182,7 +186,8 @@ def two_batch_noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torc
         levels = small_mean - traces * inv_small
         with np.errstate(divide="ignore", invalid="ignore"):
             ratios = np.where(levels > 0, traces / np.where(levels > 0, levels, 1.0), np.inf)
-        return levels, traces, ratios
+        # no estimate (no HVP, or NaN draws) stays NaN; only a level estimated at <= 0 means B = inf
+        return levels, traces, np.where(np.isnan(levels) | np.isnan(traces), np.nan, ratios)
 
     levels, traces, ratios = estimate(small.mean(0), big.mean(0))
     # the pairs resampled with replacement: the estimator's spread, from the same draws (no extra gradients)

@@ -10,13 +10,14 @@ The full grid (``study: full``) trains every batch size, learning rate and seed.
   the run, never above the largest feasible batch size. Everything downstream (the fit, the Hessian stage, the
   bill and the report's cost table) reads the chosen sizes from the checkpoint's file. The profile still times
   every grid size: it is cheap, and the memory limit needs it.
-- **Learning rates, by successive halving with a pruning bound.** The first seed's job at a batch size trains
-  every learning rate, the likely best first (:func:`lr_order`: the noise stage's reference lr index, the middle
-  of the grid by default, then outward), each capped at the steps of the best run so far: a run that has taken
-  that many steps without reaching the target cannot win, so it stops there, recorded as not reached
-  (``steps_to_target`` NaN, ``reached_target`` false, ``pruned`` true). The later seeds' jobs train only the
-  learning rates that survived (:func:`survivors`: the fewest steps to the target at the first seed, ties
-  kept), in full: K(B) is a median over seeds, which a per-seed bound could bias.
+- **Learning rates, by successive halving with a pruning bound.** One job per chosen batch size trains all its
+  seeds (``train_batch_size``). Its first seed trains every learning rate, the likely best first
+  (:func:`lr_order`: the noise stage's reference lr index, the middle of the grid by default, then outward), each
+  capped at the steps of the best run so far: a run that has taken that many steps without reaching the target
+  cannot win, so it stops there, recorded as not reached (``steps_to_target`` NaN, ``reached_target`` false,
+  ``pruned`` true). The later seeds, in the same job, train only the learning rates that survived
+  (:func:`survivors`: the fewest steps to the target at the first seed, ties kept), in full: K(B) is a median over
+  seeds, which a per-seed bound could bias.
 
 The choice is written to a small NetCDF (values in its variables, not in paths), read back by the workflow's
 input functions (:func:`read_choice`).

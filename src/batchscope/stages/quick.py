@@ -105,13 +105,17 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     ds["tau_ratio_ci"] = ("bound", ratio_ci, {"long_name": "95% bootstrap interval over the profiling rounds"})
     # how well the reference run pins B_crit down: each snapshot's B_noise from its pairs resampled, and the point's
     # statistic (the median over the later snapshots) recomputed per resample
-    boot = ds["b_noise_boot"].values[later][usable]  # (snapshots, resamples)
-    median_boot = np.median(boot, axis=0) if usable.any() else np.full(ds.sizes["resample"], np.nan)
+    # the same snapshots as the point's (B_noise > 0, an infinite one included: its b_opt is capped)
+    positive = b_noise > 0
+    boot = ds["b_noise_boot"].values[later][positive]  # (snapshots, resamples)
+    median_boot = np.median(boot, axis=0) if positive.any() else np.full(ds.sizes["resample"], np.nan)
     ds["b_crit_ci"] = ("bound", _interval(median_boot), {"units": "examples", "long_name": "the median snapshot's "
                        "B_noise, 95% interval over the noise pairs resampled"})  # fmt: skip
     # b_opt's interval: both sources resampled together (independent, so paired by index)
     ratios = ratios if len(ratios) else np.array([np.nan])
-    b_opt_boot = np.sqrt(np.clip(median_boot, 0, None) * ratios[np.arange(len(median_boot)) % len(ratios)])
+    paired = ratios[np.arange(len(median_boot)) % len(ratios)]
+    # a resampled B_crit <= 0 (no noise to average away) is b_opt 0, also where tau_f / tau_d is infinite
+    b_opt_boot = np.sqrt(np.where(median_boot > 0, median_boot * paired, np.where(np.isnan(median_boot), np.nan, 0.0)))
     b_opt_ci = _interval(b_opt_boot)
     ds["b_opt_ci"] = ("bound", np.minimum(b_opt_ci, largest) if largest > 0 else b_opt_ci,
                       {"units": "examples", "long_name": "b_opt's 95% interval over the profiling rounds and the "

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
         if not math.isnan(steps):  # reached: with the bound on, a run that reaches the target is at least as fast
             best = steps if math.isnan(best) else min(best, steps)
     if len(args.seeds) > 1:
-        kept = surviving(args.lrs, out_dirs[0], args.batch_size)
+        kept = surviving(args.lrs, out_dirs[0], args.batch_size, args.seeds[0])
         for seed, out_dir in zip(args.seeds[1:], out_dirs[1:], strict=True):
             for lr in kept:
                 _train_point(args, spec, device, lr, seed, out_dir)
@@ -110,12 +110,14 @@ def _train_point(args, spec: dict, device, lr: float, seed: int, out_dir: Path, 
     return ds
 
 
-def surviving(lrs: list[float], first_seed_dir: str | Path, batch_size: int) -> list[float]:
+def surviving(lrs: list[float], first_seed_dir: str | Path, batch_size: int, seed: int) -> list[float]:
     """The learning rates of ``lrs`` that survived the first seed's runs at this batch size (successive halving,
-    :func:`batchscope.stages.adaptive.survivors`), in the order given."""
+    :func:`batchscope.stages.adaptive.survivors`), in the order given. Only that seed's runs count: one ``--out``
+    directory may hold every seed's."""
     from batchscope.stages import adaptive
 
     runs = read_runs([first_seed_dir])
+    runs = runs.isel(run=runs["run_seed"].values == seed)
     if set(runs["run_batch_size"].values.tolist()) != {batch_size}:
         raise ValueError(f"{first_seed_dir}: runs at batch sizes "
                          f"{sorted(set(runs['run_batch_size'].values.tolist()))}, not {batch_size}")  # fmt: skip
