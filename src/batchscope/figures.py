@@ -18,6 +18,7 @@ import pandas as pd
 import seaborn as sns
 import xarray as xr
 
+from batchscope.stages._common import batch_interval
 from batchscope.stages.recommend import LABELS, recommend_row
 from batchscope.store import atomic_write, job_seconds, read_netcdf
 
@@ -40,7 +41,11 @@ def _mark_b_opt(ax, ds: xr.Dataset) -> None:
         ax.axvline(b, color="0.3", ls="--", lw=1, label=f"predicted b_opt = {b:.0f}")
         low, high = ds["b_opt_ci"].values
         if np.isfinite([low, high]).all():
-            ax.axvspan(low, high, color="0.5", alpha=0.12, lw=0)
+            # drawn over the plotted sizes only (and b_opt): an interval that runs to billions (tau_d near zero in a
+            # bootstrap resample) would otherwise stretch the axis and squeeze the curves into a corner
+            sizes = ds["batch_size"].values
+            edge_low, edge_high = min(sizes.min(), b) / 2, max(sizes.max(), b) * 2
+            ax.axvspan(max(low, edge_low), min(high, edge_high), color="0.5", alpha=0.12, lw=0)
 
 
 def plot_step_time(ds: xr.Dataset) -> plt.Figure:
@@ -594,7 +599,7 @@ def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
         rows.append(
             {
                 **shown,
-                "b_opt 95% interval": f"{b_low:.0f} to {b_high:.0f}",
+                "b_opt 95% interval": batch_interval(b_low, b_high),
                 "data path": ds.attrs.get("data_path", "device")
                 + (f", {ds.attrs['precision']}" if ds.attrs.get("precision", "fp32") != "fp32" else "")
                 + (", compiled" if ds.attrs.get("compiled") else ""),
@@ -627,7 +632,7 @@ def recommendation(ds: xr.Dataset) -> str:
         f"On {row['device']} ({row['device_name']}), for {row['workload']}: batch size {row['batch_size']} at "
         f"learning rate {row['learning_rate']:g} (K = {row['steps_to_target']:.0f} steps); as fast within "
         f"{100 * row['tolerance']:.0f}%: B = {', '.join(map(str, row['indistinguishable']))}. Predicted b_opt = "
-        f"{row['predicted_b_opt']:.0f} (95% interval {low:.0f} to {high:.0f}) with the linear step time, "
+        f"{row['predicted_b_opt']:.0f} (95% interval {batch_interval(low, high)}) with the linear step time, "
         f"{_saturating_sentence(row)}; {_memory_sentence(row)}. Time to target at B = "
         f"{row['batch_size']}: {row['time_from_profile_s']:.3g} s from the profile (K x T_iter; batch sizes are "
         f"ranked by this), {row['time_from_fit_s']:.3g} s from the fit, {row['training_time_to_target_s']:.3g} s "
@@ -640,7 +645,7 @@ def _saturating_sentence(row: dict) -> str:
     if math.isnan(value):
         return "none with the saturating step time (it needs 3 feasible profiled sizes)"
     low, high = row["saturating_b_opt_ci"]
-    interval = f" (95% interval {low:.0f} to {high:.0f})" if math.isfinite(low) else ""
+    interval = f" (95% interval {batch_interval(low, high)})" if math.isfinite(low) else ""
     return f"{value:.0f}{interval} with the saturating one (flat up to a knee, then linear)"
 
 

@@ -8,6 +8,19 @@ from collections.abc import Callable
 
 from batchscope import config as cfg
 
+UNBOUNDED = 1e6  # examples: a batch-size bound beyond this is printed as unbounded
+
+
+def batch_interval(low: float, high: float) -> str:
+    """A batch-size interval as ``recommend``, the report and the diagnostics print it. A bootstrap resample whose
+    fitted tau_d comes out near zero sends b_opt to billions of examples: that bound says "unbounded", which is
+    what it means, rather than a ten-digit batch size."""
+
+    def bound(value: float) -> str:
+        return "unbounded" if value >= UNBOUNDED else f"{value:.0f}"
+
+    return f"{bound(low)} to {bound(high)}"
+
 
 def spec(args: argparse.Namespace, slicer: Callable) -> dict:
     """The stage's config slice: ``--spec`` JSON (what the workflow passes), or sliced from ``--config`` for

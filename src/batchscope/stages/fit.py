@@ -327,7 +327,7 @@ def diagnose(ds: xr.Dataset) -> list[str]:
         )
     elif np.isfinite([low, high]).all() and (low < lowest or high > highest):
         notes.append(
-            f"b_opt's 95% interval ({low:.0f} to {high:.0f}) reaches beyond {trained} ({lowest} to "
+            f"b_opt's 95% interval ({_common.batch_interval(low, high)}) reaches beyond {trained} ({lowest} to "
             f"{highest}): the prediction is unsure there; add seeds or batch sizes"
         )
     notes += _memory_notes(ds)

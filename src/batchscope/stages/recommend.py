@@ -30,6 +30,7 @@ from typing import Any
 
 from batchscope import config as cfg
 from batchscope.stages import Command
+from batchscope.stages._common import batch_interval
 from batchscope.stages.fit import REQUIRED
 from batchscope.stages.fit import config_slice as fit_slice
 from batchscope.store import CacheError, read_netcdf
@@ -198,7 +199,7 @@ def _b_opt(value: float, interval: list[float], capped: float) -> str:
     if math.isnan(value):
         return "none (needs 3 feasible profiled sizes)"
     low, high = interval
-    text = f"{value:.0f}" + (f" (95% interval {low:.0f} to {high:.0f})" if math.isfinite(low) else "")
+    text = f"{value:.0f}" + (f" (95% interval {batch_interval(low, high)})" if math.isfinite(low) else "")
     return text + (f", capped at {capped:.0f}" if capped < value else "")
 
 
@@ -277,8 +278,8 @@ def format_quick(row: dict[str, Any]) -> str:
             f"  b_opt {row['b_opt']:.0f} (over the run {low:.0f} to {high:.0f}; B_noise {c_low:.3g} to {c_high:.3g}); "
             f"the grid's nearest: B = {row['nearest_grid_batch_size']}; largest feasible B "
             f"{row['largest_feasible_batch_size']}\n"
-            f"  b_opt's 95% interval over the profile's rounds and the noise pairs: {row['b_opt_ci'][0]:.0f} to "
-            f"{row['b_opt_ci'][1]:.0f}\n"
+            f"  b_opt's 95% interval over the profile's rounds and the noise pairs: "
+            f"{batch_interval(*row['b_opt_ci'])}\n"
             f"  it cost {row['cost_s']:.4g} device-seconds, {row['cost_in_reference_runs']:.3g} reference "
             "runs" + "".join(f"\n  warning: {note}" for note in row["diagnostics"]))  # fmt: skip
 
