@@ -389,7 +389,27 @@ def test_the_adaptive_studys_fit_report_and_recommendation(adaptive_study, repo,
     assert "adaptive study: trained B = " + ", ".join(map(str, chosen)) in capsys.readouterr().out
     html = (workdir / "results/report/report.html").read_text()
     assert "adaptive: recommended B" in html and "adaptive: trained B" in html
+    # the cost table's training jobs: one per chosen size, from the fit's sizes and the rule's benchmark path
+    assert "train_model" in html
     assert f"for tiny_mlp: batch size {row['batch_size']} at learning rate" in html
+
+
+def test_a_workload_added_to_the_adaptive_study_rebuilds_the_report(adaptive_study, repo, venv_env, tmp_path):
+    """An existing report is rebuilt when a workload whose choice has not run joins the study: the report's inputs
+    never ask the choose_batch_sizes checkpoint (Snakemake takes an output downstream of an unfinished checkpoint
+    as up to date), its training jobs' benchmarks come from the fits."""
+    import yaml
+
+    workdir, _ = adaptive_study
+    config = yaml.safe_load((repo / ADAPTIVE).read_text())
+    config["workloads"]["tiny_mlp_b"] = config["workloads"]["tiny_mlp"]
+    grown = tmp_path / "grown.yaml"
+    grown.write_text(yaml.safe_dump(config))
+    jobs = scheduled(snakemake(repo, workdir, "-n", env=venv_env, configfile=grown))
+    # (the checkpoint's own job prints as "checkpoint", which scheduled() does not read)
+    assert ("quick_estimate", "workload=tiny_mlp_b") in jobs and ("fit_scaling", "workload=tiny_mlp_b") in jobs
+    assert ("render_report", "") in jobs
+    assert not any("workload=tiny_mlp," in w or w == "workload=tiny_mlp" for _, w in jobs)  # the first one is done
 
 
 def test_the_adaptive_study_reruns_nothing(adaptive_study, repo, venv_env):

@@ -288,13 +288,16 @@ def job_benchmarks(wildcards):
     jobs = {
         "prepare_data": expand(rules.prepare_data.benchmark, workload=w),
         "profile_hardware": expand(rules.profile_hardware.benchmark, workload=w),
-        "train_model": [path for name in w for path in train_benchmarks(name, analysed_batch_sizes(name))],
         "train_reference": expand(rules.train_reference.benchmark, workload=w),
         "quick_estimate": expand(rules.quick_estimate.benchmark, workload=w),
         "fit_scaling": expand(rules.fit_scaling.benchmark, workload=w),
     }
     if ADAPTIVE:
         jobs["choose_batch_sizes"] = expand(rules.choose_batch_sizes.benchmark, workload=w)
+        # the training jobs: the report takes them at each fit's trained sizes (--train-benchmarks). Asking the
+        # checkpoint here would make Snakemake keep an existing report while a workload's choice has not run.
+    else:
+        jobs["train_model"] = [path for name in w for path in train_benchmarks(name, analysed_batch_sizes(name))]
     if config["hessian"]["enabled"]:
         jobs["analyze_hessian"] = expand(rules.analyze_hessian.benchmark, workload=w, seed=SEEDS)
         jobs["aggregate_hessian"] = expand(rules.aggregate_hessian.benchmark, workload=w)

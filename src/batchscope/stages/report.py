@@ -100,11 +100,28 @@ def render(
     return atomic_write(html_out, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
 
 
+def trained_benchmarks(fit_paths: Sequence[str], pattern: str) -> list[str]:
+    """The adaptive study's training jobs' benchmark files: ``pattern`` (the rule's declared benchmark path, with
+    ``{workload}`` and ``{batch_size}``) at each fit's trained batch sizes, read from the fit's ``batch_size``. The
+    workflow cannot list them itself: an input function that asks the choose_batch_sizes checkpoint keeps Snakemake
+    from rebuilding an existing report while a workload's checkpoint has not run."""
+    from batchscope.store import read_netcdf
+
+    paths = []
+    for path in fit_paths:
+        ds = read_netcdf(path)
+        paths += [pattern.format(workload=ds.attrs["workload"], batch_size=int(b)) for b in ds["batch_size"].values]
+    return paths
+
+
 def run(args: argparse.Namespace) -> None:
+    benchmarks = _common.pairs(args.benchmarks, "--benchmarks")
+    if args.train_benchmarks:
+        benchmarks.setdefault("train_model", []).extend(trained_benchmarks(args.fits, args.train_benchmarks))
     html = render(args.fits, args.notebook, args.out, args.figures, hessian_paths=args.hessian,
                   stability_paths=args.edge_of_stability, ghost_paths=args.ghost, noise_paths=args.noise,
                   quick_paths=args.quick, branch_paths=args.branch,
-                  expect=_common.expect(args), benchmarks=_common.pairs(args.benchmarks, "--benchmarks"))  # fmt: skip
+                  expect=_common.expect(args), benchmarks=benchmarks)  # fmt: skip
     print(html)
 
 
@@ -119,6 +136,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", nargs="*", default=[], help="gradient-noise directories and Jensen files (optional)")
     parser.add_argument("--benchmarks", nargs="*", default=[], help="RULE=FILE: Snakemake benchmark files, for the "
                         "stages' share of the compute (optional)")  # fmt: skip
+    parser.add_argument("--train-benchmarks", metavar="PATTERN", help="adaptive study: the training jobs' benchmark "
+                        "path, with {workload} and {batch_size}, taken at each fit's batch sizes")  # fmt: skip
     parser.add_argument("--notebook", required=True)
     parser.add_argument("--out", required=True, help="output HTML path")
     parser.add_argument("--figures", required=True, help="directory for the figure PNGs")
