@@ -59,7 +59,6 @@ def test_stages_by_hand_produce_the_caches(by_hand):
 
 def test_by_hand_equals_the_workflow_spec(by_hand, repo, tmp_path):
     """--config/--workload and the workflow's --spec JSON give bitwise-equal training results."""
-    from batchscope import config as cfg
 
     spec = json.dumps(stage_train.config_slice(cfg.load(repo / "config/test/tiny.yaml"), "tiny_mlp"))
     args = [
@@ -87,11 +86,9 @@ def test_validate_command(repo, capsys, tmp_path):
     assert cli.main(["validate", str(repo / "config/config.yaml")]) == 0
     out = capsys.readouterr().out
     assert "72 training run(s)" in out and "at most" not in out  # 8 batch sizes x 3 lrs x 3 seeds
-    adaptive = repo / "config/test/adaptive.yaml"  # the grid bounds what the chosen bracket trains
-    grid = cfg.load(adaptive)
-    n = sum(len(cfg.train_points(grid, w)) for w in grid["workloads"])
-    assert cli.main(["validate", str(adaptive)]) == 0
-    assert f"at most {n} training run(s) (study: adaptive)" in capsys.readouterr().out
+    # the grid bounds what the chosen bracket trains: 7 batch sizes x 3 lrs x 2 seeds
+    assert cli.main(["validate", str(repo / "config/test/adaptive.yaml")]) == 0
+    assert "at most 42 training run(s) (study: adaptive)" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text((repo / "config/test/tiny.yaml").read_text().replace("threads: 1", "threads: -2"))
     assert cli.main(["validate", str(bad)]) == 2

@@ -208,7 +208,9 @@ def test_b_opts_interval_carries_the_noise_pairs_and_warns_when_b_noise_is_unsur
     assert c_high > 4 * c_low
     assert any("B_noise is unsure" in note and "noise.pairs" in note for note in json.loads(wide.attrs["diagnostics"]))
     w_low, w_high = wide["b_opt_ci"].values
-    assert w_high / w_low > 1.9 * high / low  # the interval widens with the noise, not only with the profile
+    # B_crit's interval spans > 4x, so b_opt's spans > sqrt(4) = 2x from the noise pairs alone, where the narrow
+    # case's spans about 1.05x: 1.9 leaves that width's margin
+    assert w_high / w_low > 1.9 * high / low
 
 
 def test_an_infinite_snapshot_counts_in_the_point_and_its_interval_alike(tmp_path):

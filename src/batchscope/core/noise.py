@@ -29,7 +29,7 @@ from scipy import stats
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from batchscope.core import per_example
+from batchscope.core import per_example, scaling
 from batchscope.core.jensen import JensenResult
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -121,17 +121,12 @@ class NoiseScale:
     # pairs are independent draws), for their intervals; None for the per-example estimate
     boot: np.ndarray | None = None
 
-    def interval(self, column: int, level: float = 0.95) -> tuple[float, float]:
-        """The percentile interval of B_simple (``column`` 0) or B_noise (1) over :attr:`boot`."""
+    def interval(self, column: int) -> tuple[float, float]:
+        """The 95% percentile interval of B_simple (``column`` 0) or B_noise (1) over :attr:`boot`
+        (:func:`batchscope.core.scaling.interval`: an infinite resample counts, a NaN one does not)."""
         if self.boot is None:
             return math.nan, math.nan
-        samples = self.boot[:, column]
-        samples = samples[~np.isnan(samples)]
-        if not len(samples):
-            return math.nan, math.nan
-        # sample values, not interpolations: a resample whose G^T H G estimate is <= 0 gives B = inf, and inf - inf
-        # would be NaN
-        low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
+        low, high = scaling.interval(self.boot[:, [column]])[0]
         return float(low), float(high)
 
 
@@ -193,8 +188,7 @@ def two_batch_noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torc
     # the pairs resampled with replacement: the estimator's spread, from the same draws (no extra gradients)
     picks = rng.spawn(1)[0].integers(0, pairs, size=(BOOTSTRAP, pairs))
     boot = estimate(small[picks].mean(1), big[picks].mean(1))[2]  # (BOOTSTRAP, 2)
-    if hvp is None:
-        return NoiseScale(levels[0], traces[0], ratios[0], "two-batch", boot=boot)  # its B_noise column is NaN
+    # without an HVP the curvature column is NaN throughout: G^T H G, tr(H Sigma) and B_noise stay NaN
     return NoiseScale(levels[0], traces[0], ratios[0], "two-batch", levels[1], traces[1], ratios[1], boot=boot)
 
 

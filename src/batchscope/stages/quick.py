@@ -59,14 +59,6 @@ def _snapshots(noise_dir: str) -> xr.Dataset:
                      b_simple="b_simple_per_example", two_batch_b_noise_boot="b_noise_boot")  # fmt: skip
 
 
-def _interval(samples: np.ndarray) -> np.ndarray:
-    """The 95% percentile interval of bootstrap samples (NaN where there are none)."""
-    samples = np.asarray(samples, float)
-    samples = samples[~np.isnan(samples)]
-    # sample values (no interpolation between an infinite resample and a finite one)
-    return np.quantile(samples, [0.025, 0.975], method="inverted_cdf") if len(samples) else np.array([np.nan] * 2)
-
-
 def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> xr.Dataset:
     """The quick estimate's NetCDF: per snapshot B_noise, B_simple and their b_opt; the bands and the point."""
     from batchscope.core import scaling
@@ -100,23 +92,24 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     boot = scaling.round_bootstrap(t_round, BOOTSTRAP, np.random.default_rng(0), bool(profiles.attrs["paired_rounds"]))
     fits = [scaling.fit_step_time(sizes[grid], row) for row in boot if np.isfinite(row).all()]
     ratios = np.array([f.intercept / f.slope if f.slope > 0 else np.inf for f in fits])
-    ratio_ci = _interval(ratios)
+    ratio_ci = scaling.interval(ratios[:, None])[0]
     ds["tau_ratio"] = ((), ratio, {"units": "examples", "long_name": "tau_f / tau_d"})
     ds["tau_ratio_ci"] = ("bound", ratio_ci, {"long_name": "95% bootstrap interval over the profiling rounds"})
     # how well the reference run pins B_crit down: each snapshot's B_noise from its pairs resampled, and the point's
-    # statistic (the median over the later snapshots) recomputed per resample
-    # the same snapshots as the point's (B_noise > 0, an infinite one included: its b_opt is capped)
+    # statistic (the median over the same snapshots as the point's: B_noise > 0, an infinite one included)
+    # recomputed per resample
     positive = b_noise > 0
     boot = ds["b_noise_boot"].values[later][positive]  # (snapshots, resamples)
     median_boot = np.median(boot, axis=0) if positive.any() else np.full(ds.sizes["resample"], np.nan)
-    ds["b_crit_ci"] = ("bound", _interval(median_boot), {"units": "examples", "long_name": "the median snapshot's "
-                       "B_noise, 95% interval over the noise pairs resampled"})  # fmt: skip
+    ds["b_crit_ci"] = ("bound", scaling.interval(median_boot[:, None])[0],
+                       {"units": "examples", "long_name": "the median snapshot's B_noise, 95% interval over the "
+                        "noise pairs resampled"})  # fmt: skip
     # b_opt's interval: both sources resampled together (independent, so paired by index)
     ratios = ratios if len(ratios) else np.array([np.nan])
     paired = ratios[np.arange(len(median_boot)) % len(ratios)]
     # a resampled B_crit <= 0 (no noise to average away) is b_opt 0, also where tau_f / tau_d is infinite
     b_opt_boot = np.sqrt(np.where(median_boot > 0, median_boot * paired, np.where(np.isnan(median_boot), np.nan, 0.0)))
-    b_opt_ci = _interval(b_opt_boot)
+    b_opt_ci = scaling.interval(b_opt_boot[:, None])[0]
     ds["b_opt_ci"] = ("bound", np.minimum(b_opt_ci, largest) if largest > 0 else b_opt_ci,
                       {"units": "examples", "long_name": "b_opt's 95% interval over the profiling rounds and the "
                        "noise pairs, resampled; capped"})  # fmt: skip

@@ -75,16 +75,18 @@ def run(args: argparse.Namespace) -> None:
     # the adaptive study: the first seed tries every lr, each run capped at the steps of its best run so far
     # (a run that has taken as many steps without reaching the target cannot win); the later seeds train the
     # learning rates that survived, in full (K(B) is a median over seeds, which a per-seed bound could bias)
-    best = math.nan
+    from batchscope.stages import adaptive
+
+    first: dict[float, float] = {}  # lr -> the first seed's steps to the target (NaN: not reached)
     for lr in args.lrs:
-        ds = _train_point(args, spec, device, lr, args.seeds[0], out_dirs[0], None if math.isnan(best) else int(best))
-        steps = float(ds["steps_to_target"])
-        if not math.isnan(steps):  # reached: with the bound on, a run that reaches the target is at least as fast
-            best = steps if math.isnan(best) else min(best, steps)
-    if len(args.seeds) > 1:
-        kept = surviving(args.lrs, out_dirs[0], args.batch_size, args.seeds[0])
-        for seed, out_dir in zip(args.seeds[1:], out_dirs[1:], strict=True):
-            for lr in kept:
+        reached = [steps for steps in first.values() if not math.isnan(steps)]
+        ds = _train_point(args, spec, device, lr, args.seeds[0], out_dirs[0], int(min(reached)) if reached else None)
+        first[lr] = float(ds["steps_to_target"])
+    kept = set(adaptive.survivors(first))
+    log.info("B=%d: the first seed's runs %s; the later seeds train %s", args.batch_size, first, sorted(kept))
+    for seed, out_dir in zip(args.seeds[1:], out_dirs[1:], strict=True):
+        for lr in args.lrs:
+            if lr in kept:
                 _train_point(args, spec, device, lr, seed, out_dir)
 
 
@@ -108,25 +110,6 @@ def _train_point(args, spec: dict, device, lr: float, seed: int, out_dir: Path, 
              args.batch_size, lr, seed, float(ds["steps_to_target"]), bool(ds["diverged"]),
              bool(ds["out_of_memory"]), bool(ds["pruned"]), bound, float(ds["wall_time"]))  # fmt: skip
     return ds
-
-
-def surviving(lrs: list[float], first_seed_dir: str | Path, batch_size: int, seed: int) -> list[float]:
-    """The learning rates of ``lrs`` that survived the first seed's runs at this batch size (successive halving,
-    :func:`batchscope.stages.adaptive.survivors`), in the order given. Only that seed's runs count: one ``--out``
-    directory may hold every seed's."""
-    from batchscope.stages import adaptive
-
-    runs = read_runs([first_seed_dir])
-    runs = runs.isel(run=runs["run_seed"].values == seed)
-    if set(runs["run_batch_size"].values.tolist()) != {batch_size}:
-        raise ValueError(f"{first_seed_dir}: runs at batch sizes "
-                         f"{sorted(set(runs['run_batch_size'].values.tolist()))}, not {batch_size}")  # fmt: skip
-    steps = dict(zip(runs["run_lr"].values.tolist(), runs["steps_to_target"].values.tolist(), strict=True))
-    kept = {cfg.format_lr(lr) for lr in adaptive.survivors(steps)}
-    chosen = [lr for lr in lrs if cfg.format_lr(lr) in kept]
-    log.info("B=%d: the first seed's runs %s; training the survivors %s", batch_size,
-             {cfg.format_lr(lr): s for lr, s in steps.items()}, chosen)  # fmt: skip
-    return chosen
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
