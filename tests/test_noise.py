@@ -78,6 +78,25 @@ def test_minibatch_gradients_are_unbiased_and_follow_the_corrected_variance_law(
     np.testing.assert_allclose(law.mean_sq_error, law.predicted, rtol=0.2)  # 300 draws: ~8% standard error
 
 
+def test_loglog_slope_and_interval_equal_scipy_linregress():
+    """The variance law's slope and 95% interval against scipy.stats.linregress with the t quantile (1e-10), on
+    noisy power-law data; two sizes give the exact slope and no interval."""
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    sizes = np.array([16.0, 32, 64, 128, 256, 512])
+    values = 7.0 * sizes**-0.93 * np.exp(rng.normal(0, 0.1, len(sizes)))
+    slope, (low, high) = noise._loglog_slope(sizes, values)
+    fit = stats.linregress(np.log(sizes), np.log(values))
+    half = stats.t.ppf(0.975, len(sizes) - 2) * fit.stderr
+    assert slope == pytest.approx(fit.slope, rel=1e-10)
+    assert (low, high) == pytest.approx((fit.slope - half, fit.slope + half), rel=1e-10)
+    assert high - low > 0.05  # the noise above widens it: not a zero-width interval
+    slope, interval = noise._loglog_slope(sizes[:2], values[:2])
+    assert slope == pytest.approx(math.log(values[1] / values[0]) / math.log(2), rel=1e-12)
+    assert all(math.isnan(bound) for bound in interval)
+
+
 def test_two_batch_estimate_is_within_15_percent_of_per_example():
     t = data.load_tensors(data.build({"name": "digits", "val_fraction": 0.2, "seed": 0}), "cpu")
     torch.manual_seed(0)

@@ -1,8 +1,11 @@
 """The runtime's machine-facing parts: one GPU per job (the slot pool), the numerics a job runs with, what counts
 as out of memory."""
 
+import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -66,6 +69,46 @@ def test_numerics_follow_the_config_and_are_recorded(deterministic, expected):
         assert attrs["deterministic"] == expected and attrs["tf32"] == 0
     finally:
         runtime.setup(1, CPU)
+
+
+def test_analysis_jobs_start_without_dynamo_or_scipy_stats(tmp_path):
+    """A job that never compiles nor builds an optimizer (noise, Hessian, Jensen, edge of stability) sets
+    deterministic kernels without importing dynamo and inductor, takes Hessian-vector products without them, and
+    fits the variance law without scipy.stats: each import costs 0.5 to 1.4 s of every such job's start. The
+    switch is really set (read back), the edge of stability really descends and measures lambda_max (a Lanczos
+    run of products), and the data come from a prepared file, as in a job."""
+    from batchscope import config as cfg
+    from batchscope.stages import train
+    from batchscope.workloads.base import builtin_dataset
+
+    config = cfg.validate({"device": "cpu", "grid": {"batch_sizes": [32]}, "workloads": {"w": {
+        "dataset": {"name": "digits"}, "model": {"name": "mlp", "widths": [16]},
+        "target": {"metric": "val_accuracy", "value": 0.8}, "max_steps": 10, "learning_rates": [0.1]}}})  # fmt: skip
+    workload = train.config_slice(config, "w")["workload"]
+    data = tmp_path / "data.nc"
+    io.write_netcdf(builtin_dataset(workload["dataset"]), data)
+    spec = {"examples": 200, "steps": 4, "interval": 2, "seed": 0, "workload": workload}
+    script = (
+        "import json, sys, torch\n"
+        "from batchscope.engine import runtime\n"
+        "runtime.setup(1, torch.device('cpu'))\n"
+        "assert torch.are_deterministic_algorithms_enabled()\n"
+        "from batchscope.measure import edge_of_stability, hessian, noise\n"
+        "from batchscope.core import noise as core_noise\n"
+        "import numpy as np\n"
+        "x = np.array([16.0, 64, 256]); print(core_noise._loglog_slope(x, 1 / x)[0])\n"
+        f"spec = json.loads({json.dumps(spec)!r})\n"
+        f"ds = edge_of_stability.edge_of_stability(0.1, spec, torch.device('cpu'), {str(data)!r})\n"
+        "print(float(ds['loss'][-1] / ds['loss'][0]), float(ds['lambda_max'][0]))\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'scipy.stats') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    slope, values, loaded = result.stdout.strip().splitlines()
+    assert float(slope) == pytest.approx(-1.0, abs=1e-12)
+    ratio, sharpness = map(float, values.split())
+    assert ratio < 1.0 and sharpness > 0  # four descent steps lowered the loss; a positive top eigenvalue
+    assert loaded == "[]"
 
 
 @pytest.mark.parametrize(("device", "deterministic", "expected"), [

@@ -1,9 +1,10 @@
 """Curvature of the training loss as a linear operator, and the algorithms that take any such operator.
 
-:class:`HessianOperator` gives H v for the mean loss over a fixed evaluation set, from ``torch.func``,
-summed over chunks so the set can exceed one batch. The algorithms (:func:`lanczos`, :func:`top_eigenvalues`,
-:func:`hutchinson`, :func:`slq`) only see a ``matvec`` on flat vectors, so they work on any symmetric
-operator, a dense test matrix included. Data loading, the model and the algorithm never live in one class.
+:class:`HessianOperator` gives H v for the mean loss over a fixed evaluation set (double backward through
+``torch.autograd``, or ``torch.func``'s forward-over-reverse), summed over chunks so the set can exceed one
+batch. The algorithms (:func:`lanczos`, :func:`top_eigenvalues`, :func:`hutchinson`, :func:`slq`) only see a
+``matvec`` on flat vectors, so they work on any symmetric operator, a dense test matrix included. Data
+loading, the model and the algorithm never live in one class.
 
 BatchNorm is explicit: ``mode="eval"`` differentiates the network as it predicts (running statistics, as
 PyHessian does silently); ``mode="train"`` the loss that SGD descended, with each chunk normalised by its own
@@ -22,12 +23,23 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import nn
-from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp
+from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 MODES = ("eval", "train")
 METHODS = ("rev_rev", "fwd_rev")
 CACHE_MB = 1024  # HessianOperator's bound on kept linearisations when none is given (the stage's: hessian.cache_mb)
+
+
+class Linearisation:
+    """One chunk's gradient with its autograd graph kept: ``product(v)`` is H v by one backward pass of it (the graph
+    is retained for the next product). ``gradient``'s graph is what keeping this object keeps alive."""
+
+    def __init__(self, gradient: torch.Tensor, point: torch.Tensor):
+        self.gradient, self.point = gradient, point
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(self.gradient, self.point, v, retain_graph=True)[0]
 
 
 class HessianOperator:
@@ -36,6 +48,10 @@ class HessianOperator:
     ``method``: ``"rev_rev"`` (the vjp of the gradient: a chunk's linearisation, built by one forward and
     backward pass, then one more backward pass per product) or ``"fwd_rev"`` (jvp of the gradient, recomputed
     per product).
+    rev_rev differentiates through ``torch.autograd`` (a gradient built with ``create_graph``, then one backward
+    pass of it per product) rather than ``torch.func``'s ``vjp(grad(...))``, which gives the same numbers: the
+    first ``torch.func`` transform in a process imports dynamo, 1.4 s of the start of every analysis job that
+    would use it, more than most of their work here.
 
     Memory is bounded by ``chunk_size`` and ``cache_mb``, never by the number of examples. With ``cache=True``
     (rev_rev) the linearisations of the first chunks are kept for every later product while the tensors their graphs
@@ -136,15 +152,19 @@ class HessianOperator:
             return self._gradient
         total = torch.zeros_like(self.point)
         for (xb, yb), w in self._weighted():
-            total += w * grad(self.chunk_loss)(self.point, xb, yb)
+            point = self.point.detach().requires_grad_(True)
+            total += w * torch.autograd.grad(self.chunk_loss(point, xb, yb), point)[0]
         return total
 
     def _weighted(self):
         return zip(self.chunks, self.weights, strict=True)
 
-    def _linearise(self, xb: torch.Tensor, yb: torch.Tensor):
-        """(gradient, vjp of the gradient) of one chunk's loss at the point."""
-        return vjp(grad(lambda p: self.chunk_loss(p, xb, yb)), self.point)
+    def _linearise(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, Linearisation]:
+        """(gradient, its linearisation: v -> H v) of one chunk's loss at the point."""
+        point = self.point.detach().requires_grad_(True)  # the point's storage, a leaf of this chunk's graph
+        with torch.enable_grad():
+            gradient = torch.autograd.grad(self.chunk_loss(point, xb, yb), point, create_graph=True)[0]
+        return gradient.detach(), Linearisation(gradient, point)
 
     @property
     def cached_chunks(self) -> int:
@@ -186,7 +206,7 @@ class HessianOperator:
         for i, ((xb, yb), w) in enumerate(self._weighted()):
             # one chunk's linearisation at a time beyond the kept ones: built, applied, dropped
             product = kept[i] if i < len(kept) else self._linearise(xb, yb)[1]
-            total += w * product(v)[0]
+            total += w * product(v)
             del product
         return total
 
@@ -211,22 +231,18 @@ def _storage_key(tensor: torch.Tensor) -> tuple:
     return storage.device, storage.data_ptr()
 
 
-def linearisation_bytes(product: Callable, held: Sequence[torch.Tensor] = ()) -> int | None:
-    """Bytes of the distinct tensors that a ``torch.func.vjp`` closure's autograd graph saved, leaving out the
-    storages of ``held`` (the weights and the data, kept anyway): what keeping the closure keeps alive. None
-    when torch's internals do not look as expected (then nothing beyond a single chunk is cached).
+def linearisation_bytes(product: Linearisation, held: Sequence[torch.Tensor] = ()) -> int | None:
+    """Bytes of the distinct tensors that a :class:`Linearisation`'s autograd graph saved, leaving out the
+    storages of ``held`` (the weights and the data, kept anyway): what keeping it keeps alive. None when torch's
+    graph does not look as expected (then nothing beyond a single chunk is cached).
 
     Counted rather than measured because the CPU has no allocator statistics and CUDA's would count whatever
-    else the process allocates meanwhile. On a ResNet-20 with 128 CIFAR images per chunk it counts 389 MB where
-    each kept linearisation raised the process's resident memory by 394-410 MB. The walk reads private parts
-    of ``torch.func`` (the closure's outputs, functorch's tensor wrappers): a torch release that changes them
-    makes this return None, which only costs speed.
+    else the process allocates meanwhile. The walk reads the graph's saved tensors (``_saved_*`` fields of its
+    nodes): a torch release that renames them makes this count less or return None, which only costs speed.
     """
     try:
-        cells = dict(zip(product.__code__.co_freevars, (c.cell_contents for c in product.__closure__), strict=True))
-        stack = [t.grad_fn for t in cells["flat_primals_out"]]
-        unwrap, wrapped = torch._C._functorch.get_unwrapped, torch._C._functorch.is_functorch_wrapped_tensor
-    except (AttributeError, KeyError, TypeError, ValueError):
+        stack = [product.gradient.grad_fn]
+    except AttributeError:
         return None
     seen, storages, skip = set(), {}, {_storage_key(t) for t in held}
     while stack:
@@ -242,13 +258,10 @@ def linearisation_bytes(product: Callable, held: Sequence[torch.Tensor] = ()) ->
             except RuntimeError:  # a saved tensor already freed, or a field torch cannot give back
                 continue
             for tensor in value if isinstance(value, tuple | list) else (value,):
-                if not isinstance(tensor, torch.Tensor):
-                    continue
-                while wrapped(tensor):
-                    tensor = unwrap(tensor)
-                key = _storage_key(tensor)
-                if key not in skip:
-                    storages[key] = tensor.untyped_storage().nbytes()
+                if isinstance(tensor, torch.Tensor):
+                    key = _storage_key(tensor)
+                    if key not in skip:
+                        storages[key] = tensor.untyped_storage().nbytes()
         stack.extend(next_node for next_node, _ in node.next_functions)
     return sum(storages.values())
 

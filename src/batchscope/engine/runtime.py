@@ -103,7 +103,10 @@ def setup(threads: int, device: torch.device, deterministic: bool | None = None,
         # cuBLAS is deterministic only with a fixed workspace, chosen before its first handle (before any product:
         # setup runs before the workload is built); without it, deterministic runs on CUDA are not bitwise
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    # torch.use_deterministic_algorithms sets the kernels' switch and inductor's flag, and imports inductor (and
+    # dynamo) to do so: 1.4 s of every job's start, more than most analyses' work. The kernels' switch alone here;
+    # inductor's flag where a step is compiled (train_step), which reads the switch back.
+    torch._C._set_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -173,6 +176,10 @@ def make_step(
     if compile:
         # static shapes, as training (one batch size per process) compiles them: the profile, which steps every
         # size in one process, would otherwise be timed on dynamic-shape kernels from the second size on
+        import torch._inductor.config as inductor_config  # binds one name: not the module-wide `torch`
+
+        # the deterministic setting setup() chose, for the compiled kernels too
+        inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()
         forward = torch.compile(forward, dynamic=False)
     bf16 = precision == "bf16"
     oom_limit = faults.oom_above()
