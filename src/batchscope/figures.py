@@ -663,10 +663,12 @@ def _memory_sentence(row: dict) -> str:
 
 
 # The stages that analyse (rather than produce the answer): the budget is their share of the compute.
+# measure_gradient_noise is not among them: its B_noise along the reference run is the quick estimate's input (and,
+# in the adaptive study, what chooses the batch sizes to train), as the reference run is; its variance law, about
+# a tenth of its time, is analysis.
 ANALYSIS_RULES = (
     "analyze_hessian",
     "aggregate_hessian",
-    "measure_gradient_noise",
     "measure_jensen_bias",
     "measure_jensen_linreg",
     "edge_of_stability",
