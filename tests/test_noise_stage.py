@@ -146,6 +146,27 @@ def test_snapshot_two_batch_estimate_is_within_its_standard_error_of_the_exact_o
     assert ds.attrs["b_small"] == small and ds.attrs["b_big"] == big and ds.attrs["pairs"] == pairs
 
 
+def test_snapshot_curvature_goes_in_chunks_of_chunk_size(linear, snapshot, monkeypatch):
+    """The two-batch B_noise's operator takes noise.chunk_size examples per pass (its memory is a chunk's, not
+    AUTO_EVAL_SIZE examples' linearisation): with chunks of 64 every operator built has chunks of at most 64, and
+    B_noise equals the one-pass snapshot's to 1e-5 (the model has no BatchNorm: the chunked mean loss is the same
+    loss; float32 sums in a different order)."""
+    from batchscope.core import hessian
+
+    workload, spec, state, _ = linear
+    built = []
+    original = hessian.HessianOperator.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(max(len(xb) for xb, _ in self.chunks))
+
+    monkeypatch.setattr(hessian.HessianOperator, "__init__", recording)
+    ds = measure_snapshot({"state_dict": state, "step": 30, "fraction": 0.5}, workload, {**spec, "chunk_size": 64}, CPU)
+    assert built and max(built) <= 64
+    assert float(ds["two_batch_b_noise"]) == pytest.approx(float(snapshot["two_batch_b_noise"]), rel=1e-5)
+
+
 def test_snapshot_with_batchnorm_in_train_mode_reports_two_batch_only():
     """Per-example gradients are undefined with BatchNorm in train mode: NaN, and the method says so."""
     workload, spec = workload_and_spec(norm="batch")

@@ -59,9 +59,11 @@ def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: tor
     rng = np.random.default_rng(spec["seed"])
     # H of the loss the gradients descend (BatchNorm in train mode: each chunk by its own statistics), on the
     # first AUTO_EVAL_SIZE examples of the analysis set (a random subset already): an unbiased estimate of H at a
-    # cost that does not grow with the data, as the Hessian stage's evaluation set
+    # cost that does not grow with the data, as the Hessian stage's evaluation set; in chunks of chunk_size, so
+    # that its memory is the chunk's and the operator's cache bound, not AUTO_EVAL_SIZE examples' linearisation
     xh, yh = x[:AUTO_EVAL_SIZE], y[:AUTO_EVAL_SIZE]
-    curvature = hessian.HessianOperator(model, loss, xh, yh, mode="train" if has_batchnorm(model) else "eval")
+    curvature = hessian.HessianOperator(model, loss, xh, yh, chunk_size=chunk,
+                                        mode="train" if has_batchnorm(model) else "eval")  # fmt: skip
     two = noise.two_batch_noise_scale(model, loss, x, y, spec["b_small"], spec["b_big"], spec["pairs"], rng,
                                       hvp=curvature.matvec)  # fmt: skip
     values = {"two_batch_grad_sq_norm": two.grad_sq_norm, "two_batch_trace_sigma": two.trace_sigma,
