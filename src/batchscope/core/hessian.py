@@ -41,7 +41,8 @@ class Linearisation:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         # H v as the gradient of the scalar g . v: the same backward pass as passing v as grad_outputs, which makes
         # torch check its shape through the symbolic-shapes module, another 0.3 s import at a job's start
-        return torch.autograd.grad(torch.dot(self.gradient, v), self.point, retain_graph=True)[0]
+        with torch.enable_grad():  # a caller under no_grad would otherwise get a dot product without a graph
+            return torch.autograd.grad(torch.dot(self.gradient, v), self.point, retain_graph=True)[0]
 
 
 class HessianOperator:
@@ -155,7 +156,8 @@ class HessianOperator:
         total = torch.zeros_like(self.point)
         for (xb, yb), w in self._weighted():
             point = self.point.detach().requires_grad_(True)
-            total += w * torch.autograd.grad(self.chunk_loss(point, xb, yb), point)[0]
+            with torch.enable_grad():
+                total += w * torch.autograd.grad(self.chunk_loss(point, xb, yb), point)[0]
         return total
 
     def _weighted(self):
