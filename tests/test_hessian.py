@@ -53,6 +53,26 @@ def test_autograd_products_equal_torch_func_vjp_of_the_gradient(mode):
     assert float(torch.linalg.vector_norm(ours)) > 1e-3  # a real product, not zeros
 
 
+def test_products_inside_inference_mode_and_of_a_loss_linear_in_the_weights():
+    """An operator built and used inside inference_mode (and a vector made there) gives the products it gives
+    outside; a loss linear in the weights has H = 0: zero products and its gradient, not an error."""
+    model, x, y = tiny_problem(torch.float64)
+    op = hessian.HessianOperator(model, nn.functional.cross_entropy, x, y, chunk_size=16)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = op.matvec(v)
+    with torch.inference_mode():
+        inside = hessian.HessianOperator(model, nn.functional.cross_entropy, x, y, chunk_size=16)
+        frozen = v.clone()
+        torch.testing.assert_close(inside.matvec(frozen), expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(op.matvec(frozen), expected, rtol=0, atol=0)
+
+    linear = nn.Linear(5, 1, dtype=torch.float64)
+    op = hessian.HessianOperator(linear, lambda out, target: (out.squeeze(1) * target).mean(), x, y.double())
+    assert torch.count_nonzero(op.matvec(v[: op.dim])) == 0
+    expected_grad = torch.cat([(x * y.double()[:, None]).mean(0), y.double().mean()[None]])
+    torch.testing.assert_close(op.gradient(), expected_grad, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("method", hessian.METHODS)
 @pytest.mark.parametrize("chunk_size", [None, 16])
 def test_hvp_equals_dense_hessian_times_v(method, chunk_size):

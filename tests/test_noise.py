@@ -80,7 +80,7 @@ def test_minibatch_gradients_are_unbiased_and_follow_the_corrected_variance_law(
 
 def test_loglog_slope_and_interval_equal_scipy_linregress():
     """The variance law's slope and 95% interval against scipy.stats.linregress with the t quantile (1e-10), on
-    noisy power-law data; two sizes give the exact slope and no interval."""
+    noisy power-law data; two sizes give the exact slope and no interval, one size neither."""
     from scipy import stats
 
     rng = np.random.default_rng(3)
@@ -95,6 +95,9 @@ def test_loglog_slope_and_interval_equal_scipy_linregress():
     slope, interval = noise._loglog_slope(sizes[:2], values[:2])
     assert slope == pytest.approx(math.log(values[1] / values[0]) / math.log(2), rel=1e-12)
     assert all(math.isnan(bound) for bound in interval)
+    for one in (sizes[:1], np.array([64.0, 64.0])):  # one size (a grid of one) has no slope at all
+        slope, interval = noise._loglog_slope(one, values[: len(one)])
+        assert math.isnan(slope) and all(math.isnan(bound) for bound in interval)
 
 
 def test_two_batch_estimate_is_within_15_percent_of_per_example():

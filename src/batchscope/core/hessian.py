@@ -39,10 +39,22 @@ class Linearisation:
         self.gradient, self.point = gradient, point
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        if not self.gradient.requires_grad:  # the gradient does not depend on the point: H = 0
+            return torch.zeros_like(self.point)
         # H v as the gradient of the scalar g . v: the same backward pass as passing v as grad_outputs, which makes
         # torch check its shape through the symbolic-shapes module, another 0.3 s import at a job's start
-        with torch.enable_grad():  # a caller under no_grad would otherwise get a dot product without a graph
+        with _differentiable():
+            v = v.clone() if v.is_inference() else v  # an inference tensor cannot be saved for the backward pass
             return torch.autograd.grad(torch.dot(self.gradient, v), self.point, retain_graph=True)[0]
+
+
+def _differentiable() -> contextlib.ExitStack:
+    """Graph recording on whatever the caller switched off (``no_grad``, ``inference_mode``), as torch.func's
+    transforms do: the operator differentiates inside."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
 
 
 class HessianOperator:
@@ -155,20 +167,30 @@ class HessianOperator:
             return self._gradient
         total = torch.zeros_like(self.point)
         for (xb, yb), w in self._weighted():
-            point = self.point.detach().requires_grad_(True)
-            with torch.enable_grad():
-                total += w * torch.autograd.grad(self.chunk_loss(point, xb, yb), point)[0]
+            total += w * self._linearise(xb, yb, create_graph=False)[0]
         return total
 
     def _weighted(self):
         return zip(self.chunks, self.weights, strict=True)
 
-    def _linearise(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, Linearisation]:
-        """(gradient, its linearisation: v -> H v) of one chunk's loss at the point."""
-        point = self.point.detach().requires_grad_(True)  # the point's storage, a leaf of this chunk's graph
-        with torch.enable_grad():
-            gradient = torch.autograd.grad(self.chunk_loss(point, xb, yb), point, create_graph=True)[0]
+    def _linearise(self, xb: torch.Tensor, yb: torch.Tensor, create_graph: bool = True
+                   ) -> tuple[torch.Tensor, Linearisation]:  # fmt: skip
+        """(gradient, its linearisation: v -> H v) of one chunk's loss at the point; without ``create_graph`` the
+        gradient alone (its linearisation then knows H = 0 only)."""
+        with _differentiable():
+            point = self._leaf()
+            loss = self.chunk_loss(point, xb, yb)
+            gradient = None
+            if loss.requires_grad:  # else the loss does not depend on the parameters
+                gradient = torch.autograd.grad(loss, point, create_graph=create_graph, allow_unused=True)[0]
+        if gradient is None:
+            gradient = torch.zeros_like(self.point)
         return gradient.detach(), Linearisation(gradient, point)
+
+    def _leaf(self) -> torch.Tensor:
+        """The point as a leaf of a new graph: its own storage, or a copy where it was made in inference mode."""
+        point = self.point.clone() if self.point.is_inference() else self.point.detach()
+        return point.requires_grad_(True)
 
     @property
     def cached_chunks(self) -> int:

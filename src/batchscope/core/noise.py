@@ -209,8 +209,10 @@ def _loglog_slope(batch_sizes: np.ndarray, values: np.ndarray) -> tuple[float, t
     # numpy's least squares and scipy.special's t quantile rather than scipy.stats.linregress: importing
     # scipy.stats costs 0.5 s of the noise job's start, more than the fit's whole use of it. polyfit's covariance
     # is scaled by the residual variance over n - 2 degrees of freedom: linregress's standard error, squared.
-    # Two sizes fit exactly and leave no degree of freedom: no interval.
-    x, y = np.log(batch_sizes), np.log(values)
+    # One size (or one repeated) has no slope; two sizes fit exactly and leave no degree of freedom: no interval.
+    x, y = np.log(np.asarray(batch_sizes, float)), np.log(np.asarray(values, float))
+    if len(x) < 2 or np.ptp(x) == 0:
+        return math.nan, (math.nan, math.nan)
     if len(x) < 3:
         return float(np.polyfit(x, y, 1)[0]), (math.nan, math.nan)
     coefficients, covariance = np.polyfit(x, y, 1, cov=True)

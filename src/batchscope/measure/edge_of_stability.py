@@ -52,10 +52,12 @@ def edge_of_stability(step_size: float, spec: dict[str, Any], device: torch.devi
             sharpness_values.append(float(top.values[0]))
             losses.append(value)
         if step < spec["steps"]:
-            grads = torch.autograd.grad(squared_loss(model(x), y), params)
+            # allow_unused: a parameter the forward never reaches has no gradient, and SGD leaves such a one alone
+            grads = torch.autograd.grad(squared_loss(model(x), y), params, allow_unused=True)
             with torch.no_grad():
                 for param, grad in zip(params, grads, strict=True):
-                    param.add_(grad, alpha=-step_size)
+                    if grad is not None:
+                        param.add_(grad, alpha=-step_size)
     ds = xr.Dataset(
         {
             "lambda_max": ("step", np.asarray(sharpness_values), {"long_name": "largest Hessian eigenvalue"}),

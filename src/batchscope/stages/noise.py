@@ -105,8 +105,9 @@ def _jensen_arguments(parser: argparse.ArgumentParser) -> None:
 SNAPSHOT_VARIABLES = ("b_simple", "two_batch_b_simple", "two_batch_b_noise_boot")
 VARIANCE_VARIABLES = ("mean_sq_error",)
 RULES = {
-    # 4: noise.eval_size and noise.chunk_size (the snapshot's loss in chunks); 5: B_noise's resampled pairs
-    "measure_gradient_noise": Rule(version=5, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
+    # 4: noise.eval_size and noise.chunk_size (the snapshot's loss in chunks); 5: B_noise's resampled pairs;
+    # 6: B_noise's Hessian in chunks of chunk_size (a change with BatchNorm in train mode, chunks below 512)
+    "measure_gradient_noise": Rule(version=6, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
     # 3: the full Hessian over noise.eval_size examples in chunks of noise.chunk_size, its kept linearisations
     # bounded (batchscope.core.hessian.CACHE_MB)
     "measure_jensen_bias": Rule(version=3, config_slice=jensen_slice, variables=("relative_bias",)),
