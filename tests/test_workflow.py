@@ -412,6 +412,38 @@ def test_a_workload_added_to_the_adaptive_study_rebuilds_the_report(adaptive_stu
     assert not any("workload=tiny_mlp," in w or w == "workload=tiny_mlp" for _, w in jobs)  # the first one is done
 
 
+def test_the_adaptive_cost_table_counts_the_ghost_base_runs_once(repo, venv_env, tmp_path):
+    """The adaptive study with Ghost BatchNorm: the report's cost table takes the training jobs of the Ghost summary's
+    plain-BatchNorm sizes (8 and 512, trained whatever the bracket), listed by the workflow without asking the
+    checkpoint; the report adds the fit's trained sizes and counts a job listed twice once."""
+    import xarray as xr
+
+    from batchscope import store
+    from batchscope.stages import report
+
+    config = yaml.safe_load((repo / ADAPTIVE).read_text())
+    config["workloads"]["tiny_bn"] = {**config["workloads"]["tiny_mlp"],
+                                      "model": {"name": "mlp", "widths": [32], "norm": "batch"}}  # fmt: skip
+    config["ghost"] = {"enabled": True, "workload": "tiny_bn", "ghost_sizes": [16], "batch_size": 512,
+                       "small_batch_size": 8, "draws": 10}  # fmt: skip
+    path = tmp_path / "ghost.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake(repo, tmp_path, "-n", "-p", "render_report", env=venv_env, configfile=path)
+    text = result.stdout + result.stderr
+    command = text[text.index("python -m batchscope report") :].split("\n\n")[0]
+    for size in (8, 512):
+        assert f"train_model=results/benchmarks/train_batch_size/tiny_bn/B{size}.tsv" in command
+    assert "train_batch_size/tiny_mlp/" not in command  # the bracket's come from the fits
+    # the report's side: a fit that trained 128, 256 and 512 adds two jobs; B512 is in both lists and counts once
+    fit = tmp_path / "fit.nc"
+    ds = xr.Dataset(coords={"batch_size": [128, 256, 512]}, attrs={"workload": "tiny_bn"})
+    store.write_netcdf(ds, fit)
+    pattern = "results/benchmarks/train_batch_size/{workload}/B{batch_size}.tsv"
+    listed = [pattern.format(workload="tiny_bn", batch_size=b) for b in (8, 512)]
+    merged = report.train_job_benchmarks(listed, [str(fit)], pattern)
+    assert [p.rsplit("/B", 1)[1] for p in merged] == ["8.tsv", "512.tsv", "128.tsv", "256.tsv"]
+
+
 def test_the_adaptive_study_reruns_nothing(adaptive_study, repo, venv_env):
     workdir, _ = adaptive_study
     result = snakemake(repo, workdir, "-n", env=venv_env, configfile=repo / ADAPTIVE)

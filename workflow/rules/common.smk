@@ -296,6 +296,8 @@ def job_benchmarks(wildcards):
         jobs["choose_batch_sizes"] = expand(rules.choose_batch_sizes.benchmark, workload=w)
         # the training jobs: the report takes them at each fit's trained sizes (--train-benchmarks). Asking the
         # checkpoint here would make Snakemake keep an existing report while a workload's choice has not run.
+        # The Ghost BatchNorm summary's plain-BatchNorm sizes are trained whatever the choice: known here.
+        jobs["train_model"] = [path for name in w for path in train_benchmarks(name, ghost_base_batch_sizes(name))]
     else:
         jobs["train_model"] = [path for name in w for path in train_benchmarks(name, analysed_batch_sizes(name))]
     if config["hessian"]["enabled"]:

@@ -114,10 +114,17 @@ def trained_benchmarks(fit_paths: Sequence[str], pattern: str) -> list[str]:
     return paths
 
 
+def train_job_benchmarks(listed: Sequence[str], fit_paths: Sequence[str], pattern: str) -> list[str]:
+    """The adaptive study's training jobs for the cost table: those the workflow listed (the Ghost summary's base
+    sizes, trained whatever the choice) and those at the fits' trained sizes; a job in both counts once."""
+    return list(dict.fromkeys([*listed, *trained_benchmarks(fit_paths, pattern)]))
+
+
 def run(args: argparse.Namespace) -> None:
     benchmarks = _common.pairs(args.benchmarks, "--benchmarks")
     if args.train_benchmarks:
-        benchmarks.setdefault("train_model", []).extend(trained_benchmarks(args.fits, args.train_benchmarks))
+        benchmarks["train_model"] = train_job_benchmarks(benchmarks.get("train_model", []), args.fits,
+                                                         args.train_benchmarks)  # fmt: skip
     html = render(args.fits, args.notebook, args.out, args.figures, hessian_paths=args.hessian,
                   stability_paths=args.edge_of_stability, ghost_paths=args.ghost, noise_paths=args.noise,
                   quick_paths=args.quick, branch_paths=args.branch,
