@@ -415,7 +415,8 @@ def test_a_workload_added_to_the_adaptive_study_rebuilds_the_report(adaptive_stu
 def test_the_adaptive_cost_table_counts_the_ghost_base_runs_once(repo, venv_env, tmp_path):
     """The adaptive study with Ghost BatchNorm: the report's cost table takes the training jobs of the Ghost summary's
     plain-BatchNorm sizes (8 and 512, trained whatever the bracket), listed by the workflow without asking the
-    checkpoint; the report adds the fit's trained sizes and counts a job listed twice once."""
+    checkpoint; the report adds the fit's trained sizes and counts a job listed twice once. The gradient-noise job,
+    which the quick estimate needs whether or not the noise stage's results are on, is in the table too."""
     import xarray as xr
 
     from batchscope import store
@@ -434,6 +435,9 @@ def test_the_adaptive_cost_table_counts_the_ghost_base_runs_once(repo, venv_env,
     for size in (8, 512):
         assert f"train_model=results/benchmarks/train_batch_size/tiny_bn/B{size}.tsv" in command
     assert "train_batch_size/tiny_mlp/" not in command  # the bracket's come from the fits
+    # the quick estimate's noise job runs with the noise stage's own results off, and is billed
+    assert not config["noise"]["enabled"]
+    assert "measure_gradient_noise=results/benchmarks/measure_gradient_noise/tiny_bn.tsv" in command
     # the report's side: a fit that trained 128, 256 and 512 adds two jobs; B512 is in both lists and counts once
     fit = tmp_path / "fit.nc"
     ds = xr.Dataset(coords={"batch_size": [128, 256, 512]}, attrs={"workload": "tiny_bn"})

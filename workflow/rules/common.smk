@@ -289,6 +289,8 @@ def job_benchmarks(wildcards):
         "prepare_data": expand(rules.prepare_data.benchmark, workload=w),
         "profile_hardware": expand(rules.profile_hardware.benchmark, workload=w),
         "train_reference": expand(rules.train_reference.benchmark, workload=w),
+        # the quick estimate's B_noise: measured whether or not the noise stage's own results are on
+        "measure_gradient_noise": expand(rules.measure_gradient_noise.benchmark, workload=w),
         "quick_estimate": expand(rules.quick_estimate.benchmark, workload=w),
         "fit_scaling": expand(rules.fit_scaling.benchmark, workload=w),
     }
@@ -304,7 +306,6 @@ def job_benchmarks(wildcards):
         jobs["analyze_hessian"] = expand(rules.analyze_hessian.benchmark, workload=w, seed=SEEDS)
         jobs["aggregate_hessian"] = expand(rules.aggregate_hessian.benchmark, workload=w)
     if config["noise"]["enabled"]:
-        jobs["measure_gradient_noise"] = expand(rules.measure_gradient_noise.benchmark, workload=w)
         jobs["measure_jensen_bias"] = expand(rules.measure_jensen_bias.benchmark, workload=w)
         jobs["measure_jensen_linreg"] = [rules.measure_jensen_linreg.benchmark]
     if config["branch"]["enabled"]:
