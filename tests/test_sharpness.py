@@ -185,6 +185,25 @@ def test_edge_of_stability_sharpness_settles_at_two_over_eta():
     assert small["lambda_max"].values[-1] < 0.4 * float(small["stability_limit"])
 
 
+def test_edge_of_stability_leaves_a_parameter_the_forward_never_reaches_alone(monkeypatch):
+    """Gradient descent as SGD makes it: a layer the forward never uses keeps its weights, the used one moves."""
+    from batchscope.workloads.base import build
+
+    config = cfg.validate({"device": "cpu", "grid": {"batch_sizes": [8]}, "workloads": {"w": {
+        "factory": "tests.factories.bad:unused_parameter", "target": {"metric": "val_accuracy", "value": 0.9},
+        "max_steps": 20, "learning_rates": [0.1]}}})  # fmt: skip
+    workload = stage_train.config_slice(config, "w")["workload"]
+    spec = {"examples": 32, "steps": 3, "interval": 3, "seed": 0, "workload": workload}
+    before = build(workload, CPU, seed=0).model.state_dict()
+    built = []
+    monkeypatch.setattr(edge_of_stability, "build_workload", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    ds = edge_of_stability.edge_of_stability(0.1, spec, CPU)
+    assert float(ds["loss"][-1]) < float(ds["loss"][0])
+    after = built[0].model.state_dict()
+    torch.testing.assert_close(after["unused.weight"], before["unused.weight"], rtol=0, atol=0)
+    assert not torch.equal(after["used.weight"], before["used.weight"])
+
+
 def test_a_checkpoints_analysis_is_reused_and_only_new_ones_are_analysed(tmp_path, monkeypatch):
     """The hessian command twice on one reuse directory, the second time with one more checkpoint: only that one
     is analysed, and the reused file holds the first analysis's numbers. A checkpoint whose bytes changed, or other

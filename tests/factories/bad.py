@@ -1,4 +1,5 @@
-"""Factories that are wrong in one way each, for the error-message tests."""
+"""Factories that are wrong in one way each, for the error-message tests (and ``unused_parameter``, valid but
+unusual)."""
 
 import torch
 from torch import nn
@@ -68,4 +69,20 @@ def not_a_model(spec, device):
 def list_data(spec, device):
     workload = good(spec, device)
     workload.train = [[0.0] * 4] * 8
+    return workload
+
+
+class _WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def unused_parameter(spec, device):
+    """Valid: a model with a trainable layer its forward never reaches (training leaves it as it was)."""
+    workload = good(spec, device)
+    workload.model = _WithUnused().to(device)
     return workload
