@@ -31,7 +31,8 @@ def full_loss(op):
 def test_autograd_products_equal_torch_func_vjp_of_the_gradient(mode):
     """The cached product (double backward through torch.autograd) against torch.func's vjp(grad(...)) of the same
     chunk loss, float32 on a BatchNorm net in both modes, where rounding would show: equal to 1e-6 relative, and the
-    gradient the same to 1e-6; the linearisation is reused (its second product equals the first's recomputation)."""
+    gradient the same to 1e-6 (float32 rounding); the one chunk's linearisation is kept and its products are
+    linear in v."""
     from torch.func import grad, vjp
 
     torch.manual_seed(1)

@@ -48,13 +48,12 @@ class Linearisation:
             return torch.autograd.grad(torch.dot(self.gradient, v), self.point, retain_graph=True)[0]
 
 
-def _differentiable() -> contextlib.ExitStack:
+@contextlib.contextmanager
+def _differentiable():
     """Graph recording on whatever the caller switched off (``no_grad``, ``inference_mode``), as torch.func's
     transforms do: the operator differentiates inside."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.enable_grad())
-    return stack
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 class HessianOperator:
@@ -167,30 +166,29 @@ class HessianOperator:
             return self._gradient
         total = torch.zeros_like(self.point)
         for (xb, yb), w in self._weighted():
-            total += w * self._linearise(xb, yb, create_graph=False)[0]
+            total += w * self._chunk_gradient(xb, yb, create_graph=False)[0].detach()
         return total
 
     def _weighted(self):
         return zip(self.chunks, self.weights, strict=True)
 
-    def _linearise(self, xb: torch.Tensor, yb: torch.Tensor, create_graph: bool = True
-                   ) -> tuple[torch.Tensor, Linearisation]:  # fmt: skip
-        """(gradient, its linearisation: v -> H v) of one chunk's loss at the point; without ``create_graph`` the
-        gradient alone (its linearisation then knows H = 0 only)."""
+    def _chunk_gradient(self, xb: torch.Tensor, yb: torch.Tensor, create_graph: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(gradient, the leaf it was taken at) of one chunk's loss at the point; with ``create_graph`` the gradient
+        keeps its graph. The leaf is the point's own storage, or a copy where the point was made in inference mode;
+        a loss that does not depend on the parameters has a zero gradient (without a graph)."""
         with _differentiable():
-            point = self._leaf()
+            point = (self.point.clone() if self.point.is_inference() else self.point.detach()).requires_grad_(True)
             loss = self.chunk_loss(point, xb, yb)
             gradient = None
-            if loss.requires_grad:  # else the loss does not depend on the parameters
+            if loss.requires_grad:
                 gradient = torch.autograd.grad(loss, point, create_graph=create_graph, allow_unused=True)[0]
-        if gradient is None:
-            gradient = torch.zeros_like(self.point)
-        return gradient.detach(), Linearisation(gradient, point)
+        return (torch.zeros_like(self.point) if gradient is None else gradient), point
 
-    def _leaf(self) -> torch.Tensor:
-        """The point as a leaf of a new graph: its own storage, or a copy where it was made in inference mode."""
-        point = self.point.clone() if self.point.is_inference() else self.point.detach()
-        return point.requires_grad_(True)
+    def _linearise(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, Linearisation]:
+        """(gradient, its linearisation: v -> H v) of one chunk's loss at the point."""
+        gradient, point = self._chunk_gradient(xb, yb, create_graph=True)
+        return gradient.detach(), Linearisation(gradient, point)
 
     @property
     def cached_chunks(self) -> int:

@@ -100,24 +100,20 @@ def render(
     return atomic_write(html_out, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
 
 
-def trained_benchmarks(fit_paths: Sequence[str], pattern: str) -> list[str]:
-    """The adaptive study's training jobs' benchmark files: ``pattern`` (the rule's declared benchmark path, with
-    ``{workload}`` and ``{batch_size}``) at each fit's trained batch sizes, read from the fit's ``batch_size``. The
-    workflow cannot list them itself: an input function that asks the choose_batch_sizes checkpoint keeps Snakemake
-    from rebuilding an existing report while a workload's checkpoint has not run."""
+def train_job_benchmarks(listed: Sequence[str], fit_paths: Sequence[str], pattern: str) -> list[str]:
+    """The adaptive study's training jobs' benchmark files for the cost table: those the workflow listed (the Ghost
+    summary's base sizes, trained whatever the choice), then ``pattern`` (the rule's declared benchmark path, with
+    ``{workload}`` and ``{batch_size}``) at each fit's trained batch sizes, read from the fit's ``batch_size``; a
+    job in both counts once. The workflow cannot list the fits' sizes itself: an input function that asks the
+    choose_batch_sizes checkpoint keeps Snakemake from rebuilding an existing report while a workload's checkpoint
+    has not run."""
     from batchscope.store import read_netcdf
 
-    paths = []
+    paths = list(listed)
     for path in fit_paths:
         ds = read_netcdf(path)
         paths += [pattern.format(workload=ds.attrs["workload"], batch_size=int(b)) for b in ds["batch_size"].values]
-    return paths
-
-
-def train_job_benchmarks(listed: Sequence[str], fit_paths: Sequence[str], pattern: str) -> list[str]:
-    """The adaptive study's training jobs for the cost table: those the workflow listed (the Ghost summary's base
-    sizes, trained whatever the choice) and those at the fits' trained sizes; a job in both counts once."""
-    return list(dict.fromkeys([*listed, *trained_benchmarks(fit_paths, pattern)]))
+    return list(dict.fromkeys(paths))
 
 
 def run(args: argparse.Namespace) -> None:
