@@ -66,6 +66,10 @@ def main() -> None:
                 "seconds": time.perf_counter() - start,
                 "peak_memory": {b: float(timed[b]["peak_memory"]) for b in feasible},
             }  # fmt: skip
+            # after each variant: a later one that runs out of the script's time leaves the earlier ones written
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "variants": rows}, indent=2))
+            print(f"{name}: {len(feasible)} of {len(sizes)} sizes feasible, {rows[name]['seconds']:.0f} s", flush=True)
     name = torch.cuda.get_device_name(device)
     print(f"ResNet-20, CIFAR-shaped, {name}")
     print(f"{'variant':<10}{'largest B':>10}{'T_iter@128 ms':>15}{'T_iter@largest ms':>19}{'R2 lin':>8}"
@@ -78,8 +82,6 @@ def main() -> None:
             f"{1e3 * at.get(row['largest_feasible'], float('nan')):>19.2f}{row['linear']['r2']:>8.3f}"
             f"{sat.get('r2', float('nan')):>8.3f}{sat.get('b_knee', float('nan')):>8.0f}{row['seconds']:>7.0f}"
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"device": name, "variants": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ classes, synthetic 3x32x32 inputs, float32, 1 thread. Normalisation: BatchNorm i
 architecture the project trains (the models module offers BatchNorm, Ghost BatchNorm or none, no GroupNorm),
 and in eval mode (running statistics, set here by a few train-mode passes first) each example is normalised on
 its own, so per-example gradients are defined; in train mode they are not, and the stage uses its two-batch
-estimator. Target: hooks >= 10x the loop. Prints a table and writes benchmarks/results/per_example.json.
+estimator. Target: hooks >= 10x the loop. Prints a table and writes benchmarks/results/per_example.json
+(``--device cuda``: on the GPU, each timing ending with a synchronisation; writes per_example_cuda.json).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -42,10 +44,14 @@ def trace_from_norms(sq_norms: torch.Tensor, gradient: torch.Tensor) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    device = torch.device(parser.parse_args().device)
+    results = RESULTS if device.type == "cpu" else RESULTS.with_name(f"per_example_{device.type}.json")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_model(SPEC, (3, 32, 32), 10)
-    x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+    model = build_model(SPEC, (3, 32, 32), 10).to(device)
+    x, y = torch.randn(BATCH, 3, 32, 32).to(device), torch.randint(0, 10, (BATCH,)).to(device)
     with torch.no_grad():  # running statistics of the data, as after training
         for _ in range(3):
             model(x)
@@ -77,12 +83,14 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             norms = path()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times[name].append(time.perf_counter() - start)
             if norms is not None:
-                traces[name], norms_of[name] = trace_from_norms(norms, gradient), norms
+                traces[name], norms_of[name] = trace_from_norms(norms, gradient), norms.cpu()
     medians = {name: statistics.median(values) for name, values in times.items()}
     reference = traces["loop"]
-    print(f"tr(Sigma) of a batch of {BATCH}, ResNet-20 (BatchNorm, eval mode), 3x32x32, 1 thread, "
+    print(f"tr(Sigma) of a batch of {BATCH}, ResNet-20 (BatchNorm, eval mode), 3x32x32, 1 thread, {device}, "
           f"medians of {REPEATS} ({LOOP_REPEATS} for the loop); {time.perf_counter() - start_all:.0f} s")  # fmt: skip
     # rel. diff: of tr(Sigma) against the loop's; max rel.: the largest over examples of |g_n|^2's
     print(f"{'path':11}{'time (ms)':>11}{'vs loop':>9}{'tr(Sigma)':>12}{'rel. diff':>11}{'max rel.':>10}")
@@ -102,13 +110,20 @@ def main() -> None:
         "repeats": {name: len(values) for name, values in times.items()},
         "trace_sigma": traces,
         "max_rel_diff_per_example": worst,
-        "setup": {"model": SPEC, "input": [3, 32, 32], "batch": BATCH, "threads": 1, "torch": torch.__version__},
+        "setup": {
+            "model": SPEC,
+            "input": [3, 32, 32],
+            "batch": BATCH,
+            "threads": 1,
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        },
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2) + "\n")
     print(f"hooks: {result['hooks_speedup']}x the loop (target >= 10x; a whole-batch step is "
-          f"{result['batch_step_speedup']}x); wrote {RESULTS}")  # fmt: skip
+          f"{result['batch_step_speedup']}x); wrote {results}")  # fmt: skip
 
 
 if __name__ == "__main__":
