@@ -31,9 +31,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep its output, not
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
-step cuda_tests 90 python -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
-step per_example 40 python benchmarks/per_example.py --device cuda
-step profile 130 python benchmarks/gpu_profile.py
+step cuda_tests 65 python -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+step per_example 30 python benchmarks/per_example.py --device cuda
+step profile 180 python benchmarks/gpu_profile.py --compiled-sizes 128 1024
 
 # the rehearsal's study on CUDA, in a scratch directory, on CIFAR-shaped files written there
 WORK=$(mktemp -d)
@@ -50,11 +50,11 @@ write_cifar(target, per_batch=6600)  # the data of the CI rehearsal (tests/test_
 PY
 # gpu=3 on one GPU: three jobs start at once and take turns on the GPU through the slot pool (the concurrency that
 # the pool is for, on a real GPU), so that the jobs' start-up overlaps the GPU work of the one holding it
-step study 170 snakemake --cores 8 --resources gpu=3 --configfile config/test/gpu_rehearsal.yaml \
+step study 140 snakemake --cores 8 --resources gpu=3 --configfile config/test/gpu_rehearsal.yaml \
     --config device=cuda --directory "$WORK"
 cp -r "$WORK/results" "$OUT/study_results" 2>/dev/null; cp -r "$WORK/logs" "$OUT/study_logs" 2>/dev/null
 if [ -f benchmarks/memory.py ]; then
-    step memory 70 python benchmarks/memory.py --device cuda --now-only
+    step memory 60 python benchmarks/memory.py --device cuda --now-only
 fi
 
 python - "$OUT" "$WORK" "${status[@]}" <<'PY'

@@ -8,6 +8,7 @@ Run by benchmarks/gpu_check.sh; needs CUDA.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -43,13 +44,18 @@ def spec_for(data_dir: str, variant: dict) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--compiled-sizes", nargs="+", type=int, default=COMPILED_SIZES)
+    args = parser.parse_args()
     device = runtime.resolve_device("cuda")
     runtime.setup(4, device, None, False)
     rows = {}
     with tempfile.TemporaryDirectory() as data_dir:
         write_cifar(Path(data_dir), per_batch=6600)  # 33,000 training images: the largest size fits the data
-        for name, variant in VARIANTS.items():
-            sizes = COMPILED_SIZES if variant.get("compile") else SIZES
+        for name in args.variants:
+            variant = VARIANTS[name]
+            sizes = args.compiled_sizes if variant.get("compile") else SIZES
             start = time.perf_counter()
             timed = profiling.profile(spec_for(data_dir, variant), sizes, device)
             feasible = [b for b in sizes if bool(timed[b]["feasible"])]

@@ -74,6 +74,20 @@ def test_b_opt_never_exceeds_the_largest_feasible_batch_size(tmp_path):
     assert int(ds["largest_feasible_batch_size"]) == 64
     assert float(ds["b_opt_band"].max()) <= 64 and float(ds["b_opt"]) <= 64
     assert np.nanmax(ds["b_opt_b_noise"].values) == 64  # capped, where sqrt(125 x 200) = 158 would be
+    notes = json.loads(ds.attrs["diagnostics"])
+    assert any("largest feasible batch size 64" in n and "fits in memory" in n for n in notes), notes
+    # every size fitted: the cap is the largest one profiled, and the note says so instead of blaming memory
+    profiles, noise_dir = write_caches(tmp_path / "all_fit", extra=())
+    ds = quick.estimate(SPEC, profiles, noise_dir)
+    assert int(ds["largest_feasible_batch_size"]) == 256 and float(ds["b_opt"]) == pytest.approx(
+        np.median(np.sqrt(np.array([20.0, 50.0, 80.0, 125.0]) * TAU_F / TAU_D)), rel=0.05
+    )
+    notes = json.loads(ds.attrs["diagnostics"])
+    assert not any("capped" in n for n in notes)  # b_opt ~ 100 < 256: nothing to say
+    profiles, noise_dir = write_caches(tmp_path / "all_fit_small", extra=(), b_noise_at={10: 2000.0, 20: 4000.0})
+    notes = json.loads(quick.estimate(SPEC, profiles, noise_dir).attrs["diagnostics"])
+    assert any("largest batch size profiled, 256" in n and "extra_batch_sizes" in n for n in notes), notes
+    assert not any("fits in memory" in n for n in notes)
 
 
 def test_the_cost_comes_from_the_benchmark_files(tmp_path):

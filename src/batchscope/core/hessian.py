@@ -201,13 +201,19 @@ class HessianOperator:
             return
         kept, gradient, used, room = [], torch.zeros_like(self.point), 0, True
         held = [self.point, *self.buffers.values(), *(t for chunk in self.chunks for t in chunk)]
+        on_cuda = self.device.type == "cuda"
         for (xb, yb), w in self._weighted():
+            allocated = torch.cuda.memory_allocated(self.device) if on_cuda else 0
             chunk_gradient, product = self._linearise(xb, yb)
+            # on CUDA, the allocator's figure for what the build left alive where it exceeds the graph walk's count:
+            # the walk rests on torch's graph internals (it once counted 0 with torch 2.11; docs/benchmarks.md, Memory)
+            allocated = torch.cuda.memory_allocated(self.device) - allocated if on_cuda else 0
             gradient += w * chunk_gradient.detach()
             if room and len(self.chunks) == 1:
                 kept.append(product)
             elif room:
                 size = linearisation_bytes(product, held)
+                size = None if size is None else max(size, allocated)
                 room = size is not None and used + size <= self.cache_bytes
                 if room:
                     kept.append(product)
@@ -260,20 +266,22 @@ def linearisation_bytes(product: Linearisation, held: Sequence[torch.Tensor] = (
     storages of ``held`` (the weights and the data, kept anyway): what keeping it keeps alive. None when torch's
     graph does not look as expected (then nothing beyond a single chunk is cached).
 
-    Counted rather than measured because the CPU has no allocator statistics and CUDA's would count whatever
-    else the process allocates meanwhile. The walk reads the graph's saved tensors (``_saved_*`` fields of its
-    nodes): a torch release that renames them makes this count less or return None, which only costs speed.
+    Counted rather than measured because the CPU has no allocator statistics (on CUDA the operator also reads the
+    allocator around the build and takes the larger figure). The walk reads the graph's saved tensors (``_saved_*``
+    fields of its nodes): a torch release that renames them makes this count less or return None.
     """
     try:
         stack = [product.gradient.grad_fn]
     except AttributeError:
         return None
-    seen, storages, skip = set(), {}, {_storage_key(t) for t in held}
+    # visited nodes kept alive: a node's Python object lives only while referenced, and a freed one's id is reused
+    # by the next (torch 2.11 freed them as the walk went, which ended it after 3 nodes and a count of 0)
+    seen, storages, skip = {}, {}, {_storage_key(t) for t in held}
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         for name in dir(node):
             if not (name.startswith("_saved_") or name == "saved_tensors"):
                 continue
@@ -412,8 +420,8 @@ def top_eigenvalues(
     method: str = "lanczos",
     max_steps: int = 300,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
     starts: int = 2,
 ) -> TopEigenvalues:
     """The ``k`` largest (algebraic) eigenvalues, by :func:`lanczos` or by scipy's ``eigsh`` (ARPACK).
@@ -425,7 +433,12 @@ def top_eigenvalues(
     With ``starts`` > 1, Lanczos also runs from further random vectors and :func:`merge_starts` combines them:
     one run's error bound cannot see an eigenvalue its Krylov space has not reached (a check of 72 trained
     checkpoints found one run that stopped after 10 products with the 5th eigenvalue missing).
+    ``dtype`` and ``device`` (of the start vectors) default to the operator's for a :class:`HessianOperator`, else
+    to float32 on the CPU.
     """
+    if isinstance(op, HessianOperator):
+        dtype, device = dtype or op.dtype, device or op.device
+    dtype, device = dtype or torch.float32, device or "cpu"
     generator = torch.Generator().manual_seed(seed)
     vectors = [torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
                for _ in range(max(starts, 1) if method == "lanczos" else 1)]  # fmt: skip

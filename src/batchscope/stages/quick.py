@@ -123,9 +123,14 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
         notes.append(f"the reference run's B_noise is unsure (95% interval {low:.3g} to {high:.3g} at the median "
                      "snapshot, from the two-batch estimator's pairs), so b_opt is unsure by the square root of "
                      "that; raise noise.pairs (or noise.b_big)")  # fmt: skip
-    if largest > 0 and np.isfinite(point) and point >= largest:
+    if largest > 0 and np.isfinite(point) and point >= largest and not feasible.all():
         notes.append(f"b_opt is capped at the largest feasible batch size {largest}: the optimum may lie beyond what "
                      "fits in memory")  # fmt: skip
+    elif largest > 0 and np.isfinite(point) and point >= largest:
+        notes.append(
+            f"b_opt is capped at the largest batch size profiled, {largest}, which fitted in memory: "
+            "profile larger ones (profile.extra_batch_sizes) to see whether the optimum lies beyond"
+        )
     ds.attrs["diagnostics"] = json.dumps(notes)
     grid_sizes = np.asarray(spec["batch_sizes"], float)
     nearest = int(grid_sizes[np.argmin(np.abs(np.log(grid_sizes / point)))]) if np.isfinite(point) else -1
