@@ -297,3 +297,14 @@ def test_diagnostics_name_what_to_change(tmp_path):
     ds = fit.fit_scaling(profiles, runs, SPEC, "synthetic")
     assert any(note.startswith("poor T_iter fit") for note in fit.diagnose(ds))
     assert float(ds["t_iter_residual_max"]) > fit.RESIDUAL_MAX
+
+
+def test_a_flat_k_is_named_not_given_as_a_nan_r2(tmp_path):
+    """Every batch size reaching the target at the same step (C_var = 0 here): R^2 of K is 0/0, and the note says
+    what happened and what to change instead of 'R^2 = nan'."""
+    profiles, runs = _write_synthetic_caches(tmp_path, 40.0, 0.0, 2.5e-4, 1.1e-6, _NoNoise())
+    ds = fit.fit_scaling(profiles, runs, SPEC, "synthetic")
+    assert np.unique(ds["k"].values).size == 1
+    notes = fit.diagnose(ds)
+    assert any("K(B) is 40 steps at every batch size" in n and "raise the target" in n for n in notes), notes
+    assert not any("R^2 = nan" in n for n in notes)
