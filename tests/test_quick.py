@@ -24,15 +24,16 @@ B_NOISE = {0: 3.0, 10: 20.0, 20: 50.0, 30: 80.0, 40: 125.0}  # step -> B_noise a
 
 
 def write_caches(
-    tmp_path, out_of_memory_from=None, extra=(1024,), noise=0.001, tau_d=TAU_D, pair_spread=0.05, b_noise_at=None
+    tmp_path, out_of_memory_from=None, extra=(1024,), noise=0.001, tau_d=TAU_D, pair_spread=0.05, b_noise_at=None,
+    step_time=None,
 ):
-    """Profiles of T_iter = TAU_F + tau_d B, and snapshots of B_NOISE whose resampled pairs scatter lognormally by
-    ``pair_spread``."""
+    """Profiles of T_iter = TAU_F + tau_d B (or ``step_time(B)``), and snapshots of B_NOISE whose resampled pairs
+    scatter lognormally by ``pair_spread``."""  # fmt: skip
     rng = np.random.default_rng(0)
     profiles = []
     sizes = sorted([*GRID, *extra])
     for b in sizes:
-        times = (TAU_F + tau_d * b) * (1 + noise * rng.standard_normal((3, 3)))
+        times = (step_time(b) if step_time else TAU_F + tau_d * b) * (1 + noise * rng.standard_normal((3, 3)))
         fits = out_of_memory_from is None or b < out_of_memory_from
         profiles.append(write_netcdf(profile_dataset(b, times, sizes, fits), tmp_path / "profile" / f"B{b}.nc"))
     noise_dir = tmp_path / "noise"
@@ -121,8 +122,10 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
     rows = json.loads(rec.main(str(tmp_path / "results"), "config/test/tiny.yaml", False, True, quick=True))
     assert [row["workload"] for row in rows] == sorted(config["workloads"])
     assert rows[0]["b_opt"] == pytest.approx(float(ds["b_opt"]))
+    assert rows[0]["b_opt_sat"] == pytest.approx(float(ds["b_opt_sat"])) and math.isfinite(rows[0]["b_opt_sat"])
     text = rec.main(str(tmp_path / "results"), "config/test/tiny.yaml", False, False, quick=True)
-    assert "quick estimate" in text and "b_opt" in text
+    assert "quick estimate" in text and f"b_opt {float(ds['b_opt']):.0f} " in text
+    assert f"with the saturating step time (flat up to B = {float(ds['sat_b_knee']):.0f}): b_opt " in text
     # another config's estimate is refused, naming the file
     other = tmp_path / "other.yaml"
     changed = yaml.safe_load(Path("config/test/tiny.yaml").read_text())
@@ -238,3 +241,35 @@ def test_an_infinite_snapshot_counts_in_the_point_and_its_interval_alike(tmp_pat
     assert float(ds["b_opt"]) == pytest.approx((np.sqrt(50 * ratio) + np.sqrt(80 * ratio)) / 2, rel=1e-12)
     low, high = ds["b_opt_ci"].values
     assert np.sqrt(50 * ratio) * 0.9 < low <= float(ds["b_opt"]) <= high < np.sqrt(80 * ratio) * 1.1
+
+
+def test_the_saturating_step_time_gives_its_own_b_opt_and_a_note_when_the_models_disagree(tmp_path):
+    """A GPU-like step time, flat at 2 ms up to B = 512 and then 2 ms per 512 examples more: the quick estimate's
+    saturating b_opt is the argmin of (1 + B_noise/B) T_sat(B), found here by brute force on a fine grid of B, per
+    snapshot and then the median; the linear model, fitted on the grid's three small sizes, sees almost no cost per
+    example and caps b_opt at the largest size; the note says the two disagree."""
+    from batchscope.core import scaling
+
+    knee, slope = 512.0, 2e-3 / 512
+
+    def flat_then_linear(b):
+        return scaling.saturating_step_time(b, 2e-3, slope, knee)
+
+    b_noise_at = {0: 3.0, 10: 300.0, 20: 800.0, 30: 2000.0, 40: 4000.0}
+    profiles, noise_dir = write_caches(tmp_path, extra=(1024, 2048, 4096, 8192), noise=0.0, b_noise_at=b_noise_at,
+                                       step_time=flat_then_linear)  # fmt: skip
+    ds = quick.estimate(SPEC, profiles, noise_dir)
+    assert float(ds["sat_b_knee"]) == pytest.approx(knee, rel=0.02)
+    dense = np.geomspace(16, 8192, 20001)
+    brute = [dense[np.argmin((1 + b / dense) * flat_then_linear(dense))] for step, b in b_noise_at.items() if step]
+    np.testing.assert_allclose(ds["b_opt_sat_b_noise"].values[1:], brute, rtol=2e-3)
+    assert float(ds["b_opt_sat"]) == pytest.approx(np.median(brute), rel=2e-3)
+    # T_iter is flat over the grid (16, 64, 256): the linear fit's tau_d is ~0 and its b_opt the largest size
+    assert float(ds["b_opt"]) == 8192
+    (note,) = [n for n in json.loads(ds.attrs["diagnostics"]) if "step-time model decides" in n]
+    assert f"{float(ds['b_opt_sat']):.0f} with the saturating one" in note and "knee at B = 51" in note
+    # a linear step time: the two models agree, no note
+    profiles, noise_dir = write_caches(tmp_path / "linear", noise=0.0)
+    ds = quick.estimate(SPEC, profiles, noise_dir)
+    assert float(ds["b_opt_sat"]) == pytest.approx(float(ds["b_opt"]), rel=0.1)
+    assert not any("step-time model" in n for n in json.loads(ds.attrs["diagnostics"]))

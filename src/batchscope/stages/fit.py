@@ -56,7 +56,7 @@ R2_MIN_T_ITER = 0.9  # a linear T_iter(B) explains at least 90% of the step time
 R2_MIN_K = 0.8  # K(B) is noisier (seeds, the evaluation interval's resolution)
 RESIDUAL_MAX = 0.25  # no grid point more than 25% off either fitted curve
 ROUND_SPREAD_MAX = 0.10  # the profiling rounds' medians agree within 10% (relative IQR) at every batch size
-MODELS_RATIO_MAX = 1.5  # the linear and the saturating step time's b_opt (capped at the memory limit) within 1.5x
+MODELS_RATIO_MAX = scaling.MODELS_RATIO_MAX
 
 
 def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, Any], workload: str,

@@ -9,6 +9,12 @@ run with the two-batch estimator; both grow during training, so the estimate is 
 point estimate is the median snapshot's. Every b_opt is capped at the largest batch size the profile fitted in
 memory.
 
+Beside it, as in the full fit, the saturating step time tau_f + tau_d max(B - b_knee, 0) fitted on every feasible
+profiled size (:func:`batchscope.core.scaling.b_opt_saturating`, which depends on N_iter and C_var only through
+B_crit = C_var / N_iter): on a GPU a small model's step time is flat up to a knee, where the linear model fitted on
+a few small sizes sees almost no cost per example and sends b_opt far up. Where the two b_opt disagree by more than
+``scaling.MODELS_RATIO_MAX``, a note says so.
+
 Its cost is recorded beside it: the device-seconds of the jobs it needed (profile, reference run, noise), from
 Snakemake's benchmark files, and the same in units of the reference run.
 """
@@ -67,8 +73,11 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     sizes = profiles["profile_batch_size"].values
     feasible = profiles["profile_feasible"].values.astype(bool)
     largest = int(sizes[feasible].max()) if feasible.any() else -1
+    t_median = profiles["profile_t_iter_median"].values
     grid = np.isin(sizes, spec["batch_sizes"]) & feasible  # T_iter on the grid, as the full fit
-    timing = scaling.fit_step_time(sizes[grid], profiles["profile_t_iter_median"].values[grid])
+    timing = scaling.fit_step_time(sizes[grid], t_median[grid])
+    # the saturating step time on every feasible profiled size, as the full fit (3 parameters: 3 sizes at least)
+    saturating = scaling.fit_saturating_step_time(sizes[feasible], t_median[feasible]) if feasible.sum() >= 3 else None
     ratio = timing.intercept / timing.slope if timing.slope > 0 else math.inf  # tau_f / tau_d, in examples
 
     ds = _snapshots(noise_dir)
@@ -86,6 +95,21 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     ds["b_crit_band"] = ("bound", band, {"units": "examples", "long_name": "B_noise over the run (after step 0)"})
     ds["b_opt_band"] = ("bound", opt_band, {"units": "examples", "long_name": "b_opt over the run, capped"})
     ds["b_opt"] = ((), point, {"units": "examples", "long_name": "the median snapshot's b_opt, capped"})
+    sat = (saturating.tau_f, saturating.tau_d, saturating.b_knee) if saturating else (math.nan,) * 3
+    b_opt_sat = np.array([scaling.b_opt_saturating(1.0, b, *sat) if saturating and b > 0 else math.nan
+                          for b in ds["b_noise"].values])  # fmt: skip
+    ds["b_opt_sat_b_noise"] = (
+        "step",
+        np.minimum(b_opt_sat, largest) if largest > 0 else b_opt_sat,
+        {"units": "examples", "long_name": "argmin of (1 + B_noise/B) T_sat(B), capped"},
+    )
+    later_sat = ds["b_opt_sat_b_noise"].values[later]  # as the linear point: B_noise = inf counts, capped
+    point_sat = float(np.nanmedian(later_sat)) if np.isfinite(later_sat).any() else math.nan
+    ds["b_opt_sat"] = ((), point_sat, {"units": "examples", "long_name": "the median snapshot's b_opt with the "
+                                       "saturating step time, capped"})  # fmt: skip
+    for name, value, units in (("sat_tau_f", sat[0], "s"), ("sat_tau_d", sat[1], "s per example"),
+                               ("sat_b_knee", sat[2], "examples")):  # fmt: skip
+        ds[name] = ((), value, {"units": units})
     # how well the profile pins tau_f / tau_d: the fit's bootstrap over the profiling rounds (paired when one job
     # timed every size), as the full fit's; b_opt moves with its square root
     t_round = profiles["profile_t_iter_round"].values[grid]
@@ -131,6 +155,13 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
             f"b_opt is capped at the largest batch size profiled, {largest}, which fitted in memory: "
             "profile larger ones (profile.extra_batch_sizes) to see whether the optimum lies beyond"
         )
+    if math.isfinite(point) and math.isfinite(point_sat) and min(point, point_sat) > 0:
+        ratio_models = max(point, point_sat) / min(point, point_sat)
+        if ratio_models > scaling.MODELS_RATIO_MAX:
+            notes.append(f"the step-time model decides: b_opt is {point:.0f} with the linear step time (fitted on the "
+                         f"grid's sizes) and {point_sat:.0f} with the saturating one (knee at B = {sat[2]:.0f}, "
+                         f"fitted on every profiled size), {ratio_models:.1f}x apart; the full grid's timing decides "
+                         "between them")  # fmt: skip
     ds.attrs["diagnostics"] = json.dumps(notes)
     grid_sizes = np.asarray(spec["batch_sizes"], float)
     nearest = int(grid_sizes[np.argmin(np.abs(np.log(grid_sizes / point)))]) if np.isfinite(point) else -1
@@ -178,9 +209,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         "estimate needed (its cost)")  # fmt: skip
 
 
-VARIABLES = ("b_noise", "b_opt", "b_opt_band", "b_crit_band", "tau_f", "tau_d", "total_cost_s")
+VARIABLES = ("b_noise", "b_opt", "b_opt_sat", "b_opt_band", "b_crit_band", "tau_f", "tau_d", "total_cost_s")
 # 3: b_opt_ci from the noise pairs resampled as well as the profiling rounds; b_crit_ci
-RULES = {"quick_estimate": Rule(version=3, config_slice=config_slice, variables=VARIABLES)}
+# 4: b_opt_sat (the saturating step time); the cap note tells memory from the largest size profiled
+RULES = {"quick_estimate": Rule(version=4, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "quick-estimate",

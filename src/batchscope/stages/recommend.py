@@ -258,6 +258,8 @@ def quick_rows(results: str | Path, config: dict[str, Any]) -> list[dict[str, An
         rows.append({
             "workload": name,
             "b_opt": float(ds["b_opt"]),
+            "b_opt_sat": float(ds["b_opt_sat"]),
+            "b_knee": float(ds["sat_b_knee"]),
             "b_opt_band": [float(x) for x in ds["b_opt_band"].values],
             "b_opt_ci": [float(x) for x in ds["b_opt_ci"].values] if "b_opt_ci" in ds else [math.nan] * 2,
             "diagnostics": json.loads(ds.attrs.get("diagnostics", "[]")),
@@ -278,7 +280,9 @@ def format_quick(row: dict[str, Any]) -> str:
             f"  b_opt {row['b_opt']:.0f} (over the run {low:.0f} to {high:.0f}; B_noise {c_low:.3g} to {c_high:.3g}); "
             f"the grid's nearest: B = {row['nearest_grid_batch_size']}; largest feasible B "
             f"{row['largest_feasible_batch_size']}\n"
-            f"  b_opt's 95% interval over the profile's rounds and the noise pairs: "
+            + (f"  with the saturating step time (flat up to B = {row['b_knee']:.0f}): b_opt {row['b_opt_sat']:.0f}\n"
+               if math.isfinite(row["b_opt_sat"]) else "")
+            + f"  b_opt's 95% interval over the profile's rounds and the noise pairs: "
             f"{batch_interval(*row['b_opt_ci'])}\n"
             f"  it cost {row['cost_s']:.4g} device-seconds, {row['cost_in_reference_runs']:.3g} reference "
             "runs" + "".join(f"\n  warning: {note}" for note in row["diagnostics"]))  # fmt: skip
