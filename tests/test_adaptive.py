@@ -72,14 +72,22 @@ def test_the_checkpoint_file_holds_the_choice(tmp_path):
     import xarray as xr
 
     quick = xr.Dataset({"b_noise": ("step", [1.0]), "b_opt": ((), 100.0), "b_opt_band": ("bound", [30.0, 600.0]),
-                        "b_crit_band": ("bound", [1.0, 2.0]), "tau_f": ((), 1e-3), "tau_d": ((), 1e-5),
-                        "total_cost_s": ((), 1.0), "largest_feasible_batch_size": ((), 1024)})  # fmt: skip
+                        "b_opt_sat": ((), 120.0), "b_crit_band": ("bound", [1.0, 2.0]), "tau_f": ((), 1e-3),
+                        "tau_d": ((), 1e-5), "total_cost_s": ((), 1.0),
+                        "largest_feasible_batch_size": ((), 1024)})  # fmt: skip
     path = write_netcdf(quick, tmp_path / "quick.nc")
     ds = adaptive.estimate_choice({"batch_sizes": GRID, "neighbours": 1, "inputs": {}}, str(path))
     ds.attrs.update(stage="choose_batch_sizes", algorithm_version=str(adaptive.RULES["choose_batch_sizes"].version))
     out = write_netcdf(ds, tmp_path / "choice.nc")
     assert adaptive.read_choice(str(out)) == [32, 64, 128, 256, 512]
     assert int(ds["centre_batch_size"]) == 128 and ds["feasible"].values.all()
+    assert "saturating" not in ds.attrs["reason"]  # 120 lies inside the band already
+    # the saturating step time's b_opt far above the band (a GPU's flat step time): the bracket reaches it too
+    write_netcdf(quick.assign(b_opt_sat=((), 1000.0)), path)
+    ds = adaptive.estimate_choice({"batch_sizes": GRID, "neighbours": 1, "inputs": {}}, str(path))
+    assert ds["chosen"].sel(grid_batch_size=1024) and int(ds["centre_batch_size"]) == 128
+    assert "saturating step time's b_opt 1000" in ds.attrs["reason"]
+    assert ds["b_opt_band"].values.tolist() == [30.0, 600.0]  # the quick band as measured
 
 
 # ----------------------------------------------------------------------------------- the learning rates

@@ -136,10 +136,16 @@ def estimate_choice(spec: dict[str, Any], quick_path: str, expect: dict[str, str
     from batchscope.store import read_expected
 
     estimate = read_expected(quick_path, "quick_estimate", quick.VARIABLES + ("largest_feasible_batch_size",), expect)
-    b_opt = float(estimate["b_opt"])
+    b_opt, b_opt_sat = float(estimate["b_opt"]), float(estimate["b_opt_sat"])
     band = [float(x) for x in estimate["b_opt_band"].values]
+    # the saturating step time's b_opt too: where the two step-time models disagree, the training decides
+    covered = [b for b in (*band, b_opt_sat) if math.isfinite(b) and b > 0]
+    widened = [min(covered), max(covered)] if covered and math.isfinite(b_opt) else band
     largest = int(estimate["largest_feasible_batch_size"])
-    choice = choose(spec["batch_sizes"], b_opt, band, largest, spec["neighbours"])
+    choice = choose(spec["batch_sizes"], b_opt, widened, largest, spec["neighbours"])
+    reason = choice.reason
+    if widened != band:
+        reason += f" (the band taken to include the saturating step time's b_opt {b_opt_sat:.0f})"
     grid = np.asarray(sorted(spec["batch_sizes"]), dtype=np.int64)
     ds = xr.Dataset(
         {
@@ -149,12 +155,14 @@ def estimate_choice(spec: dict[str, Any], quick_path: str, expect: dict[str, str
                          {"long_name": "at most the largest batch size that fitted in memory"}),
             "b_opt": ((), b_opt, {"units": "examples", "long_name": "the quick estimate's b_opt (capped)"}),
             "b_opt_band": ("bound", band, {"units": "examples", "long_name": "the quick b_opt over the run"}),
+            "b_opt_sat": ((), b_opt_sat, {"units": "examples", "long_name": "the quick b_opt with the saturating "
+                          "step time (the bracket covers it too)"}),
             "largest_feasible_batch_size": ((), largest),
             "centre_batch_size": ((), choice.centre, {"long_name": "the feasible grid size nearest b_opt (-1: none)"}),
         },
         coords={"grid_batch_size": grid, "bound": ["low", "high"]},
     )  # fmt: skip
-    ds.attrs["reason"] = choice.reason
+    ds.attrs["reason"] = reason
     return ds
 
 
@@ -184,7 +192,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 VARIABLES = ("chosen", "feasible", "b_opt", "b_opt_band", "largest_feasible_batch_size")
-RULES = {"choose_batch_sizes": Rule(version=1, config_slice=config_slice, variables=VARIABLES)}
+# 2: the bracket also covers the saturating step time's b_opt
+RULES = {"choose_batch_sizes": Rule(version=2, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "choose-batch-sizes",
