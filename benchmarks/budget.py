@@ -146,6 +146,8 @@ def quick_answer(workdir: Path, workload: str) -> dict:
     return {
         "b_opt": round(float(ds["b_opt"]), 1),
         "b_opt_band": [round(float(x), 1) for x in ds["b_opt_band"].values],
+        "b_opt_sat": round(float(ds["b_opt_sat"]), 1),  # the saturating step time's, and its knee
+        "sat_b_knee": round(float(ds["sat_b_knee"]), 1),
         "cost_s": round(float(ds["total_cost_s"]), 2),
     }
 

@@ -16,6 +16,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then export PATH="$PWD/.venv/bin:$PATH"; fi
 OUT="benchmarks/results/gpu"
+# this run's results only: an earlier run's files would be read into docs/gpu.md if a step of this one failed
+rm -rf "$OUT" benchmarks/results/per_example_cuda.json benchmarks/results/gpu_profile.json
 mkdir -p "$OUT"
 status=()
 

@@ -72,7 +72,8 @@ def test_the_checkpoint_file_holds_the_choice(tmp_path):
     import xarray as xr
 
     quick = xr.Dataset({"b_noise": ("step", [1.0]), "b_opt": ((), 100.0), "b_opt_band": ("bound", [30.0, 600.0]),
-                        "b_opt_sat": ((), 120.0), "b_crit_band": ("bound", [1.0, 2.0]), "tau_f": ((), 1e-3),
+                        "b_opt_sat": ((), 120.0), "b_opt_sat_band": ("bound", [60.0, 400.0]),
+                        "b_crit_band": ("bound", [1.0, 2.0]), "tau_f": ((), 1e-3),
                         "tau_d": ((), 1e-5), "total_cost_s": ((), 1.0),
                         "largest_feasible_batch_size": ((), 1024)})  # fmt: skip
     path = write_netcdf(quick, tmp_path / "quick.nc")
@@ -81,13 +82,27 @@ def test_the_checkpoint_file_holds_the_choice(tmp_path):
     out = write_netcdf(ds, tmp_path / "choice.nc")
     assert adaptive.read_choice(str(out)) == [32, 64, 128, 256, 512]
     assert int(ds["centre_batch_size"]) == 128 and ds["feasible"].values.all()
-    assert "saturating" not in ds.attrs["reason"]  # 120 lies inside the band already
-    # the saturating step time's b_opt far above the band (a GPU's flat step time): the bracket reaches it too
-    write_netcdf(quick.assign(b_opt_sat=((), 1000.0)), path)
+    assert "saturating" not in ds.attrs["reason"]  # 60 to 400 lies inside the band already
+    # the saturating step time's b_opt over the run reaching far above the band (a GPU's flat step time, as the
+    # linear one's is capped): the bracket covers its range too
+    write_netcdf(quick.assign(b_opt_sat=((), 700.0), b_opt_sat_band=("bound", [300.0, 1000.0])), path)
+    assert adaptive.bracket_band(read_netcdf(path)) == [30.0, 1000.0]
     ds = adaptive.estimate_choice({"batch_sizes": GRID, "neighbours": 1, "inputs": {}}, str(path))
-    assert ds["chosen"].sel(grid_batch_size=1024) and int(ds["centre_batch_size"]) == 128
-    assert "saturating step time's b_opt 1000" in ds.attrs["reason"]
+    assert adaptive.read_choice(
+        str(
+            write_netcdf(
+                ds.assign_attrs(
+                    stage="choose_batch_sizes", algorithm_version=str(adaptive.RULES["choose_batch_sizes"].version)
+                ),
+                tmp_path / "wide.nc",
+            )
+        )
+    ) == [32, 64, 128, 256, 512, 1024]
+    assert int(ds["centre_batch_size"]) == 128 and "saturating step time's b_opt over the run" in ds.attrs["reason"]
     assert ds["b_opt_band"].values.tolist() == [30.0, 600.0]  # the quick band as measured
+    # no saturating fit (NaN band): the linear band alone
+    write_netcdf(quick.assign(b_opt_sat=((), NAN), b_opt_sat_band=("bound", [NAN, NAN])), path)
+    assert adaptive.bracket_band(read_netcdf(path)) == [30.0, 600.0]
 
 
 # ----------------------------------------------------------------------------------- the learning rates

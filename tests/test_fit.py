@@ -306,5 +306,5 @@ def test_a_flat_k_is_named_not_given_as_a_nan_r2(tmp_path):
     ds = fit.fit_scaling(profiles, runs, SPEC, "synthetic")
     assert np.unique(ds["k"].values).size == 1
     notes = fit.diagnose(ds)
-    assert any("K(B) is 40 steps at every batch size" in n and "raise the target" in n for n in notes), notes
+    assert any("K(B) is 40 steps at every batch size" in n and "make the target harder" in n for n in notes), notes
     assert not any("R^2 = nan" in n for n in notes)

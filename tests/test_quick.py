@@ -24,7 +24,13 @@ B_NOISE = {0: 3.0, 10: 20.0, 20: 50.0, 30: 80.0, 40: 125.0}  # step -> B_noise a
 
 
 def write_caches(
-    tmp_path, out_of_memory_from=None, extra=(1024,), noise=0.001, tau_d=TAU_D, pair_spread=0.05, b_noise_at=None,
+    tmp_path,
+    out_of_memory_from=None,
+    extra=(1024,),
+    noise=0.001,
+    tau_d=TAU_D,
+    pair_spread=0.05,
+    b_noise_at=None,
     step_time=None,
 ):
     """Profiles of T_iter = TAU_F + tau_d B (or ``step_time(B)``), and snapshots of B_NOISE whose resampled pairs
@@ -125,7 +131,9 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
     assert rows[0]["b_opt_sat"] == pytest.approx(float(ds["b_opt_sat"])) and math.isfinite(rows[0]["b_opt_sat"])
     text = rec.main(str(tmp_path / "results"), "config/test/tiny.yaml", False, False, quick=True)
     assert "quick estimate" in text and f"b_opt {float(ds['b_opt']):.0f} " in text
-    assert f"with the saturating step time (flat up to B = {float(ds['sat_b_knee']):.0f}): b_opt " in text
+    knee = float(ds["sat_b_knee"])
+    assert f"with the saturating step time ({rec._knee(knee)}): b_opt {float(ds['b_opt_sat']):.0f}" in text
+    assert rec._knee(0.0) == "no knee: linear" and rec._knee(200.0) == "flat up to B = 200"
     # another config's estimate is refused, naming the file
     other = tmp_path / "other.yaml"
     changed = yaml.safe_load(Path("config/test/tiny.yaml").read_text())
@@ -267,7 +275,12 @@ def test_the_saturating_step_time_gives_its_own_b_opt_and_a_note_when_the_models
     # T_iter is flat over the grid (16, 64, 256): the linear fit's tau_d is ~0 and its b_opt the largest size
     assert float(ds["b_opt"]) == 8192
     (note,) = [n for n in json.loads(ds.attrs["diagnostics"]) if "step-time model decides" in n]
-    assert f"{float(ds['b_opt_sat']):.0f} with the saturating one" in note and "knee at B = 51" in note
+    assert f"{float(ds['b_opt_sat']):.0f} with the saturating one" in note
+    assert f"knee at B = {float(ds['sat_b_knee']):.0f}," in note
+    sat_later = ds["b_opt_sat_b_noise"].values[1:]
+    assert ds["b_opt_sat_band"].values.tolist() == [sat_later.min(), sat_later.max()]
+    # only the linear b_opt is at the cap: the cap note names its model
+    assert any("b_opt with the linear step time is capped" in n for n in json.loads(ds.attrs["diagnostics"]))
     # a linear step time: the two models agree, no note
     profiles, noise_dir = write_caches(tmp_path / "linear", noise=0.0)
     ds = quick.estimate(SPEC, profiles, noise_dir)

@@ -334,7 +334,7 @@ def test_the_adaptive_study_trains_only_the_chosen_batch_sizes(adaptive_study, r
     config = cfg.load(repo / ADAPTIVE)
     grid, seeds = sorted(config["grid"]["batch_sizes"]), sorted(config["grid"]["seeds"])
     quick = read_netcdf(workdir / "results/quick/tiny_mlp.nc")
-    expected = adaptive.choose(grid, float(quick["b_opt"]), quick["b_opt_band"].values,
+    expected = adaptive.choose(grid, float(quick["b_opt"]), adaptive.bracket_band(quick),
                                int(quick["largest_feasible_batch_size"])).batch_sizes  # fmt: skip
     chosen = adaptive.read_choice(str(workdir / "results/adaptive/tiny_mlp.nc"))
     assert chosen == expected and len(chosen) < len(grid)  # seven sizes: a bracket of 3, widened by its band

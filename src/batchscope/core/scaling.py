@@ -165,6 +165,20 @@ def fit_saturating_step_time(batch_sizes: Sequence[float], t_iter: Sequence[floa
     return SaturatingFit(float(f), float(d), float(knee), r2, t - fitted)
 
 
+def fit_saturating_if_possible(batch_sizes: np.ndarray, t_iter: np.ndarray) -> SaturatingFit | None:
+    """The saturating step time, or None with fewer than 3 sizes (it has 3 parameters)."""
+    return fit_saturating_step_time(batch_sizes, t_iter) if len(t_iter) >= 3 else None
+
+
+def models_ratio(linear: float, saturating: float) -> float:
+    """How far apart the two step-time models put b_opt: >= 1 (1 when both are 0, inf when only one is), NaN when
+    either is unknown."""
+    if not (math.isfinite(linear) and math.isfinite(saturating)):
+        return math.nan
+    low, high = sorted((linear, saturating))
+    return high / low if low > 0 else math.inf if high > 0 else 1.0
+
+
 def b_opt_saturating(n_iter: float, c_var: float, tau_f: float, tau_d: float, b_knee: float) -> float:
     """argmin over B of (N_iter + C_var/B) T_sat(B), in closed form.
 

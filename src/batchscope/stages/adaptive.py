@@ -131,21 +131,31 @@ def survivors(steps: dict[float, float]) -> list[float]:
     return sorted(lr for lr, s in reached.items() if s == best)
 
 
+def bracket_band(estimate: xr.Dataset) -> list[float]:
+    """The band of b_opt the bracket must cover: the quick estimate's over the run with the linear step time,
+    widened to the saturating step time's (where the two models disagree, the training decides between them).
+    Unchanged where there is no linear b_opt (then the whole feasible grid is trained anyway)."""
+    band = [float(x) for x in estimate["b_opt_band"].values]
+    if not math.isfinite(float(estimate["b_opt"])):
+        return band
+    covered = [b for b in (*band, *(float(x) for x in estimate["b_opt_sat_band"].values)) if math.isfinite(b) and b > 0]
+    return [min(covered), max(covered)] if covered else band
+
+
 def estimate_choice(spec: dict[str, Any], quick_path: str, expect: dict[str, str] | None = None) -> xr.Dataset:
     """The checkpoint's file: per grid size whether it is trained (``chosen``) and feasible, and what decided it."""
     from batchscope.store import read_expected
 
     estimate = read_expected(quick_path, "quick_estimate", quick.VARIABLES + ("largest_feasible_batch_size",), expect)
-    b_opt, b_opt_sat = float(estimate["b_opt"]), float(estimate["b_opt_sat"])
-    band = [float(x) for x in estimate["b_opt_band"].values]
-    # the saturating step time's b_opt too: where the two step-time models disagree, the training decides
-    covered = [b for b in (*band, b_opt_sat) if math.isfinite(b) and b > 0]
-    widened = [min(covered), max(covered)] if covered and math.isfinite(b_opt) else band
+    b_opt, band = float(estimate["b_opt"]), [float(x) for x in estimate["b_opt_band"].values]
+    sat_band = [float(x) for x in estimate["b_opt_sat_band"].values]
+    widened = bracket_band(estimate)
     largest = int(estimate["largest_feasible_batch_size"])
     choice = choose(spec["batch_sizes"], b_opt, widened, largest, spec["neighbours"])
     reason = choice.reason
     if widened != band:
-        reason += f" (the band taken to include the saturating step time's b_opt {b_opt_sat:.0f})"
+        reason += (f" (the band taken to cover the saturating step time's b_opt over the run too, {sat_band[0]:.0f} to "
+                   f"{sat_band[1]:.0f})")  # fmt: skip
     grid = np.asarray(sorted(spec["batch_sizes"]), dtype=np.int64)
     ds = xr.Dataset(
         {
@@ -155,8 +165,8 @@ def estimate_choice(spec: dict[str, Any], quick_path: str, expect: dict[str, str
                          {"long_name": "at most the largest batch size that fitted in memory"}),
             "b_opt": ((), b_opt, {"units": "examples", "long_name": "the quick estimate's b_opt (capped)"}),
             "b_opt_band": ("bound", band, {"units": "examples", "long_name": "the quick b_opt over the run"}),
-            "b_opt_sat": ((), b_opt_sat, {"units": "examples", "long_name": "the quick b_opt with the saturating "
-                          "step time (the bracket covers it too)"}),
+            "b_opt_sat_band": ("bound", sat_band, {"units": "examples", "long_name": "the quick b_opt with the "
+                               "saturating step time over the run (the bracket covers it too)"}),
             "largest_feasible_batch_size": ((), largest),
             "centre_batch_size": ((), choice.centre, {"long_name": "the feasible grid size nearest b_opt (-1: none)"}),
         },

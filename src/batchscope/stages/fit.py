@@ -113,7 +113,7 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     feasible = profiles["profile_feasible"].values.astype(bool)
     t_iter_all = profiles["profile_t_iter_median"].values
     usable = feasible & np.isfinite(t_iter_all)
-    saturating = _fit_saturating(sizes[usable], t_iter_all[usable])
+    saturating = scaling.fit_saturating_if_possible(sizes[usable], t_iter_all[usable])
     sat = (saturating.tau_f, saturating.tau_d, saturating.b_knee) if saturating else (math.nan,) * 3
     b_opt_sat = scaling.b_opt_saturating(n_iter, c_var, *sat) if saturating else math.nan
     largest_feasible = int(sizes[feasible].max()) if feasible.any() else -1
@@ -253,11 +253,6 @@ def halving_survivors(table: pd.DataFrame) -> pd.DataFrame:
     return table[seeds == seeds.groupby(table["batch_size"]).transform("max")]
 
 
-def _fit_saturating(b: np.ndarray, t: np.ndarray) -> scaling.SaturatingFit | None:
-    """The saturating step time, or None with fewer than 3 feasible profiled sizes (it has 3 parameters)."""
-    return scaling.fit_saturating_step_time(b, t) if len(t) >= 3 else None
-
-
 def _capped(b_opt: float, largest_feasible: int) -> float:
     """b_opt, at most the largest batch size known to fit in memory (NaN stays NaN)."""
     return min(b_opt, float(largest_feasible)) if largest_feasible > 0 and not math.isnan(b_opt) else b_opt
@@ -287,8 +282,9 @@ def diagnose(ds: xr.Dataset) -> list[str]:
     k = ds["k"].values[np.isfinite(ds["k"].values)] if "k" in ds else np.array([])
     if len(k) > 1 and np.all(k == k[0]):  # R^2 is 0/0 here: say what happened instead
         notes.append(
-            f"K(B) is {k[0]:.0f} steps at every batch size: the steps to target do not resolve B (the target is "
-            "reached by the first evaluations); raise the target, or lower eval_interval"
+            f"K(B) is {k[0]:.0f} steps at every batch size that reached the target: the steps to target do not "
+            "resolve B (the target is reached by the first evaluations); make the target harder (a higher accuracy, "
+            "a lower loss), or lower eval_interval"
         )
     elif not r2 >= R2_MIN_K or worst > RESIDUAL_MAX:
         notes.append(
@@ -369,11 +365,8 @@ def _model_notes(ds: xr.Dataset) -> list[str]:
     if "b_opt_sat_capped" not in ds:
         return []
     linear, saturating = float(ds["b_opt_capped"]), float(ds["b_opt_sat_capped"])
-    if not (math.isfinite(linear) and math.isfinite(saturating)):
-        return []
-    low, high = sorted((linear, saturating))
-    ratio = high / low if low > 0 else math.inf if high > 0 else 1.0
-    if ratio <= MODELS_RATIO_MAX:
+    ratio = scaling.models_ratio(linear, saturating)
+    if not ratio > MODELS_RATIO_MAX:  # NaN (either unknown) included
         return []
     seen = ds["profile_feasible"].values.astype(bool) & np.isfinite(ds["profile_t_iter_median"].values)
     observed = ds["profile_t_iter_median"].values[seen]

@@ -76,8 +76,8 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     t_median = profiles["profile_t_iter_median"].values
     grid = np.isin(sizes, spec["batch_sizes"]) & feasible  # T_iter on the grid, as the full fit
     timing = scaling.fit_step_time(sizes[grid], t_median[grid])
-    # the saturating step time on every feasible profiled size, as the full fit (3 parameters: 3 sizes at least)
-    saturating = scaling.fit_saturating_step_time(sizes[feasible], t_median[feasible]) if feasible.sum() >= 3 else None
+    timed = feasible & np.isfinite(t_median)  # the saturating step time on every feasible profiled size, as the fit
+    saturating = scaling.fit_saturating_if_possible(sizes[timed], t_median[timed])
     ratio = timing.intercept / timing.slope if timing.slope > 0 else math.inf  # tau_f / tau_d, in examples
 
     ds = _snapshots(noise_dir)
@@ -103,10 +103,14 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
         np.minimum(b_opt_sat, largest) if largest > 0 else b_opt_sat,
         {"units": "examples", "long_name": "argmin of (1 + B_noise/B) T_sat(B), capped"},
     )
-    later_sat = ds["b_opt_sat_b_noise"].values[later]  # as the linear point: B_noise = inf counts, capped
-    point_sat = float(np.nanmedian(later_sat)) if np.isfinite(later_sat).any() else math.nan
+    later_sat = ds["b_opt_sat_b_noise"].values[later]  # as the linear point and band: B_noise = inf counts, capped
+    some_sat = usable.any() and np.isfinite(later_sat).any()
+    point_sat = float(np.nanmedian(later_sat)) if some_sat else math.nan
     ds["b_opt_sat"] = ((), point_sat, {"units": "examples", "long_name": "the median snapshot's b_opt with the "
                                        "saturating step time, capped"})  # fmt: skip
+    ds["b_opt_sat_band"] = ("bound", [float(np.nanmin(later_sat)), float(np.nanmax(later_sat))] if some_sat
+                            else [math.nan] * 2, {"units": "examples", "long_name": "b_opt with the saturating step "
+                            "time over the run, capped"})  # fmt: skip
     for name, value, units in (("sat_tau_f", sat[0], "s"), ("sat_tau_d", sat[1], "s per example"),
                                ("sat_b_knee", sat[2], "examples")):  # fmt: skip
         ds[name] = ((), value, {"units": units})
@@ -147,18 +151,20 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
         notes.append(f"the reference run's B_noise is unsure (95% interval {low:.3g} to {high:.3g} at the median "
                      "snapshot, from the two-batch estimator's pairs), so b_opt is unsure by the square root of "
                      "that; raise noise.pairs (or noise.b_big)")  # fmt: skip
-    if largest > 0 and np.isfinite(point) and point >= largest and not feasible.all():
-        notes.append(f"b_opt is capped at the largest feasible batch size {largest}: the optimum may lie beyond what "
+    capped = [name for name, value in (("linear", point), ("saturating", point_sat))
+              if largest > 0 and np.isfinite(value) and value >= largest]  # fmt: skip
+    which = "b_opt" if len(capped) != 1 else f"b_opt with the {capped[0]} step time"
+    if capped and not feasible.all():
+        notes.append(f"{which} is capped at the largest feasible batch size {largest}: the optimum may lie beyond what "
                      "fits in memory")  # fmt: skip
-    elif largest > 0 and np.isfinite(point) and point >= largest:
+    elif capped:
         notes.append(
-            f"b_opt is capped at the largest batch size profiled, {largest}, which fitted in memory: "
+            f"{which} is capped at the largest batch size profiled, {largest}, which fitted in memory: "
             "profile larger ones (profile.extra_batch_sizes) to see whether the optimum lies beyond"
         )
-    if math.isfinite(point) and math.isfinite(point_sat) and min(point, point_sat) > 0:
-        ratio_models = max(point, point_sat) / min(point, point_sat)
-        if ratio_models > scaling.MODELS_RATIO_MAX:
-            notes.append(f"the step-time model decides: b_opt is {point:.0f} with the linear step time (fitted on the "
+    ratio_models = scaling.models_ratio(point, point_sat)
+    if ratio_models > scaling.MODELS_RATIO_MAX:
+        notes.append(f"the step-time model decides: b_opt is {point:.0f} with the linear step time (fitted on the "
                          f"grid's sizes) and {point_sat:.0f} with the saturating one (knee at B = {sat[2]:.0f}, "
                          f"fitted on every profiled size), {ratio_models:.1f}x apart; the full grid's timing decides "
                          "between them")  # fmt: skip
@@ -209,7 +215,17 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         "estimate needed (its cost)")  # fmt: skip
 
 
-VARIABLES = ("b_noise", "b_opt", "b_opt_sat", "b_opt_band", "b_crit_band", "tau_f", "tau_d", "total_cost_s")
+VARIABLES = (
+    "b_noise",
+    "b_opt",
+    "b_opt_sat",
+    "b_opt_sat_band",
+    "b_opt_band",
+    "b_crit_band",
+    "tau_f",
+    "tau_d",
+    "total_cost_s",
+)
 # 3: b_opt_ci from the noise pairs resampled as well as the profiling rounds; b_crit_ci
 # 4: b_opt_sat (the saturating step time); the cap note tells memory from the largest size profiled
 RULES = {"quick_estimate": Rule(version=4, config_slice=config_slice, variables=VARIABLES)}

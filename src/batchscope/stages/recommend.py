@@ -273,6 +273,10 @@ def quick_rows(results: str | Path, config: dict[str, Any]) -> list[dict[str, An
     return rows
 
 
+def _knee(b_knee: float) -> str:
+    return f"flat up to B = {b_knee:.0f}" if b_knee >= 1 else "no knee: linear"
+
+
 def format_quick(row: dict[str, Any]) -> str:
     low, high = row["b_opt_band"]
     c_low, c_high = row["b_crit_band"]
@@ -280,7 +284,7 @@ def format_quick(row: dict[str, Any]) -> str:
             f"  b_opt {row['b_opt']:.0f} (over the run {low:.0f} to {high:.0f}; B_noise {c_low:.3g} to {c_high:.3g}); "
             f"the grid's nearest: B = {row['nearest_grid_batch_size']}; largest feasible B "
             f"{row['largest_feasible_batch_size']}\n"
-            + (f"  with the saturating step time (flat up to B = {row['b_knee']:.0f}): b_opt {row['b_opt_sat']:.0f}\n"
+            + (f"  with the saturating step time ({_knee(row['b_knee'])}): b_opt {row['b_opt_sat']:.0f}\n"
                if math.isfinite(row["b_opt_sat"]) else "")
             + f"  b_opt's 95% interval over the profile's rounds and the noise pairs: "
             f"{batch_interval(*row['b_opt_ci'])}\n"
