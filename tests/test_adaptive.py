@@ -77,10 +77,14 @@ def test_the_checkpoint_file_holds_the_choice(tmp_path):
                         "tau_d": ((), 1e-5), "total_cost_s": ((), 1.0),
                         "largest_feasible_batch_size": ((), 1024)})  # fmt: skip
     path = write_netcdf(quick, tmp_path / "quick.nc")
+    version = str(adaptive.RULES["choose_batch_sizes"].version)
+
+    def chosen(ds):  # through the checkpoint's file, as the workflow reads it
+        out = write_netcdf(ds.assign_attrs(stage="choose_batch_sizes", algorithm_version=version), tmp_path / "c.nc")
+        return adaptive.read_choice(str(out))
+
     ds = adaptive.estimate_choice({"batch_sizes": GRID, "neighbours": 1, "inputs": {}}, str(path))
-    ds.attrs.update(stage="choose_batch_sizes", algorithm_version=str(adaptive.RULES["choose_batch_sizes"].version))
-    out = write_netcdf(ds, tmp_path / "choice.nc")
-    assert adaptive.read_choice(str(out)) == [32, 64, 128, 256, 512]
+    assert chosen(ds) == [32, 64, 128, 256, 512]
     assert int(ds["centre_batch_size"]) == 128 and ds["feasible"].values.all()
     assert "saturating" not in ds.attrs["reason"]  # 60 to 400 lies inside the band already
     # the saturating step time's b_opt over the run reaching far above the band (a GPU's flat step time, as the
@@ -88,16 +92,7 @@ def test_the_checkpoint_file_holds_the_choice(tmp_path):
     write_netcdf(quick.assign(b_opt_sat=((), 700.0), b_opt_sat_band=("bound", [300.0, 1000.0])), path)
     assert adaptive.bracket_band(read_netcdf(path)) == [30.0, 1000.0]
     ds = adaptive.estimate_choice({"batch_sizes": GRID, "neighbours": 1, "inputs": {}}, str(path))
-    assert adaptive.read_choice(
-        str(
-            write_netcdf(
-                ds.assign_attrs(
-                    stage="choose_batch_sizes", algorithm_version=str(adaptive.RULES["choose_batch_sizes"].version)
-                ),
-                tmp_path / "wide.nc",
-            )
-        )
-    ) == [32, 64, 128, 256, 512, 1024]
+    assert chosen(ds) == [32, 64, 128, 256, 512, 1024]
     assert int(ds["centre_batch_size"]) == 128 and "saturating step time's b_opt over the run" in ds.attrs["reason"]
     assert ds["b_opt_band"].values.tolist() == [30.0, 600.0]  # the quick band as measured
     # no saturating fit (NaN band): the linear band alone
@@ -242,7 +237,8 @@ def test_an_edge_of_the_trained_bracket_is_not_called_the_grids_edge():
     b = np.array([64, 128, 256])
     ds = xr.Dataset(
         {"t_iter_r2": ((), 1.0), "t_iter_residual_max": ((), 0.0), "t_iter_round_spread": ("batch_size", [0.0] * 3),
-         "k_r2": ((), 1.0), "k_residual_max": ((), 0.0), "best_lr": ("batch_size", [0.1] * 3),
+         "k_r2": ((), 1.0), "k_residual_max": ((), 0.0), "k": ("batch_size", [400.0, 250.0, 180.0]),
+         "best_lr": ("batch_size", [0.1] * 3),
          "indistinguishable": ("batch_size", [True, False, False]), "fastest_batch_size": ((), 64),
          "b_opt": ((), 80.0), "b_opt_ci": ("bound", [70.0, 90.0]), "largest_feasible_batch_size": ((), 512),
          "run_batch_size": ("run", b), "run_lr": ("run", [0.1] * 3)},

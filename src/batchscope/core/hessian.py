@@ -203,17 +203,17 @@ class HessianOperator:
         held = [self.point, *self.buffers.values(), *(t for chunk in self.chunks for t in chunk)]
         on_cuda = self.device.type == "cuda"
         for (xb, yb), w in self._weighted():
-            allocated = torch.cuda.memory_allocated(self.device) if on_cuda else 0
+            before = torch.cuda.memory_allocated(self.device) if on_cuda else 0
             chunk_gradient, product = self._linearise(xb, yb)
             # on CUDA, the allocator's figure for what the build left alive where it exceeds the graph walk's count:
             # the walk rests on torch's graph internals (it once counted 0 with torch 2.11; docs/benchmarks.md, Memory)
-            allocated = torch.cuda.memory_allocated(self.device) - allocated if on_cuda else 0
+            left_alive = torch.cuda.memory_allocated(self.device) - before if on_cuda else 0
             gradient += w * chunk_gradient.detach()
             if room and len(self.chunks) == 1:
                 kept.append(product)
             elif room:
                 size = linearisation_bytes(product, held)
-                size = None if size is None else max(size, allocated)
+                size = None if size is None else max(size, left_alive)
                 room = size is not None and used + size <= self.cache_bytes
                 if room:
                     kept.append(product)

@@ -279,7 +279,7 @@ def diagnose(ds: xr.Dataset) -> list[str]:
                      f"(want <= {100 * ROUND_SPREAD_MAX:.0f}%): another program competed for the device; raise "
                      "profile.rounds or profile.min_repeat_time, or rerun on an idle machine")  # fmt: skip
     r2, worst = float(ds["k_r2"]), float(ds["k_residual_max"])
-    k = ds["k"].values[np.isfinite(ds["k"].values)] if "k" in ds else np.array([])
+    k = ds["k"].values[np.isfinite(ds["k"].values)]
     if len(k) > 1 and np.all(k == k[0]):  # R^2 is 0/0 here: say what happened instead
         notes.append(
             f"K(B) is {k[0]:.0f} steps at every batch size that reached the target: the steps to target do not "
