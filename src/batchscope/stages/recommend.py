@@ -274,7 +274,7 @@ def quick_rows(results: str | Path, config: dict[str, Any]) -> list[dict[str, An
 
 
 def _knee(b_knee: float) -> str:
-    return f"flat up to B = {b_knee:.0f}" if b_knee >= 1 else "no knee: linear"
+    return f"flat up to B = {b_knee:.0f}" if b_knee >= 1 else "no knee: one line through every feasible profiled size"
 
 
 def format_quick(row: dict[str, Any]) -> str:
