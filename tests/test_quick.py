@@ -57,6 +57,27 @@ def write_caches(
 SPEC = {"batch_sizes": GRID, "reference": [64, 0.1, 0], "inputs": {}}
 
 
+def progress_weighted(b_noise_at: dict[int, float], b_ref: float = 64) -> float:
+    """The run's B_crit by hand, snapshot by snapshot (step 0 left out): each later snapshot holds from halfway to
+    the one before (step 0 for the first) to halfway to the next (its own step for the last); that stretch's
+    progress in infinite-batch steps is its length / (1 + B / b_ref), and B_crit the progress-weighted mean of B
+    (an infinite B adds length x b_ref to the sum and no progress)."""
+    steps = [step for step in sorted(b_noise_at) if step > 0]
+    total = progress = 0.0
+    for i, step in enumerate(steps):
+        start = 0.0 if i == 0 else (steps[i - 1] + step) / 2
+        end = step if i == len(steps) - 1 else (step + steps[i + 1]) / 2
+        b = b_noise_at[step]
+        if not b > 0:
+            continue
+        if math.isinf(b):
+            total += (end - start) * b_ref
+            continue
+        progress += (end - start) / (1 + b / b_ref)
+        total += (end - start) / (1 + b / b_ref) * b
+    return total / progress
+
+
 def test_b_opt_band_from_b_noise_and_the_profile(tmp_path):
     profiles, noise_dir = write_caches(tmp_path)
     ds = quick.estimate(SPEC, profiles, noise_dir)
@@ -66,7 +87,11 @@ def test_b_opt_band_from_b_noise_and_the_profile(tmp_path):
     expected = np.sqrt(np.array(later) * ratio)
     assert ds["b_crit_band"].values.tolist() == [min(later), max(later)]
     np.testing.assert_allclose(ds["b_opt_band"].values, [expected.min(), expected.max()], rtol=1e-12)
-    assert float(ds["b_opt"]) == pytest.approx(np.median(expected), rel=1e-12)
+    # the point: the run's B_crit, weighted by progress (stretches 15, 10, 10 and 5 steps: 46.4, below the median
+    # snapshot's 65, since a stretch of high B_noise makes little progress per step at the reference's B = 64)
+    assert float(ds["b_crit"]) == pytest.approx(progress_weighted(B_NOISE), rel=1e-12)
+    assert float(ds["b_crit"]) == pytest.approx(46.44, abs=0.01)
+    assert float(ds["b_opt"]) == pytest.approx(np.sqrt(progress_weighted(B_NOISE) * ratio), rel=1e-12)
     # per snapshot, sqrt(B tau_f / tau_d) of each noise scale
     np.testing.assert_allclose(ds["b_opt_b_noise"].values, np.sqrt(np.array(list(B_NOISE.values())) * ratio))
     # the grid's size nearest b_opt on a log scale (b_opt ~ 100: 64 is nearer than 256)
@@ -87,7 +112,7 @@ def test_b_opt_never_exceeds_the_largest_feasible_batch_size(tmp_path):
     profiles, noise_dir = write_caches(tmp_path / "all_fit", extra=())
     ds = quick.estimate(SPEC, profiles, noise_dir)
     assert int(ds["largest_feasible_batch_size"]) == 256 and float(ds["b_opt"]) == pytest.approx(
-        np.median(np.sqrt(np.array([20.0, 50.0, 80.0, 125.0]) * TAU_F / TAU_D)), rel=0.01
+        np.sqrt(progress_weighted(B_NOISE) * TAU_F / TAU_D), rel=0.01
     )  # 0.1% timing noise moves tau_f / tau_d by a fraction of a percent
     notes = json.loads(ds.attrs["diagnostics"])
     assert not any("capped" in n for n in notes)  # b_opt ~ 100 < 256: nothing to say
@@ -210,7 +235,7 @@ def test_the_quick_estimate_the_choice_and_the_linear_regression_run_without_tor
 
 
 def test_b_opts_interval_carries_the_noise_pairs_and_warns_when_b_noise_is_unsure(tmp_path):
-    """B_crit's interval is the median over the later snapshots of their resampled B_noise (recomputed here by
+    """B_crit's interval is the progress-weighted B_noise of the later snapshots, each resampled (recomputed here by
     hand); b_opt's joins it with the profile's, which is tight here (0.1% timing noise), so b_opt's interval is
     sqrt(B_crit's x tau_f / tau_d) to within 2%. A wide scatter of the resampled pairs gets a warning."""
     from batchscope.store import read_netcdf
@@ -219,15 +244,17 @@ def test_b_opts_interval_carries_the_noise_pairs_and_warns_when_b_noise_is_unsur
     ds = quick.estimate(SPEC, profiles, noise_dir)
     later = sorted(Path(noise_dir).glob("snapshot*.nc"))[1:]  # step 0 is left out, as from the point
     boot = np.array([read_netcdf(p)["two_batch_b_noise_boot"].values for p in later])
-    expected = np.quantile(np.median(boot, axis=0), [0.025, 0.975], method="inverted_cdf")
+    steps = [step for step in B_NOISE if step > 0]
+    by_resample = [progress_weighted(dict(zip(steps, column, strict=True))) for column in boot.T]
+    expected = np.quantile(by_resample, [0.025, 0.975], method="inverted_cdf")
     np.testing.assert_allclose(ds["b_crit_ci"].values, expected, rtol=1e-12)
     ratio = float(ds["tau_f"]) / float(ds["tau_d"])
     np.testing.assert_allclose(ds["b_opt_ci"].values, np.sqrt(expected * ratio), rtol=0.02)
     low, high = ds["b_opt_ci"].values
     assert low < float(ds["b_opt"]) < high
     assert not any("B_noise is unsure" in note for note in json.loads(ds.attrs["diagnostics"]))
-    # the same run with pairs that scatter by a factor e^0.8 each way: B_crit's interval spans more than 4x
-    profiles, noise_dir = write_caches(tmp_path / "wide", pair_spread=0.8)
+    # the same run with pairs that scatter by a factor e each way: B_crit's interval spans more than 4x
+    profiles, noise_dir = write_caches(tmp_path / "wide", pair_spread=1.0)
     wide = quick.estimate(SPEC, profiles, noise_dir)
     c_low, c_high = wide["b_crit_ci"].values
     assert c_high > 4 * c_low
@@ -240,21 +267,25 @@ def test_b_opts_interval_carries_the_noise_pairs_and_warns_when_b_noise_is_unsur
 
 def test_an_infinite_snapshot_counts_in_the_point_and_its_interval_alike(tmp_path):
     """A snapshot whose G^T H G came out <= 0 has B_noise = inf (its b_opt capped at the largest feasible size):
-    the point takes it into its median, and so does the interval, which therefore still holds the point."""
+    its stretch of the run (the last 5 steps) makes no progress at any finite batch size and adds 5 x 64 to
+    B_crit's integral. The point and the interval alike count it, so the interval still holds the point."""
     steps = {0: 3.0, 10: 20.0, 20: 50.0, 30: 80.0, 40: math.inf}
     profiles, noise_dir = write_caches(tmp_path, b_noise_at=steps)
     ds = quick.estimate(SPEC, profiles, noise_dir)
     ratio = float(ds["tau_f"]) / float(ds["tau_d"])
-    # the median of 20, 50, 80 and inf: between 50 and 80
-    assert float(ds["b_opt"]) == pytest.approx((np.sqrt(50 * ratio) + np.sqrt(80 * ratio)) / 2, rel=1e-12)
+    progress = 15 / (1 + 20 / 64) + 10 / (1 + 50 / 64) + 10 / (1 + 80 / 64)
+    b_crit = (15 / (1 + 20 / 64) * 20 + 10 / (1 + 50 / 64) * 50 + 10 / (1 + 80 / 64) * 80 + 5 * 64) / progress
+    assert float(ds["b_crit"]) == pytest.approx(b_crit, rel=1e-12) == progress_weighted(steps)
+    assert float(ds["b_opt"]) == pytest.approx(np.sqrt(b_crit * ratio), rel=1e-12)
     low, high = ds["b_opt_ci"].values
-    assert np.sqrt(50 * ratio) * 0.9 < low <= float(ds["b_opt"]) <= high < np.sqrt(80 * ratio) * 1.1
+    assert low <= float(ds["b_opt"]) <= high < np.sqrt(80 * ratio)
 
 
 def test_the_saturating_step_time_gives_its_own_b_opt_and_a_note_when_the_models_disagree(tmp_path):
     """A GPU-like step time, flat at 2 ms up to B = 512 and then 1 ms per 1024 examples more: the quick estimate's
     saturating b_opt is the argmin of (1 + B_noise/B) T_sat(B), found here by brute force on a fine grid of B, per
-    snapshot (at the knee for the smallest B_noise, above it for the others) and then the median; the linear model,
+    snapshot (at the knee for the smallest B_noise, above it for the others) and for the run's B_crit; the linear
+    model,
     fitted on the grid's three small sizes, sees almost no cost per example and caps b_opt at the largest size; the
     note says the two disagree. Noise-free timings: the fit recovers the knee to its optimiser's precision."""
     from batchscope.core import scaling
@@ -273,7 +304,9 @@ def test_the_saturating_step_time_gives_its_own_b_opt_and_a_note_when_the_models
     brute = [dense[np.argmin((1 + b / dense) * flat_then_linear(dense))] for step, b in b_noise_at.items() if step]
     assert brute[0] == pytest.approx(knee, rel=2e-4) and len(set(brute)) == 4  # the knee once, then above it
     np.testing.assert_allclose(ds["b_opt_sat_b_noise"].values[1:], brute, rtol=2e-4)
-    assert float(ds["b_opt_sat"]) == pytest.approx(np.median(brute), rel=2e-4)
+    b_crit = progress_weighted(b_noise_at)
+    assert float(ds["b_opt_sat"]) == pytest.approx(dense[np.argmin((1 + b_crit / dense) * flat_then_linear(dense))],
+                                                   rel=2e-4)  # fmt: skip
     # T_iter is flat over the grid (16, 64, 256): the linear fit's tau_d is ~0 and its b_opt the largest size
     assert float(ds["b_opt"]) == 8192
     (note,) = [n for n in json.loads(ds.attrs["diagnostics"]) if "step-time model decides" in n]
@@ -288,3 +321,34 @@ def test_the_saturating_step_time_gives_its_own_b_opt_and_a_note_when_the_models
     ds = quick.estimate(SPEC, profiles, noise_dir)
     assert float(ds["b_opt_sat"]) == pytest.approx(float(ds["b_opt"]), rel=1e-6)  # knee 0: the same line
     assert not any("step-time model" in n for n in json.loads(ds.attrs["diagnostics"]))
+
+
+@pytest.mark.parametrize("snapshots, rtol", [(400, 1e-4), (4, 0.1)])
+def test_the_runs_b_crit_is_what_the_grid_of_fixed_batch_sizes_measures(snapshots, rtol):
+    """Under the local law a stretch of du infinite-batch steps costs du (1 + B_noise(u) / B) steps at batch size B.
+    With B_noise(u) = B0 e^(a u) over u in [0, U], a fixed B needs K(B) = U + B0 (e^(aU) - 1) / (a B) steps: the
+    grid's B_crit = C_var / N_iter = B0 (e^(aU) - 1) / (a U), in closed form. The reference run at b_ref takes
+    s(u) = u + B0 (e^(au) - 1) / (a b_ref) steps; its snapshots, evenly spaced in its steps, see B_noise(u(s)).
+    effective_b_crit on them recovers the closed form (to the snapshot spacing's precision), where their median
+    does not (B_noise grows 20x over the run)."""
+    from scipy.optimize import brentq
+
+    from batchscope.core.scaling import effective_b_crit
+
+    b0, a, length, b_ref = 10.0, 0.3, 10.0, 64.0
+    truth = b0 * np.expm1(a * length) / (a * length)
+
+    def steps_at(u):
+        return u + b0 * np.expm1(a * u) / (a * b_ref)
+
+    steps = np.linspace(0, steps_at(length), snapshots + 1)[1:]
+    b_noise = np.array([b0 * np.exp(a * brentq(lambda u, s=s: steps_at(u) - s, 0, length)) for s in steps])
+    assert float(effective_b_crit(steps, b_noise, b_ref)) == pytest.approx(truth, rel=rtol)
+    assert abs(np.median(b_noise) / truth - 1) > 0.15  # 16% high with 400 snapshots
+    # a constant B_noise is its own B_crit, whatever the stretches; resamples along a second axis
+    assert float(effective_b_crit([3, 50, 51], np.full(3, 42.0), b_ref)) == pytest.approx(42.0, rel=1e-12)
+    both = effective_b_crit(steps, np.stack([b_noise, 2 * b_noise], axis=1), b_ref)
+    assert both.shape == (2,) and both[0] == pytest.approx(float(effective_b_crit(steps, b_noise, b_ref)), rel=1e-12)
+    # no usable snapshot: NaN; only infinite ones: inf
+    assert np.isnan(effective_b_crit([1, 2], np.array([-1.0, np.nan]), b_ref))
+    assert effective_b_crit([1, 2], np.array([np.inf, -1.0]), b_ref) == np.inf

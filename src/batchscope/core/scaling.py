@@ -196,6 +196,37 @@ def b_opt_saturating(n_iter: float, c_var: float, tau_f: float, tau_d: float, b_
     return max(float(b_knee), math.sqrt(c_var * a / (n_iter * tau_d)))
 
 
+def effective_b_crit(steps: Sequence[float], b_noise: np.ndarray, b_ref: float) -> np.ndarray:
+    """The critical batch size of a whole run whose noise scale changes, from B_noise at snapshots of one run at
+    batch size ``b_ref``: the mean of B_noise weighted by the progress each stretch of the run makes.
+
+    With the local law, a stretch that an infinite batch crosses in dS_min steps costs dS_min (1 + B_noise / B)
+    steps at batch size B, so a fixed B reaches the target in K(B) = S_min + (1/B) int B_noise dS_min steps: the
+    grid's B_crit = C_var / N_iter is the mean of B_noise over dS_min. The reference run spent dS = dS_min
+    (1 + B_noise / b_ref) steps on each stretch, hence dS_min = dS / (1 + B_noise / b_ref). Each snapshot stands
+    for its stretch of the run (from halfway to the snapshot before, or step 0, to halfway to the next; the last to
+    its own step). A stretch of B_noise = inf (no gradient signal left) has dS_min = 0 and adds dS b_ref to the
+    integral. Snapshots with B_noise <= 0 or NaN are left out.
+
+    ``b_noise``: (snapshots,) or (snapshots, resamples); the result has the trailing shape. NaN when no snapshot
+    is usable, inf when every usable one is infinite.
+    """
+    steps = np.asarray(steps, float)
+    b = np.asarray(b_noise, float)
+    edges = np.concatenate([[0.0], (steps[1:] + steps[:-1]) / 2, steps[-1:]])
+    stretch = np.diff(edges) if steps[-1] > 0 else np.ones(len(steps))  # a run of no steps: equal stretches
+    stretch = stretch.reshape((-1,) + (1,) * (b.ndim - 1))
+    usable = b > 0  # NaN compares False
+    finite = usable & np.isfinite(b)
+    b_safe = np.where(finite, b, 1.0)
+    weight = np.where(finite, stretch / (1 + b_safe / b_ref), 0.0)  # dS_min
+    integral = np.where(finite, weight * b_safe, np.where(usable, stretch * b_ref, 0.0)).sum(axis=0)
+    mass = weight.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(mass > 0, integral / np.where(mass > 0, mass, 1.0), np.inf)
+    return np.where(usable.any(axis=0), mean, np.nan)
+
+
 def predicted_time_saturating(b: np.ndarray | float, n_iter: float, c_var: float, tau_f: float, tau_d: float,
                               b_knee: float):  # fmt: skip
     b = np.asarray(b, float)

@@ -6,8 +6,10 @@ only the hardware ratio tau_f / tau_d (the profile) and B_noise. The gradient-no
 B_simple = tr(Sigma) / |G|^2, equal to it only when H is a multiple of the identity) at snapshots of the reference
 run with the two-batch estimator; both grow during training, so the estimate is a band over the run's snapshots
 (the one at step 0 left out: the noise at initialisation says little about the batch size to train with). The
-point estimate is the median snapshot's. Every b_opt is capped at the largest batch size the profile fitted in
-memory.
+point estimate is the whole run's B_crit, b_crit: the snapshots' B_noise weighted by the progress the run makes
+while each holds (:func:`batchscope.core.scaling.effective_b_crit`), which is what the grid's fit of
+K(B) = N_iter + C_var / B measures when B_noise changes along the run. Every b_opt is capped at the largest batch
+size the profile fitted in memory.
 
 Beside it, as in the full fit, the saturating step time tau_f + tau_d max(B - b_knee, 0) fitted on every feasible
 profiled size (:func:`batchscope.core.scaling.b_opt_saturating`, which depends on N_iter and C_var only through
@@ -87,14 +89,19 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
         ds[f"b_opt_{name}"] = ("step", np.minimum(uncapped, largest) if largest > 0 else uncapped,
                                {"units": "examples", "long_name": f"sqrt({name} tau_f / tau_d), capped"})  # fmt: skip
     later = ds["fraction"].values > 0
+    steps, b_ref = ds["step"].values[later], spec["reference"][0]
     b_noise, b_opt = ds["b_noise"].values[later], ds["b_opt_b_noise"].values[later]
     usable = np.isfinite(b_noise) & (b_noise > 0)
     band = [float(b_noise[usable].min()), float(b_noise[usable].max())] if usable.any() else [math.nan] * 2
     opt_band = [float(np.nanmin(b_opt)), float(np.nanmax(b_opt))] if usable.any() else [math.nan] * 2
-    point = float(np.nanmedian(b_opt)) if usable.any() else math.nan
+    b_crit = float(scaling.effective_b_crit(steps, b_noise, b_ref)) if len(steps) else math.nan
+    point = math.sqrt(b_crit * ratio) if b_crit > 0 else math.nan
+    point = min(point, largest) if largest > 0 else point
     ds["b_crit_band"] = ("bound", band, {"units": "examples", "long_name": "B_noise over the run (after step 0)"})
+    ds["b_crit"] = ((), b_crit, {"units": "examples", "long_name": "the run's B_noise weighted by the progress of "
+                                 "each stretch (scaling.effective_b_crit)"})  # fmt: skip
     ds["b_opt_band"] = ("bound", opt_band, {"units": "examples", "long_name": "b_opt over the run, capped"})
-    ds["b_opt"] = ((), point, {"units": "examples", "long_name": "the median snapshot's b_opt, capped"})
+    ds["b_opt"] = ((), point, {"units": "examples", "long_name": "sqrt(b_crit tau_f / tau_d), capped"})
     sat = (saturating.tau_f, saturating.tau_d, saturating.b_knee) if saturating else (math.nan,) * 3
     b_opt_sat = np.array([scaling.b_opt_saturating(1.0, b, *sat) if saturating and b > 0 else math.nan
                           for b in ds["b_noise"].values])  # fmt: skip
@@ -103,11 +110,12 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
         np.minimum(b_opt_sat, largest) if largest > 0 else b_opt_sat,
         {"units": "examples", "long_name": "argmin of (1 + B_noise/B) T_sat(B), capped"},
     )
-    later_sat = ds["b_opt_sat_b_noise"].values[later]  # as the linear point and band: B_noise = inf counts, capped
+    later_sat = ds["b_opt_sat_b_noise"].values[later]  # as the linear band: B_noise = inf counts, capped
     some_sat = usable.any() and np.isfinite(later_sat).any()
-    point_sat = float(np.nanmedian(later_sat)) if some_sat else math.nan
-    ds["b_opt_sat"] = ((), point_sat, {"units": "examples", "long_name": "the median snapshot's b_opt with the "
-                                       "saturating step time, capped"})  # fmt: skip
+    point_sat = scaling.b_opt_saturating(1.0, b_crit, *sat) if saturating and b_crit > 0 else math.nan
+    point_sat = min(point_sat, largest) if largest > 0 else point_sat
+    ds["b_opt_sat"] = ((), point_sat, {"units": "examples", "long_name": "argmin of (1 + b_crit/B) T_sat(B), "
+                                       "capped"})  # fmt: skip
     ds["b_opt_sat_band"] = ("bound", [float(np.nanmin(later_sat)), float(np.nanmax(later_sat))] if some_sat
                             else [math.nan] * 2, {"units": "examples", "long_name": "b_opt with the saturating step "
                             "time over the run, capped"})  # fmt: skip
@@ -123,20 +131,19 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     ratio_ci = scaling.interval(ratios[:, None])[0]
     ds["tau_ratio"] = ((), ratio, {"units": "examples", "long_name": "tau_f / tau_d"})
     ds["tau_ratio_ci"] = ("bound", ratio_ci, {"long_name": "95% bootstrap interval over the profiling rounds"})
-    # how well the reference run pins B_crit down: each snapshot's B_noise from its pairs resampled, and the point's
-    # statistic (the median over the same snapshots as the point's: B_noise > 0, an infinite one included)
-    # recomputed per resample
-    positive = b_noise > 0
-    boot = ds["b_noise_boot"].values[later][positive]  # (snapshots, resamples)
-    median_boot = np.median(boot, axis=0) if positive.any() else np.full(ds.sizes["resample"], np.nan)
-    ds["b_crit_ci"] = ("bound", scaling.interval(median_boot[:, None])[0],
-                       {"units": "examples", "long_name": "the median snapshot's B_noise, 95% interval over the "
-                        "noise pairs resampled"})  # fmt: skip
+    # how well the reference run pins B_crit down: each snapshot's B_noise from its pairs resampled, and b_crit
+    # recomputed per resample (a resample's snapshot with B_noise <= 0 left out, as the point's)
+    boot = ds["b_noise_boot"].values[later]  # (snapshots, resamples)
+    crit_boot = (scaling.effective_b_crit(steps, boot, b_ref) if len(steps)
+                 else np.full(ds.sizes["resample"], np.nan))  # fmt: skip
+    ds["b_crit_ci"] = ("bound", scaling.interval(crit_boot[:, None])[0],
+                       {"units": "examples", "long_name": "b_crit's 95% interval over the noise pairs "
+                        "resampled"})  # fmt: skip
     # b_opt's interval: both sources resampled together (independent, so paired by index)
     ratios = ratios if len(ratios) else np.array([np.nan])
-    paired = ratios[np.arange(len(median_boot)) % len(ratios)]
+    paired = ratios[np.arange(len(crit_boot)) % len(ratios)]
     # a resampled B_crit <= 0 (no noise to average away) is b_opt 0, also where tau_f / tau_d is infinite
-    b_opt_boot = np.sqrt(np.where(median_boot > 0, median_boot * paired, np.where(np.isnan(median_boot), np.nan, 0.0)))
+    b_opt_boot = np.sqrt(np.where(crit_boot > 0, crit_boot * paired, np.where(np.isnan(crit_boot), np.nan, 0.0)))
     b_opt_ci = scaling.interval(b_opt_boot[:, None])[0]
     ds["b_opt_ci"] = ("bound", np.minimum(b_opt_ci, largest) if largest > 0 else b_opt_ci,
                       {"units": "examples", "long_name": "b_opt's 95% interval over the profiling rounds and the "
@@ -148,8 +155,8 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
                      "rounds (profile.rounds) or more batch sizes, or on a quieter machine")  # fmt: skip
     low, high = ds["b_crit_ci"].values
     if usable.any() and not (np.isfinite([low, high]).all() and low > 0 and high <= RATIO_SPREAD_MAX * low):
-        notes.append(f"the reference run's B_noise is unsure (95% interval {low:.3g} to {high:.3g} at the median "
-                     "snapshot, from the two-batch estimator's pairs), so b_opt is unsure by the square root of "
+        notes.append(f"the reference run's B_noise is unsure (b_crit's 95% interval {low:.3g} to {high:.3g}, from "
+                     "the two-batch estimator's pairs), so b_opt is unsure by the square root of "
                      "that; raise noise.pairs (or noise.b_big)")  # fmt: skip
     capped = [name for name, value in (("linear", point), ("saturating", point_sat))
               if largest > 0 and np.isfinite(value) and value >= largest]  # fmt: skip
@@ -228,7 +235,8 @@ VARIABLES = (
 )
 # 3: b_opt_ci from the noise pairs resampled as well as the profiling rounds; b_crit_ci
 # 4: b_opt_sat (the saturating step time); the cap note tells memory from the largest size profiled
-RULES = {"quick_estimate": Rule(version=4, config_slice=config_slice, variables=VARIABLES)}
+# 5: the point from b_crit, the snapshots' B_noise weighted by progress, rather than the median snapshot's
+RULES = {"quick_estimate": Rule(version=5, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "quick-estimate",
