@@ -179,6 +179,43 @@ def test_snapshot_with_batchnorm_in_train_mode_reports_two_batch_only():
     assert trace > 0 and g_sq > 0 and float(ds["two_batch_b_simple"]) == pytest.approx(trace / g_sq, rel=1e-12)
 
 
+def test_the_pairs_are_what_the_budget_buys_from_the_reference_run():
+    """A pair costs a gradient on b_small (8) and on b_big (512) examples and two HVPs (2 gradients each) on
+    min(512, population) examples: 2568 example-gradients here. noise.budget 0.5 of the run's example-gradients,
+    shared by 5 snapshots, buys 50 pairs from 1,284,000; a long run is held at noise.pairs (100), a short one at
+    noise.min_pairs (20 by default, or noise.pairs where that is smaller)."""
+    from batchscope.measure.noise import pairs_within_budget
+
+    _, spec = workload_and_spec()
+    assert (spec["b_small"], spec["b_big"], spec["pairs"], spec["min_pairs"], spec["budget"]) == (8, 512, 100, 20, 0.5)
+    assert pairs_within_budget(spec, 1_284_000, 5, 4096) == (50, pytest.approx(50 * 2568 * 5 / 1_284_000))
+    assert pairs_within_budget(spec, 1_284_000 - 1, 5, 4096)[0] == 49
+    assert pairs_within_budget(spec, 10**9, 5, 4096)[0] == 100
+    pairs, share = pairs_within_budget(spec, 7_680, 5, 4096)  # a run of 120 steps at 64: the floor, over budget
+    assert pairs == 20 and share == pytest.approx(20 * 2568 * 5 / 7_680) and share > 0.5
+    # a population of 100: the curvature's HVPs on 100 examples, 920 a pair
+    assert pairs_within_budget(spec, 920 * 5 * 30 * 2, 5, 100)[0] == 30
+    assert pairs_within_budget({**spec, "budget": None}, 7_680, 5, 4096)[0] == 100
+    assert workload_and_spec(pairs=10)[1]["min_pairs"] == 10
+    with pytest.raises(cfg.ConfigError, match="noise.min_pairs: 30 exceeds noise.pairs 10"):
+        study(pairs=10, min_pairs=30)
+
+
+def test_a_quick_only_snapshot_is_the_full_ones_two_batch_estimate(linear, snapshot):
+    """With the noise stage off (only the quick estimate reads it) the per-example pass is left out; the two-batch
+    estimate, drawn first, is the same; ``pairs`` sets the draws."""
+    workload, spec, state, _ = linear
+    point = {"state_dict": state, "step": 30, "fraction": 0.5}
+    quick = measure_snapshot(point, workload, {**spec, "quick_only": True}, CPU)
+    assert np.isnan(float(quick["b_simple"])) and "noise.enabled" in quick.attrs["method"]
+    for name in ("two_batch_b_noise", "two_batch_trace_sigma", "two_batch_b_simple", "loss"):
+        assert float(quick[name]) == float(snapshot[name]), name
+    fewer = measure_snapshot(point, workload, spec, CPU, pairs=7)
+    assert fewer.attrs["pairs"] == 7 and float(fewer["two_batch_trace_sigma"]) != float(
+        snapshot["two_batch_trace_sigma"]
+    )
+
+
 def test_variance_law_against_the_finite_population_expectation(linear):
     """E|g_B - G|^2 over minibatches drawn without replacement is tr(Sigma) (N - B)/(B (N - 1)), tr(Sigma) from the
     loop. The stage's mean over 200 draws against it within 4 standard errors (the SD of |g_B - G|^2 simulated

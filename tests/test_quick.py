@@ -32,6 +32,7 @@ def write_caches(
     pair_spread=0.05,
     b_noise_at=None,
     step_time=None,
+    measured=None,
 ):
     """Profiles of T_iter = TAU_F + tau_d B (or ``step_time(B)``), and snapshots of B_NOISE whose resampled pairs
     scatter lognormally by ``pair_spread``."""  # fmt: skip
@@ -48,7 +49,7 @@ def write_caches(
         ds = xr.Dataset({"two_batch_b_noise": ((), b_noise), "two_batch_b_simple": ((), b_noise / 2),
                          "b_simple": ((), b_noise / 2), "two_batch_b_noise_boot": ("resample", boot)},
                         attrs={"stage": "measure_gradient_noise", "algorithm_version": NOISE_VERSION, "step": step,
-                               "fraction": step / 40})  # fmt: skip
+                               "fraction": step / 40, **(measured or {})})  # fmt: skip
         write_netcdf(ds, noise_dir / f"snapshot{i}.nc")
     write_netcdf(xr.Dataset({"mean_sq_error": ("batch_size", [1.0])}), noise_dir / "variance.nc")
     return [str(p) for p in profiles], str(noise_dir)
@@ -352,3 +353,17 @@ def test_the_runs_b_crit_is_what_the_grid_of_fixed_batch_sizes_measures(snapshot
     # no usable snapshot: NaN; only infinite ones: inf
     assert np.isnan(effective_b_crit([1, 2], np.array([-1.0, np.nan]), b_ref))
     assert effective_b_crit([1, 2], np.array([np.inf, -1.0]), b_ref) == np.inf
+
+
+def test_a_noise_measurement_that_outweighs_the_reference_run_is_named(tmp_path):
+    """The noise stage records its pairs and their cost against the reference run's example-gradients; above 1x
+    (a short run held at noise.min_pairs) the quick estimate says so and what cuts it; at 0.4x it says nothing."""
+    costly = {"pairs": 20, "cost_share": 33.4, "run_examples": 7680}
+    profiles, noise_dir = write_caches(tmp_path / "short", measured=costly)
+    ds = quick.estimate(SPEC, profiles, noise_dir)
+    (note,) = [n for n in json.loads(ds.attrs["diagnostics"]) if "gradient-noise measurement" in n]
+    assert "33.4x" in note and "20 pairs" in note and "7680" in note and "noise.b_big" in note
+    assert ds.attrs["cost_share"] == 33.4
+    profiles, noise_dir = write_caches(tmp_path / "long", measured={**costly, "cost_share": 0.4})
+    ds = quick.estimate(SPEC, profiles, noise_dir)
+    assert not any("gradient-noise measurement" in n for n in json.loads(ds.attrs["diagnostics"]))

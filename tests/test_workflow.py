@@ -448,6 +448,29 @@ def test_the_adaptive_cost_table_counts_the_ghost_base_runs_once(repo, venv_env,
     assert [p.rsplit("/B", 1)[1] for p in merged] == ["8.tsv", "512.tsv", "128.tsv", "256.tsv"]
 
 
+def test_the_adaptive_studys_noise_job_measures_what_the_quick_estimate_reads(adaptive_study, repo):
+    """With the noise stage off, its job measures the two-batch B_noise alone (no per-example pass, no variance law)
+    with the pairs the budget buys from the reference run (its steps x batch size), computed here by hand."""
+    import torch
+
+    workdir, _ = adaptive_study
+    config = cfg.load(repo / ADAPTIVE)
+    noise = config["noise"]
+    assert not noise["enabled"]
+    saved = torch.load(next((workdir / "results/reference/tiny_mlp").glob("*.snapshots")), weights_only=False)
+    run_examples = saved["steps_done"] * saved["batch_size"]
+    snapshots = sorted((workdir / "results/noise/tiny_mlp").glob("snapshot*.nc"))
+    assert len(snapshots) == len(saved["snapshots"]) and not (workdir / "results/noise/tiny_mlp/variance.nc").exists()
+    first = read_netcdf(snapshots[0])
+    per_pair = noise["b_small"] + noise["b_big"] + 2 * 2 * min(512, first.attrs["eval_size"])
+    affordable = int(noise["budget"] * run_examples / (len(snapshots) * per_pair))
+    assert first.attrs["pairs"] == max(noise["min_pairs"], min(noise["pairs"], affordable))
+    assert first.attrs["run_examples"] == run_examples
+    assert first.attrs["cost_share"] == pytest.approx(first.attrs["pairs"] * per_pair * len(snapshots) / run_examples)
+    assert np.isnan(float(first["b_simple"])) and "noise.enabled" in first.attrs["method"]
+    assert np.isfinite(float(first["two_batch_b_noise"]))
+
+
 def test_the_adaptive_study_reruns_nothing(adaptive_study, repo, venv_env):
     workdir, _ = adaptive_study
     result = snakemake(repo, workdir, "-n", env=venv_env, configfile=repo / ADAPTIVE)

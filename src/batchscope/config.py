@@ -198,6 +198,7 @@ def _check_target(where: str, wl: dict[str, Any], regression: bool) -> None:
 # the analysis costs the same on a 1,000- and a 1,000,000-example data set (a user's 16,000-example MLP spent
 # 15x a training job per analyze_hessian job on the whole set).
 AUTO_EVAL_SIZE = 512
+MIN_PAIRS = 20  # noise.min_pairs' default (at most noise.pairs)
 
 
 def static_train_sizes(config: dict[str, Any]) -> dict[str, int]:
@@ -287,6 +288,7 @@ def _derive_defaults(config: dict[str, Any]) -> None:
     if noise["reference_seed"] is None:
         noise["reference_seed"] = seeds[0]
     noise["b_big"] = noise["b_big"] or sizes[-1]
+    noise["min_pairs"] = min(MIN_PAIRS, noise["pairs"]) if noise["min_pairs"] is None else noise["min_pairs"]
     # with a one-size grid the smallest and largest coincide: default to a quarter of it
     noise["b_small"] = noise["b_small"] or (sizes[0] if sizes[0] < noise["b_big"] else max(1, sizes[0] // 4))
     noise["variance_batch_sizes"] = noise["variance_batch_sizes"] or [b for b in sizes if b >= 2]
@@ -303,6 +305,8 @@ def _check_noise(config: dict[str, Any]) -> None:
         raise ConfigError(f"noise.reference_seed: {settings['reference_seed']} is not in grid.seeds")
     if settings["b_small"] >= settings["b_big"]:
         raise ConfigError(f"noise.b_small: {settings['b_small']} is not smaller than noise.b_big {settings['b_big']}")
+    if settings["min_pairs"] > settings["pairs"]:
+        raise ConfigError(f"noise.min_pairs: {settings['min_pairs']} exceeds noise.pairs {settings['pairs']}")
     jensen = settings["jensen"]
     population = settings["eval_size"]  # the sizes drawn from it against the data: check_sizes
     if population is not None:

@@ -18,7 +18,10 @@ log = logging.getLogger("batchscope")
 
 def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     settings = {k: v for k, v in config["noise"].items() if k not in ("enabled", "jensen", "snapshot_fractions")}
-    return {**settings, "jensen": config["noise"]["jensen"], **cfg.execution(config)}
+    # with the stage off only the quick estimate reads it: the two-batch B_noise alone (no per-example pass, no
+    # variance law)
+    quick_only = not config["noise"]["enabled"]
+    return {**settings, "quick_only": quick_only, "jensen": config["noise"]["jensen"], **cfg.execution(config)}
 
 
 def jensen_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> None:
 
     from batchscope import store
     from batchscope.engine.runtime import progress
-    from batchscope.measure.noise import measure_snapshot, measure_variance
+    from batchscope.measure.noise import evaluation_data, measure_snapshot, measure_variance, pairs_within_budget
 
     spec = _common.spec(args, config_slice)
     device = _common.runtime(spec)
@@ -46,14 +49,21 @@ def run(args: argparse.Namespace) -> None:
     workload = _common.workload(saved["workload"], device, args.data)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    run_examples = int(saved["steps_done"]) * int(saved["batch_size"])
+    population = len(evaluation_data(workload, spec, device)[0])
+    pairs, share = pairs_within_budget(spec, run_examples, len(saved["snapshots"]), population)
+    log.info("%d pairs per snapshot: %.2f of the reference run's %d example-gradients (noise.budget %s)", pairs,
+             share, run_examples, spec["budget"])  # fmt: skip
     for i, snapshot in enumerate(progress(saved["snapshots"], desc="snapshots")):
-        ds = measure_snapshot(snapshot, workload, spec, device)
+        ds = measure_snapshot(snapshot, workload, spec, device, pairs)
         ds.attrs.update(store.provenance("measure_gradient_noise", spec, device=str(device)),
                         reference=f"B={saved['batch_size']} lr={saved['lr']} seed={saved['seed']}",
-                        workload=saved["workload"]["name"])  # fmt: skip
+                        workload=saved["workload"]["name"], run_examples=run_examples, cost_share=share)  # fmt: skip
         store.write_netcdf(ds, out_dir / f"snapshot{i}.nc")
-        log.info("step %d: B_simple %.1f (per example), %.1f (two-batch)", ds.attrs["step"], float(ds["b_simple"]),
-                 float(ds["two_batch_b_simple"]))  # fmt: skip
+        log.info("step %d: B_noise %.1f, B_simple %.1f (per example), %.1f (two-batch)", ds.attrs["step"],
+                 float(ds["two_batch_b_noise"]), float(ds["b_simple"]), float(ds["two_batch_b_simple"]))  # fmt: skip
+    if spec["quick_only"]:
+        return
     ds = measure_variance(saved["state_dict"], workload, spec, device)  # the run's final weights
     ds.attrs.update(store.provenance("measure_gradient_noise", spec, device=str(device)),
                     workload=saved["workload"]["name"])  # fmt: skip
@@ -107,7 +117,8 @@ VARIANCE_VARIABLES = ("mean_sq_error",)
 RULES = {
     # 4: noise.eval_size and noise.chunk_size (the snapshot's loss in chunks); 5: B_noise's resampled pairs;
     # 6: B_noise's Hessian in chunks of chunk_size (a change with BatchNorm in train mode, chunks below 512)
-    "measure_gradient_noise": Rule(version=6, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
+    # 7: the pairs within noise.budget of the reference run; with the stage off, the two-batch estimate alone
+    "measure_gradient_noise": Rule(version=7, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
     # 3: the full Hessian over noise.eval_size examples in chunks of noise.chunk_size, its kept linearisations
     # bounded (batchscope.core.hessian.CACHE_MB)
     "measure_jensen_bias": Rule(version=3, config_slice=jensen_slice, variables=("relative_bias",)),

@@ -63,6 +63,10 @@ def _snapshots(noise_dir: str) -> xr.Dataset:
         dim="step",
         combine_attrs="drop",
     ).sortby("step")  # fmt: skip
+    # what the measurement cost against the reference run (pairs_within_budget), where the stage recorded it
+    ds.attrs.update(
+        {key: rows[0].attrs[key] for key in ("pairs", "cost_share", "run_examples") if key in rows[0].attrs}
+    )
     return ds.rename(two_batch_b_noise="b_noise", two_batch_b_simple="b_simple_two_batch",
                      b_simple="b_simple_per_example", two_batch_b_noise_boot="b_noise_boot")  # fmt: skip
 
@@ -169,6 +173,12 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
             f"{which} is capped at the largest batch size profiled, {largest}, which fitted in memory: "
             "profile larger ones (profile.extra_batch_sizes) to see whether the optimum lies beyond"
         )
+    share = ds.attrs.get("cost_share", math.nan)
+    if share > 1:
+        notes.append(f"the gradient-noise measurement cost {share:.1f}x the reference run's own example-gradients "
+                     f"({ds.attrs['pairs']} pairs per snapshot, the floor noise.min_pairs, on a run of "
+                     f"{ds.attrs['run_examples']}): the run is short against the two-batch estimator's batches; a "
+                     "smaller noise.b_big or fewer noise.snapshot_fractions cost less")  # fmt: skip
     ratio_models = scaling.models_ratio(point, point_sat)
     if ratio_models > scaling.MODELS_RATIO_MAX:
         notes.append(f"the step-time model decides: b_opt is {point:.0f} with the linear step time (fitted on the "
