@@ -49,12 +49,15 @@ def run(args: argparse.Namespace) -> None:
     workload = _common.workload(saved["workload"], device, args.data)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    snapshots = saved["snapshots"]
+    if spec["quick_only"]:  # the quick estimate leaves the initial weights out: so does its measurement
+        snapshots = [snapshot for snapshot in snapshots if snapshot["fraction"] > 0] or snapshots
     run_examples = int(saved["steps_done"]) * int(saved["batch_size"])
     population = len(evaluation_data(workload, spec, device)[0])
-    pairs, share = pairs_within_budget(spec, run_examples, len(saved["snapshots"]), population)
+    pairs, share = pairs_within_budget(spec, run_examples, len(snapshots), population)
     log.info("%d pairs per snapshot: %.2f of the reference run's %d example-gradients (noise.budget %s)", pairs,
              share, run_examples, spec["budget"])  # fmt: skip
-    for i, snapshot in enumerate(progress(saved["snapshots"], desc="snapshots")):
+    for i, snapshot in enumerate(progress(snapshots, desc="snapshots")):
         ds = measure_snapshot(snapshot, workload, spec, device, pairs)
         ds.attrs.update(store.provenance("measure_gradient_noise", spec, device=str(device)),
                         reference=f"B={saved['batch_size']} lr={saved['lr']} seed={saved['seed']}",
@@ -117,7 +120,8 @@ VARIANCE_VARIABLES = ("mean_sq_error",)
 RULES = {
     # 4: noise.eval_size and noise.chunk_size (the snapshot's loss in chunks); 5: B_noise's resampled pairs;
     # 6: B_noise's Hessian in chunks of chunk_size (a change with BatchNorm in train mode, chunks below 512)
-    # 7: the pairs within noise.budget of the reference run; with the stage off, the two-batch estimate alone
+    # 7: the pairs within noise.budget of the reference run; with the stage off, the two-batch estimate alone, and
+    # not at step 0
     "measure_gradient_noise": Rule(version=7, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
     # 3: the full Hessian over noise.eval_size examples in chunks of noise.chunk_size, its kept linearisations
     # bounded (batchscope.core.hessian.CACHE_MB)
