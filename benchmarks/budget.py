@@ -65,11 +65,18 @@ def digits() -> dict:
 
 def spirals() -> dict:
     """The example's in-memory spirals workload (examples/own_workload/config.yaml), on a grid wide enough to
-    choose a bracket from: the example's own grid is two sizes."""
+    choose a bracket from and to hold its fastest size (the example's own grid is two sizes), evaluated often
+    enough to tell neighbouring sizes apart."""
     config = yaml.safe_load((EXAMPLE / "config.yaml").read_text())
     config["workloads"] = {"spirals": config["workloads"]["spirals"]}
-    config["grid"] = {"batch_sizes": [16, 32, 64, 128, 256, 512], "seeds": [0, 1]}
-    config["workloads"]["spirals"]["lr_scaling"]["base_lrs"] = [0.01, 0.03, 0.1]
+    # up to 1024 (half the data): on a grid up to 512 the full fit said its largest size was the fastest ("the
+    # optimum may lie beyond it"), so the grid could not name a best batch size to compare with
+    config["grid"] = {"batch_sizes": [16, 32, 64, 128, 256, 512, 1024], "seeds": [0, 1]}
+    # steps to the target at the large sizes are 40 to 60: counted in the example's 20-step evaluation intervals
+    # they are resolved to a third, which decides the fastest size by one interval; 5 resolves them to a tenth
+    config["workloads"]["spirals"]["eval_interval"] = 5
+    # up to 0.3: with 0.1 the largest, the full fit said the largest learning rate won at B = 256 and 512
+    config["workloads"]["spirals"]["lr_scaling"]["base_lrs"] = [0.01, 0.03, 0.1, 0.3]
     config["profile"].update(rounds=4, repeats=2, min_repeat_time=0.01, warmup=10)
     config["fit"]["bootstrap"] = 200
     # the noise settings the quick estimate has by default: the example cuts them (10 pairs) to run in seconds,
