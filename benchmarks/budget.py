@@ -130,9 +130,12 @@ def answer(workdir: Path, workload: str) -> dict:
     from batchscope.store import read_netcdf
 
     ds = read_netcdf(workdir / "results" / "fit" / f"{workload}.nc")
-    # the runs' own clock: the adaptive study's reference run (the quick estimate's) counts too
-    reference = sorted((workdir / "results" / "reference" / workload).glob("*.nc"))
-    run_seconds = float(np.nansum(ds["wall_time"].values)) + sum(float(read_netcdf(p)["wall_time"]) for p in reference)
+    # the runs' own clock: the adaptive study's reference run (the quick estimate's) counts too, once: where its
+    # batch size was chosen its record was copied into the grid's
+    points = set(zip(*(ds[f"run_{k}"].values.tolist() for k in ("batch_size", "lr", "seed")), strict=True))
+    reference = [read_netcdf(p) for p in sorted((workdir / "results" / "reference" / workload).glob("*.nc"))]
+    reference = [r for r in reference if (r.attrs["batch_size"], r.attrs["lr"], r.attrs["seed"]) not in points]
+    run_seconds = float(np.nansum(ds["wall_time"].values)) + sum(float(r["wall_time"]) for r in reference)
     same = ds["batch_size"].values[ds["indistinguishable"].values.astype(bool)]
     pruned = ds["pruned"].values.astype(bool) if "pruned" in ds else np.zeros(ds.sizes["run"], bool)
     return {

@@ -140,10 +140,10 @@ def test_a_run_is_stopped_at_the_best_runs_steps_and_flagged():
     assert not bool(best["pruned"]) and math.isnan(float(best["prune_at"]))
 
 
-def _train_job(outs, lrs, seeds, adaptive=False):
-    args = argparse.Namespace(spec=json.dumps(spec()), config=None, workload=None, data=None, batch_size=32,
-                              lrs=lrs, seeds=seeds, snapshot_lr=None, snapshot_fractions=None,
-                              out=[str(out) for out in outs], adaptive=adaptive)  # fmt: skip
+def _train_job(outs, lrs, seeds, adaptive=False, reuse=None, settings=None):
+    args = argparse.Namespace(spec=json.dumps(settings or spec()), config=None, workload=None, data=None,
+                              batch_size=32, lrs=lrs, seeds=seeds, snapshot_lr=None, snapshot_fractions=None,
+                              out=[str(out) for out in outs], adaptive=adaptive, reuse=reuse)  # fmt: skip
     stage_train.run(args)
     return [{float(read_netcdf(p).attrs["lr"]): read_netcdf(p) for p in sorted(out.glob("*.nc"))} for out in outs]
 
@@ -162,6 +162,38 @@ def test_the_first_seed_prunes_and_the_later_seeds_train_the_survivors_in_one_jo
     (full,) = _train_job([tmp_path / "full"], [0.1, 0.01, 0.3], [0])
     assert len(full) == 3 and not any(bool(ds["pruned"]) for ds in full.values())
     np.testing.assert_array_equal(full[0.1]["val_metric"].values, first[0.1]["val_metric"].values)
+
+
+def test_the_reference_runs_point_is_copied_where_it_is_the_same_run(tmp_path):
+    """--reuse: the reference run's record and checkpoint (here a job's run at lr 0.1, seed 0) are copied, byte for
+    byte, into the adaptive job where they are its point, and the other points are what the job trains without it.
+    Not copied: a point of another config (another hash), or one whose run did not reach the target within the bound
+    the job had set by then (the capped run is trained, and pruned)."""
+    (reference,) = _train_job([tmp_path / "reference"], [0.1], [0])
+    plain = _train_job([tmp_path / "plain" / f"seed{s}" for s in (0, 1)], [0.1, 0.01, 0.3], [0, 1], True)
+    reused = _train_job([tmp_path / "reused" / f"seed{s}" for s in (0, 1)], [0.1, 0.01, 0.3], [0, 1], True,
+                        reuse=str(tmp_path / "reference"))  # fmt: skip
+    name = "lr0.1_seed0"
+    for suffix in (".nc", ".pt"):
+        copied = (tmp_path / "reused" / "seed0" / f"{name}{suffix}").read_bytes()
+        assert copied == (tmp_path / "reference" / f"{name}{suffix}").read_bytes()
+    trained = (tmp_path / "plain" / "seed0" / f"{name}.nc").read_bytes()
+    assert trained != (tmp_path / "reference" / f"{name}.nc").read_bytes()  # trained: another creation time
+    for runs, same in zip(plain, reused, strict=True):
+        assert sorted(runs) == sorted(same)
+        for lr in runs:
+            np.testing.assert_array_equal(runs[lr]["val_metric"].values, same[lr]["val_metric"].values)
+            assert bool(runs[lr]["pruned"]) == bool(same[lr]["pruned"])
+    # another config: its hash differs, so the point is trained
+    other = {**spec(), "eval_interval": spec()["eval_interval"] * 2}
+    _train_job([tmp_path / "other"], [0.1], [0], True, reuse=str(tmp_path / "reference"), settings=other)
+    assert (tmp_path / "other" / f"{name}.nc").read_bytes() != (tmp_path / "reference" / f"{name}.nc").read_bytes()
+    # a reference run (lr 0.01) that took longer than the bound the job's first lr (0.1) set: trained, capped
+    (slow,) = _train_job([tmp_path / "slow"], [0.01], [0])
+    bound = float(reference[0.1]["steps_to_target"])
+    assert not float(slow[0.01]["steps_to_target"]) <= bound  # else this part would check nothing
+    (capped,) = _train_job([tmp_path / "capped"], [0.1, 0.01], [0], True, reuse=str(tmp_path / "slow"))
+    assert bool(capped[0.01]["pruned"]) and int(capped[0.01]["steps_done"]) == int(bound)
 
 
 def test_one_directory_for_every_seed_and_a_single_seed(tmp_path):

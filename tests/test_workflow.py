@@ -475,6 +475,35 @@ def test_the_adaptive_studys_noise_job_measures_what_the_quick_estimate_reads(ad
     assert np.isfinite(float(first["two_batch_trace_h_sigma"])) and first["two_batch_b_noise_boot"].size > 0
 
 
+def test_the_adaptive_study_copies_the_reference_run_into_its_grid(adaptive_study, repo):
+    """The reference run (64, the middle learning rate, seed 0) is one of the grid's points: the B = 64 job copies its
+    record and checkpoint (the same file, its creation time included) instead of training it again, and the fit
+    reads it as one of its runs."""
+    from batchscope.engine.training import point_name
+
+    workdir, _ = adaptive_study
+    config = cfg.load(repo / ADAPTIVE)
+    b_ref, lr_ref, seed_ref = cfg.noise_reference(config, "tiny_mlp")
+    assert b_ref in adaptive_choice(workdir)  # else this test would check nothing
+    name = point_name(lr_ref, seed_ref)
+    reference = workdir / "results/reference/tiny_mlp" / f"{name}.nc"
+    copied = workdir / f"results/train/tiny_mlp/B{b_ref}/seed{seed_ref}" / f"{name}.nc"
+    assert copied.read_bytes() == reference.read_bytes()
+    assert copied.with_suffix(".pt").read_bytes() == reference.with_suffix(".pt").read_bytes()
+    log = (workdir / f"logs/train_batch_size/tiny_mlp/B{b_ref}.log").read_text()
+    assert log.count("the reference run's, copied") == 1
+    fit = read_netcdf(workdir / "results/fit/tiny_mlp.nc")
+    at = (fit["run_batch_size"] == b_ref) & (fit["run_lr"] == lr_ref) & (fit["run_seed"] == seed_ref)
+    assert int(at.sum()) == 1
+    assert float(fit["steps_to_target"][at.values.argmax()]) == float(read_netcdf(reference)["steps_to_target"])
+
+
+def adaptive_choice(workdir):
+    from batchscope.stages import adaptive
+
+    return adaptive.read_choice(str(workdir / "results/adaptive/tiny_mlp.nc"))
+
+
 def test_the_adaptive_study_reruns_nothing(adaptive_study, repo, venv_env):
     workdir, _ = adaptive_study
     result = snakemake(repo, workdir, "-n", env=venv_env, configfile=repo / ADAPTIVE)

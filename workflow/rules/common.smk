@@ -166,6 +166,14 @@ def reference_point(wildcards):
     return bs_config.noise_reference(config, wildcards.workload)
 
 
+def reference_run_if_in(wildcards):
+    """The reference run's directory where a training job's batch size is the reference run's (its point is then
+    one of the job's, already trained), else nothing."""
+    if int(wildcards.batch_size) != reference_point(wildcards)[0]:
+        return []
+    return rules.train_reference.output[0].format(workload=wildcards.workload)
+
+
 def reference_file(wildcards, run_dir, suffix):
     """A file of the reference run's directory, named from the config (never parsed back from a path)."""
     _, lr, seed = reference_point(wildcards)

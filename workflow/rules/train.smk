@@ -32,12 +32,14 @@ rule train_model:
 # The adaptive study (study: adaptive): one job per chosen batch size trains every seed, into the same per-seed
 # directories as train_model. The seeds run in order anyway: the first seed tries the learning rates, likely best
 # first, each run capped at the best run's steps so far; the later seeds train the surviving learning rates. One
-# job rather than one per seed saves a process start (~3.5 s, more than a digits run) per later seed.
+# job rather than one per seed saves a process start (~3.5 s, more than a digits run) per later seed. At the reference
+# run's batch size the reference run (the quick estimate's, already paid for) is copied, not trained again.
 if ADAPTIVE:
 
     rule train_batch_size:
         input:
             data=rules.prepare_data.output[0],
+            reference=reference_run_if_in,
         output:
             directory(expand("results/train/{{workload}}/B{{batch_size}}/seed{seed}", seed=SEEDS)),
         log:
@@ -55,11 +57,12 @@ if ADAPTIVE:
             spec=config_slice("train_model"),
             lrs=learning_rates,
             seeds=" ".join(str(seed) for seed in SEEDS),
+            reuse=lambda w, input: f"--reuse {input.reference}" if input.reference else "",
             version=STAGES["train_model"].version,
         shell:
             "python -m batchscope train --spec {params.spec:q} --data {input.data}"
             " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {params.seeds} --adaptive"
-            " --out {output} > {log} 2>&1"
+            " {params.reuse} --out {output} > {log} 2>&1"
 
     ruleorder: train_batch_size > train_model
 

@@ -3,7 +3,9 @@
 
 The adaptive study (:mod:`batchscope.stages.adaptive`) trains a batch size's seeds in one job (``--adaptive``,
 one ``--out`` directory per seed): the first seed's runs are each capped at the steps of the best run so far, and
-the later seeds train only the learning rates whose first-seed run reached the target in the fewest steps.
+the later seeds train only the learning rates whose first-seed run reached the target in the fewest steps. With
+``--reuse`` (the reference run's directory, where the job's batch size is the reference run's) that point is copied
+rather than trained again.
 """
 
 from __future__ import annotations
@@ -80,14 +82,49 @@ def run(args: argparse.Namespace) -> None:
     first: dict[float, float] = {}  # lr -> the first seed's steps to the target (NaN: not reached)
     for lr in args.lrs:
         reached = [steps for steps in first.values() if not math.isnan(steps)]
-        ds = _train_point(args, spec, device, lr, args.seeds[0], out_dirs[0], int(min(reached)) if reached else None)
+        bound = int(min(reached)) if reached else None
+        ds = _reused(args, spec, device, lr, args.seeds[0], out_dirs[0], bound)
+        ds = ds if ds is not None else _train_point(args, spec, device, lr, args.seeds[0], out_dirs[0], bound)
         first[lr] = float(ds["steps_to_target"])
     kept = set(adaptive.survivors(first))
     log.info("B=%d: the first seed's runs %s; the later seeds train %s", args.batch_size, first, sorted(kept))
     for seed, out_dir in zip(args.seeds[1:], out_dirs[1:], strict=True):
         for lr in args.lrs:
-            if lr in kept:
+            if lr in kept and _reused(args, spec, device, lr, seed, out_dir, None) is None:
                 _train_point(args, spec, device, lr, seed, out_dir)
+
+
+def _reused(args, spec: dict, device, lr: float, seed: int, out_dir: Path, bound: int | None) -> xr.Dataset | None:
+    """The reference run's record and checkpoint for this point (``--reuse``: the adaptive study's reference run is
+    one of the grid's points), copied instead of trained again; None where there is none to copy: no such point,
+    another config, version, batch size or device, or a bound the reference run did not reach the target within
+    (the capped run would have stopped there: it is trained, capped)."""
+    if args.reuse is None:
+        return None
+    import shutil
+
+    from batchscope import store
+    from batchscope.engine.training import point_name
+    from batchscope.stages import rule
+
+    name = point_name(lr, seed)
+    source = Path(args.reuse) / f"{name}.nc"
+    if not source.exists():
+        return None
+    ds = store.read_netcdf(source)
+    expected = {"config_hash": cfg.config_hash(spec), "algorithm_version": str(rule("train_model").version),
+                "device": str(device), "batch_size": args.batch_size}  # fmt: skip
+    if any(ds.attrs.get(key) != value for key, value in expected.items()):
+        return None
+    if bound is not None and not float(ds["steps_to_target"]) <= bound:
+        return None
+    # the checkpoint first and the record last, each by an atomic rename: the .nc marks the point done
+    for suffix in (".pt", ".nc"):
+        origin = source.with_suffix(suffix)
+        store.atomic_write(out_dir / f"{name}{suffix}", lambda tmp, origin=origin: shutil.copyfile(origin, tmp))
+    log.info("B=%d lr=%g seed=%d: the reference run's, copied from %s (steps_to_target=%s)", args.batch_size, lr,
+             seed, args.reuse, float(ds["steps_to_target"]))  # fmt: skip
+    return ds
 
 
 def _train_point(args, spec: dict, device, lr: float, seed: int, out_dir: Path, bound: int | None = None):
@@ -127,6 +164,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "steps its best run so far took to the target (recorded as pruned, not reached); the later seeds train the "
         "learning rates that reached the target in the fewest steps",
     )
+    parser.add_argument("--reuse", help="with --adaptive: a directory of runs of the same config (the reference "
+                        "run's) whose points are copied rather than trained again")  # fmt: skip
 
 
 RULES = {"train_model": Rule(version=4, config_slice=config_slice, variables=VARIABLES)}
