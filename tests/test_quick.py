@@ -157,6 +157,7 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
     assert rows[0]["b_opt_sat"] == pytest.approx(float(ds["b_opt_sat"])) and math.isfinite(rows[0]["b_opt_sat"])
     text = rec.main(str(tmp_path / "results"), "config/test/tiny.yaml", False, False, quick=True)
     assert "quick estimate" in text and f"b_opt {float(ds['b_opt']):.0f} " in text
+    assert rows[0]["b_crit"] == float(ds["b_crit"]) and f"from the run's B_crit {float(ds['b_crit']):.3g} (" in text
     knee = float(ds["sat_b_knee"])
     assert f"with the saturating step time ({rec._knee(knee)}): b_opt {float(ds['b_opt_sat']):.0f}" in text
     assert rec._knee(0.0).startswith("no knee: one line") and rec._knee(200.0) == "flat up to B = 200"
@@ -367,3 +368,18 @@ def test_a_noise_measurement_that_outweighs_the_reference_run_is_named(tmp_path)
     profiles, noise_dir = write_caches(tmp_path / "long", measured={**costly, "cost_share": 0.4})
     ds = quick.estimate(SPEC, profiles, noise_dir)
     assert not any("gradient-noise measurement" in n for n in json.loads(ds.attrs["diagnostics"]))
+
+
+def test_the_reports_answer_table_shows_the_quick_estimate_and_its_b_crit(tmp_path):
+    """The report's first table, with the quick estimate alone: its b_opt, the run's B_crit it came from, its band
+    and its cost, read from the estimate's file."""
+    from batchscope.figures import answer_table
+
+    profiles, noise_dir = write_caches(tmp_path)
+    ds = quick.add_cost(quick.estimate(SPEC, profiles, noise_dir), {})
+    (row,) = answer_table({}, {"w": ds}).to_dict("records")
+    assert row["workload"] == "w" and row["quick: b_opt"] == float(ds["b_opt"])
+    assert row["quick: B_crit"] == pytest.approx(progress_weighted(B_NOISE), rel=1e-12)
+    low, high = ds["b_opt_band"].values
+    assert row["quick: b_opt over the run"] == f"{low:.0f} to {high:.0f}" and row["quick: nearest grid B"] == 64
+    assert row["quick: cost (device-s)"] == 0.0 and math.isnan(row["quick: cost (reference runs)"])

@@ -719,7 +719,8 @@ def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset]) -> p
         if name in quick:
             q = quick[name]
             low, high = q["b_opt_band"].values
-            row.update({"quick: b_opt": float(q["b_opt"]), "quick: b_opt, saturating step time": float(q["b_opt_sat"]),
+            row.update({"quick: b_opt": float(q["b_opt"]), "quick: B_crit": float(q["b_crit"]),
+                        "quick: b_opt, saturating step time": float(q["b_opt_sat"]),
                         "quick: b_opt over the run": f"{low:.0f} to {high:.0f}",
                         "quick: nearest grid B": int(q["nearest_grid_batch_size"]),
                         "quick: cost (device-s)": float(q["total_cost_s"]),

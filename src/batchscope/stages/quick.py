@@ -234,6 +234,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 VARIABLES = (
     "b_noise",
+    "b_crit",
     "b_opt",
     "b_opt_sat",
     "b_opt_sat_band",

@@ -264,6 +264,7 @@ def quick_rows(results: str | Path, config: dict[str, Any]) -> list[dict[str, An
             "b_opt_ci": [float(x) for x in ds["b_opt_ci"].values] if "b_opt_ci" in ds else [math.nan] * 2,
             "diagnostics": json.loads(ds.attrs.get("diagnostics", "[]")),
             "b_crit_band": [float(x) for x in ds["b_crit_band"].values],
+            "b_crit": float(ds["b_crit"]),
             "nearest_grid_batch_size": int(ds["nearest_grid_batch_size"]),
             "largest_feasible_batch_size": int(ds["largest_feasible_batch_size"]),
             "cost_s": float(ds["total_cost_s"]),
@@ -281,7 +282,8 @@ def format_quick(row: dict[str, Any]) -> str:
     low, high = row["b_opt_band"]
     c_low, c_high = row["b_crit_band"]
     return (f"{row['workload']} (quick estimate: the profile and one reference run, {row['reference']}):\n"
-            f"  b_opt {row['b_opt']:.0f} (over the run {low:.0f} to {high:.0f}; B_noise {c_low:.3g} to {c_high:.3g}); "
+            f"  b_opt {row['b_opt']:.0f} from the run's B_crit {row['b_crit']:.3g} (over the run {low:.0f} to "
+            f"{high:.0f}; B_noise {c_low:.3g} to {c_high:.3g}); "
             f"the grid's nearest: B = {row['nearest_grid_batch_size']}; largest feasible B "
             f"{row['largest_feasible_batch_size']}\n"
             + (f"  with the saturating step time ({_knee(row['b_knee'])}): b_opt {row['b_opt_sat']:.0f}\n"
