@@ -131,10 +131,14 @@ def answer(workdir: Path, workload: str) -> dict:
 
     ds = read_netcdf(workdir / "results" / "fit" / f"{workload}.nc")
     # the runs' own clock: the adaptive study's reference run (the quick estimate's) counts too, once: where its
-    # batch size was chosen its record was copied into the grid's
-    points = set(zip(*(ds[f"run_{k}"].values.tolist() for k in ("batch_size", "lr", "seed")), strict=True))
-    reference = [read_netcdf(p) for p in sorted((workdir / "results" / "reference" / workload).glob("*.nc"))]
-    reference = [r for r in reference if (r.attrs["batch_size"], r.attrs["lr"], r.attrs["seed"]) not in points]
+    # batch size was chosen its record was copied, byte for byte, into the grid's
+    reference = []
+    for path in sorted((workdir / "results" / "reference" / workload).glob("*.nc")):
+        record = read_netcdf(path)
+        grid = workdir / "results" / "train" / workload / f"B{record.attrs['batch_size']}"
+        copy = grid / f"seed{record.attrs['seed']}" / path.name
+        if not (copy.is_file() and copy.read_bytes() == path.read_bytes()):
+            reference.append(record)
     run_seconds = float(np.nansum(ds["wall_time"].values)) + sum(float(r["wall_time"]) for r in reference)
     same = ds["batch_size"].values[ds["indistinguishable"].values.astype(bool)]
     pruned = ds["pruned"].values.astype(bool) if "pruned" in ds else np.zeros(ds.sizes["run"], bool)

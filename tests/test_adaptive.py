@@ -184,6 +184,15 @@ def test_the_reference_runs_point_is_copied_where_it_is_the_same_run(tmp_path):
         for lr in runs:
             np.testing.assert_array_equal(runs[lr]["val_metric"].values, same[lr]["val_metric"].values)
             assert bool(runs[lr]["pruned"]) == bool(same[lr]["pruned"])
+    # another GPU model (or CPU name) than this job's: the fit would refuse to mix them, so the point is trained
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    record = read_netcdf(tmp_path / "reference" / f"{name}.nc")
+    record.attrs["device_name"] = "another accelerator"
+    write_netcdf(record, elsewhere / f"{name}.nc")
+    (elsewhere / f"{name}.pt").write_bytes((tmp_path / "reference" / f"{name}.pt").read_bytes())
+    (moved,) = _train_job([tmp_path / "moved"], [0.1], [0], True, reuse=str(elsewhere))
+    assert moved[0.1].attrs["device_name"] != "another accelerator"
     # another config: its hash differs, so the point is trained
     other = {**spec(), "eval_interval": spec()["eval_interval"] * 2}
     _train_job([tmp_path / "other"], [0.1], [0], True, reuse=str(tmp_path / "reference"), settings=other)

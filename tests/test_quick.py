@@ -58,16 +58,19 @@ def write_caches(
 SPEC = {"batch_sizes": GRID, "reference": [64, 0.1, 0], "inputs": {}}
 
 
-def progress_weighted(b_noise_at: dict[int, float], b_ref: float = 64) -> float:
+def progress_weighted(b_noise_at: dict[int, float], b_ref: float = 64, target: float | None = None) -> float:
     """The run's B_crit by hand, snapshot by snapshot (step 0 left out): each later snapshot holds from halfway to
-    the one before (step 0 for the first) to halfway to the next (its own step for the last); that stretch's
-    progress in infinite-batch steps is its length / (1 + B / b_ref), and B_crit the progress-weighted mean of B
-    (an infinite B adds length x b_ref to the sum and no progress)."""
+    the one before (step 0 for the first) to halfway to the next (its own step for the last, or ``target``), cut at
+    ``target`` (the step the run reached the target); that stretch's progress in infinite-batch steps is its
+    length / (1 + B / b_ref), and B_crit the progress-weighted mean of B (an infinite B adds length x b_ref to the
+    sum and no progress)."""
     steps = [step for step in sorted(b_noise_at) if step > 0]
     total = progress = 0.0
     for i, step in enumerate(steps):
         start = 0.0 if i == 0 else (steps[i - 1] + step) / 2
-        end = step if i == len(steps) - 1 else (step + steps[i + 1]) / 2
+        end = (step if target is None else target) if i == len(steps) - 1 else (step + steps[i + 1]) / 2
+        if target is not None:
+            start, end = min(start, target), min(end, target)
         b = b_noise_at[step]
         if not b > 0:
             continue
@@ -351,9 +354,35 @@ def test_the_runs_b_crit_is_what_the_grid_of_fixed_batch_sizes_measures(snapshot
     assert float(effective_b_crit([3, 50, 51], np.full(3, 42.0), b_ref)) == pytest.approx(42.0, rel=1e-12)
     both = effective_b_crit(steps, np.stack([b_noise, 2 * b_noise], axis=1), b_ref)
     assert both.shape == (2,) and both[0] == pytest.approx(float(effective_b_crit(steps, b_noise, b_ref)), rel=1e-12)
+    # a run that trained on to twice the target's steps, B_noise growing on: the stretches stop at the target
+    beyond = np.linspace(0, 2 * steps_at(length), 2 * snapshots + 1)[1:]
+    grown = b0 * np.exp(a * np.array([brentq(lambda u, s=s: steps_at(u) - s, 0, 3 * length) for s in beyond]))
+    at_target = float(effective_b_crit(beyond, grown, b_ref, end=steps_at(length)))
+    assert at_target == pytest.approx(truth, rel=2 * rtol)
+    assert float(effective_b_crit(beyond, grown, b_ref)) > 2 * truth
     # no usable snapshot: NaN; only infinite ones: inf
     assert np.isnan(effective_b_crit([1, 2], np.array([-1.0, np.nan]), b_ref))
     assert effective_b_crit([1, 2], np.array([np.inf, -1.0]), b_ref) == np.inf
+
+
+def test_the_runs_b_crit_stops_at_the_step_it_reached_the_target(tmp_path):
+    """A reference run that trained on past the target (stop_at_target: false): the noise stage records the step
+    it reached the target at (25 here), and the snapshots' stretches stop there: 15 and 10 steps for the snapshots at
+    10 and 20, none for those at 30 and 40 (B_noise 80 and 125, which K(B) to the target never sees)."""
+    profiles, noise_dir = write_caches(tmp_path, measured={"run_steps_to_target": 25.0})
+    ds = quick.estimate(SPEC, profiles, noise_dir)
+    by_hand = (15 / (1 + 20 / 64) * 20 + 10 / (1 + 50 / 64) * 50) / (15 / (1 + 20 / 64) + 10 / (1 + 50 / 64))
+    assert float(ds["b_crit"]) == pytest.approx(by_hand, rel=1e-12) == progress_weighted(B_NOISE, target=25)
+    ratio = float(ds["tau_f"]) / float(ds["tau_d"])
+    assert float(ds["b_opt"]) == pytest.approx(np.sqrt(by_hand * ratio), rel=1e-12)
+    low, high = ds["b_crit_ci"].values
+    assert low <= by_hand <= high < 80
+    # the last snapshot (40) before the step the target was reached (50): its stretch (B_noise 125) runs to 50,
+    # 15 steps instead of 5, and B_crit rises
+    profiles, noise_dir = write_caches(tmp_path / "longer", measured={"run_steps_to_target": 50.0})
+    ds = quick.estimate(SPEC, profiles, noise_dir)
+    assert float(ds["b_crit"]) == pytest.approx(progress_weighted(B_NOISE, target=50), rel=1e-12)
+    assert float(ds["b_crit"]) > progress_weighted(B_NOISE) + 5
 
 
 def test_a_noise_measurement_that_outweighs_the_reference_run_is_named(tmp_path):
@@ -364,6 +393,10 @@ def test_a_noise_measurement_that_outweighs_the_reference_run_is_named(tmp_path)
     ds = quick.estimate(SPEC, profiles, noise_dir)
     (note,) = [n for n in json.loads(ds.attrs["diagnostics"]) if "gradient-noise measurement" in n]
     assert "33.4x" in note and "20 pairs" in note and "7680" in note and "noise.b_big" in note
+    assert "as noise.budget and noise.pairs allow" in note  # no min_pairs recorded: not called the floor
+    profiles, noise_dir = write_caches(tmp_path / "floor", measured={**costly, "min_pairs": 20})
+    notes = json.loads(quick.estimate(SPEC, profiles, noise_dir).attrs["diagnostics"])
+    assert any("the floor noise.min_pairs" in n and "a lower noise.min_pairs" in n for n in notes), notes
     assert ds.attrs["cost_share"] == 33.4
     profiles, noise_dir = write_caches(tmp_path / "long", measured={**costly, "cost_share": 0.4})
     ds = quick.estimate(SPEC, profiles, noise_dir)

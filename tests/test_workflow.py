@@ -470,6 +470,7 @@ def test_the_adaptive_studys_noise_job_measures_what_the_quick_estimate_reads(ad
     affordable = int(noise["budget"] * run_examples / (len(snapshots) * per_pair))
     assert first.attrs["pairs"] == max(noise["min_pairs"], min(noise["pairs"], affordable))
     assert first.attrs["run_examples"] == run_examples
+    assert first.attrs["run_steps_to_target"] == saved["steps_to_target"] == saved["steps_done"]  # it stopped there
     assert first.attrs["cost_share"] == pytest.approx(first.attrs["pairs"] * per_pair * len(snapshots) / run_examples)
     assert np.isnan(float(first["b_simple"])) and "noise.enabled" in first.attrs["method"]
     assert np.isfinite(float(first["two_batch_trace_h_sigma"])) and first["two_batch_b_noise_boot"].size > 0

@@ -168,10 +168,11 @@ def reference_point(wildcards):
 
 def reference_run_if_in(wildcards):
     """The reference run's directory where a training job's batch size is the reference run's (its point is then
-    one of the job's, already trained), else nothing."""
+    one of the job's, already trained), else nothing. Ancient: a rerun of the reference run (new snapshot
+    fractions) does not retrain the batch size; the job checks the copy's config hash, version and device itself."""
     if int(wildcards.batch_size) != reference_point(wildcards)[0]:
         return []
-    return rules.train_reference.output[0].format(workload=wildcards.workload)
+    return ancient(rules.train_reference.output[0].format(workload=wildcards.workload))
 
 
 def reference_file(wildcards, run_dir, suffix):

@@ -196,7 +196,7 @@ def b_opt_saturating(n_iter: float, c_var: float, tau_f: float, tau_d: float, b_
     return max(float(b_knee), math.sqrt(c_var * a / (n_iter * tau_d)))
 
 
-def effective_b_crit(steps: Sequence[float], b_noise: np.ndarray, b_ref: float) -> np.ndarray:
+def effective_b_crit(steps: Sequence[float], b_noise: np.ndarray, b_ref: float, end: float | None = None) -> np.ndarray:
     """The critical batch size of a whole run whose noise scale changes, from B_noise at snapshots of one run at
     batch size ``b_ref``: the mean of B_noise weighted by the progress each stretch of the run makes.
 
@@ -205,7 +205,9 @@ def effective_b_crit(steps: Sequence[float], b_noise: np.ndarray, b_ref: float) 
     grid's B_crit = C_var / N_iter is the mean of B_noise over dS_min. The reference run spent dS = dS_min
     (1 + B_noise / b_ref) steps on each stretch, hence dS_min = dS / (1 + B_noise / b_ref). Each snapshot stands
     for its stretch of the run (from halfway to the snapshot before, or step 0, to halfway to the next; the last to
-    its own step). A stretch of B_noise = inf (no gradient signal left) has dS_min = 0 and adds dS b_ref to the
+    its own step, or to ``end``). ``end``: the step at which the run reached the target; K(B) counts steps to the
+    target, so the stretches stop there (a run that trained on, ``stop_at_target: false``, has snapshots beyond it
+    that get none). A stretch of B_noise = inf (no gradient signal left) has dS_min = 0 and adds dS b_ref to the
     integral. Snapshots with B_noise <= 0 or NaN are left out.
 
     ``b_noise``: (snapshots,) or (snapshots, resamples); the result has the trailing shape. NaN when no snapshot
@@ -213,8 +215,9 @@ def effective_b_crit(steps: Sequence[float], b_noise: np.ndarray, b_ref: float) 
     """
     steps = np.asarray(steps, float)
     b = np.asarray(b_noise, float)
-    edges = np.concatenate([[0.0], (steps[1:] + steps[:-1]) / 2, steps[-1:]])
-    stretch = np.diff(edges) if steps[-1] > 0 else np.ones(len(steps))  # a run of no steps: equal stretches
+    last = steps[-1] if end is None else end
+    edges = np.minimum(np.concatenate([[0.0], (steps[1:] + steps[:-1]) / 2, [last]]), last)
+    stretch = np.diff(edges) if last > 0 else np.ones(len(steps))  # a run of no steps: equal stretches
     stretch = stretch.reshape((-1,) + (1,) * (b.ndim - 1))
     usable = b > 0  # NaN compares False
     finite = usable & np.isfinite(b)

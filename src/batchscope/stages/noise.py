@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> None:
         ds = measure_snapshot(snapshot, workload, spec, device, pairs)
         ds.attrs.update(store.provenance("measure_gradient_noise", spec, device=str(device)),
                         reference=f"B={saved['batch_size']} lr={saved['lr']} seed={saved['seed']}",
-                        workload=saved["workload"]["name"], run_examples=run_examples, cost_share=share)  # fmt: skip
+                        workload=saved["workload"]["name"], run_examples=run_examples, cost_share=share,
+                        min_pairs=spec["min_pairs"],
+                        run_steps_to_target=saved.get("steps_to_target", float("nan")))  # fmt: skip
         store.write_netcdf(ds, out_dir / f"snapshot{i}.nc")
         log.info("step %d: B_noise %.1f, B_simple %.1f (per example), %.1f (two-batch)", ds.attrs["step"],
                  float(ds["two_batch_b_noise"]), float(ds["b_simple"]), float(ds["two_batch_b_simple"]))  # fmt: skip

@@ -38,6 +38,8 @@ from batchscope.store import job_seconds, netcdf_files, read_netcdf
 
 log = logging.getLogger("batchscope")
 BOOTSTRAP = 200  # resamples of the profiling rounds for tau_f / tau_d's interval
+# what the noise stage records of its measurement and of the reference run (stages/noise.py), carried over
+MEASURED = ("pairs", "min_pairs", "cost_share", "run_examples", "run_steps_to_target")
 RATIO_SPREAD_MAX = 4.0  # an interval of tau_f / tau_d, or of B_noise, wider than 4x (b_opt unsure by 2x) is flagged
 
 
@@ -64,9 +66,8 @@ def _snapshots(noise_dir: str) -> xr.Dataset:
         combine_attrs="drop",
     ).sortby("step")  # fmt: skip
     # what the measurement cost against the reference run (pairs_within_budget), where the stage recorded it
-    ds.attrs.update(
-        {key: rows[0].attrs[key] for key in ("pairs", "cost_share", "run_examples") if key in rows[0].attrs}
-    )
+    measured = rows[0].attrs
+    ds.attrs.update({key: measured[key] for key in MEASURED if key in measured})
     return ds.rename(two_batch_b_noise="b_noise", two_batch_b_simple="b_simple_two_batch",
                      b_simple="b_simple_per_example", two_batch_b_noise_boot="b_noise_boot")  # fmt: skip
 
@@ -98,7 +99,10 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     usable = np.isfinite(b_noise) & (b_noise > 0)
     band = [float(b_noise[usable].min()), float(b_noise[usable].max())] if usable.any() else [math.nan] * 2
     opt_band = [float(np.nanmin(b_opt)), float(np.nanmax(b_opt))] if usable.any() else [math.nan] * 2
-    b_crit = float(scaling.effective_b_crit(steps, b_noise, b_ref)) if len(steps) else math.nan
+    # the run's B_crit counts the steps to the target (recorded by the noise stage where the run reached it)
+    end = float(ds.attrs.get("run_steps_to_target", math.nan))
+    end = end if math.isfinite(end) else None
+    b_crit = float(scaling.effective_b_crit(steps, b_noise, b_ref, end)) if len(steps) else math.nan
     point = math.sqrt(b_crit * ratio) if b_crit > 0 else math.nan
     point = min(point, largest) if largest > 0 else point
     ds["b_crit_band"] = ("bound", band, {"units": "examples", "long_name": "B_noise over the run (after step 0)"})
@@ -138,7 +142,8 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     # how well the reference run pins B_crit down: each snapshot's B_noise from its pairs resampled, and b_crit
     # recomputed per resample (a resample's snapshot with B_noise <= 0 left out, as the point's)
     boot = ds["b_noise_boot"].values[later]  # (snapshots, resamples)
-    crit_boot = (scaling.effective_b_crit(steps, boot, b_ref) if len(steps)
+    # no usable point, no interval: a resample judges its own snapshots usable, and could otherwise give one
+    crit_boot = (scaling.effective_b_crit(steps, boot, b_ref, end) if usable.any()
                  else np.full(ds.sizes["resample"], np.nan))  # fmt: skip
     ds["b_crit_ci"] = ("bound", scaling.interval(crit_boot[:, None])[0],
                        {"units": "examples", "long_name": "b_crit's 95% interval over the noise pairs "
@@ -175,10 +180,13 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
         )
     share = ds.attrs.get("cost_share", math.nan)
     if share > 1:
+        floor = ds.attrs.get("min_pairs") == ds.attrs["pairs"]
         notes.append(f"the gradient-noise measurement cost {share:.1f}x the reference run's own example-gradients "
-                     f"({ds.attrs['pairs']} pairs per snapshot, the floor noise.min_pairs, on a run of "
-                     f"{ds.attrs['run_examples']}): the run is short against the two-batch estimator's batches; a "
-                     "smaller noise.b_big or fewer noise.snapshot_fractions cost less")  # fmt: skip
+                     f"({ds.attrs['pairs']} pairs per snapshot, "
+                     + ("the floor noise.min_pairs" if floor else "as noise.budget and noise.pairs allow")
+                     + f", on a run of {ds.attrs['run_examples']}): the run is short against the two-batch "
+                     "estimator's batches; a lower noise.min_pairs, a smaller noise.b_big or fewer "
+                     "noise.snapshot_fractions cost less")  # fmt: skip
     ratio_models = scaling.models_ratio(point, point_sat)
     if ratio_models > scaling.MODELS_RATIO_MAX:
         notes.append(f"the step-time model decides: b_opt is {point:.0f} with the linear step time (fitted on the "

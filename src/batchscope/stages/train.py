@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> None:
 def _reused(args, spec: dict, device, lr: float, seed: int, out_dir: Path, bound: int | None) -> xr.Dataset | None:
     """The reference run's record and checkpoint for this point (``--reuse``: the adaptive study's reference run is
     one of the grid's points), copied instead of trained again; None where there is none to copy: no such point,
-    another config, version, batch size or device, or a bound the reference run did not reach the target within
-    (the capped run would have stopped there: it is trained, capped)."""
+    another config, version, batch size, device (or GPU model) or numerics, or a bound the reference run did not
+    reach the target within (the capped run would have stopped there: it is trained, capped)."""
     if args.reuse is None:
         return None
     import shutil
@@ -111,9 +111,13 @@ def _reused(args, spec: dict, device, lr: float, seed: int, out_dir: Path, bound
     source = Path(args.reuse) / f"{name}.nc"
     if not source.exists():
         return None
+    from batchscope.engine.runtime import device_name
+
     ds = store.read_netcdf(source)
+    # the same run: config, version, device (its model too: the fit refuses to mix them) and numerics in force
     expected = {"config_hash": cfg.config_hash(spec), "algorithm_version": str(rule("train_model").version),
-                "device": str(device), "batch_size": args.batch_size}  # fmt: skip
+                "device": str(device), "device_name": device_name(device), "batch_size": args.batch_size,
+                **store.numerics()}  # fmt: skip
     if any(ds.attrs.get(key) != value for key, value in expected.items()):
         return None
     if bound is not None and not float(ds["steps_to_target"]) <= bound:
@@ -140,7 +144,8 @@ def _train_point(args, spec: dict, device, lr: float, seed: int, out_dir: Path, 
     name = point_name(lr, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     if snapshots:  # weights along the run, for the gradient-noise stage (not a .pt: not a checkpoint)
-        store.save_torch({**checkpoint, "snapshots": snapshots}, out_dir / f"{name}.snapshots")
+        reached = {"steps_to_target": float(ds["steps_to_target"])}  # where the run's B_crit stops counting
+        store.save_torch({**checkpoint, **reached, "snapshots": snapshots}, out_dir / f"{name}.snapshots")
     store.save_torch(checkpoint, out_dir / f"{name}.pt")  # weights first: the .nc marks the point done
     store.write_netcdf(ds, out_dir / f"{name}.nc")
     log.info("B=%d lr=%g seed=%d: steps_to_target=%s diverged=%s out_of_memory=%s pruned=%s (bound %s), %.2f s",
