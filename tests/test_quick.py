@@ -94,7 +94,7 @@ def test_b_opt_band_from_b_noise_and_the_profile(tmp_path):
     # the point: the run's B_crit, weighted by progress (stretches 15, 10, 10 and 5 steps: 46.4, below the median
     # snapshot's 65, since a stretch of high B_noise makes little progress per step at the reference's B = 64)
     assert float(ds["b_crit"]) == pytest.approx(progress_weighted(B_NOISE), rel=1e-12)
-    assert float(ds["b_crit"]) == pytest.approx(46.44, abs=0.01)
+    assert float(ds["b_crit"]) == pytest.approx(46.44, abs=0.01)  # the hand value above, to two decimals
     assert float(ds["b_opt"]) == pytest.approx(np.sqrt(progress_weighted(B_NOISE) * ratio), rel=1e-12)
     # per snapshot, sqrt(B tau_f / tau_d) of each noise scale
     np.testing.assert_allclose(ds["b_opt_b_noise"].values, np.sqrt(np.array(list(B_NOISE.values())) * ratio))
@@ -328,6 +328,8 @@ def test_the_saturating_step_time_gives_its_own_b_opt_and_a_note_when_the_models
     assert not any("step-time model" in n for n in json.loads(ds.attrs["diagnostics"]))
 
 
+# each snapshot stands for its stretch of the run, a midpoint rule in steps: 6.9e-6 off with 400 snapshots and 9.5%
+# with 4, here; each tolerance sits just above its rule's error (the test is deterministic)
 @pytest.mark.parametrize("snapshots, rtol", [(400, 1e-4), (4, 0.1)])
 def test_the_runs_b_crit_is_what_the_grid_of_fixed_batch_sizes_measures(snapshots, rtol):
     """Under the local law a stretch of du infinite-batch steps costs du (1 + B_noise(u) / B) steps at batch size B.
@@ -358,7 +360,7 @@ def test_the_runs_b_crit_is_what_the_grid_of_fixed_batch_sizes_measures(snapshot
     beyond = np.linspace(0, 2 * steps_at(length), 2 * snapshots + 1)[1:]
     grown = b0 * np.exp(a * np.array([brentq(lambda u, s=s: steps_at(u) - s, 0, 3 * length) for s in beyond]))
     at_target = float(effective_b_crit(beyond, grown, b_ref, end=steps_at(length)))
-    assert at_target == pytest.approx(truth, rel=2 * rtol)
+    assert at_target == pytest.approx(truth, rel=rtol)  # the same spacing up to the target: the same error
     assert float(effective_b_crit(beyond, grown, b_ref)) > 2 * truth
     # no usable snapshot: NaN; only infinite ones: inf
     assert np.isnan(effective_b_crit([1, 2], np.array([-1.0, np.nan]), b_ref))
@@ -382,7 +384,7 @@ def test_the_runs_b_crit_stops_at_the_step_it_reached_the_target(tmp_path):
     profiles, noise_dir = write_caches(tmp_path / "longer", measured={"run_steps_to_target": 50.0})
     ds = quick.estimate(SPEC, profiles, noise_dir)
     assert float(ds["b_crit"]) == pytest.approx(progress_weighted(B_NOISE, target=50), rel=1e-12)
-    assert float(ds["b_crit"]) > progress_weighted(B_NOISE) + 5
+    assert float(ds["b_crit"]) == pytest.approx(56.45, abs=0.01) and progress_weighted(B_NOISE) < 46.5  # 2 decimals
 
 
 def test_a_noise_measurement_that_outweighs_the_reference_run_is_named(tmp_path):

@@ -21,7 +21,7 @@ from torch import nn
 from batchscope.config import AUTO_EVAL_SIZE
 from batchscope.core import hessian, noise
 from batchscope.measure.jensen import jensen_dataset
-from batchscope.workloads.base import Workload, analysis_data, evaluation_set
+from batchscope.workloads.base import TensorPair, Workload, analysis_data, evaluation_set
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -70,14 +70,16 @@ def pairs_within_budget(spec: dict, run_examples: int, snapshots: int, populatio
 
 
 def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: torch.device,
-                     pairs: int | None = None) -> xr.Dataset:  # fmt: skip
+                     pairs: int | None = None, data: TensorPair | None = None) -> xr.Dataset:  # fmt: skip
     """Noise scale at one snapshot of ``workload.model``; ``spec`` is :func:`batchscope.stages.noise.config_slice`.
-    ``pairs``: the two-batch estimator's (default ``spec["pairs"]``). With ``spec["quick_only"]`` (the noise stage
-    off: only the quick estimate reads it) the per-example pass over the evaluation set is left out."""
+    ``pairs``: the two-batch estimator's (default ``spec["pairs"]``). ``data``: :func:`evaluation_data`, where the
+    caller already holds it (the stage loads it once for every snapshot: a streamed data set reads it from disk).
+    With ``spec["quick_only"]`` (the noise stage off: only the quick estimate reads it) the per-example pass over
+    the evaluation set is left out."""
     pairs = spec["pairs"] if pairs is None else pairs
     model = _model(workload, snapshot["state_dict"])
     loss, chunk = workload.loss, spec["chunk_size"]
-    x, y = evaluation_data(workload, spec, device)
+    x, y = evaluation_data(workload, spec, device) if data is None else data
     # first: the train-mode passes below move BatchNorm's running statistics
     snapshot_loss = mean_loss(model.eval(), loss, x, y, chunk)
     model.train()
@@ -94,9 +96,10 @@ def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: tor
     values = {"two_batch_grad_sq_norm": two.grad_sq_norm, "two_batch_trace_sigma": two.trace_sigma,
               "two_batch_b_simple": two.b_simple, "two_batch_g_h_g": two.g_h_g,
               "two_batch_trace_h_sigma": two.trace_h_sigma, "two_batch_b_noise": two.b_noise}  # fmt: skip
-    if has_batchnorm(model) or spec.get("quick_only"):
-        method = ("two-batch only: per-example gradients are undefined with BatchNorm in train mode"
-                  if has_batchnorm(model) else "two-batch only: the noise stage is off (noise.enabled)")  # fmt: skip
+    batchnorm = has_batchnorm(model)
+    if batchnorm or spec.get("quick_only"):
+        method = "two-batch only: " + ("per-example gradients are undefined with BatchNorm in train mode" if batchnorm
+                                       else "the noise stage is off (noise.enabled)")  # fmt: skip
         values.update(grad_sq_norm=np.nan, trace_sigma=np.nan, b_simple=np.nan)
     else:
         exact = noise.noise_scale(model, loss, x, y, chunk=chunk)
@@ -119,10 +122,12 @@ def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: tor
     return ds
 
 
-def measure_variance(state: dict, workload: Workload, spec: dict, device: torch.device) -> xr.Dataset:
+def measure_variance(state: dict, workload: Workload, spec: dict, device: torch.device,
+                     data: TensorPair | None = None) -> xr.Dataset:  # fmt: skip
+    """The variance law at ``state``; ``data`` as :func:`measure_snapshot`'s."""
     model = _model(workload, state)
     loss, chunk = workload.loss, spec["chunk_size"]
-    x, y = evaluation_data(workload, spec, device)
+    x, y = evaluation_data(workload, spec, device) if data is None else data
     trace = np.nan if has_batchnorm(model) else noise.noise_scale(model, loss, x, y, chunk=chunk).trace_sigma
     law = noise.variance_law(model, loss, x, y, spec["variance_batch_sizes"], spec["variance_draws"],
                              np.random.default_rng(spec["seed"]), trace_sigma=trace, chunk=chunk)  # fmt: skip

@@ -53,12 +53,12 @@ def run(args: argparse.Namespace) -> None:
     if spec["quick_only"]:  # the quick estimate leaves the initial weights out: so does its measurement
         snapshots = [snapshot for snapshot in snapshots if snapshot["fraction"] > 0] or snapshots
     run_examples = int(saved["steps_done"]) * int(saved["batch_size"])
-    population = len(evaluation_data(workload, spec, device)[0])
-    pairs, share = pairs_within_budget(spec, run_examples, len(snapshots), population)
+    data = evaluation_data(workload, spec, device)  # once, for every snapshot and the variance law
+    pairs, share = pairs_within_budget(spec, run_examples, len(snapshots), len(data[0]))
     log.info("%d pairs per snapshot: %.2f of the reference run's %d example-gradients (noise.budget %s)", pairs,
              share, run_examples, spec["budget"])  # fmt: skip
     for i, snapshot in enumerate(progress(snapshots, desc="snapshots")):
-        ds = measure_snapshot(snapshot, workload, spec, device, pairs)
+        ds = measure_snapshot(snapshot, workload, spec, device, pairs, data)
         ds.attrs.update(store.provenance("measure_gradient_noise", spec, device=str(device)),
                         reference=f"B={saved['batch_size']} lr={saved['lr']} seed={saved['seed']}",
                         workload=saved["workload"]["name"], run_examples=run_examples, cost_share=share,
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
                  float(ds["two_batch_b_noise"]), float(ds["b_simple"]), float(ds["two_batch_b_simple"]))  # fmt: skip
     if spec["quick_only"]:
         return
-    ds = measure_variance(saved["state_dict"], workload, spec, device)  # the run's final weights
+    ds = measure_variance(saved["state_dict"], workload, spec, device, data)  # the run's final weights
     ds.attrs.update(store.provenance("measure_gradient_noise", spec, device=str(device)),
                     workload=saved["workload"]["name"])  # fmt: skip
     store.write_netcdf(ds, out_dir / "variance.nc")

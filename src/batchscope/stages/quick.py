@@ -87,11 +87,15 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     saturating = scaling.fit_saturating_if_possible(sizes[timed], t_median[timed])
     ratio = timing.intercept / timing.slope if timing.slope > 0 else math.inf  # tau_f / tau_d, in examples
 
+    def cap(b_opt):
+        """At most the largest feasible batch size (none when nothing fitted)."""
+        return np.minimum(b_opt, largest) if largest > 0 else b_opt
+
     ds = _snapshots(noise_dir)
     for name in ("b_noise", "b_simple_two_batch", "b_simple_per_example"):
-        b_crit = ds[name].values
-        uncapped = np.sqrt(np.where(b_crit > 0, b_crit, np.nan) * ratio)
-        ds[f"b_opt_{name}"] = ("step", np.minimum(uncapped, largest) if largest > 0 else uncapped,
+        values = ds[name].values
+        uncapped = np.sqrt(np.where(values > 0, values, np.nan) * ratio)
+        ds[f"b_opt_{name}"] = ("step", cap(uncapped),
                                {"units": "examples", "long_name": f"sqrt({name} tau_f / tau_d), capped"})  # fmt: skip
     later = ds["fraction"].values > 0
     steps, b_ref = ds["step"].values[later], spec["reference"][0]
@@ -103,8 +107,7 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     end = float(ds.attrs.get("run_steps_to_target", math.nan))
     end = end if math.isfinite(end) else None
     b_crit = float(scaling.effective_b_crit(steps, b_noise, b_ref, end)) if len(steps) else math.nan
-    point = math.sqrt(b_crit * ratio) if b_crit > 0 else math.nan
-    point = min(point, largest) if largest > 0 else point
+    point = float(cap(math.sqrt(b_crit * ratio) if b_crit > 0 else math.nan))
     ds["b_crit_band"] = ("bound", band, {"units": "examples", "long_name": "B_noise over the run (after step 0)"})
     ds["b_crit"] = ((), b_crit, {"units": "examples", "long_name": "the run's B_noise weighted by the progress of "
                                  "each stretch (scaling.effective_b_crit)"})  # fmt: skip
@@ -115,13 +118,12 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
                           for b in ds["b_noise"].values])  # fmt: skip
     ds["b_opt_sat_b_noise"] = (
         "step",
-        np.minimum(b_opt_sat, largest) if largest > 0 else b_opt_sat,
+        cap(b_opt_sat),
         {"units": "examples", "long_name": "argmin of (1 + B_noise/B) T_sat(B), capped"},
     )
     later_sat = ds["b_opt_sat_b_noise"].values[later]  # as the linear band: B_noise = inf counts, capped
     some_sat = usable.any() and np.isfinite(later_sat).any()
-    point_sat = scaling.b_opt_saturating(1.0, b_crit, *sat) if saturating and b_crit > 0 else math.nan
-    point_sat = min(point_sat, largest) if largest > 0 else point_sat
+    point_sat = float(cap(scaling.b_opt_saturating(1.0, b_crit, *sat) if saturating and b_crit > 0 else math.nan))
     ds["b_opt_sat"] = ((), point_sat, {"units": "examples", "long_name": "argmin of (1 + b_crit/B) T_sat(B), "
                                        "capped"})  # fmt: skip
     ds["b_opt_sat_band"] = ("bound", [float(np.nanmin(later_sat)), float(np.nanmax(later_sat))] if some_sat
@@ -154,7 +156,7 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     # a resampled B_crit <= 0 (no noise to average away) is b_opt 0, also where tau_f / tau_d is infinite
     b_opt_boot = np.sqrt(np.where(crit_boot > 0, crit_boot * paired, np.where(np.isnan(crit_boot), np.nan, 0.0)))
     b_opt_ci = scaling.interval(b_opt_boot[:, None])[0]
-    ds["b_opt_ci"] = ("bound", np.minimum(b_opt_ci, largest) if largest > 0 else b_opt_ci,
+    ds["b_opt_ci"] = ("bound", cap(b_opt_ci),
                       {"units": "examples", "long_name": "b_opt's 95% interval over the profiling rounds and the "
                        "noise pairs, resampled; capped"})  # fmt: skip
     notes = []

@@ -82,16 +82,20 @@ def run(args: argparse.Namespace) -> None:
     first: dict[float, float] = {}  # lr -> the first seed's steps to the target (NaN: not reached)
     for lr in args.lrs:
         reached = [steps for steps in first.values() if not math.isnan(steps)]
-        bound = int(min(reached)) if reached else None
-        ds = _reused(args, spec, device, lr, args.seeds[0], out_dirs[0], bound)
-        ds = ds if ds is not None else _train_point(args, spec, device, lr, args.seeds[0], out_dirs[0], bound)
+        ds = _reuse_or_train(args, spec, device, lr, args.seeds[0], out_dirs[0], int(min(reached)) if reached else None)
         first[lr] = float(ds["steps_to_target"])
     kept = set(adaptive.survivors(first))
     log.info("B=%d: the first seed's runs %s; the later seeds train %s", args.batch_size, first, sorted(kept))
     for seed, out_dir in zip(args.seeds[1:], out_dirs[1:], strict=True):
         for lr in args.lrs:
-            if lr in kept and _reused(args, spec, device, lr, seed, out_dir, None) is None:
-                _train_point(args, spec, device, lr, seed, out_dir)
+            if lr in kept:
+                _reuse_or_train(args, spec, device, lr, seed, out_dir)
+
+
+def _reuse_or_train(args, spec: dict, device, lr: float, seed: int, out_dir: Path, bound: int | None = None):
+    """The point copied from ``--reuse`` where that holds the same run (:func:`_reused`), else trained."""
+    ds = _reused(args, spec, device, lr, seed, out_dir, bound)
+    return ds if ds is not None else _train_point(args, spec, device, lr, seed, out_dir, bound)
 
 
 def _reused(args, spec: dict, device, lr: float, seed: int, out_dir: Path, bound: int | None) -> xr.Dataset | None:
@@ -99,20 +103,17 @@ def _reused(args, spec: dict, device, lr: float, seed: int, out_dir: Path, bound
     one of the grid's points), copied instead of trained again; None where there is none to copy: no such point,
     another config, version, batch size, device (or GPU model) or numerics, or a bound the reference run did not
     reach the target within (the capped run would have stopped there: it is trained, capped)."""
-    if args.reuse is None:
-        return None
     import shutil
 
     from batchscope import store
+    from batchscope.engine.runtime import device_name
     from batchscope.engine.training import point_name
     from batchscope.stages import rule
 
     name = point_name(lr, seed)
-    source = Path(args.reuse) / f"{name}.nc"
-    if not source.exists():
+    source = Path(args.reuse) / f"{name}.nc" if args.reuse else None
+    if source is None or not source.exists():
         return None
-    from batchscope.engine.runtime import device_name
-
     ds = store.read_netcdf(source)
     # the same run: config, version, device (its model too: the fit refuses to mix them) and numerics in force
     expected = {"config_hash": cfg.config_hash(spec), "algorithm_version": str(rule("train_model").version),
@@ -144,8 +145,9 @@ def _train_point(args, spec: dict, device, lr: float, seed: int, out_dir: Path, 
     name = point_name(lr, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     if snapshots:  # weights along the run, for the gradient-noise stage (not a .pt: not a checkpoint)
-        reached = {"steps_to_target": float(ds["steps_to_target"])}  # where the run's B_crit stops counting
-        store.save_torch({**checkpoint, **reached, "snapshots": snapshots}, out_dir / f"{name}.snapshots")
+        # with the step it reached the target at: where the quick estimate's B_crit stops counting
+        store.save_torch({**checkpoint, "steps_to_target": float(ds["steps_to_target"]), "snapshots": snapshots},
+                         out_dir / f"{name}.snapshots")  # fmt: skip
     store.save_torch(checkpoint, out_dir / f"{name}.pt")  # weights first: the .nc marks the point done
     store.write_netcdf(ds, out_dir / f"{name}.nc")
     log.info("B=%d lr=%g seed=%d: steps_to_target=%s diverged=%s out_of_memory=%s pruned=%s (bound %s), %.2f s",
