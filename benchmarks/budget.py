@@ -26,6 +26,10 @@ Last, the quick estimate on a long reference run (benchmarks/configs/teacher_lon
 about a minute of training): its cost in reference runs, target <= 1.5. On the three workloads above a training run
 takes 0.03 to 0.3 s, so there the quick estimate's cost is its jobs' process starts, whatever the method.
 
+Any study config runs the same comparison (``--config their.yaml``, a row per workload, its own factories importable
+as for Snakemake): the grid, seeds and learning rates as the file gives them, the two studies and the quick
+estimate as above. Its results go to benchmarks/results/budget-STEM.json, beside the three workloads'.
+
 Prints a table and writes benchmarks/results/budget.json. Needs no package beyond the project's.
 """
 
@@ -176,6 +180,14 @@ def grid_steps(a: int, b: int, grid: list[int]) -> int:
     return abs(grid.index(a) - grid.index(b))
 
 
+def from_config(path: Path) -> dict[str, dict]:
+    """A study config's workloads, each as a study of its own (the file's other settings kept)."""
+    config = yaml.safe_load(path.read_text())
+    if not isinstance(config, dict) or not config.get("workloads"):
+        raise SystemExit(f"--config {path}: no workloads in it")
+    return {name: {**config, "workloads": {name: spec}} for name, spec in config["workloads"].items()}
+
+
 def run_workload(workload: str, base: dict, cores: int, keep: Path | None) -> dict:
     grid = sorted(base["grid"]["batch_sizes"])
     row: dict = {"workload": workload, "grid": grid, "seeds": sorted(base["grid"].get("seeds", [0]))}
@@ -252,12 +264,19 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="keep the working directories under this folder")
     parser.add_argument("--no-long", action="store_true", help="leave out the quick estimate on a long run")
+    parser.add_argument("--config", type=Path, help="compare on this study config's workloads instead (their own "
+                        "grid; results to budget-STEM.json; no long-run row)")  # fmt: skip
     args = parser.parse_args()
     start = time.perf_counter()
-    rows = []
-    for workload in args.workloads:
-        rows.append(run_workload(workload, STUDIES[workload](), args.cores, args.keep))
-    long = None if args.no_long else quick_on_a_long_run(args.cores, args.keep)
+    if args.config:
+        from batchscope import config as cfg
+
+        cfg.load(args.config)  # a bad config is refused by name before anything runs
+        studies, results = from_config(args.config), RESULTS.with_name(f"budget-{args.config.stem}.json")
+    else:
+        studies, results = {w: STUDIES[w]() for w in args.workloads}, RESULTS
+    rows = [run_workload(workload, base, args.cores, args.keep) for workload, base in studies.items()]
+    long = None if args.no_long or args.config else quick_on_a_long_run(args.cores, args.keep)
     print(f"\n{'workload':<13}{'best B':>7}{'quick b_opt':>12}{'quick/best':>11}{'adaptive B':>11}{'steps':>6}"
           f"{'trained':>22}{'cost full':>10}{'adaptive':>9}{'fraction':>9}{'cpu':>6}{'runs':>6}"
           f"{'run-s':>7}{'q/as-fast':>10}{'q/fit':>7}")  # fmt: skip
@@ -290,9 +309,11 @@ def main() -> None:
               f"jobs {long['cost_by_job']}")  # fmt: skip
     result = {"rows": rows, "quick_long": long, "targets": TARGETS, "cores": args.cores, "cpu_count": os.cpu_count(),
               "total_s": round(time.perf_counter() - start, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {RESULTS} ({result['total_s']:.0f} s)")
+    if args.config:
+        result["config"] = str(args.config)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {results} ({result['total_s']:.0f} s)")
 
 
 if __name__ == "__main__":
