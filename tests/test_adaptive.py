@@ -300,3 +300,89 @@ def test_the_study_is_in_the_fits_config_hash_and_full_is_unchanged(repo):
     assert "study" not in full and "choose_batch_sizes" not in full["inputs"]  # the full grid's hash as before
     assert cfg.config_hash(full) != cfg.config_hash(adaptive_slice)
     assert cfg.load(repo / "config/config.yaml")["study"] == "full"  # the default study is the full grid
+
+
+# ------------------------------------------------------------------------------- the second round (extension)
+def test_equal_times_to_the_target_put_b_opt_at_their_geometric_mean():
+    """What the extension's rule rests on: under T(B) = (N_iter + C_var/B)(tau_f + tau_d B), two sizes with equal
+    times have b_opt = sqrt(b1 b2), so one is below it and one above (closed form against scaling.b_opt)."""
+    from batchscope.core import scaling
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n_iter, c_var = rng.uniform(10, 1000), rng.uniform(100, 1e5)
+        tau_f, tau_d = rng.uniform(1e-4, 1e-2), rng.uniform(1e-7, 1e-4)
+        best = scaling.b_opt(n_iter, c_var, tau_f, tau_d)
+        b1 = best * rng.uniform(0.1, 0.9)
+        b2 = best**2 / b1
+        time = [(n_iter + c_var / b) * (tau_f + tau_d * b) for b in (b1, b2)]
+        assert time[0] == pytest.approx(time[1], rel=1e-12)
+
+
+FEASIBLE = [8, 16, 32, 64, 128, 256, 512]
+
+
+@pytest.mark.parametrize(
+    ("trained", "fastest", "same", "feasible", "expected"),
+    [
+        ([64, 128, 256], 64, [True, False, False], FEASIBLE, 32),  # the smallest wins beyond noise: one below
+        ([64, 128, 256], 256, [False, False, True], FEASIBLE, 512),  # the largest: one above
+        ([64, 128, 256], 64, [True, True, False], FEASIBLE, None),  # as fast as its neighbour: b_opt between them
+        ([64, 128, 256], 128, [False, True, False], FEASIBLE, None),  # inside the bracket
+        ([8, 16, 32], 8, [True, False, False], FEASIBLE, None),  # the grid's smallest: nothing below
+        ([64, 128, 256], 256, [False, False, True], [8, 16, 32, 64, 128, 256], None),  # 512 does not fit in memory
+        ([64, 256], 256, [False, True], FEASIBLE, 512),  # two sizes: the other one is the inner neighbour
+        ([128], 128, [True], FEASIBLE, None),  # one size: nothing to compare
+    ],
+)
+def test_the_bracket_is_extended_past_an_edge_that_wins(trained, fastest, same, feasible, expected):
+    size, reason = adaptive.extension(trained, fastest, same, feasible)
+    assert size == expected and reason
+    if expected is not None:
+        assert f"so {expected} is trained too" in reason
+
+
+def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):
+    """extend_choice on synthetic caches: the bracket 64 to 256 of 8 to 512 at K flat (so the smallest wins by its
+    step time); the file keeps the bracket and adds 32, and read_choice reads it. With adaptive.extend off, or with
+    a bracket where the target was reached at one size (no fit), the bracket alone, with the reason."""
+    import xarray as xr
+
+    grid, bracket = FEASIBLE, [64, 128, 256]
+    tau_f, tau_d = 1e-4, 1e-5
+    rng = np.random.default_rng(0)
+    profiles = [write_netcdf(profile_dataset(b, (tau_f + tau_d * b) * (1 + 0.01 * rng.standard_normal((3, 3))), grid),
+                             tmp_path / "profile" / f"B{b}.nc") for b in grid]  # fmt: skip
+
+    def runs(steps):
+        dirs = []
+        for b, s in zip(bracket, steps, strict=True):
+            for seed in (0, 1):
+                run = xr.Dataset({"steps_to_target": ((), s), "time_to_target": ((), s * (tau_f + tau_d * b)),
+                                  "val_metric": ("step", [0.5, 0.9]), "pruned": ((), False)}, coords={"step": [10, 20]},
+                                 attrs={"batch_size": b, "lr": 0.1, "seed": seed})  # fmt: skip
+                path = tmp_path / f"train{len(steps)}{s}" / f"B{b}" / f"s{seed}" / "r.nc"
+                dirs.append(write_netcdf(run, path).parent)
+        return dirs
+
+    choice = adaptive.choose(grid, 128.0, [128.0, 128.0], 512)
+    assert choice.batch_sizes == bracket
+    choice_ds = xr.Dataset(
+        {"chosen": ("grid_batch_size", np.isin(grid, bracket)), "feasible": ("grid_batch_size", np.ones(7, bool)),
+         "b_opt": ((), 128.0), "b_opt_band": ("bound", [128.0, 128.0]), "largest_feasible_batch_size": ((), 512)},
+        coords={"grid_batch_size": grid, "bound": ["low", "high"]}, attrs={"reason": "by hand"},
+    )  # fmt: skip
+    path = str(write_netcdf(choice_ds, tmp_path / "choice.nc"))
+    spec_ = {"fit": {"bootstrap": 50, "seed": 0, "tolerance": 0.05}, "study": "adaptive", "extend": True,
+             "target": {"metric": "val_accuracy", "value": 0.9}, "inputs": {"batch_sizes": grid}}  # fmt: skip
+    flat = runs([100.0, 100.0, 100.0])
+    out = adaptive.extend_choice(spec_, path, profiles, flat, "synthetic")
+    assert int(out["extended_batch_size"]) == 32 and int(out["bracket_fastest_batch_size"]) == 64
+    assert out["bracket"].values.tolist() == np.isin(grid, bracket).tolist()
+    version = str(adaptive.RULES["extend_bracket"].version)
+    written = write_netcdf(out.assign_attrs(stage="extend_bracket", algorithm_version=version), tmp_path / "e.nc")
+    assert adaptive.read_choice(str(written), "extend_bracket") == [32, *bracket]
+    off = adaptive.extend_choice({**spec_, "extend": False}, path, profiles, flat, "synthetic")
+    assert int(off["extended_batch_size"]) == -1 and off["chosen"].values.sum() == 3 and "off" in off.attrs["reason"]
+    once = adaptive.extend_choice(spec_, path, profiles, runs([100.0, NAN, NAN]), "synthetic")
+    assert int(once["extended_batch_size"]) == -1 and once.attrs["reason"].startswith("no fit on the bracket")

@@ -336,8 +336,13 @@ def test_the_adaptive_study_trains_only_the_chosen_batch_sizes(adaptive_study, r
     quick = read_netcdf(workdir / "results/quick/tiny_mlp.nc")
     expected = adaptive.choose(grid, float(quick["b_opt"]), adaptive.bracket_band(quick),
                                int(quick["largest_feasible_batch_size"])).batch_sizes  # fmt: skip
-    chosen = adaptive.read_choice(str(workdir / "results/adaptive/tiny_mlp.nc"))
-    assert chosen == expected and len(chosen) < len(grid)  # seven sizes: a bracket of 3, widened by its band
+    bracket = adaptive.read_choice(str(workdir / "results/adaptive/tiny_mlp.nc"))
+    assert bracket == expected and len(bracket) < len(grid)  # seven sizes: a bracket of 3, widened by its band
+    # the sizes trained in the end: the bracket and the second round's extension, if the fit on the bracket asked
+    extension = read_netcdf(workdir / "results/adaptive/tiny_mlp.extended.nc")
+    chosen = adaptive.read_choice(str(workdir / "results/adaptive/tiny_mlp.extended.nc"), "extend_bracket")
+    assert chosen == sorted(bracket + ([int(extension["extended_batch_size"])] if extension["extended_batch_size"] > 0
+                                       else []))  # fmt: skip
     # one job per chosen size trains every seed (the full grid's per-seed train_model is never scheduled)
     jobs = scheduled(result)
     trained = sorted(w for rule, w in jobs if rule == "train_batch_size")
@@ -503,7 +508,48 @@ def test_the_adaptive_study_copies_the_reference_run_into_its_grid(adaptive_stud
 def adaptive_choice(workdir):
     from batchscope.stages import adaptive
 
-    return adaptive.read_choice(str(workdir / "results/adaptive/tiny_mlp.nc"))
+    return adaptive.read_choice(str(workdir / "results/adaptive/tiny_mlp.extended.nc"), "extend_bracket")
+
+
+EXTEND = "config/test/adaptive_extend.yaml"
+
+
+def test_the_adaptive_study_trains_past_a_bracket_edge_that_wins(repo, venv_env, tmp_path):
+    """config/test/adaptive_extend.yaml makes K(B) flat (tiny learning rates), so the time to the target follows the
+    step time and the bracket's smallest size wins beyond noise: the extend_bracket checkpoint trains the grid's
+    next smaller size, the fit covers all four, and a rerun does nothing. The decision is checked against the fit on
+    the bracket's runs alone, computed here."""
+    from batchscope.stages import adaptive, fit
+
+    result = snakemake(repo, tmp_path, "results/fit/tiny_mlp.nc", env=venv_env, configfile=repo / EXTEND)
+    config = cfg.load(repo / EXTEND)
+    grid = sorted(config["grid"]["batch_sizes"])
+    bracket = adaptive.read_choice(str(tmp_path / "results/adaptive/tiny_mlp.nc"))
+    profiles = sorted((tmp_path / "results/profile/tiny_mlp").glob("B*.nc"))
+    runs = [tmp_path / f"results/train/tiny_mlp/B{b}/seed0" for b in bracket]
+    on_bracket = fit.fit_scaling(profiles, runs, fit.config_slice(config, "tiny_mlp"), "tiny_mlp")
+    times = on_bracket["time_from_profile"].values
+    assert int(on_bracket["fastest_batch_size"]) == bracket[0] and times[0] < times[1]  # the edge wins
+    assert not bool(on_bracket["indistinguishable"].values[1])  # beyond the fit's noise
+    expected = grid[grid.index(bracket[0]) - 1]
+    extension = read_netcdf(tmp_path / "results/adaptive/tiny_mlp.extended.nc")
+    assert int(extension["extended_batch_size"]) == expected
+    assert int(extension["bracket_fastest_batch_size"]) == bracket[0]
+    assert extension["bracket"].values.sum() == len(bracket)
+    assert f"so {expected} is trained too" in extension.attrs["reason"]
+    # the extension's job ran after the checkpoint, and the fit and its bill take every trained size
+    assert ("train_batch_size", f"workload=tiny_mlp, batch_size={expected}") in scheduled(result)
+    final = read_netcdf(tmp_path / "results/fit/tiny_mlp.nc")
+    assert final["batch_size"].values.tolist() == sorted([expected, *bracket])
+    assert "extend_bracket" in final["job"].values.tolist() and np.isfinite(final["cost_s"].values).all()
+    rerun = snakemake(repo, tmp_path, "results/fit/tiny_mlp.nc", "-n", env=venv_env, configfile=repo / EXTEND)
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr
+    # adaptive.extend off: the fit is redone on the bracket alone, no second checkpoint
+    settings = yaml.safe_load((repo / EXTEND).read_text())
+    (off_config := tmp_path / "off.yaml").write_text(yaml.safe_dump({**settings, "adaptive": {"extend": False}}))
+    off = snakemake(repo, tmp_path, "results/fit/tiny_mlp.nc", "-n", env=venv_env, configfile=off_config)
+    assert ("fit_scaling", "workload=tiny_mlp") in scheduled(off)
+    assert "checkpoint extend_bracket:" not in off.stdout + off.stderr  # (its slice has extend: it would rerun)
 
 
 def test_the_adaptive_study_reruns_nothing(adaptive_study, repo, venv_env):

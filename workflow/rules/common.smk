@@ -112,10 +112,23 @@ def learning_rates(wildcards):
 
 def trained_batch_sizes(workload):
     """The batch sizes a workload's answer trains: the grid (study: full), or the bracket the choose_batch_sizes
-    checkpoint picked around the quick b_opt (study: adaptive; read from its file once it exists)."""
+    checkpoint picked around the quick b_opt and the size the extend_bracket checkpoint added past it, if any
+    (study: adaptive; read from its file once it exists)."""
     if not ADAPTIVE:
         return BATCH_SIZES
+    if not config["adaptive"]["extend"]:
+        return bracket_batch_sizes(workload)
+    return bs_adaptive.read_choice(checkpoints.extend_bracket.get(workload=workload).output[0], "extend_bracket")
+
+
+def bracket_batch_sizes(workload):
+    """The adaptive study's first round: the bracket around the quick b_opt."""
     return bs_adaptive.read_choice(checkpoints.choose_batch_sizes.get(workload=workload).output[0])
+
+
+def bracket_train_dirs(wildcards):
+    sizes = bracket_batch_sizes(wildcards.workload)
+    return expand(rules.train_model.output[0], workload=wildcards.workload, batch_size=sizes, seed=SEEDS)
 
 
 def ghost_base_batch_sizes(workload):
@@ -254,6 +267,8 @@ def answer_benchmarks(wildcards):
         jobs["measure_gradient_noise"] = [rules.measure_gradient_noise.benchmark.format(workload=w)]
         jobs["quick_estimate"] = [rules.quick_estimate.benchmark.format(workload=w)]
         jobs["choose_batch_sizes"] = [rules.choose_batch_sizes.benchmark.format(workload=w)]
+        if config["adaptive"]["extend"]:
+            jobs["extend_bracket"] = [rules.extend_bracket.benchmark.format(workload=w)]
     jobs["train_model"] = train_benchmarks(w, trained_batch_sizes(w))
     return jobs
 
@@ -305,6 +320,8 @@ def job_benchmarks(wildcards):
     }
     if ADAPTIVE:
         jobs["choose_batch_sizes"] = expand(rules.choose_batch_sizes.benchmark, workload=w)
+        if config["adaptive"]["extend"]:
+            jobs["extend_bracket"] = expand(rules.extend_bracket.benchmark, workload=w)
         # the training jobs: the report takes them at each fit's trained sizes (--train-benchmarks). Asking the
         # checkpoint here would make Snakemake keep an existing report while a workload's choice has not run.
         # The Ghost BatchNorm summary's plain-BatchNorm sizes are trained whatever the choice: known here.

@@ -19,8 +19,18 @@ The full grid (``study: full``) trains every batch size, learning rate and seed.
   (:func:`survivors`: the fewest steps to the target at the first seed, ties kept), in full: K(B) is a median over
   seeds, which a per-seed bound could bias.
 
-The choice is written to a small NetCDF (values in its variables, not in paths), read back by the workflow's
-input functions (:func:`read_choice`).
+- **One size past the bracket, where the answer says so** (``adaptive.extend``, a second checkpoint,
+  ``extend_bracket``). Once the bracket is trained, the fit on it (:func:`batchscope.stages.fit.fit_scaling`) says
+  which size is fastest and which are indistinguishable from it. Under T(B) = (N_iter + C_var/B)(tau_f + tau_d B),
+  two sizes that reach the target equally fast have b_opt exactly between them (at their geometric mean), so an
+  edge of the bracket as fast as its inner neighbour is within one grid step of the optimum. An edge that is the
+  fastest and beats its inner neighbour beyond noise says the optimum lies at or beyond it, which is where a quick
+  estimate that is off by more than the bracket's half-width leaves it: the feasible grid's next size past that
+  edge is trained too (:func:`extension`), once. The fit then runs on every trained size; if the new size is the
+  fastest again, its diagnostics say so.
+
+The choices are written to small NetCDF files (values in their variables, not in paths), read back by the
+workflow's input functions (:func:`read_choice`).
 """
 
 from __future__ import annotations
@@ -176,12 +186,100 @@ def estimate_choice(spec: dict[str, Any], quick_path: str, expect: dict[str, str
     return ds
 
 
-def read_choice(path: str) -> list[int]:
-    """The batch sizes the checkpoint chose (the workflow's input functions read them here)."""
+def read_choice(path: str, stage: str = "choose_batch_sizes") -> list[int]:
+    """The batch sizes a checkpoint chose, ``choose_batch_sizes``'s bracket or ``extend_bracket``'s bracket and
+    extension (the workflow's input functions read them here)."""
     from batchscope.store import read_netcdf
 
-    ds = read_netcdf(path, "choose_batch_sizes", VARIABLES)
+    ds = read_netcdf(path, stage, VARIABLES)
     return [int(b) for b in ds["grid_batch_size"].values[ds["chosen"].values.astype(bool)]]
+
+
+def extension(trained: Sequence[int], fastest: int, indistinguishable: Sequence[bool],
+              feasible_grid: Sequence[int]) -> tuple[int | None, str]:  # fmt: skip
+    """The grid size to train past the bracket, or None, and why.
+
+    ``trained``: the bracket's sizes (ascending); ``fastest``: the fit's fastest of them; ``indistinguishable``:
+    per trained size, whether the fit cannot tell it from the fastest; ``feasible_grid``: the grid sizes that fit
+    in memory. An edge of the bracket is extended past when it is the fastest and its inner neighbour is not
+    indistinguishable from it (module docstring)."""
+    sizes = [int(b) for b in trained]
+    same = dict(zip(sizes, (bool(x) for x in indistinguishable), strict=True))
+    if len(sizes) < 2 or fastest not in same:
+        return None, "fewer than two trained sizes to compare"
+    if fastest not in (sizes[0], sizes[-1]):
+        return None, f"the fastest trained size, {fastest}, is inside the bracket"
+    low_edge = fastest == sizes[0]
+    inner = sizes[1] if low_edge else sizes[-2]
+    if same[inner]:
+        return None, (f"the bracket's {'smallest' if low_edge else 'largest'} size {fastest} is the fastest, but "
+                      f"{inner} is as fast within the fit's noise: the optimum lies between them")  # fmt: skip
+    beyond = [b for b in sorted(int(g) for g in feasible_grid) if (b < fastest if low_edge else b > fastest)]
+    if not beyond:
+        return None, (f"the bracket's {'smallest' if low_edge else 'largest'} size {fastest} is the fastest, and "
+                      f"the feasible grid has no size {'below' if low_edge else 'above'} it")  # fmt: skip
+    size = beyond[-1] if low_edge else beyond[0]
+    side = "smallest" if low_edge else "largest"
+    return size, (f"the bracket's {side} size {fastest} is the fastest, beating {inner} beyond the fit's noise: "
+                  f"the optimum lies at or beyond it, so {size} is trained too")  # fmt: skip
+
+
+def extension_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    """The fit's slice (the extension fits the bracket as the fit does, and the final fit's slice covers
+    ``adaptive.extend``); imported here, not at the top: the fit stage reads this module."""
+    from batchscope.stages import fit
+
+    return fit.config_slice(config, workload)
+
+
+def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequence[str], run_paths: Sequence[str],
+                  workload: str, expect: dict[str, str] | None = None) -> xr.Dataset:  # fmt: skip
+    """The second checkpoint's file: the choice's variables with ``chosen`` the sizes trained in the end (the
+    bracket, ``bracket``, and the extension, ``extended_batch_size``, -1 for none) and what decided it."""
+    from batchscope.stages import fit
+    from batchscope.store import read_expected
+
+    choice = read_expected(choice_path, "choose_batch_sizes", VARIABLES, expect)
+    grid = choice["grid_batch_size"].values
+    bracket = choice["chosen"].values.astype(bool)
+    size, reason, fastest = None, "adaptive.extend is off", -1
+    if spec.get("extend", True):
+        try:
+            bracket_fit = fit.fit_scaling(profile_paths, run_paths, spec, workload, expect)
+        except ValueError as err:  # e.g. the target reached at fewer than two sizes: the final fit says it again
+            reason = f"no fit on the bracket ({err})"
+        else:
+            fastest = int(bracket_fit["fastest_batch_size"])
+            size, reason = extension(bracket_fit["batch_size"].values, fastest,
+                                     bracket_fit["indistinguishable"].values,
+                                     grid[choice["feasible"].values.astype(bool)])  # fmt: skip
+    ds = choice.copy()
+    ds["bracket"] = ("grid_batch_size", bracket, {"long_name": "chosen around the quick b_opt (choose_batch_sizes)"})
+    ds["chosen"] = ("grid_batch_size", bracket | (grid == (size or -1)), {"long_name": "trained by the adaptive "
+                    "study: the bracket and its extension"})  # fmt: skip
+    ds["extended_batch_size"] = ((), size or -1, {"long_name": "trained past the bracket (-1: none)"})
+    ds["bracket_fastest_batch_size"] = ((), fastest, {"long_name": "the fit on the bracket's fastest (-1: none)"})
+    ds.attrs["reason"] = reason
+    ds.attrs["bracket_reason"] = choice.attrs.get("reason", "")
+    return ds
+
+
+def run_extend(args: argparse.Namespace) -> None:
+    from batchscope import store
+
+    spec = _common.spec(args, extension_slice)
+    ds = extend_choice(spec, args.choice, args.profiles, args.runs, args.workload, _common.expect(args))
+    ds.attrs.update(store.provenance("extend_bracket", spec), workload=args.workload or "")
+    store.write_netcdf(ds, args.out)
+    size = int(ds["extended_batch_size"])
+    log.info("%s: %s", f"train B = {size} too" if size > 0 else "no extension", ds.attrs["reason"])
+
+
+def _extend_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--choice", required=True, help="the bracket (results/adaptive/WORKLOAD.nc)")
+    parser.add_argument("--profiles", nargs="+", required=True, help="the workload's profile files")
+    parser.add_argument("--runs", nargs="+", required=True, help="the bracket's training directories")
+    _common.add_expect(parser)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -203,7 +301,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 VARIABLES = ("chosen", "feasible", "b_opt", "b_opt_band", "largest_feasible_batch_size")
 # 2: the bracket also covers the saturating step time's b_opt
-RULES = {"choose_batch_sizes": Rule(version=2, config_slice=config_slice, variables=VARIABLES)}
+RULES = {
+    "choose_batch_sizes": Rule(version=2, config_slice=config_slice, variables=VARIABLES),
+    "extend_bracket": Rule(version=1, config_slice=extension_slice, variables=VARIABLES + ("extended_batch_size",)),
+}
 COMMANDS = (
     Command(
         "choose-batch-sizes",
@@ -211,5 +312,12 @@ COMMANDS = (
         run,
         _arguments,
         spec=config_slice,
+    ),  # fmt: skip
+    Command(
+        "extend-bracket",
+        "the adaptive study's second round: the grid's next size past the trained bracket's edge, if it is the fastest",
+        run_extend,
+        _extend_arguments,
+        spec=extension_slice,
     ),  # fmt: skip
 )

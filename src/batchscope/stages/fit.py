@@ -43,6 +43,7 @@ def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
         spec["study"] = "adaptive"
         spec["inputs"]["choose_batch_sizes"] = cfg.config_hash(adaptive.config_slice(config, workload))
         spec["inputs"]["reference_lr_index"] = config["noise"]["reference_lr_index"]  # the lr order
+        spec["extend"] = config["adaptive"]["extend"]  # whether a size past the bracket may be trained
     return spec
 
 
