@@ -323,3 +323,45 @@ def test_jensen_eval_size_is_the_set_of_the_full_hessian_and_the_draws():
                                       np.random.default_rng(spec["seed"]))  # fmt: skip
     np.testing.assert_allclose(ds["relative_bias"].values, reference.relative_bias, rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(ds["min_eigenvalue"].values, reference.min_eigenvalue, rtol=1e-2, atol=1e-3)
+
+
+def test_two_fractions_at_one_step_are_measured_once(tmp_path, monkeypatch):
+    """A short run's thinned states can give two fractions the same step: the stage measures it once (both files
+    hold its values, each with its own fraction) and the budget counts the distinct steps (2 here, not 3)."""
+    import argparse
+    import json
+
+    import batchscope.measure.noise as measure
+    from batchscope.stages._common import workload as built
+    from batchscope.store import read_netcdf
+
+    config = study(pairs=100, variance_draws=3)
+    spec = noise_stage.config_slice(config, "w")
+    wl_spec = cfg.workload_slice(config, "w")
+    workload = built(wl_spec, CPU, None)
+    start = {k: v.detach().clone() for k, v in workload.model.state_dict().items()}
+    state = trained_state(workload)
+    snapshots = [{"fraction": 0.0, "step": 0, "state_dict": start}, {"fraction": 0.5, "step": 30, "state_dict": state},
+                 {"fraction": 0.6, "step": 30, "state_dict": state}]  # fmt: skip
+    path = tmp_path / "run.snapshots"
+    # a run of 4815 steps at 64 buys 30 pairs at each of 2 snapshots (a pair: 2568 example-gradients), 20 at 3
+    torch.save({"workload": wl_spec, "snapshots": snapshots, "steps_done": 4815, "batch_size": 64, "lr": 0.1,
+                "seed": 0, "state_dict": state, "steps_to_target": 4815.0}, path)  # fmt: skip
+    calls = []
+    original = measure.measure_snapshot
+    monkeypatch.setattr(measure, "measure_snapshot", lambda snapshot, *a, **k: calls.append(snapshot["step"]) or
+                        original(snapshot, *a, **k))  # fmt: skip
+    args = argparse.Namespace(spec=json.dumps(spec), config=None, workload=None, data=None, snapshots=str(path),
+                              out=str(tmp_path / "out"))  # fmt: skip
+    noise_stage.run(args)
+    assert calls == [0, 30]
+    files = [read_netcdf(tmp_path / "out" / f"snapshot{i}.nc") for i in range(3)]
+    assert [ds.attrs["fraction"] for ds in files] == [0.0, 0.5, 0.6] and files[2].attrs["step"] == 30
+    assert float(files[1]["two_batch_b_noise"]) == float(files[2]["two_batch_b_noise"])
+    population = len(measure.evaluation_data(workload, spec, CPU)[0])
+    expected = measure.pairs_within_budget(spec, 4815 * 64, 2, population)
+    assert (
+        files[1].attrs["pairs"] == expected[0] == 30
+        and measure.pairs_within_budget(spec, 4815 * 64, 3, population)[0] == 20
+    )
+    assert files[1].attrs["cost_share"] == pytest.approx(expected[1])

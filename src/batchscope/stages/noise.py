@@ -54,11 +54,18 @@ def run(args: argparse.Namespace) -> None:
         snapshots = [snapshot for snapshot in snapshots if snapshot["fraction"] > 0] or snapshots
     run_examples = int(saved["steps_done"]) * int(saved["batch_size"])
     data = evaluation_data(workload, spec, device)  # once, for every snapshot and the variance law
-    pairs, share = pairs_within_budget(spec, run_examples, len(snapshots), len(data[0]))
+    # two fractions of a short run can pick the same kept state (the run keeps evenly spaced states, not every
+    # evaluation's): each distinct step is measured once, with the budget shared by the distinct ones only
+    pairs, share = pairs_within_budget(spec, run_examples, len({int(s["step"]) for s in snapshots}), len(data[0]))
     log.info("%d pairs per snapshot: %.2f of the reference run's %d example-gradients (noise.budget %s)", pairs,
              share, run_examples, spec["budget"])  # fmt: skip
+    measured: dict[int, Any] = {}  # step -> its dataset
     for i, snapshot in enumerate(progress(snapshots, desc="snapshots")):
-        ds = measure_snapshot(snapshot, workload, spec, device, pairs, data)
+        step = int(snapshot["step"])
+        if step not in measured:
+            measured[step] = measure_snapshot(snapshot, workload, spec, device, pairs, data)
+        ds = measured[step].copy()
+        ds.attrs = {**ds.attrs, "fraction": float(snapshot["fraction"])}
         ds.attrs.update(store.provenance("measure_gradient_noise", spec, device=str(device)),
                         reference=f"B={saved['batch_size']} lr={saved['lr']} seed={saved['seed']}",
                         workload=saved["workload"]["name"], run_examples=run_examples, cost_share=share,
@@ -123,8 +130,8 @@ RULES = {
     # 4: noise.eval_size and noise.chunk_size (the snapshot's loss in chunks); 5: B_noise's resampled pairs;
     # 6: B_noise's Hessian in chunks of chunk_size (a change with BatchNorm in train mode, chunks below 512)
     # 7: the pairs within noise.budget of the reference run; with the stage off, the two-batch estimate alone, and
-    # not at step 0
-    "measure_gradient_noise": Rule(version=7, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
+    # not at step 0; 8: a step two fractions picked measured once, the budget shared by the distinct steps
+    "measure_gradient_noise": Rule(version=8, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
     # 3: the full Hessian over noise.eval_size examples in chunks of noise.chunk_size, its kept linearisations
     # bounded (batchscope.core.hessian.CACHE_MB)
     "measure_jensen_bias": Rule(version=3, config_slice=jensen_slice, variables=("relative_bias",)),
