@@ -188,6 +188,18 @@ def test_vectorised_bootstrap_matches_the_per_cell_definition():
     assert np.nanmin(cube) >= finite.min() and np.nanmax(cube) <= finite.max()
     irregular = runs.iloc[1:]  # one cell loses a seed: only the per-cell path applies
     assert scaling.bootstrap_steps(irregular, 5, np.random.default_rng(0))[1].shape == (5, 3)
+    # against the definition, one replicate at a time: each (B, lr) cell's seeds drawn with replacement, its median,
+    # the smallest over lr (a never-reached cell counts as infinitely many steps); mean K within 4 standard errors
+    _, fast = scaling.bootstrap_steps(irregular, 4000, np.random.default_rng(2))
+    draw, slow = np.random.default_rng(3), []
+    cells = {key: g["steps_to_target"].fillna(np.inf).to_numpy() for key, g in irregular.groupby(["batch_size", "lr"])}
+    for _ in range(4000):
+        medians = {key: np.median(v[draw.integers(0, len(v), len(v))]) for key, v in cells.items()}
+        slow.append([min(m for (b2, _), m in medians.items() if b2 == b) for b in (8, 32, 128)])
+    slow = np.where(np.isfinite(slow), slow, np.nan)
+    spread = np.nanstd(slow, axis=0) / np.sqrt(np.isfinite(slow).sum(axis=0))
+    assert (np.abs(np.nanmean(fast, axis=0) - np.nanmean(slow, axis=0)) < 4 * np.sqrt(2) * spread).all()
+    assert np.isnan(fast).mean(axis=0) == pytest.approx(np.isnan(slow).mean(axis=0), abs=0.03)
     with pytest.raises(ValueError, match="same number of seeds"):
         scaling.bootstrap_steps(irregular, 5, np.random.default_rng(0), vectorised=True)
 

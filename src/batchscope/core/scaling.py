@@ -273,8 +273,9 @@ def bootstrap_steps(
     """K(B) for ``n_boot`` bootstrap replicates: seeds resampled with replacement in every (B, lr) cell.
 
     Returns (batch sizes, K of shape (n_boot, n_batch_sizes)). Vectorised over replicates on a
-    (B, lr, seed) cube when every cell has the same number of seeds (what the workflow produces); cells of
-    different sizes are resampled one by one (``vectorised=False`` forces that path).
+    (B, lr, seed) cube when every cell has the same number of seeds (what the full grid produces); cells of
+    different sizes (the adaptive study's survivors) are resampled cell by cell, all replicates of a cell at once
+    (``vectorised=False`` forces that path).
     """
     cube = steps_cube(runs).transpose("batch_size", "lr", "seed")
     batch_sizes = cube["batch_size"].values
@@ -289,12 +290,14 @@ def bootstrap_steps(
         resampled = np.take_along_axis(np.broadcast_to(cube, picks.shape), picks, axis=-1)
         k = np.median(resampled, axis=-1).min(axis=-1)
     else:
-        k = np.empty((n_boot, len(batch_sizes)))
-        for i in range(n_boot):
-            # a resample draws a seed more than once: its draws are labelled by position in the cell
-            parts = [g.iloc[rng.integers(0, len(g), len(g))].assign(seed=np.arange(len(g)))
-                     for _, g in runs.groupby(["batch_size", "lr"])]  # fmt: skip
-            k[i] = steps_per_batch_size(pd.concat(parts))["k"].fillna(np.inf).to_numpy()
+        # K = min over lr of the cell's median, as steps_per_batch_size, on each cell's own resamples (one pass
+        # per resample through pandas took 15 ms: 3 s for 200 replicates of an adaptive study)
+        k = np.full((n_boot, len(batch_sizes)), np.inf)
+        column = {b: j for j, b in enumerate(batch_sizes)}
+        for (b, _), cell in runs.groupby(["batch_size", "lr"]):
+            steps = cell["steps_to_target"].fillna(np.inf).to_numpy(float)
+            medians = np.median(steps[rng.integers(0, len(steps), (n_boot, len(steps)))], axis=1)
+            k[:, column[b]] = np.minimum(k[:, column[b]], medians)
     k[~np.isfinite(k)] = np.nan
     return batch_sizes, k
 

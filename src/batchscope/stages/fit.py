@@ -475,5 +475,6 @@ REQUIRED = (
 VARIABLES = (*REQUIRED, "run_at_best_lr", "tau_f", "tau_d", "n_iter", "c_var", "b_crit", "t_iter_r2",
              "steps_to_target", "sat_tau_f", "sat_tau_d", "sat_b_knee", "t_iter_sat_fitted", "t_iter_sat_r2",
              "t_iter_sat_residual_max")  # fmt: skip
-RULES = {"fit_scaling": Rule(version=4, config_slice=config_slice, variables=VARIABLES)}
+# 5: the adaptive study's irregular cells resampled cell by cell (other draws of the same bootstrap)
+RULES = {"fit_scaling": Rule(version=5, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (Command("fit", "fit the scaling model of one workload", run, _arguments, spec=config_slice),)
