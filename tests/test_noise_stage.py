@@ -123,27 +123,38 @@ def test_snapshot_per_example_noise_equals_a_loop_over_examples(linear, snapshot
     assert float(ds["loss"]) == pytest.approx(float(loss), rel=1e-5)
 
 
-def test_snapshot_two_batch_estimate_is_within_its_standard_error_of_the_exact_one(linear, snapshot):
+@pytest.mark.parametrize("big", [None, 512])
+def test_snapshot_two_batch_estimate_is_within_its_standard_error_of_the_exact_one(linear, snapshot, big):
     """The two-batch estimator is linear in the pair means of |g_small|^2 and |g_big|^2, each unbiased for
     |G|^2 + tr(Sigma) (N - B)/(B (N - 1)): its estimates of |G|^2 and tr(Sigma) are unbiased, with a standard
     error from the variances of |g_B|^2, simulated here from the per-example gradients (3000 draws per size).
-    Tolerance: 4 standard errors."""
-    _, spec, _, grads = linear
+    Tolerance: 4 standard errors. With noise.b_big null (the default) the big batch is the whole evaluation set:
+    |G|^2 is then exact (the float32 full gradient against the float64 loop: 1e-5) and the draws are the small
+    ones alone; with b_big 512, both sizes are drawn."""
+    workload, spec, state, grads = linear
     ds = snapshot
+    if big is not None:
+        spec = {**spec, "b_big": big}
+        ds = measure_snapshot({"state_dict": state, "step": 30, "fraction": 0.5}, workload, spec, CPU)
     g_sq, trace = exact_noise(grads)
-    n, small, big, pairs = len(grads), spec["b_small"], spec["b_big"], spec["pairs"]
-    assert (small, big, pairs) == (8, 512, 100)
-    inv_small, inv_big = (n - small) / (small * (n - 1)), (n - big) / (big * (n - 1))
+    n, small, pairs = len(grads), spec["b_small"], spec["pairs"]
+    assert (small, spec["b_big"], pairs) == (8, big, 100)
+    size = n if big is None else big
+    inv_small, inv_big = (n - small) / (small * (n - 1)), (n - size) / (size * (n - 1))
     rng = np.random.default_rng(99)
-    var_small, var_big = (minibatch_sq_norms(grads, size, 3000, rng).var(ddof=1) for size in (small, big))
+    var_small = minibatch_sq_norms(grads, small, 3000, rng).var(ddof=1)
+    var_big = 0.0 if big is None else minibatch_sq_norms(grads, big, 3000, rng).var(ddof=1)
     trace_se = math.sqrt((var_small + var_big) / pairs) / (inv_small - inv_big)
     g_sq_se = math.sqrt((inv_big**2 * var_small + inv_small**2 * var_big) / pairs) / (inv_small - inv_big)
     assert trace_se < 0.2 * trace and g_sq_se < 0.2 * g_sq  # the check can tell a broken estimator apart
     assert abs(float(ds["two_batch_trace_sigma"]) - trace) < 4 * trace_se
-    assert abs(float(ds["two_batch_grad_sq_norm"]) - g_sq) < 4 * g_sq_se
+    if big is None:
+        assert float(ds["two_batch_grad_sq_norm"]) == pytest.approx(g_sq, rel=1e-5)
+    else:
+        assert abs(float(ds["two_batch_grad_sq_norm"]) - g_sq) < 4 * g_sq_se
     two_b = float(ds["two_batch_b_simple"])
     assert two_b == pytest.approx(float(ds["two_batch_trace_sigma"]) / float(ds["two_batch_grad_sq_norm"]), rel=1e-12)
-    assert ds.attrs["b_small"] == small and ds.attrs["b_big"] == big and ds.attrs["pairs"] == pairs
+    assert ds.attrs["b_small"] == small and ds.attrs["b_big"] == size and ds.attrs["pairs"] == pairs
 
 
 def test_snapshot_curvature_goes_in_chunks_of_chunk_size(linear, snapshot, monkeypatch):
@@ -180,22 +191,27 @@ def test_snapshot_with_batchnorm_in_train_mode_reports_two_batch_only():
 
 
 def test_the_pairs_are_what_the_budget_buys_from_the_reference_run():
-    """A pair costs a gradient on b_small (8) and on b_big (512) examples and two HVPs (2 gradients each) on
-    min(512, population) examples: 2568 example-gradients here. noise.budget 0.5 of the run's example-gradients,
-    shared by 5 snapshots, buys 50 pairs from 1,284,000; a long run is held at noise.pairs (100), a short one at
-    noise.min_pairs (20 by default, or noise.pairs where that is smaller)."""
+    """With noise.b_big null a snapshot costs the evaluation set's gradient (4096 example-gradients here) and one
+    HVP on min(512, population) examples (2 gradients each: 1024) once, and a pair a gradient on b_small (8) and one
+    HVP: 1032. noise.budget 0.5 of the run's example-gradients, shared by 5 snapshots, buys 50 pairs from 567,200;
+    a long run is held at noise.pairs (100), a short one at noise.min_pairs (20 by default, or noise.pairs where that
+    is smaller). With b_big 512 set, a pair is a gradient at each size and two HVPs: 2568, 50 pairs from 1,284,000."""
     from batchscope.measure.noise import pairs_within_budget
 
     _, spec = workload_and_spec()
-    assert (spec["b_small"], spec["b_big"], spec["pairs"], spec["min_pairs"], spec["budget"]) == (8, 512, 100, 20, 0.5)
-    assert pairs_within_budget(spec, 1_284_000, 5, 4096) == (50, pytest.approx(50 * 2568 * 5 / 1_284_000))
-    assert pairs_within_budget(spec, 1_284_000 - 1, 5, 4096)[0] == 49
+    assert (spec["b_small"], spec["b_big"], spec["pairs"], spec["min_pairs"], spec["budget"]) == (8, None, 100, 20, 0.5)
+    assert pairs_within_budget(spec, 567_200, 5, 4096) == (50, pytest.approx((5120 + 50 * 1032) * 5 / 567_200))
+    assert pairs_within_budget(spec, 567_200 - 1, 5, 4096)[0] == 49
     assert pairs_within_budget(spec, 10**9, 5, 4096)[0] == 100
     pairs, share = pairs_within_budget(spec, 7_680, 5, 4096)  # a run of 120 steps at 64: the floor, over budget
-    assert pairs == 20 and share == pytest.approx(20 * 2568 * 5 / 7_680) and share > 0.5
-    # a population of 100: the curvature's HVPs on 100 examples, 920 a pair
-    assert pairs_within_budget(spec, 920 * 5 * 30 * 2, 5, 100)[0] == 30
+    assert pairs == 20 and share == pytest.approx((5120 + 20 * 1032) * 5 / 7_680) and share > 0.5
+    # a population of 100: its gradient (100) and HVPs on 100 examples (200), 208 a pair
+    assert pairs_within_budget(spec, (300 + 30 * 208) * 5 * 2, 5, 100)[0] == 30
     assert pairs_within_budget({**spec, "budget": None}, 7_680, 5, 4096)[0] == 100
+    drawn = {**spec, "b_big": 512}
+    assert pairs_within_budget(drawn, 1_284_000, 5, 4096) == (50, pytest.approx(50 * 2568 * 5 / 1_284_000))
+    assert pairs_within_budget(drawn, 1_284_000 - 1, 5, 4096)[0] == 49
+    assert pairs_within_budget({**spec, "b_big": 4096}, 567_200, 5, 4096)[0] == 50  # b_big = the set: the same
     assert workload_and_spec(pairs=10)[1]["min_pairs"] == 10
     with pytest.raises(cfg.ConfigError, match="noise.min_pairs: 30 exceeds noise.pairs 10"):
         study(pairs=10, min_pairs=30)
@@ -345,6 +361,7 @@ def test_two_fractions_at_one_step_are_measured_once(tmp_path, monkeypatch):
                  {"fraction": 0.6, "step": 30, "state_dict": state}]  # fmt: skip
     path = tmp_path / "run.snapshots"
     # a run of 4815 steps at 64 buys 30 pairs at each of 2 snapshots (a pair: 2568 example-gradients), 20 at 3
+    spec = {**spec, "b_big": 512}
     torch.save({"workload": wl_spec, "snapshots": snapshots, "steps_done": 4815, "batch_size": 64, "lr": 0.1,
                 "seed": 0, "state_dict": state, "steps_to_target": 4815.0}, path)  # fmt: skip
     calls = []

@@ -394,7 +394,7 @@ def test_a_noise_measurement_that_outweighs_the_reference_run_is_named(tmp_path)
     profiles, noise_dir = write_caches(tmp_path / "short", measured=costly)
     ds = quick.estimate(SPEC, profiles, noise_dir)
     (note,) = [n for n in json.loads(ds.attrs["diagnostics"]) if "gradient-noise measurement" in n]
-    assert "33.4x" in note and "20 pairs" in note and "7680" in note and "noise.b_big" in note
+    assert "33.4x" in note and "20 pairs" in note and "7680" in note and "noise.eval_size" in note
     assert "as noise.budget and noise.pairs allow" in note  # no min_pairs recorded: not called the floor
     profiles, noise_dir = write_caches(tmp_path / "floor", measured={**costly, "min_pairs": 20})
     notes = json.loads(quick.estimate(SPEC, profiles, noise_dir).attrs["diagnostics"])

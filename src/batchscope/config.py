@@ -235,7 +235,7 @@ def check_sizes(config: dict[str, Any], n_train: dict[str, int]) -> None:
         if noise["enabled"]:
             if noise["eval_size"] is not None:
                 analysed.append(("noise.eval_size", noise["eval_size"]))
-            analysed += [("noise.b_big", noise["b_big"])]
+            analysed += [("noise.b_big", noise["b_big"])] if noise["b_big"] is not None else []
             analysed += [("noise.variance_batch_sizes", b) for b in noise["variance_batch_sizes"]]
             analysed += [("noise.jensen.subspace_sizes", b) for b in noise["jensen"]["subspace_sizes"]]
         if config["branch"]["enabled"]:
@@ -287,10 +287,10 @@ def _derive_defaults(config: dict[str, Any]) -> None:
         noise["reference_batch_size"] = min(sizes, key=lambda b: (abs(math.log(b / 64)), b))
     if noise["reference_seed"] is None:
         noise["reference_seed"] = seeds[0]
-    noise["b_big"] = noise["b_big"] or sizes[-1]
     noise["min_pairs"] = min(MIN_PAIRS, noise["pairs"]) if noise["min_pairs"] is None else noise["min_pairs"]
-    # with a one-size grid the smallest and largest coincide: default to a quarter of it
-    noise["b_small"] = noise["b_small"] or (sizes[0] if sizes[0] < noise["b_big"] else max(1, sizes[0] // 4))
+    # b_big null: the whole evaluation set. A b_big at most the grid's smallest size: a quarter of that
+    noise["b_small"] = noise["b_small"] or (sizes[0] if noise["b_big"] is None or sizes[0] < noise["b_big"]
+                                            else max(1, sizes[0] // 4))  # fmt: skip
     noise["variance_batch_sizes"] = noise["variance_batch_sizes"] or [b for b in sizes if b >= 2]
 
 
@@ -303,14 +303,17 @@ def _check_noise(config: dict[str, Any]) -> None:
         raise ConfigError(f"noise.reference_batch_size: {settings['reference_batch_size']} is not in grid.batch_sizes")
     if settings["reference_seed"] not in config["grid"]["seeds"]:
         raise ConfigError(f"noise.reference_seed: {settings['reference_seed']} is not in grid.seeds")
-    if settings["b_small"] >= settings["b_big"]:
+    if settings["b_big"] is not None and settings["b_small"] >= settings["b_big"]:
         raise ConfigError(f"noise.b_small: {settings['b_small']} is not smaller than noise.b_big {settings['b_big']}")
     if settings["min_pairs"] > settings["pairs"]:
         raise ConfigError(f"noise.min_pairs: {settings['min_pairs']} exceeds noise.pairs {settings['pairs']}")
     jensen = settings["jensen"]
     population = settings["eval_size"]  # the sizes drawn from it against the data: check_sizes
     if population is not None:
-        drawn = [("noise.b_big", settings["b_big"])]
+        # the small batch must leave examples out of the set it is drawn from (its 1/B term is 0 at the whole set)
+        if settings["b_small"] >= population:
+            raise ConfigError(f"noise.b_small: {settings['b_small']} is not smaller than noise.eval_size {population}")
+        drawn = [("noise.b_big", settings["b_big"])] if settings["b_big"] is not None else []
         drawn += [("noise.variance_batch_sizes", b) for b in sorted(settings["variance_batch_sizes"])]
         drawn += [("noise.jensen.subspace_sizes", m) for m in sorted(jensen["subspace_sizes"])]
         for key, value in drawn:

@@ -151,9 +151,10 @@ def minibatch_gradient(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.T
     return flat.detach()
 
 
-def two_batch_noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, b_small: int, b_big: int,
-                          pairs: int, rng: np.random.Generator,
-                          hvp: Callable[[torch.Tensor], torch.Tensor] | None = None) -> NoiseScale:  # fmt: skip
+def two_batch_noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, b_small: int,
+                          b_big: int | None, pairs: int, rng: np.random.Generator,
+                          hvp: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          chunk: int = 4096) -> NoiseScale:  # fmt: skip
     """McCandlish et al.'s estimator from ``pairs`` draws of a small and a big minibatch (without replacement).
 
     With E|g_B|^2 = |G|^2 + tr(Sigma)/B: |G|^2 = (B_big |g_big|^2 - B_small |g_small|^2)/(B_big - B_small) and
@@ -163,17 +164,28 @@ def two_batch_noise_scale(model: nn.Module, loss: Loss, x: torch.Tensor, y: torc
     ``hvp`` (v -> H v, H the Hessian of the loss over (x, y) at the same weights): the same two sizes also give
     B_noise, since any fixed quadratic form obeys the same law, E[g_B^T H g_B] = G^T H G + tr(H Sigma)/B. It needs
     no per-example gradients, so it works for any model (BatchNorm in train mode included); one HVP per draw.
+
+    ``b_big`` None (or at least N): the big "batch" is the whole of (x, y), whose 1/B term vanishes. Its gradient G
+    (in passes of ``chunk`` examples) and G^T H G are then computed once, exactly, rather than drawn per pair: a pair
+    is one small draw and one HVP, the levels |G|^2 and G^T H G carry no sampling noise, and the traces only the
+    small draws'.
     """
     n = len(x)
-    draws: dict[int, list[tuple[float, float]]] = {b_small: [], b_big: []}
+    population = b_big is None or b_big >= n
+    b_big = n if population else b_big
+    small_draws, big_draws = [], []
+    drawn = [(b_small, small_draws)] if population else [(b_small, small_draws), (b_big, big_draws)]
     for _ in range(pairs):
-        for size in (b_small, b_big):
+        for size, draws in drawn:
             index = torch.as_tensor(rng.choice(n, size, replace=False), device=x.device)
             g = minibatch_gradient(model, loss, x[index], y[index])
-            draws[size].append((float(g @ g), float(g @ hvp(g)) if hvp is not None else math.nan))
-    # the 1/B term of E[q(g_B)] is q-trace x (N - B) / (B (N - 1)) without replacement
+            draws.append((float(g @ g), float(g @ hvp(g)) if hvp is not None else math.nan))
+    if population:
+        g = full_gradient(model, loss, x, y, chunk)
+        big_draws = [(float(g @ g), float(g @ hvp(g)) if hvp is not None else math.nan)] * pairs
+    # the 1/B term of E[q(g_B)] is q-trace x (N - B) / (B (N - 1)) without replacement (0 for the whole set)
     inv_small, inv_big = (n - b_small) / (b_small * (n - 1)), (n - b_big) / (b_big * (n - 1))
-    small, big = np.asarray(draws[b_small]), np.asarray(draws[b_big])  # (pairs, 2): |g|^2, g^T H g
+    small, big = np.asarray(small_draws), np.asarray(big_draws)  # (pairs, 2): |g|^2, g^T H g
 
     def estimate(small_mean: np.ndarray, big_mean: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(levels, traces, ratios) from the draws' means: |G|^2 and G^T H G, tr(Sigma) and tr(H Sigma)."""

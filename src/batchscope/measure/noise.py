@@ -8,7 +8,8 @@
   linear-regression counterpart, with its closed form, is :mod:`batchscope.measure.jensen`).
 
 Every pass over the evaluation set goes in chunks of ``chunk_size`` examples, so memory is bounded by the settings
-(chunk_size, b_big, the Jensen minibatch sizes), not by the evaluation set's size (``benchmarks/memory.py``).
+(chunk_size, b_big where it is set, the Jensen minibatch sizes), not by the evaluation set's size
+(``benchmarks/memory.py``).
 """
 
 from __future__ import annotations
@@ -54,19 +55,27 @@ HVP_COST = 2
 
 
 def pairs_within_budget(spec: dict, run_examples: int, snapshots: int, population: int) -> tuple[int, float]:
-    """The two-batch pairs per snapshot, and what all the snapshots' pairs cost as a share of the reference run.
+    """The two-batch pairs per snapshot, and what all the snapshots' measurements cost as a share of the reference
+    run, in example-gradients (a Hessian-vector product on the curvature's min(AUTO_EVAL_SIZE, population) examples
+    counted as :data:`HVP_COST` gradients of as many).
 
-    A pair is a gradient on b_small and one on b_big examples and two Hessian-vector products on the curvature's
-    min(AUTO_EVAL_SIZE, population) examples (:data:`HVP_COST` gradients each). ``spec["budget"]`` x the run's
+    With ``spec["b_big"]`` null (the whole evaluation set of ``population`` examples as the big batch) a snapshot
+    costs its full gradient and one HVP once, and a pair a gradient on b_small examples and one HVP; with a b_big
+    below the population a pair is a gradient on each size and two HVPs. ``spec["budget"]`` x the run's
     example-gradients (``run_examples``: steps x batch size), shared by the snapshots, buys ``spec["pairs"]`` at
     most and ``spec["min_pairs"]`` at least: so on a long run the measurement stays a fraction of the run, and on
     a short one it costs what a usable B_noise needs (the quick estimate's interval says how sure that is)."""
-    per_pair = spec["b_small"] + spec["b_big"] + 2 * HVP_COST * min(AUTO_EVAL_SIZE, population)
+    hvp = HVP_COST * min(AUTO_EVAL_SIZE, population)
+    b_big = spec["b_big"]
+    if b_big is None or b_big >= population:
+        fixed, per_pair = population + hvp, spec["b_small"] + hvp
+    else:
+        fixed, per_pair = 0, spec["b_small"] + b_big + 2 * hvp
     pairs = spec["pairs"]
     if spec.get("budget") is not None:
-        affordable = int(spec["budget"] * run_examples / (snapshots * per_pair))
+        affordable = int((spec["budget"] * run_examples / snapshots - fixed) / per_pair)
         pairs = max(spec["min_pairs"], min(pairs, affordable))
-    return pairs, pairs * per_pair * snapshots / max(run_examples, 1)
+    return pairs, (fixed + pairs * per_pair) * snapshots / max(run_examples, 1)
 
 
 def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: torch.device,
@@ -92,7 +101,7 @@ def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: tor
     curvature = hessian.HessianOperator(model, loss, xh, yh, chunk_size=chunk,
                                         mode="train" if has_batchnorm(model) else "eval")  # fmt: skip
     two = noise.two_batch_noise_scale(model, loss, x, y, spec["b_small"], spec["b_big"], pairs, rng,
-                                      hvp=curvature.matvec)  # fmt: skip
+                                      hvp=curvature.matvec, chunk=chunk)  # fmt: skip
     values = {"two_batch_grad_sq_norm": two.grad_sq_norm, "two_batch_trace_sigma": two.trace_sigma,
               "two_batch_b_simple": two.b_simple, "two_batch_g_h_g": two.g_h_g,
               "two_batch_trace_h_sigma": two.trace_h_sigma, "two_batch_b_noise": two.b_noise}  # fmt: skip
@@ -118,7 +127,8 @@ def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: tor
                                   "long_name": "B_noise's 95% interval over the resampled pairs"})  # fmt: skip
     ds = ds.assign_coords(bound=["low", "high"])
     ds.attrs.update(step=int(snapshot["step"]), fraction=float(snapshot["fraction"]), method=method,
-                    b_small=spec["b_small"], b_big=spec["b_big"], pairs=pairs, eval_size=len(x))  # fmt: skip
+                    b_small=spec["b_small"], b_big=min(spec["b_big"] or len(x), len(x)), pairs=pairs,
+                    eval_size=len(x))  # fmt: skip
     return ds
 
 
