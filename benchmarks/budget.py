@@ -185,7 +185,14 @@ def from_config(path: Path) -> dict[str, dict]:
     config = yaml.safe_load(path.read_text())
     if not isinstance(config, dict) or not config.get("workloads"):
         raise SystemExit(f"--config {path}: no workloads in it")
-    return {name: {**config, "workloads": {name: spec}} for name, spec in config["workloads"].items()}
+    studies = {}
+    for name, spec in config["workloads"].items():
+        study = {**config, "workloads": {name: spec}}
+        for key in ("edge_of_stability", "ghost"):  # analyses off here; a block naming another workload is dropped
+            if isinstance(study.get(key), dict) and study[key].get("workload") not in (None, name):
+                study[key] = {k: v for k, v in study[key].items() if k != "workload"}
+        studies[name] = study
+    return studies
 
 
 def run_workload(workload: str, base: dict, cores: int, keep: Path | None) -> dict:

@@ -288,6 +288,9 @@ def test_an_edge_of_the_trained_bracket_is_not_called_the_grids_edge():
     notes = fit.diagnose(ds)
     assert any("the adaptive study's smallest trained batch size 64 is the fastest" in n and "next size 32" in n
                for n in notes)  # fmt: skip
+    # as fast as its inner neighbour: the optimum lies between them (the extension's rule), no advice to go further
+    between = ds.assign(indistinguishable=("batch_size", [True, True, False]))
+    assert not any("adaptive study's smallest" in n or "next size" in n for n in fit.diagnose(between))
     ds.attrs["grid_batch_sizes"] = json.dumps([64, 128, 256])  # the bracket is the whole grid: the grid's edge
     assert any("the grid's smallest batch size 64 is the fastest" in n for n in fit.diagnose(ds))
 

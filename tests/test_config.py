@@ -123,6 +123,7 @@ MALFORMED = [
     ("noise", {"eval_size": 5000}, "noise.eval_size: 5000 exceeds the 1437 training examples of workload 'w'"),
     ("noise", {"eval_size": 32, "b_big": 64}, "noise.b_big: 64 exceeds noise.eval_size 32"),
     ("noise", {"eval_size": 8}, "noise.b_small: 8 is not smaller than noise.eval_size 8"),
+    ("noise", {"b_small": 1437}, "noise.b_small: 1437 is not smaller than the 1437 examples"),
     (
         "noise",
         {"eval_size": 100, "jensen": {"subspace_sizes": [32, 256]}},

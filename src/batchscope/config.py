@@ -232,10 +232,12 @@ def check_sizes(config: dict[str, Any], n_train: dict[str, int]) -> None:
         analysed = []
         if config["hessian"]["enabled"] and config["hessian"]["eval_size"] is not None:
             analysed.append(("hessian.eval_size", config["hessian"]["eval_size"]))
-        if noise["enabled"]:
+        measured = noise["enabled"] or config["study"] == "adaptive"  # the quick estimate measures B_noise
+        if measured:
             if noise["eval_size"] is not None:
                 analysed.append(("noise.eval_size", noise["eval_size"]))
             analysed += [("noise.b_big", noise["b_big"])] if noise["b_big"] is not None else []
+        if noise["enabled"]:
             analysed += [("noise.variance_batch_sizes", b) for b in noise["variance_batch_sizes"]]
             analysed += [("noise.jensen.subspace_sizes", b) for b in noise["jensen"]["subspace_sizes"]]
         if config["branch"]["enabled"]:
@@ -246,6 +248,11 @@ def check_sizes(config: dict[str, Any], n_train: dict[str, int]) -> None:
             if value > min(n, limit):
                 where = f"the {n} training examples" if n <= limit else f"loader.analysis_examples {limit}"
                 raise ConfigError(f"{key}: {value} exceeds {where} of workload {name!r}")
+        # the small batch must leave examples out of the set it is drawn from: its 1/B term vanishes at the whole set
+        population = min(n, limit, noise["eval_size"] or n)
+        if measured and noise["b_small"] >= population:
+            raise ConfigError(f"noise.b_small: {noise['b_small']} is not smaller than the {population} examples the "
+                              f"gradient noise of workload {name!r} is measured over")  # fmt: skip
 
 
 def validate(config: dict[str, Any], importable: bool = True) -> dict[str, Any]:

@@ -41,7 +41,8 @@ checkpoint extend_bracket:
         "../envs/batchscope.yaml"
     params:
         spec=config_slice("extend_bracket"),
-        version=STAGES["extend_bracket"].version,
+        # it runs the fit on the bracket: a new fit algorithm reruns it too
+        version="{}+fit{}".format(STAGES["extend_bracket"].version, STAGES["fit_scaling"].version),
         expect=expected_provenance("choose_batch_sizes", "profile_hardware", "train_model"),
     shell:
         "python -m batchscope extend-bracket --spec {params.spec:q} --workload {wildcards.workload}"

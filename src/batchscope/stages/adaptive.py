@@ -23,8 +23,9 @@ The full grid (``study: full``) trains every batch size, learning rate and seed.
   ``extend_bracket``). Once the bracket is trained, the fit on it (:func:`batchscope.stages.fit.fit_scaling`) says
   which size is fastest and which are indistinguishable from it. Under T(B) = (N_iter + C_var/B)(tau_f + tau_d B),
   two sizes that reach the target equally fast have b_opt exactly between them (at their geometric mean), so an
-  edge of the bracket as fast as its inner neighbour is within one grid step of the optimum. An edge that is the
-  fastest and beats its inner neighbour beyond noise says the optimum lies at or beyond it, which is where a quick
+  edge of the bracket that the fit cannot tell from its inner neighbour (within ``fit.tolerance``) has the optimum
+  near or between them, and loses at most that tolerance. An edge that is the fastest and beats its inner
+  neighbour beyond noise says the optimum lies at or beyond it, which is where a quick
   estimate that is off by more than the bracket's half-width leaves it: the feasible grid's next size past that
   edge is trained too (:func:`extension`), once. The fit then runs on every trained size; if the new size is the
   fastest again, its diagnostics say so.

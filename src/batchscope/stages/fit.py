@@ -309,13 +309,19 @@ def diagnose(ds: xr.Dataset) -> list[str]:
         if edge in same and len(b) > 1:
             how = "the fastest" if edge == int(ds["fastest_batch_size"]) else "as fast as the fastest"
             beyond = [g for g in grid if (g < edge if direction == "downward" else g > edge)]
-            if adaptive_study and beyond:  # the bracket's edge, not the grid's: the grid has sizes beyond it
-                nearest = max(beyond) if direction == "downward" else min(beyond)
-                notes.append(
-                    f"the adaptive study's {where} trained batch size {edge} is {how}: the optimum may lie beyond "
-                    f"the bracket it trained around the quick b_opt ({', '.join(map(str, b))}); train the grid's "
-                    f"next size {nearest} too, or run study: full"
-                )
+            if adaptive_study and beyond:  # the trained sizes' edge, not the grid's: the grid has sizes beyond it
+                # the extend_bracket checkpoint's rule: an edge as fast as its inner neighbour has the optimum
+                # between them; one that beats it beyond noise points past itself
+                largest = int(ds["largest_feasible_batch_size"])
+                feasible = [g for g in grid if largest <= 0 or g <= largest]
+                past, _ = adaptive.extension(b.tolist(), int(ds["fastest_batch_size"]),
+                                             ds["indistinguishable"].values, feasible)  # fmt: skip
+                if past is not None:
+                    notes.append(
+                        f"the adaptive study's {where} trained batch size {edge} is the fastest, beating its "
+                        f"neighbour beyond noise: the optimum may lie beyond the sizes it trained "
+                        f"({', '.join(map(str, b))}); train the grid's next size {past} too, or run study: full"
+                    )
             else:
                 notes.append(
                     f"the grid's {where} batch size {edge} is {how}: the optimum may lie beyond it; extend "

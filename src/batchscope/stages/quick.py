@@ -168,7 +168,7 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     if usable.any() and not (np.isfinite([low, high]).all() and low > 0 and high <= RATIO_SPREAD_MAX * low):
         notes.append(f"the reference run's B_noise is unsure (b_crit's 95% interval {low:.3g} to {high:.3g}, from "
                      "the two-batch estimator's pairs), so b_opt is unsure by the square root of "
-                     "that; raise noise.pairs")  # fmt: skip
+                     "that; raise noise.pairs, or noise.budget where it held the pairs below that")  # fmt: skip
     capped = [name for name, value in (("linear", point), ("saturating", point_sat))
               if largest > 0 and np.isfinite(value) and value >= largest]  # fmt: skip
     which = "b_opt" if len(capped) != 1 else f"b_opt with the {capped[0]} step time"
@@ -187,8 +187,8 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
                      f"({ds.attrs['pairs']} pairs per snapshot, "
                      + ("the floor noise.min_pairs" if floor else "as noise.budget and noise.pairs allow")
                      + f", on a run of {ds.attrs['run_examples']}): the run is short against the two-batch "
-                     "estimator's batches; a lower noise.min_pairs, a smaller noise.eval_size or fewer "
-                     "noise.snapshot_fractions cost less")  # fmt: skip
+                     "estimator's batches; a lower noise.min_pairs, a smaller noise.eval_size (or noise.b_big, "
+                     "where set) or fewer noise.snapshot_fractions cost less")  # fmt: skip
     ratio_models = scaling.models_ratio(point, point_sat)
     if ratio_models > scaling.MODELS_RATIO_MAX:
         notes.append(f"the step-time model decides: b_opt is {point:.0f} with the linear step time (fitted on the "
