@@ -514,7 +514,7 @@ def adaptive_choice(workdir):
 EXTEND = "config/test/adaptive_extend.yaml"
 
 
-def test_the_adaptive_study_trains_past_a_bracket_edge_that_wins(repo, venv_env, tmp_path):
+def test_the_adaptive_study_trains_past_a_bracket_edge_that_wins(repo, venv_env, tmp_path, capsys):
     """config/test/adaptive_extend.yaml makes K(B) flat (tiny learning rates), so the time to the target follows the
     step time and the bracket's smallest size wins beyond noise: the extend_bracket checkpoint trains the grid's
     next smaller size, the fit covers all four, and a rerun does nothing. The decision is checked against the fit on
@@ -542,6 +542,13 @@ def test_the_adaptive_study_trains_past_a_bracket_edge_that_wins(repo, venv_env,
     final = read_netcdf(tmp_path / "results/fit/tiny_mlp.nc")
     assert final["batch_size"].values.tolist() == sorted([expected, *bracket])
     assert "extend_bracket" in final["job"].values.tolist() and np.isfinite(final["cost_s"].values).all()
+    # the fit records why, and recommend says it
+    assert final.attrs["extended_batch_size"] == expected
+    assert final.attrs["extension_reason"] == extension.attrs["reason"]
+    from batchscope import cli
+
+    assert cli.main(["recommend", str(tmp_path / "results"), "--configfile", str(repo / EXTEND)]) == 0
+    assert f"second round: the bracket's smallest size {bracket[0]} is the fastest" in capsys.readouterr().out
     rerun = snakemake(repo, tmp_path, "results/fit/tiny_mlp.nc", "-n", env=venv_env, configfile=repo / EXTEND)
     assert "Nothing to be done" in rerun.stdout + rerun.stderr
     # adaptive.extend off: the fit is redone on the bracket alone, no second checkpoint

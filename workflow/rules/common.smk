@@ -121,6 +121,16 @@ def trained_batch_sizes(workload):
     return bs_adaptive.read_choice(checkpoints.extend_bracket.get(workload=workload).output[0], "extend_bracket")
 
 
+def choice_file(wildcards):
+    """The adaptive study's last choice (the second round's, or the bracket's with adaptive.extend off): the fit
+    records why its sizes were trained. None in the full study."""
+    if not ADAPTIVE:
+        return []
+    if not config["adaptive"]["extend"]:
+        return checkpoints.choose_batch_sizes.get(workload=wildcards.workload).output[0]
+    return checkpoints.extend_bracket.get(workload=wildcards.workload).output[0]
+
+
 def bracket_batch_sizes(workload):
     """The adaptive study's first round: the bracket around the quick b_opt."""
     return bs_adaptive.read_choice(checkpoints.choose_batch_sizes.get(workload=workload).output[0])

@@ -2,6 +2,7 @@ rule fit_scaling:
     input:
         profiles=profile_files,
         runs=train_dirs,
+        choice=choice_file,
     output:
         "results/fit/{workload}.nc",
     log:
@@ -16,7 +17,8 @@ rule fit_scaling:
         version=STAGES["fit_scaling"].version,
         expect=expected_provenance("profile_hardware", "train_model"),
         benchmarks=lambda w: benchmark_pairs(answer_benchmarks(w)),
+        choice=lambda w, input: f"--choice {input.choice}" if input.choice else "",
     shell:
         "python -m batchscope fit --spec {params.spec:q} --workload {wildcards.workload} --expect {params.expect:q}"
-        " --profiles {input.profiles} --runs {input.runs} --benchmarks {params.benchmarks}"
+        " --profiles {input.profiles} --runs {input.runs} --benchmarks {params.benchmarks} {params.choice}"
         " --out {output} > {log} 2>&1"

@@ -444,6 +444,12 @@ def run(args: argparse.Namespace) -> None:
     spec = _common.spec(args, config_slice)
     ds = fit_scaling(args.profiles, args.runs, spec, args.workload, _common.expect(args))
     ds = add_bill(ds, _common.pairs(args.benchmarks, "--benchmarks"))
+    if args.choice:  # the adaptive study: why these sizes were trained, for recommend and the report
+        choice = store.read_netcdf(args.choice)
+        second = "extended_batch_size" in choice  # the second round's file (adaptive.extend), else the bracket's
+        ds.attrs.update(bracket_reason=choice.attrs.get("bracket_reason" if second else "reason", ""),
+                        extended_batch_size=int(choice["extended_batch_size"]) if second else -1,
+                        extension_reason=choice.attrs.get("reason", "") if second else "")  # fmt: skip
     ds.attrs.update(store.provenance("fit_scaling", spec))
     store.write_netcdf(ds, args.out)
     log.info("%s: b_opt=%.1f (saturating T_iter: %.1f), fastest B from the profile=%d, B_crit=%.1f, largest "
@@ -456,6 +462,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", nargs="+", required=True, help="train_model output directories")
     parser.add_argument("--benchmarks", nargs="*", default=[], help="RULE=FILE: the benchmark files of the jobs the "
                         "answer needed (its cost)")  # fmt: skip
+    parser.add_argument("--choice", help="the adaptive study: the file of the checkpoint that chose the trained sizes")
     _common.add_expect(parser)
 
 

@@ -135,6 +135,8 @@ def recommend_row(ds, path: str | Path = "", current_batch_size: int | None = No
         "study": ds.attrs.get("study", "full"),
         "trained_batch_sizes": trained,
         "grid_batch_sizes": json.loads(ds.attrs.get("grid_batch_sizes", "null")) or trained,
+        "extended_batch_size": int(ds.attrs.get("extended_batch_size", -1)),
+        "extension_reason": ds.attrs.get("extension_reason", ""),
         "config_hash": ds.attrs.get("config_hash", ""),
         "device": ds.attrs.get("device_type", ""),
         "device_name": ds.attrs.get("device_name", ""),
@@ -234,6 +236,9 @@ def format_row(row: dict[str, Any]) -> str:
         lines.append(f"  adaptive study: trained B = {', '.join(map(str, row['trained_batch_sizes']))} of the grid "
                      f"{', '.join(map(str, row['grid_batch_sizes']))}, around the quick estimate's b_opt; the smallest "
                      "and largest above are the trained ones")  # fmt: skip
+        if row["extension_reason"]:
+            reason = row["extension_reason"]
+            lines.append(f"  second round: {reason if row['extended_batch_size'] > 0 else f'nothing added ({reason})'}")
     lines.append(f"  this answer cost {row['cost_s']:.4g} device-seconds, {row['cost_in_runs']:.3g} training runs "
                  f"at B = {best} ({row['run_s_at_recommended']:.3g} s each)")  # fmt: skip
     if "current_batch_size" in row:
