@@ -122,7 +122,11 @@ MALFORMED = [
     ("grid.batch_sizes", [8, 4096], "grid.batch_sizes: 4096 exceeds the 1437 training examples"),
     ("noise", {"eval_size": 5000}, "noise.eval_size: 5000 exceeds the 1437 training examples of workload 'w'"),
     ("noise", {"eval_size": 32, "b_big": 64}, "noise.b_big: 64 exceeds noise.eval_size 32"),
-    ("noise", {"eval_size": 8}, "noise.b_small: 8 is not smaller than noise.eval_size 8"),
+    (
+        "noise",
+        {"eval_size": 128, "b_small": 128, "jensen": {"subspace_sizes": [32]}},
+        "noise.b_small: 128 is not smaller than the 128 examples",
+    ),
     ("noise", {"b_small": 1437}, "noise.b_small: 1437 is not smaller than the 1437 examples"),
     (
         "noise",

@@ -316,10 +316,7 @@ def _check_noise(config: dict[str, Any]) -> None:
         raise ConfigError(f"noise.min_pairs: {settings['min_pairs']} exceeds noise.pairs {settings['pairs']}")
     jensen = settings["jensen"]
     population = settings["eval_size"]  # the sizes drawn from it against the data: check_sizes
-    if population is not None:
-        # the small batch must leave examples out of the set it is drawn from (its 1/B term is 0 at the whole set)
-        if settings["b_small"] >= population:
-            raise ConfigError(f"noise.b_small: {settings['b_small']} is not smaller than noise.eval_size {population}")
+    if population is not None:  # (b_small against it: check_sizes, with the data's own size)
         drawn = [("noise.b_big", settings["b_big"])] if settings["b_big"] is not None else []
         drawn += [("noise.variance_batch_sizes", b) for b in sorted(settings["variance_batch_sizes"])]
         drawn += [("noise.jensen.subspace_sizes", m) for m in sorted(jensen["subspace_sizes"])]

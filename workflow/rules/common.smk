@@ -116,19 +116,19 @@ def trained_batch_sizes(workload):
     (study: adaptive; read from its file once it exists)."""
     if not ADAPTIVE:
         return BATCH_SIZES
-    if not config["adaptive"]["extend"]:
-        return bracket_batch_sizes(workload)
-    return bs_adaptive.read_choice(checkpoints.extend_bracket.get(workload=workload).output[0], "extend_bracket")
+    return bs_adaptive.read_choice(*last_choice(workload))
+
+
+def last_choice(workload):
+    """The adaptive study's last checkpoint for a workload, (its file, its rule): the second round's, or the
+    bracket's with adaptive.extend off."""
+    stage = "extend_bracket" if config["adaptive"]["extend"] else "choose_batch_sizes"
+    return getattr(checkpoints, stage).get(workload=workload).output[0], stage
 
 
 def choice_file(wildcards):
-    """The adaptive study's last choice (the second round's, or the bracket's with adaptive.extend off): the fit
-    records why its sizes were trained. None in the full study."""
-    if not ADAPTIVE:
-        return []
-    if not config["adaptive"]["extend"]:
-        return checkpoints.choose_batch_sizes.get(workload=wildcards.workload).output[0]
-    return checkpoints.extend_bracket.get(workload=wildcards.workload).output[0]
+    """The fit's record of why its sizes were trained: the last choice's file (none in the full study)."""
+    return last_choice(wildcards.workload)[0] if ADAPTIVE else []
 
 
 def bracket_batch_sizes(workload):

@@ -64,9 +64,9 @@ def run(args: argparse.Namespace) -> None:
         step = int(snapshot["step"])
         if step not in measured:
             measured[step] = measure_snapshot(snapshot, workload, spec, device, pairs, data)
-        ds = measured[step].copy()
-        ds.attrs = {**ds.attrs, "fraction": float(snapshot["fraction"])}
+        ds = measured[step].copy()  # its own attributes: a copy's are not the measured one's
         ds.attrs.update(store.provenance("measure_gradient_noise", spec, device=str(device)),
+                        fraction=float(snapshot["fraction"]),
                         reference=f"B={saved['batch_size']} lr={saved['lr']} seed={saved['seed']}",
                         workload=saved["workload"]["name"], run_examples=run_examples, cost_share=share,
                         min_pairs=spec["min_pairs"],
