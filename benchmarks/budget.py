@@ -1,8 +1,9 @@
 """Budget benchmark: is the adaptive study's answer the full grid's, at a fraction of its cost? And the quick
 estimate's?
 
-For each of three workloads (the default digits MLP of config/config.yaml; the spirals example of
-examples/own_workload, on a wider grid; the built-in ``teacher`` data set, benchmarks/configs/teacher.yaml) it runs
+For each of four workloads (the default digits MLP of config/config.yaml; the spirals example of
+examples/own_workload, on a wider grid; the built-in ``teacher`` data set, benchmarks/configs/teacher.yaml, and the
+same data set at a run length that weighs beside a process start, benchmarks/configs/teacher_wide.yaml) it runs
 the full grid (``study: full``) and the adaptive study (``study: adaptive``), each in a fresh temporary working
 directory up to the fit (``snakemake results/fit/WORKLOAD.nc``), with the analyses that are not part of the answer
 off (Hessian, Ghost BatchNorm, edge of stability, branches; the noise stage's own results: the quick estimate
@@ -24,7 +25,11 @@ Reported per workload:
 
 Last, the quick estimate on a long reference run (benchmarks/configs/teacher_long.yaml, ``snakemake quick`` alone,
 about a minute of training): its cost in reference runs, target <= 1.5. On the three workloads above a training run
-takes 0.03 to 0.3 s, so there the quick estimate's cost is its jobs' process starts, whatever the method.
+takes 0.03 to 0.3 s, so there the quick estimate's cost is its jobs' process starts, whatever the method; so is
+the adaptive study's: its fixed jobs (prepare, profile, reference run, noise, quick estimate, two checkpoints) are
+seven process starts before it trains anything, against the full grid's two, so on runs much shorter than a start
+its fraction cannot fall far below (7 + its training jobs) / (2 + the grid's training jobs). teacher_wide's runs
+take about a start each.
 
 Any study config runs the same comparison (``--config their.yaml``, a row per workload, its own factories importable
 as for Snakemake): the grid, seeds and learning rates as the file gives them, the two studies and the quick
@@ -93,7 +98,12 @@ def teacher() -> dict:
     return yaml.safe_load((REPO / "benchmarks" / "configs" / "teacher.yaml").read_text())
 
 
-STUDIES = {"digits_mlp": digits, "spirals": spirals, "teacher_mlp": teacher}
+def teacher_wide() -> dict:
+    """The teacher data set at a run length that weighs beside a process start (configs/teacher_wide.yaml)."""
+    return yaml.safe_load((REPO / "benchmarks" / "configs" / "teacher_wide.yaml").read_text())
+
+
+STUDIES = {"digits_mlp": digits, "spirals": spirals, "teacher_mlp": teacher, "teacher_wide": teacher_wide}
 
 
 def study_config(base: dict, study: str) -> dict:

@@ -293,6 +293,10 @@ def test_an_edge_of_the_trained_bracket_is_not_called_the_grids_edge():
     assert not any("adaptive study's smallest" in n or "next size" in n for n in fit.diagnose(between))
     ds.attrs["grid_batch_sizes"] = json.dumps([64, 128, 256])  # the bracket is the whole grid: the grid's edge
     assert any("the grid's smallest batch size 64 is the fastest" in n for n in fit.diagnose(ds))
+    # the same rule at the grid's edge (either study): as fast as its neighbour, the optimum is between them
+    between.attrs.update(grid_batch_sizes=json.dumps([64, 128, 256]), study="full")
+    assert not any("grid's smallest" in n or "extend grid" in n for n in fit.diagnose(between))
+    assert any("grid's smallest" in n for n in fit.diagnose(ds.assign_attrs(study="full")))
 
 
 def test_the_study_is_in_the_fits_config_hash_and_full_is_unchanged(repo):

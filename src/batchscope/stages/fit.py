@@ -305,27 +305,31 @@ def diagnose(ds: xr.Dataset) -> list[str]:
     adaptive_study = ds.attrs.get("study") == "adaptive"
     trained = "the trained sizes" if adaptive_study else "the grid"
     fastest_only = "the fastest trained size" if adaptive_study else "the grid's fastest"
+    fastest = int(ds["fastest_batch_size"])
     for edge, where, direction in ((lowest, "smallest", "downward"), (highest, "largest", "upward")):
-        if edge in same and len(b) > 1:
-            how = "the fastest" if edge == int(ds["fastest_batch_size"]) else "as fast as the fastest"
-            beyond = [g for g in grid if (g < edge if direction == "downward" else g > edge)]
-            if adaptive_study and beyond:  # the trained sizes' edge, not the grid's: the grid has sizes beyond it
-                # the extend_bracket checkpoint's rule: an edge as fast as its inner neighbour has the optimum
-                # between them; one that beats it beyond noise points past itself
-                largest = int(ds["largest_feasible_batch_size"])
-                feasible = [g for g in grid if largest <= 0 or g <= largest]
-                past, _ = adaptive.extension(b.tolist(), int(ds["fastest_batch_size"]),
-                                             ds["indistinguishable"].values, feasible)  # fmt: skip
-                if past is not None:
-                    notes.append(
-                        f"the adaptive study's {where} trained batch size {edge} is the fastest, beating its "
-                        f"neighbour beyond noise: the optimum may lie beyond the sizes it trained "
-                        f"({', '.join(map(str, b))}); train the grid's next size {past} too, or run study: full"
-                    )
-            else:
+        if edge not in same or len(b) < 2:
+            continue
+        beyond = [g for g in grid if (g < edge if direction == "downward" else g > edge)]
+        # the extend_bracket checkpoint's rule, for both studies: an edge as fast as its inner neighbour has the
+        # optimum between them; one that beats it beyond noise points past itself
+        if adaptive_study and beyond:  # the trained sizes' edge, not the grid's: the grid has sizes beyond it
+            largest = int(ds["largest_feasible_batch_size"])
+            feasible = [g for g in grid if largest <= 0 or g <= largest]
+            past, _ = adaptive.extension(b.tolist(), fastest, ds["indistinguishable"].values, feasible)
+            if past is not None:
                 notes.append(
-                    f"the grid's {where} batch size {edge} is {how}: the optimum may lie beyond it; extend "
-                    f"grid.batch_sizes {direction}"
+                    f"the adaptive study's {where} trained batch size {edge} is the fastest, beating its "
+                    f"neighbour beyond noise: the optimum may lie beyond the sizes it trained "
+                    f"({', '.join(map(str, b))}); train the grid's next size {past} too, or run study: full"
+                )
+        else:
+            # a size past the grid's edge stands in for the one the user would add
+            past_grid = [*grid, edge // 2 if direction == "downward" else edge * 2]
+            past, _ = adaptive.extension(b.tolist(), fastest, ds["indistinguishable"].values, past_grid)
+            if past is not None:
+                notes.append(
+                    f"the grid's {where} batch size {edge} is the fastest, beating its neighbour beyond noise: "
+                    f"the optimum may lie beyond it; extend grid.batch_sizes {direction}"
                 )
     b_opt_value = float(ds["b_opt"])
     low, high = ds["b_opt_ci"].values
