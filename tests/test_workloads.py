@@ -1,5 +1,6 @@
 """Your own workload: the factory protocol, its error messages, schedules, precision and the streaming path."""
 
+import copy
 import json
 import math
 import re
@@ -127,17 +128,70 @@ def test_schedule_follows_its_closed_form_in_a_real_optimizer(decay):
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min((t - 5) / 35, 1.0)))
         return 0.5 ** ((t - 5) // 7) if decay == "step" else 1.0
 
-    parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([parameter], lr=0.2)
+    parameter = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    sgd = {"name": "sgd", "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
+    optimizer = runtime.make_optimizer(sgd, [parameter], lr=0.2)
     scheduler = runtime.make_schedule(optimizer, spec, total)
-    used = []
+    used, moved = [], []
     for _ in range(total + 3):
-        used.append(optimizer.param_groups[0]["lr"])  # the rate this update uses
-        parameter.grad = torch.ones(1)
+        used.append(optimizer.lr)  # the rate this update uses
+        parameter.grad = torch.ones(1, dtype=torch.float64)
+        before = parameter.item()
         optimizer.step()
+        moved.append(before - parameter.item())  # and the update it made: lr x gradient 1
         scheduler.step()
-    np.testing.assert_allclose(used, [0.2 * expected(t) for t in range(total + 3)], rtol=1e-12)
+    rates = [0.2 * expected(t) for t in range(total + 3)]
+    np.testing.assert_allclose(used, rates, rtol=1e-12)
+    np.testing.assert_allclose(moved, rates, rtol=1e-9)
     assert runtime.make_schedule(optimizer, {**spec, "warmup_steps": 0, "decay": "constant"}, total) is None
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "sgd", "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
+        {"name": "sgd", "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4},
+        {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 0.0},
+        {"name": "adamw", "betas": [0.9, 0.999], "weight_decay": 0.01},
+    ],
+    ids=["sgd", "momentum", "nesterov", "adamw"],
+)
+def test_the_optimizer_updates_as_torch_optim_bit_for_bit(spec):
+    """runtime.Optimizer (torch.optim's functional updates, without the classes' dynamo import) against
+    torch.optim.SGD / AdamW themselves: the same weights, bit for bit, after 30 updates of an MLP under a warm-up
+    and cosine schedule (torch's LambdaLR on the classes), a parameter without a gradient on some steps included."""
+    schedule = {"warmup_steps": 5, "decay": "cosine", "min_factor": 0.1, "step_size": 7, "gamma": 0.5}
+    torch.manual_seed(0)
+    ours_model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    extra = torch.nn.Parameter(torch.randn(4))  # updated on even steps only
+    theirs_model = copy.deepcopy(ours_model)
+    theirs_extra = torch.nn.Parameter(extra.detach().clone())
+    initial = extra.detach().clone()
+    ours = runtime.make_optimizer(spec, [*ours_model.parameters(), extra], lr=0.05)
+    ours_schedule = runtime.make_schedule(ours, schedule, 30)
+    kwargs = (
+        {"momentum": spec["momentum"], "nesterov": spec["nesterov"], "weight_decay": spec["weight_decay"]}
+        if spec["name"] == "sgd"
+        else {"betas": tuple(spec["betas"]), "weight_decay": spec["weight_decay"]}
+    )
+    kind = torch.optim.SGD if spec["name"] == "sgd" else torch.optim.AdamW
+    theirs = kind([*theirs_model.parameters(), theirs_extra], lr=0.05, **kwargs)
+    theirs_schedule = torch.optim.lr_scheduler.LambdaLR(theirs, lambda t: runtime.lr_factor(schedule, t, 30))
+    generator = torch.Generator().manual_seed(1)
+    for t in range(30):
+        x, y = torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+        for model, p, optimizer, scheduler in ((ours_model, extra, ours, ours_schedule),
+                                               (theirs_model, theirs_extra, theirs, theirs_schedule)):  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if t % 2 == 0:
+                loss = loss + (p**2).sum()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    for a, b in zip([*ours_model.parameters(), extra], [*theirs_model.parameters(), theirs_extra], strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(extra, initial)  # the parameter that had no gradient on odd steps moved on the others
 
 
 def test_warmup_and_cosine_train_and_are_recorded():
@@ -211,6 +265,7 @@ def test_compiled_step_matches_eager(monkeypatch):
     import torch._inductor.config
     from torch._dynamo.utils import counters
 
+    runtime.setup(1, CPU)  # as the stage does: the CPU's default, deterministic (alone, this test had no one set it)
     eager, _ = train(stage_train.config_slice(digits_config(), "w"), 64, 0.1, 0, CPU)
     counters.clear()
     monkeypatch.setattr(torch._inductor.config, "deterministic", False)  # restored for the later tests

@@ -1,5 +1,5 @@
 # Curvature of every trained checkpoint, one NetCDF per checkpoint, one job per (workload, seed): a checkpoint
-# takes ~0.25 s on digits while a job's start costs ~3 s (torch, scipy, and the dynamo import torch.func makes),
+# takes ~0.25 s on digits while a job's start costs ~2 s (torch, xarray),
 # so a job per checkpoint, or per (batch size, seed), would spend most of the study starting processes. Adding
 # a seed analyses only the new seed's checkpoints. Adding a batch size reruns the workload's jobs, which read the
 # analyses of unchanged checkpoints back (HESSIAN_REUSE, keyed by the checkpoint's bytes, the slice and the

@@ -32,7 +32,7 @@ rule train_model:
 # The adaptive study (study: adaptive): one job per chosen batch size trains every seed, into the same per-seed
 # directories as train_model. The seeds run in order anyway: the first seed tries the learning rates, likely best
 # first, each run capped at the best run's steps so far; the later seeds train the surviving learning rates. One
-# job rather than one per seed saves a process start (~3.5 s, more than a digits run) per later seed. At the reference
+# job rather than one per seed saves a process start (~2 s, more than a digits run) per later seed. At the reference
 # run's batch size the reference run (the quick estimate's, already paid for) is copied, not trained again.
 if ADAPTIVE:
 

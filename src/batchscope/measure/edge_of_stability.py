@@ -12,6 +12,7 @@ import xarray as xr
 from torch import nn
 
 from batchscope.core import hessian
+from batchscope.engine import runtime
 from batchscope.workloads.base import analysis_data
 from batchscope.workloads.base import build as build_workload
 
@@ -36,9 +37,10 @@ def edge_of_stability(step_size: float, spec: dict[str, Any], device: torch.devi
         goal = nn.functional.one_hot(target, out.shape[-1]).to(out.dtype) if classes else target
         return 0.5 * ((out.reshape(len(out), -1) - goal.reshape(len(out), -1)) ** 2).sum(1).mean()
 
-    # plain gradient descent written out (the update torch.optim.SGD makes without momentum): the first optimizer
-    # built in a process imports dynamo, 1.4 s of this job's start
-    params = [p for p in model.parameters() if p.requires_grad]
+    # plain gradient descent: SGD without momentum or weight decay (a parameter the forward never reaches gets no
+    # gradient, and SGD leaves it alone)
+    plain = {"name": "sgd", "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
+    optimizer = runtime.make_optimizer(plain, model.parameters(), step_size)
     steps, sharpness_values, losses = [], [], []
     for step in range(spec["steps"] + 1):
         if step % spec["interval"] == 0:
@@ -52,12 +54,9 @@ def edge_of_stability(step_size: float, spec: dict[str, Any], device: torch.devi
             sharpness_values.append(float(top.values[0]))
             losses.append(value)
         if step < spec["steps"]:
-            # allow_unused: a parameter the forward never reaches has no gradient, and SGD leaves such a one alone
-            grads = torch.autograd.grad(squared_loss(model(x), y), params, allow_unused=True)
-            with torch.no_grad():
-                for param, grad in zip(params, grads, strict=True):
-                    if grad is not None:
-                        param.add_(grad, alpha=-step_size)
+            optimizer.zero_grad(set_to_none=True)
+            squared_loss(model(x), y).backward()
+            optimizer.step()
     ds = xr.Dataset(
         {
             "lambda_max": ("step", np.asarray(sharpness_values), {"long_name": "largest Hessian eigenvalue"}),

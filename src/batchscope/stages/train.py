@@ -56,7 +56,7 @@ def read_runs(paths: Sequence[str | Path], expect: dict[str, str] | None = None)
 
 def run(args: argparse.Namespace) -> None:
     """Train every (lr, seed) point at one batch size in one process: a run costs ~0.2 s on digits while a
-    process start (torch, xarray, torch.optim's dynamo import) costs ~3.5 s, so the workflow gives each job a
+    process start (torch, xarray) costs ~2 s, so the workflow gives each job a
     seed's whole learning-rate grid (the adaptive study: every seed's). Each point still gets its own NetCDF and
     checkpoint: in ``--out``'s one directory, or with one directory per seed, in its seed's."""
     if (args.snapshot_lr is None) != (args.snapshot_fractions is None):
