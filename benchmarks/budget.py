@@ -116,7 +116,9 @@ def study_config(base: dict, study: str) -> dict:
 
 
 def snakemake(workdir: Path, config_path: Path, target: str, cores: int) -> float:
-    path = os.pathsep.join(p for p in (str(EXAMPLE), os.environ.get("PYTHONPATH", "")) if p)
+    # absolute: the jobs run in the working directory, where a PYTHONPATH relative to here would name nothing
+    user = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    path = os.pathsep.join([str(EXAMPLE), *user])
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], PYTHONPATH=path)
     # the target first: --configfile and --quiet both take several values and would swallow it
     cmd = ["snakemake", target, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores),

@@ -43,6 +43,9 @@ ANALYSES_OFF = ("hessian", "ghost", "edge_of_stability", "branch", "noise")
 
 def snakemake(workdir: Path, target: str, config: Path, *args: str) -> float:
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    # absolute: the jobs run in the working directory, where a PYTHONPATH relative to here would name nothing
+    user = [str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(user)
     # the target first: --configfile and --quiet both take several values and would swallow it
     cmd = ["snakemake", target, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args,
            "--configfile", str(config), "--quiet"]  # fmt: skip

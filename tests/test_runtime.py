@@ -101,6 +101,8 @@ def test_analysis_jobs_start_without_dynamo_or_scipy_stats(tmp_path):
         f"spec = json.loads({json.dumps(spec)!r})\n"
         f"ds = edge_of_stability.edge_of_stability(0.1, spec, torch.device('cpu'), {str(data)!r})\n"
         "print(float(ds['loss'][-1] / ds['loss'][0]), float(ds['lambda_max'][0]))\n"
+        "from batchscope.stages import hessian as stage_hessian\n"  # the aggregate's rank correlation
+        "assert stage_hessian.spearman(x, x**0.5)[0] > 0.99\n"
         "heavy = ('torch._dynamo', 'torch._inductor', 'torch.fx.experimental.symbolic_shapes', 'scipy.stats')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )

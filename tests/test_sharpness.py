@@ -170,6 +170,25 @@ def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):
     assert "reproduced" in hessian_stage.reproduction_sentence(ds)
 
 
+@pytest.mark.parametrize("n", [3, 4, 8, 20, 72])
+def test_spearman_is_scipys(n):
+    """The aggregate's rank correlation and its p-value against scipy.stats.spearmanr (the job itself does not
+    import scipy.stats: 0.7 s), on data with and without ties, of both signs."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(n)
+    for trial in range(40):
+        a = rng.integers(0, 4, n).astype(float) if trial % 2 else rng.normal(size=n)
+        b = a * rng.normal() + rng.normal(size=n) * rng.uniform(0.1, 2)
+        if np.ptp(a) == 0 or np.ptp(b) == 0:
+            continue
+        expected = spearmanr(a, b)
+        rho, p = hessian_stage.spearman(a, b)
+        assert rho == pytest.approx(expected.statistic, abs=1e-12)
+        assert p == pytest.approx(expected.pvalue, rel=1e-9, abs=1e-300)
+    assert all(math.isnan(x) for x in hessian_stage.spearman(np.ones(5), np.arange(5.0)))  # constant: undefined
+
+
 def test_edge_of_stability_sharpness_settles_at_two_over_eta():
     """Cohen et al. 2021 on digits: with 2/eta below where sharpening would plateau (~9.6 for this MLP),
     lambda_max ends within 10% of 2/eta; with a small step it stays far below its limit."""
