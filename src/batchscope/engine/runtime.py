@@ -151,7 +151,8 @@ class Optimizer:
             buffers = self.state.setdefault("momentum_buffer", [None] * len(self.params))
             mine = [buffers[i] for i, _ in live]
             sgd(params, grads, mine, weight_decay=spec["weight_decay"], momentum=spec["momentum"], lr=self.lr,
-                dampening=0.0, nesterov=spec["nesterov"], maximize=False)  # fmt: skip
+                dampening=0.0, nesterov=spec["nesterov"], maximize=False,
+                has_sparse_grad=any(g.is_sparse for g in grads))  # fmt: skip
             for (i, _), buffer in zip(live, mine, strict=True):  # created on a parameter's first update
                 buffers[i] = buffer
             return
@@ -165,7 +166,8 @@ class Optimizer:
         beta1, beta2 = spec["betas"]
         adamw(params, grads, *([self.state[k][i] for i in pick] for k in ("exp_avg", "exp_avg_sq")), [],
               [self.state["step"][i] for i in pick], amsgrad=False, beta1=beta1, beta2=beta2, lr=self.lr,
-              weight_decay=spec["weight_decay"], eps=1e-8, maximize=False)  # fmt: skip
+              weight_decay=spec["weight_decay"], eps=1e-8, maximize=False,
+              has_complex=any(torch.is_complex(p) for p in params))  # fmt: skip
 
 
 def make_optimizer(spec: dict[str, Any], params, lr: float) -> Optimizer:
