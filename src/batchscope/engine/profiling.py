@@ -57,7 +57,7 @@ def profile(spec: dict[str, Any], batch_sizes: Sequence[int], device: torch.devi
 
         _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, len(sizes) + 1)
     optimizer = runtime.make_optimizer(spec["optimizer"], model.parameters(), lr=PROFILE_LR)
-    # the schedule's LambdaLR.step is part of a training step; its factors do not matter at PROFILE_LR
+    # the schedule's step is part of a training step; its factors do not matter at PROFILE_LR
     scheduler = runtime.make_schedule(optimizer, spec.get("schedule"), 10**9)
     step = runtime.make_step(model, optimizer, workload.loss, device, scheduler, wl_spec["precision"],
                              wl_spec["compile"])  # fmt: skip
