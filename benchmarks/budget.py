@@ -110,8 +110,8 @@ def study_config(base: dict, study: str) -> dict:
     config = json.loads(json.dumps(base))
     config["study"] = study
     for key, value in ANALYSES_OFF.items():
-        config[key] = {**config.get(key, {}), **value}
-    config["noise"] = {**config.get("noise", {}), "enabled": False}  # its own results; quick still measures B_noise
+        config[key] = {**(config.get(key) or {}), **value}
+    config["noise"] = {**(config.get("noise") or {}), "enabled": False}  # its own results; quick still measures B_noise
     return config
 
 

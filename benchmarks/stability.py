@@ -100,7 +100,7 @@ def study_config(path: Path, study: str | None, workdir: Path) -> tuple[Path, st
     config["study"] = study
     if study == "adaptive":
         for key in ANALYSES_OFF:
-            config[key] = {**config.get(key, {}), "enabled": False}
+            config[key] = {**(config.get(key) or {}), "enabled": False}
     out = workdir / "config.yaml"
     out.write_text(yaml.safe_dump(config))
     return out, workload

@@ -297,6 +297,20 @@ def test_an_edge_of_the_trained_bracket_is_not_called_the_grids_edge():
     between.attrs.update(grid_batch_sizes=json.dumps([64, 128, 256]), study="full")
     assert not any("grid's smallest" in n or "extend grid" in n for n in fit.diagnose(between))
     assert any("grid's smallest" in n for n in fit.diagnose(ds.assign_attrs(study="full")))
+    # only the fastest edge points past itself: the far edge, indistinguishable on its own, gets no note
+    apart = ds.assign(indistinguishable=("batch_size", [True, False, True])).assign_attrs(study="full")
+    notes = fit.diagnose(apart)
+    assert any("grid's smallest batch size 64 is the fastest" in n for n in notes)
+    assert not any("largest" in n and "extend grid" in n for n in notes)
+    # the fastest at the grid's top, the next size up out of memory: the device bounds the answer, not the grid
+    top = ds.assign(indistinguishable=("batch_size", [False, False, True]), fastest_batch_size=((), 256),
+                    largest_feasible_batch_size=((), 256), smallest_infeasible_batch_size=((), 512),
+                    b_opt=((), 250.0), b_opt_ci=("bound", [240.0, 260.0])).assign_attrs(study="full")  # fmt: skip
+    notes = fit.diagnose(top)
+    assert any("larger sizes run out of memory (at B = 512)" in n and "use 256" in n for n in notes)
+    assert not any("extend grid.batch_sizes upward" in n for n in notes)
+    no_limit = top.drop_vars("smallest_infeasible_batch_size")
+    assert any("extend grid.batch_sizes upward" in n for n in fit.diagnose(no_limit))
 
 
 def test_the_study_is_in_the_fits_config_hash_and_full_is_unchanged(repo):

@@ -159,11 +159,12 @@ def test_schedule_follows_its_closed_form_in_a_real_optimizer(decay):
 def test_the_optimizer_updates_as_torch_optim_bit_for_bit(spec):
     """runtime.Optimizer (torch.optim's functional updates, without the classes' dynamo import) against
     torch.optim.SGD / AdamW themselves: the same weights, bit for bit, after 30 updates of an MLP under a warm-up
-    and cosine schedule (torch's LambdaLR on the classes), a parameter without a gradient on some steps included."""
+    and cosine schedule (torch's LambdaLR on the classes), a parameter without a gradient on some steps (the first
+    included) among them."""
     schedule = {"warmup_steps": 5, "decay": "cosine", "min_factor": 0.1, "step_size": 7, "gamma": 0.5}
     torch.manual_seed(0)
     ours_model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    extra = torch.nn.Parameter(torch.randn(4))  # updated on even steps only
+    extra = torch.nn.Parameter(torch.randn(4))  # updated on odd steps only
     theirs_model = copy.deepcopy(ours_model)
     theirs_extra = torch.nn.Parameter(extra.detach().clone())
     initial = extra.detach().clone()
@@ -184,14 +185,14 @@ def test_the_optimizer_updates_as_torch_optim_bit_for_bit(spec):
                                                (theirs_model, theirs_extra, theirs, theirs_schedule)):  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss = torch.nn.functional.cross_entropy(model(x), y)
-            if t % 2 == 0:
+            if t % 2 == 1:  # its first gradient at the second update: its state starts then
                 loss = loss + (p**2).sum()
             loss.backward()
             optimizer.step()
             scheduler.step()
     for a, b in zip([*ours_model.parameters(), extra], [*theirs_model.parameters(), theirs_extra], strict=True):
         assert torch.equal(a, b)
-    assert not torch.equal(extra, initial)  # the parameter that had no gradient on odd steps moved on the others
+    assert not torch.equal(extra, initial)  # the parameter without a gradient on even steps moved on the others
 
 
 def test_warmup_and_cosine_train_and_are_recorded():

@@ -156,12 +156,16 @@ class Optimizer:
             for (i, _), buffer in zip(live, mine, strict=True):  # created on a parameter's first update
                 buffers[i] = buffer
             return
-        if not self.state:  # zeros, and a step count on the host, as torch.optim.AdamW starts them
-            self.state = {
-                "exp_avg": [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params],
-                "exp_avg_sq": [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params],
-                "step": [torch.tensor(0.0, dtype=torch.get_default_dtype()) for _ in self.params],
-            }
+        if not self.state:
+            self.state = {key: [None] * len(self.params) for key in ("exp_avg", "exp_avg_sq", "step")}
+        # zero moments and a step count on the host, made at a parameter's first gradient, as torch.optim.AdamW does
+        # (float64 under a float64 default, float32 otherwise)
+        count = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        for i, p in live:
+            if self.state["step"][i] is None:
+                self.state["exp_avg"][i] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.state["exp_avg_sq"][i] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.state["step"][i] = torch.tensor(0.0, dtype=count, device="cpu")
         pick = [i for i, _ in live]
         beta1, beta2 = spec["betas"]
         adamw(params, grads, *([self.state[k][i] for i in pick] for k in ("exp_avg", "exp_avg_sq")), [],

@@ -300,14 +300,15 @@ def diagnose(ds: xr.Dataset) -> list[str]:
                 f"{', '.join(map(str, sizes))}; extend the workload's learning_rates (or lr_scaling.base_lrs) "
                 f"{'upward' if side == 'largest' else 'downward'}, or K(B) there is overestimated"
             )
-    same = set(b[ds["indistinguishable"].values.astype(bool)].tolist())
     grid = json.loads(ds.attrs.get("grid_batch_sizes", "[]")) or b.tolist()
     adaptive_study = ds.attrs.get("study") == "adaptive"
     trained = "the trained sizes" if adaptive_study else "the grid"
     fastest_only = "the fastest trained size" if adaptive_study else "the grid's fastest"
     fastest = int(ds["fastest_batch_size"])
+    limit = int(ds["smallest_infeasible_batch_size"]) if "smallest_infeasible_batch_size" in ds else -1
     for edge, where, direction in ((lowest, "smallest", "downward"), (highest, "largest", "upward")):
-        if edge not in same or len(b) < 2:
+        # an edge only the fastest can point past (the indistinguishable sizes need not be contiguous)
+        if edge != fastest or len(b) < 2:
             continue
         beyond = [g for g in grid if (g < edge if direction == "downward" else g > edge)]
         # the extend_bracket checkpoint's rule, for both studies: an edge as fast as its inner neighbour has the
@@ -324,13 +325,16 @@ def diagnose(ds: xr.Dataset) -> list[str]:
                 )
         else:
             # a size past the grid's edge stands in for the one the user would add
-            past_grid = [*grid, edge // 2 if direction == "downward" else edge * 2]
-            past, _ = adaptive.extension(b.tolist(), fastest, ds["indistinguishable"].values, past_grid)
-            if past is not None:
-                notes.append(
-                    f"the grid's {where} batch size {edge} is the fastest, beating its neighbour beyond noise: "
-                    f"the optimum may lie beyond it; extend grid.batch_sizes {direction}"
-                )
+            next_size = edge // 2 if direction == "downward" else edge * 2
+            past, _ = adaptive.extension(b.tolist(), fastest, ds["indistinguishable"].values, [*grid, next_size])
+            if past is None:
+                continue
+            beats = f"the grid's {where} batch size {edge} is the fastest, beating its neighbour beyond noise"
+            if direction == "upward" and 0 < limit <= next_size:  # the next size up ran out of memory
+                notes.append(f"{beats}, and larger sizes run out of memory (at B = {limit}): the device, not the "
+                             f"grid, bounds the answer; use {edge}")  # fmt: skip
+            elif next_size >= 1:
+                notes.append(f"{beats}: the optimum may lie beyond it; extend grid.batch_sizes {direction}")
     b_opt_value = float(ds["b_opt"])
     low, high = ds["b_opt_ci"].values
     if not lowest <= b_opt_value <= highest:
