@@ -89,3 +89,12 @@ def test_tf32_and_cudnn_benchmark_follow_the_config_and_are_recorded():
     assert recorded["tf32"] == 1 and recorded["deterministic"] == 0
     runtime.setup(1, CUDA, False, False)
     assert store.numerics()["tf32"] == 0
+
+
+@pytest.mark.parametrize("index", range(4), ids=["sgd", "momentum", "nesterov", "adamw"])
+def test_the_optimizer_updates_as_torch_optim_on_cuda(index):
+    """runtime.Optimizer on CUDA, where torch's functional updates take the foreach path, against torch.optim's
+    classes there: bit for bit, as on the CPU."""
+    from tests.test_workloads import OPTIMIZERS, assert_updates_as_torch_optim
+
+    assert_updates_as_torch_optim(OPTIMIZERS[index], CUDA)

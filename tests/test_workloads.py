@@ -146,25 +146,24 @@ def test_schedule_follows_its_closed_form_in_a_real_optimizer(decay):
     assert runtime.make_schedule(optimizer, {**spec, "warmup_steps": 0, "decay": "constant"}, total) is None
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [
-        {"name": "sgd", "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
-        {"name": "sgd", "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4},
-        {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 0.0},
-        {"name": "adamw", "betas": [0.9, 0.999], "weight_decay": 0.01},
-    ],
-    ids=["sgd", "momentum", "nesterov", "adamw"],
-)
-def test_the_optimizer_updates_as_torch_optim_bit_for_bit(spec):
+OPTIMIZERS = [
+    {"name": "sgd", "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
+    {"name": "sgd", "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4},
+    {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 0.0},
+    {"name": "adamw", "betas": [0.9, 0.999], "weight_decay": 0.01},
+]
+OPTIMIZER_IDS = ["sgd", "momentum", "nesterov", "adamw"]
+
+
+def assert_updates_as_torch_optim(spec: dict, device: torch.device) -> None:
     """runtime.Optimizer (torch.optim's functional updates, without the classes' dynamo import) against
     torch.optim.SGD / AdamW themselves: the same weights, bit for bit, after 30 updates of an MLP under a warm-up
     and cosine schedule (torch's LambdaLR on the classes), a parameter without a gradient on some steps (the first
-    included) among them."""
+    included) among them. On CUDA both take torch's foreach path (tests/test_cuda.py)."""
     schedule = {"warmup_steps": 5, "decay": "cosine", "min_factor": 0.1, "step_size": 7, "gamma": 0.5}
     torch.manual_seed(0)
-    ours_model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    extra = torch.nn.Parameter(torch.randn(4))  # updated on odd steps only
+    ours_model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(device)
+    extra = torch.nn.Parameter(torch.randn(4, device=device))  # updated on odd steps only
     theirs_model = copy.deepcopy(ours_model)
     theirs_extra = torch.nn.Parameter(extra.detach().clone())
     initial = extra.detach().clone()
@@ -181,6 +180,7 @@ def test_the_optimizer_updates_as_torch_optim_bit_for_bit(spec):
     generator = torch.Generator().manual_seed(1)
     for t in range(30):
         x, y = torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+        x, y = x.to(device), y.to(device)
         for model, p, optimizer, scheduler in ((ours_model, extra, ours, ours_schedule),
                                                (theirs_model, theirs_extra, theirs, theirs_schedule)):  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
@@ -193,6 +193,11 @@ def test_the_optimizer_updates_as_torch_optim_bit_for_bit(spec):
     for a, b in zip([*ours_model.parameters(), extra], [*theirs_model.parameters(), theirs_extra], strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(extra, initial)  # the parameter without a gradient on even steps moved on the others
+
+
+@pytest.mark.parametrize("spec", OPTIMIZERS, ids=OPTIMIZER_IDS)
+def test_the_optimizer_updates_as_torch_optim_bit_for_bit(spec):
+    assert_updates_as_torch_optim(spec, CPU)
 
 
 def test_warmup_and_cosine_train_and_are_recorded():
