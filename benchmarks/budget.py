@@ -53,6 +53,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from batchscope import config as cfg
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "budget.json"
 EXAMPLE = REPO / "examples" / "own_workload"
@@ -217,6 +219,9 @@ def run_workload(workload: str, base: dict, cores: int, keep: Path | None) -> di
             workdir.mkdir(parents=True, exist_ok=True)
             config_path = workdir / "config.yaml"
             config_path.write_text(yaml.safe_dump(study_config(base, study)))
+            # the config as changed here is refused by name before any job (its factories: by the workflow, on the
+            # PYTHONPATH the jobs get)
+            cfg.load(config_path, importable=False)
             seconds = snakemake(workdir, config_path, f"results/fit/{workload}.nc", cores)
             row[study] = {"wall_s": round(seconds, 1), **answer(workdir, workload)}
             print(f"  {workload} {study}: {seconds:.0f} s, fastest B {row[study]['fastest']}", flush=True)
@@ -288,8 +293,6 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     if args.config:
-        from batchscope import config as cfg
-
         cfg.load(args.config)  # a bad config is refused by name before anything runs
         studies, results = from_config(args.config), RESULTS.with_name(f"budget-{args.config.stem}.json")
     else:

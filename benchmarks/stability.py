@@ -33,6 +33,8 @@ from pathlib import Path
 
 import yaml
 
+from batchscope import config as cfg
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "stability.json"
 DEFAULT_CONFIG = REPO / "config" / "config.yaml"
@@ -103,6 +105,7 @@ def study_config(path: Path, study: str | None, workdir: Path) -> tuple[Path, st
             config[key] = {**(config.get(key) or {}), "enabled": False}
     out = workdir / "config.yaml"
     out.write_text(yaml.safe_dump(config))
+    cfg.load(out, importable=False)  # as changed here, refused by name before any job (factories: by the workflow)
     return out, workload
 
 
@@ -113,8 +116,6 @@ def main() -> None:
                         "(default: config/config.yaml)")  # fmt: skip
     parser.add_argument("--study", choices=("full", "adaptive"), help="override the config's study")
     args = parser.parse_args()
-    from batchscope import config as cfg
-
     cfg.load(args.config)  # a bad config is refused by name before anything runs
     results = RESULTS if args.config.resolve() == DEFAULT_CONFIG and args.study is None else RESULTS.with_name(
         f"stability-{args.config.stem}{'-' + args.study if args.study else ''}.json")  # fmt: skip
