@@ -12,6 +12,7 @@ from batchscope.core.hessian import HessianOperator, top_eigenvalues
 from batchscope.engine import profiling, runtime
 from batchscope.stages import profile as profile_stage
 from batchscope.workloads.models import build_model
+from tests.test_workloads import OPTIMIZER_IDS, OPTIMIZERS, assert_updates_as_torch_optim
 
 pytestmark = [
     pytest.mark.cuda,
@@ -91,10 +92,8 @@ def test_tf32_and_cudnn_benchmark_follow_the_config_and_are_recorded():
     assert store.numerics()["tf32"] == 0
 
 
-@pytest.mark.parametrize("index", range(4), ids=["sgd", "momentum", "nesterov", "adamw"])
-def test_the_optimizer_updates_as_torch_optim_on_cuda(index):
+@pytest.mark.parametrize("spec", OPTIMIZERS, ids=OPTIMIZER_IDS)
+def test_the_optimizer_updates_as_torch_optim_on_cuda(spec):
     """runtime.Optimizer on CUDA, where torch's functional updates take the foreach path, against torch.optim's
     classes there: bit for bit, as on the CPU."""
-    from tests.test_workloads import OPTIMIZERS, assert_updates_as_torch_optim
-
-    assert_updates_as_torch_optim(OPTIMIZERS[index], CUDA)
+    assert_updates_as_torch_optim(spec, CUDA)

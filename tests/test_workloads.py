@@ -141,7 +141,10 @@ def test_schedule_follows_its_closed_form_in_a_real_optimizer(decay):
         moved.append(before - parameter.item())  # and the update it made: lr x gradient 1
         scheduler.step()
     rates = [0.2 * expected(t) for t in range(total + 3)]
+    # the rates: the same products in another order, so equal to rounding (1e-16); 1e-12 leaves room for that only
     np.testing.assert_allclose(used, rates, rtol=1e-12)
+    # the moves: a difference of two float64 weights of size up to the summed rates (~5), so its rounding is up to
+    # ~1e-15 x 5 against a move of >= 0.004 (the first warm-up step): about 1e-12 relative; 1e-9 is well above it
     np.testing.assert_allclose(moved, rates, rtol=1e-9)
     assert runtime.make_schedule(optimizer, {**spec, "warmup_steps": 0, "decay": "constant"}, total) is None
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw  # the functional forms: importing them imports no dynamo
+from torch.optim.sgd import sgd
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from batchscope import faults
@@ -130,7 +132,14 @@ class Optimizer:
             raise ValueError(f"unknown optimizer {spec['name']!r}")
         self.spec, self.lr = spec, lr
         self.params = [p for p in params if p.requires_grad]
-        self.state: dict[str, list] = {}
+        self.complex = any(torch.is_complex(p) for p in self.params)
+        # per parameter, None until its first gradient (as the classes start their state): SGD's momentum buffer
+        # (made by the functional update), AdamW's moments and step count
+        n = len(self.params)
+        self.momentum_buffer: list[torch.Tensor | None] = [None] * n
+        self.exp_avg: list[torch.Tensor | None] = [None] * n
+        self.exp_avg_sq: list[torch.Tensor | None] = [None] * n
+        self.steps: list[torch.Tensor | None] = [None] * n
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -141,37 +150,29 @@ class Optimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        from torch.optim.adamw import adamw
-        from torch.optim.sgd import sgd
-
         spec = self.spec
-        live = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
-        params, grads = [p for _, p in live], [p.grad for _, p in live]
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[i] for i in live]
+        grads = [p.grad for p in params]
         if spec["name"] == "sgd":
-            buffers = self.state.setdefault("momentum_buffer", [None] * len(self.params))
-            mine = [buffers[i] for i, _ in live]
-            sgd(params, grads, mine, weight_decay=spec["weight_decay"], momentum=spec["momentum"], lr=self.lr,
+            buffers = [self.momentum_buffer[i] for i in live]
+            sgd(params, grads, buffers, weight_decay=spec["weight_decay"], momentum=spec["momentum"], lr=self.lr,
                 dampening=0.0, nesterov=spec["nesterov"], maximize=False,
                 has_sparse_grad=any(g.is_sparse for g in grads))  # fmt: skip
-            for (i, _), buffer in zip(live, mine, strict=True):  # created on a parameter's first update
-                buffers[i] = buffer
+            for i, buffer in zip(live, buffers, strict=True):  # created on a parameter's first update
+                self.momentum_buffer[i] = buffer
             return
-        if not self.state:
-            self.state = {key: [None] * len(self.params) for key in ("exp_avg", "exp_avg_sq", "step")}
-        # zero moments and a step count on the host, made at a parameter's first gradient, as torch.optim.AdamW does
-        # (float64 under a float64 default, float32 otherwise)
-        count = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        for i, p in live:
-            if self.state["step"][i] is None:
-                self.state["exp_avg"][i] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                self.state["exp_avg_sq"][i] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                self.state["step"][i] = torch.tensor(0.0, dtype=count, device="cpu")
-        pick = [i for i, _ in live]
+        for i in live:
+            if self.steps[i] is None:  # zero moments, the step count on the host in the class's dtype
+                p = self.params[i]
+                self.exp_avg[i] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.exp_avg_sq[i] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                count = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                self.steps[i] = torch.tensor(0.0, dtype=count, device="cpu")
         beta1, beta2 = spec["betas"]
-        adamw(params, grads, *([self.state[k][i] for i in pick] for k in ("exp_avg", "exp_avg_sq")), [],
-              [self.state["step"][i] for i in pick], amsgrad=False, beta1=beta1, beta2=beta2, lr=self.lr,
-              weight_decay=spec["weight_decay"], eps=1e-8, maximize=False,
-              has_complex=any(torch.is_complex(p) for p in params))  # fmt: skip
+        adamw(params, grads, [self.exp_avg[i] for i in live], [self.exp_avg_sq[i] for i in live], [],
+              [self.steps[i] for i in live], amsgrad=False, beta1=beta1, beta2=beta2, lr=self.lr,
+              weight_decay=spec["weight_decay"], eps=1e-8, maximize=False, has_complex=self.complex)  # fmt: skip
 
 
 def make_optimizer(spec: dict[str, Any], params, lr: float) -> Optimizer:
