@@ -363,10 +363,41 @@ def test_the_bracket_is_extended_past_an_edge_that_wins(trained, fastest, same, 
         assert f"so {expected} is trained too" in reason
 
 
+INSIDE = ([64, 128, 256], 128, [False, True, False])  # the fastest inside the bracket, its neighbours slower
+
+
+@pytest.mark.parametrize(
+    ("bracket", "b_opts", "feasible", "expected"),
+    [
+        (INSIDE, (26.0, 20.0), FEASIBLE, 32),  # both step-time models put b_opt below the bracket: one size below
+        (INSIDE, (600.0, 700.0), FEASIBLE, 512),  # both above: one size above
+        (INSIDE, (NAN, 20.0), FEASIBLE, 32),  # one model has no b_opt: the other decides
+        (INSIDE, (26.0, 300.0), FEASIBLE, None),  # the models disagree on the side: the measured fastest stands
+        (INSIDE, (26.0, 90.0), FEASIBLE, None),  # one inside
+        (INSIDE, (NAN, NAN), FEASIBLE, None),  # no prediction
+        (INSIDE, (), FEASIBLE, None),  # none given (the measured rule alone)
+        (INSIDE, (600.0, 700.0), [8, 16, 32, 64, 128, 256], None),  # 512 does not fit in memory
+        (INSIDE, (0.0, 0.0), FEASIBLE, 32),  # K flat over the bracket: the smallest step time wins, b_opt 0
+        (INSIDE, (math.inf, math.inf), FEASIBLE, 512),  # K(B) ~ 1/B: no per-step floor, b_opt unbounded
+        (([64, 128, 256], 256, [False, False, True]), (20.0, 20.0), FEASIBLE, 512),  # the measured rule first
+    ],
+)
+def test_the_bracket_is_extended_towards_the_fits_b_opt(bracket, b_opts, feasible, expected):
+    """Failing the measured rule, the fit on the bracket decides: every step-time model's b_opt beyond one edge
+    trains the feasible grid's next size past it; models that disagree, or no prediction, train nothing more."""
+    size, reason = adaptive.extension(*bracket, feasible, b_opts)
+    assert size == expected and reason
+    if expected is not None:
+        assert f"so {expected} is trained too" in reason
+    if expected is not None and bracket is INSIDE:
+        assert "the fit on the bracket predicts b_opt" in reason
+
+
 def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):
     """extend_choice on synthetic caches: the bracket 64 to 256 of 8 to 512 at K flat (so the smallest wins by its
     step time); the file keeps the bracket and adds 32, and read_choice reads it. With adaptive.extend off, or with
-    a bracket where the target was reached at one size (no fit), the bracket alone, with the reason."""
+    a bracket where the target was reached at one size (no fit), the bracket alone, with the reason. With the
+    fastest inside the bracket and the fit's b_opt below it, 32 again."""
     import xarray as xr
 
     grid, bracket = FEASIBLE, [64, 128, 256]
@@ -407,3 +438,11 @@ def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):
     assert int(off["extended_batch_size"]) == -1 and off["chosen"].values.sum() == 3 and "off" in off.attrs["reason"]
     once = adaptive.extend_choice(spec_, path, profiles, runs([100.0, NAN, NAN]), "synthetic")
     assert int(once["extended_batch_size"]) == -1 and once.attrs["reason"].startswith("no fit on the bracket")
+    # the fastest inside the bracket (128: steps 100, 40, 60), but K(B) = N_iter + C_var/B fitted on the three
+    # sizes puts b_opt below it (least squares by hand: B_crit 134, b_opt sqrt(134 tau_f/tau_d) = 37): 32 is trained
+    steps = np.array([100.0, 40.0, 60.0])
+    c_var, n_iter = np.polyfit(1 / np.array(bracket), steps, 1)
+    assert math.sqrt(c_var / n_iter * tau_f / tau_d) == pytest.approx(36.6, abs=0.1)
+    dip = adaptive.extend_choice(spec_, path, profiles, runs(steps.tolist()), "synthetic")
+    assert int(dip["bracket_fastest_batch_size"]) == 128 and int(dip["extended_batch_size"]) == 32
+    assert "the fit on the bracket predicts b_opt" in dip.attrs["reason"]

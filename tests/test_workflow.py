@@ -559,6 +559,37 @@ def test_the_adaptive_study_trains_past_a_bracket_edge_that_wins(repo, venv_env,
     assert "checkpoint extend_bracket:" not in off.stdout + off.stderr  # (its slice has extend: it would rerun)
 
 
+def test_an_upgraded_checkpoint_reruns_rather_than_failing(adaptive_study, repo, venv_env, tmp_path):
+    """A batchscope whose extend_bracket algorithm is newer than the cached second round's (a copy of the library,
+    first on the path): the checkpoint reruns and its new file decides the fit's sizes, rather than the DAG failing
+    on the stale file. Back on this library with params off the rerun triggers, nothing would rebuild the file the
+    copy wrote: the error names it before any job."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(adaptive_study[0], workdir, symlinks=True)  # copy2 keeps mtimes
+    lib = tmp_path / "lib"
+    shutil.copytree(repo / "src", lib)
+    stage = lib / "batchscope/stages/adaptive.py"  # where the second round declares its version
+    text = stage.read_text()
+    bumped = re.sub(r'"extend_bracket": Rule\(version=\d+', '"extend_bracket": Rule(version=99', text)
+    assert bumped != text
+    stage.write_text(bumped)
+    env = dict(venv_env, PYTHONPATH=str(lib))
+    target = "results/fit/tiny_mlp.nc"
+    planned = snakemake(repo, workdir, target, "-n", env=env, configfile=repo / ADAPTIVE)
+    assert "checkpoint extend_bracket:" in planned.stdout + planned.stderr
+    snakemake(repo, workdir, target, env=env, configfile=repo / ADAPTIVE)
+    second = read_netcdf(workdir / "results/adaptive/tiny_mlp.extended.nc")
+    assert second.attrs["algorithm_version"] == "99"
+    fit = read_netcdf(workdir / target)
+    assert fit["batch_size"].values.tolist() == sorted(
+        int(b) for b in second["grid_batch_size"].values[second["chosen"].values.astype(bool)]
+    )
+    stale = snakemake(repo, workdir, target, "-n", "--rerun-triggers", "mtime", env=venv_env,
+                      configfile=repo / ADAPTIVE, check=False)  # fmt: skip
+    said = stale.stdout + stale.stderr
+    assert stale.returncode != 0 and "tiny_mlp.extended.nc: computed by version '99' of the extend_bracket" in said
+
+
 def test_the_adaptive_study_reruns_nothing(adaptive_study, repo, venv_env):
     workdir, _ = adaptive_study
     result = snakemake(repo, workdir, "-n", env=venv_env, configfile=repo / ADAPTIVE)

@@ -122,6 +122,11 @@ class CacheError(OSError, ValueError):
     the file and what to do. (An OSError for callers that catch I/O failures, a ValueError as bad input.)"""
 
 
+class VersionError(CacheError):
+    """A cached result computed by another version of its stage's algorithm: the workflow reruns the stage (the
+    version is among its params)."""
+
+
 def read_netcdf(
     path: str | os.PathLike,
     stage: str | None = None,
@@ -154,7 +159,7 @@ def read_netcdf(
             raise CacheError(f"{path}: written by stage {found!r}, expected a {stage!r} result; {rebuild}")
         version = str(rule(stage).version)
         if str(ds.attrs.get("algorithm_version")) != version:
-            raise CacheError(
+            raise VersionError(
                 f"{path}: computed by version {ds.attrs.get('algorithm_version')!r} of the {stage} algorithm; this "
                 f"batchscope has version {version}: {rebuild}"
             )

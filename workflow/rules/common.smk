@@ -4,10 +4,12 @@ import os
 import shutil
 import sys
 
-from snakemake.exceptions import WorkflowError
+from snakemake.exceptions import IncompleteCheckpointException, WorkflowError
+from snakemake.settings.types import RerunTrigger
 
 from batchscope import config as bs_config
 from batchscope import stages as bs_stages
+from batchscope import store as bs_store
 from batchscope.stages import adaptive as bs_adaptive
 from batchscope.stages import ghost as bs_ghost
 from batchscope.stages import noise as bs_noise
@@ -116,24 +118,39 @@ def trained_batch_sizes(workload):
     (study: adaptive; read from its file once it exists)."""
     if not ADAPTIVE:
         return BATCH_SIZES
-    return bs_adaptive.read_choice(*last_choice(workload))
+    return chosen_batch_sizes(last_choice(), workload)
 
 
-def last_choice(workload):
-    """The adaptive study's last checkpoint for a workload, (its file, its rule): the second round's, or the
-    bracket's with adaptive.extend off."""
-    stage = "extend_bracket" if config["adaptive"]["extend"] else "choose_batch_sizes"
-    return getattr(checkpoints, stage).get(workload=workload).output[0], stage
+def last_choice():
+    """The adaptive study's last checkpoint: the second round's, or the bracket's with adaptive.extend off."""
+    return "extend_bracket" if config["adaptive"]["extend"] else "choose_batch_sizes"
+
+
+def chosen_batch_sizes(stage, workload):
+    """The sizes a checkpoint's file holds. A file from another version of its stage (an upgraded batchscope) is
+    pending, not an error: the checkpoint reruns, its version being among its params, and Snakemake evaluates the
+    input functions again once it has; until then nothing that depends on the choice is scheduled. Where params
+    do not trigger reruns (--rerun-triggers without params), nothing would rebuild it: the error says what to do."""
+    pending = getattr(checkpoints, stage)
+    path = pending.get(workload=workload).output[0]
+    try:
+        return bs_adaptive.read_choice(path, stage)
+    except bs_store.VersionError as err:
+        if RerunTrigger.PARAMS not in workflow.dag_settings.rerun_triggers:
+            raise WorkflowError(str(err)) from err
+        raise IncompleteCheckpointException(pending.rule, path) from err
 
 
 def choice_file(wildcards):
     """The fit's record of why its sizes were trained: the last choice's file (none in the full study)."""
-    return last_choice(wildcards.workload)[0] if ADAPTIVE else []
+    if not ADAPTIVE:
+        return []
+    return getattr(checkpoints, last_choice()).get(workload=wildcards.workload).output[0]
 
 
 def bracket_batch_sizes(workload):
     """The adaptive study's first round: the bracket around the quick b_opt."""
-    return bs_adaptive.read_choice(checkpoints.choose_batch_sizes.get(workload=workload).output[0])
+    return chosen_batch_sizes("choose_batch_sizes", workload)
 
 
 def bracket_train_dirs(wildcards):
