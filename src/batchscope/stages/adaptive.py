@@ -269,6 +269,7 @@ def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequenc
     grid = choice["grid_batch_size"].values
     bracket = choice["chosen"].values.astype(bool)
     size, reason, fastest = None, "adaptive.extend is off", -1
+    predicted = {"b_opt": math.nan, "b_opt_sat": math.nan}
     if spec.get("extend", True):
         try:
             bracket_fit = fit.fit_scaling(profile_paths, run_paths, spec, workload, expect)
@@ -276,16 +277,20 @@ def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequenc
             reason = f"no fit on the bracket ({err})"
         else:
             fastest = int(bracket_fit["fastest_batch_size"])
+            predicted = {name: float(bracket_fit[name]) for name in predicted}
             size, reason = extension(bracket_fit["batch_size"].values, fastest,
                                      bracket_fit["indistinguishable"].values,
                                      grid[choice["feasible"].values.astype(bool)],
-                                     [float(bracket_fit[name]) for name in ("b_opt", "b_opt_sat")])  # fmt: skip
+                                     list(predicted.values()))  # fmt: skip
     ds = choice.copy()
     ds["bracket"] = ("grid_batch_size", bracket, {"long_name": "chosen around the quick b_opt (choose_batch_sizes)"})
     ds["chosen"] = ("grid_batch_size", bracket | (grid == (size or -1)), {"long_name": "trained by the adaptive "
                     "study: the bracket and its extension"})  # fmt: skip
     ds["extended_batch_size"] = ((), size or -1, {"long_name": "trained past the bracket (-1: none)"})
     ds["bracket_fastest_batch_size"] = ((), fastest, {"long_name": "the fit on the bracket's fastest (-1: none)"})
+    for name, model in (("b_opt", "linear"), ("b_opt_sat", "saturating")):
+        ds[f"bracket_{name}"] = ((), predicted[name], {"units": "examples", "long_name": f"the fit on the bracket's "
+                                                       f"predicted b_opt, {model} step time (NaN: none)"})  # fmt: skip
     ds.attrs["reason"] = reason
     ds.attrs["bracket_reason"] = choice.attrs.get("reason", "")
     return ds
