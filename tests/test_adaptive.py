@@ -286,11 +286,21 @@ def test_an_edge_of_the_trained_bracket_is_not_called_the_grids_edge():
         coords={"batch_size": b}, attrs={"study": "adaptive", "grid_batch_sizes": json.dumps(GRID)},
     )  # fmt: skip
     notes = fit.diagnose(ds)
-    assert any("the adaptive study's smallest trained batch size 64 is the fastest" in n and "next size 32" in n
+    assert any("the smallest trained size 64 is the fastest" in n and "train the grid's next size 32 too" in n
                for n in notes)  # fmt: skip
     # as fast as its inner neighbour: the optimum lies between them (the extension's rule), no advice to go further
     between = ds.assign(indistinguishable=("batch_size", [True, True, False]))
-    assert not any("adaptive study's smallest" in n or "next size" in n for n in fit.diagnose(between))
+    assert not any("may not hold the optimum" in n or "next size" in n for n in fit.diagnose(between))
+    # the fastest inner, b_opt below the trained sizes with both step-time models: the second round's fit rule
+    # names the size to train, in place of the generic "add batch sizes below it"
+    inner = ds.assign(indistinguishable=("batch_size", [False, True, False]), fastest_batch_size=((), 128),
+                      b_opt=((), 40.0), b_opt_sat=((), 30.0))  # fmt: skip
+    notes = fit.diagnose(inner)
+    assert any("the fit predicts b_opt 40 (linear step time) and 30 (saturating step time), below the trained "
+               "sizes (64 to 256); train the grid's next size 32 too" in n for n in notes)  # fmt: skip
+    assert not any("lies outside" in n for n in notes)
+    disagree = fit.diagnose(inner.assign(b_opt_sat=((), 90.0)))  # the models disagree: no size, the generic note
+    assert not any("next size" in n for n in disagree) and any("lies outside the trained sizes" in n for n in disagree)
     ds.attrs["grid_batch_sizes"] = json.dumps([64, 128, 256])  # the bracket is the whole grid: the grid's edge
     assert any("the grid's smallest batch size 64 is the fastest" in n for n in fit.diagnose(ds))
     # the same rule at the grid's edge (either study): as fast as its neighbour, the optimum is between them
@@ -360,7 +370,7 @@ def test_the_bracket_is_extended_past_an_edge_that_wins(trained, fastest, same, 
     size, reason = adaptive.extension(trained, fastest, same, feasible)
     assert size == expected and reason
     if expected is not None:
-        assert f"so {expected} is trained too" in reason
+        assert "beyond the fit's noise: the optimum lies at or beyond it" in reason
 
 
 INSIDE = ([64, 128, 256], 128, [False, True, False])  # the fastest inside the bracket, its neighbours slower
@@ -377,20 +387,33 @@ INSIDE = ([64, 128, 256], 128, [False, True, False])  # the fastest inside the b
         (INSIDE, (NAN, NAN), FEASIBLE, None),  # no prediction
         (INSIDE, (), FEASIBLE, None),  # none given (the measured rule alone)
         (INSIDE, (600.0, 700.0), [8, 16, 32, 64, 128, 256], None),  # 512 does not fit in memory
-        (INSIDE, (0.0, 0.0), FEASIBLE, 32),  # K flat over the bracket: the smallest step time wins, b_opt 0
+        (INSIDE, (0.0, 0.0), FEASIBLE, 32),  # K flat, the knee at 0: the smallest step time wins, b_opt 0
         (INSIDE, (math.inf, math.inf), FEASIBLE, 512),  # K(B) ~ 1/B: no per-step floor, b_opt unbounded
         (([64, 128, 256], 256, [False, False, True]), (20.0, 20.0), FEASIBLE, 512),  # the measured rule first
+        # a fastest edge is the measured rule's alone: as fast as its neighbour (the optimum between them), or with
+        # nothing past it, the fit does not send the study to the far side
+        (([64, 128, 256], 256, [False, True, True]), (20.0, 20.0), FEASIBLE, None),
+        (([64, 128, 256], 256, [False, False, True]), (20.0, 20.0), [8, 16, 32, 64, 128, 256], None),
     ],
 )
 def test_the_bracket_is_extended_towards_the_fits_b_opt(bracket, b_opts, feasible, expected):
-    """Failing the measured rule, the fit on the bracket decides: every step-time model's b_opt beyond one edge
-    trains the feasible grid's next size past it; models that disagree, or no prediction, train nothing more."""
+    """Failing the measured rule, with the fastest an inner size, the fit decides: every step-time model's b_opt
+    beyond one edge trains the feasible grid's next size past it; models that disagree, or no prediction, train
+    nothing more."""
     size, reason = adaptive.extension(*bracket, feasible, b_opts)
     assert size == expected and reason
-    if expected is not None:
-        assert f"so {expected} is trained too" in reason
     if expected is not None and bracket is INSIDE:
-        assert "the fit on the bracket predicts b_opt" in reason
+        named = [f"{b:.0f} ({model} step time)" for model, b in zip(adaptive.MODELS, b_opts, strict=True)
+                 if not math.isnan(b)]  # fmt: skip
+        assert reason.endswith(f"the fit predicts b_opt {' and '.join(named)}, "
+                               f"{'below' if expected < 64 else 'above'} the trained sizes (64 to 256)")  # fmt: skip
+
+
+def test_an_edge_that_never_reached_the_target_is_not_extended_past():
+    """b_opt below a smallest size whose runs never reached the target: a smaller one would not either."""
+    size, reason = adaptive.extension(*INSIDE, FEASIBLE, (20.0, 20.0), reached=[False, True, True])
+    assert size is None and reason.endswith("but 64 did not reach the target")
+    assert adaptive.extension(*INSIDE, FEASIBLE, (20.0, 20.0), reached=[True, True, True])[0] == 32
 
 
 def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):
@@ -446,7 +469,7 @@ def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):
     assert expected == pytest.approx(30.3, abs=0.1)
     dip = adaptive.extend_choice(spec_, path, profiles, runs(steps.tolist()), "synthetic")
     assert int(dip["bracket_fastest_batch_size"]) == 128 and int(dip["extended_batch_size"]) == 32
-    assert "the fit on the bracket predicts b_opt" in dip.attrs["reason"]
+    assert "the fit predicts b_opt" in dip.attrs["reason"] and dip.attrs["reason"].endswith("so 32 is trained too")
     # 15%: the profiles' 1% timing noise moves the fitted tau_f / tau_d (b_opt by its square root)
     assert float(dip["bracket_b_opt"]) == pytest.approx(expected, rel=0.15) and float(dip["bracket_b_opt_sat"]) < 64
     assert np.isnan(float(off["bracket_b_opt"]))  # no fit, no prediction

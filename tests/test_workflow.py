@@ -548,7 +548,7 @@ def test_the_adaptive_study_trains_past_a_bracket_edge_that_wins(repo, venv_env,
     from batchscope import cli
 
     assert cli.main(["recommend", str(tmp_path / "results"), "--configfile", str(repo / EXTEND)]) == 0
-    assert f"second round: the bracket's smallest size {bracket[0]} is the fastest" in capsys.readouterr().out
+    assert f"second round: the smallest trained size {bracket[0]} is the fastest" in capsys.readouterr().out
     rerun = snakemake(repo, tmp_path, "results/fit/tiny_mlp.nc", "-n", env=venv_env, configfile=repo / EXTEND)
     assert "Nothing to be done" in rerun.stdout + rerun.stderr
     # adaptive.extend off: the fit is redone on the bracket alone, no second checkpoint

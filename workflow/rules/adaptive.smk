@@ -1,7 +1,8 @@
 # The adaptive study (study: adaptive): after the quick estimate, a checkpoint per workload picks the batch sizes
 # to train, a bracket of the grid around the quick b_opt (batchscope.stages.adaptive). Once the bracket is trained,
 # a second checkpoint (extend_bracket) adds the grid's next size past an edge of it that the fit on the bracket
-# finds fastest beyond noise. Their files hold the choices; the input functions of the fit, the Hessian stage and
+# finds fastest beyond noise, or beyond which that fit predicts b_opt (adaptive.extension). Their files hold the
+# choices; the input functions of the fit, the Hessian stage and
 # the cost tables read the second (trained_batch_sizes in common.smk), so only the chosen sizes' training jobs
 # are scheduled.
 checkpoint choose_batch_sizes:
@@ -18,7 +19,7 @@ checkpoint choose_batch_sizes:
         "../envs/batchscope.yaml"
     params:
         spec=config_slice("choose_batch_sizes"),
-        version=STAGES["choose_batch_sizes"].version,
+        version=CHECKPOINT_VERSIONS["choose_batch_sizes"],
         expect=expected_provenance("quick_estimate"),
     shell:
         "python -m batchscope choose-batch-sizes --spec {params.spec:q} --workload {wildcards.workload}"
@@ -41,8 +42,7 @@ checkpoint extend_bracket:
         "../envs/batchscope.yaml"
     params:
         spec=config_slice("extend_bracket"),
-        # it runs the fit on the bracket: a new fit algorithm reruns it too
-        version="{}+fit{}".format(STAGES["extend_bracket"].version, STAGES["fit_scaling"].version),
+        version=CHECKPOINT_VERSIONS["extend_bracket"],
         expect=expected_provenance("choose_batch_sizes", "profile_hardware", "train_model"),
     shell:
         "python -m batchscope extend-bracket --spec {params.spec:q} --workload {wildcards.workload}"

@@ -126,26 +126,38 @@ def last_choice():
     return "extend_bracket" if config["adaptive"]["extend"] else "choose_batch_sizes"
 
 
+# the checkpoints' version params (their rerun triggers), here because chosen_batch_sizes compares them with what
+# Snakemake recorded; extend_bracket runs the fit on the bracket, so a new fit algorithm reruns it too
+CHECKPOINT_VERSIONS = {
+    "choose_batch_sizes": STAGES["choose_batch_sizes"].version,
+    "extend_bracket": "{}+fit{}".format(STAGES["extend_bracket"].version, STAGES["fit_scaling"].version),
+}
+
+
+def checkpoint_file(stage, workload):
+    return getattr(checkpoints, stage).get(workload=workload).output[0]
+
+
 def chosen_batch_sizes(stage, workload):
     """The sizes a checkpoint's file holds. A file from another version of its stage (an upgraded batchscope) is
-    pending, not an error: the checkpoint reruns, its version being among its params, and Snakemake evaluates the
-    input functions again once it has; until then nothing that depends on the choice is scheduled. Where params
-    do not trigger reruns (--rerun-triggers without params), nothing would rebuild it: the error says what to do."""
-    pending = getattr(checkpoints, stage)
-    path = pending.get(workload=workload).output[0]
+    pending rather than an error where Snakemake will rerun the checkpoint: where params trigger reruns and the
+    params it recorded for the file hold another version. Snakemake then evaluates the input functions again on
+    the new file. Otherwise nothing would rebuild it, and the error says what to do."""
+    path = checkpoint_file(stage, workload)
     try:
         return bs_adaptive.read_choice(path, stage)
     except bs_store.VersionError as err:
-        if RerunTrigger.PARAMS not in workflow.dag_settings.rerun_triggers:
-            raise WorkflowError(str(err)) from err
-        raise IncompleteCheckpointException(pending.rule, path) from err
+        # Snakemake records each param as its repr (snakemake.persistence); None: no record, no params trigger
+        recorded = workflow.persistence.params(path)
+        reruns = RerunTrigger.PARAMS in workflow.dag_settings.rerun_triggers and recorded is not None
+        if reruns and repr(CHECKPOINT_VERSIONS[stage]) not in recorded:
+            raise IncompleteCheckpointException(getattr(checkpoints, stage).rule, path) from err
+        raise WorkflowError(str(err)) from err
 
 
 def choice_file(wildcards):
     """The fit's record of why its sizes were trained: the last choice's file (none in the full study)."""
-    if not ADAPTIVE:
-        return []
-    return getattr(checkpoints, last_choice()).get(workload=wildcards.workload).output[0]
+    return checkpoint_file(last_choice(), wildcards.workload) if ADAPTIVE else []
 
 
 def bracket_batch_sizes(workload):

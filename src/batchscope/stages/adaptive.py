@@ -27,9 +27,11 @@ The full grid (``study: full``) trains every batch size, learning rate and seed.
   near or between them, and loses at most that tolerance. An edge that is the fastest and beats its inner
   neighbour beyond noise says the optimum lies at or beyond it, which is where a quick
   estimate that is off by more than the bracket's half-width leaves it: the feasible grid's next size past that
-  edge is trained too (:func:`extension`), once. Failing that, the fit's model decides: where the b_opt it
-  predicts from the bracket's K(B) and the profile lies beyond an edge with both step-time models, the next size
-  past that edge is trained. A quick estimate off by 3x (the digits CNN with momentum 0.9 in
+  edge is trained too (:func:`extension`), once. Failing that, with the fastest an inner size, the fit's model
+  decides: where every step-time model that gives a b_opt (from the bracket's K(B) and the profile) places it
+  beyond the same edge, and that edge reached the target, the next size past it is trained. Past the trained
+  sizes the fit extrapolates, so the threshold is the edge itself: one more size checks it. A quick estimate off
+  by 3x (the digits CNN with momentum 0.9 in
   benchmarks/configs/digits_cnn.yaml) can leave the optimum outside a bracket whose measured fastest, with steps
   to target resolved to a few steps, is an inner size; the fit on the same sizes still places b_opt outside it,
   and the fit's diagnostics would otherwise only tell the user to add that size by hand. The fit then runs on
@@ -201,53 +203,71 @@ def read_choice(path: str, stage: str = "choose_batch_sizes") -> list[int]:
     return [int(b) for b in ds["grid_batch_size"].values[ds["chosen"].values.astype(bool)]]
 
 
-def extension(trained: Sequence[int], fastest: int, indistinguishable: Sequence[bool],
-              feasible_grid: Sequence[int], b_opts: Sequence[float] = ()) -> tuple[int | None, str]:  # fmt: skip
-    """The grid size to train past the bracket, or None, and why.
+MODELS = ("linear", "saturating")  # the step-time models whose b_opt the fit predicts, in b_opts' order
 
-    ``trained``: the bracket's sizes (ascending); ``fastest``: the fit's fastest of them; ``indistinguishable``:
-    per trained size, whether the fit cannot tell it from the fastest; ``feasible_grid``: the grid sizes that fit
-    in memory; ``b_opts``: the fit's predicted b_opt on the bracket with the linear and the saturating step time
-    (NaN: none). An edge of the bracket is extended past when it is the fastest and its inner neighbour is not
-    indistinguishable from it; failing that, when every predicted b_opt lies beyond it (module docstring)."""
+
+def extension(trained: Sequence[int], fastest: int, indistinguishable: Sequence[bool],
+              feasible_grid: Sequence[int], b_opts: Sequence[float] = (),
+              reached: Sequence[bool] | None = None) -> tuple[int | None, str]:  # fmt: skip
+    """The grid size to train past the trained sizes, or None, and the evidence in words (what the second round
+    appends ", so N is trained too" to, and the fit's note "train the grid's next size N too").
+
+    ``trained``: the trained sizes, the bracket (ascending); ``fastest``: the fit's fastest of them;
+    ``indistinguishable``: per trained size, whether the fit cannot tell it from the fastest; ``feasible_grid``:
+    the grid sizes that fit in memory; ``b_opts``: the fit's predicted b_opt per step-time model (:data:`MODELS`;
+    NaN: that model gives none); ``reached``: per trained size, whether it reached the target (None: all did).
+
+    The measured rule first: an edge that is the fastest and beats its inner neighbour beyond noise is extended
+    past. Failing that, with the fastest an inner size, the fit decides: when every model that gives a b_opt
+    places it beyond the same edge, and that edge reached the target, the next size past it is trained. The
+    threshold is the edge, not the geometric midpoint to the next size: past the trained sizes the fit
+    extrapolates, and one more size is the check (module docstring)."""
     sizes = [int(b) for b in trained]
     same = dict(zip(sizes, (bool(x) for x in indistinguishable), strict=True))
     if len(sizes) < 2 or fastest not in same:
         return None, "fewer than two trained sizes to compare"
     feasible = sorted(int(g) for g in feasible_grid)
-    size, reason = _past_the_fastest_edge(sizes, fastest, same, feasible)
-    predicted = [float(b) for b in b_opts if not math.isnan(b)]
-    below, above = (bool(predicted) and all(side(b) for b in predicted)
-                    for side in (lambda b: b < sizes[0], lambda b: b > sizes[-1]))  # fmt: skip
-    if size is not None or not (below or above):
-        return size, reason
-    beyond = [b for b in feasible if (b < sizes[0] if below else b > sizes[-1])]
-    values = " and ".join(f"{b:.0f}" for b in predicted)
-    where = f"b_opt {values}, {'below' if below else 'above'} the bracket ({sizes[0]} to {sizes[-1]})"
-    if not beyond:
-        return None, f"{reason}; the fit on the bracket predicts {where}, and the feasible grid has no size beyond it"
-    size = beyond[-1] if below else beyond[0]
-    return size, f"{reason}; the fit on the bracket predicts {where}, so {size} is trained too"
+    if fastest in (sizes[0], sizes[-1]):
+        return _past_the_fastest_edge(sizes, fastest, same, feasible)
+    reason = f"the fastest trained size, {fastest}, is an inner one"
+    predicted = {model: float(b) for model, b in zip(MODELS, b_opts, strict=False) if not math.isnan(b)}
+    below = bool(predicted) and all(b < sizes[0] for b in predicted.values())
+    above = bool(predicted) and all(b > sizes[-1] for b in predicted.values())
+    if not (below or above):
+        return None, reason
+    values = " and ".join(f"{b:.0f} ({model} step time)" for model, b in predicted.items())
+    edge = sizes[0] if below else sizes[-1]
+    where = f"b_opt {values}, {'below' if below else 'above'} the trained sizes ({sizes[0]} to {sizes[-1]})"
+    if reached is not None and not dict(zip(sizes, reached, strict=True))[edge]:
+        return None, f"{reason}; the fit predicts {where}, but {edge} did not reach the target"
+    size = _next_past(feasible, edge, below)
+    if size is None:
+        return None, f"{reason}; the fit predicts {where}, and the feasible grid has no size past them"
+    return size, f"{reason}; the fit predicts {where}"
+
+
+def _next_past(feasible: list[int], edge: int, below: bool) -> int | None:
+    """The feasible grid's next size below or above ``edge`` (None: there is none)."""
+    beyond = [b for b in feasible if (b < edge if below else b > edge)]
+    return (beyond[-1] if below else beyond[0]) if beyond else None
 
 
 def _past_the_fastest_edge(sizes: list[int], fastest: int, same: dict[int, bool],
                            feasible: list[int]) -> tuple[int | None, str]:  # fmt: skip
-    """The measured rule: the grid size past an edge that is the fastest beyond noise, or None, and why."""
-    if fastest not in (sizes[0], sizes[-1]):
-        return None, f"the fastest trained size, {fastest}, is inside the bracket"
+    """The measured rule, for a fastest size at an edge: the grid size past it when it beats its inner neighbour
+    beyond noise, or None, and why."""
     low_edge = fastest == sizes[0]
     inner = sizes[1] if low_edge else sizes[-2]
-    if same[inner]:
-        return None, (f"the bracket's {'smallest' if low_edge else 'largest'} size {fastest} is the fastest, but "
-                      f"{inner} is as fast within the fit's noise: the optimum lies between them")  # fmt: skip
-    beyond = [b for b in feasible if (b < fastest if low_edge else b > fastest)]
-    if not beyond:
-        return None, (f"the bracket's {'smallest' if low_edge else 'largest'} size {fastest} is the fastest, and "
-                      f"the feasible grid has no size {'below' if low_edge else 'above'} it")  # fmt: skip
-    size = beyond[-1] if low_edge else beyond[0]
     side = "smallest" if low_edge else "largest"
-    return size, (f"the bracket's {side} size {fastest} is the fastest, beating {inner} beyond the fit's noise: "
-                  f"the optimum lies at or beyond it, so {size} is trained too")  # fmt: skip
+    if same[inner]:
+        return None, (f"the {side} trained size {fastest} is the fastest, but {inner} is as fast within the fit's "
+                      "noise: the optimum lies between them")  # fmt: skip
+    size = _next_past(feasible, fastest, low_edge)
+    if size is None:
+        return None, (f"the {side} trained size {fastest} is the fastest, and the feasible grid has no size "
+                      f"{'below' if low_edge else 'above'} it")  # fmt: skip
+    return size, (f"the {side} trained size {fastest} is the fastest, beating {inner} beyond the fit's noise: the "
+                  "optimum lies at or beyond it")  # fmt: skip
 
 
 def extension_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
@@ -263,16 +283,18 @@ def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequenc
     """The second checkpoint's file: the choice's variables with ``chosen`` the sizes trained in the end (the
     bracket, ``bracket``, and the extension, ``extended_batch_size``, -1 for none) and what decided it."""
     from batchscope.stages import fit
-    from batchscope.store import read_expected
+    from batchscope.store import CacheError, read_expected
 
     choice = read_expected(choice_path, "choose_batch_sizes", VARIABLES, expect)
     grid = choice["grid_batch_size"].values
     bracket = choice["chosen"].values.astype(bool)
     size, reason, fastest = None, "adaptive.extend is off", -1
-    predicted = {"b_opt": math.nan, "b_opt_sat": math.nan}
+    predicted = {"b_opt": math.nan, "b_opt_sat": math.nan}  # in MODELS' order
     if spec.get("extend", True):
         try:
             bracket_fit = fit.fit_scaling(profile_paths, run_paths, spec, workload, expect)
+        except CacheError:  # a stale or damaged cache is the user's to fix, not a bracket without a fit
+            raise
         except ValueError as err:  # e.g. the target reached at fewer than two sizes: the final fit says it again
             reason = f"no fit on the bracket ({err})"
         else:
@@ -280,8 +302,9 @@ def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequenc
             predicted = {name: float(bracket_fit[name]) for name in predicted}
             size, reason = extension(bracket_fit["batch_size"].values, fastest,
                                      bracket_fit["indistinguishable"].values,
-                                     grid[choice["feasible"].values.astype(bool)],
-                                     list(predicted.values()))  # fmt: skip
+                                     grid[choice["feasible"].values.astype(bool)], list(predicted.values()),
+                                     np.isfinite(bracket_fit["k"].values))  # fmt: skip
+            reason += f", so {size} is trained too" if size is not None else ""
     ds = choice.copy()
     ds["bracket"] = ("grid_batch_size", bracket, {"long_name": "chosen around the quick b_opt (choose_batch_sizes)"})
     ds["chosen"] = ("grid_batch_size", bracket | (grid == (size or -1)), {"long_name": "trained by the adaptive "
@@ -332,8 +355,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 VARIABLES = ("chosen", "feasible", "b_opt", "b_opt_band", "largest_feasible_batch_size")
-# 2: the bracket also covers the saturating step time's b_opt
-# extend_bracket 2: also past an edge beyond which the fit on the bracket predicts b_opt (both step-time models)
+# choose_batch_sizes 2: the bracket also covers the saturating step time's b_opt
+# extend_bracket 2: with the fastest inside the bracket, past an edge beyond which every step-time model's b_opt lies
 RULES = {
     "choose_batch_sizes": Rule(version=2, config_slice=config_slice, variables=VARIABLES),
     "extend_bracket": Rule(version=2, config_slice=extension_slice, variables=VARIABLES + ("extended_batch_size",)),

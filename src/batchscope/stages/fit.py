@@ -306,38 +306,41 @@ def diagnose(ds: xr.Dataset) -> list[str]:
     fastest_only = "the fastest trained size" if adaptive_study else "the grid's fastest"
     fastest = int(ds["fastest_batch_size"])
     limit = int(ds["smallest_infeasible_batch_size"]) if "smallest_infeasible_batch_size" in ds else -1
+    # the adaptive study: the extend_bracket checkpoint's rule on the sizes trained in the end (the grid has more)
+    past_trained = None
+    if adaptive_study and len(b) >= 2:
+        largest = int(ds["largest_feasible_batch_size"])
+        feasible = [g for g in grid if largest <= 0 or g <= largest]
+        b_opts = [float(ds[name]) if name in ds else math.nan for name in ("b_opt", "b_opt_sat")]  # adaptive.MODELS
+        past_trained, evidence = adaptive.extension(b.tolist(), fastest, ds["indistinguishable"].values, feasible,
+                                                    b_opts, np.isfinite(ds["k"].values))  # fmt: skip
+        if past_trained is not None:
+            notes.append(f"the adaptive study's trained sizes ({', '.join(map(str, b))}) may not hold the optimum: "
+                         f"{evidence}; train the grid's next size {past_trained} too, or run study: full")  # fmt: skip
     for edge, where, direction in ((lowest, "smallest", "downward"), (highest, "largest", "upward")):
         # an edge only the fastest can point past (the indistinguishable sizes need not be contiguous)
         if edge != fastest or len(b) < 2:
             continue
-        beyond = [g for g in grid if (g < edge if direction == "downward" else g > edge)]
-        # the extend_bracket checkpoint's rule, for both studies: an edge as fast as its inner neighbour has the
-        # optimum between them; one that beats it beyond noise points past itself
-        if adaptive_study and beyond:  # the trained sizes' edge, not the grid's: the grid has sizes beyond it
-            largest = int(ds["largest_feasible_batch_size"])
-            feasible = [g for g in grid if largest <= 0 or g <= largest]
-            past, _ = adaptive.extension(b.tolist(), fastest, ds["indistinguishable"].values, feasible)
-            if past is not None:
-                notes.append(
-                    f"the adaptive study's {where} trained batch size {edge} is the fastest, beating its "
-                    f"neighbour beyond noise: the optimum may lie beyond the sizes it trained "
-                    f"({', '.join(map(str, b))}); train the grid's next size {past} too, or run study: full"
-                )
-        else:
-            # a size past the grid's edge stands in for the one the user would add
-            next_size = edge // 2 if direction == "downward" else edge * 2
-            past, _ = adaptive.extension(b.tolist(), fastest, ds["indistinguishable"].values, [*grid, next_size])
-            if past is None:
-                continue
-            beats = f"the grid's {where} batch size {edge} is the fastest, beating its neighbour beyond noise"
-            if direction == "upward" and 0 < limit <= next_size:  # the next size up ran out of memory
-                notes.append(f"{beats}, and larger sizes run out of memory (at B = {limit}): the device, not the "
-                             f"grid, bounds the answer; use {edge}")  # fmt: skip
-            elif next_size >= 1:
-                notes.append(f"{beats}: the optimum may lie beyond it; extend grid.batch_sizes {direction}")
+        if adaptive_study and any(g < edge if direction == "downward" else g > edge for g in grid):
+            continue  # the trained sizes' edge, not the grid's: the rule above
+        # the grid's edge, either study, by the same rule: an edge as fast as its inner neighbour has the optimum
+        # between them; one that beats it beyond noise points past itself. A size past the grid's edge stands in
+        # for the one the user would add
+        next_size = edge // 2 if direction == "downward" else edge * 2
+        past, _ = adaptive.extension(b.tolist(), fastest, ds["indistinguishable"].values, [*grid, next_size])
+        if past is None:
+            continue
+        beats = f"the grid's {where} batch size {edge} is the fastest, beating its neighbour beyond noise"
+        if direction == "upward" and 0 < limit <= next_size:  # the next size up ran out of memory
+            notes.append(f"{beats}, and larger sizes run out of memory (at B = {limit}): the device, not the "
+                         f"grid, bounds the answer; use {edge}")  # fmt: skip
+        elif next_size >= 1:
+            notes.append(f"{beats}: the optimum may lie beyond it; extend grid.batch_sizes {direction}")
     b_opt_value = float(ds["b_opt"])
     low, high = ds["b_opt_ci"].values
-    if not lowest <= b_opt_value <= highest:
+    if past_trained is not None:  # the adaptive note above already names the size to train
+        pass
+    elif not lowest <= b_opt_value <= highest:
         notes.append(
             f"predicted b_opt = {b_opt_value:.0f} lies outside {trained} ({lowest} to {highest}); add batch "
             f"sizes {'below' if b_opt_value < lowest else 'above'} it, or trust {fastest_only} only"
