@@ -171,16 +171,21 @@ def test_hessian_settings_rerun_no_training(study, repo, venv_env, tmp_path):
     assert jobs == hessian_jobs(WORKLOADS, SEEDS) | hessian_aggregates | REPORT | ghost
 
 
-def test_algorithm_version_bump_reruns_that_stage(study, repo, venv_env, tmp_path):
-    """A copy of the library whose fit algorithm version is bumped, first on the path."""
+def bumped_library(repo, tmp_path, module: str, rule: str) -> Path:
+    """A copy of the library (for PYTHONPATH) whose stage ``module`` declares version 99 of ``rule``."""
     copy = tmp_path / "lib"
     shutil.copytree(repo / "src", copy)
-    stage = copy / "batchscope/stages/fit.py"  # where the fit stage declares its version
+    stage = copy / f"batchscope/stages/{module}.py"
     text = stage.read_text()
-    bumped = re.sub(r'"fit_scaling": Rule\(version=\d+', '"fit_scaling": Rule(version=99', text)
+    bumped = re.sub(rf'"{rule}": Rule\(version=\d+', f'"{rule}": Rule(version=99', text)
     assert bumped != text
     stage.write_text(bumped)
-    env = dict(venv_env, PYTHONPATH=str(copy))
+    return copy
+
+
+def test_algorithm_version_bump_reruns_that_stage(study, repo, venv_env, tmp_path):
+    """A copy of the library whose fit algorithm version is bumped, first on the path."""
+    env = dict(venv_env, PYTHONPATH=str(bumped_library(repo, tmp_path, "fit", "fit_scaling")))
     jobs = scheduled(snakemake(repo, study, "-n", env=env))
     assert jobs == FITS | FIT_READERS | REPORT
 
@@ -566,14 +571,7 @@ def test_an_upgraded_checkpoint_reruns_rather_than_failing(adaptive_study, repo,
     copy wrote: the error names it before any job."""
     workdir = tmp_path / "copy"
     shutil.copytree(adaptive_study[0], workdir, symlinks=True)  # copy2 keeps mtimes
-    lib = tmp_path / "lib"
-    shutil.copytree(repo / "src", lib)
-    stage = lib / "batchscope/stages/adaptive.py"  # where the second round declares its version
-    text = stage.read_text()
-    bumped = re.sub(r'"extend_bracket": Rule\(version=\d+', '"extend_bracket": Rule(version=99', text)
-    assert bumped != text
-    stage.write_text(bumped)
-    env = dict(venv_env, PYTHONPATH=str(lib))
+    env = dict(venv_env, PYTHONPATH=str(bumped_library(repo, tmp_path, "adaptive", "extend_bracket")))
     target = "results/fit/tiny_mlp.nc"
     planned = snakemake(repo, workdir, target, "-n", env=env, configfile=repo / ADAPTIVE)
     assert "checkpoint extend_bracket:" in planned.stdout + planned.stderr
