@@ -33,6 +33,7 @@ def write_caches(
     b_noise_at=None,
     step_time=None,
     measured=None,
+    b_simple_at=None,
 ):
     """Profiles of T_iter = TAU_F + tau_d B (or ``step_time(B)``), and snapshots of B_NOISE whose resampled pairs
     scatter lognormally by ``pair_spread``."""  # fmt: skip
@@ -46,8 +47,9 @@ def write_caches(
     noise_dir = tmp_path / "noise"
     for i, (step, b_noise) in enumerate((b_noise_at or B_NOISE).items()):
         boot = b_noise * np.exp(pair_spread * rng.standard_normal(200))
-        ds = xr.Dataset({"two_batch_b_noise": ((), b_noise), "two_batch_b_simple": ((), b_noise / 2),
-                         "b_simple": ((), b_noise / 2), "two_batch_b_noise_boot": ("resample", boot)},
+        b_simple = (b_simple_at or {}).get(step, b_noise / 2)
+        ds = xr.Dataset({"two_batch_b_noise": ((), b_noise), "two_batch_b_simple": ((), b_simple),
+                         "b_simple": ((), b_simple), "two_batch_b_noise_boot": ("resample", boot)},
                         attrs={"stage": "measure_gradient_noise", "algorithm_version": NOISE_VERSION, "step": step,
                                "fraction": step / 40, **(measured or {})})  # fmt: skip
         write_netcdf(ds, noise_dir / f"snapshot{i}.nc")
@@ -284,6 +286,22 @@ def test_an_infinite_snapshot_counts_in_the_point_and_its_interval_alike(tmp_pat
     assert float(ds["b_opt"]) == pytest.approx(np.sqrt(b_crit * ratio), rel=1e-12)
     low, high = ds["b_opt_ci"].values
     assert low <= float(ds["b_opt"]) <= high < np.sqrt(80 * ratio)
+
+
+def test_a_snapshot_where_the_loss_curves_down_along_the_gradient_is_named(tmp_path):
+    """B_noise = inf at a snapshot whose B_simple is finite: G^T H G <= 0 there, not a vanished gradient. The
+    estimate is as before (the stretch counts as perfect scaling), and a note names the step and its B_simple."""
+    steps = {0: 3.0, 10: 20.0, 20: math.inf, 30: 80.0, 40: 90.0}
+    profiles, noise_dir = write_caches(tmp_path, b_noise_at=steps, b_simple_at={20: 35.0})
+    ds = quick.estimate(SPEC, profiles, noise_dir)
+    assert float(ds["b_crit"]) == pytest.approx(progress_weighted(steps), rel=1e-12)
+    notes = json.loads(ds.attrs["diagnostics"])
+    assert any(n.startswith("G^T H G <= 0 at step 20 of the reference run (of 4 snapshots after step 0)")
+               and "B_simple there is 35." in n for n in notes)  # fmt: skip
+    # B_simple infinite too (|G|^2 not clear of the noise): no gradient signal, not curvature, and no such note
+    profiles, noise_dir = write_caches(tmp_path / "flat", b_noise_at=steps)
+    notes = json.loads(quick.estimate(SPEC, profiles, noise_dir).attrs["diagnostics"])
+    assert not any(n.startswith("G^T H G <= 0") for n in notes)
 
 
 def test_the_saturating_step_time_gives_its_own_b_opt_and_a_note_when_the_models_disagree(tmp_path):

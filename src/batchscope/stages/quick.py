@@ -180,6 +180,16 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
             f"{which} is capped at the largest batch size profiled, {largest}, which fitted in memory: "
             "profile larger ones (profile.extra_batch_sizes) to see whether the optimum lies beyond"
         )
+    # B_noise = inf with B_simple finite: G^T H G <= 0 while |G|^2 stands clear of the noise, i.e. the loss curves
+    # down along the gradient, where the quadratic model behind B_noise has no optimal step
+    concave = later & np.isinf(ds["b_noise"].values) & np.isfinite(ds["b_simple_two_batch"].values)
+    if concave.any():
+        at = ", ".join(str(int(step)) for step in ds["step"].values[concave])
+        simple = ", ".join(f"{value:.3g}" for value in ds["b_simple_two_batch"].values[concave])
+        notes.append(f"G^T H G <= 0 at step {at} of the reference run (of {int(later.sum())} snapshots after step 0): "
+                     "the loss curves down along the gradient there, B_noise is infinite, and b_crit counts those "
+                     f"stretches as perfect scaling; B_simple there is {simple}. b_opt may be far too high: check "
+                     "it against study: adaptive, or measure more snapshots (noise.snapshot_fractions)")  # fmt: skip
     share = ds.attrs.get("cost_share", math.nan)
     if share > 1:
         floor = ds.attrs.get("min_pairs") == ds.attrs["pairs"]
@@ -257,7 +267,8 @@ VARIABLES = (
 # 3: b_opt_ci from the noise pairs resampled as well as the profiling rounds; b_crit_ci
 # 4: b_opt_sat (the saturating step time); the cap note tells memory from the largest size profiled
 # 5: the point from b_crit, the snapshots' B_noise weighted by progress, rather than the median snapshot's
-RULES = {"quick_estimate": Rule(version=5, config_slice=config_slice, variables=VARIABLES)}
+# 6: a note where G^T H G <= 0 at a snapshot (B_noise infinite, B_simple not)
+RULES = {"quick_estimate": Rule(version=6, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "quick-estimate",
