@@ -436,3 +436,47 @@ def test_the_reports_answer_table_shows_the_quick_estimate_and_its_b_crit(tmp_pa
     low, high = ds["b_opt_band"].values
     assert row["quick: b_opt over the run"] == f"{low:.0f} to {high:.0f}" and row["quick: nearest grid B"] == 64
     assert row["quick: cost (device-s)"] == 0.0 and math.isnan(row["quick: cost (reference runs)"])
+
+
+def test_b_crit_with_the_update_lag_is_what_the_grids_fit_measures():
+    """Runs that spend ``lag`` steps beyond the local law, K(B) = S_min (1 + B_noise / B) + lag, fitted as the full
+    study fits them (scaling.fit_steps: N_iter + C_var / B): their B_crit = C_var / N_iter is what
+    b_crit_with_lag gives from one reference run's steps at b_ref and B_noise alone. An infinite B_noise gives the
+    limit of a large one; no lag, or no steps to the target, leaves B_noise as it is."""
+    from batchscope.core import scaling
+
+    grid = np.array([16, 32, 64, 128, 256, 512, 1024], float)
+    for s_min, b_noise, lag in ((30.0, 120.0, 9.0), (4.0, 350.0, 8.1), (200.0, 60.0, 9.0), (12.0, 20.0, 0.5)):
+        fit = scaling.fit_steps(grid, s_min * (1 + b_noise / grid) + lag)
+        k_ref = s_min * (1 + b_noise / 64) + lag
+        expected = fit.slope / fit.intercept
+        assert float(scaling.b_crit_with_lag(b_noise, k_ref, 64, lag)) == pytest.approx(expected, rel=1e-9)
+        assert expected < b_noise  # the lag only ever lowers it
+    assert float(scaling.b_crit_with_lag(np.inf, 30.0, 64, 9.0)) == pytest.approx(
+        float(scaling.b_crit_with_lag(1e12, 30.0, 64, 9.0)), rel=1e-9)  # fmt: skip
+    assert float(scaling.b_crit_with_lag(120.0, 30.0, 64, 0.0)) == 120.0
+    assert float(scaling.b_crit_with_lag(120.0, math.nan, 64, 9.0)) == 120.0
+
+
+def test_the_quick_estimate_takes_the_optimizers_build_up_off_b_crit(tmp_path):
+    """With SGD at momentum 0.9 (a 9-step build-up) and a reference run that reached the target at step 30, b_crit
+    is B_noise's progress-weighted mean less the build-up's share (scaling.b_crit_with_lag), and b_opt follows it;
+    AdamW has none, and its b_crit is that mean."""
+    from batchscope.core import scaling
+
+    steps = {0: 3.0, 10: 20.0, 20: 50.0, 30: 80.0}
+    profiles, noise_dir = write_caches(tmp_path, b_noise_at=steps, measured={"run_steps_to_target": 30.0})
+    sgd = {**SPEC, "optimizer": {"name": "sgd", "momentum": 0.9, "nesterov": False}, "warmup_steps": 0}
+    ds = quick.estimate(sgd, profiles, noise_dir)
+    mean = progress_weighted(steps, target=30.0)
+    assert float(ds["b_noise_mean"]) == pytest.approx(mean, rel=1e-12)
+    assert float(ds["update_lag"]) == pytest.approx(9.0, rel=1e-12)
+    s_min = (30 - 9) / (1 + mean / 64)
+    assert float(ds["b_crit"]) == pytest.approx(mean * s_min / (s_min + 9), rel=1e-9)
+    ratio = float(ds["tau_f"]) / float(ds["tau_d"])
+    assert float(ds["b_opt"]) == pytest.approx(math.sqrt(float(ds["b_crit"]) * ratio), rel=1e-12)
+    low, high = ds["b_opt_ci"].values
+    assert low <= float(ds["b_opt"]) <= high
+    adamw = quick.estimate({**sgd, "optimizer": {"name": "adamw"}}, profiles, noise_dir)
+    assert float(adamw["update_lag"]) == 0.0 and float(adamw["b_crit"]) == pytest.approx(mean, rel=1e-12)
+    assert float(scaling.b_crit_with_lag(mean, 30.0, 64, 9.0)) == pytest.approx(float(ds["b_crit"]), rel=1e-9)

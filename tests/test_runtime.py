@@ -170,3 +170,37 @@ def test_deterministic_cuda_fixes_the_cublas_workspace(monkeypatch, device, dete
 )
 def test_out_of_memory_includes_cublas_and_cudnn_allocation_failures(message, oom):
     assert runtime.is_out_of_memory(RuntimeError(message)) is oom
+
+
+@pytest.mark.parametrize(
+    ("spec", "warmup"),
+    [
+        ({"name": "sgd", "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}, 0),
+        ({"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 0.0}, 0),
+        ({"name": "sgd", "momentum": 0.5, "nesterov": False, "weight_decay": 0.0}, 0),
+        ({"name": "sgd", "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}, 0),
+        ({"name": "adamw", "betas": [0.9, 0.999], "weight_decay": 0.0}, 0),
+        ({"name": "sgd", "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}, 20),
+        ({"name": "adamw", "betas": [0.9, 0.999], "weight_decay": 0.0}, 20),
+    ],
+)
+def test_the_update_lag_is_how_far_the_optimizer_trails_full_steps(spec, warmup):
+    """scaling.update_lag against the optimizer itself: on a linear loss (a constant gradient) T updates, through
+    the schedule, move the weight T - lag full-size steps (SGD: lr g / (1 - momentum); AdamW: lr per coordinate).
+    Tolerance 1e-4 steps: AdamW's eps (1e-8 beside |g| >= 0.5) shortens each of its 400 steps by up to 2e-8."""
+    from batchscope.core import scaling
+
+    total, lr = 400, 0.01
+    weight = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    gradient = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    optimizer = runtime.make_optimizer(spec, [weight], lr)
+    schedule = runtime.make_schedule(optimizer, {"warmup_steps": warmup, "decay": "constant"}, total)
+    for _ in range(total):
+        optimizer.zero_grad()
+        (weight @ gradient).backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+    full = lr * (gradient / (1 - spec.get("momentum", 0.0)) if spec["name"] == "sgd" else gradient.sign())
+    taken = (-weight.detach() / full).numpy()  # full steps' worth, per coordinate
+    assert taken == pytest.approx([total - scaling.update_lag(spec, warmup)] * 3, abs=1e-4)

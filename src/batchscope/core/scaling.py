@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -228,6 +229,42 @@ def effective_b_crit(steps: Sequence[float], b_noise: np.ndarray, b_ref: float, 
     with np.errstate(divide="ignore", invalid="ignore"):
         mean = np.where(mass > 0, integral / np.where(mass > 0, mass, 1.0), np.inf)
     return np.where(usable.any(axis=0), mean, np.nan)
+
+
+def update_lag(optimizer: dict[str, Any], warmup_steps: int = 0) -> float:
+    """The steps by which the optimizer's updates trail full-size steps under a constant gradient: what every run
+    spends beyond S_min (1 + B_noise / B) steps, at every batch size alike.
+
+    The update at step s is f(s) lr times g's multiple m(s): f the warm-up's factor ((s + 1) / W up to W updates,
+    then 1: engine.runtime.lr_factor), m(s) = (1 - beta^(s+1)) / (1 - beta) for SGD's momentum beta (buf = beta buf
+    + g, the update buf: torch's without dampening), (1 - beta^(s+2)) / (1 - beta) with Nesterov (g + beta buf), 1
+    for AdamW (its bias correction makes the first update full-size). Full-size steps are f = 1 and m = 1 / (1 -
+    beta), so the shortfall is sum_s (1 - f(s)) = (W - 1) / 2, plus sum_s f(s) beta^(s+1) (Nesterov: beta^(s+2)):
+    beta / (1 - beta) without a warm-up (9 at 0.9, Nesterov 8.1), less under one, which overlaps the momentum's own
+    build-up. Summed here until beta^s < 1e-12."""
+    lag = (warmup_steps - 1) / 2 if warmup_steps > 1 else 0.0
+    beta = float(optimizer.get("momentum", 0.0)) if optimizer.get("name") == "sgd" else 0.0
+    if beta > 0:
+        s = np.arange(math.ceil(math.log(1e-12) / math.log(beta)) + warmup_steps)
+        warm = np.minimum((s + 1) / warmup_steps, 1.0) if warmup_steps > 0 else np.ones(len(s))
+        lag += float(np.sum(warm * beta ** (s + (2 if optimizer.get("nesterov") else 1))))
+    return lag
+
+
+def b_crit_with_lag(b_crit: np.ndarray | float, steps_to_target: float, b_ref: float, lag: float) -> np.ndarray:
+    """The B_crit that the grid's fit K(B) = N_iter + C_var / B measures when every run spends ``lag`` steps
+    (:func:`update_lag`) beyond the local law's: K(B) = S_min (1 + b_crit / B) + lag, so N_iter = S_min + lag,
+    C_var = S_min b_crit and B_crit = b_crit S_min / (S_min + lag). S_min comes from the reference run, which
+    reached the target in ``steps_to_target`` steps at ``b_ref``: S_min = (steps_to_target - lag) / (1 + b_crit /
+    b_ref), 0 for a run all of whose steps were lag. An infinite b_crit gives its limit, (steps_to_target - lag)
+    b_ref / lag. No lag, or a run that did not reach the target (NaN): ``b_crit`` as it is."""
+    b = np.asarray(b_crit, float)
+    if not lag > 0 or not math.isfinite(steps_to_target):
+        return b
+    ahead = max(steps_to_target - lag, 0.0)
+    with np.errstate(invalid="ignore"):
+        s_min = ahead / (1 + b / b_ref)
+        return np.where(np.isinf(b), ahead * b_ref / lag, b * s_min / (s_min + lag))
 
 
 def predicted_time_saturating(b: np.ndarray | float, n_iter: float, c_var: float, tau_f: float, tau_d: float,

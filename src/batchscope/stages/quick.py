@@ -8,8 +8,11 @@ run with the two-batch estimator; both grow during training, so the estimate is 
 (the one at step 0 left out: the noise at initialisation says little about the batch size to train with). The
 point estimate is the whole run's B_crit, b_crit: the snapshots' B_noise weighted by the progress the run makes
 while each holds (:func:`batchscope.core.scaling.effective_b_crit`), which is what the grid's fit of
-K(B) = N_iter + C_var / B measures when B_noise changes along the run. Every b_opt is capped at the largest batch
-size the profile fitted in memory.
+K(B) = N_iter + C_var / B measures when B_noise changes along the run. Every run also spends the steps by which the
+optimizer's updates trail full-size ones (momentum's build-up, a warm-up: :func:`batchscope.core.scaling.update_lag`)
+at every batch size alike; on the grid's K(B) they join N_iter, so the point, the per-snapshot b_opt and the interval
+take B_noise less their share of the reference run's steps (:func:`batchscope.core.scaling.b_crit_with_lag`). Every
+b_opt is capped at the largest batch size the profile fitted in memory.
 
 Beside it, as in the full fit, the saturating step time tau_f + tau_d max(B - b_knee, 0) fitted on every feasible
 profiled size (:func:`batchscope.core.scaling.b_opt_saturating`, which depends on N_iter and C_var only through
@@ -44,9 +47,13 @@ RATIO_SPREAD_MAX = 4.0  # an interval of tau_f / tau_d, or of B_noise, wider tha
 
 
 def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    """The grid it fits T_iter on and what identifies its inputs (their config hashes, the reference run)."""
+    """The grid it fits T_iter on, the optimizer and warm-up (their update lag: scaling.update_lag) and what
+    identifies its inputs (their config hashes, the reference run)."""
+    wl = config["workloads"][workload]
     return {
         "batch_sizes": sorted(config["grid"]["batch_sizes"]),
+        "optimizer": wl["optimizer"],
+        "warmup_steps": wl["schedule"]["warmup_steps"],
         "reference": list(cfg.noise_reference(config, workload)),
         "inputs": {
             "profile_hardware": cfg.config_hash(profile.config_slice(config, workload)),
@@ -92,30 +99,43 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
         return np.minimum(b_opt, largest) if largest > 0 else b_opt
 
     ds = _snapshots(noise_dir)
+    # the runs' steps beyond the local law, from the optimizer's build-up: B_crit on the grid's K(B) is B_noise's
+    # less their share (scaling.b_crit_with_lag; none for AdamW without warm-up, or a run that never got there)
+    lag = scaling.update_lag(spec.get("optimizer", {}), spec.get("warmup_steps", 0))
+    end = float(ds.attrs.get("run_steps_to_target", math.nan))
+    b_ref = spec["reference"][0]
+
+    def on_the_grid(values):
+        return scaling.b_crit_with_lag(values, end, b_ref, lag)
+
     for name in ("b_noise", "b_simple_two_batch", "b_simple_per_example"):
-        values = ds[name].values
+        values = on_the_grid(ds[name].values)
         uncapped = np.sqrt(np.where(values > 0, values, np.nan) * ratio)
         ds[f"b_opt_{name}"] = ("step", cap(uncapped),
                                {"units": "examples", "long_name": f"sqrt({name} tau_f / tau_d), capped"})  # fmt: skip
     later = ds["fraction"].values > 0
-    steps, b_ref = ds["step"].values[later], spec["reference"][0]
+    steps = ds["step"].values[later]
     b_noise, b_opt = ds["b_noise"].values[later], ds["b_opt_b_noise"].values[later]
     usable = np.isfinite(b_noise) & (b_noise > 0)
     band = [float(b_noise[usable].min()), float(b_noise[usable].max())] if usable.any() else [math.nan] * 2
     opt_band = [float(np.nanmin(b_opt)), float(np.nanmax(b_opt))] if usable.any() else [math.nan] * 2
     # the run's B_crit counts the steps to the target (recorded by the noise stage where the run reached it)
-    end = float(ds.attrs.get("run_steps_to_target", math.nan))
-    end = end if math.isfinite(end) else None
-    b_crit = float(scaling.effective_b_crit(steps, b_noise, b_ref, end)) if len(steps) else math.nan
+    reached = end if math.isfinite(end) else None
+    b_noise_mean = float(scaling.effective_b_crit(steps, b_noise, b_ref, reached)) if len(steps) else math.nan
+    b_crit = float(on_the_grid(b_noise_mean))
     point = float(cap(math.sqrt(b_crit * ratio) if b_crit > 0 else math.nan))
     ds["b_crit_band"] = ("bound", band, {"units": "examples", "long_name": "B_noise over the run (after step 0)"})
-    ds["b_crit"] = ((), b_crit, {"units": "examples", "long_name": "the run's B_noise weighted by the progress of "
-                                 "each stretch (scaling.effective_b_crit)"})  # fmt: skip
+    ds["b_noise_mean"] = ((), b_noise_mean, {"units": "examples", "long_name": "the run's B_noise weighted by the "
+                                             "progress of each stretch (scaling.effective_b_crit)"})  # fmt: skip
+    ds["update_lag"] = ((), lag, {"units": "steps", "long_name": "the optimizer's build-up, in steps "
+                                  "(scaling.update_lag)"})  # fmt: skip
+    ds["b_crit"] = ((), b_crit, {"units": "examples", "long_name": "B_crit on the grid's K(B): b_noise_mean less "
+                                 "the update lag's share of the steps (scaling.b_crit_with_lag)"})  # fmt: skip
     ds["b_opt_band"] = ("bound", opt_band, {"units": "examples", "long_name": "b_opt over the run, capped"})
     ds["b_opt"] = ((), point, {"units": "examples", "long_name": "sqrt(b_crit tau_f / tau_d), capped"})
     sat = (saturating.tau_f, saturating.tau_d, saturating.b_knee) if saturating else (math.nan,) * 3
     b_opt_sat = np.array([scaling.b_opt_saturating(1.0, b, *sat) if saturating and b > 0 else math.nan
-                          for b in ds["b_noise"].values])  # fmt: skip
+                          for b in on_the_grid(ds["b_noise"].values)])  # fmt: skip
     ds["b_opt_sat_b_noise"] = (
         "step",
         cap(b_opt_sat),
@@ -145,7 +165,7 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     # recomputed per resample (a resample's snapshot with B_noise <= 0 left out, as the point's)
     boot = ds["b_noise_boot"].values[later]  # (snapshots, resamples)
     # no usable point, no interval: a resample judges its own snapshots usable, and could otherwise give one
-    crit_boot = (scaling.effective_b_crit(steps, boot, b_ref, end) if usable.any()
+    crit_boot = (on_the_grid(scaling.effective_b_crit(steps, boot, b_ref, reached)) if usable.any()
                  else np.full(ds.sizes["resample"], np.nan))  # fmt: skip
     ds["b_crit_ci"] = ("bound", scaling.interval(crit_boot[:, None])[0],
                        {"units": "examples", "long_name": "b_crit's 95% interval over the noise pairs "
@@ -255,6 +275,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 VARIABLES = (
     "b_noise",
     "b_crit",
+    "b_noise_mean",
+    "update_lag",
     "b_opt",
     "b_opt_sat",
     "b_opt_sat_band",
@@ -267,7 +289,7 @@ VARIABLES = (
 # 3: b_opt_ci from the noise pairs resampled as well as the profiling rounds; b_crit_ci
 # 4: b_opt_sat (the saturating step time); the cap note tells memory from the largest size profiled
 # 5: the point from b_crit, the snapshots' B_noise weighted by progress, rather than the median snapshot's
-# 6: a note where G^T H G <= 0 at a snapshot (B_noise infinite, B_simple not)
+# 6: a note where G^T H G <= 0 at a snapshot (B_noise infinite, B_simple not); B_crit less the update lag's share
 RULES = {"quick_estimate": Rule(version=6, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(

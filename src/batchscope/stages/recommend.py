@@ -270,6 +270,9 @@ def quick_rows(results: str | Path, config: dict[str, Any]) -> list[dict[str, An
             "diagnostics": json.loads(ds.attrs.get("diagnostics", "[]")),
             "b_crit_band": [float(x) for x in ds["b_crit_band"].values],
             "b_crit": float(ds["b_crit"]),
+            "b_noise_mean": float(ds["b_noise_mean"]),
+            "update_lag": float(ds["update_lag"]),
+            "steps_to_target": float(ds.attrs.get("run_steps_to_target", math.nan)),
             "nearest_grid_batch_size": int(ds["nearest_grid_batch_size"]),
             "largest_feasible_batch_size": int(ds["largest_feasible_batch_size"]),
             "cost_s": float(ds["total_cost_s"]),
@@ -286,8 +289,14 @@ def _knee(b_knee: float) -> str:
 def format_quick(row: dict[str, Any]) -> str:
     low, high = row["b_opt_band"]
     c_low, c_high = row["b_crit_band"]
+    lag = (
+        f" (B_noise's progress-weighted mean {row['b_noise_mean']:.3g}, less the optimizer's build-up: "
+        f"{row['update_lag']:.3g} of the reference run's {row['steps_to_target']:.0f} steps)"
+        if row["update_lag"] > 0 and math.isfinite(row["steps_to_target"])
+        else ""
+    )
     return (f"{row['workload']} (quick estimate: the profile and one reference run, {row['reference']}):\n"
-            f"  b_opt {row['b_opt']:.0f} from the run's B_crit {row['b_crit']:.3g} (over the run {low:.0f} to "
+            f"  b_opt {row['b_opt']:.0f} from the run's B_crit {row['b_crit']:.3g}{lag} (over the run {low:.0f} to "
             f"{high:.0f}; B_noise {c_low:.3g} to {c_high:.3g}); "
             f"the grid's nearest: B = {row['nearest_grid_batch_size']}; largest feasible B "
             f"{row['largest_feasible_batch_size']}\n"
