@@ -162,7 +162,14 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
     assert rows[0]["b_opt_sat"] == pytest.approx(float(ds["b_opt_sat"])) and math.isfinite(rows[0]["b_opt_sat"])
     text = rec.main(str(tmp_path / "results"), "config/test/tiny.yaml", False, False, quick=True)
     assert "quick estimate" in text and f"b_opt {float(ds['b_opt']):.0f} " in text
-    assert rows[0]["b_crit"] == float(ds["b_crit"]) and f"from the run's B_crit {float(ds['b_crit']):.3g} (" in text
+    assert rows[0]["b_crit"] == float(ds["b_crit"]) and f"from the run's B_crit {float(ds['b_crit']):.3g}; " in text
+    # with the reference run's steps to the target, the optimizer's build-up is named beside it
+    row = rec.quick_rows(tmp_path / "results", config)[0]
+    lagged = {**row, "steps_to_target": 50.0, "update_lag": 9.0, "b_noise_mean": 80.0}
+    assert (
+        f"from the run's B_crit {float(ds['b_crit']):.3g} (B_noise's progress-weighted mean 80, less the "
+        "optimizer's build-up: 9 of the reference run's 50 steps); over the run"
+    ) in rec.format_quick(lagged)
     knee = float(ds["sat_b_knee"])
     assert f"with the saturating step time ({rec._knee(knee)}): b_opt {float(ds['b_opt_sat']):.0f}" in text
     assert rec._knee(0.0).startswith("no knee: one line") and rec._knee(200.0) == "flat up to B = 200"

@@ -296,8 +296,8 @@ def format_quick(row: dict[str, Any]) -> str:
         else ""
     )
     return (f"{row['workload']} (quick estimate: the profile and one reference run, {row['reference']}):\n"
-            f"  b_opt {row['b_opt']:.0f} from the run's B_crit {row['b_crit']:.3g}{lag} (over the run {low:.0f} to "
-            f"{high:.0f}; B_noise {c_low:.3g} to {c_high:.3g}); "
+            f"  b_opt {row['b_opt']:.0f} from the run's B_crit {row['b_crit']:.3g}{lag}; over the run {low:.0f} to "
+            f"{high:.0f} (B_noise {c_low:.3g} to {c_high:.3g}); "
             f"the grid's nearest: B = {row['nearest_grid_batch_size']}; largest feasible B "
             f"{row['largest_feasible_batch_size']}\n"
             + (f"  with the saturating step time ({_knee(row['b_knee'])}): b_opt {row['b_opt_sat']:.0f}\n"
