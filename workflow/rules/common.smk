@@ -134,16 +134,13 @@ CHECKPOINT_VERSIONS = {
 }
 
 
-def checkpoint_file(stage, workload):
-    return getattr(checkpoints, stage).get(workload=workload).output[0]
-
-
 def chosen_batch_sizes(stage, workload):
     """The sizes a checkpoint's file holds. A file from another version of its stage (an upgraded batchscope) is
     pending rather than an error where Snakemake will rerun the checkpoint: where params trigger reruns and the
     params it recorded for the file hold another version. Snakemake then evaluates the input functions again on
     the new file. Otherwise nothing would rebuild it, and the error says what to do."""
-    path = checkpoint_file(stage, workload)
+    done = getattr(checkpoints, stage).get(workload=workload)
+    path = done.output[0]
     try:
         return bs_adaptive.read_choice(path, stage)
     except bs_store.VersionError as err:
@@ -151,13 +148,15 @@ def chosen_batch_sizes(stage, workload):
         recorded = workflow.persistence.params(path)
         reruns = RerunTrigger.PARAMS in workflow.dag_settings.rerun_triggers and recorded is not None
         if reruns and repr(CHECKPOINT_VERSIONS[stage]) not in recorded:
-            raise IncompleteCheckpointException(getattr(checkpoints, stage).rule, path) from err
+            raise IncompleteCheckpointException(done.rule, path) from err
         raise WorkflowError(str(err)) from err
 
 
 def choice_file(wildcards):
     """The fit's record of why its sizes were trained: the last choice's file (none in the full study)."""
-    return checkpoint_file(last_choice(), wildcards.workload) if ADAPTIVE else []
+    if not ADAPTIVE:
+        return []
+    return getattr(checkpoints, last_choice()).get(workload=wildcards.workload).output[0]
 
 
 def bracket_batch_sizes(workload):

@@ -204,6 +204,17 @@ def read_choice(path: str, stage: str = "choose_batch_sizes") -> list[int]:
 
 
 MODELS = ("linear", "saturating")  # the step-time models whose b_opt the fit predicts, in b_opts' order
+FIT_B_OPTS = ("b_opt", "b_opt_sat")  # their b_opt in a fit's file (stages/fit.py), in the same order
+
+
+def extension_of_fit(fit_ds: xr.Dataset, feasible_grid: Sequence[int]) -> tuple[int | None, str]:
+    """:func:`extension` on a fit's file (:func:`batchscope.stages.fit.fit_scaling`): its trained sizes, fastest,
+    indistinguishable ones, both models' b_opt and which sizes reached the target. The second round reads the fit
+    on the bracket; the fit's diagnostics, the final fit of the adaptive study."""
+    b_opts = [float(fit_ds[name]) if name in fit_ds else math.nan for name in FIT_B_OPTS]
+    return extension(fit_ds["batch_size"].values, int(fit_ds["fastest_batch_size"]),
+                     fit_ds["indistinguishable"].values, feasible_grid, b_opts,
+                     np.isfinite(fit_ds["k"].values))  # fmt: skip
 
 
 def extension(trained: Sequence[int], fastest: int, indistinguishable: Sequence[bool],
@@ -289,7 +300,7 @@ def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequenc
     grid = choice["grid_batch_size"].values
     bracket = choice["chosen"].values.astype(bool)
     size, reason, fastest = None, "adaptive.extend is off", -1
-    predicted = {"b_opt": math.nan, "b_opt_sat": math.nan}  # in MODELS' order
+    predicted = dict.fromkeys(FIT_B_OPTS, math.nan)
     if spec.get("extend", True):
         try:
             bracket_fit = fit.fit_scaling(profile_paths, run_paths, spec, workload, expect)
@@ -299,11 +310,8 @@ def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequenc
             reason = f"no fit on the bracket ({err})"
         else:
             fastest = int(bracket_fit["fastest_batch_size"])
-            predicted = {name: float(bracket_fit[name]) for name in predicted}
-            size, reason = extension(bracket_fit["batch_size"].values, fastest,
-                                     bracket_fit["indistinguishable"].values,
-                                     grid[choice["feasible"].values.astype(bool)], list(predicted.values()),
-                                     np.isfinite(bracket_fit["k"].values))  # fmt: skip
+            predicted = {name: float(bracket_fit[name]) for name in FIT_B_OPTS}
+            size, reason = extension_of_fit(bracket_fit, grid[choice["feasible"].values.astype(bool)])
             reason += f", so {size} is trained too" if size is not None else ""
     ds = choice.copy()
     ds["bracket"] = ("grid_batch_size", bracket, {"long_name": "chosen around the quick b_opt (choose_batch_sizes)"})
@@ -311,7 +319,7 @@ def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequenc
                     "study: the bracket and its extension"})  # fmt: skip
     ds["extended_batch_size"] = ((), size or -1, {"long_name": "trained past the bracket (-1: none)"})
     ds["bracket_fastest_batch_size"] = ((), fastest, {"long_name": "the fit on the bracket's fastest (-1: none)"})
-    for name, model in (("b_opt", "linear"), ("b_opt_sat", "saturating")):
+    for name, model in zip(FIT_B_OPTS, MODELS, strict=True):
         ds[f"bracket_{name}"] = ((), predicted[name], {"units": "examples", "long_name": f"the fit on the bracket's "
                                                        f"predicted b_opt, {model} step time (NaN: none)"})  # fmt: skip
     ds.attrs["reason"] = reason

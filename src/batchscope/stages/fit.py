@@ -311,9 +311,7 @@ def diagnose(ds: xr.Dataset) -> list[str]:
     if adaptive_study and len(b) >= 2:
         largest = int(ds["largest_feasible_batch_size"])
         feasible = [g for g in grid if largest <= 0 or g <= largest]
-        b_opts = [float(ds[name]) if name in ds else math.nan for name in ("b_opt", "b_opt_sat")]  # adaptive.MODELS
-        past_trained, evidence = adaptive.extension(b.tolist(), fastest, ds["indistinguishable"].values, feasible,
-                                                    b_opts, np.isfinite(ds["k"].values))  # fmt: skip
+        past_trained, evidence = adaptive.extension_of_fit(ds, feasible)
         if past_trained is not None:
             notes.append(f"the adaptive study's trained sizes ({', '.join(map(str, b))}) may not hold the optimum: "
                          f"{evidence}; train the grid's next size {past_trained} too, or run study: full")  # fmt: skip
@@ -338,14 +336,13 @@ def diagnose(ds: xr.Dataset) -> list[str]:
             notes.append(f"{beats}: the optimum may lie beyond it; extend grid.batch_sizes {direction}")
     b_opt_value = float(ds["b_opt"])
     low, high = ds["b_opt_ci"].values
-    if past_trained is not None:  # the adaptive note above already names the size to train
-        pass
-    elif not lowest <= b_opt_value <= highest:
+    # where the adaptive note above names the size to train, it stands for these two
+    if past_trained is None and not lowest <= b_opt_value <= highest:
         notes.append(
             f"predicted b_opt = {b_opt_value:.0f} lies outside {trained} ({lowest} to {highest}); add batch "
             f"sizes {'below' if b_opt_value < lowest else 'above'} it, or trust {fastest_only} only"
         )
-    elif np.isfinite([low, high]).all() and (low < lowest or high > highest):
+    elif past_trained is None and np.isfinite([low, high]).all() and (low < lowest or high > highest):
         notes.append(
             f"b_opt's 95% interval ({_common.batch_interval(low, high)}) reaches beyond {trained} ({lowest} to "
             f"{highest}): the prediction is unsure there; add seeds or batch sizes"

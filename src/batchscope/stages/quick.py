@@ -108,8 +108,8 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     def on_the_grid(values):
         return scaling.b_crit_with_lag(values, end, b_ref, lag)
 
-    for name in ("b_noise", "b_simple_two_batch", "b_simple_per_example"):
-        values = on_the_grid(ds[name].values)
+    crit = {name: on_the_grid(ds[name].values) for name in ("b_noise", "b_simple_two_batch", "b_simple_per_example")}
+    for name, values in crit.items():
         uncapped = np.sqrt(np.where(values > 0, values, np.nan) * ratio)
         ds[f"b_opt_{name}"] = ("step", cap(uncapped),
                                {"units": "examples", "long_name": f"sqrt({name} tau_f / tau_d), capped"})  # fmt: skip
@@ -135,7 +135,7 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     ds["b_opt"] = ((), point, {"units": "examples", "long_name": "sqrt(b_crit tau_f / tau_d), capped"})
     sat = (saturating.tau_f, saturating.tau_d, saturating.b_knee) if saturating else (math.nan,) * 3
     b_opt_sat = np.array([scaling.b_opt_saturating(1.0, b, *sat) if saturating and b > 0 else math.nan
-                          for b in on_the_grid(ds["b_noise"].values)])  # fmt: skip
+                          for b in crit["b_noise"]])  # fmt: skip
     ds["b_opt_sat_b_noise"] = (
         "step",
         cap(b_opt_sat),
