@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from batchscope import config as cfg
+from batchscope.core import selection
 from batchscope.engine import runtime
 from batchscope.engine.training import train
-from batchscope.stages import adaptive, fit
+from batchscope.stages import adaptive, extend, fit
 from batchscope.stages import train as stage_train
 from batchscope.store import read_netcdf, write_netcdf
 from tests.test_fit import profile_dataset
@@ -29,43 +30,43 @@ CPU = torch.device("cpu")
 
 def test_a_band_inside_the_grid_gives_the_nearest_size_and_one_neighbour_each_side():
     # b_opt 100: log distance to 128 is 0.25, to 64 0.45; the band [70, 130] rounds to 64 and 128, inside
-    choice = adaptive.choose(GRID, 100.0, [70.0, 130.0], largest_feasible=1024)
+    choice = selection.choose(GRID, 100.0, [70.0, 130.0], largest_feasible=1024)
     assert choice.batch_sizes == [64, 128, 256] and choice.centre == 128
     assert "widened" not in choice.reason
 
 
 def test_a_wide_band_widens_the_bracket_to_the_grid_sizes_nearest_its_ends():
     # the band [30, 600] rounds to 32 (log distance 0.06) and 512 (0.16): two sizes more than 64..256
-    choice = adaptive.choose(GRID, 100.0, [30.0, 600.0], largest_feasible=1024)
+    choice = selection.choose(GRID, 100.0, [30.0, 600.0], largest_feasible=1024)
     assert choice.batch_sizes == [32, 64, 128, 256, 512]
     assert "widened to 32, 512" in choice.reason
     # a band end just past a grid size rounds to it, not to the next doubling (514 -> 512, not 1024): the
     # numbers of the default digits study's quick estimate
-    assert adaptive.choose(GRID, 252.4, [155.7, 513.9], largest_feasible=1024).batch_sizes == [128, 256, 512]
+    assert selection.choose(GRID, 252.4, [155.7, 513.9], largest_feasible=1024).batch_sizes == [128, 256, 512]
 
 
 def test_b_opt_above_the_largest_feasible_size_gives_the_largest_feasible_sizes():
     # out of memory above 300: 512 and 1024 are never chosen, whatever the estimate says
-    choice = adaptive.choose(GRID, 900.0, [600.0, 2000.0], largest_feasible=300)
+    choice = selection.choose(GRID, 900.0, [600.0, 2000.0], largest_feasible=300)
     assert choice.batch_sizes == [64, 128, 256] and choice.centre == 256
     assert "capped at 256" in choice.reason and "does not fit in memory" in choice.reason
-    assert max(adaptive.choose(GRID, 5000.0, [NAN, NAN], largest_feasible=512).batch_sizes) == 512
+    assert max(selection.choose(GRID, 5000.0, [NAN, NAN], largest_feasible=512).batch_sizes) == 512
 
 
 def test_b_opt_below_the_smallest_grid_size_gives_the_smallest_sizes():
     # the bracket is shifted inward at the grid's end and keeps its three sizes
-    choice = adaptive.choose(GRID, 3.0, [2.0, 5.0], largest_feasible=1024)
+    choice = selection.choose(GRID, 3.0, [2.0, 5.0], largest_feasible=1024)
     assert choice.batch_sizes == [8, 16, 32] and choice.centre == 8
 
 
 def test_wider_brackets_no_estimate_and_no_memory():
-    assert adaptive.choose(GRID, 100.0, [90.0, 110.0], 1024, neighbours=2).batch_sizes == [32, 64, 128, 256, 512]
+    assert selection.choose(GRID, 100.0, [90.0, 110.0], 1024, neighbours=2).batch_sizes == [32, 64, 128, 256, 512]
     # a tie in log distance (sqrt(64 x 128) = 90.5) goes to the smaller size
-    assert adaptive.choose(GRID, math.sqrt(64 * 128), [NAN, NAN], 1024).centre == 64
+    assert selection.choose(GRID, math.sqrt(64 * 128), [NAN, NAN], 1024).centre == 64
     # no usable noise measurement: nothing to bracket, the whole feasible grid
-    assert adaptive.choose(GRID, NAN, [NAN, NAN], 256).batch_sizes == [8, 16, 32, 64, 128, 256]
-    assert adaptive.choose(GRID, 100.0, [90.0, 110.0], -1).batch_sizes == [8, 16, 32]  # nothing fitted
-    assert adaptive.choose([16, 64], 100.0, [90.0, 110.0], 1024).batch_sizes == [16, 64]  # a grid of two
+    assert selection.choose(GRID, NAN, [NAN, NAN], 256).batch_sizes == [8, 16, 32, 64, 128, 256]
+    assert selection.choose(GRID, 100.0, [90.0, 110.0], -1).batch_sizes == [8, 16, 32]  # nothing fitted
+    assert selection.choose([16, 64], 100.0, [90.0, 110.0], 1024).batch_sizes == [16, 64]  # a grid of two
 
 
 def test_the_checkpoint_file_holds_the_choice(tmp_path):
@@ -104,17 +105,17 @@ def test_the_checkpoint_file_holds_the_choice(tmp_path):
 
 
 def test_learning_rates_are_tried_from_the_likely_best_outward():
-    assert adaptive.lr_order([0.3, 0.03, 0.1]) == [0.1, 0.03, 0.3]  # the middle, then the smaller, the larger
-    assert adaptive.lr_order([0.01, 0.03, 0.1, 0.3]) == [0.1, 0.03, 0.3, 0.01]
-    assert adaptive.lr_order([0.01, 0.03, 0.1, 0.3], centre=0) == [0.01, 0.03, 0.1, 0.3]
-    assert adaptive.lr_order([0.01, 0.03], centre=5) == [0.03, 0.01]  # an index past the grid: its largest
+    assert selection.lr_order([0.3, 0.03, 0.1]) == [0.1, 0.03, 0.3]  # the middle, then the smaller, the larger
+    assert selection.lr_order([0.01, 0.03, 0.1, 0.3]) == [0.1, 0.03, 0.3, 0.01]
+    assert selection.lr_order([0.01, 0.03, 0.1, 0.3], centre=0) == [0.01, 0.03, 0.1, 0.3]
+    assert selection.lr_order([0.01, 0.03], centre=5) == [0.03, 0.01]  # an index past the grid: its largest
 
 
 def test_the_survivors_are_the_fewest_steps_ties_kept():
-    assert adaptive.survivors({0.03: NAN, 0.1: 30.0, 0.3: 20.0}) == [0.3]
-    assert adaptive.survivors({0.03: 20.0, 0.1: 20.0, 0.3: NAN}) == [0.03, 0.1]
+    assert selection.survivors({0.03: NAN, 0.1: 30.0, 0.3: 20.0}) == [0.3]
+    assert selection.survivors({0.03: 20.0, 0.1: 20.0, 0.3: NAN}) == [0.03, 0.1]
     # nothing reached the target at the first seed: nothing to halve on
-    assert adaptive.survivors({0.03: NAN, 0.1: NAN}) == [0.03, 0.1]
+    assert selection.survivors({0.03: NAN, 0.1: NAN}) == [0.03, 0.1]
 
 
 # ------------------------------------------------------------------------------------- the pruning bound
@@ -153,7 +154,7 @@ def test_the_first_seed_prunes_and_the_later_seeds_train_the_survivors_in_one_jo
     assert not bool(first[0.1]["pruned"]) and math.isnan(float(first[0.1]["prune_at"]))  # the first is unbounded
     assert bool(first[0.01]["pruned"]) and int(first[0.01]["steps_done"]) == int(first[0.1]["steps_to_target"])
     steps = {lr: float(ds["steps_to_target"]) for lr, ds in first.items()}
-    survivors = adaptive.survivors(steps)
+    survivors = selection.survivors(steps)
     assert len(survivors) < 3  # pruning left something out, or this test would not test it
     for runs, seed in ((later, 1), (last, 2)):
         assert sorted(runs) == survivors and not any(bool(ds["pruned"]) for ds in runs.values())
@@ -213,7 +214,7 @@ def test_one_directory_for_every_seed_and_a_single_seed(tmp_path):
             for p in (tmp_path / "all").glob("*.nc")}  # fmt: skip
     first = {lr: float(ds["steps_to_target"]) for (lr, seed), ds in runs.items() if seed == 0}
     assert sorted(first) == [0.01, 0.1, 0.3]
-    assert sorted(lr for lr, seed in runs if seed == 1) == adaptive.survivors(first)
+    assert sorted(lr for lr, seed in runs if seed == 1) == selection.survivors(first)
     (alone,) = _train_job([tmp_path / "one"], [0.1, 0.01, 0.3], [0], True)
     assert sorted(alone) == [0.01, 0.1, 0.3] and bool(alone[0.01]["pruned"])
 
@@ -367,7 +368,7 @@ FEASIBLE = [8, 16, 32, 64, 128, 256, 512]
     ],
 )
 def test_the_bracket_is_extended_past_an_edge_that_wins(trained, fastest, same, feasible, expected):
-    size, reason = adaptive.extension(trained, fastest, same, feasible)
+    size, reason = selection.extension(trained, fastest, same, feasible)
     assert size == expected and reason
     if expected is not None:
         assert "beyond the fit's noise: the optimum lies at or beyond it" in reason
@@ -400,10 +401,10 @@ def test_the_bracket_is_extended_towards_the_fits_b_opt(bracket, b_opts, feasibl
     """Failing the measured rule, with the fastest an inner size, the fit decides: every step-time model's b_opt
     beyond one edge trains the feasible grid's next size past it; models that disagree, or no prediction, train
     nothing more."""
-    size, reason = adaptive.extension(*bracket, feasible, b_opts)
+    size, reason = selection.extension(*bracket, feasible, b_opts)
     assert size == expected and reason
     if expected is not None and bracket is INSIDE:
-        named = [f"{b:.0f} ({model} step time)" for model, b in zip(adaptive.MODELS, b_opts, strict=True)
+        named = [f"{b:.0f} ({model} step time)" for model, b in zip(selection.MODELS, b_opts, strict=True)
                  if not math.isnan(b)]  # fmt: skip
         assert reason.endswith(f"the fit predicts b_opt {' and '.join(named)}, "
                                f"{'below' if expected < 64 else 'above'} the trained sizes (64 to 256)")  # fmt: skip
@@ -411,9 +412,9 @@ def test_the_bracket_is_extended_towards_the_fits_b_opt(bracket, b_opts, feasibl
 
 def test_an_edge_that_never_reached_the_target_is_not_extended_past():
     """b_opt below a smallest size whose runs never reached the target: a smaller one would not either."""
-    size, reason = adaptive.extension(*INSIDE, FEASIBLE, (20.0, 20.0), reached=[False, True, True])
+    size, reason = selection.extension(*INSIDE, FEASIBLE, (20.0, 20.0), reached=[False, True, True])
     assert size is None and reason.endswith("but 64 did not reach the target")
-    assert adaptive.extension(*INSIDE, FEASIBLE, (20.0, 20.0), reached=[True, True, True])[0] == 32
+    assert selection.extension(*INSIDE, FEASIBLE, (20.0, 20.0), reached=[True, True, True])[0] == 32
 
 
 def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):
@@ -440,7 +441,7 @@ def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):
                 dirs.append(write_netcdf(run, path).parent)
         return dirs
 
-    choice = adaptive.choose(grid, 128.0, [128.0, 128.0], 512)
+    choice = selection.choose(grid, 128.0, [128.0, 128.0], 512)
     assert choice.batch_sizes == bracket
     choice_ds = xr.Dataset(
         {"chosen": ("grid_batch_size", np.isin(grid, bracket)), "feasible": ("grid_batch_size", np.ones(7, bool)),
@@ -451,15 +452,15 @@ def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):
     spec_ = {"fit": {"bootstrap": 50, "seed": 0, "tolerance": 0.05}, "study": "adaptive", "extend": True,
              "target": {"metric": "val_accuracy", "value": 0.9}, "inputs": {"batch_sizes": grid}}  # fmt: skip
     flat = runs([100.0, 100.0, 100.0])
-    out = adaptive.extend_choice(spec_, path, profiles, flat, "synthetic")
+    out = extend.extend_choice(spec_, path, profiles, flat, "synthetic")
     assert int(out["extended_batch_size"]) == 32 and int(out["bracket_fastest_batch_size"]) == 64
     assert out["bracket"].values.tolist() == np.isin(grid, bracket).tolist()
-    version = str(adaptive.RULES["extend_bracket"].version)
+    version = str(extend.RULES["extend_bracket"].version)
     written = write_netcdf(out.assign_attrs(stage="extend_bracket", algorithm_version=version), tmp_path / "e.nc")
     assert adaptive.read_choice(str(written), "extend_bracket") == [32, *bracket]
-    off = adaptive.extend_choice({**spec_, "extend": False}, path, profiles, flat, "synthetic")
+    off = extend.extend_choice({**spec_, "extend": False}, path, profiles, flat, "synthetic")
     assert int(off["extended_batch_size"]) == -1 and off["chosen"].values.sum() == 3 and "off" in off.attrs["reason"]
-    once = adaptive.extend_choice(spec_, path, profiles, runs([100.0, NAN, NAN]), "synthetic")
+    once = extend.extend_choice(spec_, path, profiles, runs([100.0, NAN, NAN]), "synthetic")
     assert int(once["extended_batch_size"]) == -1 and once.attrs["reason"].startswith("no fit on the bracket")
     # the fastest inside the bracket (128: steps 100, 40, 60), but K(B) = N_iter + C_var/B fitted on the three
     # sizes puts b_opt below it (the fit's relative least squares by hand, residuals over K: b_opt 30): 32 is trained
@@ -467,7 +468,7 @@ def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):
     c_var, n_iter = np.polyfit(1 / np.array(bracket), steps, 1, w=1 / steps)
     expected = math.sqrt(c_var / n_iter * tau_f / tau_d)
     assert expected == pytest.approx(30.3, abs=0.1)
-    dip = adaptive.extend_choice(spec_, path, profiles, runs(steps.tolist()), "synthetic")
+    dip = extend.extend_choice(spec_, path, profiles, runs(steps.tolist()), "synthetic")
     assert int(dip["bracket_fastest_batch_size"]) == 128 and int(dip["extended_batch_size"]) == 32
     assert "the fit predicts b_opt" in dip.attrs["reason"] and dip.attrs["reason"].endswith("so 32 is trained too")
     # 15%: the profiles' 1% timing noise moves the fitted tau_f / tau_d (b_opt by its square root)

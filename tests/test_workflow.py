@@ -333,13 +333,14 @@ def adaptive_study(repo, venv_env, tmp_path_factory):
 
 
 def test_the_adaptive_study_trains_only_the_chosen_batch_sizes(adaptive_study, repo):
+    from batchscope.core import selection
     from batchscope.stages import adaptive
 
     workdir, result = adaptive_study
     config = cfg.load(repo / ADAPTIVE)
     grid, seeds = sorted(config["grid"]["batch_sizes"]), sorted(config["grid"]["seeds"])
     quick = read_netcdf(workdir / "results/quick/tiny_mlp.nc")
-    expected = adaptive.choose(grid, float(quick["b_opt"]), adaptive.bracket_band(quick),
+    expected = selection.choose(grid, float(quick["b_opt"]), adaptive.bracket_band(quick),
                                int(quick["largest_feasible_batch_size"])).batch_sizes  # fmt: skip
     bracket = adaptive.read_choice(str(workdir / "results/adaptive/tiny_mlp.nc"))
     assert bracket == expected and len(bracket) < len(grid)  # seven sizes: a bracket of 3, widened by its band
@@ -370,7 +371,7 @@ def test_the_adaptive_study_trains_only_the_chosen_batch_sizes(adaptive_study, r
                 assert int(ds["steps_done"]) == float(ds["prune_at"]) and float(ds["prune_at"]) in steps.values()
                 assert not bool(ds["reached_target"]) and np.isnan(float(ds["steps_to_target"]))
         later = [read_netcdf(p).attrs["lr"] for p in (workdir / f"results/train/tiny_mlp/B{b}/seed1").glob("*.nc")]
-        assert sorted(later) == adaptive.survivors(steps)  # the second seed trains the survivors only
+        assert sorted(later) == selection.survivors(steps)  # the second seed trains the survivors only
     assert pruned > 0  # lr 0.03 is the slowest at every size (training is bitwise reproducible on the CPU)
     # the Hessian stage analysed the chosen sizes' checkpoints only
     analysed = {read_netcdf(p).attrs["batch_size"] for p in (workdir / "results/hessian/tiny_mlp").glob("seed*/*.nc")}
@@ -571,7 +572,7 @@ def test_an_upgraded_checkpoint_reruns_rather_than_failing(adaptive_study, repo,
     copy wrote: the error names it before any job."""
     workdir = tmp_path / "copy"
     shutil.copytree(adaptive_study[0], workdir, symlinks=True)  # copy2 keeps mtimes
-    env = dict(venv_env, PYTHONPATH=str(bumped_library(repo, tmp_path, "adaptive", "extend_bracket")))
+    env = dict(venv_env, PYTHONPATH=str(bumped_library(repo, tmp_path, "extend", "extend_bracket")))
     target = "results/fit/tiny_mlp.nc"
     planned = snakemake(repo, workdir, target, "-n", env=env, configfile=repo / ADAPTIVE)
     assert "checkpoint extend_bracket:" in planned.stdout + planned.stderr

@@ -1,9 +1,10 @@
 # The adaptive study (study: adaptive): after the quick estimate, a checkpoint per workload picks the batch sizes
 # to train, a bracket of the grid around the quick b_opt (batchscope.stages.adaptive). Once the bracket is trained,
-# a second checkpoint (extend_bracket) adds the grid's next size past an edge of it that the fit on the bracket
-# finds fastest beyond noise, or beyond which that fit predicts b_opt (adaptive.extension). Their files hold the
-# choices; the input functions of the fit, the Hessian stage and the cost tables read the second
-# (trained_batch_sizes in common.smk), so only the chosen sizes' training jobs are scheduled.
+# a second checkpoint (extend_bracket, batchscope.stages.extend) adds the grid's next size past an edge of it that
+# the fit on the bracket finds fastest beyond noise, or beyond which that fit predicts b_opt
+# (batchscope.core.selection.extension). Their files hold the choices; the input functions of the fit, the Hessian
+# stage and the cost tables read the second (trained_batch_sizes in common.smk), so only the chosen sizes' training
+# jobs are scheduled.
 checkpoint choose_batch_sizes:
     input:
         quick=rules.quick_estimate.output[0],

@@ -10,6 +10,7 @@ from snakemake.settings.types import RerunTrigger
 from batchscope import config as bs_config
 from batchscope import stages as bs_stages
 from batchscope import store as bs_store
+from batchscope.core import selection as bs_selection
 from batchscope.stages import adaptive as bs_adaptive
 from batchscope.stages import ghost as bs_ghost
 from batchscope.stages import noise as bs_noise
@@ -108,7 +109,7 @@ def learning_rates(wildcards):
     wl = config["workloads"][wildcards.workload]
     lrs = bs_config.learning_rates(wl, int(wildcards.batch_size))
     if ADAPTIVE:
-        lrs = bs_adaptive.lr_order(lrs, config["noise"]["reference_lr_index"])
+        lrs = bs_selection.lr_order(lrs, config["noise"]["reference_lr_index"])
     return " ".join(bs_config.format_lr(lr) for lr in lrs)
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import xarray as xr
 
 from batchscope import config as cfg
-from batchscope.core import scaling
+from batchscope.core import scaling, selection
 from batchscope.stages import Command, Rule, _common, adaptive, profile, train
 
 log = logging.getLogger("batchscope")
@@ -245,6 +245,19 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     return merged
 
 
+FIT_B_OPTS = ("b_opt", "b_opt_sat")  # each step-time model's b_opt in a fit's file, in selection.MODELS' order
+
+
+def extension_of_fit(fit_ds: xr.Dataset, feasible_grid: Sequence[int]) -> tuple[int | None, str]:
+    """:func:`~batchscope.core.selection.extension` on a fit's file (:func:`fit_scaling`): its trained sizes, fastest,
+    indistinguishable ones, both models' b_opt and which sizes reached the target. The second round reads the fit
+    on the bracket; the fit's diagnostics, the final fit of the adaptive study."""
+    b_opts = [float(fit_ds[name]) if name in fit_ds else math.nan for name in FIT_B_OPTS]
+    return selection.extension(fit_ds["batch_size"].values, int(fit_ds["fastest_batch_size"]),
+                               fit_ds["indistinguishable"].values, feasible_grid, b_opts,
+                               np.isfinite(fit_ds["k"].values))  # fmt: skip
+
+
 def halving_survivors(table: pd.DataFrame) -> pd.DataFrame:
     """The adaptive study's runs that K(B) is taken from: at each batch size, the learning rates trained at every
     seed (successive halving's last round). The others ran at the first seed only; their one run against the
@@ -311,7 +324,7 @@ def diagnose(ds: xr.Dataset) -> list[str]:
     if adaptive_study and len(b) >= 2:
         largest = int(ds["largest_feasible_batch_size"])
         feasible = [g for g in grid if largest <= 0 or g <= largest]
-        past_trained, evidence = adaptive.extension_of_fit(ds, feasible)
+        past_trained, evidence = extension_of_fit(ds, feasible)
         if past_trained is not None:
             notes.append(f"the adaptive study's trained sizes ({', '.join(map(str, b))}) may not hold the optimum: "
                          f"{evidence}; train the grid's next size {past_trained} too, or run study: full")  # fmt: skip
@@ -325,7 +338,7 @@ def diagnose(ds: xr.Dataset) -> list[str]:
         # between them; one that beats it beyond noise points past itself. A size past the grid's edge stands in
         # for the one the user would add
         next_size = edge // 2 if direction == "downward" else edge * 2
-        past, _ = adaptive.extension(b.tolist(), fastest, ds["indistinguishable"].values, [*grid, next_size])
+        past, _ = selection.extension(b.tolist(), fastest, ds["indistinguishable"].values, [*grid, next_size])
         if past is None:
             continue
         beats = f"the grid's {where} batch size {edge} is the fastest, beating its neighbour beyond noise"

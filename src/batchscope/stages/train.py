@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 
 from batchscope import config as cfg
+from batchscope.core.selection import survivors
 from batchscope.stages import Command, Rule, _common
 from batchscope.store import netcdf_files, read_expected, same_device, same_provenance
 
@@ -77,14 +78,12 @@ def run(args: argparse.Namespace) -> None:
     # the adaptive study: the first seed tries every lr, each run capped at the steps of its best run so far
     # (a run that has taken as many steps without reaching the target cannot win); the later seeds train the
     # learning rates that survived, in full (K(B) is a median over seeds, which a per-seed bound could bias)
-    from batchscope.stages import adaptive
-
     first: dict[float, float] = {}  # lr -> the first seed's steps to the target (NaN: not reached)
     for lr in args.lrs:
         reached = [steps for steps in first.values() if not math.isnan(steps)]
         ds = _reuse_or_train(args, spec, device, lr, args.seeds[0], out_dirs[0], int(min(reached)) if reached else None)
         first[lr] = float(ds["steps_to_target"])
-    kept = set(adaptive.survivors(first))
+    kept = set(survivors(first))
     log.info("B=%d: the first seed's runs %s; the later seeds train %s", args.batch_size, first, sorted(kept))
     for seed, out_dir in zip(args.seeds[1:], out_dirs[1:], strict=True):
         for lr in args.lrs:
