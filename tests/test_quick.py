@@ -457,8 +457,10 @@ def test_b_crit_with_the_update_lag_is_what_the_grids_fit_measures():
         fit = scaling.fit_steps(grid, s_min * (1 + b_noise / grid) + lag)
         k_ref = s_min * (1 + b_noise / 64) + lag
         expected = fit.slope / fit.intercept
+        # rel 1e-9: the fit of noise-free K(B) is exact up to its least-squares solve's rounding
         assert float(scaling.b_crit_with_lag(b_noise, k_ref, 64, lag)) == pytest.approx(expected, rel=1e-9)
         assert expected < b_noise  # the lag only ever lowers it
+    # rel 1e-9: at B_noise 1e12 the finite formula is off its limit by S_min / lag, about 1.5e-10
     assert float(scaling.b_crit_with_lag(np.inf, 30.0, 64, 9.0)) == pytest.approx(
         float(scaling.b_crit_with_lag(1e12, 30.0, 64, 9.0)), rel=1e-9)  # fmt: skip
     assert float(scaling.b_crit_with_lag(120.0, 30.0, 64, 0.0)) == 120.0
@@ -479,6 +481,7 @@ def test_the_quick_estimate_takes_the_optimizers_build_up_off_b_crit(tmp_path):
     assert float(ds["b_noise_mean"]) == pytest.approx(mean, rel=1e-12)
     assert float(ds["update_lag"]) == pytest.approx(9.0, rel=1e-12)
     s_min = (30 - 9) / (1 + mean / 64)
+    # rel 1e-9 here and below: the same formula by hand, its terms summed in another order
     assert float(ds["b_crit"]) == pytest.approx(mean * s_min / (s_min + 9), rel=1e-9)
     ratio = float(ds["tau_f"]) / float(ds["tau_d"])
     assert float(ds["b_opt"]) == pytest.approx(math.sqrt(float(ds["b_crit"]) * ratio), rel=1e-12)

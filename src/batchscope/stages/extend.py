@@ -37,12 +37,6 @@ from batchscope.stages import Command, Rule, _common, adaptive, fit
 log = logging.getLogger("batchscope")
 
 
-def extension_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    """The fit's slice: the extension fits the bracket as the fit does, and the final fit's slice covers
-    ``adaptive.extend``."""
-    return fit.config_slice(config, workload)
-
-
 def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequence[str], run_paths: Sequence[str],
                   workload: str, expect: dict[str, str] | None = None) -> xr.Dataset:  # fmt: skip
     """The second checkpoint's file: the choice's variables with ``chosen`` the sizes trained in the end (the
@@ -83,7 +77,7 @@ def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequenc
 def run_extend(args: argparse.Namespace) -> None:
     from batchscope import store
 
-    spec = _common.spec(args, extension_slice)
+    spec = _common.spec(args, fit.config_slice)
     ds = extend_choice(spec, args.choice, args.profiles, args.runs, args.workload, _common.expect(args))
     ds.attrs.update(store.provenance("extend_bracket", spec), workload=args.workload or "")
     store.write_netcdf(ds, args.out)
@@ -100,13 +94,14 @@ def _extend_arguments(parser: argparse.ArgumentParser) -> None:
 
 VARIABLES = (*adaptive.VARIABLES, "extended_batch_size")
 # 2: with the fastest inside the bracket, past an edge beyond which every step-time model's b_opt lies
-RULES = {"extend_bracket": Rule(version=2, config_slice=extension_slice, variables=VARIABLES)}
+# its slice is the fit's: it fits the bracket as the fit does, and the final fit's slice covers adaptive.extend
+RULES = {"extend_bracket": Rule(version=2, config_slice=fit.config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "extend-bracket",
         "the adaptive study's second round: the grid's next size past the trained bracket's edge, if it is the fastest",
         run_extend,
         _extend_arguments,
-        spec=extension_slice,
+        spec=fit.config_slice,
     ),  # fmt: skip
 )

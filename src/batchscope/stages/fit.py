@@ -349,17 +349,17 @@ def diagnose(ds: xr.Dataset) -> list[str]:
             notes.append(f"{beats}: the optimum may lie beyond it; extend grid.batch_sizes {direction}")
     b_opt_value = float(ds["b_opt"])
     low, high = ds["b_opt_ci"].values
-    # where the adaptive note above names the size to train, it stands for these two
-    if past_trained is None and not lowest <= b_opt_value <= highest:
-        notes.append(
-            f"predicted b_opt = {b_opt_value:.0f} lies outside {trained} ({lowest} to {highest}); add batch "
-            f"sizes {'below' if b_opt_value < lowest else 'above'} it, or trust {fastest_only} only"
-        )
-    elif past_trained is None and np.isfinite([low, high]).all() and (low < lowest or high > highest):
-        notes.append(
-            f"b_opt's 95% interval ({_common.batch_interval(low, high)}) reaches beyond {trained} ({lowest} to "
-            f"{highest}): the prediction is unsure there; add seeds or batch sizes"
-        )
+    if past_trained is None:  # where the adaptive note above names the size to train, it stands for these two
+        if not lowest <= b_opt_value <= highest:
+            notes.append(
+                f"predicted b_opt = {b_opt_value:.0f} lies outside {trained} ({lowest} to {highest}); add batch "
+                f"sizes {'below' if b_opt_value < lowest else 'above'} it, or trust {fastest_only} only"
+            )
+        elif np.isfinite([low, high]).all() and (low < lowest or high > highest):
+            notes.append(
+                f"b_opt's 95% interval ({_common.batch_interval(low, high)}) reaches beyond {trained} ({lowest} to "
+                f"{highest}): the prediction is unsure there; add seeds or batch sizes"
+            )
     notes += _memory_notes(ds)
     notes += _model_notes(ds)
     return notes
