@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from batchscope import config as cfg
-from batchscope.measure.branch import branch, local_critical_batch_size, lr_scale
+from batchscope.measure.branch import branch, critical_interval, local_critical_batch_size, lr_scale
 from batchscope.stages import branch as branch_stage
 from batchscope.workloads.base import analysis_data, build
 
@@ -30,6 +30,38 @@ def test_the_local_critical_batch_size_is_the_largest_within_tolerance(losses, e
     assert local_critical_batch_size([128, 64, 32, 16], losses[::-1], 0.01) == expected
 
 
+def test_with_seeds_a_larger_batch_is_worse_only_clear_of_their_scatter():
+    """Three seeds (rows). At 32 the mean 1.2 exceeds 16's 1.0 by 0.19 beyond the 1% tolerance, but its standard
+    error is 0.18 / sqrt(3) = 0.104, so twice that (0.208) covers the excess: within. At 64 every seed is 1.3 (no
+    scatter): outside. Seed 0 alone (1.02 at 32) would have stopped at 16, as would the mean without the scatter."""
+    losses = [[1.0, 1.02, 1.3], [1.0, 1.20, 1.3], [1.0, 1.38, 1.3]]
+    assert local_critical_batch_size([16, 32, 64], losses, 0.01) == (32, 64)
+    assert local_critical_batch_size([16, 32, 64], losses[0], 0.01) == (16, 32)
+    assert local_critical_batch_size([16, 32, 64], losses, 0.01, significance=0.0) == (16, 32)
+    # a seed that diverged puts its branch outside, whatever the others did
+    assert local_critical_batch_size([16, 32, 64], [[1.0, 1.0, 1.0], [1.0, math.nan, 1.0]], 0.01) == (16, 32)
+
+
+def test_seeds_find_a_known_critical_batch_size_that_one_seed_misses():
+    """Synthetic branches whose true losses are flat up to 128 and 30% worse at 256, each seed's loss off by 10%
+    (the scatter measured on the spirals): the rule's answer is 128 in at most 15% of the draws with one seed, in at
+    least 65% with three and 80% with five, and the three seeds' 95% interval holds 128 in at least 85% (200 draws
+    each: a binomial standard error of 3 points, the bounds about 3 of them from what a run measured)."""
+    sizes = [16, 32, 64, 128, 256, 512]
+    truth = np.array([1.0, 1.0, 1.0, 1.0, 1.3, 2.0])
+    rng = np.random.default_rng(1)
+    hits, covered = {}, 0
+    for seeds in (1, 3, 5):
+        draws = [truth * (1 + 0.1 * rng.standard_normal((seeds, len(sizes)))) for _ in range(200)]
+        hits[seeds] = np.mean([local_critical_batch_size(sizes, d, 0.01)[0] == 128 for d in draws])
+        if seeds == 3:
+            intervals = [critical_interval(sizes, d, 0.01, np.random.default_rng(0)) for d in draws]
+            covered = np.mean([low <= 128 <= high for low, high in intervals])
+    assert hits[1] <= 0.15 and hits[3] >= 0.65 and hits[5] >= 0.80, hits
+    assert covered >= 0.85
+    assert np.isnan(critical_interval(sizes, truth[None], 0.01, rng)).all()  # one seed: no interval
+
+
 def test_learning_rate_rules():
     assert lr_scale("sgd", 4) == 4 and lr_scale("adamw", 4) == 2
 
@@ -37,31 +69,36 @@ def test_learning_rate_rules():
 def test_a_branch_trains_what_it_says():
     config = cfg.load("config/test/tiny.yaml")
     spec = branch_stage.config_slice(config, "tiny_mlp")
-    spec = {**spec, "factors": [0.5, 2.0], "examples": 512, "eval_size": 200}
+    spec = {**spec, "factors": [0.5, 2.0], "examples": 512, "eval_size": 200, "seed": 3, "seeds": 2}
     workload = build(cfg.workload_slice(config, "tiny_mlp"), CPU, seed=0)
     state = {k: v.clone() for k, v in workload.model.state_dict().items()}
     ds = branch(state, workload, spec, (64, 0.1), CPU)
     assert ds["branch_batch_size"].values.tolist() == [32, 128]
     assert ds["steps"].values.tolist() == [16, 4]  # the same 512 examples each
     np.testing.assert_allclose(ds["lr"].values, [0.05, 0.2])  # SGD: linear in k
-    # the k = 2 branch by hand: the same start, optimizer, batch order and evaluation subset
+    assert ds["seed"].values.tolist() == [3, 4]
+    # the k = 2 branch by hand, per seed: the same start, optimizer, batch order and evaluation subset
     fresh = build(cfg.workload_slice(config, "tiny_mlp"), CPU, seed=0)
     model = fresh.model
-    model.load_state_dict(state)
     opt = spec["optimizer"]
-    sgd = torch.optim.SGD(model.parameters(), lr=0.2, momentum=opt["momentum"], nesterov=opt["nesterov"],
-                          weight_decay=opt["weight_decay"])  # fmt: skip
     x, y = fresh.train
-    generator = torch.Generator().manual_seed(spec["seed"])
-    order = torch.randperm(len(x), generator=generator)
-    model.train()
-    for i in range(4):
-        index = order[i * 128 : (i + 1) * 128]
-        sgd.zero_grad()
-        fresh.loss(model(x[index]), y[index]).backward()
-        sgd.step()
     x_eval, y_eval = (t[:200] for t in analysis_data(fresh, CPU))
-    with torch.no_grad():
-        expected = float(fresh.loss(model.eval()(x_eval), y_eval))
-    assert float(ds["loss"].sel(branch_batch_size=128)) == pytest.approx(expected, rel=1e-6)
-    assert int(ds["critical_batch_size"]) in (32, 128)
+    by_hand = []
+    for seed in (3, 4):
+        model.load_state_dict(state)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.2, momentum=opt["momentum"], nesterov=opt["nesterov"],
+                              weight_decay=opt["weight_decay"])  # fmt: skip
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        model.train()
+        for i in range(4):
+            index = order[i * 128 : (i + 1) * 128]
+            sgd.zero_grad()
+            fresh.loss(model(x[index]), y[index]).backward()
+            sgd.step()
+        with torch.no_grad():
+            by_hand.append(float(fresh.loss(model.eval()(x_eval), y_eval)))
+    np.testing.assert_allclose(ds["loss"].sel(branch_batch_size=128).values, by_hand, rtol=1e-6)
+    assert by_hand[0] != by_hand[1]  # the seeds drew different examples
+    assert float(ds["loss_mean"].sel(branch_batch_size=128)) == pytest.approx(np.mean(by_hand), rel=1e-6)
+    expected = local_critical_batch_size([32, 128], ds["loss"].values.T, spec["tolerance"])
+    assert (int(ds["critical_batch_size"]), int(ds["critical_upper"])) == expected

@@ -445,6 +445,37 @@ def test_the_reports_answer_table_shows_the_quick_estimate_and_its_b_crit(tmp_pa
     assert row["quick: cost (device-s)"] == 0.0 and math.isnan(row["quick: cost (reference runs)"])
 
 
+def test_the_answer_table_and_figure_put_the_branched_critical_batch_size_beside_it(tmp_path):
+    """With branching measured: its local critical batch size per snapshot, its jobs' device-seconds, and those in
+    reference runs (the reference run's job from the quick estimate's own bill: 5 s against 2 s); the figure draws
+    the three answers on one axis."""
+    from batchscope.figures import answer_table, plot_critical_batch
+
+    profiles, noise_dir = write_caches(tmp_path)
+    bench = tmp_path / "reference.tsv"
+    bench.write_text("s\th:m:s\tmax_rss\n2.0\t0:00:02\t100\n")
+    ds = quick.add_cost(quick.estimate(SPEC, profiles, noise_dir), {"train_reference": [str(bench)]})
+    steps = ds["step"].values[:3]
+    branch = xr.Dataset(
+        {
+            "critical_batch_size": ("step", [32, 64, 128]),
+            "critical_upper": ("step", [64, 128, -1]),
+            "critical_ci": (("step", "bound"), [[16, 64], [32, 128], [np.nan, np.nan]]),
+        },
+        coords={"step": steps, "bound": ["low", "high"]},
+    )
+    (row,) = answer_table({}, {"w": ds}, {"w": branch}, {"w": 5.0}).to_dict("records")
+    assert row["branching: local critical B over the run"] == "32, 64, 128"
+    assert row["branching: cost (device-s)"] == 5.0 and row["branching: cost (reference runs)"] == pytest.approx(2.5)
+    (plain,) = answer_table({}, {"w": ds}).to_dict("records")
+    assert not any(key.startswith("branching") for key in plain)  # none measured: no columns
+    fig = plot_critical_batch(ds, None, "w", branch)
+    (ax,) = fig.axes
+    labels = ax.get_legend_handles_labels()[1]
+    assert any(label.startswith("B_noise") for label in labels) and any("branching" in label for label in labels)
+    assert any("interval over the branch seeds" in label for label in labels)
+
+
 def test_b_crit_with_the_update_lag_is_what_the_grids_fit_measures():
     """Runs that spend ``lag`` steps beyond the local law, K(B) = S_min (1 + B_noise / B) + lag, fitted as the full
     study fits them (scaling.fit_steps: N_iter + C_var / B): their B_crit = C_var / N_iter is what

@@ -45,8 +45,9 @@ def variant(repo, tmp_path, change) -> Path:
 def test_report_has_embedded_figures_and_names_b_opt(study):
     html = (study / "results/report/report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]{1000,})"', html)
-    # per workload five scaling, three Hessian and two noise figures; edge of stability; two Ghost; Jensen
-    assert len(images) == 2 * (5 + 3 + 2) + 1 + 2 + 1
+    # per workload the three critical batch sizes, five scaling, three Hessian and two noise figures; edge of
+    # stability; two Ghost; Jensen
+    assert len(images) == 2 * (1 + 5 + 3 + 2) + 1 + 2 + 1
     assert "predicted b_opt" in html and "recommended B" in html and "as fast within" in html
     # the three times, named for where they come from, and each stage's share of the compute
     assert "from the profile" in html and "from the fit" in html and "measured in training" in html
@@ -58,7 +59,7 @@ def test_report_has_embedded_figures_and_names_b_opt(study):
     assert "<table" in html and "tiny_cnn" in html and "tiny_mlp" in html
     assert "import report" not in html  # code hidden
     figures = sorted((study / "results/report/figures").glob("*.png"))
-    assert len(figures) == 24
+    assert len(figures) == len(images) == 26  # every embedded figure is a saved file
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000 for f in figures)
 
 
@@ -278,6 +279,35 @@ def test_noise_results(study):
             assert first.attrs["method"] == "per-example (linear)" and float(first["b_simple"]) > 0
     linreg = read_netcdf(study / "results/jensen_linreg.nc")
     assert np.all(np.abs(linreg["relative_bias"] - linreg["analytic"]) < 4 * linreg["relative_bias_se"])
+
+
+def test_the_branch_jobs_measure_each_snapshot(study, repo):
+    """One branch job per snapshot of the reference run: its step, its branches at k x the reference batch size,
+    the seeds branch.seeds asks for, and a bracket and interval among the branches' sizes."""
+    config = cfg.load(repo / "config/test/tiny.yaml")
+    settings = config["branch"]
+    for workload in WORKLOADS:
+        b_ref = cfg.noise_reference(config, workload)[0]
+        files = sorted((study / f"results/branch/{workload}").glob("snapshot*.nc"))
+        noise = sorted((study / f"results/noise/{workload}").glob("snapshot*.nc"))
+        assert len(files) == len(config["noise"]["snapshot_fractions"]) == len(noise)
+        for path, snapshot in zip(files, noise, strict=True):
+            ds = read_netcdf(path)
+            assert ds.attrs["step"] == read_netcdf(snapshot).attrs["step"]
+            sizes = ds["branch_batch_size"].values.tolist()
+            assert sizes == [round(k * b_ref) for k in sorted(settings["factors"])]
+            assert ds["seed"].values.tolist() == list(range(settings["seed"], settings["seed"] + settings["seeds"]))
+            assert ds["loss"].shape == (len(sizes), settings["seeds"])
+            critical, upper = int(ds["critical_batch_size"]), int(ds["critical_upper"])
+            above = sizes[sizes.index(critical) + 1 :]
+            assert upper == (above[0] if above else -1)
+            low, high = ds["critical_ci"].values
+            assert low in sizes and high in sizes and low <= high
+        # the report's first section: the curve beside the quick estimate's B_noise, and its cost in the table
+        assert (study / f"results/report/figures/{workload}_critical_batch.png").is_file()
+    html = (study / "results/report/report.html").read_text()
+    first = html[html.index("The answer, and what it cost") : html.index("Recommendation")]
+    assert "branching: local critical B over the run" in first and "branching: cost (reference runs)" in first
 
 
 def test_recommend_reads_the_studys_fits_and_agrees_with_the_report(study, repo, tmp_path, capsys):

@@ -462,9 +462,22 @@ def load_branch(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
     by_workload: dict[str, list[xr.Dataset]] = {}
     for ds in map(read_netcdf, paths):
         by_workload.setdefault(ds.attrs["workload"], []).append(ds)
-    return {name: xr.concat([d[["critical_batch_size", "critical_upper"]].expand_dims(step=[d.attrs["step"]])
+    return {name: xr.concat([d[["critical_batch_size", "critical_upper", "critical_ci"]]
+                             .expand_dims(step=[d.attrs["step"]])
                              for d in parts], dim="step", combine_attrs="drop").sortby("step")
             for name, parts in by_workload.items()}  # fmt: skip
+
+
+def _draw_branch(ax: plt.Axes, branch: xr.Dataset) -> None:
+    """The branched local critical batch size per snapshot, a bar up to the next branch, its seeds' interval."""
+    low = branch["critical_batch_size"].values.astype(float)
+    high = np.where(branch["critical_upper"].values > 0, branch["critical_upper"].values, low)
+    ax.errorbar(branch["step"].values, low, yerr=[np.zeros_like(low), high - low], fmt="D", color="C4",
+                capsize=3, label="local critical B by branching, up to the next branch")  # fmt: skip
+    ci = branch["critical_ci"].values  # (step, bound); NaN with one seed
+    if np.isfinite(ci).any():
+        ax.vlines(branch["step"].values, ci[:, 0], ci[:, 1], color="C4", lw=6, alpha=0.25,
+                  label="its 95% interval over the branch seeds")  # fmt: skip
 
 
 def plot_noise_scale(snapshots: xr.Dataset, fit: xr.Dataset | None, name: str,
@@ -478,10 +491,7 @@ def plot_noise_scale(snapshots: xr.Dataset, fit: xr.Dataset | None, name: str,
     if "two_batch_b_noise" in snapshots:
         ax.plot(steps, snapshots["two_batch_b_noise"].values, "^-", label="B_noise = tr(H Sigma) / G^T H G, two-batch")
     if branch is not None:
-        low = branch["critical_batch_size"].values.astype(float)
-        high = np.where(branch["critical_upper"].values > 0, branch["critical_upper"].values, low)
-        ax.errorbar(branch["step"].values, low, yerr=[np.zeros_like(low), high - low], fmt="D", color="C4",
-                    capsize=3, label="local critical B by branching, up to the next branch")  # fmt: skip
+        _draw_branch(ax, branch)
     if fit is not None:
         b_crit = float(fit["b_crit"])
         ax.axhline(b_crit, color="C3", lw=1, label=f"B_crit from the K(B) fit = {b_crit:.0f}")
@@ -701,9 +711,11 @@ def load_quick(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
     return {ds.attrs["workload"]: ds for ds in map(read_netcdf, paths)}
 
 
-def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset]) -> pd.DataFrame:
-    """Per workload, the study's answer (the full grid's, or the adaptive study's with the sizes it trained) and the
-    quick estimate side by side, each with what it cost."""
+def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset], branch: dict[str, xr.Dataset] | None = None,
+                 branch_cost: dict[str, float] | None = None) -> pd.DataFrame:  # fmt: skip
+    """Per workload, the study's answer (the full grid's, or the adaptive study's with the sizes it trained), the
+    quick estimate and the branched critical batch size (where measured) side by side, each with what it cost."""
+    branch, branch_cost = branch or {}, branch_cost or {}
     rows = []
     for name in sorted(set(fits) | set(quick)):
         row: dict = {"workload": name}
@@ -727,8 +739,41 @@ def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset]) -> p
                         "quick: cost (reference runs)": float(q["cost_in_reference_runs"])})  # fmt: skip
         if name in fits and name in quick:
             row[f"quick cost / {study} cost"] = row["quick: cost (device-s)"] / row[f"{study}: cost (device-s)"]
+        if name in branch:
+            b = branch[name]
+            row["branching: local critical B over the run"] = ", ".join(
+                str(int(v)) for v in b["critical_batch_size"].values
+            )
+            cost = branch_cost.get(name, math.nan)
+            row["branching: cost (device-s)"] = cost
+            if name in quick and "train_reference" in quick[name]["job"].values:
+                row["branching: cost (reference runs)"] = cost / float(quick[name]["cost_s"].sel(job="train_reference"))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def plot_critical_batch(quick: xr.Dataset, fit: xr.Dataset | None, name: str,
+                        branch: xr.Dataset | None = None) -> plt.Figure:  # fmt: skip
+    """The three answers' critical batch size along the reference run: the quick estimate's B_noise per snapshot and
+    its b_crit, the branched local critical batch size with its bracket and interval (where measured), and B_crit
+    from the K(B) fit of the trained grid."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    steps = quick["step"].values
+    ax.plot(steps, quick["b_noise"].values, "^-", color="C2", label="B_noise along the reference run (quick)")
+    ax.axhline(float(quick["b_crit"]), color="C2", ls="--", lw=1,
+               label=f"the quick estimate's b_crit = {float(quick['b_crit']):.0f}")  # fmt: skip
+    if branch is not None:
+        _draw_branch(ax, branch)
+    if fit is not None:
+        b_crit = float(fit["b_crit"])
+        ax.axhline(b_crit, color="C3", lw=1, label=f"B_crit from the K(B) fit = {b_crit:.0f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step of the reference run")
+    ax.set_ylabel("examples")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{name}: the critical batch size, three ways")
+    fig.tight_layout()
+    return fig
 
 
 def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str) -> Path:

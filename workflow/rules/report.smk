@@ -30,6 +30,9 @@ rule render_report:
         benchmarks=lambda w: benchmark_pairs(job_benchmarks(w)),
         # a function: a plain string's {workload} would be taken for a wildcard of this rule
         train_benchmarks=lambda w: f"--train-benchmarks '{rules.train_batch_size.benchmark}'" if ADAPTIVE else "",
+        branch_benchmarks=lambda w: (
+            f"--branch-benchmarks '{rules.branch_checkpoint.benchmark}'" if config["branch"]["enabled"] else ""
+        ),
         expect=json.dumps(
             {
                 "fit_scaling": {
@@ -42,5 +45,6 @@ rule render_report:
         "python -m batchscope report --fits {input.fits} --hessian {input.hessian} --expect {params.expect:q}"
         " --edge-of-stability {input.stability} --ghost {input.ghost} --noise {input.noise} --quick {input.quick}"
         " --branch {input.branch}"
-        " --benchmarks {params.benchmarks} {params.train_benchmarks} --notebook {input.notebook}"
+        " --benchmarks {params.benchmarks} {params.train_benchmarks} {params.branch_benchmarks}"
+        " --notebook {input.notebook}"
         " --out {output.html} --figures {output.figures} > {log} 2>&1"

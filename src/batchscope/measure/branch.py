@@ -6,6 +6,13 @@ each over the same number of examples, so a larger batch takes proportionally fe
 critical batch size, a larger batch loses nothing per example seen: its branch ends at the same loss. The local
 critical batch size is the largest k B whose final loss stays within a relative tolerance of the best loss of the
 smaller ones (:func:`local_critical_batch_size`); the truth lies between it and the next branch's k B.
+
+A branch's final loss moves with the examples it happened to draw: on the spirals at a run length of 160 steps its
+spread over seeds was 5 to 15% of the loss, ten times the default tolerance, and one seed's critical batch size
+jumped between 16 and 256 from one snapshot to the next. So each branch runs ``seeds`` times (each seed its own
+example order, the same for every k), the rule reads the seeds' mean, and a larger batch counts as worse only where
+its excess over the tolerance stands ``SIGNIFICANCE`` standard errors clear of the seeds' scatter. With one seed
+that is the plain rule. The seeds resampled give the critical batch size's interval.
 """
 
 from __future__ import annotations
@@ -18,8 +25,12 @@ import numpy as np
 import torch
 import xarray as xr
 
+from batchscope.core import scaling
 from batchscope.engine import runtime
 from batchscope.workloads.base import Workload, analysis_data
+
+SIGNIFICANCE = 2.0  # standard errors: a larger batch is worse only where its mean loss exceeds this clear of noise
+BOOTSTRAP = 200  # resamples of the seeds for the critical batch size's interval
 
 
 def lr_scale(optimizer: str, k: float) -> float:
@@ -27,64 +38,96 @@ def lr_scale(optimizer: str, k: float) -> float:
     return k if optimizer == "sgd" else math.sqrt(k)
 
 
-def local_critical_batch_size(batch_sizes: Sequence[int], losses: Sequence[float], tolerance: float) -> tuple[int, int]:
+def local_critical_batch_size(batch_sizes: Sequence[int], losses: Sequence, tolerance: float,
+                              significance: float = SIGNIFICANCE) -> tuple[int, int]:  # fmt: skip
     """(local critical batch size, the next branch's batch size or -1): the largest batch size, going up from the
     smallest, whose loss is within ``tolerance`` (relative) of the best loss of the batch sizes below it; the first
-    one that is not ends the search. A diverged branch (NaN or inf) is not within it."""
+    one that is not ends the search. ``losses`` is one per batch size, or (seeds, batch sizes): then the rule reads
+    the seeds' mean, and a loss is outside only where its excess over the tolerance exceeds ``significance`` times
+    the two means' combined standard error (the seeds' scatter). A diverged branch (NaN or inf in any seed) is
+    outside."""
+    values = np.atleast_2d(np.asarray(losses, float))
     order = np.argsort(batch_sizes)
-    sizes, values = np.asarray(batch_sizes)[order], np.asarray(losses, float)[order]
-    best, critical = values[0], int(sizes[0])
-    for size, value in zip(sizes[1:], values[1:], strict=True):
-        if not (math.isfinite(value) and value <= best * (1 + tolerance)):
-            return critical, int(size)
-        best, critical = min(best, value), int(size)
+    sizes, values = np.asarray(batch_sizes)[order], values[:, order]
+    mean = values.mean(axis=0)
+    seeds = values.shape[0]
+    se = values.std(axis=0, ddof=1) / math.sqrt(seeds) if seeds > 1 else np.zeros(len(sizes))
+    best, critical = 0, int(sizes[0])
+    for j in range(1, len(sizes)):
+        excess = mean[j] - mean[best] * (1 + tolerance)
+        if not (math.isfinite(mean[j]) and excess <= significance * math.hypot(se[j], se[best] * (1 + tolerance))):
+            return critical, int(sizes[j])
+        best, critical = (j if mean[j] < mean[best] else best), int(sizes[j])
     return critical, -1
+
+
+def critical_interval(batch_sizes: Sequence[int], losses: np.ndarray, tolerance: float,
+                      rng: np.random.Generator, resamples: int = BOOTSTRAP) -> np.ndarray:  # fmt: skip
+    """The critical batch size's 95% interval with the seeds resampled (each branch's own, independently: the seeds
+    of different k share an example order, but not a trajectory). NaN with one seed."""
+    losses = np.atleast_2d(np.asarray(losses, float))
+    seeds = losses.shape[0]
+    if seeds < 2:
+        return np.array([math.nan, math.nan])
+    columns = np.arange(losses.shape[1])
+    drawn = [local_critical_batch_size(batch_sizes, losses[rng.integers(0, seeds, losses.shape), columns],
+                                       tolerance)[0] for _ in range(resamples)]  # fmt: skip
+    return scaling.interval(np.asarray(drawn, float)[:, None])[0]
 
 
 def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tuple[int, float], device: torch.device
            ) -> xr.Dataset:  # fmt: skip
     """Branches from ``state`` (a checkpoint's weights) at ``spec["factors"]`` x the reference batch size, each over
-    ``spec["examples"]`` training examples (default: ``steps_at_largest`` steps of the largest branch); the loss of
-    each at its end on a fixed evaluation subset (``spec["eval_size"]`` of the analysis set, in eval mode)."""
+    ``spec["examples"]`` training examples (default: ``steps_at_largest`` steps of the largest branch) and repeated
+    for ``spec["seeds"]`` example orders from ``spec["seed"]`` on; the loss of each at its end on a fixed evaluation
+    subset (``spec["eval_size"]`` of the analysis set, in eval mode)."""
     base_batch, base_lr = reference
     factors = sorted(spec["factors"])
     examples = spec["examples"] or spec["steps_at_largest"] * int(round(factors[-1] * base_batch))
+    seeds = [spec["seed"] + i for i in range(spec.get("seeds", 1))]
     x_eval, y_eval = (t[: spec["eval_size"]] for t in analysis_data(workload, device))
-    rows = []
-    for k in factors:
-        batch_size = max(1, int(round(k * base_batch)))
-        lr = base_lr * lr_scale(spec["optimizer"]["name"], k)
-        steps = max(1, examples // batch_size)
-        workload.model.load_state_dict(state)
-        model = workload.model.train()
-        optimizer = runtime.make_optimizer(spec["optimizer"], model.parameters(), lr)  # fresh state per branch
-        step = runtime.make_step(model, optimizer, workload.loss, device)
-        generator = torch.Generator().manual_seed(spec["seed"])
-        draws = runtime.batches(workload, batch_size, generator, spec["loader"], device)
-        diverged = False
-        for _ in range(steps):
-            value = step(*next(draws))
-            if not torch.isfinite(value):
-                diverged = True
-                break
-        with torch.no_grad():
-            loss = math.nan if diverged else float(workload.loss(model.eval()(x_eval), y_eval))
-        rows.append((batch_size, k, lr, steps, loss))
-    sizes, ks, lrs, steps, losses = map(np.asarray, zip(*rows, strict=True))
-    critical, upper = local_critical_batch_size(sizes, losses, spec["tolerance"])
+    sizes = [max(1, int(round(k * base_batch))) for k in factors]
+    lrs = [base_lr * lr_scale(spec["optimizer"]["name"], k) for k in factors]
+    steps = [max(1, examples // batch_size) for batch_size in sizes]
+    losses = np.full((len(factors), len(seeds)), math.nan)
+    for i, (batch_size, lr, n_steps) in enumerate(zip(sizes, lrs, steps, strict=True)):
+        for j, seed in enumerate(seeds):
+            workload.model.load_state_dict(state)
+            model = workload.model.train()
+            optimizer = runtime.make_optimizer(spec["optimizer"], model.parameters(), lr)  # fresh state per branch
+            step = runtime.make_step(model, optimizer, workload.loss, device)
+            draws = runtime.batches(workload, batch_size, torch.Generator().manual_seed(seed), spec["loader"], device)
+            if all(torch.isfinite(step(*next(draws))) for _ in range(n_steps)):  # stops at the first non-finite loss
+                with torch.no_grad():
+                    losses[i, j] = float(workload.loss(model.eval()(x_eval), y_eval))
+    critical, upper = local_critical_batch_size(sizes, losses.T, spec["tolerance"])
+    interval = critical_interval(sizes, losses.T, spec["tolerance"], np.random.default_rng(0))
+    se = losses.std(axis=1, ddof=1) / math.sqrt(len(seeds)) if len(seeds) > 1 else np.full(len(factors), math.nan)
     return xr.Dataset(
         {
-            "factor": ("branch_batch_size", ks),
+            "factor": ("branch_batch_size", factors),
             "lr": ("branch_batch_size", lrs, {"long_name": "learning rate, scaled by the optimizer's rule"}),
             "steps": ("branch_batch_size", steps),
-            "loss": ("branch_batch_size", losses, {"long_name": "loss at the branch's end (eval mode)"}),
+            "loss": (
+                ("branch_batch_size", "seed"),
+                losses,
+                {"long_name": "loss at the branch's end (eval mode); NaN: diverged"},
+            ),
+            "loss_mean": ("branch_batch_size", losses.mean(axis=1), {"long_name": "the seeds' mean loss"}),
+            "loss_se": ("branch_batch_size", se, {"long_name": "its standard error (NaN with one seed)"}),
             "critical_batch_size": ((), critical, {"units": "examples", "long_name": "local critical batch size"}),
             "critical_upper": ((), upper, {"long_name": "the next branch's batch size (-1: none above)"}),
+            "critical_ci": (
+                "bound",
+                interval,
+                {"units": "examples", "long_name": "95% interval over the seeds resampled (NaN with one seed)"},
+            ),
         },
-        coords={"branch_batch_size": sizes.astype(int)},
+        coords={"branch_batch_size": np.asarray(sizes, int), "seed": seeds, "bound": ["low", "high"]},
         attrs={
             "examples": int(examples),
             "tolerance": spec["tolerance"],
+            "significance": SIGNIFICANCE,
             "reference_batch_size": base_batch,
             "reference_lr": base_lr,
         },  # fmt: skip

@@ -35,10 +35,13 @@ def run(args: argparse.Namespace) -> None:
     batch_size, lr, _ = spec["reference"]
     ds = branch(snapshot["state_dict"], workload, spec, (batch_size, lr), device)
     ds.attrs.update(store.provenance("branch_checkpoint", spec, device=str(device)), step=int(snapshot["step"]),
-                    fraction=float(snapshot["fraction"]), workload=saved["workload"]["name"])  # fmt: skip
+                    fraction=float(snapshot["fraction"]), index=args.index,
+                    workload=saved["workload"]["name"])  # fmt: skip
     store.write_netcdf(ds, args.out)
-    log.info("step %d: local critical batch size %d (next branch %d); losses %s", snapshot["step"],
-             int(ds["critical_batch_size"]), int(ds["critical_upper"]), ds["loss"].values.round(4))  # fmt: skip
+    low, high = ds["critical_ci"].values
+    log.info("step %d: local critical batch size %d (next branch %d, 95%% interval %s to %s over %d seeds); mean "
+             "losses %s", snapshot["step"], int(ds["critical_batch_size"]), int(ds["critical_upper"]), low, high,
+             ds.sizes["seed"], ds["loss_mean"].values.round(4))  # fmt: skip
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,10 +50,13 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=int, required=True, help="which snapshot (0 = the first fraction)")
 
 
+# 2: each branch over branch.seeds seeds, the rule on their mean and scatter, the interval over them resampled
 RULES = {
     "branch_checkpoint": Rule(
-        version=1, config_slice=config_slice, variables=("loss", "critical_batch_size", "critical_upper")
-    ),  # fmt: skip
+        version=2,
+        config_slice=config_slice,
+        variables=("loss", "loss_mean", "critical_batch_size", "critical_upper", "critical_ci"),
+    ),
 }
 COMMANDS = (
     Command(

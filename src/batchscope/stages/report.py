@@ -56,6 +56,7 @@ def render(
     noise_paths: Sequence[str] = (),
     expect: dict | None = None,
     benchmarks: dict[str, list[str]] | None = None,
+    branch_benchmarks: dict[str, list[str]] | None = None,
 ) -> Path:
     """Execute the report notebook on ``fit_paths`` (and Hessian aggregates) and write HTML, code hidden.
 
@@ -82,6 +83,9 @@ def render(
             "noise_files": [str(Path(p).resolve()) for p in noise_paths],
             "benchmark_files": {
                 rule: [str(Path(p).resolve()) for p in paths] for rule, paths in (benchmarks or {}).items()
+            },
+            "branch_benchmark_files": {
+                name: [str(Path(p).resolve()) for p in paths] for name, paths in (branch_benchmarks or {}).items()
             },
             "figures_dir": str(Path(figures_dir).resolve()),
         },
@@ -116,6 +120,20 @@ def train_job_benchmarks(listed: Sequence[str], fit_paths: Sequence[str], patter
     return list(dict.fromkeys(paths))
 
 
+def branch_job_benchmarks(branch_paths: Sequence[str], pattern: str | None) -> dict[str, list[str]]:
+    """Per workload, the branch jobs' benchmark files (the answer table's branching cost): ``pattern`` (the rule's
+    declared benchmark path, with ``{workload}`` and ``{index}``) at each branch file's own workload and snapshot
+    index."""
+    from batchscope.store import read_netcdf
+
+    by_workload: dict[str, list[str]] = {}
+    for path in branch_paths if pattern else ():
+        attrs = read_netcdf(path).attrs
+        by_workload.setdefault(attrs["workload"], []).append(pattern.format(workload=attrs["workload"],
+                                                                            index=attrs["index"]))  # fmt: skip
+    return by_workload
+
+
 def run(args: argparse.Namespace) -> None:
     benchmarks = _common.pairs(args.benchmarks, "--benchmarks")
     if args.train_benchmarks:
@@ -124,7 +142,8 @@ def run(args: argparse.Namespace) -> None:
     html = render(args.fits, args.notebook, args.out, args.figures, hessian_paths=args.hessian,
                   stability_paths=args.edge_of_stability, ghost_paths=args.ghost, noise_paths=args.noise,
                   quick_paths=args.quick, branch_paths=args.branch,
-                  expect=_common.expect(args), benchmarks=benchmarks)  # fmt: skip
+                  expect=_common.expect(args), benchmarks=benchmarks,
+                  branch_benchmarks=branch_job_benchmarks(args.branch, args.branch_benchmarks))  # fmt: skip
     print(html)
 
 
@@ -141,10 +160,12 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         "stages' share of the compute (optional)")  # fmt: skip
     parser.add_argument("--train-benchmarks", metavar="PATTERN", help="adaptive study: the training jobs' benchmark "
                         "path, with {workload} and {batch_size}, taken at each fit's batch sizes")  # fmt: skip
+    parser.add_argument("--branch-benchmarks", metavar="PATTERN", help="the branch jobs' benchmark path, with "
+                        "{workload} and {index}, taken at each branch file's own")  # fmt: skip
     parser.add_argument("--notebook", required=True)
     parser.add_argument("--out", required=True, help="output HTML path")
     parser.add_argument("--figures", required=True, help="directory for the figure PNGs")
 
 
-RULES = {"render_report": Rule(version=4)}
+RULES = {"render_report": Rule(version=5)}  # 5: the branched critical batch size in the first section
 COMMANDS = (Command("report", "execute the report notebook and write HTML", run, _arguments),)
