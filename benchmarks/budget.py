@@ -129,13 +129,14 @@ def study_config(base: dict, study: str) -> dict:
     return config
 
 
-def snakemake(workdir: Path, config_path: Path, target: str, cores: int) -> float:
+def snakemake(workdir: Path, config_path: Path, target: str | list[str], cores: int) -> float:
     # absolute: the jobs run in the working directory, where a PYTHONPATH relative to here would name nothing
     user = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     path = os.pathsep.join([str(EXAMPLE), *user])
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], PYTHONPATH=path)
     # the target first: --configfile and --quiet both take several values and would swallow it
-    cmd = ["snakemake", target, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores),
+    targets = [target] if isinstance(target, str) else target
+    cmd = ["snakemake", *targets, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores),
            "--configfile", str(config_path), "--quiet"]  # fmt: skip
     start = time.perf_counter()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -48,10 +48,8 @@ def local_critical_batch_size(batch_sizes: Sequence[int], losses: Sequence, tole
     outside."""
     values = np.atleast_2d(np.asarray(losses, float))
     order = np.argsort(batch_sizes)
-    sizes, values = np.asarray(batch_sizes)[order], values[:, order]
-    mean = values.mean(axis=0)
-    seeds = values.shape[0]
-    se = values.std(axis=0, ddof=1) / math.sqrt(seeds) if seeds > 1 else np.zeros(len(sizes))
+    sizes, (mean, se) = np.asarray(batch_sizes)[order], mean_and_se(values[:, order])
+    se = np.nan_to_num(se, nan=0.0)  # one seed: no scatter to allow for
     best, critical = 0, int(sizes[0])
     for j in range(1, len(sizes)):
         excess = mean[j] - mean[best] * (1 + tolerance)
@@ -59,6 +57,13 @@ def local_critical_batch_size(batch_sizes: Sequence[int], losses: Sequence, tole
             return critical, int(sizes[j])
         best, critical = (j if mean[j] < mean[best] else best), int(sizes[j])
     return critical, -1
+
+
+def mean_and_se(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per batch size (column), the seeds' (rows') mean loss and its standard error (NaN with one seed)."""
+    seeds = losses.shape[0]
+    se = losses.std(axis=0, ddof=1) / math.sqrt(seeds) if seeds > 1 else np.full(losses.shape[1], math.nan)
+    return losses.mean(axis=0), se
 
 
 def critical_interval(batch_sizes: Sequence[int], losses: np.ndarray, tolerance: float,
@@ -84,7 +89,7 @@ def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tup
     base_batch, base_lr = reference
     factors = sorted(spec["factors"])
     examples = spec["examples"] or spec["steps_at_largest"] * int(round(factors[-1] * base_batch))
-    seeds = [spec["seed"] + i for i in range(spec.get("seeds", 1))]
+    seeds = [spec["seed"] + i for i in range(spec["seeds"])]
     x_eval, y_eval = (t[: spec["eval_size"]] for t in analysis_data(workload, device))
     sizes = [max(1, int(round(k * base_batch))) for k in factors]
     lrs = [base_lr * lr_scale(spec["optimizer"]["name"], k) for k in factors]
@@ -102,7 +107,7 @@ def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tup
                     losses[i, j] = float(workload.loss(model.eval()(x_eval), y_eval))
     critical, upper = local_critical_batch_size(sizes, losses.T, spec["tolerance"])
     interval = critical_interval(sizes, losses.T, spec["tolerance"], np.random.default_rng(0))
-    se = losses.std(axis=1, ddof=1) / math.sqrt(len(seeds)) if len(seeds) > 1 else np.full(len(factors), math.nan)
+    mean, se = mean_and_se(losses.T)
     return xr.Dataset(
         {
             "factor": ("branch_batch_size", factors),
@@ -113,7 +118,7 @@ def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tup
                 losses,
                 {"long_name": "loss at the branch's end (eval mode); NaN: diverged"},
             ),
-            "loss_mean": ("branch_batch_size", losses.mean(axis=1), {"long_name": "the seeds' mean loss"}),
+            "loss_mean": ("branch_batch_size", mean, {"long_name": "the seeds' mean loss"}),
             "loss_se": ("branch_batch_size", se, {"long_name": "its standard error (NaN with one seed)"}),
             "critical_batch_size": ((), critical, {"units": "examples", "long_name": "local critical batch size"}),
             "critical_upper": ((), upper, {"long_name": "the next branch's batch size (-1: none above)"}),
