@@ -468,6 +468,20 @@ def load_branch(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
             for name, parts in by_workload.items()}  # fmt: skip
 
 
+def _finish_critical(ax: plt.Axes, branch: xr.Dataset | None, fit: xr.Dataset | None, title: str) -> None:
+    """What the two critical-batch figures share: the branched curve (where measured), the fit's B_crit, the axes."""
+    if branch is not None:
+        _draw_branch(ax, branch)
+    if fit is not None:
+        b_crit = float(fit["b_crit"])
+        ax.axhline(b_crit, color="C3", lw=1, label=f"B_crit from the K(B) fit = {b_crit:.0f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step of the reference run")
+    ax.set_ylabel("examples")
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+
+
 def _draw_branch(ax: plt.Axes, branch: xr.Dataset) -> None:
     """The branched local critical batch size per snapshot, a bar up to the next branch, its seeds' interval."""
     low = branch["critical_batch_size"].values.astype(float)
@@ -490,16 +504,8 @@ def plot_noise_scale(snapshots: xr.Dataset, fit: xr.Dataset | None, name: str,
     ax.plot(steps, snapshots["two_batch_b_simple"].values, "s--", label="B_simple, two-batch estimator")
     if "two_batch_b_noise" in snapshots:
         ax.plot(steps, snapshots["two_batch_b_noise"].values, "^-", label="B_noise = tr(H Sigma) / G^T H G, two-batch")
-    if branch is not None:
-        _draw_branch(ax, branch)
-    if fit is not None:
-        b_crit = float(fit["b_crit"])
-        ax.axhline(b_crit, color="C3", lw=1, label=f"B_crit from the K(B) fit = {b_crit:.0f}")
-    ax.set_yscale("log")
-    ax.set_xlabel("step of the reference run")
-    ax.set_ylabel("examples")
-    ax.legend(fontsize=7)
-    ax.set_title(f"{name}: gradient noise scale along training ({snapshots.attrs.get('reference', '')})")
+    _finish_critical(ax, branch, fit, f"{name}: gradient noise scale along training "
+                     f"({snapshots.attrs.get('reference', '')})")  # fmt: skip
     fig.tight_layout()
     return fig
 
@@ -762,16 +768,7 @@ def plot_critical_batch(quick: xr.Dataset, fit: xr.Dataset | None, name: str,
     ax.plot(steps, quick["b_noise"].values, "^-", color="C2", label="B_noise along the reference run (quick)")
     ax.axhline(float(quick["b_crit"]), color="C2", ls="--", lw=1,
                label=f"the quick estimate's b_crit = {float(quick['b_crit']):.0f}")  # fmt: skip
-    if branch is not None:
-        _draw_branch(ax, branch)
-    if fit is not None:
-        b_crit = float(fit["b_crit"])
-        ax.axhline(b_crit, color="C3", lw=1, label=f"B_crit from the K(B) fit = {b_crit:.0f}")
-    ax.set_yscale("log")
-    ax.set_xlabel("step of the reference run")
-    ax.set_ylabel("examples")
-    ax.legend(fontsize=7)
-    ax.set_title(f"{name}: the critical batch size, three ways")
+    _finish_critical(ax, branch, fit, f"{name}: the critical batch size, three ways")
     fig.tight_layout()
     return fig
 
