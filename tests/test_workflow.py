@@ -218,6 +218,7 @@ def test_bad_config_stops_before_any_job(repo, venv_env, tmp_path):
     result = snakemake(repo, workdir, env=venv_env, configfile=path, check=False)
     assert result.returncode != 0
     assert "workloads.tiny_mlp.max_steps: -5 is invalid" in result.stderr + result.stdout
+    assert "invalid config: invalid config" not in result.stderr + result.stdout  # said once
     assert not (workdir / "results").exists()
 
 
