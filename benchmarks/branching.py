@@ -9,8 +9,10 @@ with disjoint seeds are what a user would get by rerunning with another seed, so
 where the two repeats gave the same local critical batch size, and where they were at most one branch apart.
 
 Reported per workload, for three seeds at seed 0 (what ``branch.enabled: true`` runs by default): the local critical
-batch size at each snapshot with its 95% interval, the full fit's B_crit and the quick estimate's b_crit, and the
-branch jobs' cost (the Snakemake benchmark files' wall seconds) against the reference run's job.
+batch size at each snapshot with its 95% interval, the full fit's B_crit and the quick estimate's b_crit, the
+branch jobs' cost (the Snakemake benchmark files' wall seconds) against the reference run's job, and the branches'
+scatter over the six seeds of the two three-seed repeats (standard deviation over mean, branches at k <= 2): what
+one seed's plain rule, with its 1% tolerance, is up against.
 
 Prints a table and writes benchmarks/results/branching.json. Needs no package beyond the project's.
 """
@@ -57,6 +59,8 @@ def run_branches(workdir: Path, workload: str, seed: int, seeds: int, cores: int
         "sizes": rows[0]["branch_batch_size"].values.tolist(),
         "critical": [int(ds["critical_batch_size"]) for ds in rows],
         "interval": [[float(v) for v in ds["critical_ci"].values] for ds in rows],
+        "factors": rows[0]["factor"].values.tolist(),
+        "loss": [ds["loss"].transpose("seed", "branch_batch_size").values.tolist() for ds in rows],
         "cost_s": round(seconds, 2),
     }
 
@@ -77,6 +81,12 @@ def run_workload(root: Path, cores: int) -> dict:
     quick = read_netcdf(adaptive / f"results/quick/{workload}.nc")
     reference_s = float(quick["cost_s"].sel(job="train_reference"))
     default = measured["3 seeds, 0 to 2"]
+    # the branches' scatter over the six seeds of the two three-seed repeats, at k <= 2 (the sizes the answers
+    # mostly fall among), relative to their mean loss: what the rule's tolerance is up against
+    near = np.asarray(default["factors"]) <= 2
+    pooled = [np.vstack([measured[name]["loss"][i] for name in REPEATS["3 seeds"]])[:, near]
+              for i in range(len(default["steps"]))]  # fmt: skip
+    scatter = np.concatenate([losses.std(axis=0, ddof=1) / losses.mean(axis=0) for losses in pooled])
     fit_b_crit = float(read_netcdf(full / f"results/fit/{workload}.nc")["b_crit"])
     return {
         "workload": workload,
@@ -86,6 +96,7 @@ def run_workload(root: Path, cores: int) -> dict:
         "quick_b_crit": round(float(quick["b_crit"]), 1),
         "reference_job_s": reference_s,
         "branch_in_reference_runs": round(default["cost_s"] / reference_s, 2),
+        "scatter": [round(float(np.nanmin(scatter)), 3), round(float(np.nanmax(scatter)), 3)],
         # after step 0, as the quick estimate's band
         "median_over_fit": round(float(np.median(default["critical"][1:])) / fit_b_crit, 2),
     }
@@ -105,7 +116,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = [run_workload(root, args.cores) for root in roots]
     print(f"\n{'workload':<14}{'3 seeds, seed 0: critical B per snapshot (95% interval)':<64}{'fit B_crit':>11}"
-          f"{'quick':>7}{'median/fit':>11}{'cost, ref runs':>15}  agree: 1 seed / 3 seeds (same, "
+          f"{'quick':>7}{'median/fit':>11}{'cost, ref runs':>15}{'scatter':>12}  agree: 1 seed / 3 seeds (same, "
           "within one)")  # fmt: skip
     for r in rows:
         m = r["measured"]["3 seeds, 0 to 2"]
@@ -114,9 +125,17 @@ def main() -> None:
         one, three = r["agreement"]["one seed"], r["agreement"]["3 seeds"]
         print(
             f"{r['workload']:<14}{cells:<64}{r['fit_b_crit']:>11.0f}{r['quick_b_crit']:>7.0f}"
-            f"{r['median_over_fit']:>11.2f}{r['branch_in_reference_runs']:>15.1f}  "
+            f"{r['median_over_fit']:>11.2f}{r['branch_in_reference_runs']:>15.1f}"
+            f"{r['scatter'][0]:>6.0%}-{r['scatter'][1]:<5.0%}  "
             f"{one['same']}, {one['within_one']} / {three['same']}, {three['within_one']} of {one['snapshots']}"
         )
+    for label, names in REPEATS.items():
+        answers = [c for r in rows for name in names for c in r["measured"][name]["critical"]]
+        same = sum(r["agreement"][label]["same"] for r in rows)
+        within = sum(r["agreement"][label]["within_one"] for r in rows)
+        snapshots = sum(r["agreement"][label]["snapshots"] for r in rows)
+        print(f"{label}: answers {min(answers)} to {max(answers)}, median {np.median(answers):.0f}; two repeats the "
+              f"same at {same}, within one branch at {within} of {snapshots} snapshots")  # fmt: skip
     result = {"rows": rows, "settings": SETTINGS, "total_s": round(time.perf_counter() - start, 1),
               "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "source": str(args.source)}  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -723,7 +723,7 @@ def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset], bran
     quick estimate and the branched critical batch size (where measured) side by side, each with what it cost."""
     branch, branch_cost = branch or {}, branch_cost or {}
     rows = []
-    for name in sorted(set(fits) | set(quick)):
+    for name in sorted(set(fits) | set(quick) | set(branch)):
         row: dict = {"workload": name}
         if name in fits:
             rec = recommend_row(fits[name])

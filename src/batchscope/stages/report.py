@@ -124,11 +124,10 @@ def branch_job_benchmarks(branch_paths: Sequence[str], pattern: str | None) -> d
     """Per workload, the branch jobs' benchmark files (the answer table's branching cost): ``pattern`` (the rule's
     declared benchmark path, with ``{workload}`` and ``{index}``) at each branch file's own workload and snapshot
     index."""
-    from batchscope.store import read_netcdf
-
     by_workload: dict[str, list[str]] = {}
     for path in branch_paths if pattern else ():
-        attrs = read_netcdf(path).attrs
+        # checked as the report checks its inputs: a file of an older version is refused by name, not misread
+        attrs = read_netcdf(path, "branch_checkpoint", rule("branch_checkpoint").variables, attrs_only=True).attrs
         by_workload.setdefault(attrs["workload"], []).append(pattern.format(workload=attrs["workload"],
                                                                             index=attrs["index"]))  # fmt: skip
     return by_workload
