@@ -9,10 +9,10 @@ smaller ones (:func:`local_critical_batch_size`); the truth lies between it and 
 
 A branch's final loss moves with the examples it happened to draw: on spirals_wide (benchmarks/configs) the
 branches' spread over 8 seeds was 4 to 22% of their loss, 4 to 22 times the default tolerance, and one seed's
-critical batch size went 16, 32, 256, 16, 256 over the run's five snapshots. So each branch runs ``seeds`` times (each seed its own
-example order, the same for every k), the rule reads the seeds' mean, and a larger batch counts as worse only where
-its excess over the tolerance stands ``SIGNIFICANCE`` standard errors clear of the seeds' scatter. With one seed
-that is the plain rule. The seeds resampled give the critical batch size's interval.
+critical batch size went 16, 32, 256, 16, 256 over the run's five snapshots. So each branch runs ``seeds`` times
+(each seed its own example order, the same for every k), the rule reads the seeds' mean, and a larger batch counts
+as worse only where its excess over the tolerance stands ``SIGNIFICANCE`` standard errors clear of the seeds'
+scatter. With one seed that is the plain rule. The seeds resampled give the critical batch size's interval.
 """
 
 from __future__ import annotations
