@@ -66,10 +66,13 @@ def run_branches(workdir: Path, workload: str, seed: int, seeds: int, cores: int
 
 
 def agreement(a: dict, b: dict) -> dict:
-    """Per snapshot, two repeats' answers: the same, or at most one branch apart."""
+    """Per snapshot, two repeats' answers: the same, or at most one branch apart; and where they differ, whether the
+    first repeat's interval holds the second's answer (never with one seed: no interval)."""
     index = {size: i for i, size in enumerate(a["sizes"])}
     apart = [abs(index[x] - index[y]) for x, y in zip(a["critical"], b["critical"], strict=True)]
-    return {"same": sum(d == 0 for d in apart), "within_one": sum(d <= 1 for d in apart), "snapshots": len(apart)}
+    held = [d > 0 and low <= y <= high for d, (low, high), y in zip(apart, a["interval"], b["critical"], strict=True)]
+    return {"same": sum(d == 0 for d in apart), "within_one": sum(d <= 1 for d in apart), "snapshots": len(apart),
+            "differ": sum(d > 0 for d in apart), "differ_held": sum(held)}  # fmt: skip
 
 
 def run_workload(root: Path, cores: int) -> dict:
@@ -133,9 +136,11 @@ def main() -> None:
         answers = [c for r in rows for name in names for c in r["measured"][name]["critical"]]
         same = sum(r["agreement"][label]["same"] for r in rows)
         within = sum(r["agreement"][label]["within_one"] for r in rows)
-        snapshots = sum(r["agreement"][label]["snapshots"] for r in rows)
+        snapshots, differ, held = (sum(r["agreement"][label][key] for r in rows)
+                                   for key in ("snapshots", "differ", "differ_held"))  # fmt: skip
         print(f"{label}: answers {min(answers)} to {max(answers)}, median {np.median(answers):.0f}; two repeats the "
-              f"same at {same}, within one branch at {within} of {snapshots} snapshots")  # fmt: skip
+              f"same at {same}, within one branch at {within} of {snapshots} snapshots; where they differ ({differ}), "
+              f"the first's interval holds the second's answer at {held}")  # fmt: skip
     result = {"rows": rows, "settings": SETTINGS, "total_s": round(time.perf_counter() - start, 1),
               "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "source": str(args.source)}  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
