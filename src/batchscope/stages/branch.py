@@ -51,9 +51,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # 2: each branch over branch.seeds seeds, the rule on their mean and scatter, the interval over them resampled
+# 3: the interval's resamples keep the whole sample's standard errors; a diverged seed's branch stays outside
 RULES = {
     "branch_checkpoint": Rule(
-        version=2,
+        version=3,
         config_slice=config_slice,
         variables=("loss", "loss_mean", "critical_batch_size", "critical_upper", "critical_ci"),
     ),
