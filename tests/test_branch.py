@@ -108,10 +108,12 @@ def test_a_branch_trains_what_it_says():
             sgd.step()
         with torch.no_grad():
             by_hand.append(float(fresh.loss(model.eval()(x_eval), y_eval)))
+    # rtol 1e-6: float32 training, the same operations in the same order by both, up to the optimizers' kernels
     np.testing.assert_allclose(ds["loss"].sel(branch_batch_size=128).values, by_hand, rtol=1e-6)
     assert len(set(by_hand)) == 3  # the seeds drew different examples
     assert float(ds["loss_mean"].sel(branch_batch_size=128)) == pytest.approx(np.mean(by_hand), rel=1e-6)
     se = np.std(by_hand, ddof=1) / np.sqrt(3)
+    # rel 1e-5: the standard error is a difference of near-equal losses, which magnifies their 1e-6 agreement
     assert float(ds["loss_se"].sel(branch_batch_size=128)) == pytest.approx(se, rel=1e-5)
     losses = ds["loss"].transpose("seed", "branch_batch_size").values  # (seeds, sizes), as the rule reads them
     expected = local_critical_batch_size([32, 128], losses, spec["tolerance"])

@@ -88,7 +88,7 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
 def _check_schema(config: dict[str, Any]) -> None:
     errors = sorted(_Validator(schema()).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(_schema_message(e) for e in errors))
+        raise ConfigError("values the config schema refuses:\n  " + "\n  ".join(_schema_message(e) for e in errors))
 
 
 def filled(kind: str, obj: dict[str, Any]) -> dict[str, Any]:

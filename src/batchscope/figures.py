@@ -746,10 +746,8 @@ def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset], bran
         if name in fits and name in quick:
             row[f"quick cost / {study} cost"] = row["quick: cost (device-s)"] / row[f"{study}: cost (device-s)"]
         if name in branch:
-            b = branch[name]
-            row["branching: local critical B over the run"] = ", ".join(
-                str(int(v)) for v in b["critical_batch_size"].values
-            )
+            sizes = branch[name]["critical_batch_size"].values
+            row["branching: local critical B over the run"] = ", ".join(str(int(v)) for v in sizes)
             cost = branch_cost.get(name, math.nan)
             row["branching: cost (device-s)"] = cost
             if name in quick and "train_reference" in quick[name]["job"].values:

@@ -36,9 +36,7 @@ try:
     _validated = bs_config.validate(config)
     bs_study.check(_validated)
 except ValueError as err:  # ConfigError, and a factory's or a data file's own error
-    # the schema's message already says so; a factory's or a file's does not
-    message = str(err) if str(err).startswith("invalid config") else f"invalid config: {err}"
-    raise WorkflowError(message) from None
+    raise WorkflowError(f"invalid config: {err}") from None
 config.clear()
 config.update(_validated)
 

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
                     workload=saved["workload"]["name"])  # fmt: skip
     store.write_netcdf(ds, args.out)
     low, high = ds["critical_ci"].values
-    log.info("step %d: local critical batch size %d (next branch %d, 95%% interval %s to %s over %d seeds); mean "
+    log.info("step %d: local critical batch size %d (next branch %d, 95%% interval %.0f to %.0f over %d seeds); mean "
              "losses %s", snapshot["step"], int(ds["critical_batch_size"]), int(ds["critical_upper"]), low, high,
              ds.sizes["seed"], ds["loss_mean"].values.round(4))  # fmt: skip
 
