@@ -193,14 +193,76 @@ def test_against_a_current_batch_size(tmp_path):
     ds = fit_scaling(profiles, runs, spec, "w")
     best = int(ds["fastest_batch_size"])
     at = float(ds["time_from_profile"].sel(batch_size=best))
+
+    def predicted(b):
+        return float(scaling.predicted_time(b, *(float(ds[k]) for k in ("n_iter", "c_var", "tau_f", "tau_d"))))
+
     on_grid = rec.recommend_row(ds, "", current_batch_size=8)
     assert on_grid["current_source"] == "profile"
     assert on_grid["current_slowdown"] == pytest.approx(float(ds["time_from_profile"].sel(batch_size=8)) / at)
-    off_grid = rec.recommend_row(ds, "", current_batch_size=1000)
-    predicted = scaling.predicted_time(1000, *(float(ds[k]) for k in ("n_iter", "c_var", "tau_f", "tau_d")))
-    assert off_grid["current_source"] == "fit"
-    assert off_grid["current_time_s"] == pytest.approx(float(predicted))
-    assert off_grid["saving_per_run_s"] == pytest.approx(float(predicted) - at)
+    between = rec.recommend_row(ds, "", current_batch_size=100)  # not trained, within the trained 8 to 512
+    assert between["current_source"] == "fit" and between["current_time_s"] == pytest.approx(predicted(100))
+    beyond = rec.recommend_row(ds, "", current_batch_size=1000)
+    assert beyond["current_source"] == "fit, extrapolated beyond the trained B = 8 to 512"
+    assert beyond["current_time_s"] == pytest.approx(predicted(1000))
+    assert beyond["current_saving_s"] == pytest.approx(predicted(1000) - at)
+    # the grid's ends are the same comparison: measured where trained
+    assert on_grid["smallest_batch_size"] == 8 and on_grid["smallest_time_s"] == on_grid["current_time_s"]
+    assert on_grid["largest_source"] == "profile"
+    assert on_grid["largest_slowdown"] == pytest.approx(float(ds["time_from_profile"].sel(batch_size=512)) / at)
+    # a trained size that never reached the target, and sizes past the profile's memory limit, do not reach it:
+    # the fit's prediction is not offered in their place
+    failed = ds.copy(deep=True)
+    failed["time_from_profile"].loc[{"batch_size": 512}] = np.inf
+    row = rec.recommend_row(failed, "", current_batch_size=512)
+    assert row["current_slowdown"] == np.inf and row["current_source"] == "never reached the target in training"
+    assert "B = 512 does not reach the target (never reached the target in training)" in rec.format_row(row)
+    failed["smallest_infeasible_batch_size"] = 512
+    for b in (512, 2000):
+        row = rec.recommend_row(failed, "", current_batch_size=b)
+        assert row["current_time_s"] == np.inf and row["current_source"] == "out of memory in the profile at B = 512"
+    text = rec.format_row(rec.recommend_row(ds, "", current_batch_size=100))
+    assert f"against your B = 100 takes {predicted(100) / at:.2f}x as long: the recommended size saves " in text
+    assert "(from the fit)" in text and "the grid's smallest: B = 8 takes" in text
+
+
+def test_an_adaptive_fit_compares_with_the_grids_ends_it_did_not_train(tmp_path):
+    from batchscope.core import scaling
+    from batchscope.stages.fit import fit_scaling
+    from tests.test_fit import _write_synthetic_caches
+
+    profiles, runs = _write_synthetic_caches(tmp_path, 40.0, 2400.0, 2.5e-4, 1.1e-6, np.random.default_rng(3))
+    spec = {"fit": {"bootstrap": 50, "seed": 0, "tolerance": 0.05}, "target": {"metric": "val_accuracy", "value": 0.9}}
+    ds = fit_scaling(profiles, runs, spec, "w")
+    ds.attrs["grid_batch_sizes"] = json.dumps([4, 8, 16, 32, 64, 128, 256, 512, 1024])  # the bracket: 8 to 512
+    row = rec.recommend_row(ds, "")
+    params = (float(ds[k]) for k in ("n_iter", "c_var", "tau_f", "tau_d"))
+    assert row["smallest_batch_size"] == 4 and row["largest_batch_size"] == 1024
+    assert row["largest_time_s"] == pytest.approx(float(scaling.predicted_time(1024, *params)))
+    assert row["largest_source"] == row["smallest_source"] == "fit, extrapolated beyond the trained B = 8 to 512"
+
+
+@pytest.mark.parametrize(("value", "message"), [("0", "0 is not a batch size"), ("-5", "-5 is not a batch size"),
+                                                ("2.5", "'2.5' is not a whole number")])  # fmt: skip
+def test_a_current_batch_size_that_is_not_one_is_refused(value, message, capsys):
+    from batchscope import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["recommend", "--all", "--current-batch-size", value])
+    assert message in capsys.readouterr().err
+
+
+def test_the_quick_estimate_against_a_current_batch_size(tmp_path):
+    from batchscope.core import scaling
+
+    ds = quick.estimate(SPEC, *write_caches(tmp_path))
+    params = (1.0, float(ds["b_crit"]), float(ds["tau_f"]), float(ds["tau_d"]))
+    ratio = float(scaling.predicted_time(32, *params) / scaling.predicted_time(float(ds["b_opt"]), *params))
+    assert ratio > 1  # b_opt minimises T(B): any other size takes longer
+    against = rec.quick_against(ds, 32)
+    assert against["current_slowdown"] == pytest.approx(ratio, rel=1e-12)
+    largest = int(ds["largest_feasible_batch_size"])
+    assert rec.quick_against(ds, largest + 1)["current_slowdown"] == np.inf
 
 
 def test_the_interval_of_tau_f_over_tau_d_says_how_sure_b_opt_is(tmp_path):

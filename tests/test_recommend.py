@@ -1,6 +1,7 @@
 """`batchscope recommend` on a fixture results directory built from a known scaling model."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import xarray as xr
 from batchscope import cli
 from batchscope.core import scaling
 from batchscope.stages import fit
-from batchscope.stages.recommend import CacheError, recommendations
+from batchscope.stages.recommend import CacheError, format_row, recommend_row, recommendations
 from batchscope.store import ENGINE, provenance, write_netcdf
 from tests.test_fit import SPEC, _NoNoise, _write_synthetic_caches
 
@@ -109,3 +110,46 @@ def test_reading_results_does_not_need_the_factorys_package(tmp_path):
     with pytest.raises(cfg.ConfigError, match="not_installed_here"):
         cfg.load(path)
     assert "mine" in cfg.load(path, importable=False)["workloads"]
+
+
+def _benchmark_file(path, seconds):
+    """A Snakemake benchmark file as its `benchmark:` directive writes it (tab-separated, `s` first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"s\th:m:s\tmax_rss\tmean_load\tcpu_time\n{seconds}\t0:00:0{int(seconds)}\t300.0\t90.0\t{seconds}\n"
+    )
+    return str(path)
+
+
+def test_the_bill_in_device_seconds_and_training_runs(results, tmp_path):
+    ds = xr.open_dataset(results / "fit" / "synthetic.nc", engine=ENGINE).load()
+    # each run's wall time, as training records it (the fixture's runs have none): 0.2 s and up, all different
+    ds["wall_time"] = ("run", 0.2 + 0.01 * np.arange(ds.sizes["run"]))
+    trains = [_benchmark_file(tmp_path / "a.tsv", 1.25), _benchmark_file(tmp_path / "b.tsv", 1.5)]
+    jobs = {"profile_hardware": [_benchmark_file(tmp_path / "p.tsv", 2.5)], "train_model": trains}
+    billed = fit.add_bill(ds, jobs)
+    assert list(billed["cost_s"].values) == [2.5, 2.75] and float(billed["total_cost_s"]) == 5.25
+    # the unit: the median wall time of the recommended size's runs at its best learning rate (the fixture's runs)
+    at_best = (ds["run_batch_size"].values == 128) & ds["run_at_best_lr"].values.astype(bool)
+    run_s = float(np.median(ds["wall_time"].values[at_best]))
+    assert run_s > 0 and float(billed["cost_in_runs"]) == pytest.approx(5.25 / run_s, rel=1e-12)
+    row = recommend_row(billed)
+    assert f"this answer cost 5.25 device-seconds, {5.25 / run_s:.3g} training runs at B = 128" in format_row(row)
+    # one job's time unknown (no benchmark file): the bill says so rather than printing nan or a low total
+    unknown = fit.add_bill(ds, {**jobs, "fit_scaling": [str(tmp_path / "missing.tsv")]})
+    assert math.isnan(float(unknown["total_cost_s"]))
+    text = format_row(recommend_row(unknown))
+    assert "this answer cost unknown (a job without its Snakemake benchmark file" in text and "nan" not in text
+
+
+def test_the_reports_answer_table_says_what_the_answer_saves_against_the_grids_ends(results):
+    from batchscope.figures import answer_table
+
+    ds = xr.open_dataset(results / "fit" / "synthetic.nc", engine=ENGINE).load()
+    (row,) = answer_table({"synthetic": ds}, {}).to_dict("records")
+    for end, b in (("smallest", 8), ("largest", 512)):
+        ratio = measured_time(b) / measured_time(128)
+        saved = measured_time(b) - measured_time(128)
+        assert row[f"grid: against the grid's {end} B"] == (
+            f"B = {b}: {ratio:.2f}x as long, {saved:.3g} s saved per run (measured)"
+        )

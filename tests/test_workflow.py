@@ -309,6 +309,7 @@ def test_the_branch_jobs_measure_each_snapshot(study, repo):
     html = (study / "results/report/report.html").read_text()
     first = html[html.index("The answer, and what it cost") : html.index("Recommendation")]
     assert "branching: local critical B over the run" in first and "branching: cost (reference runs)" in first
+    assert "against the grid&#x27;s smallest B" in first or "against the grid's smallest B" in first
 
 
 def test_recommend_reads_the_studys_fits_and_agrees_with_the_report(study, repo, tmp_path, capsys):

@@ -732,6 +732,8 @@ def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset], bran
                         f"{study}: as fast": ", ".join(map(str, rec["indistinguishable"]))})  # fmt: skip
             if study == "adaptive":
                 row["adaptive: trained B"] = ", ".join(map(str, rec["trained_batch_sizes"]))
+            for end in ("smallest", "largest"):
+                row[f"{study}: against the grid's {end} B"] = _saving(rec, end)
             row.update({f"{study}: cost (device-s)": rec["cost_s"],
                         f"{study}: cost (training runs)": rec["cost_in_runs"]})  # fmt: skip
         if name in quick:
@@ -754,6 +756,17 @@ def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset], bran
                 row["branching: cost (reference runs)"] = cost / float(quick[name]["cost_s"].sel(job="train_reference"))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _saving(rec: dict, key: str) -> str:
+    """What the recommended batch size saves per training run against ``key``'s (a row of recommend_row)."""
+    b, ratio = rec[f"{key}_batch_size"], rec[f"{key}_slowdown"]
+    if b == rec["batch_size"]:
+        return f"B = {b} is the recommended size"
+    if not math.isfinite(ratio):
+        return f"B = {b}: does not reach the target ({rec[f'{key}_source']})"
+    source = "measured" if rec[f"{key}_source"] == "profile" else "predicted by the fit"
+    return f"B = {b}: {ratio:.2f}x as long, {rec[f'{key}_saving_s']:.3g} s saved per run ({source})"
 
 
 def plot_critical_batch(quick: xr.Dataset, fit: xr.Dataset | None, name: str,

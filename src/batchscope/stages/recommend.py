@@ -118,23 +118,17 @@ def recommend_row(ds, path: str | Path = "", current_batch_size: int | None = No
     best = int(ds["fastest_batch_size"])
     if best <= 0:
         raise CacheError(f"{path}: no batch size reached the target; nothing to recommend")
-    from_profile = ds["time_from_profile"]
-    smallest, largest = int(ds["batch_size"].min()), int(ds["batch_size"].max())
-    at = float(from_profile.sel(batch_size=best))
-
-    def slowdown(b: int) -> float:
-        value = float(from_profile.sel(batch_size=b))
-        return value / at if math.isfinite(value) else math.inf
-
+    at = float(ds["time_from_profile"].sel(batch_size=best))
+    trained = [int(b) for b in ds["batch_size"].values]
+    grid = json.loads(ds.attrs.get("grid_batch_sizes", "null")) or trained
     low, high = (float(x) for x in ds["time_from_profile_ci"].sel(batch_size=best).values)
     limit = int(ds["smallest_infeasible_batch_size"])
-    trained = [int(b) for b in ds["batch_size"].values]
     return {
         "workload": ds.attrs.get("workload", Path(path).stem),
         # the adaptive study trained a bracket of the grid around the quick b_opt (the fit's batch sizes)
         "study": ds.attrs.get("study", "full"),
         "trained_batch_sizes": trained,
-        "grid_batch_sizes": json.loads(ds.attrs.get("grid_batch_sizes", "null")) or trained,
+        "grid_batch_sizes": grid,
         "extended_batch_size": int(ds.attrs.get("extended_batch_size", -1)),
         "extension_reason": ds.attrs.get("extension_reason", ""),
         "config_hash": ds.attrs.get("config_hash", ""),
@@ -159,42 +153,69 @@ def recommend_row(ds, path: str | Path = "", current_batch_size: int | None = No
         # null in --json: no profiled size ran out of memory
         "smallest_infeasible_batch_size": None if limit < 0 else limit,
         "memory_limit_seen": limit > 0,
-        "smallest_batch_size": smallest,
-        "smallest_slowdown": slowdown(smallest),
-        "largest_batch_size": largest,
-        "largest_slowdown": slowdown(largest),
+        # the grid's ends, trained or not (the adaptive study trains a bracket of it: the fit predicts the rest)
+        **_against(ds, min(grid), at, "smallest"),
+        **_against(ds, max(grid), at, "largest"),
         "diagnostics": json.loads(ds.attrs.get("diagnostics", "[]")),
         # the bill (fits made without benchmark files: unknown)
         "cost_s": float(ds["total_cost_s"]) if "total_cost_s" in ds else math.nan,
         "cost_in_runs": float(ds["cost_in_runs"]) if "cost_in_runs" in ds else math.nan,
         "run_s_at_recommended": float(ds["run_s_at_recommended"]) if "run_s_at_recommended" in ds else math.nan,
-        **(_against(ds, current_batch_size, at) if current_batch_size is not None else {}),
+        **(_against(ds, current_batch_size, at, "current") if current_batch_size is not None else {}),
     }
 
 
-def _against(ds, batch_size: int, at: float) -> dict[str, Any]:
-    """Time to target at the user's batch size against the recommended one's: measured (from the profile) on the
-    grid, else predicted by the fit's model T(B) = K(B) T_iter(B)."""
+def time_at(ds, batch_size: int) -> tuple[float, str]:
+    """Time to target at ``batch_size`` and where it comes from: measured (K x T_iter from the profile) where the
+    study trained it; inf where it trained it and no learning rate reached the target, or where the profile ran
+    out of memory at or below it; else predicted by the fit's model T(B) = K(B) T_iter(B), which says so when the
+    size lies beyond the trained ones."""
     from batchscope.core import scaling
 
-    if batch_size in ds["batch_size"].values and math.isfinite(
-        float(ds["time_from_profile"].sel(batch_size=batch_size))
-    ):
-        value, source = float(ds["time_from_profile"].sel(batch_size=batch_size)), "profile"
-    else:
-        params = (float(ds[k]) for k in ("n_iter", "c_var", "tau_f", "tau_d"))
-        value, source = float(scaling.predicted_time(batch_size, *params)), "fit"
-    return {"current_batch_size": batch_size, "current_time_s": value, "current_source": source,
-            "current_slowdown": value / at, "saving_per_run_s": value - at}  # fmt: skip
+    trained = [int(b) for b in ds["batch_size"].values]
+    limit = int(ds["smallest_infeasible_batch_size"])
+    measured = float(ds["time_from_profile"].sel(batch_size=batch_size)) if batch_size in trained else math.nan
+    if math.isfinite(measured):
+        return measured, "profile"
+    if 0 < limit <= batch_size:
+        return math.inf, f"out of memory in the profile at B = {limit}"
+    if batch_size in trained:  # diverged or censored at every learning rate
+        return math.inf, "never reached the target in training"
+    params = (float(ds[k]) for k in ("n_iter", "c_var", "tau_f", "tau_d"))
+    value = float(scaling.predicted_time(batch_size, *params))
+    if min(trained) <= batch_size <= max(trained):
+        return value, "fit"
+    return value, f"fit, extrapolated beyond the trained B = {min(trained)} to {max(trained)}"
 
 
-def _slowdown(b: int, ratio: float, best: int) -> str:
-    if b == best:
+def _against(ds, batch_size: int, at: float, key: str) -> dict[str, Any]:
+    """A batch size's time to target beside the recommended one's (``at``): its slowdown and what the recommended
+    size saves per training run, under ``key``_* names."""
+    value, source = time_at(ds, batch_size)
+    return {f"{key}_batch_size": batch_size, f"{key}_time_s": value, f"{key}_source": source,
+            f"{key}_slowdown": value / at, f"{key}_saving_s": value - at}  # fmt: skip
+
+
+def _slowdown(row: dict[str, Any], key: str) -> str:
+    """``key``'s batch size against the recommended one: how much longer it takes, what the recommended size saves
+    per training run, and where its time comes from."""
+    b, ratio = row[f"{key}_batch_size"], row[f"{key}_slowdown"]
+    if b == row["batch_size"]:
         return f"B = {b} is the recommended size"
-    # inf: that batch size never reached the target (diverged, out of memory or censored at every lr)
     if not math.isfinite(ratio):
-        return f"B = {b} never reached the target (see the report's failed points)"
-    return f"B = {b} takes {ratio:.2f}x as long"
+        return f"B = {b} does not reach the target ({row[f'{key}_source']})"
+    return (f"B = {b} takes {ratio:.2f}x as long: the recommended size saves {row[f'{key}_saving_s']:.3g} s per "
+            f"training run (from the {row[f'{key}_source']})")  # fmt: skip
+
+
+def _bill(row: dict[str, Any]) -> str:
+    """What the study's answer cost, in device-seconds and in training runs at the recommended size (unknown where
+    the fit had no benchmark files, e.g. a results directory copied without them)."""
+    if not math.isfinite(row["cost_s"]):
+        return "unknown (a job without its Snakemake benchmark file: one run with --touch, or by hand)"
+    runs = (f", {row['cost_in_runs']:.3g} training runs at B = {row['batch_size']} "
+            f"({row['run_s_at_recommended']:.3g} s each)" if math.isfinite(row["cost_in_runs"]) else "")  # fmt: skip
+    return f"{row['cost_s']:.4g} device-seconds{runs}"
 
 
 def _b_opt(value: float, interval: list[float], capped: float) -> str:
@@ -229,28 +250,26 @@ def format_row(row: dict[str, Any]) -> str:
         f"interval {t_low:.3g} to {t_high:.3g}; batch sizes are ranked by this), {row['time_from_fit_s']:.3g} s from "
         f"the fit, {row['training_time_to_target_s']:.3g} s measured in training (the runs' own clock over "
         "their training steps)",
-        f"  {_slowdown(row['smallest_batch_size'], row['smallest_slowdown'], best)}; "
-        f"{_slowdown(row['largest_batch_size'], row['largest_slowdown'], best)} (from the profile)",
+        f"  the grid's smallest: {_slowdown(row, 'smallest')}",
+        f"  the grid's largest: {_slowdown(row, 'largest')}",
     ]
     if row["study"] == "adaptive":
         lines.append(f"  adaptive study: trained B = {', '.join(map(str, row['trained_batch_sizes']))} of the grid "
-                     f"{', '.join(map(str, row['grid_batch_sizes']))}, around the quick estimate's b_opt; the smallest "
-                     "and largest above are the trained ones")  # fmt: skip
+                     f"{', '.join(map(str, row['grid_batch_sizes']))}, around the quick estimate's b_opt")  # fmt: skip
         if row["extension_reason"]:
             reason = row["extension_reason"]
             lines.append(f"  second round: {reason if row['extended_batch_size'] > 0 else f'nothing added ({reason})'}")
-    lines.append(f"  this answer cost {row['cost_s']:.4g} device-seconds, {row['cost_in_runs']:.3g} training runs "
-                 f"at B = {best} ({row['run_s_at_recommended']:.3g} s each)")  # fmt: skip
+    lines.append(f"  this answer cost {_bill(row)}")
     if "current_batch_size" in row:
-        lines.append(f"  against your B = {row['current_batch_size']}: {row['current_slowdown']:.2f}x the recommended "
-                     f"time to target (from the {row['current_source']}); it saves {row['saving_per_run_s']:.3g} s "
-                     "per training run")  # fmt: skip
+        lines.append(f"  against your {_slowdown(row, 'current')}")
     lines += [f"  warning: {note}" for note in row["diagnostics"]]
     return "\n".join(lines)
 
 
-def quick_rows(results: str | Path, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The quick estimates of the config's workloads (``results/quick``), each checked to be this config's."""
+def quick_rows(results: str | Path, config: dict[str, Any],
+               current_batch_size: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """The quick estimates of the config's workloads (``results/quick``), each checked to be this config's; with
+    ``current_batch_size``, its predicted time to target against b_opt's (:func:`quick_against`)."""
     from batchscope.stages.quick import VARIABLES
     from batchscope.stages.quick import config_slice as quick_slice
 
@@ -278,8 +297,25 @@ def quick_rows(results: str | Path, config: dict[str, Any]) -> list[dict[str, An
             "cost_s": float(ds["total_cost_s"]),
             "cost_in_reference_runs": float(ds["cost_in_reference_runs"]),
             "reference": f"B={ds.attrs['reference_batch_size']} lr={ds.attrs['reference_lr']:g}",
+            **(quick_against(ds, current_batch_size) if current_batch_size is not None else {}),
         })  # fmt: skip
     return rows
+
+
+def quick_against(ds, batch_size: int) -> dict[str, Any]:
+    """The quick estimate's time to target at ``batch_size`` over its time at b_opt, from K(B) = S_min (1 + b_crit /
+    B) and T_iter(B) = tau_f + tau_d B (S_min, unknown without a grid, cancels); inf above the largest feasible
+    batch size."""
+    from batchscope.core import scaling
+
+    b_opt, largest = float(ds["b_opt"]), int(ds["largest_feasible_batch_size"])
+    if 0 < largest < batch_size:
+        ratio, source = math.inf, f"above the largest feasible B {largest} in the profile"
+    else:
+        params = (1.0, float(ds["b_crit"]), float(ds["tau_f"]), float(ds["tau_d"]))
+        ratio = float(scaling.predicted_time(batch_size, *params) / scaling.predicted_time(b_opt, *params))
+        source = "predicted from the quick B_crit and the profile"
+    return {"current_batch_size": batch_size, "current_slowdown": ratio, "current_source": source}
 
 
 def _knee(b_knee: float) -> str:
@@ -305,7 +341,17 @@ def format_quick(row: dict[str, Any]) -> str:
             + f"  b_opt's 95% interval over the profile's rounds and the noise pairs: "
             f"{batch_interval(*row['b_opt_ci'])}\n"
             f"  it cost {row['cost_s']:.4g} device-seconds, {row['cost_in_reference_runs']:.3g} reference "
-            "runs" + "".join(f"\n  warning: {note}" for note in row["diagnostics"]))  # fmt: skip
+            "runs" + _quick_current(row) + "".join(f"\n  warning: {note}" for note in row["diagnostics"]))  # fmt: skip
+
+
+def _quick_current(row: dict[str, Any]) -> str:
+    if "current_batch_size" not in row:
+        return ""
+    b, ratio = row["current_batch_size"], row["current_slowdown"]
+    if not math.isfinite(ratio):
+        return f"\n  against your B = {b}: it does not fit ({row['current_source']})"
+    return (f"\n  against your B = {b}: {ratio:.2f}x the time to target at b_opt {row['b_opt']:.0f} "
+            f"({row['current_source']})")  # fmt: skip
 
 
 def _strict(value: Any) -> Any:
@@ -326,7 +372,7 @@ def main(results: str, config_file: str | None, everything: bool, as_json: bool,
     if quick:
         if config is None:
             raise CacheError("--quick reads the config's quick estimates: give --configfile FILE")
-        rows = quick_rows(Path(results).parent if Path(results).name == "fit" else results, config)
+        rows = quick_rows(Path(results).parent if Path(results).name == "fit" else results, config, current_batch_size)
         fmt = format_quick
     else:
         rows = recommendations(results, config, str(config_file), everything, current_batch_size)
@@ -349,14 +395,25 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"batchscope recommend: {err}") from None
 
 
+def _batch_size(text: str) -> int:
+    """A batch size from the command line: a positive whole number, else argparse's error naming the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of examples") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a batch size (at least 1)")
+    return value
+
+
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="?", default="results", help="a results directory (or its fit/ directory)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--configfile", help=f"the study's config, as given to snakemake (default: "
                         f"{cfg.DEFAULT_CONFIG}, as snakemake's)")  # fmt: skip
     parser.add_argument("--all", action="store_true", help="every cached fit, labelled by config hash")
-    parser.add_argument("--current-batch-size", type=int, metavar="B", help="the batch size you train with now: "
-                        "what the recommendation saves against it")  # fmt: skip
+    parser.add_argument("--current-batch-size", type=_batch_size, metavar="B", help="the batch size you train with "
+                        "now: what the recommendation saves against it")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="the quick estimates (snakemake quick): b_opt from the "
                         "profile and one reference run")  # fmt: skip
 
