@@ -122,6 +122,87 @@ def test_a_branch_trains_what_it_says():
     np.testing.assert_array_equal(ds["critical_ci"].values, interval)
 
 
+def test_a_branch_continues_the_runs_momentum_at_its_scheduled_rate():
+    """From a checkpoint five updates into a run with momentum 0.9, each branch starts from the run's momentum
+    buffers (not zeros) at the schedule's factor there times k: the k = 2 branch against torch's SGD given the same
+    buffers. Reset buffers would give other losses (checked), lower at the larger k (the build-up lost)."""
+    from batchscope.engine import runtime
+
+    config = cfg.load("config/test/tiny.yaml")
+    spec = branch_stage.config_slice(config, "tiny_mlp")
+    spec = {**spec, "factors": [0.5, 2.0], "examples": 512, "eval_size": 200, "seed": 3, "seeds": 2}
+    workload = build(cfg.workload_slice(config, "tiny_mlp"), CPU, seed=0)
+    x, y = workload.train
+    run = runtime.make_optimizer(spec["optimizer"], workload.model.parameters(), 0.1)
+    for i in range(5):  # the reference run so far: five updates at B = 64
+        run.zero_grad()
+        workload.loss(workload.model(x[i * 64 : (i + 1) * 64]), y[i * 64 : (i + 1) * 64]).backward()
+        run.step()
+    state = {k: v.clone() for k, v in workload.model.state_dict().items()}
+    saved = run.state_dict()
+    ds = branch(state, workload, spec, (64, 0.1), CPU, saved, lr_factor=0.5)
+    np.testing.assert_allclose(ds["lr"].values, [0.025, 0.1])  # 0.1 x 0.5 (the schedule) x k
+    fresh = build(cfg.workload_slice(config, "tiny_mlp"), CPU, seed=0)
+    model = fresh.model
+    x_eval, y_eval = (t[:200] for t in analysis_data(fresh, CPU))
+    by_hand = []
+    for seed in (3, 4):
+        model.load_state_dict(state)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for p, buffer in zip(model.parameters(), saved["momentum_buffer"], strict=True):
+            sgd.state[p]["momentum_buffer"] = buffer.clone()
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        model.train()
+        for i in range(4):
+            index = order[i * 128 : (i + 1) * 128]
+            sgd.zero_grad()
+            fresh.loss(model(x[index]), y[index]).backward()
+            sgd.step()
+        with torch.no_grad():
+            by_hand.append(float(fresh.loss(model.eval()(x_eval), y_eval)))
+    # rtol 1e-6: float32, the same operations in the same order, up to the optimizers' kernels
+    np.testing.assert_allclose(ds["loss"].sel(branch_batch_size=128).values, by_hand, rtol=1e-6)
+    assert ds.attrs["optimizer_state"] == 1 and ds.attrs["lr_factor"] == 0.5
+    reset = branch(state, workload, spec, (64, 0.1), CPU, None, lr_factor=0.5)
+    carried, zeroed = ds["loss_mean"].values, reset["loss_mean"].values
+    assert np.all(np.abs(carried - zeroed) > 1e-4 * carried)
+    assert zeroed[1] > carried[1]  # 4 steps from a zero buffer make less progress than 4 with the run's momentum
+
+
+def test_a_branch_out_of_memory_is_recorded_and_the_rule_reads_the_branches_that_fit(monkeypatch):
+    """Batches of 128 raise torch's out-of-memory error (a real one cannot be provoked safely here): that branch and
+    the larger ones are recorded as out of memory, and the critical batch size comes from the ones below."""
+    from batchscope.engine import runtime
+
+    real, limit = runtime.make_step, {"examples": 128}
+
+    def limited(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def guarded(x, y):
+            if len(x) >= limit["examples"]:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return step(x, y)
+
+        return guarded
+
+    monkeypatch.setattr(runtime, "make_step", limited)
+    config = cfg.load("config/test/tiny.yaml")
+    spec = branch_stage.config_slice(config, "tiny_mlp")
+    spec = {**spec, "factors": [0.5, 1.0, 2.0, 4.0], "examples": 512, "eval_size": 200, "seed": 0, "seeds": 2}
+    workload = build(cfg.workload_slice(config, "tiny_mlp"), CPU, seed=0)
+    state = {k: v.clone() for k, v in workload.model.state_dict().items()}
+    ds = branch(state, workload, spec, (64, 0.1), CPU)
+    assert ds["out_of_memory"].values.tolist() == [False, False, True, True]
+    losses = ds["loss"].transpose("seed", "branch_batch_size").values
+    assert np.isfinite(losses[:, :2]).all() and np.isnan(losses[:, 2:]).all()
+    expected = local_critical_batch_size([32, 64], losses[:, :2], spec["tolerance"])
+    assert (int(ds["critical_batch_size"]), int(ds["critical_upper"])) == expected
+    limit["examples"] = 1  # every size out of memory
+    with pytest.raises(RuntimeError, match="the smallest branch, B = 32, ran out of memory"):
+        branch(state, workload, spec, (64, 0.1), CPU)
+
+
 def test_the_report_bills_each_branch_file_by_its_own_workload_and_index(tmp_path):
     """The report's branch jobs' benchmark files come from each branch file's own attributes put into the rule's
     declared pattern (never parsed from the file's path); a file of the rule's older version is refused by name."""

@@ -244,3 +244,14 @@ def test_ghost_needs_a_batchnorm_workload():
     config["workloads"]["w"]["model"]["norm"] = "none"
     with pytest.raises(cfg.ConfigError, match="has model norm 'none'; the experiment needs 'batch'"):
         cfg.validate(config)
+
+
+def test_branch_factors_that_round_to_one_batch_size_are_refused():
+    config = base()
+    config["noise"] = {"reference_batch_size": 2}
+    config["branch"] = {"enabled": True, "factors": [0.25, 0.5, 1.0, 2.0]}
+    with pytest.raises(cfg.ConfigError, match=r"branch.factors: 0.5 gives the branch batch size 1 of the factor below "
+                       r"it at noise.reference_batch_size 2"):  # fmt: skip
+        cfg.validate(config)
+    config["noise"] = {"reference_batch_size": 8}  # 2, 4, 8, 16: distinct
+    assert cfg.branch_batch_sizes(cfg.validate(config)["branch"]["factors"], 8) == [2, 4, 8, 16]

@@ -520,14 +520,15 @@ def test_the_answer_table_and_figure_put_the_branched_critical_batch_size_beside
     steps = ds["step"].values[:3]
     branch = xr.Dataset(
         {
-            "critical_batch_size": ("step", [32, 64, 128]),
-            "critical_upper": ("step", [64, 128, -1]),
+            "critical_batch_size": ("step", [16, 64, 128]),
+            "critical_upper": ("step", [32, 128, -1]),
             "critical_ci": (("step", "bound"), [[16, 64], [32, 128], [np.nan, np.nan]]),
         },
-        coords={"step": steps, "bound": ["low", "high"]},
+        coords={"step": steps, "bound": ["low", "high"], "branch_batch_size": [16, 32, 64, 128]},
     )
     (row,) = answer_table({}, {"w": ds}, {"w": branch}, {"w": 5.0}).to_dict("records")
-    assert row["branching: local critical B over the run"] == "32, 64, 128"
+    # the first snapshot's answer is the smallest branch: nothing smaller was compared, so it is a bound
+    assert row["branching: local critical B over the run"] == "<= 16, 64, 128"
     assert row["branching: cost (device-s)"] == 5.0 and row["branching: cost (reference runs)"] == pytest.approx(2.5)
     (plain,) = answer_table({}, {"w": ds}).to_dict("records")
     assert not any(key.startswith("branching") for key in plain)  # none measured: no columns
@@ -536,6 +537,7 @@ def test_the_answer_table_and_figure_put_the_branched_critical_batch_size_beside
     labels = ax.get_legend_handles_labels()[1]
     assert any(label.startswith("B_noise") for label in labels) and any("branching" in label for label in labels)
     assert any("interval over the branch seeds" in label for label in labels)
+    assert "at the smallest branch: at most this" in labels
 
 
 def test_b_crit_with_the_update_lag_is_what_the_grids_fit_measures():

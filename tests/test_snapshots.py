@@ -43,8 +43,10 @@ def nearest_distance(kept, target):
 def run_with_capacity(monkeypatch, max_steps, capacity, seed=0):
     """train() with room for ``capacity`` snapshots; returns its checkpoint, the kept list _pick_snapshots saw and
     the number of thinnings."""
-    n_params = sum(p.numel() for p in build(spec(max_steps)["workload"], CPU).model.parameters())
-    monkeypatch.setattr(train_module, "SNAPSHOT_BUDGET", capacity * n_params)
+    params = list(build(spec(max_steps)["workload"], CPU).model.parameters())
+    # a snapshot holds the weights and the optimizer's state: 1 + its slots parameter-sized tensors
+    slots = runtime.make_optimizer(spec(max_steps)["optimizer"], params, 0.1).state_slots()
+    monkeypatch.setattr(train_module, "SNAPSHOT_BUDGET", capacity * sum(p.numel() for p in params) * (1 + slots))
     seen, keepers = {}, []
 
     class Recorded(Snapshots):
@@ -67,11 +69,12 @@ def test_many_thinnings_keep_the_first_and_the_newest_state(capacity):
     """200 evaluations into a list of at most ``capacity`` states: the stride doubles several times, and the ends
     are always kept."""
     snapshots = Snapshots(capacity, INTERVAL)  # train(): room for SNAPSHOT_BUDGET // parameters states
-    snapshots.add(0, "initial")
+    snapshots.add(0, {"state_dict": "initial"})
     for evaluation in range(1, 201):
-        snapshots.add(INTERVAL * evaluation, f"state {evaluation}")
+        snapshots.add(INTERVAL * evaluation, {"state_dict": f"state {evaluation}"})
         kept = snapshots.kept
-        assert kept[0] == (0, "initial") and kept[-1] == (INTERVAL * evaluation, f"state {evaluation}")
+        assert kept[0] == (0, {"state_dict": "initial"})
+        assert kept[-1] == (INTERVAL * evaluation, {"state_dict": f"state {evaluation}"})
         steps = [step for step, _ in kept]
         assert steps == sorted(set(steps)) and len(kept) <= capacity
     assert snapshots.thinnings >= 5  # the stride doubled from one evaluation to at least 32
@@ -81,7 +84,7 @@ def test_many_thinnings_keep_the_first_and_the_newest_state(capacity):
     assert picked[-1]["step"] == 1000 and picked[-1]["state_dict"] == "state 200"
     for pick in picked:
         assert abs(pick["step"] - pick["fraction"] * 1000) == nearest_distance(kept, pick["fraction"] * 1000)
-        assert (pick["step"], pick["state_dict"]) in kept
+        assert (pick["step"], {"state_dict": pick["state_dict"]}) in kept
 
 
 def test_training_snapshots_are_the_nearest_kept_states_with_their_weights(monkeypatch):
@@ -108,9 +111,28 @@ def test_training_snapshots_are_the_nearest_kept_states_with_their_weights(monke
     for snapshot in snapshots[1:-1]:
         if snapshot["step"] == 0:
             continue
-        _, shorter = train(spec(snapshot["step"]), 32, 0.1, seed=0, device=CPU)
+        _, shorter = train(spec(snapshot["step"]), 32, 0.1, seed=0, device=CPU, snapshot_fractions=[1.0])
         for key, value in shorter["state_dict"].items():
             assert torch.equal(snapshot["state_dict"][key], value), (snapshot["step"], key)
+        # and the optimizer's state there: the momentum buffers of the run stopped at that step
+        (end,) = shorter["snapshots"]
+        buffers = snapshot["optimizer"]["momentum_buffer"]
+        assert len(buffers) == len(end["optimizer"]["momentum_buffer"]) and all(b is not None for b in buffers)
+        for mine, theirs in zip(buffers, end["optimizer"]["momentum_buffer"], strict=True):
+            assert torch.equal(mine, theirs), snapshot["step"]
+        assert snapshot["lr_factor"] == 1.0  # a constant rate
+    assert all(b is None for b in snapshots[0]["optimizer"]["momentum_buffer"])  # no update yet at step 0
+
+
+def test_a_snapshot_keeps_the_schedules_rate_of_the_next_update():
+    """With a warm-up and a cosine decay, each snapshot's lr_factor is the schedule's factor for the update after
+    its step (runtime.lr_factor, the closed form the schedule tests check)."""
+    schedule = {"warmup_steps": 20, "decay": "cosine", "min_factor": 0.0}
+    run_spec = train_spec(max_steps=100, eval_interval=INTERVAL, stop_at_target=False, schedule=schedule)
+    _, checkpoint = train(run_spec, 32, 0.1, seed=0, device=CPU, snapshot_fractions=FRACTIONS)
+    factors = [s["lr_factor"] for s in checkpoint["snapshots"]]
+    expected = [runtime.lr_factor(run_spec["schedule"], s["step"], 100) for s in checkpoint["snapshots"]]
+    assert factors == pytest.approx(expected, rel=1e-12) and len(set(expected)) == len(FRACTIONS)
 
 
 def test_picks_are_within_one_regular_stride_of_their_fraction(monkeypatch):

@@ -222,8 +222,8 @@ def check_sizes(config: dict[str, Any], n_train: dict[str, int]) -> None:
         drawn = [("grid.batch_sizes", b) for b in sorted(config["grid"]["batch_sizes"])]
         drawn += [("profile.extra_batch_sizes", b) for b in sorted(config["profile"]["extra_batch_sizes"])]
         if config["branch"]["enabled"]:  # the largest branch draws batches of k x the reference batch size
-            largest = max(config["branch"]["factors"]) * config["noise"]["reference_batch_size"]
-            drawn.append(("branch.factors", int(round(largest))))
+            sizes = branch_batch_sizes(config["branch"]["factors"], config["noise"]["reference_batch_size"])
+            drawn.append(("branch.factors", sizes[-1]))
         for key, value in drawn:
             if value > n:
                 raise ConfigError(f"{key}: {value} exceeds the {n} training examples of workload {name!r}")
@@ -276,6 +276,7 @@ def validate(config: dict[str, Any], importable: bool = True) -> dict[str, Any]:
     if eos["interval"] > eos["steps"]:
         raise ConfigError(f"edge_of_stability.interval: {eos['interval']} exceeds steps {eos['steps']}")
     _check_ghost(config)
+    _check_branch(config)
     _check_noise(config)
     check_sizes(config, static_train_sizes(config))
     return config
@@ -326,6 +327,23 @@ def _check_noise(config: dict[str, Any]) -> None:
     small = [m for m in jensen["sizes"] if m <= jensen["dim"] + 1]
     if small:
         raise ConfigError(f"noise.jensen.sizes: {small[0]} is not above dim + 1 = {jensen['dim'] + 1}")
+
+
+def branch_batch_sizes(factors: list[float], batch_size: int) -> list[int]:
+    """The branches' batch sizes: each factor k (sorted) times the reference batch size, rounded, at least 1."""
+    return [max(1, int(round(k * batch_size))) for k in sorted(factors)]
+
+
+def _check_branch(config: dict[str, Any]) -> None:
+    """Distinct factors must give distinct branch batch sizes (the schema sees the factors, not their product)."""
+    settings, b_ref = config["branch"], config["noise"]["reference_batch_size"]
+    if not settings["enabled"]:
+        return
+    sizes = branch_batch_sizes(settings["factors"], b_ref)
+    for k, size, previous in zip(sorted(settings["factors"])[1:], sizes[1:], sizes[:-1], strict=True):
+        if size == previous:
+            raise ConfigError(f"branch.factors: {k} gives the branch batch size {size} of the factor below it at "
+                              f"noise.reference_batch_size {b_ref}")  # fmt: skip
 
 
 def noise_reference(config: dict[str, Any], workload: str) -> tuple[int, float, int]:

@@ -482,12 +482,22 @@ def _finish_critical(ax: plt.Axes, branch: xr.Dataset | None, fit: xr.Dataset | 
     ax.set_title(title)
 
 
+def at_the_smallest_branch(branch: xr.Dataset) -> np.ndarray:
+    """Per snapshot: the critical batch size is the smallest branch's, whose loss nothing smaller was compared with,
+    so the local critical batch size may lie below it (an upper bound, not a bracket)."""
+    return branch["critical_batch_size"].values == int(branch["branch_batch_size"].min())
+
+
 def _draw_branch(ax: plt.Axes, branch: xr.Dataset) -> None:
     """The branched local critical batch size per snapshot, a bar up to the next branch, its seeds' interval."""
     low = branch["critical_batch_size"].values.astype(float)
     high = np.where(branch["critical_upper"].values > 0, branch["critical_upper"].values, low)
     ax.errorbar(branch["step"].values, low, yerr=[np.zeros_like(low), high - low], fmt="D", color="C4",
                 capsize=3, label="local critical B by branching, up to the next branch")  # fmt: skip
+    below = at_the_smallest_branch(branch)
+    if below.any():  # no smaller branch to compare with: the truth may lie below it
+        ax.plot(branch["step"].values[below], low[below], "v", color="C4", ms=9,
+                label="at the smallest branch: at most this")  # fmt: skip
     ci = branch["critical_ci"].values  # (step, bound); NaN with one seed
     if np.isfinite(ci).any():
         ax.vlines(branch["step"].values, ci[:, 0], ci[:, 1], color="C4", lw=6, alpha=0.25,
@@ -748,8 +758,9 @@ def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset], bran
         if name in fits and name in quick:
             row[f"quick cost / {study} cost"] = row["quick: cost (device-s)"] / row[f"{study}: cost (device-s)"]
         if name in branch:
-            sizes = branch[name]["critical_batch_size"].values
-            row["branching: local critical B over the run"] = ", ".join(str(int(v)) for v in sizes)
+            sizes, below = branch[name]["critical_batch_size"].values, at_the_smallest_branch(branch[name])
+            row["branching: local critical B over the run"] = ", ".join(
+                f"<= {int(v)}" if at_most else str(int(v)) for v, at_most in zip(sizes, below, strict=True))
             cost = branch_cost.get(name, math.nan)
             row["branching: cost (device-s)"] = cost
             if name in quick and "train_reference" in quick[name]["job"].values:

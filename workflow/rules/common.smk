@@ -15,6 +15,7 @@ from batchscope.stages import adaptive as bs_adaptive
 from batchscope.stages import ghost as bs_ghost
 from batchscope.stages import noise as bs_noise
 from batchscope.stages import prepare as bs_study
+from batchscope.stages import train as bs_train
 
 
 # Jobs run `python -m batchscope`: make that the interpreter running Snakemake (the project's venv), even when

@@ -93,6 +93,7 @@ rule train_reference:
         ),
         fractions=" ".join(str(f) for f in config["noise"]["snapshot_fractions"]),
         version=STAGES["train_model"].version,
+        snapshots=bs_train.SNAPSHOT_VERSION,
     shell:
         "python -m batchscope train --spec {params.spec:q} --data {input.data} {params.point}"
         " --snapshot-fractions {params.fractions} --out {output} > {log} 2>&1"

@@ -141,6 +141,29 @@ class Optimizer:
         self.exp_avg_sq: list[torch.Tensor | None] = [None] * n
         self.steps: list[torch.Tensor | None] = [None] * n
 
+    SLOTS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "steps")
+
+    def state_slots(self) -> int:
+        """How many parameter-sized tensors the state holds per parameter (for a snapshot's memory)."""
+        if self.spec["name"] == "sgd":
+            return int(self.spec["momentum"] != 0)
+        return 2
+
+    def state_dict(self) -> dict[str, list[torch.Tensor | None]]:
+        """A copy of the state on the host (None for a parameter not yet updated), as a snapshot keeps it."""
+        return {name: [None if t is None else t.detach().to("cpu", copy=True) for t in getattr(self, name)]
+                for name in self.SLOTS}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, list[torch.Tensor | None]]) -> None:
+        """Continue from :meth:`state_dict`'s copy (copied again, onto each parameter's device; the step counts stay
+        on the host, as :meth:`step` makes them). ``lr`` is not part of it."""
+        for name in self.SLOTS:
+            saved = state[name]
+            if len(saved) != len(self.params):
+                raise ValueError(f"optimizer state for {len(saved)} parameters, the model has {len(self.params)}")
+            setattr(self, name, [None if t is None else t.to("cpu" if name == "steps" else p.device, copy=True)
+                                 for t, p in zip(saved, self.params, strict=True)])  # fmt: skip
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             if set_to_none:

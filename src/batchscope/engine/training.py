@@ -158,11 +158,12 @@ class Snapshots:
 
 
 def _pick_snapshots(kept: list[tuple[int, dict]], fractions: list[float], steps_done: int) -> list[dict]:
-    """For each fraction f, the kept state nearest f x steps_done (kept states are at step 0 and each evaluation)."""
+    """For each fraction f, the kept state nearest f x steps_done (kept states are at step 0 and each evaluation):
+    its record (``state_dict``, ``optimizer``, ``lr_factor``) with its ``fraction`` and ``step``."""
     picked = []
     for fraction in fractions:
         step, state = min(kept, key=lambda item: abs(item[0] - fraction * steps_done))
-        picked.append({"fraction": fraction, "step": step, "state_dict": state})
+        picked.append({"fraction": fraction, "step": step, **state})
     return picked
 
 
@@ -213,11 +214,16 @@ def train(
     initial_val_loss = evaluate(workload, "val", device, loader, chunk).loss
     first_step_time = math.nan
     n_params = sum(p.numel() for p in model.parameters())
-    snapshots = Snapshots(SNAPSHOT_BUDGET // max(n_params, 1), interval)
+    # a snapshot holds the weights and the optimizer's state (momentum; AdamW's two moments)
+    snapshots = Snapshots(SNAPSHOT_BUDGET // max(n_params * (1 + optimizer.state_slots()), 1), interval)
 
-    def keep(step: int) -> None:
+    def keep(step: int, weights: dict | None = None) -> None:
+        """The weights (copied, unless given), the optimizer's state and the schedule's factor of the next
+        update, so a branch from here continues the run (batchscope.measure.branch)."""
         if snapshot_fractions:
-            snapshots.add(step, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+            weights = weights or {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            snapshots.add(step, {"state_dict": weights, "optimizer": optimizer.state_dict(),
+                                 "lr_factor": optimizer.lr / lr})  # fmt: skip
 
     keep(0)
     divergence_threshold = DIVERGENCE_FACTOR * initial_val_loss
@@ -360,6 +366,6 @@ def train(
     }
     if snapshot_fractions:
         if snapshots.kept[-1][0] != steps_done:  # the final weights, when the run ended between evaluations
-            snapshots.add(steps_done, checkpoint["state_dict"])
+            keep(steps_done, checkpoint["state_dict"])
         checkpoint["snapshots"] = _pick_snapshots(snapshots.kept, snapshot_fractions, steps_done)
     return ds, checkpoint

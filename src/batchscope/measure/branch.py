@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from batchscope import config as cfg
 from batchscope.core import scaling
 from batchscope.engine import runtime
 from batchscope.workloads.base import Workload, analysis_data
@@ -95,33 +96,64 @@ def critical_interval(batch_sizes: Sequence[int], losses: np.ndarray, tolerance:
     return scaling.interval(np.asarray(drawn, float)[:, None])[0]
 
 
-def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tuple[int, float], device: torch.device
-           ) -> xr.Dataset:  # fmt: skip
+def _one_branch(state: dict, optimizer_state: dict | None, workload: Workload, spec: dict[str, Any], batch_size: int,
+                lr: float, n_steps: int, seed: int, device: torch.device, evaluation: tuple) -> float:  # fmt: skip
+    """One branch: ``n_steps`` steps at ``batch_size`` from the checkpoint, its examples in ``seed``'s order; its
+    loss at the end on ``evaluation`` (eval mode), NaN if a step's loss was not finite (it stops there)."""
+    workload.model.load_state_dict(state)
+    model = workload.model.train()
+    optimizer = runtime.make_optimizer(spec["optimizer"], model.parameters(), lr)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)  # copied: each branch starts from the same state
+    step = runtime.make_step(model, optimizer, workload.loss, device)
+    draws = runtime.batches(workload, batch_size, torch.Generator().manual_seed(seed), spec["loader"], device)
+    if not all(torch.isfinite(step(*next(draws))) for _ in range(n_steps)):  # stops at the first non-finite loss
+        return math.nan
+    with torch.no_grad():
+        return float(workload.loss(model.eval()(evaluation[0]), evaluation[1]))
+
+
+def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tuple[int, float], device: torch.device,
+           optimizer_state: dict | None = None, lr_factor: float = 1.0) -> xr.Dataset:  # fmt: skip
     """Branches from ``state`` (a checkpoint's weights) at ``spec["factors"]`` x the reference batch size, each over
     ``spec["examples"]`` training examples (default: ``steps_at_largest`` steps of the largest branch) and repeated
     for ``spec["seeds"]`` example orders from ``spec["seed"]`` on; the loss of each at its end on a fixed evaluation
-    subset (``spec["eval_size"]`` of the analysis set, in eval mode)."""
+    subset (``spec["eval_size"]`` of the analysis set, in eval mode).
+
+    Each branch continues the run: from its optimizer's state at the checkpoint (``optimizer_state``, momentum and
+    AdamW's moments; None at step 0, before any update) at the rate the run's schedule had reached there
+    (``lr_factor`` x the base rate, held over the short branch) times the optimizer's scale for k. A fresh momentum
+    buffer would instead cost every branch the same build-up in steps (about 9 at momentum 0.9,
+    core.scaling.update_lag), a larger share of a larger batch's fewer steps: it would read the critical batch
+    size low."""
     base_batch, base_lr = reference
     factors = sorted(spec["factors"])
     examples = spec["examples"] or spec["steps_at_largest"] * int(round(factors[-1] * base_batch))
     seeds = [spec["seed"] + i for i in range(spec["seeds"])]
     x_eval, y_eval = (t[: spec["eval_size"]] for t in analysis_data(workload, device))
-    sizes = [max(1, int(round(k * base_batch))) for k in factors]
-    lrs = [base_lr * lr_scale(spec["optimizer"]["name"], k) for k in factors]
+    sizes = cfg.branch_batch_sizes(factors, base_batch)
+    lrs = [base_lr * lr_factor * lr_scale(spec["optimizer"]["name"], k) for k in factors]
     steps = [max(1, examples // batch_size) for batch_size in sizes]
     losses = np.full((len(factors), len(seeds)), math.nan)
+    fits = len(sizes)  # the branches below the first that ran out of memory (the larger ones are not tried)
     for i, (batch_size, lr, n_steps) in enumerate(zip(sizes, lrs, steps, strict=True)):
-        for j, seed in enumerate(seeds):
-            workload.model.load_state_dict(state)
-            model = workload.model.train()
-            optimizer = runtime.make_optimizer(spec["optimizer"], model.parameters(), lr)  # fresh state per branch
-            step = runtime.make_step(model, optimizer, workload.loss, device)
-            draws = runtime.batches(workload, batch_size, torch.Generator().manual_seed(seed), spec["loader"], device)
-            if all(torch.isfinite(step(*next(draws))) for _ in range(n_steps)):  # stops at the first non-finite loss
-                with torch.no_grad():
-                    losses[i, j] = float(workload.loss(model.eval()(x_eval), y_eval))
-    critical, upper = local_critical_batch_size(sizes, losses.T, spec["tolerance"])
-    interval = critical_interval(sizes, losses.T, spec["tolerance"], np.random.default_rng(0))
+        try:
+            for j, seed in enumerate(seeds):
+                losses[i, j] = _one_branch(state, optimizer_state, workload, spec, batch_size, lr, n_steps, seed,
+                                           device, (x_eval, y_eval))  # fmt: skip
+        except (RuntimeError, MemoryError) as err:
+            if not runtime.is_out_of_memory(err):
+                raise
+            losses[i:] = math.nan
+            fits = i
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            break
+    if fits == 0:
+        raise RuntimeError(f"the smallest branch, B = {sizes[0]}, ran out of memory")
+    # the rule on the branches that fit: a run out of memory says nothing about the loss per example
+    critical, upper = local_critical_batch_size(sizes[:fits], losses[:fits].T, spec["tolerance"])
+    interval = critical_interval(sizes[:fits], losses[:fits].T, spec["tolerance"], np.random.default_rng(0))
     mean, se = mean_and_se(losses.T)
     return xr.Dataset(
         {
@@ -135,8 +167,9 @@ def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tup
             ),
             "loss_mean": ("branch_batch_size", mean, {"long_name": "the seeds' mean loss"}),
             "loss_se": ("branch_batch_size", se, {"long_name": "its standard error (NaN with one seed)"}),
+            "out_of_memory": ("branch_batch_size", np.arange(len(sizes)) >= fits),
             "critical_batch_size": ((), critical, {"units": "examples", "long_name": "local critical batch size"}),
-            "critical_upper": ((), upper, {"long_name": "the next branch's batch size (-1: none above)"}),
+            "critical_upper": ((), upper, {"long_name": "the next branch's batch size (-1: none above that fit)"}),
             "critical_ci": (
                 "bound",
                 interval,
@@ -150,5 +183,7 @@ def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tup
             "significance": SIGNIFICANCE,
             "reference_batch_size": base_batch,
             "reference_lr": base_lr,
+            "lr_factor": lr_factor,
+            "optimizer_state": int(optimizer_state is not None),
         },  # fmt: skip
     )

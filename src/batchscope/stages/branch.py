@@ -33,7 +33,11 @@ def run(args: argparse.Namespace) -> None:
     snapshot = saved["snapshots"][args.index]
     workload = _common.workload(saved["workload"], device, args.data)
     batch_size, lr, _ = spec["reference"]
-    ds = branch(snapshot["state_dict"], workload, spec, (batch_size, lr), device)
+    if "optimizer" not in snapshot:
+        raise SystemExit(f"{args.snapshots}: snapshots without the optimizer's state (an older reference run); rerun "
+                         "the workflow, which retrains the reference run")  # fmt: skip
+    ds = branch(snapshot["state_dict"], workload, spec, (batch_size, lr), device, snapshot["optimizer"],
+                snapshot["lr_factor"])  # fmt: skip
     ds.attrs.update(store.provenance("branch_checkpoint", spec, device=str(device)), step=int(snapshot["step"]),
                     fraction=float(snapshot["fraction"]), index=args.index,
                     workload=saved["workload"]["name"])  # fmt: skip
@@ -52,9 +56,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 # 2: each branch over branch.seeds seeds, the rule on their mean and scatter, the interval over them resampled
 # 3: the interval's resamples keep the whole sample's standard errors; a diverged seed's branch stays outside
+# 4: each branch continues the reference run's optimizer state at the rate its schedule had reached
 RULES = {
     "branch_checkpoint": Rule(
-        version=3,
+        version=4,
         config_slice=config_slice,
         variables=("loss", "loss_mean", "critical_batch_size", "critical_upper", "critical_ci"),
     ),

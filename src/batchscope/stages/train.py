@@ -175,6 +175,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 RULES = {"train_model": Rule(version=4, config_slice=config_slice, variables=VARIABLES)}
+# What the reference run's .snapshots file holds, versioned apart from its runs (train_reference's params), so a
+# change to it retrains the reference run alone. 2: each snapshot keeps the optimizer's state and the schedule's
+# factor, which the branches continue from (batchscope.measure.branch).
+SNAPSHOT_VERSION = 2
 COMMANDS = (
     Command(
         "train",
