@@ -160,8 +160,15 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
     assert [row["workload"] for row in rows] == sorted(config["workloads"])
     assert rows[0]["b_opt"] == pytest.approx(float(ds["b_opt"]))
     assert rows[0]["b_opt_sat"] == pytest.approx(float(ds["b_opt_sat"])) and math.isfinite(rows[0]["b_opt_sat"])
-    text = rec.main(str(tmp_path / "results"), "config/test/tiny.yaml", False, False, quick=True)
+    from batchscope import cli
+
+    # as typed: batchscope recommend --quick --configfile ... --current-batch-size 32
+    argv = ["recommend", str(tmp_path / "results"), "--quick", "--configfile", "config/test/tiny.yaml"]
+    assert cli.main([*argv, "--current-batch-size", "32"]) == 0
+    text = capsys.readouterr().out
     assert "quick estimate" in text and f"b_opt {float(ds['b_opt']):.0f} " in text
+    against = rec.quick_against(ds, 32)["current_slowdown"]
+    assert f"against your B = 32: {against:.2f}x the time to target at b_opt {float(ds['b_opt']):.0f}" in text
     assert rows[0]["b_crit"] == float(ds["b_crit"]) and f"from the run's B_crit {float(ds['b_crit']):.3g}; " in text
     # with the reference run's steps to the target, the optimizer's build-up is named beside it
     row = rec.quick_rows(tmp_path / "results", config)[0]

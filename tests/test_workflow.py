@@ -122,6 +122,16 @@ def ghost_jobs(rule, seeds):
     return {(rule, f"workload=tiny_cnn, ghost={g}, seed={s}") for g in (64, 16) for s in seeds}
 
 
+def test_the_quick_target_schedules_only_the_quick_estimates_inputs(repo, venv_env, tmp_path):
+    """`snakemake quick` in a fresh directory: per workload the data, the profile, the reference run, its gradient
+    noise and the estimate; no grid training, no Hessian, no report."""
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    jobs = scheduled(snakemake(repo, fresh, "-n", "quick", env=venv_env))
+    per_workload = ("prepare_data", "profile_hardware", "train_reference", "measure_gradient_noise", "quick_estimate")
+    assert jobs == {(rule, f"workload={w}") for w in WORKLOADS for rule in per_workload} | {("quick", "")}
+
+
 def test_adding_a_batch_size_schedules_only_that_size(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["grid"]["batch_sizes"].append(32))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
