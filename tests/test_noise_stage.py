@@ -157,6 +157,62 @@ def test_snapshot_two_batch_estimate_is_within_its_standard_error_of_the_exact_o
     assert ds.attrs["b_small"] == small and ds.attrs["b_big"] == size and ds.attrs["pairs"] == pairs
 
 
+def test_snapshot_two_batch_b_noise_against_a_dense_hessian():
+    """B_noise = tr(H Sigma) / G^T H G of the stage against the exact one: H the dense float64 Hessian
+    (torch.func.hessian) of the mean loss on the first 512 examples of the evaluation set (the stage's curvature
+    set, here the training set in its order), G and Sigma from the per-example gradients. With noise.b_big null the
+    big batch is the whole set, so G^T H G is exact (float32 against float64: 1e-4) and tr(H Sigma) comes from the
+    small batches: E[g_b^T H g_b] = G^T H G + tr(H Sigma) (N - b) / (b (N - 1)). Tolerance: 4 standard errors of
+    that, simulated from the per-example gradients (3000 draws). B_noise differs from B_simple here by more than
+    that tolerance, so a stage that dropped H (an identity HVP) would fail. The state: 100 SGD steps in, where
+    G^T H G > 0 (30 steps in, the other tests' state, G^T H G is negative: B_noise is then inf by definition)."""
+    from torch.func import functional_call, hessian
+
+    workload, spec = workload_and_spec()
+    state = trained_state(workload, steps=100)
+    grads = per_example_gradients(workload, state)
+    snapshot = measure_snapshot({"state_dict": state, "step": 100, "fraction": 0.5}, workload, spec, CPU)
+    model = copy.deepcopy(workload.model)
+    model.load_state_dict(state)
+    model = model.double().train()
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+    x, y = workload.train
+    xh, yh = x[:512].double(), y[:512]
+
+    def loss_of(theta):
+        params, start = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            params[name] = theta[start : start + shape.numel()].reshape(shape)
+            start += shape.numel()
+        return workload.loss(functional_call(model, params, (xh,)), yh)
+
+    h = hessian(loss_of)(flat).numpy()
+    n, small, pairs = len(grads), spec["b_small"], spec["pairs"]
+    g = grads.mean(0)
+    centred = grads - g
+    g_h_g = float(g @ h @ g)
+    trace_h_sigma = float(np.einsum("np,pq,nq->", centred, h, centred) / (n - 1))
+    exact = trace_h_sigma / g_h_g
+    assert float(snapshot["two_batch_g_h_g"]) == pytest.approx(g_h_g, rel=1e-4)
+    inv_small = (n - small) / (small * (n - 1))
+    quadratic = grads @ h @ grads.T  # g_b^T H g_b = w^T (grads H grads^T) w for the batch's weights w
+    weights = np.zeros((3000, n))
+    rng = np.random.default_rng(5)
+    for row in weights:
+        row[rng.choice(n, small, replace=False)] = 1 / small
+    draws = np.einsum("dn,dn->d", weights @ quadratic, weights)
+    se = math.sqrt(draws.var(ddof=1) / pairs) / inv_small
+    assert se < 0.25 * trace_h_sigma  # the check can tell a broken estimator apart
+    assert abs(float(snapshot["two_batch_trace_h_sigma"]) - trace_h_sigma) < 4 * se
+    b_noise = float(snapshot["two_batch_b_noise"])
+    tolerance = 4 * se / g_h_g
+    assert abs(b_noise - exact) < tolerance
+    g_sq, trace = exact_noise(grads)
+    assert abs(trace / g_sq - exact) > 2 * tolerance  # H matters on this model: B_simple is not B_noise
+
+
 def test_snapshot_curvature_goes_in_chunks_of_chunk_size(linear, snapshot, monkeypatch):
     """The two-batch B_noise's operator takes noise.chunk_size examples per pass (its memory is a chunk's, not
     AUTO_EVAL_SIZE examples' linearisation): with chunks of 64 every operator built has chunks of at most 64, and
