@@ -49,11 +49,11 @@ def run_branches(workdir: Path, workload: str, seed: int, seeds: int, cores: int
     config["branch"] = {**(config.get("branch") or {}), "enabled": True, "seed": seed, "seeds": seeds}
     path = workdir / "config_branching.yaml"
     path.write_text(yaml.safe_dump(config))
-    snapshots = len(cfg.load(path, importable=False)["noise"]["snapshot_fractions"])
-    snakemake(workdir, path, [f"results/branch/{workload}/snapshot{i}.nc" for i in range(snapshots)], cores)
-    rows = [read_netcdf(workdir / f"results/branch/{workload}/snapshot{i}.nc") for i in range(snapshots)]
-    seconds = sum(job_seconds(workdir / f"results/benchmarks/branch_checkpoint/{workload}/snapshot{i}.tsv")
-                  for i in range(snapshots))  # fmt: skip
+    fractions = [cfg.format_fraction(f) for f in cfg.load(path, importable=False)["noise"]["snapshot_fractions"]]
+    snakemake(workdir, path, [f"results/branch/{workload}/fraction{f}.nc" for f in fractions], cores)
+    rows = [read_netcdf(workdir / f"results/branch/{workload}/fraction{f}.nc") for f in fractions]
+    seconds = sum(job_seconds(workdir / f"results/benchmarks/branch_checkpoint/{workload}/fraction{f}.tsv")
+                  for f in fractions)  # fmt: skip
     return {
         "steps": [int(ds.attrs["step"]) for ds in rows],
         "sizes": rows[0]["branch_batch_size"].values.tolist(),

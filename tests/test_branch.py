@@ -203,9 +203,10 @@ def test_a_branch_out_of_memory_is_recorded_and_the_rule_reads_the_branches_that
         branch(state, workload, spec, (64, 0.1), CPU)
 
 
-def test_the_report_bills_each_branch_file_by_its_own_workload_and_index(tmp_path):
+def test_the_report_bills_each_branch_file_by_its_own_workload_and_fraction(tmp_path):
     """The report's branch jobs' benchmark files come from each branch file's own attributes put into the rule's
-    declared pattern (never parsed from the file's path); a file of the rule's older version is refused by name."""
+    declared pattern (never parsed from the file's path), the fraction as the workflow names it (1.0 -> "1");
+    a file of the rule's older version is refused by name."""
     import xarray as xr
 
     from batchscope import store
@@ -214,16 +215,40 @@ def test_the_report_bills_each_branch_file_by_its_own_workload_and_index(tmp_pat
 
     ds = xr.Dataset({name: ((), 0.0) for name in branch_stage.RULES["branch_checkpoint"].variables})
     paths = []
-    for workload, index in (("w1", 0), ("w1", 3), ("w2", 1)):
-        ds.attrs = {**store.provenance("branch_checkpoint", {}), "workload": workload, "index": index}
+    for workload, fraction in (("w1", 0.0), ("w1", 0.75), ("w2", 1.0)):
+        ds.attrs = {**store.provenance("branch_checkpoint", {}), "workload": workload, "fraction": fraction}
         paths.append(store.write_netcdf(ds, tmp_path / f"anything{len(paths)}.nc"))
-    pattern = "bench/{workload}/snapshot{index}.tsv"
+    pattern = "bench/{workload}/fraction{fraction}.tsv"
     assert branch_job_benchmarks([str(p) for p in paths], pattern) == {
-        "w1": ["bench/w1/snapshot0.tsv", "bench/w1/snapshot3.tsv"],
-        "w2": ["bench/w2/snapshot1.tsv"],
+        "w1": ["bench/w1/fraction0.tsv", "bench/w1/fraction0.75.tsv"],
+        "w2": ["bench/w2/fraction1.tsv"],
     }
     assert branch_job_benchmarks([str(p) for p in paths], None) == {}  # branching off: nothing to bill
     ds.attrs = {**ds.attrs, "algorithm_version": "1"}
     old = store.write_netcdf(ds, tmp_path / "old.nc")
     with pytest.raises(VersionError, match="old.nc"):
         branch_job_benchmarks([str(old)], pattern)
+
+
+def test_the_report_reads_each_workloads_branch_files_over_the_run(tmp_path):
+    """figures.load_branch: per workload (its files' own attribute), the answers in step order, and the smallest
+    branch each was compared against (an answer equal to it is an upper bound: figures.at_the_smallest_branch)."""
+    import xarray as xr
+
+    from batchscope import store
+    from batchscope.figures import at_the_smallest_branch, load_branch
+
+    paths = []
+    for workload, step, critical in (("w", 40, 32), ("w", 0, 16), ("v", 10, 64)):
+        ds = xr.Dataset({"critical_batch_size": ((), critical), "critical_upper": ((), 2 * critical),
+                         "critical_ci": ("bound", [16.0, 64.0]), "loss": ("branch_batch_size", [1.0, 1.0, 2.0])},
+                        coords={"branch_batch_size": [16, 32, 64], "bound": ["low", "high"]},
+                        attrs={"workload": workload, "step": step})  # fmt: skip
+        paths.append(store.write_netcdf(ds, tmp_path / f"{workload}{step}.nc"))
+    loaded = load_branch(paths)
+    assert sorted(loaded) == ["v", "w"]
+    assert loaded["w"]["step"].values.tolist() == [0, 40] and loaded["w"]["critical_batch_size"].values.tolist() == [
+        16,
+        32,
+    ]
+    assert at_the_smallest_branch(loaded["w"]).tolist() == [True, False]

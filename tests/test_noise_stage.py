@@ -413,11 +413,11 @@ def test_two_fractions_at_one_step_are_measured_once(tmp_path, monkeypatch):
     workload = built(wl_spec, CPU, None)
     start = {k: v.detach().clone() for k, v in workload.model.state_dict().items()}
     state = trained_state(workload)
-    snapshots = [{"fraction": 0.0, "step": 0, "state_dict": start}, {"fraction": 0.5, "step": 30, "state_dict": state},
-                 {"fraction": 0.6, "step": 30, "state_dict": state}]  # fmt: skip
+    # the states the run kept: 0.5 and 0.6 of its 4815 steps both pick the one at step 30
+    snapshots = [{"step": 0, "state_dict": start}, {"step": 30, "state_dict": state}]
     path = tmp_path / "run.snapshots"
     # a run of 4815 steps at 64 buys 30 pairs at each of 2 snapshots (a pair: 2568 example-gradients), 20 at 3
-    spec = {**spec, "b_big": 512}
+    spec = {**spec, "b_big": 512, "snapshot_fractions": [0.0, 0.5, 0.6]}
     torch.save({"workload": wl_spec, "snapshots": snapshots, "steps_done": 4815, "batch_size": 64, "lr": 0.1,
                 "seed": 0, "state_dict": state, "steps_to_target": 4815.0}, path)  # fmt: skip
     calls = []

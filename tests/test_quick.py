@@ -530,8 +530,9 @@ def test_the_answer_table_and_figure_put_the_branched_critical_batch_size_beside
             "critical_batch_size": ("step", [16, 64, 128]),
             "critical_upper": ("step", [32, 128, -1]),
             "critical_ci": (("step", "bound"), [[16, 64], [32, 128], [np.nan, np.nan]]),
+            "smallest_branch": ("step", [16, 16, 16]),  # as load_branch gives it
         },
-        coords={"step": steps, "bound": ["low", "high"], "branch_batch_size": [16, 32, 64, 128]},
+        coords={"step": steps, "bound": ["low", "high"]},
     )
     (row,) = answer_table({}, {"w": ds}, {"w": branch}, {"w": 5.0}).to_dict("records")
     # the first snapshot's answer is the smallest branch: nothing smaller was compared, so it is a bound

@@ -147,6 +147,17 @@ def test_adding_a_batch_size_schedules_only_that_size(study, repo, venv_env, tmp
     assert jobs == expected | noise_jobs | quick_jobs
 
 
+def test_adding_a_snapshot_fraction_adds_its_branch_job_and_retrains_nothing(study, repo, venv_env, tmp_path):
+    """The reference run keeps its states whatever the fractions: a new fraction adds one branch job per workload;
+    the noise stage (one job for all of a workload's snapshots), the quick estimate that reads it and the report
+    follow; no training, no other branch job."""
+    path = variant(repo, tmp_path, lambda c: c["noise"].update(snapshot_fractions=[0.0, 0.25, 0.5, 0.6, 0.75, 1.0]))
+    jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
+    branch = {("branch_checkpoint", f"workload={w}, fraction=0.6") for w in WORKLOADS}
+    follow = {(rule, f"workload={w}") for w in WORKLOADS for rule in ("measure_gradient_noise", "quick_estimate")}
+    assert jobs == branch | follow | REPORT
+
+
 def test_adding_a_seed_runs_only_the_new_train_and_hessian_jobs(study, repo, venv_env, tmp_path):
     path = variant(repo, tmp_path, lambda c: c["grid"]["seeds"].append(7))
     jobs = scheduled(snakemake(repo, study, "-n", env=venv_env, configfile=path))
@@ -299,12 +310,15 @@ def test_the_branch_jobs_measure_each_snapshot(study, repo):
     settings = config["branch"]
     for workload in WORKLOADS:
         b_ref = cfg.noise_reference(config, workload)[0]
-        files = sorted((study / f"results/branch/{workload}").glob("snapshot*.nc"))
-        noise = sorted((study / f"results/noise/{workload}").glob("snapshot*.nc"))
-        assert len(files) == len(config["noise"]["snapshot_fractions"]) == len(noise)
-        for path, snapshot in zip(files, noise, strict=True):
+        fractions = config["noise"]["snapshot_fractions"]
+        # one file per fraction, named by it; the noise stage's files are in the fractions' order
+        files = [study / f"results/branch/{workload}/fraction{cfg.format_fraction(f)}.nc" for f in fractions]
+        noise = [study / f"results/noise/{workload}/snapshot{i}.nc" for i in range(len(fractions))]
+        assert len(list((study / f"results/branch/{workload}").glob("*.nc"))) == len(fractions)
+        for path, snapshot, fraction in zip(files, noise, fractions, strict=True):
             ds = read_netcdf(path)
-            assert ds.attrs["step"] == read_netcdf(snapshot).attrs["step"]
+            assert ds.attrs["step"] == read_netcdf(snapshot).attrs["step"] and ds.attrs["fraction"] == fraction
+            assert ds.attrs["optimizer_state"] == int(ds.attrs["step"] > 0)  # momentum from the run's first update
             sizes = ds["branch_batch_size"].values.tolist()
             assert sizes == [round(k * b_ref) for k in sorted(settings["factors"])]
             assert ds["seed"].values.tolist() == list(range(settings["seed"], settings["seed"] + settings["seeds"]))
@@ -513,11 +527,16 @@ def test_the_adaptive_studys_noise_job_measures_what_the_quick_estimate_reads(ad
     config = cfg.load(repo / ADAPTIVE)
     noise = config["noise"]
     assert not noise["enabled"]
+    from batchscope.engine.training import pick_saved
+
     saved = torch.load(next((workdir / "results/reference/tiny_mlp").glob("*.snapshots")), weights_only=False)
     run_examples = saved["steps_done"] * saved["batch_size"]
     snapshots = sorted((workdir / "results/noise/tiny_mlp").glob("snapshot*.nc"))
-    later = [snapshot["step"] for snapshot in saved["snapshots"] if snapshot["fraction"] > 0]
-    assert len(later) == len(saved["snapshots"]) - 1  # the default fractions: 0 to 1 in quarters
+    # the run keeps noise.kept_snapshots states (at most; a short run has fewer evaluations); the fractions pick
+    assert len(saved["snapshots"]) <= noise["kept_snapshots"]
+    picked = pick_saved(saved, noise["snapshot_fractions"])
+    later = [snapshot["step"] for snapshot in picked if snapshot["fraction"] > 0]
+    assert len(later) == len(picked) - 1  # the default fractions: 0 to 1 in quarters
     assert [read_netcdf(path).attrs["step"] for path in snapshots] == later
     assert not (workdir / "results/noise/tiny_mlp/variance.nc").exists()
     first = read_netcdf(snapshots[0])

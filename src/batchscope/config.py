@@ -329,6 +329,16 @@ def _check_noise(config: dict[str, Any]) -> None:
         raise ConfigError(f"noise.jensen.sizes: {small[0]} is not above dim + 1 = {jensen['dim'] + 1}")
 
 
+def kept_fractions(count: int) -> list[float]:
+    """The fractions of the reference run at which it keeps its states (noise.kept_snapshots of them)."""
+    return [i / (count - 1) for i in range(count)]
+
+
+def format_fraction(fraction: float) -> str:
+    """A snapshot fraction as a path's wildcard (the branch jobs' files): 0.25 -> "0.25", 1.0 -> "1"."""
+    return f"{float(fraction):g}"
+
+
 def branch_batch_sizes(factors: list[float], batch_size: int) -> list[int]:
     """The branches' batch sizes: each factor k (sorted) times the reference batch size, rounded, at least 1."""
     return [max(1, int(round(k * batch_size))) for k in sorted(factors)]

@@ -463,6 +463,7 @@ def load_branch(paths: Sequence[str | Path]) -> dict[str, xr.Dataset]:
     for ds in map(read_netcdf, paths):
         by_workload.setdefault(ds.attrs["workload"], []).append(ds)
     return {name: xr.concat([d[["critical_batch_size", "critical_upper", "critical_ci"]]
+                             .assign(smallest_branch=int(d["branch_batch_size"].min()))
                              .expand_dims(step=[d.attrs["step"]])
                              for d in parts], dim="step", combine_attrs="drop").sortby("step")
             for name, parts in by_workload.items()}  # fmt: skip
@@ -485,7 +486,7 @@ def _finish_critical(ax: plt.Axes, branch: xr.Dataset | None, fit: xr.Dataset | 
 def at_the_smallest_branch(branch: xr.Dataset) -> np.ndarray:
     """Per snapshot: the critical batch size is the smallest branch's, whose loss nothing smaller was compared with,
     so the local critical batch size may lie below it (an upper bound, not a bracket)."""
-    return branch["critical_batch_size"].values == int(branch["branch_batch_size"].min())
+    return branch["critical_batch_size"].values == branch["smallest_branch"].values
 
 
 def _draw_branch(ax: plt.Axes, branch: xr.Dataset) -> None:
@@ -760,7 +761,8 @@ def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset], bran
         if name in branch:
             sizes, below = branch[name]["critical_batch_size"].values, at_the_smallest_branch(branch[name])
             row["branching: local critical B over the run"] = ", ".join(
-                f"<= {int(v)}" if at_most else str(int(v)) for v, at_most in zip(sizes, below, strict=True))
+                f"<= {int(v)}" if at_most else str(int(v)) for v, at_most in zip(sizes, below, strict=True)
+            )
             cost = branch_cost.get(name, math.nan)
             row["branching: cost (device-s)"] = cost
             if name in quick and "train_reference" in quick[name]["job"].values:

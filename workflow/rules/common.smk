@@ -1,6 +1,7 @@
 # Validation, grid helpers, per-rule config slices and wildcard constraints.
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -47,6 +48,8 @@ WORKLOADS = sorted(config["workloads"])
 BATCH_SIZES = sorted(config["grid"]["batch_sizes"])
 PROFILE_BATCH_SIZES = bs_config.profile_batch_sizes(config)
 SEEDS = sorted(config["grid"]["seeds"])
+# the branch jobs' fractions as their files name them (wildcards: values, never parsed back from the path)
+BRANCH_FRACTIONS = [bs_config.format_fraction(f) for f in config["noise"]["snapshot_fractions"]]
 # study: adaptive trains the batch sizes the choose_batch_sizes checkpoint picks around the quick b_opt, the first
 # seed's learning rates with a pruning bound, and the later seeds' survivors only (batchscope.stages.adaptive)
 ADAPTIVE = config["study"] == "adaptive"
@@ -80,7 +83,7 @@ wildcard_constraints:
     seed=r"[0-9]+",
     step_size=r"[0-9.e+-]+",
     ghost=r"[0-9]+",
-    index=r"[0-9]+",
+    fraction="|".join(map(re.escape, BRANCH_FRACTIONS)),
 
 
 def expected_provenance(*rule_names):
@@ -325,8 +328,7 @@ def branch_files(wildcards):
     """The report's branched critical batch sizes: one per workload and snapshot, none unless enabled."""
     if not config["branch"]["enabled"]:
         return []
-    snapshots = range(len(config["noise"]["snapshot_fractions"]))
-    return expand(rules.branch_checkpoint.output[0], workload=WORKLOADS, index=snapshots)
+    return expand(rules.branch_checkpoint.output[0], workload=WORKLOADS, fraction=BRANCH_FRACTIONS)
 
 
 def quick_benchmarks(wildcards):
@@ -375,8 +377,7 @@ def job_benchmarks(wildcards):
         jobs["measure_jensen_bias"] = expand(rules.measure_jensen_bias.benchmark, workload=w)
         jobs["measure_jensen_linreg"] = [rules.measure_jensen_linreg.benchmark]
     if config["branch"]["enabled"]:
-        snapshots = range(len(config["noise"]["snapshot_fractions"]))
-        jobs["branch_checkpoint"] = expand(rules.branch_checkpoint.benchmark, workload=w, index=snapshots)
+        jobs["branch_checkpoint"] = expand(rules.branch_checkpoint.benchmark, workload=w, fraction=BRANCH_FRACTIONS)
     eos = config["edge_of_stability"]
     if eos["enabled"]:
         sizes = [bs_config.format_lr(eta) for eta in eos["step_sizes"]]

@@ -72,17 +72,18 @@ rule measure_jensen_linreg:
 
 
 # Optional (branch.enabled): the local critical batch size at each snapshot of the reference run, one job per
-# snapshot (adding a snapshot fraction adds only its job).
+# snapshot fraction, named by it (adding a fraction adds only its job: the reference run keeps its states whatever
+# the fractions).
 rule branch_checkpoint:
     input:
         data=rules.prepare_data.output[0],
         run=rules.train_reference.output[0],
     output:
-        "results/branch/{workload}/snapshot{index}.nc",
+        "results/branch/{workload}/fraction{fraction}.nc",
     log:
-        "logs/branch_checkpoint/{workload}/snapshot{index}.log",
+        "logs/branch_checkpoint/{workload}/fraction{fraction}.log",
     benchmark:
-        "results/benchmarks/branch_checkpoint/{workload}/snapshot{index}.tsv"
+        "results/benchmarks/branch_checkpoint/{workload}/fraction{fraction}.tsv"
     conda:
         "../envs/batchscope.yaml"
     threads: config["threads"]
@@ -96,4 +97,4 @@ rule branch_checkpoint:
         version=STAGES["branch_checkpoint"].version,
     shell:
         "python -m batchscope branch --spec {params.spec:q} --data {input.data} --snapshots {params.snapshots}"
-        " --index {wildcards.index} --out {output} > {log} 2>&1"
+        " --fraction {wildcards.fraction} --out {output} > {log} 2>&1"

@@ -91,7 +91,8 @@ rule train_reference:
         point=lambda w: "--batch-size {} --lrs {lr} --seeds {} --snapshot-lr {lr}".format(
             reference_point(w)[0], reference_point(w)[2], lr=bs_config.format_lr(reference_point(w)[1])
         ),
-        fractions=" ".join(str(f) for f in config["noise"]["snapshot_fractions"]),
+        # the states it keeps, whatever noise.snapshot_fractions are: they pick from these (adding one retrains nothing)
+        fractions=" ".join(str(f) for f in bs_config.kept_fractions(config["noise"]["kept_snapshots"])),
         version=STAGES["train_model"].version,
         snapshots=bs_train.SNAPSHOT_VERSION,
     shell:

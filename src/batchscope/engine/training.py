@@ -167,6 +167,14 @@ def _pick_snapshots(kept: list[tuple[int, dict]], fractions: list[float], steps_
     return picked
 
 
+def pick_saved(saved: dict, fractions: list[float]) -> list[dict]:
+    """From a reference run's .snapshots file (the states it kept, noise.kept_snapshots of them evenly spaced), for
+    each fraction f the kept state nearest f x its steps_done, as :func:`_pick_snapshots` gives them: a change of
+    the fractions picks other kept states and retrains nothing."""
+    kept = [(int(s["step"]), {k: v for k, v in s.items() if k not in ("step", "fraction")}) for s in saved["snapshots"]]
+    return _pick_snapshots(kept, fractions, int(saved["steps_done"]))
+
+
 def train(
     spec: dict[str, Any],
     batch_size: int,

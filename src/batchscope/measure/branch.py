@@ -184,6 +184,7 @@ def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tup
             "reference_batch_size": base_batch,
             "reference_lr": base_lr,
             "lr_factor": lr_factor,
-            "optimizer_state": int(optimizer_state is not None),
+            # 1: the branches continued a state the run had built (none before its first update)
+            "optimizer_state": int(any(t is not None for slot in (optimizer_state or {}).values() for t in slot)),
         },  # fmt: skip
     )

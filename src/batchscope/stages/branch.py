@@ -1,6 +1,8 @@
 """Stage ``branch_checkpoint`` (optional, ``branch.enabled``): the local critical batch size at one snapshot of the
-reference run, by short branches at k x its batch size (:mod:`batchscope.measure.branch`). One job per snapshot,
-so adding a snapshot adds only its job; the report draws the curve over training beside B_simple and B_noise."""
+reference run, by short branches at k x its batch size (:mod:`batchscope.measure.branch`). One job per snapshot
+fraction, from the kept state nearest it (the reference run keeps ``noise.kept_snapshots`` states whatever the
+fractions), so adding a fraction adds its job and retrains nothing; the report draws the curve over training beside
+B_simple and B_noise."""
 
 from __future__ import annotations
 
@@ -25,12 +27,13 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from batchscope import store
+    from batchscope.engine.training import pick_saved
     from batchscope.measure.branch import branch
 
     spec = _common.spec(args, config_slice)
     device = _common.runtime(spec)
     saved = torch.load(args.snapshots, map_location=device)
-    snapshot = saved["snapshots"][args.index]
+    (snapshot,) = pick_saved(saved, [args.fraction])
     workload = _common.workload(saved["workload"], device, args.data)
     batch_size, lr, _ = spec["reference"]
     if "optimizer" not in snapshot:
@@ -39,8 +42,7 @@ def run(args: argparse.Namespace) -> None:
     ds = branch(snapshot["state_dict"], workload, spec, (batch_size, lr), device, snapshot["optimizer"],
                 snapshot["lr_factor"])  # fmt: skip
     ds.attrs.update(store.provenance("branch_checkpoint", spec, device=str(device)), step=int(snapshot["step"]),
-                    fraction=float(snapshot["fraction"]), index=args.index,
-                    workload=saved["workload"]["name"])  # fmt: skip
+                    fraction=float(snapshot["fraction"]), workload=saved["workload"]["name"])  # fmt: skip
     store.write_netcdf(ds, args.out)
     low, high = ds["critical_ci"].values
     log.info("step %d: local critical batch size %d (next branch %d, 95%% interval %.0f to %.0f over %d seeds); mean "
@@ -51,12 +53,14 @@ def run(args: argparse.Namespace) -> None:
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--snapshots", required=True, help="the reference run's .snapshots file")
-    parser.add_argument("--index", type=int, required=True, help="which snapshot (0 = the first fraction)")
+    parser.add_argument("--fraction", type=float, required=True, help="where along the reference run (one of "
+                        "noise.snapshot_fractions): the kept state nearest it")  # fmt: skip
 
 
 # 2: each branch over branch.seeds seeds, the rule on their mean and scatter, the interval over them resampled
 # 3: the interval's resamples keep the whole sample's standard errors; a diverged seed's branch stays outside
-# 4: each branch continues the reference run's optimizer state at the rate its schedule had reached
+# 4: each branch continues the reference run's optimizer state at the rate its schedule had reached; one job per
+# snapshot fraction (its file named by the fraction, not by its place in the list)
 RULES = {
     "branch_checkpoint": Rule(
         version=4,

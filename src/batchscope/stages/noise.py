@@ -17,7 +17,7 @@ log = logging.getLogger("batchscope")
 
 
 def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
-    settings = {k: v for k, v in config["noise"].items() if k not in ("enabled", "jensen", "snapshot_fractions")}
+    settings = {k: v for k, v in config["noise"].items() if k not in ("enabled", "jensen")}
     # with the stage off only the quick estimate reads it: the two-batch B_noise alone (no per-example pass, no
     # variance law)
     quick_only = not config["noise"]["enabled"]
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> None:
 
     from batchscope import store
     from batchscope.engine.runtime import progress
+    from batchscope.engine.training import pick_saved
     from batchscope.measure.noise import evaluation_data, measure_snapshot, measure_variance, pairs_within_budget
 
     spec = _common.spec(args, config_slice)
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
     workload = _common.workload(saved["workload"], device, args.data)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    snapshots = saved["snapshots"]
+    snapshots = pick_saved(saved, spec["snapshot_fractions"])
     if spec["quick_only"]:  # the quick estimate leaves the initial weights out: so does its measurement
         snapshots = [snapshot for snapshot in snapshots if snapshot["fraction"] > 0] or snapshots
     run_examples = int(saved["steps_done"]) * int(saved["batch_size"])

@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from batchscope import config as cfg
 from batchscope.faults import kill_point
 from batchscope.stages import Command, Rule, _common, noise, rule
 from batchscope.store import CacheError, atomic_write, read_netcdf
@@ -122,14 +123,15 @@ def train_job_benchmarks(listed: Sequence[str], fit_paths: Sequence[str], patter
 
 def branch_job_benchmarks(branch_paths: Sequence[str], pattern: str | None) -> dict[str, list[str]]:
     """Per workload, the branch jobs' benchmark files (the answer table's branching cost): ``pattern`` (the rule's
-    declared benchmark path, with ``{workload}`` and ``{index}``) at each branch file's own workload and snapshot
-    index."""
+    declared benchmark path, with ``{workload}`` and ``{fraction}``) at each branch file's own workload and snapshot
+    fraction."""
     by_workload: dict[str, list[str]] = {}
     for path in branch_paths if pattern else ():
         # checked as the report checks its inputs: a file of an older version is refused by name, not misread
         attrs = read_netcdf(path, "branch_checkpoint", rule("branch_checkpoint").variables, attrs_only=True).attrs
+        fraction = cfg.format_fraction(attrs["fraction"])
         by_workload.setdefault(attrs["workload"], []).append(pattern.format(workload=attrs["workload"],
-                                                                            index=attrs["index"]))  # fmt: skip
+                                                                            fraction=fraction))  # fmt: skip
     return by_workload
 
 
@@ -160,11 +162,13 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-benchmarks", metavar="PATTERN", help="adaptive study: the training jobs' benchmark "
                         "path, with {workload} and {batch_size}, taken at each fit's batch sizes")  # fmt: skip
     parser.add_argument("--branch-benchmarks", metavar="PATTERN", help="the branch jobs' benchmark path, with "
-                        "{workload} and {index}, taken at each branch file's own")  # fmt: skip
+                        "{workload} and {fraction}, taken at each branch file's own")  # fmt: skip
     parser.add_argument("--notebook", required=True)
     parser.add_argument("--out", required=True, help="output HTML path")
     parser.add_argument("--figures", required=True, help="directory for the figure PNGs")
 
 
-RULES = {"render_report": Rule(version=5)}  # 5: the branched critical batch size in the first section
+# 5: the branched critical batch size in the first section; 6: what the answer saves against the grid's ends, the
+# branch jobs billed by their fraction
+RULES = {"render_report": Rule(version=6)}
 COMMANDS = (Command("report", "execute the report notebook and write HTML", run, _arguments),)
