@@ -593,3 +593,25 @@ def test_the_quick_estimate_takes_the_optimizers_build_up_off_b_crit(tmp_path):
     adamw = quick.estimate({**sgd, "optimizer": {"name": "adamw"}}, profiles, noise_dir)
     assert float(adamw["update_lag"]) == 0.0 and float(adamw["b_crit"]) == pytest.approx(mean, rel=1e-12)
     assert float(scaling.b_crit_with_lag(mean, 30.0, 64, 9.0)) == pytest.approx(float(ds["b_crit"]), rel=1e-9)
+
+
+def test_the_bill_says_when_the_noise_job_ran_the_whole_noise_stage(tmp_path):
+    """With noise.enabled the quick estimate's noise job is the whole stage (its variance.nc there): the cost line
+    says so; with the stage off (no variance.nc) it does not."""
+    profiles, noise_dir = write_caches(tmp_path)
+    whole = quick.add_cost(quick.estimate(SPEC, profiles, noise_dir), {})
+    assert whole.attrs["noise_job_whole_stage"] == 1
+    (Path(noise_dir) / "variance.nc").unlink()
+    alone = quick.add_cost(quick.estimate(SPEC, profiles, noise_dir), {})
+    assert alone.attrs["noise_job_whole_stage"] == 0
+    config = cfg.load("config/test/tiny.yaml")
+    for ds, expected in ((whole, True), (alone, False)):
+        spec = quick.config_slice(config, "tiny_mlp")
+        from batchscope import store
+
+        ds.attrs.update(store.provenance("quick_estimate", spec), workload="tiny_mlp")
+        write_netcdf(ds, tmp_path / "results" / "quick" / "tiny_mlp.nc")
+        write_netcdf(ds.assign_attrs(workload="tiny_cnn", config_hash=cfg.config_hash(quick.config_slice(
+            config, "tiny_cnn"))), tmp_path / "results" / "quick" / "tiny_cnn.nc")  # fmt: skip
+        text = rec.main(str(tmp_path / "results"), "config/test/tiny.yaml", False, False, quick=True)
+        assert ("its gradient-noise job ran the whole noise stage" in text) == expected

@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -235,6 +236,9 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     ds = ds.assign_coords(bound=["low", "high"])
     ds.attrs.update(reference_batch_size=spec["reference"][0], reference_lr=spec["reference"][1],
                     reference_seed=spec["reference"][2])  # fmt: skip
+    # with noise.enabled the noise job is the whole stage (per-example B_simple, step 0, the variance law), shared
+    # with the report: its bill, counted here, is more than the two-batch B_noise alone costs (noise.enabled: false)
+    ds.attrs["noise_job_whole_stage"] = int((Path(noise_dir) / "variance.nc").exists())
     return ds
 
 

@@ -296,6 +296,7 @@ def quick_rows(results: str | Path, config: dict[str, Any],
             "largest_feasible_batch_size": int(ds["largest_feasible_batch_size"]),
             "cost_s": float(ds["total_cost_s"]),
             "cost_in_reference_runs": float(ds["cost_in_reference_runs"]),
+            "noise_job_whole_stage": bool(ds.attrs.get("noise_job_whole_stage", 0)),
             "reference": f"B={ds.attrs['reference_batch_size']} lr={ds.attrs['reference_lr']:g}",
             **(quick_against(ds, current_batch_size) if current_batch_size is not None else {}),
         })  # fmt: skip
@@ -341,7 +342,9 @@ def format_quick(row: dict[str, Any]) -> str:
             + f"  b_opt's 95% interval over the profile's rounds and the noise pairs: "
             f"{batch_interval(*row['b_opt_ci'])}\n"
             f"  it cost {row['cost_s']:.4g} device-seconds, {row['cost_in_reference_runs']:.3g} reference "
-            "runs" + _quick_current(row) + "".join(f"\n  warning: {note}" for note in row["diagnostics"]))  # fmt: skip
+            "runs" + (" (its gradient-noise job ran the whole noise stage, noise.enabled: true; with it off the job "
+                      "measures the two-batch B_noise alone, for less)" if row["noise_job_whole_stage"] else "")
+            + _quick_current(row) + "".join(f"\n  warning: {note}" for note in row["diagnostics"]))  # fmt: skip
 
 
 def _quick_current(row: dict[str, Any]) -> str:
