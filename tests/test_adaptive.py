@@ -111,11 +111,20 @@ def test_learning_rates_are_tried_from_the_likely_best_outward():
     assert selection.lr_order([0.01, 0.03], centre=5) == [0.03, 0.01]  # an index past the grid: its largest
 
 
-def test_the_survivors_are_the_fewest_steps_ties_kept():
-    assert selection.survivors({0.03: NAN, 0.1: 30.0, 0.3: 20.0}) == [0.3]
-    assert selection.survivors({0.03: 20.0, 0.1: 20.0, 0.3: NAN}) == [0.03, 0.1]
-    # nothing reached the target at the first seed: nothing to halve on
-    assert selection.survivors({0.03: NAN, 0.1: NAN}) == [0.03, 0.1]
+def test_the_survivors_are_the_better_half_by_steps_then_loss_ties_kept():
+    # one seed each: 0.3 reached first, 0.1 second; of 3, 2 go on (half, rounded up)
+    assert selection.survivors({0.03: [(NAN, 0.9)], 0.1: [(30.0, 0.4)], 0.3: [(20.0, 0.5)]}) == [0.1, 0.3]
+    # a pruned run (not reached) ranks below any that reached; among the unreached, the lower final loss
+    assert selection.survivors({0.01: [(NAN, 0.7)], 0.03: [(NAN, 0.6)], 0.1: [(40.0, 0.4)], 0.3: [(NAN, 2.0)]}) == [
+        0.03, 0.1]  # fmt: skip
+    # ties at the cut are kept: 4 of 4 when all four reached in 20 steps at the same loss
+    assert selection.survivors({lr: [(20.0, 0.5)] for lr in (0.01, 0.03, 0.1, 0.3)}) == [0.01, 0.03, 0.1, 0.3]
+    # later rounds rank by the median over the seeds so far: 0.1's second seed (60 steps) puts it behind 0.3
+    later = {0.1: [(20.0, 0.4), (60.0, 0.4)], 0.3: [(30.0, 0.5), (30.0, 0.5)]}
+    assert selection.survivors(later) == [0.3]
+    # one seed that did not reach the target makes two seeds' median "never"
+    assert selection.survivors({0.1: [(20.0, 0.4), (NAN, 0.6)], 0.3: [(40.0, 0.5), (40.0, 0.5)]}) == [0.3]
+    assert selection.survivors({0.1: [(20.0, 0.4)]}) == [0.1]  # one left: it stays
 
 
 # ------------------------------------------------------------------------------------- the pruning bound
@@ -153,11 +162,16 @@ def test_the_first_seed_prunes_and_the_later_seeds_train_the_survivors_in_one_jo
     first, later, last = _train_job([tmp_path / f"seed{s}" for s in (0, 1, 2)], [0.1, 0.01, 0.3], [0, 1, 2], True)
     assert not bool(first[0.1]["pruned"]) and math.isnan(float(first[0.1]["prune_at"]))  # the first is unbounded
     assert bool(first[0.01]["pruned"]) and int(first[0.01]["steps_done"]) == int(first[0.1]["steps_to_target"])
-    steps = {lr: float(ds["steps_to_target"]) for lr, ds in first.items()}
-    survivors = selection.survivors(steps)
-    assert len(survivors) < 3  # pruning left something out, or this test would not test it
-    for runs, seed in ((later, 1), (last, 2)):
-        assert sorted(runs) == survivors and not any(bool(ds["pruned"]) for ds in runs.values())
+
+    def record(ds):
+        return float(ds["steps_to_target"]), float(ds["final_val_loss"])
+
+    # successive halving: seed 1 trains the better half of seed 0's three (2), seed 2 the better of those (1)
+    second = selection.survivors({lr: [record(ds)] for lr, ds in first.items()})
+    third = selection.survivors({lr: [record(first[lr]), record(later[lr])] for lr in second})
+    assert (len(second), len(third)) == (2, 1)  # halved each round, or this test would not test it
+    for runs, seed, expected in ((later, 1, second), (last, 2, third)):
+        assert sorted(runs) == expected and not any(bool(ds["pruned"]) for ds in runs.values())
         assert {int(ds.attrs["seed"]) for ds in runs.values()} == {seed}  # each seed in its own directory
     # the full grid's job, same points: every lr at every seed, nothing pruned, and the same unpruned runs bitwise
     (full,) = _train_job([tmp_path / "full"], [0.1, 0.01, 0.3], [0])
@@ -207,12 +221,13 @@ def test_the_reference_runs_point_is_copied_where_it_is_the_same_run(tmp_path):
 
 
 def test_one_directory_for_every_seed_and_a_single_seed(tmp_path):
-    """Every seed's runs in one --out directory: the later seed still trains the survivors of the first seed's
+    """Every seed's runs in one --out directory: the later seed still trains the better half of the first seed's
     runs alone. One seed: its runs, pruned, and nothing else."""
     (shared,) = _train_job([tmp_path / "all"], [0.1, 0.01, 0.3], [0, 1], True)  # keyed by lr: the later seed's
     runs = {(float(read_netcdf(p).attrs["lr"]), int(read_netcdf(p).attrs["seed"])): read_netcdf(p)
             for p in (tmp_path / "all").glob("*.nc")}  # fmt: skip
-    first = {lr: float(ds["steps_to_target"]) for (lr, seed), ds in runs.items() if seed == 0}
+    first = {lr: [(float(ds["steps_to_target"]), float(ds["final_val_loss"]))] for (lr, seed), ds in runs.items()
+             if seed == 0}  # fmt: skip
     assert sorted(first) == [0.01, 0.1, 0.3]
     assert sorted(lr for lr, seed in runs if seed == 1) == selection.survivors(first)
     (alone,) = _train_job([tmp_path / "one"], [0.1, 0.01, 0.3], [0], True)

@@ -3,7 +3,7 @@
 - :func:`choose`: a geometric bracket of the grid around a predicted b_opt, within the feasible sizes, widened to
   cover b_opt's band over the run.
 - :func:`lr_order` and :func:`survivors`: successive halving over a batch size's learning rates, the likely best
-  first; the later seeds train only the first seed's fastest.
+  first; each later seed trains the better half of the learning rates the seed before it trained.
 - :func:`extension`: the one size past the trained bracket that the answer asks for, measured (an edge that is the
   fastest beyond noise) or predicted (every step-time model's b_opt beyond the same edge).
 
@@ -14,6 +14,7 @@ No files, config or tensors: the stages that read the quick estimate (``stages/a
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -89,16 +90,21 @@ def lr_order(lrs: Sequence[float], centre: int | None = None) -> list[float]:
     return sorted(ascending, key=lambda lr: (abs(ascending.index(lr) - index), lr))
 
 
-def survivors(steps: dict[float, float]) -> list[float]:
-    """The learning rates the later seeds train (successive halving): those whose first-seed run reached the target
-    in the fewest steps, ties all kept. ``steps`` maps each learning rate to its first-seed run's steps to target
-    (NaN: not reached, pruned or diverged). When none reached it there is nothing to halve on: every one survives.
-    """
-    reached = {lr: s for lr, s in steps.items() if math.isfinite(s)}
-    if not reached:
-        return sorted(steps)
-    best = min(reached.values())
-    return sorted(lr for lr, s in reached.items() if s == best)
+def survivors(results: dict[float, list[tuple[float, float]]]) -> list[float]:
+    """Successive halving's next round: the better half (rounded up) of the learning rates, by their runs so far
+    (``results``: per learning rate, one (steps to the target, final validation loss) per seed trained). Ranked by
+    the median steps over their seeds, a run that did not reach the target (pruned, diverged: NaN) counting as
+    never, so it ranks below every one that did; then by the mean final loss, how far the unreached ones got.
+    Ties at the cut are all kept."""
+
+    def rank(lr: float) -> tuple[float, float]:
+        steps = [s if math.isfinite(s) else math.inf for s, _ in results[lr]]
+        losses = [loss if math.isfinite(loss) else math.inf for _, loss in results[lr]]
+        return statistics.median(steps), statistics.fmean(losses)
+
+    ranked = sorted(results, key=rank)
+    cut = rank(ranked[math.ceil(len(ranked) / 2) - 1])
+    return sorted(lr for lr in ranked if rank(lr) <= cut)
 
 
 def extension(trained: Sequence[int], fastest: int, indistinguishable: Sequence[bool],

@@ -260,8 +260,8 @@ def extension_of_fit(fit_ds: xr.Dataset, feasible_grid: Sequence[int]) -> tuple[
 
 def halving_survivors(table: pd.DataFrame) -> pd.DataFrame:
     """The adaptive study's runs that K(B) is taken from: at each batch size, the learning rates trained at every
-    seed (successive halving's last round). The others ran at the first seed only; their one run against the
-    survivors' median over seeds would favour them by the luck of a single seed. Where every learning rate has
+    seed (successive halving's last round). The others ran at fewer seeds; their runs against the survivors' median
+    over every seed would favour them by the luck of fewer seeds. Where every learning rate has
     the same seeds (none was halved away) nothing is dropped."""
     seeds = table.groupby(["batch_size", "lr"])["seed"].transform("nunique")
     return table[seeds == seeds.groupby(table["batch_size"]).transform("max")]

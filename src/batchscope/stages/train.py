@@ -76,19 +76,23 @@ def run(args: argparse.Namespace) -> None:
                 _train_point(args, spec, device, lr, seed, out_dir)
         return
     # the adaptive study: the first seed tries every lr, each run capped at the steps of its best run so far
-    # (a run that has taken as many steps without reaching the target cannot win); the later seeds train the
-    # learning rates that survived, in full (K(B) is a median over seeds, which a per-seed bound could bias)
-    first: dict[float, float] = {}  # lr -> the first seed's steps to the target (NaN: not reached)
+    # (a run that has taken as many steps without reaching the target cannot win); each later seed trains the
+    # better half of the learning rates the seed before it trained (successive halving, selection.survivors), in
+    # full (K(B) is a median over seeds, which a per-seed bound could bias)
+    results: dict[float, list[tuple[float, float]]] = {}  # lr -> (steps to the target or NaN, final loss) per seed
     for lr in args.lrs:
-        reached = [steps for steps in first.values() if not math.isnan(steps)]
-        ds = _reuse_or_train(args, spec, device, lr, args.seeds[0], out_dirs[0], int(min(reached)) if reached else None)
-        first[lr] = float(ds["steps_to_target"])
-    kept = set(survivors(first))
-    log.info("B=%d: the first seed's runs %s; the later seeds train %s", args.batch_size, first, sorted(kept))
+        reached = [runs[0][0] for runs in results.values() if not math.isnan(runs[0][0])]
+        ds = _reuse_or_train(args, spec, device, lr, args.seeds[0], out_dir=out_dirs[0],
+                             bound=int(min(reached)) if reached else None)  # fmt: skip
+        results[lr] = [(float(ds["steps_to_target"]), float(ds["final_val_loss"]))]
+    kept = list(args.lrs)
     for seed, out_dir in zip(args.seeds[1:], out_dirs[1:], strict=True):
+        kept = survivors({lr: results[lr] for lr in kept})
+        log.info("B=%d: seed %d trains %s (the runs so far: %s)", args.batch_size, seed, kept, results)
         for lr in args.lrs:
             if lr in kept:
-                _reuse_or_train(args, spec, device, lr, seed, out_dir)
+                ds = _reuse_or_train(args, spec, device, lr, seed, out_dir)
+                results[lr].append((float(ds["steps_to_target"]), float(ds["final_val_loss"])))
 
 
 def _reuse_or_train(args, spec: dict, device, lr: float, seed: int, out_dir: Path, bound: int | None = None):
@@ -179,6 +183,10 @@ RULES = {"train_model": Rule(version=4, config_slice=config_slice, variables=VAR
 # change to it retrains the reference run alone. 2: each snapshot keeps the optimizer's state and the schedule's
 # factor, which the branches continue from (batchscope.measure.branch).
 SNAPSHOT_VERSION = 2
+# How the adaptive study's job (train_batch_size) picks each later seed's learning rates, versioned apart from the
+# runs themselves, so a change reruns the adaptive study's training alone. 2: successive halving, each later seed
+# the better half of the learning rates the seed before it trained (1: the first seed's fastest only).
+HALVING_VERSION = 2
 COMMANDS = (
     Command(
         "train",
