@@ -77,6 +77,33 @@ def test_learning_rate_rules():
     assert lr_scale("sgd", 4) == 4 and lr_scale("adamw", 4) == 2
 
 
+def _by_hand(config, state, lr, seeds, buffers=None):
+    """The k = 2 branch (4 steps of 128 from ``state``) with torch's SGD, per seed: the same start, batch order and
+    evaluation subset as measure.branch; ``buffers``: the momentum buffers to start from (None: zeros)."""
+    opt = config["workloads"]["tiny_mlp"]["optimizer"]
+    fresh = build(cfg.workload_slice(config, "tiny_mlp"), CPU, seed=0)
+    model = fresh.model
+    x, y = fresh.train
+    x_eval, y_eval = (t[:200] for t in analysis_data(fresh, CPU))
+    losses = []
+    for seed in seeds:
+        model.load_state_dict(state)
+        sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=opt["momentum"], nesterov=opt["nesterov"],
+                              weight_decay=opt["weight_decay"])  # fmt: skip
+        for p, buffer in zip(model.parameters(), buffers or [], strict=bool(buffers)):
+            sgd.state[p]["momentum_buffer"] = buffer.clone()
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        model.train()
+        for i in range(4):
+            index = order[i * 128 : (i + 1) * 128]
+            sgd.zero_grad()
+            fresh.loss(model(x[index]), y[index]).backward()
+            sgd.step()
+        with torch.no_grad():
+            losses.append(float(fresh.loss(model.eval()(x_eval), y_eval)))
+    return losses
+
+
 def test_a_branch_trains_what_it_says():
     config = cfg.load("config/test/tiny.yaml")
     spec = branch_stage.config_slice(config, "tiny_mlp")
@@ -88,26 +115,7 @@ def test_a_branch_trains_what_it_says():
     assert ds["steps"].values.tolist() == [16, 4]  # the same 512 examples each
     np.testing.assert_allclose(ds["lr"].values, [0.05, 0.2])  # SGD: linear in k
     assert ds["seed"].values.tolist() == [3, 4, 5]
-    # the k = 2 branch by hand, per seed: the same start, optimizer, batch order and evaluation subset
-    fresh = build(cfg.workload_slice(config, "tiny_mlp"), CPU, seed=0)
-    model = fresh.model
-    opt = spec["optimizer"]
-    x, y = fresh.train
-    x_eval, y_eval = (t[:200] for t in analysis_data(fresh, CPU))
-    by_hand = []
-    for seed in (3, 4, 5):
-        model.load_state_dict(state)
-        sgd = torch.optim.SGD(model.parameters(), lr=0.2, momentum=opt["momentum"], nesterov=opt["nesterov"],
-                              weight_decay=opt["weight_decay"])  # fmt: skip
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        model.train()
-        for i in range(4):
-            index = order[i * 128 : (i + 1) * 128]
-            sgd.zero_grad()
-            fresh.loss(model(x[index]), y[index]).backward()
-            sgd.step()
-        with torch.no_grad():
-            by_hand.append(float(fresh.loss(model.eval()(x_eval), y_eval)))
+    by_hand = _by_hand(config, state, 0.2, (3, 4, 5))  # the k = 2 branch
     # rtol 1e-6: float32 training, the same operations in the same order by both, up to the optimizers' kernels
     np.testing.assert_allclose(ds["loss"].sel(branch_batch_size=128).values, by_hand, rtol=1e-6)
     assert len(set(by_hand)) == 3  # the seeds drew different examples
@@ -142,24 +150,8 @@ def test_a_branch_continues_the_runs_momentum_at_its_scheduled_rate():
     saved = run.state_dict()
     ds = branch(state, workload, spec, (64, 0.1), CPU, saved, lr_factor=0.5)
     np.testing.assert_allclose(ds["lr"].values, [0.025, 0.1])  # 0.1 x 0.5 (the schedule) x k
-    fresh = build(cfg.workload_slice(config, "tiny_mlp"), CPU, seed=0)
-    model = fresh.model
-    x_eval, y_eval = (t[:200] for t in analysis_data(fresh, CPU))
-    by_hand = []
-    for seed in (3, 4):
-        model.load_state_dict(state)
-        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        for p, buffer in zip(model.parameters(), saved["momentum_buffer"], strict=True):
-            sgd.state[p]["momentum_buffer"] = buffer.clone()
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        model.train()
-        for i in range(4):
-            index = order[i * 128 : (i + 1) * 128]
-            sgd.zero_grad()
-            fresh.loss(model(x[index]), y[index]).backward()
-            sgd.step()
-        with torch.no_grad():
-            by_hand.append(float(fresh.loss(model.eval()(x_eval), y_eval)))
+    assert config["workloads"]["tiny_mlp"]["optimizer"]["momentum"] == 0.9
+    by_hand = _by_hand(config, state, 0.1, (3, 4), saved["momentum_buffer"])
     # rtol 1e-6: float32, the same operations in the same order, up to the optimizers' kernels
     np.testing.assert_allclose(ds["loss"].sel(branch_batch_size=128).values, by_hand, rtol=1e-6)
     assert ds.attrs["optimizer_state"] == 1 and ds.attrs["lr_factor"] == 0.5
