@@ -125,7 +125,9 @@ def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tup
     (``lr_factor`` x the base rate, held over the short branch) times the optimizer's scale for k. A fresh momentum
     buffer would instead cost every branch the same build-up in steps (about 9 at momentum 0.9,
     core.scaling.update_lag), a larger share of a larger batch's fewer steps: it would read the critical batch
-    size low."""
+    size low. SGD's buffer tends to E[g] / (1 - momentum) whatever the batch size, so the carried one is each
+    branch's own steady state; AdamW's second moment includes the noise Sigma / B, so at k > 1 a branch starts with
+    a larger one than its own (its memory, 1 / (1 - beta2) steps, outlasts a branch): larger k read slower."""
     base_batch, base_lr = reference
     factors = sorted(spec["factors"])
     examples = spec["examples"] or spec["steps_at_largest"] * int(round(factors[-1] * base_batch))
