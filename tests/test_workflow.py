@@ -427,7 +427,9 @@ def test_the_adaptive_study_trains_only_the_chosen_batch_sizes(adaptive_study, r
                 assert int(ds["steps_done"]) == float(ds["prune_at"]) and float(ds["prune_at"]) in steps.values()
                 assert not bool(ds["reached_target"]) and np.isnan(float(ds["steps_to_target"]))
         later = [read_netcdf(p).attrs["lr"] for p in (workdir / f"results/train/tiny_mlp/B{b}/seed1").glob("*.nc")]
-        assert sorted(later) == selection.survivors(steps)  # the second seed trains the survivors only
+        # the second seed trains the better half of the first seed's learning rates (successive halving)
+        records = {lr: [(float(ds["steps_to_target"]), float(ds["final_val_loss"]))] for lr, ds in first.items()}
+        assert sorted(later) == selection.survivors(records) and len(later) < len(lrs)
     assert pruned > 0  # lr 0.03 is the slowest at every size (training is bitwise reproducible on the CPU)
     # the Hessian stage analysed the chosen sizes' checkpoints only
     analysed = {read_netcdf(p).attrs["batch_size"] for p in (workdir / "results/hessian/tiny_mlp").glob("seed*/*.nc")}
