@@ -111,17 +111,20 @@ def test_learning_rates_are_tried_from_the_likely_best_outward():
     assert selection.lr_order([0.01, 0.03], centre=5) == [0.03, 0.01]  # an index past the grid: its largest
 
 
-def test_the_survivors_are_the_better_half_by_steps_then_loss_ties_kept():
-    # one seed each: 0.3 reached first, 0.1 second; of 3, 2 go on (half, rounded up)
-    assert selection.survivors({0.03: [(NAN, 0.9)], 0.1: [(30.0, 0.4)], 0.3: [(20.0, 0.5)]}) == [0.1, 0.3]
-    # a pruned run (not reached) ranks below any that reached; among the unreached, the lower final loss
-    assert selection.survivors({0.01: [(NAN, 0.7)], 0.03: [(NAN, 0.6)], 0.1: [(40.0, 0.4)], 0.3: [(NAN, 2.0)]}) == [
-        0.03, 0.1]  # fmt: skip
-    # ties at the cut are kept: 4 of 4 when all four reached in 20 steps at the same loss
-    assert selection.survivors({lr: [(20.0, 0.5)] for lr in (0.01, 0.03, 0.1, 0.3)}) == [0.01, 0.03, 0.1, 0.3]
+def test_successive_halving_keeps_the_best_fraction_by_steps_then_loss_ties_kept():
+    # one seed each, rate 3: of three, the fastest (the old single cut); rate 2: two
+    first = {0.03: [(NAN, 0.9)], 0.1: [(30.0, 0.4)], 0.3: [(20.0, 0.5)]}
+    assert selection.survivors(first) == [0.3] and selection.survivors(first, rate=2) == [0.1, 0.3]
+    # nine learning rates, rate 3: three go on; a tie in steps with the last kept is kept too (counted at evaluations)
+    nine = {0.001 * 2**i: [(10.0 * (i + 1), 0.5)] for i in range(9)}
+    assert selection.survivors(nine) == [0.001, 0.002, 0.004]
+    assert selection.survivors({**nine, 0.008: [(30.0, 0.9)]}) == [0.001, 0.002, 0.004, 0.008]  # 40 -> 30 steps
+    # a pruned run (not reached) ranks below any that reached; the unreached by their final loss
+    unreached = {0.01: [(NAN, 0.7)], 0.03: [(NAN, 0.6)], 0.1: [(40.0, 0.4)], 0.3: [(NAN, 2.0)]}
+    assert selection.survivors(unreached, rate=2) == [0.03, 0.1]
+    assert selection.survivors({0.01: [(NAN, 0.7)], 0.03: [(NAN, 0.6)], 0.3: [(NAN, 2.0)]}) == [0.03]  # none reached
     # later rounds rank by the median over the seeds so far: 0.1's second seed (60 steps) puts it behind 0.3
-    later = {0.1: [(20.0, 0.4), (60.0, 0.4)], 0.3: [(30.0, 0.5), (30.0, 0.5)]}
-    assert selection.survivors(later) == [0.3]
+    assert selection.survivors({0.1: [(20.0, 0.4), (60.0, 0.4)], 0.3: [(30.0, 0.5), (30.0, 0.5)]}) == [0.3]
     # one seed that did not reach the target makes two seeds' median "never"
     assert selection.survivors({0.1: [(20.0, 0.4), (NAN, 0.6)], 0.3: [(40.0, 0.5), (40.0, 0.5)]}) == [0.3]
     assert selection.survivors({0.1: [(20.0, 0.4)]}) == [0.1]  # one left: it stays
@@ -150,25 +153,28 @@ def test_a_run_is_stopped_at_the_best_runs_steps_and_flagged():
     assert not bool(best["pruned"]) and math.isnan(float(best["prune_at"]))
 
 
-def _train_job(outs, lrs, seeds, adaptive=False, reuse=None, settings=None):
+def _train_job(outs, lrs, seeds, adaptive=False, reuse=None, settings=None, rate=3):
     args = argparse.Namespace(spec=json.dumps(settings or spec()), config=None, workload=None, data=None,
                               batch_size=32, lrs=lrs, seeds=seeds, snapshot_lr=None, snapshot_fractions=None,
-                              out=[str(out) for out in outs], adaptive=adaptive, reuse=reuse)  # fmt: skip
+                              out=[str(out) for out in outs], adaptive=adaptive, reuse=reuse,
+                              halving_rate=rate)  # fmt: skip
     stage_train.run(args)
     return [{float(read_netcdf(p).attrs["lr"]): read_netcdf(p) for p in sorted(out.glob("*.nc"))} for out in outs]
 
 
 def test_the_first_seed_prunes_and_the_later_seeds_train_the_survivors_in_one_job(tmp_path):
-    first, later, last = _train_job([tmp_path / f"seed{s}" for s in (0, 1, 2)], [0.1, 0.01, 0.3], [0, 1, 2], True)
+    first, later, last = _train_job([tmp_path / f"seed{s}" for s in (0, 1, 2)], [0.1, 0.01, 0.3], [0, 1, 2], True,
+                                    rate=2)  # fmt: skip
     assert not bool(first[0.1]["pruned"]) and math.isnan(float(first[0.1]["prune_at"]))  # the first is unbounded
     assert bool(first[0.01]["pruned"]) and int(first[0.01]["steps_done"]) == int(first[0.1]["steps_to_target"])
 
     def record(ds):
         return float(ds["steps_to_target"]), float(ds["final_val_loss"])
 
-    # successive halving: seed 1 trains the better half of seed 0's three (2), seed 2 the better of those (1)
-    second = selection.survivors({lr: [record(ds)] for lr, ds in first.items()})
-    third = selection.survivors({lr: [record(first[lr]), record(later[lr])] for lr in second})
+    # successive halving at rate 2 (given here; adaptive.halving_rate): seed 1 trains the better half of seed 0's
+    # three (2), seed 2 the better of those (1)
+    second = selection.survivors({lr: [record(ds)] for lr, ds in first.items()}, rate=2)
+    third = selection.survivors({lr: [record(first[lr]), record(later[lr])] for lr in second}, rate=2)
     assert (len(second), len(third)) == (2, 1)  # halved each round, or this test would not test it
     for runs, seed, expected in ((later, 1, second), (last, 2, third)):
         assert sorted(runs) == expected and not any(bool(ds["pruned"]) for ds in runs.values())

@@ -51,8 +51,8 @@ SEEDS = sorted(config["grid"]["seeds"])
 # the branch jobs' fractions as their files name them (wildcards: values, never parsed back from the path)
 BRANCH_FRACTIONS = [bs_config.format_fraction(f) for f in config["noise"]["snapshot_fractions"]]
 # study: adaptive trains the batch sizes the choose_batch_sizes checkpoint picks around the quick b_opt, the first
-# seed's learning rates with a pruning bound, and each later seed the better half of the one before (successive
-# halving, batchscope.stages.adaptive)
+# seed's learning rates with a pruning bound, and each later seed the best third of the one before's (successive
+# halving, adaptive.halving_rate; batchscope.stages.adaptive)
 ADAPTIVE = config["study"] == "adaptive"
 PROFILE_FILE = "results/profile/{workload}/B{batch_size}.nc"
 HESSIAN_REUSE = (

@@ -31,8 +31,8 @@ rule train_model:
 
 # The adaptive study (study: adaptive): one job per chosen batch size trains every seed, into the same per-seed
 # directories as train_model. The seeds run in order anyway: the first seed tries the learning rates, likely best
-# first, each run capped at the best run's steps so far; each later seed trains the better half of the learning rates
-# the seed before it trained (successive halving). One
+# first, each run capped at the best run's steps so far; each later seed trains the best 1/adaptive.halving_rate of
+# the learning rates the seed before it trained (successive halving). One
 # job rather than one per seed saves a process start (~2 s, more than a digits run) per later seed. At the reference
 # run's batch size the reference run (the quick estimate's, already paid for) is copied, not trained again.
 if ADAPTIVE:
@@ -61,9 +61,11 @@ if ADAPTIVE:
             reuse=lambda w, input: f"--reuse {input.reference}" if input.reference else "",
             version=STAGES["train_model"].version,
             halving=bs_train.HALVING_VERSION,
+            rate=config["adaptive"]["halving_rate"],
         shell:
             "python -m batchscope train --spec {params.spec:q} --data {input.data}"
             " --batch-size {wildcards.batch_size} --lrs {params.lrs} --seeds {params.seeds} --adaptive"
+            " --halving-rate {params.rate}"
             " {params.reuse} --out {output} > {log} 2>&1"
 
     ruleorder: train_batch_size > train_model

@@ -3,7 +3,8 @@
 - :func:`choose`: a geometric bracket of the grid around a predicted b_opt, within the feasible sizes, widened to
   cover b_opt's band over the run.
 - :func:`lr_order` and :func:`survivors`: successive halving over a batch size's learning rates, the likely best
-  first; each later seed trains the better half of the learning rates the seed before it trained.
+  first; each later seed trains the best third (``adaptive.halving_rate``) of the learning rates the seed before it
+  trained.
 - :func:`extension`: the one size past the trained bracket that the answer asks for, measured (an edge that is the
   fastest beyond noise) or predicted (every step-time model's b_opt beyond the same edge).
 
@@ -90,21 +91,25 @@ def lr_order(lrs: Sequence[float], centre: int | None = None) -> list[float]:
     return sorted(ascending, key=lambda lr: (abs(ascending.index(lr) - index), lr))
 
 
-def survivors(results: dict[float, list[tuple[float, float]]]) -> list[float]:
-    """Successive halving's next round: the better half (rounded up) of the learning rates, by their runs so far
+def survivors(results: dict[float, list[tuple[float, float]]], rate: int = 3) -> list[float]:
+    """Successive halving's next round: the best 1/``rate`` (rounded up) of the learning rates, by their runs so far
     (``results``: per learning rate, one (steps to the target, final validation loss) per seed trained). Ranked by
     the median steps over their seeds, a run that did not reach the target (pruned, diverged: NaN) counting as
-    never, so it ranks below every one that did; then by the mean final loss, how far the unreached ones got.
-    Ties at the cut are all kept."""
+    never, so it ranks below every one that did; the unreached ones by their mean final loss, how far they got.
+    Every learning rate as fast as the last one kept is kept too (steps are counted at evaluations: a tie is no
+    evidence). ``rate`` 3 is Hyperband's default; with three learning rates it keeps the fastest (and its ties)."""
 
-    def rank(lr: float) -> tuple[float, float]:
-        steps = [s if math.isfinite(s) else math.inf for s, _ in results[lr]]
-        losses = [loss if math.isfinite(loss) else math.inf for _, loss in results[lr]]
-        return statistics.median(steps), statistics.fmean(losses)
+    def steps(lr: float) -> float:
+        return statistics.median(s if math.isfinite(s) else math.inf for s, _ in results[lr])
 
-    ranked = sorted(results, key=rank)
-    cut = rank(ranked[math.ceil(len(ranked) / 2) - 1])
-    return sorted(lr for lr in ranked if rank(lr) <= cut)
+    def loss(lr: float) -> float:
+        return statistics.fmean(value if math.isfinite(value) else math.inf for _, value in results[lr])
+
+    ranked = sorted(results, key=lambda lr: (steps(lr), loss(lr)))
+    last = ranked[math.ceil(len(ranked) / rate) - 1]
+    if math.isfinite(steps(last)):
+        return sorted(lr for lr in ranked if steps(lr) <= steps(last))
+    return sorted(lr for lr in ranked if math.isfinite(steps(lr)) or loss(lr) <= loss(last))
 
 
 def extension(trained: Sequence[int], fastest: int, indistinguishable: Sequence[bool],

@@ -15,10 +15,10 @@ adaptive``) spends its training where the answer is:
   (:func:`~batchscope.core.selection.lr_order`: the noise stage's reference lr index, the middle of the grid by
   default, then outward), each capped at the steps of the best run so far: a run that has taken that many steps
   without reaching the target cannot win, so it stops there, recorded as not reached (``steps_to_target`` NaN,
-  ``reached_target`` false, ``pruned`` true). Each later seed, in the same job, trains the better half of the learning
-  rates the seed before it trained (:func:`~batchscope.core.selection.survivors`: by the median steps to the target
-  over their seeds so far, then the mean final loss, ties kept), in full: K(B) is a median over seeds, which a
-  per-seed bound could bias.
+  ``reached_target`` false, ``pruned`` true). Each later seed, in the same job, trains the best 1/``halving_rate``
+  (3) of the learning rates the seed before it trained (:func:`~batchscope.core.selection.survivors`: by the median
+  steps to the target over their seeds so far, ties kept, then the unreached by their final loss), in full: K(B) is
+  a median over seeds, which a per-seed bound could bias.
 - **One size past the bracket, where the answer says so**: the second checkpoint, ``extend_bracket``
   (:mod:`batchscope.stages.extend`).
 

@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> None:
         return
     # the adaptive study: the first seed tries every lr, each run capped at the steps of its best run so far
     # (a run that has taken as many steps without reaching the target cannot win); each later seed trains the
-    # better half of the learning rates the seed before it trained (successive halving, selection.survivors), in
+    # best 1/--halving-rate of the learning rates the seed before it trained (successive halving,
+    # selection.survivors), in
     # full (K(B) is a median over seeds, which a per-seed bound could bias)
     results: dict[float, list[tuple[float, float]]] = {}  # lr -> (steps to the target or NaN, final loss) per seed
     for lr in args.lrs:
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> None:
         results[lr] = [(float(ds["steps_to_target"]), float(ds["final_val_loss"]))]
     kept = list(args.lrs)
     for seed, out_dir in zip(args.seeds[1:], out_dirs[1:], strict=True):
-        kept = survivors({lr: results[lr] for lr in kept})
+        kept = survivors({lr: results[lr] for lr in kept}, args.halving_rate)
         log.info("B=%d: seed %d trains %s (the runs so far: %s)", args.batch_size, seed, kept, results)
         for lr in args.lrs:
             if lr in kept:
@@ -171,9 +172,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "--adaptive",
         action="store_true",
         help="adaptive study: the first seed tries the learning rates in the order given, each run stopped at the "
-        "steps its best run so far took to the target (recorded as pruned, not reached); the later seeds train the "
-        "learning rates that reached the target in the fewest steps",
+        "steps its best run so far took to the target (recorded as pruned, not reached); each later seed trains "
+        "the best 1/--halving-rate of the learning rates the seed before it trained (successive halving)",
     )
+    parser.add_argument("--halving-rate", type=int, default=3, help="with --adaptive: adaptive.halving_rate")
     parser.add_argument("--reuse", help="with --adaptive: a directory of runs of the same config (the reference "
                         "run's) whose points are copied rather than trained again")  # fmt: skip
 
@@ -185,7 +187,7 @@ RULES = {"train_model": Rule(version=4, config_slice=config_slice, variables=VAR
 SNAPSHOT_VERSION = 2
 # How the adaptive study's job (train_batch_size) picks each later seed's learning rates, versioned apart from the
 # runs themselves, so a change reruns the adaptive study's training alone. 2: successive halving, each later seed
-# the better half of the learning rates the seed before it trained (1: the first seed's fastest only).
+# the best 1/adaptive.halving_rate of the learning rates the seed before it trained (1: the first seed's fastest).
 HALVING_VERSION = 2
 COMMANDS = (
     Command(
