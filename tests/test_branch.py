@@ -77,9 +77,10 @@ def test_learning_rate_rules():
     assert lr_scale("sgd", 4) == 4 and lr_scale("adamw", 4) == 2
 
 
-def _by_hand(config, state, lr, seeds, buffers=None):
+def _by_hand(config, state, lr, seeds, buffers=None, rates=None):
     """The k = 2 branch (4 steps of 128 from ``state``) with torch's SGD, per seed: the same start, batch order and
-    evaluation subset as measure.branch; ``buffers``: the momentum buffers to start from (None: zeros)."""
+    evaluation subset as measure.branch; ``buffers``: the momentum buffers to start from (None: zeros); ``rates``:
+    each update's learning rate (None: ``lr`` throughout)."""
     opt = config["workloads"]["tiny_mlp"]["optimizer"]
     fresh = build(cfg.workload_slice(config, "tiny_mlp"), CPU, seed=0)
     model = fresh.model
@@ -96,6 +97,8 @@ def _by_hand(config, state, lr, seeds, buffers=None):
         model.train()
         for i in range(4):
             index = order[i * 128 : (i + 1) * 128]
+            for group in sgd.param_groups:
+                group["lr"] = rates[i] if rates else lr
             sgd.zero_grad()
             fresh.loss(model(x[index]), y[index]).backward()
             sgd.step()
@@ -130,10 +133,10 @@ def test_a_branch_trains_what_it_says():
     np.testing.assert_array_equal(ds["critical_ci"].values, interval)
 
 
-def test_a_branch_continues_the_runs_momentum_at_its_scheduled_rate():
+def test_a_branch_continues_the_runs_momentum():
     """From a checkpoint five updates into a run with momentum 0.9, each branch starts from the run's momentum
-    buffers (not zeros) at the schedule's factor there times k: the k = 2 branch against torch's SGD given the same
-    buffers. Reset buffers would give other losses (checked), lower at the larger k (the build-up lost)."""
+    buffers (not zeros): the k = 2 branch against torch's SGD given the same buffers. Reset buffers would give other
+    losses (checked), lower at the larger k (the build-up lost)."""
     from batchscope.engine import runtime
 
     config = cfg.load("config/test/tiny.yaml")
@@ -148,17 +151,46 @@ def test_a_branch_continues_the_runs_momentum_at_its_scheduled_rate():
         run.step()
     state = {k: v.clone() for k, v in workload.model.state_dict().items()}
     saved = run.state_dict()
-    ds = branch(state, workload, spec, (64, 0.1), CPU, saved, lr_factor=0.5)
-    np.testing.assert_allclose(ds["lr"].values, [0.025, 0.1])  # 0.1 x 0.5 (the schedule) x k
+    ds = branch(state, workload, spec, (64, 0.1), CPU, saved, start=5)
+    np.testing.assert_allclose(ds["lr"].values, [0.05, 0.2])  # a constant schedule: 0.1 x k
     assert config["workloads"]["tiny_mlp"]["optimizer"]["momentum"] == 0.9
-    by_hand = _by_hand(config, state, 0.1, (3, 4), saved["momentum_buffer"])
+    by_hand = _by_hand(config, state, 0.2, (3, 4), saved["momentum_buffer"])
     # rtol 1e-6: float32, the same operations in the same order, up to the optimizers' kernels
     np.testing.assert_allclose(ds["loss"].sel(branch_batch_size=128).values, by_hand, rtol=1e-6)
-    assert ds.attrs["optimizer_state"] == 1 and ds.attrs["lr_factor"] == 0.5
-    reset = branch(state, workload, spec, (64, 0.1), CPU, None, lr_factor=0.5)
+    assert ds.attrs["optimizer_state"] == 1 and ds.attrs["start"] == 5
+    reset = branch(state, workload, spec, (64, 0.1), CPU, None, start=5)
     carried, zeroed = ds["loss_mean"].values, reset["loss_mean"].values
     assert np.all(np.abs(carried - zeroed) > 1e-4 * carried)
     assert zeroed[1] > carried[1]  # 4 steps from a zero buffer make less progress than 4 with the run's momentum
+
+
+def test_a_branch_continues_the_runs_schedule_along_the_examples():
+    """With a warm-up of 20 updates and a cosine decay over 100, a branch from update 10 at k = 2 takes its update i
+    at the run's update 10 + 2 i (the same examples): rates 0.2 x lr_factor(10), (12), (14), (16), still warming up;
+    against torch's SGD given those rates. From the run's last update (cosine at 0) every branch stands still."""
+    from batchscope.engine import runtime
+
+    config = cfg.load("config/test/tiny.yaml")
+    schedule = {"warmup_steps": 20, "decay": "cosine", "min_factor": 0.0, "gamma": 0.1, "step_size": 1000}
+    spec = branch_stage.config_slice(config, "tiny_mlp")
+    spec = {**spec, "factors": [0.5, 2.0], "examples": 512, "eval_size": 200, "seed": 3, "seeds": 2,
+            "schedule": schedule, "max_steps": 100}  # fmt: skip
+    workload = build(cfg.workload_slice(config, "tiny_mlp"), CPU, seed=0)
+    state = {k: v.clone() for k, v in workload.model.state_dict().items()}
+    ds = branch(state, workload, spec, (64, 0.1), CPU, None, start=10)
+    rates = [0.2 * runtime.lr_factor(schedule, 10 + 2 * i, 100) for i in range(4)]
+    assert rates[0] == pytest.approx(0.2 * 11 / 20) and rates[-1] == pytest.approx(0.2 * 17 / 20)
+    by_hand = _by_hand(config, state, 0.2, (3, 4), rates=rates)
+    # rtol 1e-6: float32, the same operations in the same order, up to the optimizers' kernels
+    np.testing.assert_allclose(ds["loss"].sel(branch_batch_size=128).values, by_hand, rtol=1e-6)
+    held = _by_hand(config, state, 0.2 * 11 / 20, (3, 4))  # the rate held at the checkpoint's: another answer
+    assert not np.allclose(held, by_hand, rtol=1e-4)
+    ended = branch(state, workload, spec, (64, 0.1), CPU, None, start=100)
+    with torch.no_grad():
+        x_eval, y_eval = (t[:200] for t in analysis_data(workload, CPU))
+        workload.model.load_state_dict(state)
+        at_start = float(workload.loss(workload.model.eval()(x_eval), y_eval))
+    np.testing.assert_allclose(ended["loss"].values, at_start, rtol=1e-6)
 
 
 def test_a_branch_out_of_memory_is_recorded_and_the_rule_reads_the_branches_that_fit(monkeypatch):

@@ -120,19 +120,7 @@ def test_training_snapshots_are_the_nearest_kept_states_with_their_weights(monke
         assert len(buffers) == len(end["optimizer"]["momentum_buffer"]) and all(b is not None for b in buffers)
         for mine, theirs in zip(buffers, end["optimizer"]["momentum_buffer"], strict=True):
             assert torch.equal(mine, theirs), snapshot["step"]
-        assert snapshot["lr_factor"] == 1.0  # a constant rate
     assert all(b is None for b in snapshots[0]["optimizer"]["momentum_buffer"])  # no update yet at step 0
-
-
-def test_a_snapshot_keeps_the_schedules_rate_of_the_next_update():
-    """With a warm-up and a cosine decay, each snapshot's lr_factor is the schedule's factor for the update after
-    its step (runtime.lr_factor, the closed form the schedule tests check)."""
-    schedule = {"warmup_steps": 20, "decay": "cosine", "min_factor": 0.0}
-    run_spec = train_spec(max_steps=100, eval_interval=INTERVAL, stop_at_target=False, schedule=schedule)
-    _, checkpoint = train(run_spec, 32, 0.1, seed=0, device=CPU, snapshot_fractions=FRACTIONS)
-    factors = [s["lr_factor"] for s in checkpoint["snapshots"]]
-    expected = [runtime.lr_factor(run_spec["schedule"], s["step"], 100) for s in checkpoint["snapshots"]]
-    assert factors == pytest.approx(expected, rel=1e-12) and len(set(expected)) == len(FRACTIONS)
 
 
 def test_picks_are_within_one_regular_stride_of_their_fraction(monkeypatch):

@@ -159,7 +159,7 @@ class Snapshots:
 
 def _pick_snapshots(kept: list[tuple[int, dict]], fractions: list[float], steps_done: int) -> list[dict]:
     """For each fraction f, the kept state nearest f x steps_done (kept states are at step 0 and each evaluation):
-    its record (``state_dict``, ``optimizer``, ``lr_factor``) with its ``fraction`` and ``step``."""
+    its record (``state_dict``, ``optimizer``) with its ``fraction`` and ``step``."""
     picked = []
     for fraction in fractions:
         step, state = min(kept, key=lambda item: abs(item[0] - fraction * steps_done))
@@ -226,12 +226,11 @@ def train(
     snapshots = Snapshots(SNAPSHOT_BUDGET // max(n_params * (1 + optimizer.state_slots()), 1), interval)
 
     def keep(step: int, weights: dict | None = None) -> None:
-        """The weights (copied, unless given), the optimizer's state and the schedule's factor of the next
-        update, so a branch from here continues the run (batchscope.measure.branch)."""
+        """The weights (copied, unless given) and the optimizer's state, so a branch from here continues the run
+        (batchscope.measure.branch; the schedule there follows from the step)."""
         if snapshot_fractions:
             weights = weights or {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            snapshots.add(step, {"state_dict": weights, "optimizer": optimizer.state_dict(),
-                                 "lr_factor": optimizer.lr / lr})  # fmt: skip
+            snapshots.add(step, {"state_dict": weights, "optimizer": optimizer.state_dict()})
 
     keep(0)
     divergence_threshold = DIVERGENCE_FACTOR * initial_val_loss

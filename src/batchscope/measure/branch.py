@@ -96,16 +96,38 @@ def critical_interval(batch_sizes: Sequence[int], losses: np.ndarray, tolerance:
     return scaling.interval(np.asarray(drawn, float)[:, None])[0]
 
 
+class _Continued:
+    """The reference run's schedule continued along the examples a branch sees: its update i at k x the reference
+    batch size is the run's update ``start`` + k i, at that update's factor of the run's schedule (over max_steps)
+    times the branch's base rate. What engine.runtime.make_step calls after each update, as runtime.Schedule."""
+
+    def __init__(self, optimizer, base: float, spec: dict[str, Any], start: int, k: float):
+        self.optimizer, self.base, self.spec, self.start, self.k, self.updates = optimizer, base, spec, start, k, 0
+        self.optimizer.lr = self.rate()
+
+    def rate(self) -> float:
+        if self.spec.get("schedule") is None:
+            return self.base
+        at = int(round(self.start + self.k * self.updates))
+        return self.base * runtime.lr_factor(self.spec["schedule"], at, self.spec["max_steps"])
+
+    def step(self) -> None:
+        self.updates += 1
+        self.optimizer.lr = self.rate()
+
+
 def _one_branch(state: dict, optimizer_state: dict | None, workload: Workload, spec: dict[str, Any], batch_size: int,
-                lr: float, n_steps: int, seed: int, device: torch.device, evaluation: tuple) -> float:  # fmt: skip
-    """One branch: ``n_steps`` steps at ``batch_size`` from the checkpoint, its examples in ``seed``'s order; its
-    loss at the end on ``evaluation`` (eval mode), NaN if a step's loss was not finite (it stops there)."""
+                lr: float, n_steps: int, seed: int, device: torch.device, evaluation: tuple, start: int,
+                k: float) -> float:  # fmt: skip
+    """One branch: ``n_steps`` steps at ``batch_size`` from the checkpoint (the run's update ``start``), its examples
+    in ``seed``'s order, at base rate ``lr`` along the run's schedule (:class:`_Continued`); its loss at the end on
+    ``evaluation`` (eval mode), NaN if a step's loss was not finite (it stops there)."""
     workload.model.load_state_dict(state)
     model = workload.model.train()
     optimizer = runtime.make_optimizer(spec["optimizer"], model.parameters(), lr)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)  # copied: each branch starts from the same state
-    step = runtime.make_step(model, optimizer, workload.loss, device)
+    step = runtime.make_step(model, optimizer, workload.loss, device, _Continued(optimizer, lr, spec, start, k))
     draws = runtime.batches(workload, batch_size, torch.Generator().manual_seed(seed), spec["loader"], device)
     if not all(torch.isfinite(step(*next(draws))) for _ in range(n_steps)):  # stops at the first non-finite loss
         return math.nan
@@ -114,15 +136,18 @@ def _one_branch(state: dict, optimizer_state: dict | None, workload: Workload, s
 
 
 def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tuple[int, float], device: torch.device,
-           optimizer_state: dict | None = None, lr_factor: float = 1.0) -> xr.Dataset:  # fmt: skip
+           optimizer_state: dict | None = None, start: int = 0) -> xr.Dataset:  # fmt: skip
     """Branches from ``state`` (a checkpoint's weights) at ``spec["factors"]`` x the reference batch size, each over
     ``spec["examples"]`` training examples (default: ``steps_at_largest`` steps of the largest branch) and repeated
     for ``spec["seeds"]`` example orders from ``spec["seed"]`` on; the loss of each at its end on a fixed evaluation
     subset (``spec["eval_size"]`` of the analysis set, in eval mode).
 
     Each branch continues the run: from its optimizer's state at the checkpoint (``optimizer_state``, momentum and
-    AdamW's moments; None at step 0, before any update) at the rate the run's schedule had reached there
-    (``lr_factor`` x the base rate, held over the short branch) times the optimizer's scale for k. A fresh momentum
+    AdamW's moments; None at step 0, before any update), its base rate the reference rate times the optimizer's
+    scale for k, along the run's schedule (``spec["schedule"]`` over ``spec["max_steps"]``) from the checkpoint's
+    update ``start`` on, k of the run's updates per branch update (the same examples): a warm-up goes on, a decay
+    decays (a rate held at its value there would stay at the warm-up's first, or at a cosine's zero at the end,
+    over every branch). A fresh momentum
     buffer would instead cost every branch the same build-up in steps (about 9 at momentum 0.9,
     core.scaling.update_lag), a larger share of a larger batch's fewer steps: it would read the critical batch
     size low. SGD's buffer tends to E[g] / (1 - momentum) whatever the batch size, so the carried one is each
@@ -134,7 +159,7 @@ def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tup
     seeds = [spec["seed"] + i for i in range(spec["seeds"])]
     x_eval, y_eval = (t[: spec["eval_size"]] for t in analysis_data(workload, device))
     sizes = cfg.branch_batch_sizes(factors, base_batch)
-    lrs = [base_lr * lr_factor * lr_scale(spec["optimizer"]["name"], k) for k in factors]
+    lrs = [base_lr * lr_scale(spec["optimizer"]["name"], k) for k in factors]
     steps = [max(1, examples // batch_size) for batch_size in sizes]
     losses = np.full((len(factors), len(seeds)), math.nan)
     fits = len(sizes)  # the branches below the first that ran out of memory (the larger ones are not tried)
@@ -142,7 +167,7 @@ def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tup
         try:
             for j, seed in enumerate(seeds):
                 losses[i, j] = _one_branch(state, optimizer_state, workload, spec, batch_size, lr, n_steps, seed,
-                                           device, (x_eval, y_eval))  # fmt: skip
+                                           device, (x_eval, y_eval), start, factors[i])  # fmt: skip
         except (RuntimeError, MemoryError) as err:
             if not runtime.is_out_of_memory(err):
                 raise
@@ -160,7 +185,14 @@ def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tup
     return xr.Dataset(
         {
             "factor": ("branch_batch_size", factors),
-            "lr": ("branch_batch_size", lrs, {"long_name": "learning rate, scaled by the optimizer's rule"}),
+            "lr": (
+                "branch_batch_size",
+                lrs,
+                {
+                    "long_name": "base learning rate, scaled by the optimizer's rule (the "
+                    "run's schedule applies on top, continued from the checkpoint)"
+                },
+            ),
             "steps": ("branch_batch_size", steps),
             "loss": (
                 ("branch_batch_size", "seed"),
@@ -185,7 +217,7 @@ def branch(state: dict, workload: Workload, spec: dict[str, Any], reference: tup
             "significance": SIGNIFICANCE,
             "reference_batch_size": base_batch,
             "reference_lr": base_lr,
-            "lr_factor": lr_factor,
+            "start": int(start),
             # 1: the branches continued a state the run had built (none before its first update)
             "optimizer_state": int(any(t is not None for slot in (optimizer_state or {}).values() for t in slot)),
         },  # fmt: skip

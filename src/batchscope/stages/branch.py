@@ -19,8 +19,10 @@ log = logging.getLogger("batchscope")
 def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     wl = config["workloads"][workload]
     settings = {k: v for k, v in config["branch"].items() if k != "enabled"}
-    return {**settings, "optimizer": wl["optimizer"], "loader": wl["loader"],
-            "reference": list(cfg.noise_reference(config, workload)), **cfg.execution(config)}  # fmt: skip
+    # the schedule over max_steps: the branches continue it along the examples they see
+    return {**settings, "optimizer": wl["optimizer"], "loader": wl["loader"], "schedule": wl["schedule"],
+            "max_steps": wl["max_steps"], "reference": list(cfg.noise_reference(config, workload)),
+            **cfg.execution(config)}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.snapshots}: snapshots without the optimizer's state (an older reference run); rerun "
                          "the workflow, which retrains the reference run")  # fmt: skip
     ds = branch(snapshot["state_dict"], workload, spec, (batch_size, lr), device, snapshot["optimizer"],
-                snapshot["lr_factor"])  # fmt: skip
+                int(snapshot["step"]))  # fmt: skip
     ds.attrs.update(store.provenance("branch_checkpoint", spec, device=str(device)), step=int(snapshot["step"]),
                     fraction=float(snapshot["fraction"]), workload=saved["workload"]["name"])  # fmt: skip
     store.write_netcdf(ds, args.out)
@@ -59,8 +61,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 # 2: each branch over branch.seeds seeds, the rule on their mean and scatter, the interval over them resampled
 # 3: the interval's resamples keep the whole sample's standard errors; a diverged seed's branch stays outside
-# 4: each branch continues the reference run's optimizer state at the rate its schedule had reached; one job per
-# snapshot fraction (its file named by the fraction, not by its place in the list)
+# 4: each branch continues the reference run's optimizer state and its schedule (along the examples it sees); one
+# job per snapshot fraction (its file named by the fraction, not by its place in the list)
 RULES = {
     "branch_checkpoint": Rule(
         version=4,

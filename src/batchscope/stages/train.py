@@ -182,8 +182,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 RULES = {"train_model": Rule(version=4, config_slice=config_slice, variables=VARIABLES)}
 # What the reference run's .snapshots file holds, versioned apart from its runs (train_reference's params), so a
-# change to it retrains the reference run alone. 2: each snapshot keeps the optimizer's state and the schedule's
-# factor, which the branches continue from (batchscope.measure.branch).
+# change to it retrains the reference run alone. 2: each snapshot keeps the optimizer's state, which the branches
+# continue from (batchscope.measure.branch); the run keeps noise.kept_snapshots states whatever the fractions.
 SNAPSHOT_VERSION = 2
 # How the adaptive study's job (train_batch_size) picks each later seed's learning rates, versioned apart from the
 # runs themselves, so a change reruns the adaptive study's training alone. 2: successive halving, each later seed
