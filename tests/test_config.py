@@ -255,3 +255,12 @@ def test_branch_factors_that_round_to_one_batch_size_are_refused():
         cfg.validate(config)
     config["noise"] = {"reference_batch_size": 8}  # 2, 4, 8, 16: distinct
     assert cfg.branch_batch_sizes(cfg.validate(config)["branch"]["factors"], 8) == [2, 4, 8, 16]
+
+
+def test_snapshot_fractions_that_share_a_name_are_refused():
+    config = base()
+    config["noise"] = {"snapshot_fractions": [0.0, 0.3333331, 0.3333332, 1.0]}
+    with pytest.raises(cfg.ConfigError, match=r"noise.snapshot_fractions: 0.3333332 and 0.3333331 are both named "
+                       r"'0.333333'"):  # fmt: skip
+        cfg.validate(config)
+    assert [cfg.format_fraction(f) for f in (0.0, 0.25, 1.0, 1e-05)] == ["0", "0.25", "1", "1e-05"]

@@ -268,8 +268,18 @@ def test_the_quick_estimate_against_a_current_batch_size(tmp_path):
     assert ratio > 1  # b_opt minimises T(B): any other size takes longer
     against = rec.quick_against(ds, 32)
     assert against["current_slowdown"] == pytest.approx(ratio, rel=1e-12)
+    # above the largest size profiled, with nothing out of memory: predicted, and said to be extrapolated
     largest = int(ds["largest_feasible_batch_size"])
-    assert rec.quick_against(ds, largest + 1)["current_slowdown"] == np.inf
+    assert int(ds["smallest_infeasible_batch_size"]) == -1
+    beyond = rec.quick_against(ds, 2 * largest)
+    assert math.isfinite(beyond["current_slowdown"]) and beyond["current_slowdown"] > 1
+    assert beyond["current_source"].endswith(f"extrapolated beyond the largest size profiled, {largest}")
+    # at or above a size the profile ran out of memory at: it does not fit
+    limited = quick.estimate(SPEC, *write_caches(tmp_path / "oom", out_of_memory_from=1024))
+    assert int(limited["smallest_infeasible_batch_size"]) == 1024
+    assert rec.quick_against(limited, 2000)["current_slowdown"] == np.inf
+    assert rec.quick_against(limited, 2000)["current_source"] == "out of memory in the profile at B = 1024"
+    assert math.isfinite(rec.quick_against(limited, 1000)["current_slowdown"])
 
 
 def test_the_interval_of_tau_f_over_tau_d_says_how_sure_b_opt_is(tmp_path):

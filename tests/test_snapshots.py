@@ -135,3 +135,14 @@ def test_picks_are_within_one_regular_stride_of_their_fraction(monkeypatch):
     assert stride == 40
     far = {s["fraction"]: s["step"] for s in checkpoint["snapshots"] if abs(s["step"] - s["fraction"] * 200) > stride}
     assert not far, f"picks farther than {stride} steps from their fraction: {far}; kept {[s for s, _ in kept]}"
+
+
+def test_too_little_room_for_the_states_to_keep_is_said(monkeypatch, caplog):
+    """Room for 3 states (a model too large for SNAPSHOT_BUDGET) against 5 to keep: the run says so."""
+    with caplog.at_level("WARNING", logger="batchscope"):
+        run_with_capacity(monkeypatch, max_steps=30, capacity=3)
+    assert "room for 3 states" in caplog.text and "fewer than the 5 to keep" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="batchscope"):
+        run_with_capacity(monkeypatch, max_steps=30, capacity=6)
+    assert "room for" not in caplog.text

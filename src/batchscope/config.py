@@ -345,8 +345,16 @@ def branch_batch_sizes(factors: list[float], batch_size: int) -> list[int]:
 
 
 def _check_branch(config: dict[str, Any]) -> None:
-    """Distinct factors must give distinct branch batch sizes (the schema sees the factors, not their product)."""
+    """Distinct factors must give distinct branch batch sizes (the schema sees the factors, not their product), and
+    distinct snapshot fractions distinct file names (the branch jobs' wildcards, :func:`format_fraction`)."""
     settings, b_ref = config["branch"], config["noise"]["reference_batch_size"]
+    named: dict[str, float] = {}
+    for fraction in config["noise"]["snapshot_fractions"]:
+        name = format_fraction(fraction)
+        if name in named:
+            raise ConfigError(f"noise.snapshot_fractions: {fraction} and {named[name]} are both named {name!r} "
+                              "(six significant digits): give fractions that differ there")  # fmt: skip
+        named[name] = fraction
     if not settings["enabled"]:
         return
     sizes = branch_batch_sizes(settings["factors"], b_ref)

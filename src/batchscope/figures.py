@@ -778,7 +778,7 @@ def _saving(rec: dict, key: str) -> str:
         return f"B = {b} is the recommended size"
     if not math.isfinite(ratio):
         return f"B = {b}: does not reach the target ({rec[f'{key}_source']})"
-    source = "measured" if rec[f"{key}_source"] == "profile" else "predicted by the fit"
+    source = {"profile": "measured", "fit": "predicted by the fit"}.get(rec[f"{key}_source"], rec[f"{key}_source"])
     return f"B = {b}: {ratio:.2f}x as long, {rec[f'{key}_saving_s']:.3g} s saved per run ({source})"
 
 

@@ -8,6 +8,7 @@ same function the profiler times.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from batchscope.engine import runtime
 from batchscope.workloads.base import Workload, first_examples
 from batchscope.workloads.base import build as build_workload
 
+log = logging.getLogger("batchscope")
 EVAL_CHUNK = 4096  # at most this many examples per forward pass during evaluation
 EVAL_MEMORY = 2**30  # bytes of activations one evaluation forward pass may take (eval_chunk)
 EVAL_PROBE = 8  # examples of the probe forward pass that sizes the evaluation chunks
@@ -223,7 +225,12 @@ def train(
     first_step_time = math.nan
     n_params = sum(p.numel() for p in model.parameters())
     # a snapshot holds the weights and the optimizer's state (momentum; AdamW's two moments)
-    snapshots = Snapshots(SNAPSHOT_BUDGET // max(n_params * (1 + optimizer.state_slots()), 1), interval)
+    room = SNAPSHOT_BUDGET // max(n_params * (1 + optimizer.state_slots()), 1)
+    snapshots = Snapshots(room, interval)
+    if snapshot_fractions and room < len(snapshot_fractions):
+        log.warning("room for %d states of %d parameters (and the optimizer's) in memory, fewer than the %d to keep "
+                    "(noise.kept_snapshots): the snapshot fractions share the states kept", max(room, 2), n_params,
+                    len(snapshot_fractions))  # fmt: skip
 
     def keep(step: int, weights: dict | None = None) -> None:
         """The weights (copied, unless given) and the optimizer's state, so a branch from here continues the run

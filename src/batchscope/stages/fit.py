@@ -44,6 +44,7 @@ def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
         spec["inputs"]["choose_batch_sizes"] = cfg.config_hash(adaptive.config_slice(config, workload))
         spec["inputs"]["reference_lr_index"] = config["noise"]["reference_lr_index"]  # the lr order
         spec["extend"] = config["adaptive"]["extend"]  # whether a size past the bracket may be trained
+        spec["halving_rate"] = config["adaptive"]["halving_rate"]  # which learning rates the later seeds trained
     return spec
 
 

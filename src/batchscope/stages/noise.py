@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     snapshots = pick_saved(saved, spec["snapshot_fractions"])
     if spec["quick_only"]:  # the quick estimate leaves the initial weights out: so does its measurement
-        snapshots = [snapshot for snapshot in snapshots if snapshot["fraction"] > 0] or snapshots
+        snapshots = [snapshot for snapshot in snapshots if snapshot["step"] > 0] or snapshots
     run_examples = int(saved["steps_done"]) * int(saved["batch_size"])
     data = evaluation_data(workload, spec, device)  # once, for every snapshot and the variance law
     # two fractions of a short run can pick the same kept state (the run keeps evenly spaced states, not every

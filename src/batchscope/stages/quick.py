@@ -114,7 +114,7 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
         uncapped = np.sqrt(np.where(values > 0, values, np.nan) * ratio)
         ds[f"b_opt_{name}"] = ("step", cap(uncapped),
                                {"units": "examples", "long_name": f"sqrt({name} tau_f / tau_d), capped"})  # fmt: skip
-    later = ds["fraction"].values > 0
+    later = ds["step"].values > 0  # after the initial weights (a small fraction of a short run can pick step 0)
     steps = ds["step"].values[later]
     b_noise, b_opt = ds["b_noise"].values[later], ds["b_opt_b_noise"].values[later]
     usable = np.isfinite(b_noise) & (b_noise > 0)
@@ -233,6 +233,8 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     ds["tau_f"] = ((), timing.intercept, {"units": "s"})
     ds["tau_d"] = ((), timing.slope, {"units": "s per example"})
     ds["largest_feasible_batch_size"] = ((), largest)
+    # -1: no profiled size ran out of memory (a size above the largest profiled is then unknown, not infeasible)
+    ds["smallest_infeasible_batch_size"] = ((), int(sizes[~feasible].min()) if (~feasible).any() else -1)
     ds = ds.assign_coords(bound=["low", "high"])
     ds.attrs.update(reference_batch_size=spec["reference"][0], reference_lr=spec["reference"][1],
                     reference_seed=spec["reference"][2])  # fmt: skip
@@ -289,12 +291,14 @@ VARIABLES = (
     "tau_f",
     "tau_d",
     "total_cost_s",
+    "smallest_infeasible_batch_size",
 )
 # 3: b_opt_ci from the noise pairs resampled as well as the profiling rounds; b_crit_ci
 # 4: b_opt_sat (the saturating step time); the cap note tells memory from the largest size profiled
 # 5: the point from b_crit, the snapshots' B_noise weighted by progress, rather than the median snapshot's
 # 6: a note where G^T H G <= 0 at a snapshot (B_noise infinite, B_simple not); B_crit less the update lag's share
-RULES = {"quick_estimate": Rule(version=6, config_slice=config_slice, variables=VARIABLES)}
+# 7: the smallest profiled size out of memory (recommend --quick --current-batch-size); "after step 0" by the step
+RULES = {"quick_estimate": Rule(version=7, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "quick-estimate",

@@ -305,17 +305,21 @@ def quick_rows(results: str | Path, config: dict[str, Any],
 
 def quick_against(ds, batch_size: int) -> dict[str, Any]:
     """The quick estimate's time to target at ``batch_size`` over its time at b_opt, from K(B) = S_min (1 + b_crit /
-    B) and T_iter(B) = tau_f + tau_d B (S_min, unknown without a grid, cancels); inf above the largest feasible
-    batch size."""
+    B) and T_iter(B) = tau_f + tau_d B (S_min, unknown without a grid, cancels); inf at or above a size the profile
+    ran out of memory at; said to be extrapolated above the largest size profiled."""
     from batchscope.core import scaling
 
-    b_opt, largest = float(ds["b_opt"]), int(ds["largest_feasible_batch_size"])
-    if 0 < largest < batch_size:
-        ratio, source = math.inf, f"above the largest feasible B {largest} in the profile"
-    else:
-        params = (1.0, float(ds["b_crit"]), float(ds["tau_f"]), float(ds["tau_d"]))
-        ratio = float(scaling.predicted_time(batch_size, *params) / scaling.predicted_time(b_opt, *params))
-        source = "predicted from the quick B_crit and the profile"
+    b_opt, limit = float(ds["b_opt"]), int(ds["smallest_infeasible_batch_size"])
+    largest = int(ds["largest_feasible_batch_size"])
+    params = (1.0, float(ds["b_crit"]), float(ds["tau_f"]), float(ds["tau_d"]))
+    ratio = float(scaling.predicted_time(batch_size, *params) / scaling.predicted_time(b_opt, *params))
+    source = "predicted from the quick B_crit and the profile"
+    if 0 < limit <= batch_size:
+        ratio, source = math.inf, f"out of memory in the profile at B = {limit}"
+    elif not math.isfinite(ratio):
+        source = "no prediction: the quick estimate has no finite b_crit and b_opt"
+    elif batch_size > largest:
+        source += f", extrapolated beyond the largest size profiled, {largest}"
     return {"current_batch_size": batch_size, "current_slowdown": ratio, "current_source": source}
 
 
@@ -352,7 +356,7 @@ def _quick_current(row: dict[str, Any]) -> str:
         return ""
     b, ratio = row["current_batch_size"], row["current_slowdown"]
     if not math.isfinite(ratio):
-        return f"\n  against your B = {b}: it does not fit ({row['current_source']})"
+        return f"\n  against your B = {b}: {row['current_source']}"
     return (f"\n  against your B = {b}: {ratio:.2f}x the time to target at b_opt {row['b_opt']:.0f} "
             f"({row['current_source']})")  # fmt: skip
 
