@@ -138,7 +138,7 @@ def test_the_gpu_rehearsal_runs_every_stage_from_the_root(clone, venv_env):
         "data/cifar_resnet.nc", "profile/cifar_resnet/B16.nc", "profile/cifar_resnet/B256.nc",
         "fit/cifar_resnet.nc", "hessian/cifar_resnet.nc", "noise/cifar_resnet/variance.nc",
         "jensen/cifar_resnet.nc", "jensen_linreg.nc", "quick/cifar_resnet.nc", "ghost/cifar_resnet.nc",
-        "branch/cifar_resnet/snapshot2.nc", "report/report.html",
+        "branch/cifar_resnet/fraction1.nc", "report/report.html",
     ]  # fmt: skip
     missing = [name for name in expected if not (results / name).is_file()]
     assert not missing, missing
