@@ -267,7 +267,7 @@ def test_the_quick_estimate_against_a_current_batch_size(tmp_path):
     ratio = float(scaling.predicted_time(32, *params) / scaling.predicted_time(float(ds["b_opt"]), *params))
     assert ratio > 1  # b_opt minimises T(B): any other size takes longer
     against = rec.quick_against(ds, 32)
-    assert against["current_slowdown"] == pytest.approx(ratio, rel=1e-12)
+    assert against["current_slowdown"] == pytest.approx(ratio, rel=1e-12)  # the same float64 formula: rounding only
     # above the largest size profiled, with nothing out of memory: predicted, and said to be extrapolated
     largest = int(ds["largest_feasible_batch_size"])
     assert int(ds["smallest_infeasible_batch_size"]) == -1

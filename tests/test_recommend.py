@@ -132,6 +132,7 @@ def test_the_bill_in_device_seconds_and_training_runs(results, tmp_path):
     # the unit: the median wall time of the recommended size's runs at its best learning rate (the fixture's runs)
     at_best = (ds["run_batch_size"].values == 128) & ds["run_at_best_lr"].values.astype(bool)
     run_s = float(np.median(ds["wall_time"].values[at_best]))
+    # rel 1e-12: one float64 division, the same as add_bill's
     assert run_s > 0 and float(billed["cost_in_runs"]) == pytest.approx(5.25 / run_s, rel=1e-12)
     row = recommend_row(billed)
     assert f"this answer cost 5.25 device-seconds, {5.25 / run_s:.3g} training runs at B = 128" in format_row(row)

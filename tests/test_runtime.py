@@ -204,3 +204,20 @@ def test_the_update_lag_is_how_far_the_optimizer_trails_full_steps(spec, warmup)
     full = lr * (gradient / (1 - spec.get("momentum", 0.0)) if spec["name"] == "sgd" else gradient.sign())
     taken = (-weight.detach() / full).numpy()  # full steps' worth, per coordinate
     assert taken == pytest.approx([total - scaling.update_lag(spec, warmup)] * 3, abs=1e-4)
+
+
+def test_a_schedule_from_a_later_update_at_a_stride():
+    """Schedule(start=s, stride=k): update i takes the factor of update s + k i (a branch from update s at k times
+    the batch size, the same examples), against lr_factor's closed form; start 0, stride 1 is the run's own."""
+    spec = {"warmup_steps": 20, "decay": "cosine", "min_factor": 0.0, "gamma": 0.1, "step_size": 1000}
+    weight = torch.zeros(1, requires_grad=True)
+    for start, stride in ((0, 1), (10, 2), (15, 0.5)):
+        optimizer = runtime.make_optimizer({"name": "sgd", "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
+                                           [weight], 0.2)  # fmt: skip
+        schedule = runtime.make_schedule(optimizer, spec, 100, start, stride)
+        rates = []
+        for _ in range(6):
+            rates.append(optimizer.lr)
+            schedule.step()
+        expected = [0.2 * runtime.lr_factor(spec, int(round(start + stride * i)), 100) for i in range(6)]
+        assert rates == pytest.approx(expected, rel=1e-15)  # the same expression: equal up to rounding

@@ -225,23 +225,32 @@ def lr_factor(spec: dict[str, Any], step: int, total_steps: int) -> float:
 
 class Schedule:
     """Sets the optimizer's rate for each update to the base rate times :func:`lr_factor` (as torch's LambdaLR
-    does for a torch.optim optimizer): ``step()`` after each update."""
+    does for a torch.optim optimizer): ``step()`` after each update. Update i takes the schedule's factor at update
+    ``start`` + ``stride`` i: a branch from a run's update s at k times its batch size (batchscope.measure.branch)
+    continues the run's schedule along the examples, start s and stride k; a run itself starts at 0, stride 1."""
 
-    def __init__(self, optimizer: Optimizer, spec: dict[str, Any], total_steps: int):
+    def __init__(self, optimizer: Optimizer, spec: dict[str, Any], total_steps: int, start: int = 0,
+                 stride: float = 1.0):  # fmt: skip
         self.optimizer, self.spec, self.total_steps = optimizer, spec, total_steps
+        self.start, self.stride = start, stride
         self.base, self.updates = optimizer.lr, 0
-        optimizer.lr = self.base * lr_factor(spec, 0, total_steps)
+        optimizer.lr = self.base * self.factor()
+
+    def factor(self) -> float:
+        return lr_factor(self.spec, int(round(self.start + self.stride * self.updates)), self.total_steps)
 
     def step(self) -> None:
         self.updates += 1
-        self.optimizer.lr = self.base * lr_factor(self.spec, self.updates, self.total_steps)
+        self.optimizer.lr = self.base * self.factor()
 
 
-def make_schedule(optimizer: Optimizer, spec: dict[str, Any] | None, total_steps: int) -> Schedule | None:
-    """The schedule for the spec, or None for a constant rate without warm-up."""
+def make_schedule(optimizer: Optimizer, spec: dict[str, Any] | None, total_steps: int, start: int = 0,
+                  stride: float = 1.0) -> Schedule | None:  # fmt: skip
+    """The schedule for the spec (from update ``start``, ``stride`` of its updates per update: :class:`Schedule`),
+    or None for a constant rate without warm-up."""
     if spec is None or (spec["warmup_steps"] == 0 and spec["decay"] == "constant"):
         return None
-    return Schedule(optimizer, spec, total_steps)
+    return Schedule(optimizer, spec, total_steps, start, stride)
 
 
 def make_step(

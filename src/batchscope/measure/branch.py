@@ -96,38 +96,20 @@ def critical_interval(batch_sizes: Sequence[int], losses: np.ndarray, tolerance:
     return scaling.interval(np.asarray(drawn, float)[:, None])[0]
 
 
-class _Continued:
-    """The reference run's schedule continued along the examples a branch sees: its update i at k x the reference
-    batch size is the run's update ``start`` + k i, at that update's factor of the run's schedule (over max_steps)
-    times the branch's base rate. What engine.runtime.make_step calls after each update, as runtime.Schedule."""
-
-    def __init__(self, optimizer, base: float, spec: dict[str, Any], start: int, k: float):
-        self.optimizer, self.base, self.spec, self.start, self.k, self.updates = optimizer, base, spec, start, k, 0
-        self.optimizer.lr = self.rate()
-
-    def rate(self) -> float:
-        if self.spec.get("schedule") is None:
-            return self.base
-        at = int(round(self.start + self.k * self.updates))
-        return self.base * runtime.lr_factor(self.spec["schedule"], at, self.spec["max_steps"])
-
-    def step(self) -> None:
-        self.updates += 1
-        self.optimizer.lr = self.rate()
-
-
 def _one_branch(state: dict, optimizer_state: dict | None, workload: Workload, spec: dict[str, Any], batch_size: int,
                 lr: float, n_steps: int, seed: int, device: torch.device, evaluation: tuple, start: int,
                 k: float) -> float:  # fmt: skip
     """One branch: ``n_steps`` steps at ``batch_size`` from the checkpoint (the run's update ``start``), its examples
-    in ``seed``'s order, at base rate ``lr`` along the run's schedule (:class:`_Continued`); its loss at the end on
-    ``evaluation`` (eval mode), NaN if a step's loss was not finite (it stops there)."""
+    in ``seed``'s order, at base rate ``lr`` along the run's schedule (runtime.Schedule from ``start``, stride
+    ``k``); its loss at the end on ``evaluation`` (eval mode), NaN if a step's loss was not finite (it stops
+    there)."""
     workload.model.load_state_dict(state)
     model = workload.model.train()
     optimizer = runtime.make_optimizer(spec["optimizer"], model.parameters(), lr)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)  # copied: each branch starts from the same state
-    step = runtime.make_step(model, optimizer, workload.loss, device, _Continued(optimizer, lr, spec, start, k))
+    schedule = runtime.make_schedule(optimizer, spec["schedule"], spec["max_steps"], start, k)
+    step = runtime.make_step(model, optimizer, workload.loss, device, schedule)
     draws = runtime.batches(workload, batch_size, torch.Generator().manual_seed(seed), spec["loader"], device)
     if not all(torch.isfinite(step(*next(draws))) for _ in range(n_steps)):  # stops at the first non-finite loss
         return math.nan

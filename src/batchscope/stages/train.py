@@ -78,14 +78,13 @@ def run(args: argparse.Namespace) -> None:
     # the adaptive study: the first seed tries every lr, each run capped at the steps of its best run so far
     # (a run that has taken as many steps without reaching the target cannot win); each later seed trains the
     # best 1/--halving-rate of the learning rates the seed before it trained (successive halving,
-    # selection.survivors), in
-    # full (K(B) is a median over seeds, which a per-seed bound could bias)
+    # selection.survivors), in full (K(B) is a median over seeds, which a per-seed bound could bias)
     results: dict[float, list[tuple[float, float]]] = {}  # lr -> (steps to the target or NaN, final loss) per seed
     for lr in args.lrs:
         reached = [runs[0][0] for runs in results.values() if not math.isnan(runs[0][0])]
         ds = _reuse_or_train(args, spec, device, lr, args.seeds[0], out_dir=out_dirs[0],
                              bound=int(min(reached)) if reached else None)  # fmt: skip
-        results[lr] = [(float(ds["steps_to_target"]), float(ds["final_val_loss"]))]
+        results[lr] = [_halving_record(ds)]
     kept = list(args.lrs)
     for seed, out_dir in zip(args.seeds[1:], out_dirs[1:], strict=True):
         kept = survivors({lr: results[lr] for lr in kept}, args.halving_rate)
@@ -93,7 +92,12 @@ def run(args: argparse.Namespace) -> None:
         for lr in args.lrs:
             if lr in kept:
                 ds = _reuse_or_train(args, spec, device, lr, seed, out_dir)
-                results[lr].append((float(ds["steps_to_target"]), float(ds["final_val_loss"])))
+                results[lr].append(_halving_record(ds))
+
+
+def _halving_record(ds) -> tuple[float, float]:
+    """What successive halving ranks a run by (selection.survivors): its steps to the target, its final loss."""
+    return float(ds["steps_to_target"]), float(ds["final_val_loss"])
 
 
 def _reuse_or_train(args, spec: dict, device, lr: float, seed: int, out_dir: Path, bound: int | None = None):
