@@ -37,3 +37,14 @@ def tiny_study(repo, venv_env, tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("study")
     snakemake(repo, workdir, env=venv_env)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def adaptive_study(repo, venv_env, tmp_path_factory):
+    """A real Snakemake run of config/test/adaptive.yaml (study: adaptive), and what it printed; shared by the
+    workflow tests and the budget benchmark's."""
+    from tests.helpers import snakemake
+
+    workdir = tmp_path_factory.mktemp("adaptive")
+    result = snakemake(repo, workdir, env=venv_env, configfile=repo / "config/test/adaptive.yaml")
+    return workdir, result

@@ -12,6 +12,7 @@ import xarray as xr
 import yaml
 
 from batchscope import config as cfg
+from batchscope.core import scaling
 from batchscope.stages import quick, rule
 from batchscope.stages import recommend as rec
 from batchscope.store import write_netcdf
@@ -177,6 +178,19 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
         f"from the run's B_crit {float(ds['b_crit']):.3g} (B_noise's progress-weighted mean 80, less the "
         "optimizer's build-up: 9 of the reference run's 50 steps); over the run"
     ) in rec.format_quick(lagged)
+    # how far to trust it: the fastest B's range around b_opt on the benchmark's workloads, beside the interval
+    b_opt, largest = float(ds["b_opt"]), int(ds["largest_feasible_batch_size"])
+    low, high = scaling.QUICK_BEST_OVER_B_OPT
+    assert (low, high) == (0.29, 3.2)  # docs/benchmarks.md's ten workloads: quick b_opt 0.32 to 3.42 x the fastest B
+    assert high * b_opt < largest  # not capped here
+    assert rows[0]["best_b_range"] == pytest.approx([low * b_opt, high * b_opt], rel=1e-12)
+    assert (f"the full grid's fastest B lay between 0.29 and 3.2 times the quick b_opt: here B = "
+            f"{low * b_opt:.0f} to {high * b_opt:.0f}") in text  # fmt: skip
+    assert scaling.quick_best_range(100.0, 256) == pytest.approx((29.0, 256.0), rel=1e-12)  # the top capped
+    assert scaling.quick_best_range(100.0, -1) == pytest.approx((29.0, 320.0), rel=1e-12)  # no memory limit
+    assert scaling.quick_best_range(1000.0, 256) == pytest.approx((256.0, 256.0), rel=1e-12)
+    assert all(math.isnan(x) for x in scaling.quick_best_range(math.nan, 256))
+    assert "how far to trust it" not in rec.format_quick({**row, "best_b_range": [math.nan, math.nan]})
     knee = float(ds["sat_b_knee"])
     assert f"with the saturating step time ({rec._knee(knee)}): b_opt {float(ds['b_opt_sat']):.0f}" in text
     assert rec._knee(0.0).startswith("no knee: one line") and rec._knee(200.0) == "flat up to B = 200"
@@ -522,6 +536,10 @@ def test_the_reports_answer_table_shows_the_quick_estimate_and_its_b_crit(tmp_pa
     low, high = ds["b_opt_band"].values
     assert row["quick: b_opt over the run"] == f"{low:.0f} to {high:.0f}" and row["quick: nearest grid B"] == 64
     assert row["quick: cost (device-s)"] == 0.0 and math.isnan(row["quick: cost (reference runs)"])
+    # the model's error beside it: 0.29 to 3.2 times b_opt (~96), under the largest feasible size
+    b_opt = float(ds["b_opt"])
+    assert 3.2 * b_opt < int(ds["largest_feasible_batch_size"])
+    assert row["quick: where the fastest B has lain"] == f"{0.29 * b_opt:.0f} to {3.2 * b_opt:.0f}"
 
 
 def test_the_answer_table_and_figure_put_the_branched_critical_batch_size_beside_it(tmp_path):

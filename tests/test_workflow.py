@@ -380,14 +380,6 @@ def test_a_workload_named_like_an_experiment_has_its_own_files(repo, venv_env, t
 ADAPTIVE = "config/test/adaptive.yaml"
 
 
-@pytest.fixture(scope="module")
-def adaptive_study(repo, venv_env, tmp_path_factory):
-    """A real Snakemake run of config/test/adaptive.yaml (study: adaptive), and what it printed."""
-    workdir = tmp_path_factory.mktemp("adaptive")
-    result = snakemake(repo, workdir, env=venv_env, configfile=repo / ADAPTIVE)
-    return workdir, result
-
-
 def test_the_adaptive_study_trains_only_the_chosen_batch_sizes(adaptive_study, repo):
     from batchscope.core import selection
     from batchscope.stages import adaptive

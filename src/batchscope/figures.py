@@ -753,6 +753,7 @@ def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset], bran
             row.update({"quick: b_opt": float(q["b_opt"]), "quick: B_crit": float(q["b_crit"]),
                         "quick: b_opt, saturating step time": float(q["b_opt_sat"]),
                         "quick: b_opt over the run": f"{low:.0f} to {high:.0f}",
+                        "quick: where the fastest B has lain": _best_range(q),
                         "quick: nearest grid B": int(q["nearest_grid_batch_size"]),
                         "quick: cost (device-s)": float(q["total_cost_s"]),
                         "quick: cost (reference runs)": float(q["cost_in_reference_runs"])})  # fmt: skip
@@ -769,6 +770,15 @@ def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset], bran
                 row["branching: cost (reference runs)"] = cost / float(quick[name]["cost_s"].sel(job="train_reference"))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _best_range(quick: xr.Dataset) -> str:
+    """The range around the quick b_opt where the full grid's fastest batch size lay on the budget benchmark's
+    workloads (scaling.quick_best_range): the model's error, beside the interval's measurement noise."""
+    from batchscope.core.scaling import quick_best_range
+
+    low, high = quick_best_range(float(quick["b_opt"]), int(quick["largest_feasible_batch_size"]))
+    return f"{low:.0f} to {high:.0f}" if math.isfinite(low) else "unknown"
 
 
 def _saving(rec: dict, key: str) -> str:

@@ -32,6 +32,13 @@ import pandas as pd
 # the linear and the saturating step time's b_opt (each capped at the memory limit) agree within 1.5x, or the
 # answer depends on the model (the full fit's and the quick estimate's diagnostics)
 MODELS_RATIO_MAX = 1.5
+# How far the quick estimate's b_opt has been from the answer: the full grid's fastest batch size over the quick
+# b_opt, lowest and highest, on the budget benchmark's ten workloads (benchmarks/budget.py, docs/benchmarks.md: the
+# quick b_opt was 0.32 to 3.42 times the fastest B; SGD, momentum, Nesterov and AdamW, MLPs and a CNN), rounded
+# outward. B_noise stands in for
+# the critical batch size only to within a factor of a few (McCandlish et al. 2018); the quick b_opt's interval
+# holds the measurement's noise alone, so this range is what a user is told to expect of the model.
+QUICK_BEST_OVER_B_OPT = (0.29, 3.2)
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,17 @@ def fit_saturating_step_time(batch_sizes: Sequence[float], t_iter: Sequence[floa
 def fit_saturating_if_possible(batch_sizes: np.ndarray, t_iter: np.ndarray) -> SaturatingFit | None:
     """The saturating step time, or None with fewer than 3 sizes (it has 3 parameters)."""
     return fit_saturating_step_time(batch_sizes, t_iter) if len(t_iter) >= 3 else None
+
+
+def quick_best_range(b_opt: float, largest_feasible: int) -> tuple[float, float]:
+    """Where the fastest batch size has lain around a quick b_opt (:data:`QUICK_BEST_OVER_B_OPT`), the upper end at
+    most the largest feasible batch size (none when nothing fitted, ``largest_feasible`` <= 0); NaN without b_opt."""
+    if not (math.isfinite(b_opt) and b_opt > 0):
+        return math.nan, math.nan
+    low, high = (b_opt * factor for factor in QUICK_BEST_OVER_B_OPT)
+    if largest_feasible > 0:
+        low, high = min(low, largest_feasible), min(high, largest_feasible)
+    return low, high
 
 
 def models_ratio(linear: float, saturating: float) -> float:

@@ -270,6 +270,7 @@ def quick_rows(results: str | Path, config: dict[str, Any],
                current_batch_size: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """The quick estimates of the config's workloads (``results/quick``), each checked to be this config's; with
     ``current_batch_size``, its predicted time to target against b_opt's (:func:`quick_against`)."""
+    from batchscope.core import scaling
     from batchscope.stages.quick import VARIABLES
     from batchscope.stages.quick import config_slice as quick_slice
 
@@ -286,6 +287,7 @@ def quick_rows(results: str | Path, config: dict[str, Any],
             "b_knee": float(ds["sat_b_knee"]),
             "b_opt_band": [float(x) for x in ds["b_opt_band"].values],
             "b_opt_ci": [float(x) for x in ds["b_opt_ci"].values] if "b_opt_ci" in ds else [math.nan] * 2,
+            "best_b_range": list(scaling.quick_best_range(float(ds["b_opt"]), int(ds["largest_feasible_batch_size"]))),
             "diagnostics": json.loads(ds.attrs.get("diagnostics", "[]")),
             "b_crit_band": [float(x) for x in ds["b_crit_band"].values],
             "b_crit": float(ds["b_crit"]),
@@ -345,10 +347,26 @@ def format_quick(row: dict[str, Any]) -> str:
                if math.isfinite(row["b_opt_sat"]) else "")
             + f"  b_opt's 95% interval over the profile's rounds and the noise pairs: "
             f"{batch_interval(*row['b_opt_ci'])}\n"
+            + _model_range(row) +
             f"  it cost {row['cost_s']:.4g} device-seconds, {row['cost_in_reference_runs']:.3g} reference "
             "runs" + (" (its gradient-noise job ran the whole noise stage, noise.enabled: true; with it off the job "
                       "measures the two-batch B_noise alone, for less)" if row["noise_job_whole_stage"] else "")
             + _quick_current(row) + "".join(f"\n  warning: {note}" for note in row["diagnostics"]))  # fmt: skip
+
+
+def _model_range(row: dict[str, Any]) -> str:
+    """How far to trust the quick b_opt: its interval is the measurement's noise; the model's own error is wider."""
+    from batchscope.core.scaling import QUICK_BEST_OVER_B_OPT
+
+    low, high = row["best_b_range"]
+    if not math.isfinite(low):
+        return ""
+    return (
+        f"  how far to trust it: that interval is the measurement's noise alone. B_noise stands in for the "
+        f"critical batch size, and on the budget benchmark's workloads the full grid's fastest B lay between "
+        f"{QUICK_BEST_OVER_B_OPT[0]:g} and {QUICK_BEST_OVER_B_OPT[1]:g} times the quick b_opt: here B = "
+        f"{low:.0f} to {high:.0f}. `study: adaptive` measures the answer on a bracket of sizes around b_opt\n"
+    )
 
 
 def _quick_current(row: dict[str, Any]) -> str:
