@@ -261,6 +261,27 @@ def test_an_adaptive_fit_compares_with_the_grids_ends_it_did_not_train(tmp_path)
     assert row["smallest_batch_size"] == 4 and row["largest_batch_size"] == 1024
     assert row["largest_time_s"] == pytest.approx(float(scaling.predicted_time(1024, *params)))
     assert row["largest_source"] == row["smallest_source"] == "fit, extrapolated beyond the trained B = 8 to 512"
+    # the bracket's smallest, 8, ran out of steps short of the target at every learning rate (none diverged): K
+    # falls with B and max_steps is the same for all, so the grid's 4, below it, is not predicted to get there
+    short = ds.copy(deep=True)
+    at_8 = short["run_batch_size"].values == 8
+    short["k"].loc[{"batch_size": 8}] = np.nan
+    short["time_from_profile"].loc[{"batch_size": 8}] = np.inf
+    # the run records a real fit carries (the synthetic one has none: then nothing is claimed, as tested above)
+    for name in ("reached_target", "diverged", "out_of_memory"):
+        short[name] = ("run", np.zeros(short.sizes["run"], bool) if name != "reached_target" else ~at_8)
+    row = rec.recommend_row(short, "", current_batch_size=16)
+    assert row["smallest_time_s"] == np.inf and row["smallest_source"] == (
+        "the larger trained B = 8 ran out of steps short of the target, and a smaller batch needs more"
+    )
+    assert "B = 4 does not reach the target (the larger trained B = 8 ran out of steps" in rec.format_row(row)
+    assert row["largest_source"] == "fit, extrapolated beyond the trained B = 8 to 512"  # above it: unaffected
+    # had 8 diverged at every learning rate instead, that says nothing of the steps 4 needs: the fit predicts it
+    short["diverged"].values[at_8] = True
+    row = rec.recommend_row(short, "")
+    assert row["smallest_source"] == "fit, extrapolated beyond the trained B = 8 to 512"
+    assert row["smallest_time_s"] == pytest.approx(float(scaling.predicted_time(4, *(float(ds[k]) for k in (
+        "n_iter", "c_var", "tau_f", "tau_d")))))  # fmt: skip
 
 
 @pytest.mark.parametrize(("value", "message"), [("0", "0 is not a batch size"), ("-5", "-5 is not a batch size"),
@@ -503,6 +524,21 @@ def test_the_runs_b_crit_stops_at_the_step_it_reached_the_target(tmp_path):
     ds = quick.estimate(SPEC, profiles, noise_dir)
     assert float(ds["b_crit"]) == pytest.approx(progress_weighted(B_NOISE, target=50), rel=1e-12)
     assert float(ds["b_crit"]) == pytest.approx(56.45, abs=0.01) and progress_weighted(B_NOISE) < 46.5  # 2 decimals
+
+
+def test_a_reference_run_that_never_reached_the_target_is_named(tmp_path):
+    """The noise stage records NaN steps to the target for a reference run that ran out of steps: the estimate's
+    notes say so, with the run's length (run_examples / its batch size); one that reached it gets no such note,
+    nor does a noise record without the field."""
+    measured = {"run_steps_to_target": float("nan"), "run_examples": 40 * 64}
+    profiles, noise_dir = write_caches(tmp_path, measured=measured)
+    notes = json.loads(quick.estimate(SPEC, profiles, noise_dir).attrs["diagnostics"])
+    named = "the reference run (B = 64, lr 0.1) never reached the target in its 40 steps"
+    assert any(n.startswith(named) for n in notes), notes
+    for name, given in (("reached", {**measured, "run_steps_to_target": 40.0}), ("unrecorded", None)):
+        profiles, noise_dir = write_caches(tmp_path / name, measured=given)
+        notes = json.loads(quick.estimate(SPEC, profiles, noise_dir).attrs["diagnostics"])
+        assert not any("never reached the target" in n for n in notes), name
 
 
 def test_a_noise_measurement_that_outweighs_the_reference_run_is_named(tmp_path):

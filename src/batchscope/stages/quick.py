@@ -211,6 +211,13 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
                      "the loss curves down along the gradient there, B_noise is infinite, and b_crit counts those "
                      f"stretches as perfect scaling; B_simple there is {simple}. b_opt may be far too high: check "
                      "it against study: adaptive, or measure more snapshots (noise.snapshot_fractions)")  # fmt: skip
+    if "run_steps_to_target" in ds.attrs and not math.isfinite(end):
+        steps_done = ds.attrs["run_examples"] / b_ref
+        notes.append(f"the reference run (B = {b_ref}, lr {spec['reference'][1]:g}) never reached the target in its "
+                     f"{steps_done:.0f} steps: its B_noise is measured along a run that stopped short of it, while "
+                     "the grid's K(B) counts the steps to it, where B_noise is often larger; give the reference "
+                     "run what reaches the target (noise.reference_lr_index, noise.reference_batch_size, the "
+                     "workload's max_steps or its target)")  # fmt: skip
     share = ds.attrs.get("cost_share", math.nan)
     if share > 1:
         floor = ds.attrs.get("min_pairs") == ds.attrs["pairs"]
@@ -298,7 +305,8 @@ VARIABLES = (
 # 5: the point from b_crit, the snapshots' B_noise weighted by progress, rather than the median snapshot's
 # 6: a note where G^T H G <= 0 at a snapshot (B_noise infinite, B_simple not); B_crit less the update lag's share
 # 7: the smallest profiled size out of memory (recommend --quick --current-batch-size); "after step 0" by the step
-RULES = {"quick_estimate": Rule(version=7, config_slice=config_slice, variables=VARIABLES)}
+# 8: a note where the reference run never reached the target
+RULES = {"quick_estimate": Rule(version=8, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "quick-estimate",

@@ -181,11 +181,33 @@ def time_at(ds, batch_size: int) -> tuple[float, str]:
         return math.inf, f"out of memory in the profile at B = {limit}"
     if batch_size in trained:  # diverged or censored at every learning rate
         return math.inf, "never reached the target in training"
+    # steps to the target fall with B (K = N_iter + C_var / B, C_var >= 0), and every size has the same max_steps:
+    # below a trained size whose runs ran out of steps short of the target (not diverged, pruned or out of memory:
+    # those say nothing of the steps a smaller batch needs), none gets there
+    unreached = [b for b in trained if b > batch_size and not math.isfinite(float(ds["k"].sel(batch_size=b)))
+                 and _ran_out_of_steps(ds, b)]  # fmt: skip
+    if unreached:
+        return math.inf, (f"the larger trained B = {min(unreached)} ran out of steps short of the target, and a "
+                          "smaller batch needs more")  # fmt: skip
     params = (float(ds[k]) for k in ("n_iter", "c_var", "tau_f", "tau_d"))
     value = float(scaling.predicted_time(batch_size, *params))
     if min(trained) <= batch_size <= max(trained):
         return value, "fit"
     return value, f"fit, extrapolated beyond the trained B = {min(trained)} to {max(trained)}"
+
+
+def _ran_out_of_steps(ds, batch_size: int) -> bool:
+    """Whether a run at ``batch_size`` stopped at max_steps without reaching the target (False where the fit holds
+    no run records to tell: nothing is claimed; ``pruned`` is the adaptive study's alone)."""
+    import numpy as np
+
+    if "reached_target" not in ds:
+        return False
+    runs = ds["run_batch_size"].values == batch_size
+    ended = np.zeros(ds.sizes["run"], bool)
+    for name in ("reached_target", "diverged", "pruned", "out_of_memory"):
+        ended |= ds[name].values.astype(bool) if name in ds else False
+    return bool((runs & ~ended).any())
 
 
 def _against(ds, batch_size: int, at: float, key: str) -> dict[str, Any]:
