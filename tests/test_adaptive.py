@@ -438,6 +438,27 @@ def test_an_edge_that_never_reached_the_target_is_not_extended_past():
     assert selection.extension(*INSIDE, FEASIBLE, (20.0, 20.0), reached=[True, True, True])[0] == 32
 
 
+@pytest.mark.parametrize(
+    ("reached", "out_of_steps", "diverged", "expected", "says"),
+    [
+        # a quick estimate far below the answer: the bracket's small sizes ran out of steps, one size reached
+        ([False, False, True], [True, True, False], [False, False, False], 512, "64, 128 ran out of steps"),
+        ([False, False, False], [True, True, True], [False, False, False], 512, "reached at 0 of the trained sizes"),
+        # the large sizes diverged at their learning rates: a smaller size, with a smaller one
+        ([True, False, False], [False, False, False], [False, True, True], 32, "128, 256 diverged"),
+        # one diverged, one neither ran out of steps nor diverged (pruned, out of memory): no direction
+        ([True, False, False], [False, False, False], [False, True, False], None, "K(B) needs two"),
+    ],
+)
+def test_a_bracket_without_a_fit_is_extended_the_way_its_runs_point(reached, out_of_steps, diverged, expected, says):
+    size, reason = selection.extension_without_a_fit([64, 128, 256], reached, out_of_steps, diverged, FEASIBLE)
+    assert size == expected and says in reason, reason
+    # at the feasible grid's end there is nowhere to go, and the reason says so
+    size, reason = selection.extension_without_a_fit([128, 256, 512], reached, out_of_steps, diverged, FEASIBLE)
+    if expected == 512:
+        assert size is None and reason.endswith("but the feasible grid has no size above them")
+
+
 def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):
     """extend_choice on synthetic caches: the bracket 64 to 256 of 8 to 512 at K flat (so the smallest wins by its
     step time); the file keeps the bracket and adds 32, and read_choice reads it. With adaptive.extend off, or with
@@ -451,14 +472,18 @@ def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):
     profiles = [write_netcdf(profile_dataset(b, (tau_f + tau_d * b) * (1 + 0.01 * rng.standard_normal((3, 3))), grid),
                              tmp_path / "profile" / f"B{b}.nc") for b in grid]  # fmt: skip
 
-    def runs(steps):
+    def runs(steps, ran_out=False):
+        """Two seeds per bracket size; ``ran_out``: with the records of runs that stop at max_steps (reached_target,
+        diverged), which the synthetic runs otherwise leave out."""
         dirs = []
         for b, s in zip(bracket, steps, strict=True):
             for seed in (0, 1):
                 run = xr.Dataset({"steps_to_target": ((), s), "time_to_target": ((), s * (tau_f + tau_d * b)),
                                   "val_metric": ("step", [0.5, 0.9]), "pruned": ((), False)}, coords={"step": [10, 20]},
                                  attrs={"batch_size": b, "lr": 0.1, "seed": seed})  # fmt: skip
-                path = tmp_path / f"train{len(steps)}{s}" / f"B{b}" / f"s{seed}" / "r.nc"
+                if ran_out:
+                    run["reached_target"], run["diverged"] = ((), bool(np.isfinite(s))), ((), False)
+                path = tmp_path / f"train{len(steps)}{s}{ran_out}" / f"B{b}" / f"s{seed}" / "r.nc"
                 dirs.append(write_netcdf(run, path).parent)
         return dirs
 
@@ -483,6 +508,15 @@ def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):
     assert int(off["extended_batch_size"]) == -1 and off["chosen"].values.sum() == 3 and "off" in off.attrs["reason"]
     once = extend.extend_choice(spec_, path, profiles, runs([100.0, NAN, NAN]), "synthetic")
     assert int(once["extended_batch_size"]) == -1 and once.attrs["reason"].startswith("no fit on the bracket")
+    # the same with the runs' records saying why 128 and 256 fell short: they ran out of steps, so 512 is trained
+    short = runs([NAN, NAN, 100.0], ran_out=True)
+    up = extend.extend_choice(spec_, path, profiles, short, "synthetic")
+    assert int(up["extended_batch_size"]) == 512 and up.attrs["reason"] == (
+        "no fit on the bracket: the target was reached at 1 of the trained sizes (256), and K(B) needs two; 64, 128 "
+        "ran out of steps short of it, and a larger batch needs fewer, so 512 is trained too"
+    )
+    assert adaptive.read_choice(str(write_netcdf(up.assign_attrs(stage="extend_bracket", algorithm_version=version),
+                                                 tmp_path / "up.nc")), "extend_bracket") == [*bracket, 512]  # fmt: skip
     # the fastest inside the bracket (128: steps 100, 40, 60), but K(B) = N_iter + C_var/B fitted on the three
     # sizes puts b_opt below it (the fit's relative least squares by hand, residuals over K: b_opt 30): 32 is trained
     steps = np.array([100.0, 40.0, 60.0])

@@ -64,6 +64,20 @@ def test_cli_text_and_json(results, capsys):
     assert rows[0]["batch_size"] == 128 and rows[0]["smallest_batch_size"] == 8
 
 
+def test_a_reader_that_goes_away_ends_it_quietly(results):
+    """``batchscope recommend | head -1``: the pipe closed before the answer is written ends the command with exit
+    status 1 and no traceback (closed here before the interpreter has started, so the write always finds it
+    closed)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "batchscope", "recommend", str(results), "--all"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_missing_and_inconsistent_caches(results, tmp_path):
     with pytest.raises(SystemExit, match="no fit results"):
         cli.main(["recommend", str(tmp_path), "--all"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -55,5 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"batchscope: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (``batchscope recommend | head``): stop quietly, as a shell tool does; stdout goes to
+        # /dev/null so that the interpreter's own flush at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     log.debug("%s took %.2f s", args.command, time.perf_counter() - start)
     return 0

@@ -152,6 +152,39 @@ def extension(trained: Sequence[int], fastest: int, indistinguishable: Sequence[
     return size, f"{reason}; the fit predicts {where}"
 
 
+def extension_without_a_fit(trained: Sequence[int], reached: Sequence[bool], out_of_steps: Sequence[bool],
+                            diverged: Sequence[bool], feasible_grid: Sequence[int]
+                            ) -> tuple[int | None, str]:  # fmt: skip
+    """The grid size to train past the trained sizes when fewer than two of them reached the target, so K(B) has
+    nothing to be fitted on and the study would stop there; None when the runs do not say which way to go.
+
+    Per trained size (ascending): ``reached`` the target; ``out_of_steps``: a run of it stopped at max_steps short
+    of the target; ``diverged``: every run of it that fell short diverged. Steps to the target fall with B and every
+    size has the same max_steps, so where a size ran out of steps the feasible grid's next size above the trained
+    ones is trained (a larger batch needs fewer). Where every size that fell short diverged instead, the next size
+    below them (a smaller batch trains at its smaller learning rate)."""
+    sizes = [int(b) for b in trained]
+    short = [b for b, r in zip(sizes, reached, strict=True) if not r]
+    ran_out = [b for b, r, o in zip(sizes, reached, out_of_steps, strict=True) if not r and o]
+    blew_up = [b for b, r, d in zip(sizes, reached, diverged, strict=True) if not r and d]
+    done = [b for b, r in zip(sizes, reached, strict=True) if r]
+    reason = (f"the target was reached at {len(done)} of the trained sizes"
+              + (f" ({', '.join(map(str, done))})" if done else "") + ", and K(B) needs two")  # fmt: skip
+    feasible = sorted(int(g) for g in feasible_grid)
+    if ran_out:
+        below = False
+        why = f"; {', '.join(map(str, ran_out))} ran out of steps short of it, and a larger batch needs fewer"
+    elif short and blew_up == short:
+        below = True
+        why = f"; {', '.join(map(str, short))} diverged, and a smaller batch trains at a smaller learning rate"
+    else:
+        return None, reason
+    size = _next_past(feasible, sizes[0] if below else sizes[-1], below)
+    if size is None:
+        return None, reason + why + f", but the feasible grid has no size {'below' if below else 'above'} them"
+    return size, reason + why
+
+
 def _next_past(feasible: list[int], edge: int, below: bool) -> int | None:
     """The feasible grid's next size below or above ``edge`` (None: there is none)."""
     beyond = [b for b in feasible if (b < edge if below else b > edge)]

@@ -15,7 +15,10 @@ sizes the fit extrapolates, so the threshold is the edge itself: one more size c
 whose measured fastest, with steps to target resolved to a few steps, is an inner size; the fit on the same sizes
 still places b_opt outside it, and the fit's diagnostics would otherwise only tell the user to add that size by
 hand. The fit then runs on every trained size; if the new size is the fastest again, or b_opt still lies beyond, its
-diagnostics say so.
+diagnostics say so. A bracket where fewer than two sizes reached the target has no fit to ask, and the final fit
+would stop the study: where the sizes that fell short ran out of steps, the next size above the bracket is trained
+(a larger batch needs fewer steps; a quick estimate far below the answer leaves the bracket there), and where they
+all diverged, the next size below (:func:`~batchscope.core.selection.extension_without_a_fit`).
 
 The file (``results/adaptive/WORKLOAD.extended.nc``) holds the bracket's choice (:mod:`batchscope.stages.adaptive`)
 with ``chosen`` the sizes trained in the end, and what the fit on the bracket predicted.
@@ -29,10 +32,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
+from batchscope.core import scaling, selection
 from batchscope.core.selection import MODELS
-from batchscope.stages import Command, Rule, _common, adaptive, fit
+from batchscope.stages import Command, Rule, _common, adaptive, fit, train
 
 log = logging.getLogger("batchscope")
 
@@ -48,7 +53,12 @@ def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequenc
     bracket = choice["chosen"].values.astype(bool)
     size, reason, fastest = None, "adaptive.extend is off", -1
     predicted = dict.fromkeys(fit.FIT_B_OPTS, math.nan)
-    if spec.get("extend", True):
+    runs = train.read_runs(run_paths, expect)
+    k = scaling.steps_per_batch_size(fit.runs_table(runs, spec))["k"]
+    if spec.get("extend", True) and np.isfinite(k.values).sum() < 2:
+        size, reason = _without_a_fit(runs, k, grid[choice["feasible"].values.astype(bool)])
+        reason = "no fit on the bracket: " + reason + (f", so {size} is trained too" if size is not None else "")
+    elif spec.get("extend", True):
         try:
             bracket_fit = fit.fit_scaling(profile_paths, run_paths, spec, workload, expect)
         except CacheError:  # a stale or damaged cache is the user's to fix, not a bracket without a fit
@@ -74,6 +84,19 @@ def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequenc
     return ds
 
 
+def _without_a_fit(runs: xr.Dataset, k, feasible_grid) -> tuple[int | None, str]:
+    """:func:`~batchscope.core.selection.extension_without_a_fit` on the bracket's runs and their K(B)."""
+    sizes = k.index.values.astype(int)
+    at = [runs["run_batch_size"].values == b for b in sizes]
+    short = train.ran_out_of_steps(runs)
+    diverged = runs["diverged"].values.astype(bool) if "diverged" in runs else np.zeros(runs.sizes["run"], bool)
+    fell_short = ~short if "reached_target" not in runs else ~runs["reached_target"].values.astype(bool)
+    return selection.extension_without_a_fit(
+        sizes, np.isfinite(k.values), [bool(short[m].any()) for m in at],
+        [bool((fell_short & m).any() and diverged[fell_short & m].all()) for m in at], feasible_grid,
+    )  # fmt: skip
+
+
 def run_extend(args: argparse.Namespace) -> None:
     from batchscope import store
 
@@ -95,7 +118,8 @@ def _extend_arguments(parser: argparse.ArgumentParser) -> None:
 VARIABLES = (*adaptive.VARIABLES, "extended_batch_size")
 # 2: with the fastest inside the bracket, past an edge beyond which every step-time model's b_opt lies
 # its slice is the fit's: it fits the bracket as the fit does, and the final fit's slice covers adaptive.extend
-RULES = {"extend_bracket": Rule(version=2, config_slice=fit.config_slice, variables=VARIABLES)}
+# 3: where fewer than two bracket sizes reached the target, the next size up (they ran out of steps) or down (diverged)
+RULES = {"extend_bracket": Rule(version=3, config_slice=fit.config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "extend-bracket",

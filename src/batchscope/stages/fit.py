@@ -79,12 +79,7 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     """
     profiles = profile.read_profiles(profile_paths, expect)
     runs = train.read_runs(train_paths, expect)
-    table = pd.DataFrame(
-        {k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")}
-        | {"steps_to_target": runs["steps_to_target"].values}
-    )
-    if spec.get("study") == "adaptive":
-        table = halving_survivors(table)
+    table = runs_table(runs, spec)
     k_table = scaling.steps_per_batch_size(table)
     grid_b = k_table.index.values.astype(int)
     missing = sorted(set(grid_b) - set(profiles["profile_batch_size"].values.tolist()))
@@ -257,6 +252,16 @@ def extension_of_fit(fit_ds: xr.Dataset, feasible_grid: Sequence[int]) -> tuple[
     return selection.extension(fit_ds["batch_size"].values, int(fit_ds["fastest_batch_size"]),
                                fit_ds["indistinguishable"].values, feasible_grid, b_opts,
                                np.isfinite(fit_ds["k"].values))  # fmt: skip
+
+
+def runs_table(runs: xr.Dataset, spec: dict[str, Any]) -> pd.DataFrame:
+    """The runs (:func:`train.read_runs`) that K(B) is taken from (:func:`scaling.steps_per_batch_size`), one row
+    each: in the adaptive study, successive halving's survivors (:func:`halving_survivors`)."""
+    table = pd.DataFrame(
+        {k: runs[f"run_{k}"].values for k in ("batch_size", "lr", "seed")}
+        | {"steps_to_target": runs["steps_to_target"].values}
+    )
+    return halving_survivors(table) if spec.get("study") == "adaptive" else table
 
 
 def halving_survivors(table: pd.DataFrame) -> pd.DataFrame:

@@ -171,6 +171,7 @@ def time_at(ds, batch_size: int) -> tuple[float, str]:
     out of memory at or below it; else predicted by the fit's model T(B) = K(B) T_iter(B), which says so when the
     size lies beyond the trained ones."""
     from batchscope.core import scaling
+    from batchscope.stages.train import ran_out_of_steps
 
     trained = [int(b) for b in ds["batch_size"].values]
     limit = int(ds["smallest_infeasible_batch_size"])
@@ -184,8 +185,9 @@ def time_at(ds, batch_size: int) -> tuple[float, str]:
     # steps to the target fall with B (K = N_iter + C_var / B, C_var >= 0), and every size has the same max_steps:
     # below a trained size whose runs ran out of steps short of the target (not diverged, pruned or out of memory:
     # those say nothing of the steps a smaller batch needs), none gets there
+    short = ran_out_of_steps(ds)
     unreached = [b for b in trained if b > batch_size and not math.isfinite(float(ds["k"].sel(batch_size=b)))
-                 and _ran_out_of_steps(ds, b)]  # fmt: skip
+                 and short[ds["run_batch_size"].values == b].any()]  # fmt: skip
     if unreached:
         return math.inf, (f"the larger trained B = {min(unreached)} ran out of steps short of the target, and a "
                           "smaller batch needs more")  # fmt: skip
@@ -194,20 +196,6 @@ def time_at(ds, batch_size: int) -> tuple[float, str]:
     if min(trained) <= batch_size <= max(trained):
         return value, "fit"
     return value, f"fit, extrapolated beyond the trained B = {min(trained)} to {max(trained)}"
-
-
-def _ran_out_of_steps(ds, batch_size: int) -> bool:
-    """Whether a run at ``batch_size`` stopped at max_steps without reaching the target (False where the fit holds
-    no run records to tell: nothing is claimed; ``pruned`` is the adaptive study's alone)."""
-    import numpy as np
-
-    if "reached_target" not in ds:
-        return False
-    runs = ds["run_batch_size"].values == batch_size
-    ended = np.zeros(ds.sizes["run"], bool)
-    for name in ("reached_target", "diverged", "pruned", "out_of_memory"):
-        ended |= ds[name].values.astype(bool) if name in ds else False
-    return bool((runs & ~ended).any())
 
 
 def _against(ds, batch_size: int, at: float, key: str) -> dict[str, Any]:

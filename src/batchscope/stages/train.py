@@ -55,6 +55,19 @@ def read_runs(paths: Sequence[str | Path], expect: dict[str, str] | None = None)
     return merged.assign_coords(run=np.arange(merged.sizes["run"]))
 
 
+def ran_out_of_steps(runs: xr.Dataset) -> np.ndarray:
+    """Per run (:func:`read_runs`, or a fit's merged runs): it stopped at max_steps short of the target, rather than
+    reaching it, diverging, running out of memory or being pruned (the adaptive study's alone). All False where the
+    records say nothing of it (no ``reached_target``): nothing is claimed."""
+    if "reached_target" not in runs:
+        return np.zeros(runs.sizes["run"], bool)
+    ended = np.zeros(runs.sizes["run"], bool)
+    for name in ("reached_target", "diverged", "pruned", "out_of_memory"):
+        if name in runs:
+            ended |= runs[name].values.astype(bool)
+    return ~ended
+
+
 def run(args: argparse.Namespace) -> None:
     """Train every (lr, seed) point at one batch size in one process: a run costs ~0.2 s on digits while a
     process start (torch, xarray) costs ~2 s, so the workflow gives each job a
