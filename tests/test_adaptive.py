@@ -446,17 +446,30 @@ def test_an_edge_that_never_reached_the_target_is_not_extended_past():
         ([False, False, False], [True, True, True], [False, False, False], 512, "reached at 0 of the trained sizes"),
         # the large sizes diverged at their learning rates: a smaller size, with a smaller one
         ([True, False, False], [False, False, False], [False, True, True], 32, "128, 256 diverged"),
-        # one diverged, one neither ran out of steps nor diverged (pruned, out of memory): no direction
-        ([True, False, False], [False, False, False], [False, True, False], None, "K(B) needs two"),
+        # one diverged, one neither ran out of steps nor diverged (pruned, out of memory): down, past the diverged
+        ([True, False, False], [False, False, False], [False, True, False], 32, "128 diverged"),
+        # nothing known of why the sizes fell short (pruned, out of memory): no direction
+        ([True, False, False], [False, False, False], [False, False, False], None, "K(B) needs two"),
+        # the smallest ran out of steps and the largest diverged: neither way
+        (
+            [False, True, False],
+            [True, False, False],
+            [False, False, True],
+            None,
+            "64 ran out of steps and 256 diverged: neither a larger nor a smaller batch",
+        ),
+        # both ways open (64 diverged, 256 ran out of steps): the largest ran out of steps, so up
+        ([False, True, False], [False, False, True], [True, False, False], 512, "256 ran out of steps"),
     ],
 )
 def test_a_bracket_without_a_fit_is_extended_the_way_its_runs_point(reached, out_of_steps, diverged, expected, says):
     size, reason = selection.extension_without_a_fit([64, 128, 256], reached, out_of_steps, diverged, FEASIBLE)
     assert size == expected and says in reason, reason
-    # at the feasible grid's end there is nowhere to go, and the reason says so
-    size, reason = selection.extension_without_a_fit([128, 256, 512], reached, out_of_steps, diverged, FEASIBLE)
-    if expected == 512:
-        assert size is None and reason.endswith("but the feasible grid has no size above them")
+    # at the feasible grid's ends there is nowhere to go, and the reason says so
+    for bracket, way in (([128, 256, 512], "above"), ([8, 16, 32], "below")):
+        size, reason = selection.extension_without_a_fit(bracket, reached, out_of_steps, diverged, FEASIBLE)
+        if expected is not None and (expected > 256) == (way == "above"):
+            assert size is None and reason.endswith(f"but the feasible grid has no size {way} them"), reason
 
 
 def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):

@@ -181,13 +181,12 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
     # how far to trust it: the fastest B's range around b_opt on the benchmark's workloads, beside the interval
     b_opt, largest = float(ds["b_opt"]), int(ds["largest_feasible_batch_size"])
     low, high = scaling.QUICK_BEST_OVER_B_OPT
-    assert (low, high) == (0.29, 3.2)  # docs/benchmarks.md's ten workloads: quick b_opt 0.32 to 3.42 x the fastest B
-    assert high * b_opt < largest  # not capped here
+    assert 0 < low < 1 < high and high * b_opt < largest  # not capped here
     assert rows[0]["best_b_range"] == pytest.approx([low * b_opt, high * b_opt], rel=1e-12)
-    assert (f"the full grid's fastest B lay between 0.29 and 3.2 times the quick b_opt: here B = "
+    assert (f"the full grid's fastest B lay between {low:g} and {high:g} times the quick b_opt: here B = "
             f"{low * b_opt:.0f} to {high * b_opt:.0f}") in text  # fmt: skip
-    assert scaling.quick_best_range(100.0, 256) == pytest.approx((29.0, 256.0), rel=1e-12)  # the top capped
-    assert scaling.quick_best_range(100.0, -1) == pytest.approx((29.0, 320.0), rel=1e-12)  # no memory limit
+    assert scaling.quick_best_range(100.0, 256) == pytest.approx((100 * low, 256.0), rel=1e-12)  # the top capped
+    assert scaling.quick_best_range(100.0, -1) == pytest.approx((100 * low, 100 * high), rel=1e-12)  # no limit
     assert scaling.quick_best_range(1000.0, 256) == pytest.approx((256.0, 256.0), rel=1e-12)
     assert all(math.isnan(x) for x in scaling.quick_best_range(math.nan, 256))
     assert "how far to trust it" not in rec.format_quick({**row, "best_b_range": [math.nan, math.nan]})
@@ -272,10 +271,19 @@ def test_an_adaptive_fit_compares_with_the_grids_ends_it_did_not_train(tmp_path)
         short[name] = ("run", np.zeros(short.sizes["run"], bool) if name != "reached_target" else ~at_8)
     row = rec.recommend_row(short, "", current_batch_size=16)
     assert row["smallest_time_s"] == np.inf and row["smallest_source"] == (
-        "the larger trained B = 8 ran out of steps short of the target, and a smaller batch needs more"
+        "the next trained B = 8 ran out of steps short of the target, and a smaller batch needs more"
     )
-    assert "B = 4 does not reach the target (the larger trained B = 8 ran out of steps" in rec.format_row(row)
+    assert "B = 4 does not reach the target (the next trained B = 8 ran out of steps" in rec.format_row(row)
     assert row["largest_source"] == "fit, extrapolated beyond the trained B = 8 to 512"  # above it: unaffected
+    # only the nearest trained size above counts: 512 running out of steps says nothing of 100, below 128, which
+    # reached the target (at large B a fixed learning-rate grid can leave every rate short)
+    top = ds.copy(deep=True)
+    at_512 = top["run_batch_size"].values == 512
+    top["k"].loc[{"batch_size": 512}] = np.nan
+    for name in ("reached_target", "diverged", "out_of_memory"):
+        top[name] = ("run", np.zeros(top.sizes["run"], bool) if name != "reached_target" else ~at_512)
+    row = rec.recommend_row(top, "", current_batch_size=100)
+    assert row["current_source"] == "fit" and np.isfinite(row["current_time_s"])
     # had 8 diverged at every learning rate instead, that says nothing of the steps 4 needs: the fit predicts it
     short["diverged"].values[at_8] = True
     row = rec.recommend_row(short, "")
@@ -572,10 +580,10 @@ def test_the_reports_answer_table_shows_the_quick_estimate_and_its_b_crit(tmp_pa
     low, high = ds["b_opt_band"].values
     assert row["quick: b_opt over the run"] == f"{low:.0f} to {high:.0f}" and row["quick: nearest grid B"] == 64
     assert row["quick: cost (device-s)"] == 0.0 and math.isnan(row["quick: cost (reference runs)"])
-    # the model's error beside it: 0.29 to 3.2 times b_opt (~96), under the largest feasible size
-    b_opt = float(ds["b_opt"])
-    assert 3.2 * b_opt < int(ds["largest_feasible_batch_size"])
-    assert row["quick: where the fastest B has lain"] == f"{0.29 * b_opt:.0f} to {3.2 * b_opt:.0f}"
+    # the model's error beside it: the stated factors times b_opt (~96), under the largest feasible size
+    b_opt, (low, high) = float(ds["b_opt"]), scaling.QUICK_BEST_OVER_B_OPT
+    assert high * b_opt < int(ds["largest_feasible_batch_size"])
+    assert row["quick: where the fastest B has lain"] == f"{low * b_opt:.0f} to {high * b_opt:.0f}"
 
 
 def test_the_answer_table_and_figure_put_the_branched_critical_batch_size_beside_it(tmp_path):

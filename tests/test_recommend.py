@@ -68,11 +68,14 @@ def test_a_reader_that_goes_away_ends_it_quietly(results):
     """``batchscope recommend | head -1``: the pipe closed before the answer is written ends the command with exit
     status 1 and no traceback (closed here before the interpreter has started, so the write always finds it
     closed)."""
+    import os
     import subprocess
     import sys
 
+    # stdout to a pipe is block-buffered unless PYTHONUNBUFFERED is set: the write then fails at the flush
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen([sys.executable, "-m", "batchscope", "recommend", str(results), "--all"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         args.func(args)
+        sys.stdout.flush()  # here, where a reader that went away is caught, not in the interpreter's flush at exit
     except (cfg.ConfigError, ValueError) as err:
         # bad input (config, data files, a workload factory, a batch size over the data): the message names it
         from batchscope.store import CacheError

@@ -161,28 +161,36 @@ def extension_without_a_fit(trained: Sequence[int], reached: Sequence[bool], out
     Per trained size (ascending): ``reached`` the target; ``out_of_steps``: a run of it stopped at max_steps short
     of the target; ``diverged``: every run of it that fell short diverged. Steps to the target fall with B and every
     size has the same max_steps, so where a size ran out of steps the feasible grid's next size above the trained
-    ones is trained (a larger batch needs fewer). Where every size that fell short diverged instead, the next size
-    below them (a smaller batch trains at its smaller learning rate)."""
+    ones is trained (a larger batch needs fewer), unless the largest diverged at every learning rate (a larger one,
+    at its larger rates, would too). Where sizes diverged instead, the next size below them (a smaller batch trains
+    at its smaller learning rate), unless the smallest ran out of steps (a smaller one needs more). Where both
+    directions are open, the edges decide: the largest ran out of steps, up; the smallest diverged, down."""
     sizes = [int(b) for b in trained]
-    short = [b for b, r in zip(sizes, reached, strict=True) if not r]
     ran_out = [b for b, r, o in zip(sizes, reached, out_of_steps, strict=True) if not r and o]
     blew_up = [b for b, r, d in zip(sizes, reached, diverged, strict=True) if not r and d]
     done = [b for b, r in zip(sizes, reached, strict=True) if r]
     reason = (f"the target was reached at {len(done)} of the trained sizes"
               + (f" ({', '.join(map(str, done))})" if done else "") + ", and K(B) needs two")  # fmt: skip
-    feasible = sorted(int(g) for g in feasible_grid)
-    if ran_out:
-        below = False
-        why = f"; {', '.join(map(str, ran_out))} ran out of steps short of it, and a larger batch needs fewer"
-    elif short and blew_up == short:
-        below = True
-        why = f"; {', '.join(map(str, short))} diverged, and a smaller batch trains at a smaller learning rate"
+    up, down = bool(ran_out) and sizes[-1] not in blew_up, bool(blew_up) and sizes[0] not in ran_out
+    if up and down:
+        up, down = sizes[-1] in ran_out, sizes[-1] not in ran_out and sizes[0] in blew_up
+    if up:
+        below, why = False, f"; {_listed(ran_out)} ran out of steps short of it, and a larger batch needs fewer"
+    elif down:
+        below, why = True, f"; {_listed(blew_up)} diverged, and a smaller batch trains at a smaller learning rate"
+    elif ran_out and blew_up:
+        return None, (f"{reason}; {_listed(ran_out)} ran out of steps and {_listed(blew_up)} diverged: neither a "
+                      "larger nor a smaller batch is likely to reach it")  # fmt: skip
     else:
         return None, reason
-    size = _next_past(feasible, sizes[0] if below else sizes[-1], below)
+    size = _next_past(sorted(int(g) for g in feasible_grid), sizes[0] if below else sizes[-1], below)
     if size is None:
         return None, reason + why + f", but the feasible grid has no size {'below' if below else 'above'} them"
     return size, reason + why
+
+
+def _listed(sizes: Sequence[int]) -> str:
+    return ", ".join(map(str, sizes))
 
 
 def _next_past(feasible: list[int], edge: int, below: bool) -> int | None:

@@ -53,8 +53,9 @@ def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequenc
     bracket = choice["chosen"].values.astype(bool)
     size, reason, fastest = None, "adaptive.extend is off", -1
     predicted = dict.fromkeys(fit.FIT_B_OPTS, math.nan)
-    runs = train.read_runs(run_paths, expect)
-    k = scaling.steps_per_batch_size(fit.runs_table(runs, spec))["k"]
+    if spec.get("extend", True):
+        runs = train.read_runs(run_paths, expect)
+        k = scaling.steps_per_batch_size(fit.runs_table(runs, spec))["k"]
     if spec.get("extend", True) and np.isfinite(k.values).sum() < 2:
         size, reason = _without_a_fit(runs, k, grid[choice["feasible"].values.astype(bool)])
         reason = "no fit on the bracket: " + reason + (f", so {size} is trained too" if size is not None else "")
@@ -90,7 +91,7 @@ def _without_a_fit(runs: xr.Dataset, k, feasible_grid) -> tuple[int | None, str]
     at = [runs["run_batch_size"].values == b for b in sizes]
     short = train.ran_out_of_steps(runs)
     diverged = runs["diverged"].values.astype(bool) if "diverged" in runs else np.zeros(runs.sizes["run"], bool)
-    fell_short = ~short if "reached_target" not in runs else ~runs["reached_target"].values.astype(bool)
+    fell_short = ~np.isfinite(runs["steps_to_target"].values)
     return selection.extension_without_a_fit(
         sizes, np.isfinite(k.values), [bool(short[m].any()) for m in at],
         [bool((fell_short & m).any() and diverged[fell_short & m].all()) for m in at], feasible_grid,

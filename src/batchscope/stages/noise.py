@@ -70,8 +70,9 @@ def run(args: argparse.Namespace) -> None:
                         fraction=float(snapshot["fraction"]),
                         reference=f"B={saved['batch_size']} lr={saved['lr']} seed={saved['seed']}",
                         workload=saved["workload"]["name"], run_examples=run_examples, cost_share=share,
-                        min_pairs=spec["min_pairs"],
-                        run_steps_to_target=saved.get("steps_to_target", float("nan")))  # fmt: skip
+                        min_pairs=spec["min_pairs"])  # fmt: skip
+        if "steps_to_target" in saved:  # NaN: never reached; absent from older snapshots files: not known
+            ds.attrs["run_steps_to_target"] = saved["steps_to_target"]
         store.write_netcdf(ds, out_dir / f"snapshot{i}.nc")
         log.info("step %d: B_noise %.1f, B_simple %.1f (per example), %.1f (two-batch)", ds.attrs["step"],
                  float(ds["two_batch_b_noise"]), float(ds["b_simple"]), float(ds["two_batch_b_simple"]))  # fmt: skip

@@ -214,10 +214,11 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     if "run_steps_to_target" in ds.attrs and not math.isfinite(end):
         steps_done = ds.attrs["run_examples"] / b_ref
         notes.append(f"the reference run (B = {b_ref}, lr {spec['reference'][1]:g}) never reached the target in its "
-                     f"{steps_done:.0f} steps: its B_noise is measured along a run that stopped short of it, while "
-                     "the grid's K(B) counts the steps to it, where B_noise is often larger; give the reference "
-                     "run what reaches the target (noise.reference_lr_index, noise.reference_batch_size, the "
-                     "workload's max_steps or its target)")  # fmt: skip
+                     f"{steps_done:.0f} steps (it ran out of steps, or diverged): its B_noise is measured along a run "
+                     "that stopped short of it, while the grid's K(B) counts the steps to it, where B_noise is often "
+                     "larger; give the reference run what reaches the target (another learning rate, "
+                     "noise.reference_lr_index; noise.reference_batch_size; the workload's max_steps or its "
+                     "target)")  # fmt: skip
     share = ds.attrs.get("cost_share", math.nan)
     if share > 1:
         floor = ds.attrs.get("min_pairs") == ds.attrs["pairs"]

@@ -183,14 +183,13 @@ def time_at(ds, batch_size: int) -> tuple[float, str]:
     if batch_size in trained:  # diverged or censored at every learning rate
         return math.inf, "never reached the target in training"
     # steps to the target fall with B (K = N_iter + C_var / B, C_var >= 0), and every size has the same max_steps:
-    # below a trained size whose runs ran out of steps short of the target (not diverged, pruned or out of memory:
-    # those say nothing of the steps a smaller batch needs), none gets there
-    short = ran_out_of_steps(ds)
-    unreached = [b for b in trained if b > batch_size and not math.isfinite(float(ds["k"].sel(batch_size=b)))
-                 and short[ds["run_batch_size"].values == b].any()]  # fmt: skip
-    if unreached:
-        return math.inf, (f"the larger trained B = {min(unreached)} ran out of steps short of the target, and a "
-                          "smaller batch needs more")  # fmt: skip
+    # below the nearest trained size above, if its runs ran out of steps short of the target (not diverged, pruned
+    # or out of memory: those say nothing of the steps a smaller batch needs), none gets there
+    above = sorted(b for b in trained if b > batch_size)
+    if (above and not math.isfinite(float(ds["k"].sel(batch_size=above[0])))
+            and ran_out_of_steps(ds)[ds["run_batch_size"].values == above[0]].any()):  # fmt: skip
+        return math.inf, (f"the next trained B = {above[0]} ran out of steps short of the target, and a smaller "
+                          "batch needs more")  # fmt: skip
     params = (float(ds[k]) for k in ("n_iter", "c_var", "tau_f", "tau_d"))
     value = float(scaling.predicted_time(batch_size, *params))
     if min(trained) <= batch_size <= max(trained):
