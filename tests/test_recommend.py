@@ -153,6 +153,9 @@ def test_the_bill_in_device_seconds_and_training_runs(results, tmp_path):
     assert run_s > 0 and float(billed["cost_in_runs"]) == pytest.approx(5.25 / run_s, rel=1e-12)
     row = recommend_row(billed)
     assert f"this answer cost 5.25 device-seconds, {5.25 / run_s:.3g} training runs at B = 128" in format_row(row)
+    # a thousand runs and more, whole (not 1.08e+03)
+    many = format_row({**row, "cost_in_runs": 1081.4})
+    assert "5.25 device-seconds, 1081 training runs at B = 128" in many and "e+03" not in many
     # one job's time unknown (no benchmark file): the bill says so rather than printing nan or a low total
     unknown = fit.add_bill(ds, {**jobs, "fit_scaling": [str(tmp_path / "missing.tsv")]})
     assert math.isnan(float(unknown["total_cost_s"]))

@@ -222,9 +222,14 @@ def _bill(row: dict[str, Any]) -> str:
     the fit had no benchmark files, e.g. a results directory copied without them)."""
     if not math.isfinite(row["cost_s"]):
         return "unknown (a job without its Snakemake benchmark file: one run with --touch, or by hand)"
-    runs = (f", {row['cost_in_runs']:.3g} training runs at B = {row['batch_size']} "
+    runs = (f", {_count(row['cost_in_runs'])} training runs at B = {row['batch_size']} "
             f"({row['run_s_at_recommended']:.3g} s each)" if math.isfinite(row["cost_in_runs"]) else "")  # fmt: skip
     return f"{row['cost_s']:.4g} device-seconds{runs}"
+
+
+def _count(value: float) -> str:
+    """A count of runs: three significant digits, whole from 1000 up (1080, not 1.08e+03)."""
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 def _b_opt(value: float, interval: list[float], capped: float) -> str:
@@ -357,7 +362,7 @@ def format_quick(row: dict[str, Any]) -> str:
             + f"  b_opt's 95% interval over the profile's rounds and the noise pairs: "
             f"{batch_interval(*row['b_opt_ci'])}\n"
             + _model_range(row) +
-            f"  it cost {row['cost_s']:.4g} device-seconds, {row['cost_in_reference_runs']:.3g} reference "
+            f"  it cost {row['cost_s']:.4g} device-seconds, {_count(row['cost_in_reference_runs'])} reference "
             "runs" + (" (its gradient-noise job ran the whole noise stage, noise.enabled: true; with it off the job "
                       "measures the two-batch B_noise alone, for less)" if row["noise_job_whole_stage"] else "")
             + _quick_current(row) + "".join(f"\n  warning: {note}" for note in row["diagnostics"]))  # fmt: skip
