@@ -53,24 +53,25 @@ def extend_choice(spec: dict[str, Any], choice_path: str, profile_paths: Sequenc
     bracket = choice["chosen"].values.astype(bool)
     size, reason, fastest = None, "adaptive.extend is off", -1
     predicted = dict.fromkeys(fit.FIT_B_OPTS, math.nan)
+    feasible = grid[choice["feasible"].values.astype(bool)]
     if spec.get("extend", True):
         runs = train.read_runs(run_paths, expect)
         k = scaling.steps_per_batch_size(fit.runs_table(runs, spec))["k"]
-    if spec.get("extend", True) and np.isfinite(k.values).sum() < 2:
-        size, reason = _without_a_fit(runs, k, grid[choice["feasible"].values.astype(bool)])
-        reason = "no fit on the bracket: " + reason + (f", so {size} is trained too" if size is not None else "")
-    elif spec.get("extend", True):
-        try:
-            bracket_fit = fit.fit_scaling(profile_paths, run_paths, spec, workload, expect)
-        except CacheError:  # a stale or damaged cache is the user's to fix, not a bracket without a fit
-            raise
-        except ValueError as err:  # e.g. the target reached at fewer than two sizes: the final fit says it again
-            reason = f"no fit on the bracket ({err})"
+        if np.isfinite(k.values).sum() < 2:  # no K(B) to fit: the runs say which way to go, if they do
+            size, reason = _without_a_fit(runs, k, feasible)
+            reason = "no fit on the bracket: " + reason
         else:
-            fastest = int(bracket_fit["fastest_batch_size"])
-            predicted = {name: float(bracket_fit[name]) for name in fit.FIT_B_OPTS}
-            size, reason = fit.extension_of_fit(bracket_fit, grid[choice["feasible"].values.astype(bool)])
-            reason += f", so {size} is trained too" if size is not None else ""
+            try:
+                bracket_fit = fit.fit_scaling(profile_paths, run_paths, spec, workload, expect)
+            except CacheError:  # a stale or damaged cache is the user's to fix, not a bracket without a fit
+                raise
+            except ValueError as err:  # e.g. too few sizes timed: the final fit says it again
+                reason = f"no fit on the bracket ({err})"
+            else:
+                fastest = int(bracket_fit["fastest_batch_size"])
+                predicted = {name: float(bracket_fit[name]) for name in fit.FIT_B_OPTS}
+                size, reason = fit.extension_of_fit(bracket_fit, feasible)
+        reason += f", so {size} is trained too" if size is not None else ""
     ds = choice.copy()
     ds["bracket"] = ("grid_batch_size", bracket, {"long_name": "chosen around the quick b_opt (choose_batch_sizes)"})
     ds["chosen"] = ("grid_batch_size", bracket | (grid == (size or -1)), {"long_name": "trained by the adaptive "
