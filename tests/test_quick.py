@@ -534,6 +534,21 @@ def test_the_runs_b_crit_stops_at_the_step_it_reached_the_target(tmp_path):
     assert float(ds["b_crit"]) == pytest.approx(56.45, abs=0.01) and progress_weighted(B_NOISE) < 46.5  # 2 decimals
 
 
+def test_the_reports_warnings_carry_the_quick_estimates(tmp_path):
+    """The report's "what makes this answer unsure" lists each quick estimate's notes beside the fits' (here a
+    reference run that never reached the target), marked as the quick estimate's; none where it has none."""
+    from batchscope.figures import diagnostics
+
+    measured = {"run_steps_to_target": float("nan"), "run_examples": 40 * 64}
+    ds = quick.estimate(SPEC, *write_caches(tmp_path, measured=measured))
+    notes = json.loads(ds.attrs["diagnostics"])
+    table = diagnostics({}, {"w": ds})
+    assert table["workload"].tolist() == ["w"] * len(notes) and len(notes) >= 1
+    assert table["warning"].tolist() == [f"the quick estimate: {note}" for note in notes]
+    clean = quick.estimate(SPEC, *write_caches(tmp_path / "clean"))
+    assert json.loads(clean.attrs["diagnostics"]) == [] and diagnostics({}, {"w": clean}).empty
+
+
 def test_a_reference_run_that_never_reached_the_target_is_named(tmp_path):
     """The noise stage records NaN steps to the target for a reference run that ran out of steps: the estimate's
     notes say so, with the run's length (run_examples / its batch size); one that reached it gets no such note,
@@ -687,3 +702,15 @@ def test_the_bill_says_when_the_noise_job_ran_the_whole_noise_stage(tmp_path):
             config, "tiny_cnn"))), tmp_path / "results" / "quick" / "tiny_cnn.nc")  # fmt: skip
         text = rec.main(str(tmp_path / "results"), "config/test/tiny.yaml", False, False, quick=True)
         assert ("its gradient-noise job ran the whole noise stage" in text) == expected
+
+
+def test_two_b_opt_far_apart_are_said_to_be_more_than_100x():
+    """A linear b_opt near 0 (C_var fitted to 0) against a saturating one at its knee: the ratio runs to millions,
+    which the diagnostics print as "more than 100x"; below that, to one decimal."""
+    from batchscope.core.scaling import models_ratio
+    from batchscope.stages._common import times_apart
+
+    assert times_apart(models_ratio(120.0, 80.0)) == "1.5x"
+    assert times_apart(models_ratio(1.9e-5, 38.0)) == "more than 100x"
+    assert times_apart(models_ratio(0.0, 38.0)) == "more than 100x"  # inf
+    assert times_apart(99.94) == "99.9x"

@@ -454,6 +454,13 @@ def test_the_adaptive_studys_fit_report_and_recommendation(adaptive_study, repo,
     # the cost table's training jobs: one per chosen size, from the fit's sizes and the rule's benchmark path
     assert "train_model" in html
     assert f"for tiny_mlp: batch size {row['batch_size']} at learning rate" in html
+    # the recommendation's paragraph names the sizes trained and what the second round did, as recommend prints them
+    import html as markup
+
+    extension = read_netcdf(workdir / "results/adaptive/tiny_mlp.extended.nc").attrs["reason"]
+    text = markup.unescape(html)
+    assert "Adaptive study: trained B = " + ", ".join(map(str, chosen)) in text
+    assert "Second round: " in text and extension in text
 
 
 def test_a_workload_added_to_the_adaptive_study_rebuilds_the_report(adaptive_study, repo, venv_env, tmp_path):

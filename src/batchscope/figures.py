@@ -7,6 +7,7 @@ self-contained HTML page (figures embedded, code hidden) with nbconvert.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ import seaborn as sns
 import xarray as xr
 
 from batchscope.stages._common import batch_interval
-from batchscope.stages.recommend import LABELS, recommend_row
+from batchscope.stages.recommend import LABELS, adaptive_lines, recommend_row
 from batchscope.store import atomic_write, job_seconds, read_netcdf
 
 
@@ -644,10 +645,13 @@ def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def diagnostics(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
-    """Every warning of every fit (:func:`batchscope.stages.fit.diagnose`), the same lines ``recommend`` prints."""
+def diagnostics(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset] | None = None) -> pd.DataFrame:
+    """Every warning of every fit (:func:`batchscope.stages.fit.diagnose`), the same lines ``recommend`` prints, then
+    every quick estimate's (``recommend --quick``'s), marked as the quick estimate's."""
     rows = [{"workload": name, "warning": note} for name, ds in fits.items()
             for note in recommend_row(ds)["diagnostics"]]  # fmt: skip
+    rows += [{"workload": name, "warning": f"the quick estimate: {note}"} for name, ds in (quick or {}).items()
+             for note in json.loads(ds.attrs.get("diagnostics", "[]"))]  # fmt: skip
     return pd.DataFrame(rows, columns=["workload", "warning"])
 
 
@@ -664,6 +668,7 @@ def recommendation(ds: xr.Dataset) -> str:
         f"{row['batch_size']}: {row['time_from_profile_s']:.3g} s from the profile (K x T_iter; batch sizes are "
         f"ranked by this), {row['time_from_fit_s']:.3g} s from the fit, {row['training_time_to_target_s']:.3g} s "
         "measured in training (the runs' own clock over their training steps, evaluations excluded)."
+        + "".join(f" {line[0].upper()}{line[1:]}." for line in adaptive_lines(row))
     )
 
 

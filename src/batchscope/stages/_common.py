@@ -22,6 +22,12 @@ def batch_interval(low: float, high: float) -> str:
     return f"{bound(low)} to {bound(high)}"
 
 
+def times_apart(ratio: float) -> str:
+    """How far apart two b_opt are, as the diagnostics print it: a b_opt near 0 (C_var fitted to 0) puts the ratio
+    in the millions, which says no more than "more than 100x"."""
+    return f"{ratio:.1f}x" if ratio < 100 else "more than 100x"
+
+
 def spec(args: argparse.Namespace, slicer: Callable) -> dict:
     """The stage's config slice: ``--spec`` JSON (what the workflow passes), or sliced from ``--config`` for
     ``--workload`` (running a stage by hand)."""

@@ -408,8 +408,9 @@ def _model_notes(ds: xr.Dataset) -> list[str]:
     r2_sat, worst_sat = scaling.goodness(observed, ds["t_iter_sat_fitted"].values[seen])
     better = "saturating" if worst_sat < worst_lin else "linear"
     knee = float(ds["sat_b_knee"])
+    apart = _common.times_apart(ratio)
     return [f"the step-time model decides b_opt: {linear:.0f} with the linear T_iter, {saturating:.0f} with the "
-            f"saturating one (flat up to B = {knee:.0f}), {ratio:.1f}x apart (want <= {MODELS_RATIO_MAX}x). On the "
+            f"saturating one (flat up to B = {knee:.0f}), {apart} apart (want <= {MODELS_RATIO_MAX}x). On the "
             f"{int(seen.sum())} feasible profiled sizes the {better} model fits better: largest residual "
             f"{100 * worst_lin:.0f}% linear vs {100 * worst_sat:.0f}% saturating, R^2 {r2_lin:.3f} vs {r2_sat:.3f}. "
             f"Profile more batch sizes near the knee (profile.extra_batch_sizes around {knee:.0f}, or grid.batch_sizes "

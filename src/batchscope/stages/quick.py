@@ -230,10 +230,11 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
                      "where set) or fewer noise.snapshot_fractions cost less")  # fmt: skip
     ratio_models = scaling.models_ratio(point, point_sat)
     if ratio_models > scaling.MODELS_RATIO_MAX:
+        apart = _common.times_apart(ratio_models)
         notes.append(f"the step-time model decides: b_opt is {point:.0f} with the linear step time (fitted on the "
                      f"grid's sizes) and {point_sat:.0f} with the saturating one (knee at B = {sat[2]:.0f}, fitted "
-                     f"on every feasible profiled size), {ratio_models:.1f}x apart; the full grid's timing decides "
-                     "between them")  # fmt: skip
+                     f"on every feasible profiled size), {apart} apart; the full grid's timing decides between "
+                     "them")  # fmt: skip
     ds.attrs["diagnostics"] = json.dumps(notes)
     grid_sizes = np.asarray(spec["batch_sizes"], float)
     nearest = int(grid_sizes[np.argmin(np.abs(np.log(grid_sizes / point)))]) if np.isfinite(point) else -1

@@ -267,17 +267,25 @@ def format_row(row: dict[str, Any]) -> str:
         f"  the grid's smallest: {_slowdown(row, 'smallest')}",
         f"  the grid's largest: {_slowdown(row, 'largest')}",
     ]
-    if row["study"] == "adaptive":
-        lines.append(f"  adaptive study: trained B = {', '.join(map(str, row['trained_batch_sizes']))} of the grid "
-                     f"{', '.join(map(str, row['grid_batch_sizes']))}, around the quick estimate's b_opt")  # fmt: skip
-        if row["extension_reason"]:
-            reason = row["extension_reason"]
-            lines.append(f"  second round: {reason if row['extended_batch_size'] > 0 else f'nothing added ({reason})'}")
+    lines += [f"  {line}" for line in adaptive_lines(row)]
     lines.append(f"  this answer cost {_bill(row)}")
     if "current_batch_size" in row:
         lines.append(f"  against your {_slowdown(row, 'current')}")
     lines += [f"  warning: {note}" for note in row["diagnostics"]]
     return "\n".join(lines)
+
+
+def adaptive_lines(row: dict[str, Any]) -> list[str]:
+    """The adaptive study's sizes and its second round, in words (none for the full grid): ``recommend`` prints them,
+    the report's recommendation says them."""
+    if row["study"] != "adaptive":
+        return []
+    lines = [f"adaptive study: trained B = {', '.join(map(str, row['trained_batch_sizes']))} of the grid "
+             f"{', '.join(map(str, row['grid_batch_sizes']))}, around the quick estimate's b_opt"]  # fmt: skip
+    if row["extension_reason"]:
+        reason = row["extension_reason"]
+        lines.append(f"second round: {reason if row['extended_batch_size'] > 0 else f'nothing added ({reason})'}")
+    return lines
 
 
 def quick_rows(results: str | Path, config: dict[str, Any],
