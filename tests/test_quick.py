@@ -545,6 +545,8 @@ def test_the_reports_warnings_carry_the_quick_estimates(tmp_path):
     table = diagnostics({}, {"w": ds})
     assert table["workload"].tolist() == ["w"] * len(notes) and len(notes) >= 1
     assert table["warning"].tolist() == [f"the quick estimate: {note}" for note in notes]
+    both = diagnostics({}, {"b": ds, "a": ds})  # by workload, each one's together
+    assert both["workload"].tolist() == ["a"] * len(notes) + ["b"] * len(notes)
     clean = quick.estimate(SPEC, *write_caches(tmp_path / "clean"))
     assert json.loads(clean.attrs["diagnostics"]) == [] and diagnostics({}, {"w": clean}).empty
 

@@ -156,6 +156,8 @@ def test_the_bill_in_device_seconds_and_training_runs(results, tmp_path):
     # a thousand runs and more, whole (not 1.08e+03)
     many = format_row({**row, "cost_in_runs": 1081.4})
     assert "5.25 device-seconds, 1081 training runs at B = 128" in many and "e+03" not in many
+    assert "5.25 device-seconds, 1000 training runs" in format_row({**row, "cost_in_runs": 999.7})  # .3g: 1e+03
+    assert "5.25 device-seconds, 999 training runs" in format_row({**row, "cost_in_runs": 999.4})
     # one job's time unknown (no benchmark file): the bill says so rather than printing nan or a low total
     unknown = fit.add_bill(ds, {**jobs, "fit_scaling": [str(tmp_path / "missing.tsv")]})
     assert math.isnan(float(unknown["total_cost_s"]))

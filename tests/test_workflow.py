@@ -459,7 +459,7 @@ def test_the_adaptive_studys_fit_report_and_recommendation(adaptive_study, repo,
 
     extension = read_netcdf(workdir / "results/adaptive/tiny_mlp.extended.nc").attrs["reason"]
     text = markup.unescape(html)
-    assert "Adaptive study: trained B = " + ", ".join(map(str, chosen)) in text
+    assert "Adaptive study: trained B = " + ", ".join(map(str, chosen)) + " of the grid " in text
     assert "Second round: " in text and extension in text
 
 

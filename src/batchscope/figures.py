@@ -648,10 +648,13 @@ def summary(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
 def diagnostics(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset] | None = None) -> pd.DataFrame:
     """Every warning of every fit (:func:`batchscope.stages.fit.diagnose`), the same lines ``recommend`` prints, then
     every quick estimate's (``recommend --quick``'s), marked as the quick estimate's."""
-    rows = [{"workload": name, "warning": note} for name, ds in fits.items()
-            for note in recommend_row(ds)["diagnostics"]]  # fmt: skip
-    rows += [{"workload": name, "warning": f"the quick estimate: {note}"} for name, ds in (quick or {}).items()
-             for note in json.loads(ds.attrs.get("diagnostics", "[]"))]  # fmt: skip
+    quick = quick or {}
+    rows = []
+    for name in sorted(set(fits) | set(quick)):  # a workload's warnings together, the fit's first
+        notes = recommend_row(fits[name])["diagnostics"] if name in fits else []
+        if name in quick:
+            notes += [f"the quick estimate: {note}" for note in json.loads(quick[name].attrs.get("diagnostics", "[]"))]
+        rows += [{"workload": name, "warning": note} for note in notes]
     return pd.DataFrame(rows, columns=["workload", "warning"])
 
 

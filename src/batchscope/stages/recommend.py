@@ -228,8 +228,8 @@ def _bill(row: dict[str, Any]) -> str:
 
 
 def _count(value: float) -> str:
-    """A count of runs: three significant digits, whole from 1000 up (1080, not 1.08e+03)."""
-    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    """A count of runs: three significant digits, whole from 999.5 up (1080, not 1.08e+03; 1000, not 1e+03)."""
+    return f"{value:.0f}" if abs(value) >= 999.5 else f"{value:.3g}"
 
 
 def _b_opt(value: float, interval: list[float], capped: float) -> str:
