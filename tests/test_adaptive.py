@@ -472,6 +472,47 @@ def test_a_bracket_without_a_fit_is_extended_the_way_its_runs_point(reached, out
             assert size is None and reason.endswith(f"but the feasible grid has no size {way} them"), reason
 
 
+def test_a_bracket_without_a_fit_reads_real_training_records(tmp_path):
+    """The second round on records the training engine wrote (no field set by hand). On the digits MLP at lr 0.1,
+    steps to the target fall with B (120, 80 and 60 at 16, 32 and 64): with max_steps 70, 16 and 32 run out of
+    steps and only 64 reaches the target, so 128 is trained too. With 64 at lr 0.1 and 128 and 256 at lr 100 (both
+    diverge within 10 steps), 32 is trained instead."""
+    import xarray as xr
+
+    grid, tau_f, tau_d = FEASIBLE, 1e-4, 1e-5
+    profiles = [write_netcdf(profile_dataset(b, np.full((3, 3), tau_f + tau_d * b), grid),
+                             tmp_path / "profile" / f"B{b}.nc") for b in grid]  # fmt: skip
+    settings = spec(max_steps=70)
+
+    def bracket_runs(name, lrs):
+        dirs = []
+        for b, lr in lrs.items():
+            for seed in (0, 1):
+                ds, _ = train(settings, b, lr, seed=seed, device=CPU)
+                dirs.append(write_netcdf(ds.assign_attrs(batch_size=b, lr=lr, seed=seed),
+                                         tmp_path / name / f"B{b}" / f"seed{seed}" / "run.nc").parent)  # fmt: skip
+        return dirs
+
+    def choice(bracket):
+        ds = xr.Dataset(
+            {"chosen": ("grid_batch_size", np.isin(grid, bracket)), "feasible": ("grid_batch_size", np.ones(7, bool)),
+             "b_opt": ((), 32.0), "b_opt_band": ("bound", [32.0, 32.0]), "largest_feasible_batch_size": ((), 512)},
+            coords={"grid_batch_size": grid, "bound": ["low", "high"]}, attrs={"reason": "by hand"},
+        )  # fmt: skip
+        return str(write_netcdf(ds, tmp_path / f"choice{bracket[0]}.nc"))
+
+    spec_ = {"fit": {"bootstrap": 50, "seed": 0, "tolerance": 0.05}, "study": "adaptive", "extend": True,
+             "target": {"metric": "val_accuracy", "value": 0.9}, "inputs": {"batch_sizes": grid}}  # fmt: skip
+    short = bracket_runs("short", {16: 0.1, 32: 0.1, 64: 0.1})
+    up = extend.extend_choice(spec_, choice([16, 32, 64]), profiles, short, "w")
+    assert int(up["extended_batch_size"]) == 128, up.attrs["reason"]
+    assert "reached at 1 of the trained sizes (64)" in up.attrs["reason"]
+    assert "16, 32 ran out of steps" in up.attrs["reason"]
+    blown = bracket_runs("blown", {64: 0.1, 128: 100.0, 256: 100.0})
+    down = extend.extend_choice(spec_, choice([64, 128, 256]), profiles, blown, "w")
+    assert int(down["extended_batch_size"]) == 32 and "128, 256 diverged" in down.attrs["reason"], down.attrs
+
+
 def test_the_extension_is_recorded_and_off_means_the_bracket(tmp_path):
     """extend_choice on synthetic caches: the bracket 64 to 256 of 8 to 512 at K flat (so the smallest wins by its
     step time); the file keeps the bracket and adds 32, and read_choice reads it. With adaptive.extend off, or with
