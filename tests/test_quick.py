@@ -182,10 +182,12 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
     b_opt, largest = float(ds["b_opt"]), int(ds["largest_feasible_batch_size"])
     low, high = scaling.QUICK_BEST_OVER_B_OPT
     assert 0 < low < 1 < high and high * b_opt < largest  # not capped here
+    # rel 1e-12: the same float64 products, read back through a NetCDF file: rounding only
     assert rows[0]["best_b_range"] == pytest.approx([low * b_opt, high * b_opt], rel=1e-12)
     assert (f"the full grid's fastest B lay between {low:g} and {high:g} times the quick b_opt: here B = "
             f"{low * b_opt:.0f} to {high * b_opt:.0f}") in text  # fmt: skip
-    assert scaling.quick_best_range(100.0, 256) == pytest.approx((100 * low, 256.0), rel=1e-12)  # the top capped
+    # one product each (rel 1e-12: rounding only); the top capped, then no memory limit, then both ends capped
+    assert scaling.quick_best_range(100.0, 256) == pytest.approx((100 * low, 256.0), rel=1e-12)
     assert scaling.quick_best_range(100.0, -1) == pytest.approx((100 * low, 100 * high), rel=1e-12)  # no limit
     assert scaling.quick_best_range(1000.0, 256) == pytest.approx((256.0, 256.0), rel=1e-12)
     assert all(math.isnan(x) for x in scaling.quick_best_range(math.nan, 256))
@@ -289,7 +291,7 @@ def test_an_adaptive_fit_compares_with_the_grids_ends_it_did_not_train(tmp_path)
     row = rec.recommend_row(short, "")
     assert row["smallest_source"] == "fit, extrapolated beyond the trained B = 8 to 512"
     assert row["smallest_time_s"] == pytest.approx(float(scaling.predicted_time(4, *(float(ds[k]) for k in (
-        "n_iter", "c_var", "tau_f", "tau_d")))))  # fmt: skip
+        "n_iter", "c_var", "tau_f", "tau_d")))), rel=1e-12)  # the same formula on the same floats  # fmt: skip
 
 
 @pytest.mark.parametrize(("value", "message"), [("0", "0 is not a batch size"), ("-5", "-5 is not a batch size"),

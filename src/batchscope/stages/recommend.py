@@ -185,10 +185,10 @@ def time_at(ds, batch_size: int) -> tuple[float, str]:
     # steps to the target fall with B (K = N_iter + C_var / B, C_var >= 0), and every size has the same max_steps:
     # below the nearest trained size above, if its runs ran out of steps short of the target (not diverged, pruned
     # or out of memory: those say nothing of the steps a smaller batch needs), none gets there
-    above = sorted(b for b in trained if b > batch_size)
-    if (above and not math.isfinite(float(ds["k"].sel(batch_size=above[0])))
-            and ran_out_of_steps(ds)[ds["run_batch_size"].values == above[0]].any()):  # fmt: skip
-        return math.inf, (f"the next trained B = {above[0]} ran out of steps short of the target, and a smaller "
+    above = min((b for b in trained if b > batch_size), default=None)
+    if (above is not None and not math.isfinite(float(ds["k"].sel(batch_size=above)))
+            and ran_out_of_steps(ds)[ds["run_batch_size"].values == above].any()):  # fmt: skip
+        return math.inf, (f"the next trained B = {above} ran out of steps short of the target, and a smaller "
                           "batch needs more")  # fmt: skip
     params = (float(ds[k]) for k in ("n_iter", "c_var", "tau_f", "tau_d"))
     value = float(scaling.predicted_time(batch_size, *params))
