@@ -174,5 +174,6 @@ def test_the_reports_answer_table_says_what_the_answer_saves_against_the_grids_e
         ratio = measured_time(b) / measured_time(128)
         saved = measured_time(b) - measured_time(128)
         assert row[f"grid: against the grid's {end} B"] == (
-            f"B = {b}: {ratio:.2f}x as long, {saved:.3g} s saved per run (measured)"
+            f"B = {b} takes {ratio:.2f}x as long: the recommended size saves {saved:.3g} s per training run (from the "
+            "profile)"
         )

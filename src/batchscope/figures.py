@@ -20,7 +20,7 @@ import seaborn as sns
 import xarray as xr
 
 from batchscope.stages._common import batch_interval
-from batchscope.stages.recommend import LABELS, adaptive_lines, recommend_row
+from batchscope.stages.recommend import LABELS, adaptive_lines, recommend_row, slowdown
 from batchscope.store import atomic_write, job_seconds, read_netcdf
 
 
@@ -752,7 +752,7 @@ def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset], bran
             if study == "adaptive":
                 row["adaptive: trained B"] = ", ".join(map(str, rec["trained_batch_sizes"]))
             for end in ("smallest", "largest"):
-                row[f"{study}: against the grid's {end} B"] = _saving(rec, end)
+                row[f"{study}: against the grid's {end} B"] = slowdown(rec, end)
             row.update({f"{study}: cost (device-s)": rec["cost_s"],
                         f"{study}: cost (training runs)": rec["cost_in_runs"]})  # fmt: skip
         if name in quick:
@@ -787,17 +787,6 @@ def _best_range(quick: xr.Dataset) -> str:
 
     low, high = quick_best_range(float(quick["b_opt"]), int(quick["largest_feasible_batch_size"]))
     return f"{low:.0f} to {high:.0f}" if math.isfinite(low) else "unknown"
-
-
-def _saving(rec: dict, key: str) -> str:
-    """What the recommended batch size saves per training run against ``key``'s (a row of recommend_row)."""
-    b, ratio = rec[f"{key}_batch_size"], rec[f"{key}_slowdown"]
-    if b == rec["batch_size"]:
-        return f"B = {b} is the recommended size"
-    if not math.isfinite(ratio):
-        return f"B = {b}: does not reach the target ({rec[f'{key}_source']})"
-    source = {"profile": "measured", "fit": "predicted by the fit"}.get(rec[f"{key}_source"], rec[f"{key}_source"])
-    return f"B = {b}: {ratio:.2f}x as long, {rec[f'{key}_saving_s']:.3g} s saved per run ({source})"
 
 
 def plot_critical_batch(quick: xr.Dataset, fit: xr.Dataset | None, name: str,

@@ -205,9 +205,10 @@ def _against(ds, batch_size: int, at: float, key: str) -> dict[str, Any]:
             f"{key}_slowdown": value / at, f"{key}_saving_s": value - at}  # fmt: skip
 
 
-def _slowdown(row: dict[str, Any], key: str) -> str:
+def slowdown(row: dict[str, Any], key: str) -> str:
     """``key``'s batch size against the recommended one: how much longer it takes, what the recommended size saves
-    per training run, and where its time comes from."""
+    per training run, and where its time comes from. ``recommend`` prints it and the report's answer table shows it
+    (one phrasing of the row)."""
     b, ratio = row[f"{key}_batch_size"], row[f"{key}_slowdown"]
     if b == row["batch_size"]:
         return f"B = {b} is the recommended size"
@@ -264,13 +265,13 @@ def format_row(row: dict[str, Any]) -> str:
         f"interval {t_low:.3g} to {t_high:.3g}; batch sizes are ranked by this), {row['time_from_fit_s']:.3g} s from "
         f"the fit, {row['training_time_to_target_s']:.3g} s measured in training (the runs' own clock over "
         "their training steps)",
-        f"  the grid's smallest: {_slowdown(row, 'smallest')}",
-        f"  the grid's largest: {_slowdown(row, 'largest')}",
+        f"  the grid's smallest: {slowdown(row, 'smallest')}",
+        f"  the grid's largest: {slowdown(row, 'largest')}",
     ]
     lines += [f"  {line}" for line in adaptive_lines(row)]
     lines.append(f"  this answer cost {_bill(row)}")
     if "current_batch_size" in row:
-        lines.append(f"  against your {_slowdown(row, 'current')}")
+        lines.append(f"  against your {slowdown(row, 'current')}")
     lines += [f"  warning: {note}" for note in row["diagnostics"]]
     return "\n".join(lines)
 

@@ -170,6 +170,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 # 5: the branched critical batch size in the first section; 6: what the answer saves against the grid's ends, the
 # branch jobs billed by their fraction; 7: where the fastest B has lain around the quick b_opt (its model error)
-# 8: the quick estimates' warnings among the answer's, the adaptive study's sizes and second round in its paragraph
-RULES = {"render_report": Rule(version=8)}
+# 8: the quick estimates' warnings among the answer's, the adaptive study's sizes and second round in its paragraph;
+# 9: the answer table's savings in recommend's words (recommend.slowdown)
+RULES = {"render_report": Rule(version=9)}
 COMMANDS = (Command("report", "execute the report notebook and write HTML", run, _arguments),)
