@@ -1,6 +1,7 @@
 """Snapshots of the noise stage's reference run: training.Snapshots and _pick_snapshots, alone and inside train().
 
-train() keeps the weights at step 0 and at every evaluation; whenever the kept states would exceed
+train() keeps the weights at step 0, at every multiple of a stride that starts at one step, and at every evaluation
+(kept only while it is the newest where it is off the stride); whenever the kept states would exceed
 SNAPSHOT_BUDGET parameters, the stride of the kept states doubles (the first and the newest always kept). At the
 end each snapshot fraction f gets the kept state nearest f x steps_done. References: a brute-force search over the kept
 list, a freshly built model for the initial weights, and a shorter run of the same seed for the weights at a
@@ -124,17 +125,50 @@ def test_training_snapshots_are_the_nearest_kept_states_with_their_weights(monke
 
 
 def test_picks_are_within_one_regular_stride_of_their_fraction(monkeypatch):
-    """200 steps, 40 evaluations, room for 6 snapshots. Halving a regular grid of the evaluations until it fits
-    keeps every (INTERVAL x 2^j)-th step, j the smallest with 40 / 2^j + 1 <= 6 (j = 3, a stride of 40 steps), and
-    the newest; every fraction then has a kept state within 20 steps. Allowed here: one whole stride, 40 steps."""
+    """200 steps, room for 6 snapshots. Halving a regular grid of the steps until it fits keeps every 2^j-th step,
+    j the smallest with 200 / 2^j + 1 <= 6 (j = 6, a stride of 64 steps), and the newest; every fraction then has a
+    kept state within 32 steps. Allowed here: one whole stride, 64 steps; and the kept steps are those multiples."""
     checkpoint, kept, _ = run_with_capacity(monkeypatch, max_steps=200, capacity=6)
-    evaluations, capacity, j = 200 // INTERVAL, 6, 0
-    while evaluations / 2**j + 1 > capacity:
+    capacity, j = 6, 0
+    while 200 / 2**j + 1 > capacity:
         j += 1
-    stride = INTERVAL * 2**j
-    assert stride == 40
+    stride = 2**j
+    assert stride == 64
+    assert [step for step, _ in kept] == [0, 64, 128, 192, 200]
     far = {s["fraction"]: s["step"] for s in checkpoint["snapshots"] if abs(s["step"] - s["fraction"] * 200) > stride}
     assert not far, f"picks farther than {stride} steps from their fraction: {far}; kept {[s for s, _ in kept]}"
+
+
+def test_a_short_run_keeps_states_between_its_evaluations():
+    """A 30-step run evaluated every 10 steps: the fractions 0.25, 0.5 and 1 get three distinct states, each within
+    one step of f x 30 (it keeps every second step once thinned), holding the weights of the same seed's run stopped
+    there; with states kept only at evaluations 0.25 and 0.5 would both have been step 10."""
+    short = train_spec(max_steps=30, eval_interval=10, stop_at_target=False)
+    _, checkpoint = train(short, 32, 0.1, seed=0, device=CPU, snapshot_fractions=[0.25, 0.5, 1.0])
+    steps = [s["step"] for s in checkpoint["snapshots"]]
+    assert len(set(steps)) == 3 and steps[-1] == 30
+    for snapshot in checkpoint["snapshots"]:
+        assert abs(snapshot["step"] - snapshot["fraction"] * 30) <= 1, steps
+        # evaluating does not touch the weights: the stopped run evaluates as often as its length allows
+        stopped_spec = train_spec(max_steps=snapshot["step"], eval_interval=min(10, snapshot["step"]),
+                                  stop_at_target=False)  # fmt: skip
+        _, stopped = train(stopped_spec, 32, 0.1, seed=0, device=CPU)
+        for key, value in stopped["state_dict"].items():
+            assert torch.equal(snapshot["state_dict"][key], value), (snapshot["step"], key)
+    assert steps[0] % 10 and steps[1] % 10  # between evaluations: with states kept only there, both were step 10
+
+
+def test_keeping_states_leaves_the_run_as_it_is():
+    """The reference run stops its clock at each state it keeps; the run itself is the same, bit for bit: its
+    curve of losses and metrics, its steps to the target and its final weights, with and without snapshots."""
+    plain, plain_ckpt = train(spec(60), 32, 0.1, seed=1, device=CPU)
+    kept, kept_ckpt = train(spec(60), 32, 0.1, seed=1, device=CPU, snapshot_fractions=FRACTIONS)
+    for name in ("train_loss", "val_loss", "val_metric", "step"):
+        assert (plain[name].values == kept[name].values).all(), name
+    assert float(plain["steps_done"]) == float(kept["steps_done"]) == 60
+    for key, value in plain_ckpt["state_dict"].items():
+        assert torch.equal(kept_ckpt["state_dict"][key], value), key
+    assert "snapshots" not in plain_ckpt and len({s["step"] for s in kept_ckpt["snapshots"]}) == len(FRACTIONS)
 
 
 def test_too_little_room_for_the_states_to_keep_is_said(monkeypatch, caplog):

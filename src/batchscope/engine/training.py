@@ -132,15 +132,16 @@ SNAPSHOT_BUDGET = 2 * 10**8  # parameters x kept snapshots held in memory before
 class Snapshots:
     """Weights along a run within room for ``capacity`` states: step 0, every ``stride``-th step, and the newest.
 
-    States arrive at step 0 and at each evaluation (multiples of ``interval``). A state off the stride is kept only
-    while it is the newest. When the room is full the stride doubles and the states off it go (:meth:`thin`), so
+    States arrive at step 0, at each multiple of the stride (the stride starts at one step) and at each evaluation.
+    A state off the stride (an evaluation's) is kept only while it is the newest. So a short run keeps states between
+    its evaluations too: 0.25 and 0.5 of a 30-step run evaluated every 10 steps are two states, not both step 10. When the room is full the stride doubles and the states off it go (:meth:`thin`), so
     the kept states stay evenly spaced over the whole run: any fraction of it has a kept state within one stride,
     and the newest (the run's end, where fraction 1.0 is taken) is always there. (Dropping every other state
     whatever its spacing would instead empty the early run fastest.)
     """
 
-    def __init__(self, capacity: int, interval: int):
-        self.capacity, self.stride = max(capacity, 2), interval
+    def __init__(self, capacity: int, stride: int = 1):
+        self.capacity, self.stride = max(capacity, 2), stride
         self.kept: list[tuple[int, Any]] = []
         self.thinnings = 0
 
@@ -158,9 +159,13 @@ class Snapshots:
         newest = self.kept[-1]
         self.kept = [item for item in self.kept[:-1] if item[0] % self.stride == 0] + [newest]
 
+    def due(self, step: int) -> bool:
+        """Whether a state at ``step`` stays beyond being the newest (on the stride)."""
+        return step % self.stride == 0
+
 
 def _pick_snapshots(kept: list[tuple[int, dict]], fractions: list[float], steps_done: int) -> list[dict]:
-    """For each fraction f, the kept state nearest f x steps_done (kept states are at step 0 and each evaluation):
+    """For each fraction f, the kept state nearest f x steps_done (kept states: :class:`Snapshots`):
     its record (``state_dict``, ``optimizer``) with its ``fraction`` and ``step``."""
     picked = []
     for fraction in fractions:
@@ -226,7 +231,7 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     # a snapshot holds the weights and the optimizer's state (momentum; AdamW's two moments)
     room = SNAPSHOT_BUDGET // max(n_params * (1 + optimizer.state_slots()), 1)
-    snapshots = Snapshots(room, interval)
+    snapshots = Snapshots(room)
     if snapshot_fractions and room < len(snapshot_fractions):
         log.warning("room for %d states of %d parameters (and the optimizer's) in memory, fewer than the %d to keep "
                     "(noise.kept_snapshots): the snapshot fractions share the states kept", max(room, 2), n_params,
@@ -246,7 +251,7 @@ def train(
     while steps_done < max_steps:
         block = min(interval, max_steps - steps_done)
         losses, durations = [], []
-        timed = block
+        done, timed, timed_s = 0, 0, 0.0  # steps of the block done; those timed, and their seconds
         try:
             if steps_done == 0 and block > 1:
                 # the run's first step pays the warm-up (CUDA context, cuDNN's autotuning, compilation): timed
@@ -254,13 +259,23 @@ def train(
                 clock.start()
                 losses.append(step(*next(batches)))
                 first_step_time = clock.stop()
-                timed = block - 1
-            clock.start()
-            for _ in range(timed):
-                losses.append(step(*next(batches)))
-                if clock.per_step:
-                    durations.append(clock.tick())
-            elapsed = clock.stop() * block / timed
+                done = 1
+            while done < block:
+                # the reference run stops the clock at each state it keeps between evaluations (the copy is not a
+                # step's time); any other run times its block in one go
+                if snapshot_fractions and done and snapshots.due(steps_done + done):
+                    keep(steps_done + done)
+                end = block
+                if snapshot_fractions:  # the next state to keep, or the block's end
+                    end = next(k for k in range(done + 1, block + 1) if k == block or snapshots.due(steps_done + k))
+                clock.start()
+                for _ in range(end - done):
+                    losses.append(step(*next(batches)))
+                    if clock.per_step:
+                        durations.append(clock.tick())
+                timed_s += clock.stop()
+                timed, done = timed + end - done, end
+            elapsed = timed_s * block / timed
         except (RuntimeError, MemoryError) as err:
             if not runtime.is_out_of_memory(err):
                 raise

@@ -201,7 +201,8 @@ RULES = {"train_model": Rule(version=4, config_slice=config_slice, variables=VAR
 # What the reference run's .snapshots file holds, versioned apart from its runs (train_reference's params), so a
 # change to it retrains the reference run alone. 2: each snapshot keeps the optimizer's state, which the branches
 # continue from (batchscope.measure.branch); the run keeps noise.kept_snapshots states whatever the fractions.
-SNAPSHOT_VERSION = 2
+# 3: states between evaluations too (the stride starts at one step), so a short run's fractions get distinct states.
+SNAPSHOT_VERSION = 3
 # How the adaptive study's job (train_batch_size) picks each later seed's learning rates, versioned apart from the
 # runs themselves, so a change reruns the adaptive study's training alone. 2: successive halving, each later seed
 # the best 1/adaptive.halving_rate of the learning rates the seed before it trained (1: the first seed's fastest).
