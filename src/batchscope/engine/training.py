@@ -133,10 +133,11 @@ class Snapshots:
     """Weights along a run within room for ``capacity`` states: step 0, every ``stride``-th step, and the newest.
 
     States arrive at step 0, at each multiple of the stride (the stride starts at one step) and at each evaluation.
-    A state off the stride (an evaluation's) is kept only while it is the newest. So a short run keeps states between
-    its evaluations too: 0.25 and 0.5 of a 30-step run evaluated every 10 steps are two states, not both step 10. When the room is full the stride doubles and the states off it go (:meth:`thin`), so
-    the kept states stay evenly spaced over the whole run: any fraction of it has a kept state within one stride,
-    and the newest (the run's end, where fraction 1.0 is taken) is always there. (Dropping every other state
+    A state off the stride (an evaluation's) is kept only while it is the newest. So a short run keeps states
+    between its evaluations too: 0.25 and 0.5 of a 30-step run evaluated every 10 steps are two states, not both
+    step 10. When the room is full the stride doubles and the states off it go (:meth:`thin`), so the kept states
+    stay evenly spaced over the whole run: any fraction of it has a kept state within one stride, and the newest
+    (the run's end, where fraction 1.0 is taken) is always there. (Dropping every other state
     whatever its spacing would instead empty the early run fastest.)
     """
 
