@@ -192,6 +192,11 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
     assert scaling.quick_best_range(1000.0, 256) == pytest.approx((256.0, 256.0), rel=1e-12)
     assert all(math.isnan(x) for x in scaling.quick_best_range(math.nan, 256))
     assert "how far to trust it" not in rec.format_quick({**row, "best_b_range": [math.nan, math.nan]})
+    # B_noise infinite at a snapshot (G^T H G <= 0): the band says so rather than printing its finite ends alone
+    low_b_noise = row["b_crit_band"][0]
+    assert f"(B_noise {low_b_noise:.3g} to infinite (G^T H G <= 0)); " in rec.format_quick(
+        {**row, "b_crit_band": [low_b_noise, math.inf]})
+    assert f"(B_noise {low_b_noise:.3g} to {row['b_crit_band'][1]:.3g}); " in text
     knee = float(ds["sat_b_knee"])
     assert f"with the saturating step time ({rec._knee(knee)}): b_opt {float(ds['b_opt_sat']):.0f}" in text
     assert rec._knee(0.0).startswith("no knee: one line") and rec._knee(200.0) == "flat up to B = 200"
@@ -429,6 +434,8 @@ def test_a_snapshot_where_the_loss_curves_down_along_the_gradient_is_named(tmp_p
     notes = json.loads(ds.attrs["diagnostics"])
     assert any(n.startswith("G^T H G <= 0 at step 20 of the reference run (of 4 snapshots after step 0)")
                and "B_simple there is 35." in n for n in notes)  # fmt: skip
+    # the band counts it too: 20 to infinite, not the finite snapshots' 20 to 90
+    assert ds["b_crit_band"].values.tolist() == [20.0, math.inf]
     # B_simple infinite too (|G|^2 not clear of the noise): no gradient signal, not curvature, and no such note
     profiles, noise_dir = write_caches(tmp_path / "flat", b_noise_at=steps)
     notes = json.loads(quick.estimate(SPEC, profiles, noise_dir).attrs["diagnostics"])

@@ -118,14 +118,17 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     steps = ds["step"].values[later]
     b_noise, b_opt = ds["b_noise"].values[later], ds["b_opt_b_noise"].values[later]
     usable = np.isfinite(b_noise) & (b_noise > 0)
-    band = [float(b_noise[usable].min()), float(b_noise[usable].max())] if usable.any() else [math.nan] * 2
+    # the band: an infinite B_noise (G^T H G <= 0 at a snapshot) counts, as it does in b_crit, so that a run infinite
+    # at two of three snapshots does not read as one value ("278 to 278")
+    band = [float(b_noise[usable].min()), float(b_noise[b_noise > 0].max())] if usable.any() else [math.nan] * 2
     opt_band = [float(np.nanmin(b_opt)), float(np.nanmax(b_opt))] if usable.any() else [math.nan] * 2
     # the run's B_crit counts the steps to the target (recorded by the noise stage where the run reached it)
     reached = end if math.isfinite(end) else None
     b_noise_mean = float(scaling.effective_b_crit(steps, b_noise, b_ref, reached)) if len(steps) else math.nan
     b_crit = float(on_the_grid(b_noise_mean))
     point = float(cap(math.sqrt(b_crit * ratio) if b_crit > 0 else math.nan))
-    ds["b_crit_band"] = ("bound", band, {"units": "examples", "long_name": "B_noise over the run (after step 0)"})
+    ds["b_crit_band"] = ("bound", band, {"units": "examples", "long_name": "B_noise over the run (after step 0; "
+                                         "inf where G^T H G <= 0)"})  # fmt: skip
     ds["b_noise_mean"] = ((), b_noise_mean, {"units": "examples", "long_name": "the run's B_noise weighted by the "
                                              "progress of each stretch (scaling.effective_b_crit)"})  # fmt: skip
     ds["update_lag"] = ((), lag, {"units": "steps", "long_name": "the optimizer's build-up, in steps "
@@ -307,8 +310,8 @@ VARIABLES = (
 # 5: the point from b_crit, the snapshots' B_noise weighted by progress, rather than the median snapshot's
 # 6: a note where G^T H G <= 0 at a snapshot (B_noise infinite, B_simple not); B_crit less the update lag's share
 # 7: the smallest profiled size out of memory (recommend --quick --current-batch-size); "after step 0" by the step
-# 8: a note where the reference run never reached the target
-RULES = {"quick_estimate": Rule(version=8, config_slice=config_slice, variables=VARIABLES)}
+# 8: a note where the reference run never reached the target; 9: b_crit_band counts an infinite B_noise
+RULES = {"quick_estimate": Rule(version=9, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "quick-estimate",

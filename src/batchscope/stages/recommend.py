@@ -355,6 +355,7 @@ def _knee(b_knee: float) -> str:
 def format_quick(row: dict[str, Any]) -> str:
     low, high = row["b_opt_band"]
     c_low, c_high = row["b_crit_band"]
+    c_high_text = f"{c_high:.3g}" if math.isfinite(c_high) or math.isnan(c_high) else "infinite (G^T H G <= 0)"
     lag = (
         f" (B_noise's progress-weighted mean {row['b_noise_mean']:.3g}, less the optimizer's build-up: "
         f"{row['update_lag']:.3g} of the reference run's {row['steps_to_target']:.0f} steps)"
@@ -363,7 +364,7 @@ def format_quick(row: dict[str, Any]) -> str:
     )
     return (f"{row['workload']} (quick estimate: the profile and one reference run, {row['reference']}):\n"
             f"  b_opt {row['b_opt']:.0f} from the run's B_crit {row['b_crit']:.3g}{lag}; over the run {low:.0f} to "
-            f"{high:.0f} (B_noise {c_low:.3g} to {c_high:.3g}); "
+            f"{high:.0f} (B_noise {c_low:.3g} to {c_high_text}); "
             f"the grid's nearest: B = {row['nearest_grid_batch_size']}; largest feasible B "
             f"{row['largest_feasible_batch_size']}\n"
             + (f"  with the saturating step time ({_knee(row['b_knee'])}): b_opt {row['b_opt_sat']:.0f}\n"
