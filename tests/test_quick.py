@@ -195,7 +195,8 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
     # B_noise infinite at a snapshot (G^T H G <= 0): the band says so rather than printing its finite ends alone
     low_b_noise = row["b_crit_band"][0]
     assert f"(B_noise {low_b_noise:.3g} to infinite (G^T H G <= 0)); " in rec.format_quick(
-        {**row, "b_crit_band": [low_b_noise, math.inf]})
+        {**row, "b_crit_band": [low_b_noise, math.inf]}
+    )
     assert f"(B_noise {low_b_noise:.3g} to {row['b_crit_band'][1]:.3g}); " in text
     knee = float(ds["sat_b_knee"])
     assert f"with the saturating step time ({rec._knee(knee)}): b_opt {float(ds['b_opt_sat']):.0f}" in text
