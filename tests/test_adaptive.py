@@ -416,6 +416,12 @@ INSIDE = ([64, 128, 256], 128, [False, True, False])  # the fastest inside the b
         # nothing past it, the fit does not send the study to the far side
         (([64, 128, 256], 256, [False, True, True]), (20.0, 20.0), FEASIBLE, None),
         (([64, 128, 256], 256, [False, False, True]), (20.0, 20.0), [8, 16, 32, 64, 128, 256], None),
+        # as fast as its neighbour, with every model's b_opt past that same edge: one more size is the check (a
+        # user's BatchNorm CNN: 64 fastest, 128 as fast, b_opt 59 and 54; digits_adamw: 128, 64, b_opt 239 and 279)
+        (([64, 128, 256], 64, [True, True, False]), (59.0, 54.0), FEASIBLE, 32),
+        (([32, 64, 128], 128, [False, True, True]), (239.0, 279.0), FEASIBLE, 256),
+        (([32, 64, 128], 128, [False, True, True]), (239.0, 100.0), FEASIBLE, None),  # one model inside: between
+        (([64, 128, 256], 64, [True, True, False]), (59.0, 54.0), [64, 128, 256], None),  # nothing past it
     ],
 )
 def test_the_bracket_is_extended_towards_the_fits_b_opt(bracket, b_opts, feasible, expected):
@@ -424,6 +430,15 @@ def test_the_bracket_is_extended_towards_the_fits_b_opt(bracket, b_opts, feasibl
     nothing more."""
     size, reason = selection.extension(*bracket, feasible, b_opts)
     assert size == expected and reason
+    trained, fastest, same = bracket
+    if fastest in (trained[0], trained[-1]) and same[1 if fastest == trained[0] else -2]:
+        inner = trained[1] if fastest == trained[0] else trained[-2]
+        if expected is not None:
+            side = "smallest" if fastest == trained[0] else "largest"
+            assert reason.startswith(f"the {side} trained size {fastest} is the fastest and {inner} as fast within "
+                                     "the fit's noise; the fit predicts b_opt ")  # fmt: skip
+        elif feasible == FEASIBLE:
+            assert reason.endswith("the optimum lies between them")
     if expected is not None and bracket is INSIDE:
         named = [f"{b:.0f} ({model} step time)" for model, b in zip(selection.MODELS, b_opts, strict=True)
                  if not math.isnan(b)]  # fmt: skip

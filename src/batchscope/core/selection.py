@@ -124,23 +124,32 @@ def extension(trained: Sequence[int], fastest: int, indistinguishable: Sequence[
     NaN: that model gives none); ``reached``: per trained size, whether it reached the target (None: all did).
 
     The measured rule first: an edge that is the fastest and beats its inner neighbour beyond noise is extended
-    past. Failing that, with the fastest an inner size, the fit decides: when every model that gives a b_opt
-    places it beyond the same edge, and that edge reached the target, the next size past it is trained. The
-    threshold is the edge, not the geometric midpoint to the next size: past the trained sizes the fit
-    extrapolates, and one more size is the check (module docstring)."""
+    past. Failing that, the fit decides, with the fastest an inner size or an edge as fast as its inner neighbour:
+    when every model that gives a b_opt places it beyond the same edge (for a fastest edge, that edge), and that
+    edge reached the target, the next size past it is trained. The threshold is the edge, not the geometric
+    midpoint to the next size: past the trained sizes the fit extrapolates, and one more size is the check (module
+    docstring)."""
     sizes = [int(b) for b in trained]
     same = dict(zip(sizes, (bool(x) for x in indistinguishable), strict=True))
     if len(sizes) < 2 or fastest not in same:
         return None, "fewer than two trained sizes to compare"
     feasible = sorted(int(g) for g in feasible_grid)
-    if fastest in (sizes[0], sizes[-1]):
-        return _past_the_fastest_edge(sizes, fastest, same, feasible)
-    reason = f"the fastest trained size, {fastest}, is an inner one"
     predicted = {model: float(b) for model, b in zip(MODELS, b_opts, strict=False) if not math.isnan(b)}
     below = bool(predicted) and all(b < sizes[0] for b in predicted.values())
     above = bool(predicted) and all(b > sizes[-1] for b in predicted.values())
-    if not (below or above):
-        return None, reason
+    if fastest in (sizes[0], sizes[-1]):
+        size, reason = _past_the_fastest_edge(sizes, fastest, same, feasible)
+        inner = sizes[1] if fastest == sizes[0] else sizes[-2]
+        # as fast as its neighbour, the measured rule puts the optimum between them; the fit may still put it past
+        # this edge (never past the far one: the measurements say the optimum is not there)
+        if size is not None or not same[inner] or not (below if fastest == sizes[0] else above):
+            return size, reason
+        side = "smallest" if fastest == sizes[0] else "largest"
+        reason = f"the {side} trained size {fastest} is the fastest and {inner} as fast within the fit's noise"
+    elif not (below or above):
+        return None, f"the fastest trained size, {fastest}, is an inner one"
+    else:
+        reason = f"the fastest trained size, {fastest}, is an inner one"
     values = " and ".join(f"{b:.0f} ({model} step time)" for model, b in predicted.items())
     edge = sizes[0] if below else sizes[-1]
     where = f"b_opt {values}, {'below' if below else 'above'} the trained sizes ({sizes[0]} to {sizes[-1]})"

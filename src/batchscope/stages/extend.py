@@ -121,7 +121,8 @@ VARIABLES = (*adaptive.VARIABLES, "extended_batch_size")
 # 2: with the fastest inside the bracket, past an edge beyond which every step-time model's b_opt lies
 # its slice is the fit's: it fits the bracket as the fit does, and the final fit's slice covers adaptive.extend
 # 3: where fewer than two bracket sizes reached the target, the next size up (they ran out of steps) or down (diverged)
-RULES = {"extend_bracket": Rule(version=3, config_slice=fit.config_slice, variables=VARIABLES)}
+# 4: a fastest edge as fast as its inner neighbour is extended past where every step-time model's b_opt lies past it
+RULES = {"extend_bracket": Rule(version=4, config_slice=fit.config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "extend-bracket",

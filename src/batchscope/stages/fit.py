@@ -517,5 +517,7 @@ VARIABLES = (*REQUIRED, "run_at_best_lr", "tau_f", "tau_d", "n_iter", "c_var", "
              "steps_to_target", "sat_tau_f", "sat_tau_d", "sat_b_knee", "t_iter_sat_fitted", "t_iter_sat_r2",
              "t_iter_sat_residual_max")  # fmt: skip
 # 5: the adaptive study's irregular cells resampled cell by cell (other draws of the same bootstrap)
-RULES = {"fit_scaling": Rule(version=5, config_slice=config_slice, variables=VARIABLES)}
+# 6: the adaptive study's note names the next size past a fastest edge as fast as its neighbour where every step-time
+# model's b_opt lies past that edge (selection.extension)
+RULES = {"fit_scaling": Rule(version=6, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (Command("fit", "fit the scaling model of one workload", run, _arguments, spec=config_slice),)
