@@ -154,6 +154,13 @@ def test_snapshot_two_batch_estimate_is_within_its_standard_error_of_the_exact_o
         assert abs(float(ds["two_batch_grad_sq_norm"]) - g_sq) < 4 * g_sq_se
     two_b = float(ds["two_batch_b_simple"])
     assert two_b == pytest.approx(float(ds["two_batch_trace_sigma"]) / float(ds["two_batch_grad_sq_norm"]), rel=1e-12)
+    # B_simple's resamples (the quick estimate's stand-in where G^T H G <= 0): their spread is the estimate's; the
+    # standard error of B_simple by the delta method, from trace_se alone with |G|^2 exact (b_big null), is within
+    # a factor 2 of their standard deviation (200 resamples of 100 pairs)
+    boot = ds["two_batch_b_simple_boot"].values
+    assert boot.shape == ds["two_batch_b_noise_boot"].shape and np.isfinite(boot).all()
+    if big is None:
+        assert 0.5 < boot.std(ddof=1) / (trace_se / g_sq) < 2.0
     assert ds.attrs["b_small"] == small and ds.attrs["b_big"] == size and ds.attrs["pairs"] == pairs
 
 

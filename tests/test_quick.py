@@ -192,9 +192,9 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
     assert scaling.quick_best_range(1000.0, 256) == pytest.approx((256.0, 256.0), rel=1e-12)
     assert all(math.isnan(x) for x in scaling.quick_best_range(math.nan, 256))
     assert "how far to trust it" not in rec.format_quick({**row, "best_b_range": [math.nan, math.nan]})
-    # B_noise infinite at a snapshot (G^T H G <= 0): the band says so rather than printing its finite ends alone
+    # infinite at a snapshot (no gradient signal above the noise): the band says so rather than print its finite ends
     low_b_noise = row["b_crit_band"][0]
-    assert f"(B_noise {low_b_noise:.3g} to infinite (G^T H G <= 0)); " in rec.format_quick(
+    assert f"(B_noise {low_b_noise:.3g} to infinite); " in rec.format_quick(
         {**row, "b_crit_band": [low_b_noise, math.inf]}
     )
     assert f"(B_noise {low_b_noise:.3g} to {row['b_crit_band'][1]:.3g}); " in text
@@ -425,22 +425,43 @@ def test_an_infinite_snapshot_counts_in_the_point_and_its_interval_alike(tmp_pat
     assert low <= float(ds["b_opt"]) <= high < np.sqrt(80 * ratio)
 
 
-def test_a_snapshot_where_the_loss_curves_down_along_the_gradient_is_named(tmp_path):
-    """B_noise = inf at a snapshot whose B_simple is finite: G^T H G <= 0 there, not a vanished gradient. The
-    estimate is as before (the stretch counts as perfect scaling), and a note names the step and its B_simple."""
+def test_where_the_loss_curves_down_along_the_gradient_b_simple_stands_in(tmp_path):
+    """B_noise = inf at a snapshot whose B_simple is finite: G^T H G <= 0 there, not a vanished gradient. B_simple
+    (35) stands in for it there, in the point (the hand-weighted B_crit of 20, 35, 80, 90), the band and every
+    resample that is infinite on its own pairs; a note names the step and its B_simple. Where B_simple is infinite
+    too (no gradient signal above the noise) the snapshot stays infinite: perfect scaling, and no such note."""
     steps = {0: 3.0, 10: 20.0, 20: math.inf, 30: 80.0, 40: 90.0}
     profiles, noise_dir = write_caches(tmp_path, b_noise_at=steps, b_simple_at={20: 35.0})
     ds = quick.estimate(SPEC, profiles, noise_dir)
-    assert float(ds["b_crit"]) == pytest.approx(progress_weighted(steps), rel=1e-12)
+    stood_in = {**steps, 20: 35.0}
+    assert float(ds["b_crit"]) == pytest.approx(progress_weighted(stood_in), rel=1e-12)
+    assert float(ds["b_crit"]) < progress_weighted(steps)  # the literal reading: perfect scaling, a higher B_crit
+    assert ds["b_noise"].sel(step=20) == math.inf and float(ds["b_noise_or_simple"].sel(step=20)) == 35.0
+    assert ds["b_crit_band"].values.tolist() == [20.0, 90.0]
+    ratio = float(ds["tau_f"]) / float(ds["tau_d"])
+    assert float(ds["b_opt_b_noise"].sel(step=20)) == pytest.approx(np.sqrt(35.0 * ratio), rel=1e-12)
+    # the interval: the write_caches snapshot's resamples are all infinite with a B_simple point of 35 (no
+    # resamples of it in this file: the point stands in for each), so every resample's B_crit is finite
+    low, high = ds["b_crit_ci"].values
+    assert np.isfinite([low, high]).all() and low <= float(ds["b_crit"]) <= high
     notes = json.loads(ds.attrs["diagnostics"])
     assert any(n.startswith("G^T H G <= 0 at step 20 of the reference run (of 4 snapshots after step 0)")
-               and "B_simple there is 35." in n for n in notes)  # fmt: skip
-    # the band counts it too: 20 to infinite, not the finite snapshots' 20 to 90
-    assert ds["b_crit_band"].values.tolist() == [20.0, math.inf]
-    # B_simple infinite too (|G|^2 not clear of the noise): no gradient signal, not curvature, and no such note
+               and "B_simple (35) stands in for it there" in n for n in notes)  # fmt: skip
+    # B_simple infinite too (|G|^2 not clear of the noise): no gradient signal, not curvature; it stays infinite
     profiles, noise_dir = write_caches(tmp_path / "flat", b_noise_at=steps)
-    notes = json.loads(quick.estimate(SPEC, profiles, noise_dir).attrs["diagnostics"])
-    assert not any(n.startswith("G^T H G <= 0") for n in notes)
+    flat = quick.estimate(SPEC, profiles, noise_dir)
+    assert not any(n.startswith("G^T H G <= 0") for n in json.loads(flat.attrs["diagnostics"]))
+    assert float(flat["b_crit"]) == pytest.approx(progress_weighted(steps), rel=1e-12)
+    assert flat["b_crit_band"].values.tolist() == [20.0, math.inf]
+
+
+def test_b_simple_stands_in_resample_by_resample():
+    """stand_in is elementwise: a resample whose own pairs give G^T H G <= 0 takes its own B_simple, one whose pairs
+    do not keeps its B_noise, and an infinite B_simple (or a NaN one) leaves the infinity alone."""
+    b_noise = np.array([[np.inf, 50.0, np.inf, np.inf], [np.inf, np.inf, 7.0, np.inf]])
+    b_simple = np.array([[30.0, 40.0, np.inf, np.nan], [0.0, 12.0, 3.0, -1.0]])
+    expected = np.array([[30.0, 50.0, np.inf, np.inf], [np.inf, 12.0, 7.0, np.inf]])
+    np.testing.assert_array_equal(quick.stand_in(b_noise, b_simple), expected)
 
 
 def test_the_saturating_step_time_gives_its_own_b_opt_and_a_note_when_the_models_disagree(tmp_path):

@@ -123,6 +123,9 @@ def measure_snapshot(snapshot: dict, workload: Workload, spec: dict, device: tor
     # carries it into b_opt's interval)
     ds["two_batch_b_noise_boot"] = ("resample", two.boot[:, 1], {"units": "examples",
                                     "long_name": "B_noise from the pairs resampled with replacement"})  # fmt: skip
+    # and B_simple's, from the same resamples: the quick estimate's stand-in where G^T H G <= 0 (B_noise infinite)
+    ds["two_batch_b_simple_boot"] = ("resample", two.boot[:, 0], {"units": "examples",
+                                     "long_name": "B_simple from the pairs resampled with replacement"})  # fmt: skip
     ds["two_batch_b_noise_ci"] = ("bound", list(two.interval(1)), {"units": "examples",
                                   "long_name": "B_noise's 95% interval over the resampled pairs"})  # fmt: skip
     ds = ds.assign_coords(bound=["low", "high"])

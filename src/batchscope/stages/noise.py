@@ -133,8 +133,9 @@ RULES = {
     # 6: B_noise's Hessian in chunks of chunk_size (a change with BatchNorm in train mode, chunks below 512)
     # 7: the pairs within noise.budget of the reference run; with the stage off, the two-batch estimate alone, and
     # not at step 0; 8: a step two fractions picked measured once, the budget shared by the distinct steps;
-    # 9: b_big null is the whole evaluation set, its gradient and G^T H G computed once per snapshot
-    "measure_gradient_noise": Rule(version=9, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
+    # 9: b_big null is the whole evaluation set, its gradient and G^T H G computed once per snapshot;
+    # 10: B_simple's resamples beside B_noise's (two_batch_b_simple_boot)
+    "measure_gradient_noise": Rule(version=10, config_slice=config_slice, variables=SNAPSHOT_VARIABLES),
     # 3: the full Hessian over noise.eval_size examples in chunks of noise.chunk_size, its kept linearisations
     # bounded (batchscope.core.hessian.CACHE_MB)
     "measure_jensen_bias": Rule(version=3, config_slice=jensen_slice, variables=("relative_bias",)),

@@ -66,8 +66,14 @@ def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
 def _snapshots(noise_dir: str) -> xr.Dataset:
     files = [path for path in netcdf_files([noise_dir], "gradient-noise results") if path.name.startswith("snapshot")]
     rows = [read_netcdf(path, "measure_gradient_noise", noise.SNAPSHOT_VARIABLES) for path in files]
+    # B_simple's resamples: files from before the stage recorded them stand in their point for every resample
+    rows = [row if "two_batch_b_simple_boot" in row else
+            row.assign(two_batch_b_simple_boot=xr.full_like(row["two_batch_b_noise_boot"],
+                                                            float(row["two_batch_b_simple"])))
+            for row in rows]  # fmt: skip
     ds = xr.concat(
-        [row[["two_batch_b_noise", "two_batch_b_simple", "b_simple", "two_batch_b_noise_boot"]]
+        [row[["two_batch_b_noise", "two_batch_b_simple", "b_simple", "two_batch_b_noise_boot",
+              "two_batch_b_simple_boot"]]
          .expand_dims(step=[row.attrs["step"]])
          .assign_coords(fraction=("step", [row.attrs["fraction"]])) for row in rows],
         dim="step",
@@ -77,7 +83,18 @@ def _snapshots(noise_dir: str) -> xr.Dataset:
     measured = rows[0].attrs
     ds.attrs.update({key: measured[key] for key in MEASURED if key in measured})
     return ds.rename(two_batch_b_noise="b_noise", two_batch_b_simple="b_simple_two_batch",
-                     b_simple="b_simple_per_example", two_batch_b_noise_boot="b_noise_boot")  # fmt: skip
+                     b_simple="b_simple_per_example", two_batch_b_noise_boot="b_noise_boot",
+                     two_batch_b_simple_boot="b_simple_boot")  # fmt: skip
+
+
+def stand_in(b_noise: np.ndarray, b_simple: np.ndarray) -> np.ndarray:
+    """B_noise, with B_simple in its place where B_noise is infinite and B_simple finite: G^T H G <= 0 while |G|^2
+    stands clear of the noise. The loss curves down along the gradient there, so the quadratic model behind B_noise
+    has no optimal step, and taken literally (perfect scaling at any batch size) it put b_opt 2x to 4x above the
+    fastest size on the four studies where it happened; B_simple is the same noise scale with H taken as a multiple
+    of I. Elementwise, so a resample is judged by its own pairs as the point is by all of them."""
+    swap = np.isinf(b_noise) & np.isfinite(b_simple) & (b_simple > 0)
+    return np.where(swap, b_simple, b_noise)
 
 
 def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> xr.Dataset:
@@ -109,17 +126,24 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     def on_the_grid(values):
         return scaling.b_crit_with_lag(values, end, b_ref, lag)
 
-    crit = {name: on_the_grid(ds[name].values) for name in ("b_noise", "b_simple_two_batch", "b_simple_per_example")}
+    # the snapshots' critical batch size: B_noise, with B_simple where G^T H G <= 0 (stand_in)
+    ds["b_noise_or_simple"] = ("step", stand_in(ds["b_noise"].values, ds["b_simple_two_batch"].values),
+                               {"units": "examples", "long_name": "B_noise, or B_simple where G^T H G <= 0 "
+                                "(B_noise infinite, B_simple finite)"})  # fmt: skip
+    crit = {name: on_the_grid(ds[source].values) for name, source in
+            (("b_noise", "b_noise_or_simple"), ("b_simple_two_batch", "b_simple_two_batch"),
+             ("b_simple_per_example", "b_simple_per_example"))}  # fmt: skip
     for name, values in crit.items():
         uncapped = np.sqrt(np.where(values > 0, values, np.nan) * ratio)
+        source = "b_noise_or_simple" if name == "b_noise" else name
         ds[f"b_opt_{name}"] = ("step", cap(uncapped),
-                               {"units": "examples", "long_name": f"sqrt({name} tau_f / tau_d), capped"})  # fmt: skip
+                               {"units": "examples", "long_name": f"sqrt({source} tau_f / tau_d), capped"})  # fmt: skip
     later = ds["step"].values > 0  # after the initial weights (a small fraction of a short run can pick step 0)
     steps = ds["step"].values[later]
-    b_noise, b_opt = ds["b_noise"].values[later], ds["b_opt_b_noise"].values[later]
+    b_noise, b_opt = ds["b_noise_or_simple"].values[later], ds["b_opt_b_noise"].values[later]
     usable = np.isfinite(b_noise) & (b_noise > 0)
-    # the band: an infinite B_noise (G^T H G <= 0 at a snapshot) counts, as it does in b_crit, so that a run infinite
-    # at two of three snapshots does not read as one value ("278 to 278")
+    # the band: an infinite value (B_noise and B_simple both: no gradient signal) counts, as it does in b_crit, so
+    # that a run infinite at two of three snapshots does not read as one value ("278 to 278")
     band = [float(b_noise[usable].min()), float(b_noise[b_noise > 0].max())] if usable.any() else [math.nan] * 2
     opt_band = [float(np.nanmin(b_opt)), float(np.nanmax(b_opt))] if usable.any() else [math.nan] * 2
     # the run's B_crit counts the steps to the target (recorded by the noise stage where the run reached it)
@@ -127,8 +151,8 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     b_noise_mean = float(scaling.effective_b_crit(steps, b_noise, b_ref, reached)) if len(steps) else math.nan
     b_crit = float(on_the_grid(b_noise_mean))
     point = float(cap(math.sqrt(b_crit * ratio) if b_crit > 0 else math.nan))
-    ds["b_crit_band"] = ("bound", band, {"units": "examples", "long_name": "B_noise over the run (after step 0; "
-                                         "inf where G^T H G <= 0)"})  # fmt: skip
+    ds["b_crit_band"] = ("bound", band, {"units": "examples", "long_name": "b_noise_or_simple over the run "
+                                         "(after step 0)"})  # fmt: skip
     ds["b_noise_mean"] = ((), b_noise_mean, {"units": "examples", "long_name": "the run's B_noise weighted by the "
                                              "progress of each stretch (scaling.effective_b_crit)"})  # fmt: skip
     ds["update_lag"] = ((), lag, {"units": "steps", "long_name": "the optimizer's build-up, in steps "
@@ -143,7 +167,7 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     ds["b_opt_sat_b_noise"] = (
         "step",
         cap(b_opt_sat),
-        {"units": "examples", "long_name": "argmin of (1 + B_noise/B) T_sat(B), capped"},
+        {"units": "examples", "long_name": "argmin of (1 + b_noise_or_simple/B) T_sat(B), capped"},
     )
     later_sat = ds["b_opt_sat_b_noise"].values[later]  # as the linear band: B_noise = inf counts, capped
     some_sat = usable.any() and np.isfinite(later_sat).any()
@@ -167,7 +191,7 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     ds["tau_ratio_ci"] = ("bound", ratio_ci, {"long_name": "95% bootstrap interval over the profiling rounds"})
     # how well the reference run pins B_crit down: each snapshot's B_noise from its pairs resampled, and b_crit
     # recomputed per resample (a resample's snapshot with B_noise <= 0 left out, as the point's)
-    boot = ds["b_noise_boot"].values[later]  # (snapshots, resamples)
+    boot = stand_in(ds["b_noise_boot"].values[later], ds["b_simple_boot"].values[later])  # (snapshots, resamples)
     # no usable point, no interval: a resample judges its own snapshots usable, and could otherwise give one
     crit_boot = (on_the_grid(scaling.effective_b_crit(steps, boot, b_ref, reached)) if usable.any()
                  else np.full(ds.sizes["resample"], np.nan))  # fmt: skip
@@ -204,16 +228,16 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
             f"{which} is capped at the largest batch size profiled, {largest}, which fitted in memory: "
             "profile larger ones (profile.extra_batch_sizes) to see whether the optimum lies beyond"
         )
-    # B_noise = inf with B_simple finite: G^T H G <= 0 while |G|^2 stands clear of the noise, i.e. the loss curves
-    # down along the gradient, where the quadratic model behind B_noise has no optimal step
-    concave = later & np.isinf(ds["b_noise"].values) & np.isfinite(ds["b_simple_two_batch"].values)
+    # where B_simple stood in for B_noise (stand_in)
+    concave = later & (ds["b_noise_or_simple"].values != ds["b_noise"].values)
     if concave.any():
         at = ", ".join(str(int(step)) for step in ds["step"].values[concave])
         simple = ", ".join(f"{value:.3g}" for value in ds["b_simple_two_batch"].values[concave])
         notes.append(f"G^T H G <= 0 at step {at} of the reference run (of {int(later.sum())} snapshots after step 0): "
-                     "the loss curves down along the gradient there, B_noise is infinite, and b_crit counts those "
-                     f"stretches as perfect scaling; B_simple there is {simple}. b_opt may be far too high: check "
-                     "it against study: adaptive, or measure more snapshots (noise.snapshot_fractions)")  # fmt: skip
+                     "the loss curves down along the gradient there, so B_noise (infinite) has no optimal step "
+                     f"behind it, and B_simple ({simple}) stands in for it there. B_simple takes the curvature as "
+                     "the same in every direction: check b_opt against study: adaptive, or measure more snapshots "
+                     "(noise.snapshot_fractions)")  # fmt: skip
     if "run_steps_to_target" in ds.attrs and not math.isfinite(end):
         steps_done = ds.attrs["run_examples"] / b_ref
         notes.append(f"the reference run (B = {b_ref}, lr {spec['reference'][1]:g}) never reached the target in its "
@@ -310,8 +334,9 @@ VARIABLES = (
 # 5: the point from b_crit, the snapshots' B_noise weighted by progress, rather than the median snapshot's
 # 6: a note where G^T H G <= 0 at a snapshot (B_noise infinite, B_simple not); B_crit less the update lag's share
 # 7: the smallest profiled size out of memory (recommend --quick --current-batch-size); "after step 0" by the step
-# 8: a note where the reference run never reached the target; 9: b_crit_band counts an infinite B_noise
-RULES = {"quick_estimate": Rule(version=9, config_slice=config_slice, variables=VARIABLES)}
+# 8: a note where the reference run never reached the target; 9: b_crit_band counts an infinite B_noise;
+# 10: B_simple stands in for B_noise where G^T H G <= 0 (stand_in), in the point, the bands and the interval
+RULES = {"quick_estimate": Rule(version=10, config_slice=config_slice, variables=VARIABLES)}
 COMMANDS = (
     Command(
         "quick-estimate",

@@ -355,7 +355,7 @@ def _knee(b_knee: float) -> str:
 def format_quick(row: dict[str, Any]) -> str:
     low, high = row["b_opt_band"]
     c_low, c_high = row["b_crit_band"]
-    c_high_text = f"{c_high:.3g}" if math.isfinite(c_high) or math.isnan(c_high) else "infinite (G^T H G <= 0)"
+    c_high_text = f"{c_high:.3g}" if math.isfinite(c_high) or math.isnan(c_high) else "infinite"
     lag = (
         f" (B_noise's progress-weighted mean {row['b_noise_mean']:.3g}, less the optimizer's build-up: "
         f"{row['update_lag']:.3g} of the reference run's {row['steps_to_target']:.0f} steps)"
