@@ -139,6 +139,15 @@ def test_picks_are_within_one_regular_stride_of_their_fraction(monkeypatch):
     assert not far, f"picks farther than {stride} steps from their fraction: {far}; kept {[s for s, _ in kept]}"
 
 
+def test_a_run_holds_at_most_two_states_per_fraction(monkeypatch):
+    """Room for 1000 states, 5 fractions: the run holds at most STATES_PER_FRACTION x 5 = 10, evenly spaced (every
+    32nd of 200 steps: 7 states and the newest), not a state per step."""
+    assert train_module.STATES_PER_FRACTION == 2
+    checkpoint, kept, thinnings = run_with_capacity(monkeypatch, max_steps=200, capacity=1000)
+    steps = [step for step, _ in kept]
+    assert steps == [*range(0, 200, 32), 200] and thinnings == 5
+
+
 def test_a_short_run_keeps_states_between_its_evaluations():
     """A 30-step run evaluated every 10 steps: the fractions 0.25, 0.5 and 1 get three distinct states, each within
     one step of f x 30 (it keeps every second step once thinned), holding the weights of the same seed's run stopped
