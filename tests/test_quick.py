@@ -49,8 +49,10 @@ def write_caches(
     for i, (step, b_noise) in enumerate((b_noise_at or B_NOISE).items()):
         boot = b_noise * np.exp(pair_spread * rng.standard_normal(200))
         b_simple = (b_simple_at or {}).get(step, b_noise / 2)
+        simple_boot = b_simple * np.exp(pair_spread * rng.standard_normal(200))
         ds = xr.Dataset({"two_batch_b_noise": ((), b_noise), "two_batch_b_simple": ((), b_simple),
-                         "b_simple": ((), b_simple), "two_batch_b_noise_boot": ("resample", boot)},
+                         "b_simple": ((), b_simple), "two_batch_b_noise_boot": ("resample", boot),
+                         "two_batch_b_simple_boot": ("resample", simple_boot)},
                         attrs={"stage": "measure_gradient_noise", "algorithm_version": NOISE_VERSION, "step": step,
                                "fraction": step / 40, **(measured or {})})  # fmt: skip
         write_netcdf(ds, noise_dir / f"snapshot{i}.nc")
@@ -198,6 +200,9 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
         {**row, "b_crit_band": [low_b_noise, math.inf]}
     )
     assert f"(B_noise {low_b_noise:.3g} to {row['b_crit_band'][1]:.3g}); " in text
+    assert row["b_simple_stood_in"] is False  # every B_noise finite in these caches
+    stood = rec.format_quick({**row, "b_simple_stood_in": True})
+    assert f"(B_noise {low_b_noise:.3g} to {row['b_crit_band'][1]:.3g}, with B_simple where G^T H G <= 0); " in stood
     knee = float(ds["sat_b_knee"])
     assert f"with the saturating step time ({rec._knee(knee)}): b_opt {float(ds['b_opt_sat']):.0f}" in text
     assert rec._knee(0.0).startswith("no knee: one line") and rec._knee(200.0) == "flat up to B = 200"
@@ -440,10 +445,18 @@ def test_where_the_loss_curves_down_along_the_gradient_b_simple_stands_in(tmp_pa
     assert ds["b_crit_band"].values.tolist() == [20.0, 90.0]
     ratio = float(ds["tau_f"]) / float(ds["tau_d"])
     assert float(ds["b_opt_b_noise"].sel(step=20)) == pytest.approx(np.sqrt(35.0 * ratio), rel=1e-12)
-    # the interval: the write_caches snapshot's resamples are all infinite with a B_simple point of 35 (no
-    # resamples of it in this file: the point stands in for each), so every resample's B_crit is finite
-    low, high = ds["b_crit_ci"].values
-    assert np.isfinite([low, high]).all() and low <= float(ds["b_crit"]) <= high
+    # the interval: each resample's B_crit by hand, with step 20's B_simple resample in place of its infinite
+    # B_noise resample (all of them infinite here)
+    from batchscope.store import read_netcdf
+
+    files = sorted(Path(noise_dir).glob("snapshot*.nc"), key=lambda path: read_netcdf(path).attrs["step"])[1:]
+    later = [read_netcdf(path) for path in files]
+    columns = np.array([np.where(np.isinf(f["two_batch_b_noise_boot"].values), f["two_batch_b_simple_boot"].values,
+                                 f["two_batch_b_noise_boot"].values) for f in later])  # fmt: skip
+    by_resample = [progress_weighted(dict(zip([10, 20, 30, 40], column, strict=True))) for column in columns.T]
+    expected = np.quantile(by_resample, [0.025, 0.975], method="inverted_cdf")
+    np.testing.assert_allclose(ds["b_crit_ci"].values, expected, rtol=1e-12)
+    assert np.isfinite(expected).all() and expected[0] <= float(ds["b_crit"]) <= expected[1]
     notes = json.loads(ds.attrs["diagnostics"])
     assert any(n.startswith("G^T H G <= 0 at step 20 of the reference run (of 4 snapshots after step 0)")
                and "B_simple (35) stands in for it there" in n for n in notes)  # fmt: skip
@@ -453,15 +466,30 @@ def test_where_the_loss_curves_down_along_the_gradient_b_simple_stands_in(tmp_pa
     assert not any(n.startswith("G^T H G <= 0") for n in json.loads(flat.attrs["diagnostics"]))
     assert float(flat["b_crit"]) == pytest.approx(progress_weighted(steps), rel=1e-12)
     assert flat["b_crit_band"].values.tolist() == [20.0, math.inf]
+    # a NaN snapshot (NaN gradients: a diverged reference run) is no G^T H G <= 0 either
+    profiles, noise_dir = write_caches(tmp_path / "nan", b_noise_at={**steps, 20: math.nan})
+    notes = json.loads(quick.estimate(SPEC, profiles, noise_dir).attrs["diagnostics"])
+    assert not any(n.startswith("G^T H G <= 0") for n in notes)
 
 
 def test_b_simple_stands_in_resample_by_resample():
     """stand_in is elementwise: a resample whose own pairs give G^T H G <= 0 takes its own B_simple, one whose pairs
     do not keeps its B_noise, and an infinite B_simple (or a NaN one) leaves the infinity alone."""
+    from batchscope.core import scaling
+
     b_noise = np.array([[np.inf, 50.0, np.inf, np.inf], [np.inf, np.inf, 7.0, np.inf]])
     b_simple = np.array([[30.0, 40.0, np.inf, np.nan], [0.0, 12.0, 3.0, -1.0]])
-    expected = np.array([[30.0, 50.0, np.inf, np.inf], [np.inf, 12.0, 7.0, np.inf]])
+    # B_simple <= 0 (no noise seen) stands in too: left out downstream as any value <= 0, not perfect scaling
+    expected = np.array([[30.0, 50.0, np.inf, np.inf], [0.0, 12.0, 7.0, -1.0]])
     np.testing.assert_array_equal(quick.stand_in(b_noise, b_simple), expected)
+    # a stand-in <= 0 is left out of the run's B_crit, as a B_noise <= 0 is: the other two stretches decide
+    steps = np.array([10, 20, 30])
+    assert scaling.effective_b_crit(steps, np.array([20.0, -1.0, 80.0]), 64, None) == pytest.approx(
+        scaling.effective_b_crit(steps, np.array([20.0, 0.0, 80.0]), 64, None), rel=1e-12
+    )
+    assert scaling.effective_b_crit(steps, np.array([20.0, -1.0, 80.0]), 64, None) < scaling.effective_b_crit(
+        steps, np.array([20.0, np.inf, 80.0]), 64, None
+    )
 
 
 def test_the_saturating_step_time_gives_its_own_b_opt_and_a_note_when_the_models_disagree(tmp_path):
@@ -666,6 +694,15 @@ def test_the_answer_table_and_figure_put_the_branched_critical_batch_size_beside
     assert any(label.startswith("B_noise") for label in labels) and any("branching" in label for label in labels)
     assert any("interval over the branch seeds" in label for label in labels)
     assert "at the smallest branch: at most this" in labels
+    assert not any(label.startswith("B_simple in its place") for label in labels)  # every B_noise finite here
+    # a snapshot where G^T H G <= 0: B_simple drawn open in its place, at its value
+    profiles, noise_dir = write_caches(tmp_path / "concave", b_noise_at={**B_NOISE, 20: math.inf},
+                                       b_simple_at={20: 35.0})  # fmt: skip
+    concave = quick.estimate(SPEC, profiles, noise_dir)
+    (ax,) = plot_critical_batch(concave, None, "w").axes
+    handles, labels = ax.get_legend_handles_labels()
+    (marker,) = [h for h, label in zip(handles, labels, strict=True) if label.startswith("B_simple in its place")]
+    assert marker.get_xdata().tolist() == [20] and marker.get_ydata().tolist() == [35.0]
 
 
 def test_b_crit_with_the_update_lag_is_what_the_grids_fit_measures():

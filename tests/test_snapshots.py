@@ -167,6 +167,39 @@ def test_a_short_run_keeps_states_between_its_evaluations():
     assert steps[0] % 10 and steps[1] % 10  # between evaluations: with states kept only there, both were step 10
 
 
+def test_out_of_memory_in_a_block_keeps_no_state_past_the_last_evaluation(monkeypatch):
+    """A 40-step run evaluated every 10 steps runs out of memory at its 27th step: its record ends at step 20, and so
+    do its states. Every snapshot is at or before step 20, labelled with its own step: its weights are those of the
+    same seed's run stopped there (not the weights of step 26, past the record). Room for 6 states: by step 24 the
+    stride is 8, so the state of step 20 (off it) gave way to 24's, which goes with the block: fraction 1 gets 16."""
+    real = runtime.make_step
+
+    def failing(*args, **kwargs):
+        step, calls = real(*args, **kwargs), [0]
+
+        def counted(x, y):
+            calls[0] += 1
+            if calls[0] == 27:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return step(x, y)
+
+        return counted
+
+    monkeypatch.setattr(runtime, "make_step", failing)
+    long = train_spec(max_steps=40, eval_interval=10, stop_at_target=False)
+    ds, checkpoint = train(long, 32, 0.1, seed=0, device=CPU, snapshot_fractions=[0.5, 0.75, 1.0])
+    assert bool(ds["out_of_memory"]) and int(ds["steps_done"]) == 20
+    steps = [s["step"] for s in checkpoint["snapshots"]]
+    assert steps == [8, 16, 16], steps
+    monkeypatch.setattr(runtime, "make_step", real)
+    for snapshot in checkpoint["snapshots"]:
+        stopped_spec = train_spec(max_steps=snapshot["step"], eval_interval=min(10, snapshot["step"]),
+                                  stop_at_target=False)  # fmt: skip
+        _, stopped = train(stopped_spec, 32, 0.1, seed=0, device=CPU)
+        for key, value in stopped["state_dict"].items():
+            assert torch.equal(snapshot["state_dict"][key], value), (snapshot["step"], key)
+
+
 def test_keeping_states_leaves_the_run_as_it_is():
     """The reference run stops its clock at each state it keeps; the run itself is the same, bit for bit: its
     curve of losses and metrics, its steps to the target and its final weights, with and without snapshots."""

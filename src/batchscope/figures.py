@@ -791,12 +791,18 @@ def _best_range(quick: xr.Dataset) -> str:
 
 def plot_critical_batch(quick: xr.Dataset, fit: xr.Dataset | None, name: str,
                         branch: xr.Dataset | None = None) -> plt.Figure:  # fmt: skip
-    """The three answers' critical batch size along the reference run: the quick estimate's B_noise per snapshot and
-    its b_crit, the branched local critical batch size with its bracket and interval (where measured), and B_crit
-    from the K(B) fit of the trained grid."""
+    """The three answers' critical batch size along the reference run: the quick estimate's B_noise per snapshot (with
+    B_simple where it stood in) and its b_crit, the branched local critical batch size with its bracket and interval
+    (where measured), and B_crit from the K(B) fit of the trained grid."""
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     steps = quick["step"].values
-    ax.plot(steps, quick["b_noise"].values, "^-", color="C2", label="B_noise along the reference run (quick)")
+    # what b_crit is made of: B_noise, with B_simple where it stood in (G^T H G <= 0: B_noise infinite), drawn open
+    used = quick["b_noise_or_simple"].values
+    ax.plot(steps, used, "^-", color="C2", label="B_noise along the reference run (quick)")
+    stood_in = np.isinf(quick["b_noise"].values) & np.isfinite(used)
+    if stood_in.any():
+        ax.plot(steps[stood_in], used[stood_in], "^", color="white", markeredgecolor="C2", ms=8, zorder=3,
+                label="B_simple in its place, where G^T H G <= 0")  # fmt: skip
     ax.axhline(float(quick["b_crit"]), color="C2", ls="--", lw=1,
                label=f"the quick estimate's b_crit = {float(quick['b_crit']):.0f}")  # fmt: skip
     _finish_critical(ax, branch, fit, f"{name}: the critical batch size, three ways")

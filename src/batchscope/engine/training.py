@@ -258,35 +258,41 @@ def train(
         block = min(interval, max_steps - steps_done)
         losses, durations = [], []
         done, timed, timed_s = 0, 0, 0.0  # steps of the block done; those timed, and their seconds
-        try:
-            if steps_done == 0 and block > 1:
-                # the run's first step pays the warm-up (CUDA context, cuDNN's autotuning, compilation): timed
-                # apart, as the profile's warm-up is, and counted at the first block's steady rate below
-                clock.start()
-                losses.append(step(*next(batches)))
-                first_step_time = clock.stop()
-                done = 1
-            while done < block:
-                # the reference run stops the clock at each state it keeps between evaluations (the copy is not a
-                # step's time); any other run times its block in one go
-                if snapshot_fractions and done and snapshots.due(steps_done + done):
-                    keep(steps_done + done)
-                end = block
-                if snapshot_fractions:  # the next state to keep, or the block's end
-                    end = next(k for k in range(done + 1, block + 1) if k == block or snapshots.due(steps_done + k))
+        while done < block:
+            # the reference run keeps states between evaluations too: between timed segments, so the copy is not a
+            # step's time, and outside the try, so a failed host copy is not the device running out of memory. (On
+            # CUDA each segment ends in a synchronisation: while the stride is one step, the run's first few dozen
+            # steps are timed alone, a little slower than in a block.)
+            if snapshot_fractions and done and snapshots.due(steps_done + done):
+                keep(steps_done + done)
+            # the run's first step pays the warm-up (CUDA context, cuDNN's autotuning, compilation): timed apart, as
+            # the profile's warm-up is, and counted at the first block's steady rate below
+            first = steps_done == 0 and done == 0 and block > 1
+            end = 1 if first else block
+            if snapshot_fractions and not first:  # the next state to keep, or the block's end
+                end = next(k for k in range(done + 1, block + 1) if k == block or snapshots.due(steps_done + k))
+            try:
                 clock.start()
                 for _ in range(end - done):
                     losses.append(step(*next(batches)))
-                    if clock.per_step:
+                    if clock.per_step and not first:
                         durations.append(clock.tick())
-                timed_s += clock.stop()
-                timed, done = timed + end - done, end
-            elapsed = timed_s * block / timed
-        except (RuntimeError, MemoryError) as err:
-            if not runtime.is_out_of_memory(err):
-                raise
-            out_of_memory = True
+                seconds = clock.stop()
+            except (RuntimeError, MemoryError) as err:
+                if not runtime.is_out_of_memory(err):
+                    raise
+                out_of_memory = True
+                break
+            if first:
+                first_step_time = seconds
+            else:
+                timed, timed_s = timed + end - done, timed_s + seconds
+            done = end
+        if out_of_memory:
+            # the run's record ends at its last evaluation: states kept after it, inside this block, go with it
+            snapshots.kept = [item for item in snapshots.kept if item[0] <= steps_done]
             break
+        elapsed = timed_s * block / timed
         # The step time left out the first step after an evaluation: the evaluation's forward pass evicts
         # the step's caches and the next step pays ~40% extra here, an artefact of measuring, not a cost of
         # the step. On the CPU it is the median of single steps (the same holds for a few more steps, less
@@ -400,7 +406,8 @@ def train(
         "steps_done": steps_done,
     }
     if snapshot_fractions:
-        if snapshots.kept[-1][0] != steps_done:  # the final weights, when the run ended between evaluations
-            keep(steps_done, checkpoint["state_dict"])
+        # every run ends at an evaluation and keeps its state; one out of memory ends at its last evaluation, whose
+        # state may have given way to one kept after it (dropped since): the weights now are past both, so the kept
+        # states alone, each with its own step
         checkpoint["snapshots"] = _pick_snapshots(snapshots.kept, snapshot_fractions, steps_done)
     return ds, checkpoint

@@ -1,20 +1,20 @@
 """Stage ``extend_bracket``: the adaptive study's second round, one size past the trained bracket.
 
-One size past the bracket, where the answer says so (``adaptive.extend``). Once the bracket is trained, the fit on
-it (:func:`batchscope.stages.fit.fit_scaling`) says which size is fastest and which are indistinguishable from it.
-Under T(B) = (N_iter + C_var/B)(tau_f + tau_d B), two sizes that reach the target equally fast have b_opt exactly
-between them (at their geometric mean), so an edge of the bracket that the fit cannot tell from its inner neighbour
-(within ``fit.tolerance``) has the optimum near or between them, and loses at most that tolerance. An edge that is
-the fastest and beats its inner neighbour beyond noise says the optimum lies at or beyond it, which is where a quick
-estimate that is off by more than the bracket's half-width leaves it: the feasible grid's next size past that edge
-is trained too (:func:`~batchscope.core.selection.extension`), once. Failing that, with the fastest an inner size,
-the fit's model decides: where every step-time model that gives a b_opt (from the bracket's K(B) and the profile)
-places it beyond the same edge, and that edge reached the target, the next size past it is trained. Past the trained
-sizes the fit extrapolates, so the threshold is the edge itself: one more size checks it. A quick estimate off by 3x
-(the digits CNN with momentum 0.9 in benchmarks/configs/digits_cnn.yaml) can leave the optimum outside a bracket
-whose measured fastest, with steps to target resolved to a few steps, is an inner size; the fit on the same sizes
-still places b_opt outside it, and the fit's diagnostics would otherwise only tell the user to add that size by
-hand. The fit then runs on every trained size; if the new size is the fastest again, or b_opt still lies beyond, its
+One size past the bracket, where the answer says so (``adaptive.extend``). Once the bracket is trained, the fit on it
+(:func:`batchscope.stages.fit.fit_scaling`) says which size is fastest and which are indistinguishable from it. Under
+T(B) = (N_iter + C_var/B)(tau_f + tau_d B), two sizes that reach the target equally fast have b_opt exactly between them
+(at their geometric mean), so an edge of the bracket that the fit cannot tell from its inner neighbour (within
+``fit.tolerance``) has the optimum near or between them, and loses at most that tolerance (unless the fit puts b_opt
+past that edge: below). An edge that is the fastest and beats its inner neighbour beyond noise says the optimum lies at
+or beyond it, which is where a quick estimate that is off by more than the bracket's half-width leaves it: the feasible
+grid's next size past that edge is trained too (:func:`~batchscope.core.selection.extension`), once. Failing that, with
+the fastest an inner size or an edge as fast as its inner neighbour, the fit's model decides: where every step-time
+model that gives a b_opt (from the bracket's K(B) and the profile) places it beyond the same edge, and that edge reached
+the target, the next size past it is trained. Past the trained sizes the fit extrapolates, so the threshold is the edge
+itself: one more size checks it. A quick estimate off by 3x (the digits CNN with momentum 0.9 in
+benchmarks/configs/digits_cnn.yaml) can leave the optimum outside a bracket whose measured fastest, with steps to target
+resolved to a few steps, is an inner size; the fit on the same sizes still places b_opt outside it, and the fit's
+diagnostics would otherwise only tell the user to add that size by hand. The fit then runs on every trained size; if the new size is the fastest again, or b_opt still lies beyond, its
 diagnostics say so. A bracket where fewer than two sizes reached the target has no fit to ask, and the final fit
 would stop the study: where the sizes that fell short ran out of steps, the next size above the bracket is trained
 (a larger batch needs fewer steps; a quick estimate far below the answer leaves the bracket there), and where they

@@ -126,7 +126,7 @@ def _jensen_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # what the report requires: per snapshot, and of the variance law (variance.nc)
-SNAPSHOT_VARIABLES = ("b_simple", "two_batch_b_simple", "two_batch_b_noise_boot")
+SNAPSHOT_VARIABLES = ("b_simple", "two_batch_b_simple", "two_batch_b_noise_boot", "two_batch_b_simple_boot")
 VARIANCE_VARIABLES = ("mean_sq_error",)
 RULES = {
     # 4: noise.eval_size and noise.chunk_size (the snapshot's loss in chunks); 5: B_noise's resampled pairs;

@@ -5,7 +5,8 @@ B_noise = tr(H Sigma) / G^T H G, so b_opt = sqrt(C_var tau_f / (N_iter tau_d)) =
 only the hardware ratio tau_f / tau_d (the profile) and B_noise. The gradient-noise stage measures B_noise (and
 B_simple = tr(Sigma) / |G|^2, equal to it only when H is a multiple of the identity) at snapshots of the reference
 run with the two-batch estimator; both grow during training, so the estimate is a band over the run's snapshots
-(the one at step 0 left out: the noise at initialisation says little about the batch size to train with). The
+(the one at step 0 left out: the noise at initialisation says little about the batch size to train with). Where
+G^T H G <= 0 at a snapshot, B_noise is infinite and B_simple stands in for it (:func:`stand_in`). The
 point estimate is the whole run's B_crit, b_crit: the snapshots' B_noise weighted by the progress the run makes
 while each holds (:func:`batchscope.core.scaling.effective_b_crit`), which is what the grid's fit of
 K(B) = N_iter + C_var / B measures when B_noise changes along the run. Every run also spends the steps by which the
@@ -66,11 +67,6 @@ def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
 def _snapshots(noise_dir: str) -> xr.Dataset:
     files = [path for path in netcdf_files([noise_dir], "gradient-noise results") if path.name.startswith("snapshot")]
     rows = [read_netcdf(path, "measure_gradient_noise", noise.SNAPSHOT_VARIABLES) for path in files]
-    # B_simple's resamples: files from before the stage recorded them stand in their point for every resample
-    rows = [row if "two_batch_b_simple_boot" in row else
-            row.assign(two_batch_b_simple_boot=xr.full_like(row["two_batch_b_noise_boot"],
-                                                            float(row["two_batch_b_simple"])))
-            for row in rows]  # fmt: skip
     ds = xr.concat(
         [row[["two_batch_b_noise", "two_batch_b_simple", "b_simple", "two_batch_b_noise_boot",
               "two_batch_b_simple_boot"]]
@@ -92,8 +88,11 @@ def stand_in(b_noise: np.ndarray, b_simple: np.ndarray) -> np.ndarray:
     stands clear of the noise. The loss curves down along the gradient there, so the quadratic model behind B_noise
     has no optimal step, and taken literally (perfect scaling at any batch size) it put b_opt 2x to 4x above the
     fastest size on the four studies where it happened; B_simple is the same noise scale with H taken as a multiple
-    of I. Elementwise, so a resample is judged by its own pairs as the point is by all of them."""
-    swap = np.isinf(b_noise) & np.isfinite(b_simple) & (b_simple > 0)
+    of I. A B_simple <= 0 (tr(Sigma) estimated at or below 0: no noise seen) stands in too, and is then left out as
+    any value <= 0 is (:func:`batchscope.core.scaling.effective_b_crit`), rather than count as perfect scaling, the
+    opposite extreme. An infinite B_simple (|G|^2 not clear of the noise: no gradient signal) leaves it infinite.
+    Elementwise, so a resample is judged by its own pairs as the point is by all of them."""
+    swap = np.isinf(b_noise) & np.isfinite(b_simple)
     return np.where(swap, b_simple, b_noise)
 
 
@@ -153,8 +152,9 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     point = float(cap(math.sqrt(b_crit * ratio) if b_crit > 0 else math.nan))
     ds["b_crit_band"] = ("bound", band, {"units": "examples", "long_name": "b_noise_or_simple over the run "
                                          "(after step 0)"})  # fmt: skip
-    ds["b_noise_mean"] = ((), b_noise_mean, {"units": "examples", "long_name": "the run's B_noise weighted by the "
-                                             "progress of each stretch (scaling.effective_b_crit)"})  # fmt: skip
+    ds["b_noise_mean"] = ((), b_noise_mean, {"units": "examples", "long_name": "the run's b_noise_or_simple "
+                                             "weighted by the progress of each stretch "
+                                             "(scaling.effective_b_crit)"})  # fmt: skip
     ds["update_lag"] = ((), lag, {"units": "steps", "long_name": "the optimizer's build-up, in steps "
                                   "(scaling.update_lag)"})  # fmt: skip
     ds["b_crit"] = ((), b_crit, {"units": "examples", "long_name": "B_crit on the grid's K(B): b_noise_mean less "
@@ -229,7 +229,7 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
             "profile larger ones (profile.extra_batch_sizes) to see whether the optimum lies beyond"
         )
     # where B_simple stood in for B_noise (stand_in)
-    concave = later & (ds["b_noise_or_simple"].values != ds["b_noise"].values)
+    concave = later & np.isinf(ds["b_noise"].values) & np.isfinite(ds["b_noise_or_simple"].values)
     if concave.any():
         at = ", ".join(str(int(step)) for step in ds["step"].values[concave])
         simple = ", ".join(f"{value:.3g}" for value in ds["b_simple_two_batch"].values[concave])
@@ -316,6 +316,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 VARIABLES = (
     "b_noise",
+    "b_noise_or_simple",
     "b_crit",
     "b_noise_mean",
     "update_lag",

@@ -293,6 +293,8 @@ def quick_rows(results: str | Path, config: dict[str, Any],
                current_batch_size: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """The quick estimates of the config's workloads (``results/quick``), each checked to be this config's; with
     ``current_batch_size``, its predicted time to target against b_opt's (:func:`quick_against`)."""
+    import numpy as np
+
     from batchscope.core import scaling
     from batchscope.stages.quick import VARIABLES
     from batchscope.stages.quick import config_slice as quick_slice
@@ -313,6 +315,9 @@ def quick_rows(results: str | Path, config: dict[str, Any],
             "best_b_range": list(scaling.quick_best_range(float(ds["b_opt"]), int(ds["largest_feasible_batch_size"]))),
             "diagnostics": json.loads(ds.attrs.get("diagnostics", "[]")),
             "b_crit_band": [float(x) for x in ds["b_crit_band"].values],
+            # where B_simple stood in for an infinite B_noise (quick.stand_in), after step 0
+            "b_simple_stood_in": bool((np.isinf(ds["b_noise"].values) & np.isfinite(ds["b_noise_or_simple"].values)
+                                       & (ds["step"].values > 0)).any()),
             "b_crit": float(ds["b_crit"]),
             "b_noise_mean": float(ds["b_noise_mean"]),
             "update_lag": float(ds["update_lag"]),
@@ -356,6 +361,7 @@ def format_quick(row: dict[str, Any]) -> str:
     low, high = row["b_opt_band"]
     c_low, c_high = row["b_crit_band"]
     c_high_text = f"{c_high:.3g}" if math.isfinite(c_high) or math.isnan(c_high) else "infinite"
+    stood_in = ", with B_simple where G^T H G <= 0" if row.get("b_simple_stood_in") else ""
     lag = (
         f" (B_noise's progress-weighted mean {row['b_noise_mean']:.3g}, less the optimizer's build-up: "
         f"{row['update_lag']:.3g} of the reference run's {row['steps_to_target']:.0f} steps)"
@@ -364,7 +370,7 @@ def format_quick(row: dict[str, Any]) -> str:
     )
     return (f"{row['workload']} (quick estimate: the profile and one reference run, {row['reference']}):\n"
             f"  b_opt {row['b_opt']:.0f} from the run's B_crit {row['b_crit']:.3g}{lag}; over the run {low:.0f} to "
-            f"{high:.0f} (B_noise {c_low:.3g} to {c_high_text}); "
+            f"{high:.0f} (B_noise {c_low:.3g} to {c_high_text}{stood_in}); "
             f"the grid's nearest: B = {row['nearest_grid_batch_size']}; largest feasible B "
             f"{row['largest_feasible_batch_size']}\n"
             + (f"  with the saturating step time ({_knee(row['b_knee'])}): b_opt {row['b_opt_sat']:.0f}\n"

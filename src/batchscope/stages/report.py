@@ -171,6 +171,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 # 5: the branched critical batch size in the first section; 6: what the answer saves against the grid's ends, the
 # branch jobs billed by their fraction; 7: where the fastest B has lain around the quick b_opt (its model error)
 # 8: the quick estimates' warnings among the answer's, the adaptive study's sizes and second round in its paragraph;
-# 9: the answer table's savings in recommend's words (recommend.slowdown)
-RULES = {"render_report": Rule(version=9)}
+# 9: the answer table's savings in recommend's words (recommend.slowdown); 10: the critical-batch figure draws
+# B_simple where it stood in for B_noise
+RULES = {"render_report": Rule(version=10)}
 COMMANDS = (Command("report", "execute the report notebook and write HTML", run, _arguments),)
