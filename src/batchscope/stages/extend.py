@@ -14,11 +14,12 @@ the target, the next size past it is trained. Past the trained sizes the fit ext
 itself: one more size checks it. A quick estimate off by 3x (the digits CNN with momentum 0.9 in
 benchmarks/configs/digits_cnn.yaml) can leave the optimum outside a bracket whose measured fastest, with steps to target
 resolved to a few steps, is an inner size; the fit on the same sizes still places b_opt outside it, and the fit's
-diagnostics would otherwise only tell the user to add that size by hand. The fit then runs on every trained size; if
-the new size is the fastest again, or b_opt still lies beyond, its diagnostics say so. A bracket where fewer than two sizes reached the target has no fit to ask, and the final fit
-would stop the study: where the sizes that fell short ran out of steps, the next size above the bracket is trained
-(a larger batch needs fewer steps; a quick estimate far below the answer leaves the bracket there), and where they
-all diverged, the next size below (:func:`~batchscope.core.selection.extension_without_a_fit`).
+diagnostics would otherwise only tell the user to add that size by hand. The fit then runs on every trained size; if the
+new size is the fastest again, or b_opt still lies beyond, its diagnostics say so. A bracket where fewer than two sizes
+reached the target has no fit to ask, and the final fit would stop the study: where the sizes that fell short ran out of
+steps, the next size above the bracket is trained (a larger batch needs fewer steps; a quick estimate far below the
+answer leaves the bracket there), and where they all diverged, the next size below
+(:func:`~batchscope.core.selection.extension_without_a_fit`).
 
 The file (``results/adaptive/WORKLOAD.extended.nc``) holds the bracket's choice (:mod:`batchscope.stages.adaptive`)
 with ``chosen`` the sizes trained in the end, and what the fit on the bracket predicted.
