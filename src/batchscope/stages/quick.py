@@ -87,11 +87,11 @@ def stand_in(b_noise: np.ndarray, b_simple: np.ndarray) -> np.ndarray:
     """B_noise, with B_simple in its place where B_noise is infinite and B_simple finite: G^T H G <= 0 while |G|^2
     stands clear of the noise. The loss curves down along the gradient there, so the quadratic model behind B_noise
     has no optimal step, and taken literally (perfect scaling at any batch size) it put b_opt 2x to 4x above the
-    fastest size on the three studies where it happened and a full grid was run; B_simple is the same noise scale with H taken as a multiple
-    of I. A B_simple <= 0 (tr(Sigma) estimated at or below 0: no noise seen) stands in too, and is then left out as
-    any value <= 0 is (:func:`batchscope.core.scaling.effective_b_crit`), rather than count as perfect scaling, the
-    opposite extreme. An infinite B_simple (|G|^2 not clear of the noise: no gradient signal) leaves it infinite.
-    Elementwise, so a resample is judged by its own pairs as the point is by all of them."""
+    fastest size on the three studies where it happened and a full grid was run; B_simple is the same noise scale
+    with H taken as a multiple of I. A B_simple <= 0 (tr(Sigma) estimated at or below 0: no noise seen) stands in
+    too, and is then left out as any value <= 0 is (:func:`batchscope.core.scaling.effective_b_crit`), rather than
+    count as perfect scaling, the opposite extreme. An infinite B_simple (|G|^2 not clear of the noise: no gradient
+    signal) leaves it infinite. Elementwise, so a resample is judged by its own pairs as the point is by all of them."""
     swap = np.isinf(b_noise) & np.isfinite(b_simple)
     return np.where(swap, b_simple, b_noise)
 
