@@ -20,6 +20,7 @@ import seaborn as sns
 import xarray as xr
 
 from batchscope.stages._common import batch_interval
+from batchscope.stages.quick import stood_in
 from batchscope.stages.recommend import LABELS, adaptive_lines, recommend_row, slowdown
 from batchscope.store import atomic_write, job_seconds, read_netcdf
 
@@ -799,9 +800,9 @@ def plot_critical_batch(quick: xr.Dataset, fit: xr.Dataset | None, name: str,
     # what b_crit is made of: B_noise, with B_simple where it stood in (G^T H G <= 0: B_noise infinite), drawn open
     used = quick["b_noise_or_simple"].values
     ax.plot(steps, used, "^-", color="C2", label="B_noise along the reference run (quick)")
-    stood_in = np.isinf(quick["b_noise"].values) & np.isfinite(used)
-    if stood_in.any():
-        ax.plot(steps[stood_in], used[stood_in], "^", color="white", markeredgecolor="C2", ms=8, zorder=3,
+    swapped = stood_in(quick)
+    if swapped.any():
+        ax.plot(steps[swapped], used[swapped], "^", color="white", markeredgecolor="C2", ms=8, zorder=3,
                 label="B_simple in its place, where G^T H G <= 0")  # fmt: skip
     ax.axhline(float(quick["b_crit"]), color="C2", ls="--", lw=1,
                label=f"the quick estimate's b_crit = {float(quick['b_crit']):.0f}")  # fmt: skip

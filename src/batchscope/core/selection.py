@@ -146,10 +146,10 @@ def extension(trained: Sequence[int], fastest: int, indistinguishable: Sequence[
             return size, reason
         side = "smallest" if fastest == sizes[0] else "largest"
         reason = f"the {side} trained size {fastest} is the fastest and {inner} as fast within the fit's noise"
-    elif not (below or above):
-        return None, f"the fastest trained size, {fastest}, is an inner one"
     else:
         reason = f"the fastest trained size, {fastest}, is an inner one"
+        if not (below or above):
+            return None, reason
     values = " and ".join(f"{b:.0f} ({model} step time)" for model, b in predicted.items())
     edge = sizes[0] if below else sizes[-1]
     where = f"b_opt {values}, {'below' if below else 'above'} the trained sizes ({sizes[0]} to {sizes[-1]})"

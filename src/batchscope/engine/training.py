@@ -169,6 +169,14 @@ class Snapshots:
         """Whether a state at ``step`` stays beyond being the newest (on the stride)."""
         return step % self.stride == 0
 
+    def next_due(self, step: int) -> int:
+        """The first step after ``step`` on the stride."""
+        return (step // self.stride + 1) * self.stride
+
+    def drop_after(self, step: int) -> None:
+        """Forget the states kept after ``step`` (a run whose record ends there)."""
+        self.kept = [item for item in self.kept if item[0] <= step]
+
 
 def _pick_snapshots(kept: list[tuple[int, dict]], fractions: list[float], steps_done: int) -> list[dict]:
     """For each fraction f, the kept state nearest f x steps_done (kept states: :class:`Snapshots`):
@@ -237,7 +245,7 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     # a snapshot holds the weights and the optimizer's state (momentum; AdamW's two moments)
     room = SNAPSHOT_BUDGET // max(n_params * (1 + optimizer.state_slots()), 1)
-    snapshots = Snapshots(min(room, STATES_PER_FRACTION * len(snapshot_fractions or [])) or room)
+    snapshots = Snapshots(min(room, STATES_PER_FRACTION * len(snapshot_fractions)) if snapshot_fractions else room)
     if snapshot_fractions and room < len(snapshot_fractions):
         log.warning("room for %d states of %d parameters (and the optimizer's) in memory, fewer than the %d to keep "
                     "(noise.kept_snapshots): the snapshot fractions share the states kept", max(room, 2), n_params,
@@ -270,7 +278,7 @@ def train(
             first = steps_done == 0 and done == 0 and block > 1
             end = 1 if first else block
             if snapshot_fractions and not first:  # the next state to keep, or the block's end
-                end = next(k for k in range(done + 1, block + 1) if k == block or snapshots.due(steps_done + k))
+                end = min(block, snapshots.next_due(steps_done + done) - steps_done)
             try:
                 clock.start()
                 for _ in range(end - done):
@@ -290,7 +298,7 @@ def train(
             done = end
         if out_of_memory:
             # the run's record ends at its last evaluation: states kept after it, inside this block, go with it
-            snapshots.kept = [item for item in snapshots.kept if item[0] <= steps_done]
+            snapshots.drop_after(steps_done)
             break
         elapsed = timed_s * block / timed
         # The step time left out the first step after an evaluation: the evaluation's forward pass evicts

@@ -96,6 +96,12 @@ def stand_in(b_noise: np.ndarray, b_simple: np.ndarray) -> np.ndarray:
     return np.where(swap, b_simple, b_noise)
 
 
+def stood_in(ds: xr.Dataset) -> np.ndarray:
+    """Per snapshot of a quick-estimate file, whether B_simple stood in for an infinite B_noise (:func:`stand_in`):
+    the note, ``recommend --quick`` and the report's figure all read it from here."""
+    return np.isinf(ds["b_noise"].values) & np.isfinite(ds["b_noise_or_simple"].values)
+
+
 def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> xr.Dataset:
     """The quick estimate's NetCDF: per snapshot B_noise, B_simple and their b_opt; the bands and the point."""
     from batchscope.core import scaling
@@ -229,7 +235,7 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
             "profile larger ones (profile.extra_batch_sizes) to see whether the optimum lies beyond"
         )
     # where B_simple stood in for B_noise (stand_in)
-    concave = later & np.isinf(ds["b_noise"].values) & np.isfinite(ds["b_noise_or_simple"].values)
+    concave = later & stood_in(ds)
     if concave.any():
         at = ", ".join(str(int(step)) for step in ds["step"].values[concave])
         simple = ", ".join(f"{value:.3g}" for value in ds["b_simple_two_batch"].values[concave])

@@ -293,10 +293,8 @@ def quick_rows(results: str | Path, config: dict[str, Any],
                current_batch_size: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """The quick estimates of the config's workloads (``results/quick``), each checked to be this config's; with
     ``current_batch_size``, its predicted time to target against b_opt's (:func:`quick_against`)."""
-    import numpy as np
-
     from batchscope.core import scaling
-    from batchscope.stages.quick import VARIABLES
+    from batchscope.stages.quick import VARIABLES, stood_in
     from batchscope.stages.quick import config_slice as quick_slice
 
     rows = []
@@ -316,8 +314,7 @@ def quick_rows(results: str | Path, config: dict[str, Any],
             "diagnostics": json.loads(ds.attrs.get("diagnostics", "[]")),
             "b_crit_band": [float(x) for x in ds["b_crit_band"].values],
             # where B_simple stood in for an infinite B_noise (quick.stand_in), after step 0
-            "b_simple_stood_in": bool((np.isinf(ds["b_noise"].values) & np.isfinite(ds["b_noise_or_simple"].values)
-                                       & (ds["step"].values > 0)).any()),
+            "b_simple_stood_in": bool((stood_in(ds) & (ds["step"].values > 0)).any()),
             "b_crit": float(ds["b_crit"]),
             "b_noise_mean": float(ds["b_noise_mean"]),
             "update_lag": float(ds["update_lag"]),
