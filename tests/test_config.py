@@ -136,6 +136,13 @@ MALFORMED = [
     ("noise", {"eval_size": 1}, "noise.eval_size: 1"),
     ("noise", {"chunk_size": 0}, "noise.chunk_size: 0"),
     ("hessian", {"cache_mb": -1}, "hessian.cache_mb: -1"),
+    # NaN and infinity: YAML's .nan and .inf are floats the schema's bounds let through (NaN compares false)
+    ("workloads.w.learning_rates", [0.1, float("nan")], "workloads.w.learning_rates.1: nan is invalid: a setting"),
+    ("workloads.w.learning_rates", [float("inf")], "workloads.w.learning_rates.0: inf is invalid"),
+    ("workloads.w.target", {"metric": "val_accuracy", "value": float("nan")}, "workloads.w.target.value: nan"),
+    ("profile", {"min_repeat_time": float("inf")}, "profile.min_repeat_time: inf is invalid"),
+    ("fit", {"tolerance": float("-inf")}, "fit.tolerance: -inf is invalid"),
+    ("noise", {"reference_lr_index": 1}, "noise.reference_lr_index: 1 is past workload 'w''s learning rates: it has 1"),
     ("workloads", {}, "workloads: {} is invalid"),
     ("workloads", {"1bad": base()["workloads"]["w"]}, "invalid name '1bad'"),
 ]

@@ -213,6 +213,33 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
     other.write_text(yaml.safe_dump(changed))
     with pytest.raises(rec.CacheError, match="computed for another config"):
         rec.main(str(tmp_path / "results"), str(other), False, True, quick=True)
+    # so is one whose reference run trained to another end: its max_steps (the noise stage's slice leaves it out)
+    changed = yaml.safe_load(Path("config/test/tiny.yaml").read_text())
+    for workload in changed["workloads"].values():
+        workload["max_steps"] = 2 * cfg.load("config/test/tiny.yaml")["workloads"][name]["max_steps"]
+    other.write_text(yaml.safe_dump(changed))
+    with pytest.raises(rec.CacheError, match="computed for another config"):
+        rec.main(str(tmp_path / "results"), str(other), False, True, quick=True)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_steps", 7),
+        ("eval_interval", 3),
+        ("stop_at_target", False),
+        ("target", {"metric": "val_loss", "value": 0.5}),
+    ],
+)
+def test_the_reference_runs_training_settings_name_the_quick_estimate(key, value):
+    """The reference run trains to the workload's target within its max_steps, evaluating every eval_interval: each
+    changes the run, so each changes the quick estimate's config hash (and so recommend --quick refuses the old one)."""
+    config = cfg.load("config/test/tiny.yaml")
+    name = sorted(config["workloads"])[0]
+    before = cfg.config_hash(quick.config_slice(config, name))
+    assert config["workloads"][name][key] != value
+    config["workloads"][name][key] = value
+    assert cfg.config_hash(quick.config_slice(config, name)) != before
 
 
 def test_against_a_current_batch_size(tmp_path):

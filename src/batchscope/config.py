@@ -85,6 +85,19 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
     return f"{key}: {err.instance!r} is invalid: {err.message}"
 
 
+def _check_finite(value: Any, path: tuple[Any, ...] = ()) -> None:
+    """Refuse NaN and infinity anywhere in the config. YAML reads ``.nan`` and ``.inf`` as floats, and the schema's
+    bounds cannot catch them (NaN compares false to every bound), so a NaN learning rate would be trained on."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_finite(item, (*path, index))
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{_key(path)}: {value!r} is invalid: a setting must be a finite number")
+
+
 def _check_schema(config: dict[str, Any]) -> None:
     errors = sorted(_Validator(schema()).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
@@ -264,6 +277,7 @@ def validate(config: dict[str, Any], importable: bool = True) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError(f"<top level>: the config must be a mapping, got {type(config).__name__}")
     config = copy.deepcopy(config)
+    _check_finite(config)
     _check_schema(config)  # and fills the schema's defaults
     _derive_defaults(config)
     for name, wl in config["workloads"].items():
@@ -311,6 +325,14 @@ def _check_noise(config: dict[str, Any]) -> None:
         raise ConfigError(f"noise.reference_batch_size: {settings['reference_batch_size']} is not in grid.batch_sizes")
     if settings["reference_seed"] not in config["grid"]["seeds"]:
         raise ConfigError(f"noise.reference_seed: {settings['reference_seed']} is not in grid.seeds")
+    index = settings["reference_lr_index"]
+    for name, wl in config["workloads"].items():
+        count = len(learning_rates(wl, settings["reference_batch_size"]))
+        if index is not None and index >= count:
+            raise ConfigError(
+                f"noise.reference_lr_index: {index} is past workload {name!r}'s learning rates: it has {count} "
+                f"(indices 0 to {count - 1})"
+            )
     if settings["b_big"] is not None and settings["b_small"] >= settings["b_big"]:
         raise ConfigError(f"noise.b_small: {settings['b_small']} is not smaller than noise.b_big {settings['b_big']}")
     if settings["min_pairs"] > settings["pairs"]:
@@ -369,7 +391,7 @@ def noise_reference(config: dict[str, Any], workload: str) -> tuple[int, float, 
     settings = config["noise"]
     lrs = learning_rates(config["workloads"][workload], settings["reference_batch_size"])
     index = settings["reference_lr_index"]
-    index = len(lrs) // 2 if index is None else min(index, len(lrs) - 1)
+    index = len(lrs) // 2 if index is None else index  # validate() refuses one past the grid
     return settings["reference_batch_size"], lrs[index], settings["reference_seed"]
 
 
