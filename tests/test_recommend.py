@@ -10,7 +10,7 @@ import xarray as xr
 from batchscope import cli
 from batchscope.core import scaling
 from batchscope.stages import fit
-from batchscope.stages.recommend import CacheError, format_row, recommend_row, recommendations
+from batchscope.stages.recommend import CacheError, format_row, recommend_row, recommendations, study_fits
 from batchscope.store import ENGINE, provenance, write_netcdf
 from tests.test_fit import SPEC, _NoNoise, _write_synthetic_caches
 
@@ -177,3 +177,38 @@ def test_the_reports_answer_table_says_what_the_answer_saves_against_the_grids_e
             f"B = {b} takes {ratio:.2f}x as long: the recommended size saves {saved:.3g} s per training run (from the "
             "profile)"
         )
+
+
+def test_a_fit_that_stopped_is_named_with_its_reason(tmp_path):
+    """A study whose fit stopped (no K(B) to fit: too few sizes reached the target) has a results tree without
+    results/fit: recommend names the file the workflow writes there and, from the fit's log beside results/, why it
+    stopped, rather than pointing at results/ and asking for a run that already happened."""
+    from batchscope import config as cfg
+
+    config = cfg.validate(
+        {
+            "grid": {"batch_sizes": [8, 64]},
+            "workloads": {
+                "wl": {"dataset": {"name": "digits"}, "model": {"name": "mlp"}, "max_steps": 100,
+                       "learning_rates": [0.1], "target": {"metric": "val_accuracy", "value": 0.9}}
+            },
+        }
+    )  # fmt: skip
+    results = tmp_path / "results"
+    (results / "train").mkdir(parents=True)
+    with pytest.raises(CacheError) as err:
+        study_fits(results, config, "my.yaml")
+    assert str(err.value).startswith(f"{results / 'fit' / 'wl.nc'}: no fit for workload 'wl' of my.yaml; run the")
+    log = tmp_path / "logs" / "fit_scaling" / "wl.log"
+    log.parent.mkdir(parents=True)
+    reason = "ValueError: workload 'wl': the target was reached at 0 batch size(s); K(B) needs at least 2."
+    log.write_text(f'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n{reason}\n\n')
+    with pytest.raises(CacheError) as err:
+        study_fits(results, config, "my.yaml")
+    assert str(err.value) == (
+        f"{results / 'fit' / 'wl.nc'}: no fit for workload 'wl': the workflow's last fit of it stopped: {reason} "
+        f"(the whole message: {log})"
+    )
+    log.write_text("2026-12-06 batchscope INFO wrote results/fit/wl.nc\n")  # a log that ends well says nothing
+    with pytest.raises(CacheError, match="of my.yaml; run the workflow"):
+        study_fits(results, config, "my.yaml")

@@ -60,6 +60,16 @@ def _fit_dir(results: str | Path) -> Path:
     return results / "fit" if (results / "fit").is_dir() else results
 
 
+def _fit_stopped(results: Path, workload: str) -> str | None:
+    """Why the workflow's fit of ``workload`` stopped, where its log (logs/ beside results/) ends in an error: its
+    last line and the log's path. None where there is no such log or it ends otherwise."""
+    log = results.parent / "logs" / "fit_scaling" / f"{workload}.log"
+    lines = [line.strip() for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    if lines and ("Error" in lines[-1].split(":")[0] or lines[-1].startswith("batchscope:")):
+        return f"{lines[-1]} (the whole message: {log})"
+    return None
+
+
 def _read_fit(path: Path, config_hash: str | None = None):
     return read_netcdf(path, "fit_scaling", REQUIRED, config_hash)
 
@@ -71,7 +81,14 @@ def study_fits(results: str | Path, config: dict[str, Any], config_name: str = "
     for name in sorted(config["workloads"]):
         path = fit_dir / f"{name}.nc"
         if not path.is_file():
-            raise CacheError(f"{path}: no fit for workload {name!r} of {config_name}; run the workflow with this "
+            # a results tree without a fit yet names where the workflow writes it, not the tree's top
+            missing = Path(results) / "fit" / path.name if fit_dir == Path(results) and not any(
+                fit_dir.glob("*.nc")) else path  # fmt: skip
+            stopped = _fit_stopped(Path(results), name)
+            if stopped:
+                raise CacheError(f"{missing}: no fit for workload {name!r}: the workflow's last fit of it stopped: "
+                                 f"{stopped}")  # fmt: skip
+            raise CacheError(f"{missing}: no fit for workload {name!r} of {config_name}; run the workflow with this "
                              "config (or pass --configfile for the study you ran, or --all)")  # fmt: skip
         _read_fit(path, cfg.config_hash(fit_slice(config, name)))
         files[name] = path
