@@ -322,3 +322,19 @@ def test_a_flat_k_is_named_not_given_as_a_nan_r2(tmp_path):
     notes = fit.diagnose(ds)
     assert any("K(B) is 40 steps at every batch size" in n and "make the target harder" in n for n in notes), notes
     assert not any("R^2 = nan" in n for n in notes)
+
+
+@pytest.mark.parametrize(
+    ("r2", "residual", "says"),
+    [(0.88, 0.27, "largest residual 27% (want <= 25%)"), (0.5, 0.1, "R^2 = 0.50 (want >= 0.8)"), (0.95, 0.1, None)],
+)
+def test_a_poor_k_fit_states_both_criteria(tmp_path, r2, residual, says):
+    """A K(B) fit fails on its R^2 or on its largest residual; the note states each beside its bound, so a reader
+    sees which one failed (R^2 0.88 passes, a 27% residual does not)."""
+    profiles, runs = _write_synthetic_caches(tmp_path, 40.0, 2400.0, 2.5e-4, 1.1e-6, _NoNoise())
+    ds = fit.fit_scaling(profiles, runs, SPEC, "synthetic").assign(k_r2=r2, k_residual_max=residual)
+    notes = [note for note in fit.diagnose(ds) if note.startswith("poor K fit")]
+    if says is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and says in notes[0] and "seeds (grid.seeds)" in notes[0]

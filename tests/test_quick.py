@@ -274,9 +274,16 @@ def test_against_a_current_batch_size(tmp_path):
     # the fit's prediction is not offered in their place
     failed = ds.copy(deep=True)
     failed["time_from_profile"].loc[{"batch_size": 512}] = np.inf
+    at_512 = failed["run_batch_size"].values == 512
+    failed["reached_target"] = ("run", ~at_512)  # as the runs' records say it: none at 512 reached the target
     row = rec.recommend_row(failed, "", current_batch_size=512)
     assert row["current_slowdown"] == np.inf and row["current_source"] == "never reached the target in training"
     assert "B = 512 does not reach the target (never reached the target in training)" in rec.format_row(row)
+    # one run of them reached it (not on a median seed): said so, not "never"
+    failed["reached_target"].values[np.flatnonzero(at_512)[0]] = True
+    row = rec.recommend_row(failed, "", current_batch_size=512)
+    assert row["current_source"] == (f"reached the target in 1 of {at_512.sum()} training runs, but not on the "
+                                     "median seed of any learning rate")  # fmt: skip
     failed["smallest_infeasible_batch_size"] = 512
     for b in (512, 2000):
         row = rec.recommend_row(failed, "", current_batch_size=b)

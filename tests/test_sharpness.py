@@ -167,7 +167,13 @@ def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):
     assert bool(ds["larger_batch_sharper"]) and int(ds["n_runs_compared"]) == 8
     medians = ds["lambda_max_at_best_lr"].sel(summary="median").values
     np.testing.assert_allclose(medians, np.log(batch_sizes) + 0.005)
-    assert "reproduced" in hessian_stage.reproduction_sentence(ds)
+    sentence = hessian_stage.reproduction_sentence(ds)
+    assert "reproduced" in sentence and "at equal validation accuracy 0.9 rather than at convergence" in sentence
+    # a loss target is named as such, not as an accuracy
+    fit.attrs.update(target_metric="val_loss", target_value=0.25)
+    write_netcdf(fit, tmp_path / "fit.nc")
+    sentence = hessian_stage.reproduction_sentence(hessian_stage.aggregate([tmp_path / "h"], tmp_path / "fit.nc", "x"))
+    assert "at equal validation loss 0.25 rather than" in sentence and "accuracy" not in sentence
 
 
 @pytest.mark.parametrize("n", [3, 4, 8, 20, 72])

@@ -308,7 +308,8 @@ def diagnose(ds: xr.Dataset) -> list[str]:
         )
     elif not r2 >= R2_MIN_K or worst > RESIDUAL_MAX:
         notes.append(
-            f"poor K fit: R^2 = {r2:.2f} (want >= {R2_MIN_K}), largest residual {100 * worst:.0f}%: add "
+            f"poor K fit: R^2 = {r2:.2f} (want >= {R2_MIN_K}), largest residual {100 * worst:.0f}% (want <= "
+            f"{100 * RESIDUAL_MAX:.0f}%): add "
             "seeds (grid.seeds), or lower eval_interval (the resolution of the steps to target)"
         )
     edges = _lr_on_edge(ds)

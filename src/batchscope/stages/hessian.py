@@ -99,7 +99,10 @@ def aggregate(hessian_paths: Sequence[str | Path], fit_path: str | Path, workloa
     out["n_runs_compared"] = ((), int(best.sum()))
     out["larger_batch_sharper"] = ((), bool(b_rho > 0 and b_p < 0.05))
     merged = xr.merge([out, runs], combine_attrs="drop_conflicts")
-    merged.attrs.update(workload=workload, gap_metric=gap_name, stop_at_target=stop_at_target)
+    # the target's metric in words, for the sentence on checkpoints taken at it (val_loss: "validation loss")
+    metric = str(fit.attrs["target_metric"]).removeprefix("val_").replace("_", " ")
+    merged.attrs.update(workload=workload, gap_metric=gap_name, stop_at_target=stop_at_target,
+                        target=f"validation {metric} {float(fit.attrs['target_value']):g}")  # fmt: skip
     return merged
 
 
@@ -139,7 +142,7 @@ def reproduction_sentence(ds: xr.Dataset) -> str:
     if ds.attrs.get("stop_at_target"):
         sentence += (
             " The checkpoints were taken when each run first reached the target (stop_at_target: true), at "
-            "equal validation accuracy rather than at convergence as in Keskar et al.; set stop_at_target: "
+            f"equal {ds.attrs['target']} rather than at convergence as in Keskar et al.; set stop_at_target: "
             "false to measure the minima that training converges to."
         )
     return sentence
@@ -233,7 +236,7 @@ def _aggregate_arguments(parser: argparse.ArgumentParser) -> None:
 
 RULES = {
     "analyze_hessian": Rule(version=3, config_slice=config_slice, variables=("lambda_max", "trace", "density")),
-    "aggregate_hessian": Rule(version=2, variables=("lambda_max",)),
+    "aggregate_hessian": Rule(version=3, variables=("lambda_max",)),
 }
 COMMANDS = (
     Command("hessian", "Hessian spectrum of checkpoints; --out is a directory", run, _arguments, spec=config_slice),

@@ -197,7 +197,14 @@ def time_at(ds, batch_size: int) -> tuple[float, str]:
         return measured, "profile"
     if 0 < limit <= batch_size:
         return math.inf, f"out of memory in the profile at B = {limit}"
-    if batch_size in trained:  # diverged or censored at every learning rate
+    if batch_size in trained:  # no learning rate's median seed reached the target (diverged, censored, pruned)
+        runs = (
+            zip(ds["run_batch_size"].values, ds["reached_target"].values, strict=True) if "reached_target" in ds else ()
+        )
+        reached = [bool(hit) for b, hit in runs if b == batch_size]
+        if any(reached):
+            return math.inf, (f"reached the target in {sum(reached)} of {len(reached)} training runs, but not on "
+                              "the median seed of any learning rate")  # fmt: skip
         return math.inf, "never reached the target in training"
     # steps to the target fall with B (K = N_iter + C_var / B, C_var >= 0), and every size has the same max_steps:
     # below the nearest trained size above, if its runs ran out of steps short of the target (not diverged, pruned
