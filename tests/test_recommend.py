@@ -10,7 +10,14 @@ import xarray as xr
 from batchscope import cli
 from batchscope.core import scaling
 from batchscope.stages import fit
-from batchscope.stages.recommend import CacheError, format_row, recommend_row, recommendations, study_fits
+from batchscope.stages.recommend import (
+    CacheError,
+    format_row,
+    format_unreached,
+    recommend_row,
+    recommendations,
+    study_fits,
+)
 from batchscope.store import ENGINE, provenance, write_netcdf
 from tests.test_fit import SPEC, _NoNoise, _write_synthetic_caches
 
@@ -212,3 +219,32 @@ def test_a_fit_that_stopped_is_named_with_its_reason(tmp_path):
     log.write_text("2026-12-06 batchscope INFO wrote results/fit/wl.nc\n")  # a log that ends well says nothing
     with pytest.raises(CacheError, match="of my.yaml; run the workflow"):
         study_fits(results, config, "my.yaml")
+
+
+def test_sizes_without_a_k_are_listed_by_recommend_and_the_report(results):
+    """A trained batch size where no learning rate's median seed reached the target has no K(B): recommend and the
+    report's "Failed points" list it, with how many of its runs reached the target, rather than saying nothing of it
+    (the report said "No run diverged and no batch size ran out of memory")."""
+    from batchscope import figures
+
+    ds = xr.open_dataset(results / "fit" / "synthetic.nc", engine=ENGINE).load()
+    ds["reached_target"] = ("run", np.isfinite(ds["steps_to_target"].values))  # as the training stage records it
+    for name in ("diverged", "out_of_memory"):  # the synthetic records leave out what the report's table reads
+        ds[name] = ("run", np.zeros(ds.sizes["run"], bool))
+    for name in ("final_train_accuracy", "final_val_accuracy", "gap_accuracy", "gap_loss", "step_time_median"):
+        ds[name] = ds.get(name, ("run", np.full(ds.sizes["run"], np.nan)))
+    assert recommend_row(ds)["unreached"] == [] and figures.failures({"synthetic": ds}).empty
+    at_8 = ds["run_batch_size"].values == 8
+    ds["k"].loc[{"batch_size": 8}] = np.nan
+    ds["reached_target"] = ("run", ~at_8)
+    ds["reached_target"].values[np.flatnonzero(at_8)[0]] = True  # one run of them got there
+    row = recommend_row(ds)
+    assert row["unreached"] == [{"batch_size": 8, "runs_reached": 1, "runs": int(at_8.sum())}]
+    assert (f"  no learning rate reached the target on its median seed at B = 8 (1 of {at_8.sum()} runs reached "
+            "it)\n") in format_row(row)  # fmt: skip
+    table = figures.failures({"synthetic": ds})
+    assert table[["workload", "stage", "batch size"]].values.tolist() == [["synthetic", "train", 8]]
+    assert table["what"].item() == f"target not reached on any learning rate's median seed (1 of {at_8.sum()} runs " \
+        "reached it)"  # fmt: skip
+    assert format_unreached([{"batch_size": 16, "runs_reached": 0, "runs": 6}, {"batch_size": 32, "runs_reached": 1,
+                             "runs": 6}]) == "B = 16 (0 of 6 runs reached it), 32 (1 of 6)"  # fmt: skip

@@ -21,7 +21,7 @@ import xarray as xr
 
 from batchscope.stages._common import batch_interval
 from batchscope.stages.quick import stood_in
-from batchscope.stages.recommend import LABELS, adaptive_lines, recommend_row, slowdown
+from batchscope.stages.recommend import LABELS, adaptive_lines, recommend_row, slowdown, unreached
 from batchscope.store import atomic_write, job_seconds, read_netcdf
 
 
@@ -203,8 +203,9 @@ def plot_steps(ds: xr.Dataset) -> plt.Figure:
 
 def failures(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
     """Every point that is a result rather than a number: profiled batch sizes out of memory, training runs
-    that diverged or ran out of memory. Empty when there were none. (The largest feasible batch size is a column
-    of :func:`summary`.)"""
+    that diverged or ran out of memory, and trained batch sizes without a K(B) (no learning rate's median seed
+    reached the target: recommend.unreached). Empty when there were none. (The largest feasible batch size is a
+    column of :func:`summary`.)"""
     rows = []
     for name, ds in fits.items():
         feasible = ds["profile_feasible"].values.astype(bool)
@@ -216,6 +217,10 @@ def failures(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
             rows.append({"workload": name, "stage": "train", "batch size": int(run["batch_size"]), "lr": run["lr"],
                          "seed": int(run["seed"]),
                          "what": "out of memory" if run["out_of_memory"] else "diverged"})  # fmt: skip
+        for size in unreached(ds):
+            rows.append({"workload": name, "stage": "train", "batch size": size["batch_size"], "lr": np.nan,
+                         "seed": np.nan, "what": f"target not reached on any learning rate's median seed "
+                         f"({size['runs_reached']} of {size['runs']} runs reached it)"})  # fmt: skip
     return pd.DataFrame(rows, columns=["workload", "stage", "batch size", "lr", "seed", "what"])
 
 

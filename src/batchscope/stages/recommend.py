@@ -174,12 +174,40 @@ def recommend_row(ds, path: str | Path = "", current_batch_size: int | None = No
         **_against(ds, min(grid), at, "smallest"),
         **_against(ds, max(grid), at, "largest"),
         "diagnostics": json.loads(ds.attrs.get("diagnostics", "[]")),
+        "unreached": unreached(ds),
         # the bill (fits made without benchmark files: unknown)
         "cost_s": float(ds["total_cost_s"]) if "total_cost_s" in ds else math.nan,
         "cost_in_runs": float(ds["cost_in_runs"]) if "cost_in_runs" in ds else math.nan,
         "run_s_at_recommended": float(ds["run_s_at_recommended"]) if "run_s_at_recommended" in ds else math.nan,
         **(_against(ds, current_batch_size, at, "current") if current_batch_size is not None else {}),
     }
+
+
+def runs_reached(ds, batch_size: int) -> tuple[int, int]:
+    """(runs that reached the target, runs) at ``batch_size`` in a fit's merged runs; (0, runs) where the records
+    do not say (no ``reached_target``)."""
+    sizes = [int(b) for b in ds["run_batch_size"].values]
+    hits = [bool(h) for h in ds["reached_target"].values] if "reached_target" in ds else [False] * len(sizes)
+    here = [hit for b, hit in zip(sizes, hits, strict=True) if b == batch_size]
+    return sum(here), len(here)
+
+
+def unreached(ds) -> list[dict[str, int]]:
+    """The trained batch sizes without a K(B): no learning rate's median seed reached the target (its runs ran out
+    of steps, diverged, were pruned or ran out of memory), each with how many of its runs did reach it."""
+    rows = []
+    for b, k in zip(ds["batch_size"].values, ds["k"].values, strict=True):
+        if not math.isfinite(float(k)):
+            reached, runs = runs_reached(ds, int(b))
+            rows.append({"batch_size": int(b), "runs_reached": reached, "runs": runs})
+    return rows
+
+
+def format_unreached(rows: list[dict[str, int]]) -> str:
+    """``unreached`` in words: "B = 16 (0 of 6 runs reached it), 32 (1 of 6)"."""
+    parts = [f"{row['batch_size']} ({row['runs_reached']} of {row['runs']}{' runs reached it' if i == 0 else ''})"
+             for i, row in enumerate(rows)]  # fmt: skip
+    return "B = " + ", ".join(parts)
 
 
 def time_at(ds, batch_size: int) -> tuple[float, str]:
@@ -198,13 +226,10 @@ def time_at(ds, batch_size: int) -> tuple[float, str]:
     if 0 < limit <= batch_size:
         return math.inf, f"out of memory in the profile at B = {limit}"
     if batch_size in trained:  # no learning rate's median seed reached the target (diverged, censored, pruned)
-        runs = (
-            zip(ds["run_batch_size"].values, ds["reached_target"].values, strict=True) if "reached_target" in ds else ()
-        )
-        reached = [bool(hit) for b, hit in runs if b == batch_size]
-        if any(reached):
-            return math.inf, (f"reached the target in {sum(reached)} of {len(reached)} training runs, but not on "
-                              "the median seed of any learning rate")  # fmt: skip
+        reached, runs = runs_reached(ds, batch_size)
+        if reached:
+            return math.inf, (f"reached the target in {reached} of {runs} training runs, but not on the median seed "
+                              "of any learning rate")  # fmt: skip
         return math.inf, "never reached the target in training"
     # steps to the target fall with B (K = N_iter + C_var / B, C_var >= 0), and every size has the same max_steps:
     # below the nearest trained size above, if its runs ran out of steps short of the target (not diverged, pruned
@@ -293,6 +318,10 @@ def format_row(row: dict[str, Any]) -> str:
         f"  the grid's largest: {slowdown(row, 'largest')}",
     ]
     lines += [f"  {line}" for line in adaptive_lines(row)]
+    if row["unreached"]:
+        lines.append(
+            f"  no learning rate reached the target on its median seed at {format_unreached(row['unreached'])}"
+        )
     lines.append(f"  this answer cost {_bill(row)}")
     if "current_batch_size" in row:
         lines.append(f"  against your {slowdown(row, 'current')}")
