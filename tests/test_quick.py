@@ -147,6 +147,17 @@ def test_the_cost_comes_from_the_benchmark_files(tmp_path):
     assert float(ds["total_cost_s"]) == 25.0
     assert float(ds["cost_in_reference_runs"]) == 5.0
     assert dict(zip(ds["job"].values.tolist(), ds["cost_s"].values.tolist(), strict=True))["train_reference"] == 5.0
+    # recommend --quick names the unit: the reference run's job, its process start included (the answer's bill
+    # counts training runs by their own clock)
+    from batchscope import store
+
+    config = cfg.load("config/test/tiny.yaml")
+    for name in config["workloads"]:
+        spec = quick.config_slice(config, name)
+        write_netcdf(ds.assign_attrs(store.provenance("quick_estimate", spec), workload=name),
+                     tmp_path / "results" / "quick" / f"{name}.nc")  # fmt: skip
+    text = rec.main(str(tmp_path / "results"), "config/test/tiny.yaml", False, False, quick=True)
+    assert "it cost 25 device-seconds, 5 reference runs (a reference run: its job's 5 s, the process start " in text
 
 
 def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):

@@ -376,6 +376,10 @@ def quick_rows(results: str | Path, config: dict[str, Any],
             "largest_feasible_batch_size": int(ds["largest_feasible_batch_size"]),
             "cost_s": float(ds["total_cost_s"]),
             "cost_in_reference_runs": float(ds["cost_in_reference_runs"]),
+            # the unit: the reference run's job, its process start included (the answer's bill counts runs by their
+            # own clock: on runs of a tenth of a second the two units are far apart)
+            "reference_job_s": float(ds["cost_s"].sel(job="train_reference")) if "train_reference" in ds["job"].values
+            else math.nan,
             "noise_job_whole_stage": bool(ds.attrs.get("noise_job_whole_stage", 0)),
             "reference": f"B={ds.attrs['reference_batch_size']} lr={ds.attrs['reference_lr']:g}",
             **(quick_against(ds, current_batch_size) if current_batch_size is not None else {}),
@@ -418,6 +422,8 @@ def format_quick(row: dict[str, Any]) -> str:
         if row["update_lag"] > 0 and math.isfinite(row["steps_to_target"])
         else ""
     )
+    job_s = row.get("reference_job_s", math.nan)
+    unit = f" (a reference run: its job's {job_s:.3g} s, the process start included)" if math.isfinite(job_s) else ""
     return (f"{row['workload']} (quick estimate: the profile and one reference run, {row['reference']}):\n"
             f"  b_opt {row['b_opt']:.0f} from the run's B_crit {row['b_crit']:.3g}{lag}; over the run {low:.0f} to "
             f"{high:.0f} (B_noise {c_low:.3g} to {c_high_text}{stood_in}); "
@@ -429,8 +435,9 @@ def format_quick(row: dict[str, Any]) -> str:
             f"{batch_interval(*row['b_opt_ci'])}\n"
             + _model_range(row) +
             f"  it cost {row['cost_s']:.4g} device-seconds, {_count(row['cost_in_reference_runs'])} reference "
-            "runs" + (" (its gradient-noise job ran the whole noise stage, noise.enabled: true; with it off the job "
-                      "measures the two-batch B_noise alone, for less)" if row["noise_job_whole_stage"] else "")
+            f"runs{unit}" + (" (its gradient-noise job ran the whole noise stage, noise.enabled: true; with it off "
+                             "the job measures the two-batch B_noise alone, for less)"
+                             if row["noise_job_whole_stage"] else "")
             + _quick_current(row) + "".join(f"\n  warning: {note}" for note in row["diagnostics"]))  # fmt: skip
 
 
