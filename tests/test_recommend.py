@@ -248,3 +248,20 @@ def test_sizes_without_a_k_are_listed_by_recommend_and_the_report(results):
         "reached it)"  # fmt: skip
     assert format_unreached([{"batch_size": 16, "runs_reached": 0, "runs": 6}, {"batch_size": 32, "runs_reached": 1,
                              "runs": 6}]) == "B = 16 (0 of 6 runs reached it), 32 (1 of 6)"  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "text"),
+    [
+        (43.4, 72.6, "43 to 73"),
+        (1e-6, 79.0, "below 1 to 79"),
+        (0.999, 2e6, "below 1 to unbounded"),
+        (1.0, 5.0, "1 to 5"),
+    ],
+)
+def test_a_batch_size_interval_prints_its_bounds_as_batch_sizes(low, high, text):
+    """A bootstrap resample with C_var near 0 puts b_opt near 0, one with tau_d near 0 puts it in the billions: the
+    interval says "below 1" and "unbounded" for them, not "0" or a ten-digit batch size."""
+    from batchscope.stages._common import batch_interval
+
+    assert batch_interval(low, high) == text

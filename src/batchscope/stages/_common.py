@@ -14,10 +14,13 @@ UNBOUNDED = 1e6  # examples: a batch-size bound beyond this is printed as unboun
 def batch_interval(low: float, high: float) -> str:
     """A batch-size interval as ``recommend``, the report and the diagnostics print it. A bootstrap resample whose
     fitted tau_d comes out near zero sends b_opt to billions of examples: that bound says "unbounded", which is
-    what it means, rather than a ten-digit batch size."""
+    what it means, rather than a ten-digit batch size. At the other end a resample whose C_var comes out near zero
+    sends b_opt towards 0: no batch size is below 1, so that bound says "below 1" rather than "0"."""
 
     def bound(value: float) -> str:
-        return "unbounded" if value >= UNBOUNDED else f"{value:.0f}"
+        if value >= UNBOUNDED:
+            return "unbounded"
+        return "below 1" if value < 1 else f"{value:.0f}"
 
     return f"{bound(low)} to {bound(high)}"
 
