@@ -143,6 +143,8 @@ MALFORMED = [
     ("profile", {"min_repeat_time": float("inf")}, "profile.min_repeat_time: inf is invalid"),
     ("fit", {"tolerance": float("-inf")}, "fit.tolerance: -inf is invalid"),
     ("noise", {"reference_lr_index": 1}, "noise.reference_lr_index: 1 is past workload 'w''s learning rates: it has 1"),
+    # the reference run is trained with the noise stage off too (the quick estimate): checked then as well
+    ("noise", {"enabled": False, "reference_lr_index": 5}, "noise.reference_lr_index: 5 is past workload 'w''s"),
     ("workloads", {}, "workloads: {} is invalid"),
     ("workloads", {"1bad": base()["workloads"]["w"]}, "invalid name '1bad'"),
 ]

@@ -245,12 +245,20 @@ def test_recommend_quick_reads_the_configs_estimates(tmp_path, capsys):
 def test_the_reference_runs_training_settings_name_the_quick_estimate(key, value):
     """The reference run trains to the workload's target within its max_steps, evaluating every eval_interval: each
     changes the run, so each changes the quick estimate's config hash (and so recommend --quick refuses the old one)."""
+    from batchscope.stages import branch, noise
+
     config = cfg.load("config/test/tiny.yaml")
     name = sorted(config["workloads"])[0]
-    before = cfg.config_hash(quick.config_slice(config, name))
+    stages = (
+        quick,
+        noise,
+        branch,
+    )  # the noise stage names the run it measures; the quick estimate and branches read it
+    before = [cfg.config_hash(stage.config_slice(config, name)) for stage in stages]
     assert config["workloads"][name][key] != value
     config["workloads"][name][key] = value
-    assert cfg.config_hash(quick.config_slice(config, name)) != before
+    after = [cfg.config_hash(stage.config_slice(config, name)) for stage in stages]
+    assert all(b != a for b, a in zip(before, after, strict=True))
 
 
 def test_against_a_current_batch_size(tmp_path):
@@ -286,15 +294,17 @@ def test_against_a_current_batch_size(tmp_path):
     failed = ds.copy(deep=True)
     failed["time_from_profile"].loc[{"batch_size": 512}] = np.inf
     at_512 = failed["run_batch_size"].values == 512
-    failed["reached_target"] = ("run", ~at_512)  # as the runs' records say it: none at 512 reached the target
+    steps = failed["steps_to_target"].values.copy()
+    failed["steps_to_target"].values[at_512] = np.nan  # as the runs' records say it: none at 512 reached the target
     row = rec.recommend_row(failed, "", current_batch_size=512)
     assert row["current_slowdown"] == np.inf and row["current_source"] == "never reached the target in training"
     assert "B = 512 does not reach the target (never reached the target in training)" in rec.format_row(row)
     # one run of them reached it (not on a median seed): said so, not "never"
-    failed["reached_target"].values[np.flatnonzero(at_512)[0]] = True
+    first = np.flatnonzero(at_512)[0]
+    failed["steps_to_target"].values[first] = steps[first]
     row = rec.recommend_row(failed, "", current_batch_size=512)
-    assert row["current_source"] == (f"reached the target in 1 of {at_512.sum()} training runs, but not on the "
-                                     "median seed of any learning rate")  # fmt: skip
+    assert row["current_source"] == (f"only 1 of {at_512.sum()} training runs reached the target, none on a "
+                                     "learning rate's median seed")  # fmt: skip
     failed["smallest_infeasible_batch_size"] = 512
     for b in (512, 2000):
         row = rec.recommend_row(failed, "", current_batch_size=b)

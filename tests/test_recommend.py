@@ -213,9 +213,16 @@ def test_a_fit_that_stopped_is_named_with_its_reason(tmp_path):
     with pytest.raises(CacheError) as err:
         study_fits(results, config, "my.yaml")
     assert str(err.value) == (
-        f"{results / 'fit' / 'wl.nc'}: no fit for workload 'wl': the workflow's last fit of it stopped: {reason} "
-        f"(the whole message: {log})"
+        f"{results / 'fit' / 'wl.nc'}: no fit for workload 'wl' of my.yaml; the workflow's last fit of it stopped: "
+        f"{reason} (the whole message: {log}); run the workflow with this config (or pass --configfile for the study "
+        "you ran, or --all)"
     )
+    # given the fit directory itself (empty: the fit stopped), the same file and the same log
+    (results / "fit").mkdir()
+    with pytest.raises(CacheError) as given_fit:
+        study_fits(results / "fit", config, "my.yaml")
+    assert str(given_fit.value) == str(err.value)
+    (results / "fit").rmdir()
     log.write_text("2026-12-06 batchscope INFO wrote results/fit/wl.nc\n")  # a log that ends well says nothing
     with pytest.raises(CacheError, match="of my.yaml; run the workflow"):
         study_fits(results, config, "my.yaml")
@@ -236,8 +243,8 @@ def test_sizes_without_a_k_are_listed_by_recommend_and_the_report(results):
     assert recommend_row(ds)["unreached"] == [] and figures.failures({"synthetic": ds}).empty
     at_8 = ds["run_batch_size"].values == 8
     ds["k"].loc[{"batch_size": 8}] = np.nan
-    ds["reached_target"] = ("run", ~at_8)
-    ds["reached_target"].values[np.flatnonzero(at_8)[0]] = True  # one run of them got there
+    ds["steps_to_target"].values[np.flatnonzero(at_8)[1:]] = np.nan  # one run of them got there
+    ds["reached_target"] = ("run", np.isfinite(ds["steps_to_target"].values))
     row = recommend_row(ds)
     assert row["unreached"] == [{"batch_size": 8, "runs_reached": 1, "runs": int(at_8.sum())}]
     assert (f"  no learning rate reached the target on its median seed at B = 8 (1 of {at_8.sum()} runs reached "
@@ -248,6 +255,14 @@ def test_sizes_without_a_k_are_listed_by_recommend_and_the_report(results):
         "reached it)"  # fmt: skip
     assert format_unreached([{"batch_size": 16, "runs_reached": 0, "runs": 6}, {"batch_size": 32, "runs_reached": 1,
                              "runs": 6}]) == "B = 16 (0 of 6 runs reached it), 32 (1 of 6)"  # fmt: skip
+    # out of memory in every run, or past the profile's memory limit: listed as such, not as short of the target
+    ds["out_of_memory"].values[at_8] = True
+    assert recommend_row(ds)["unreached"] == []
+    assert set(figures.failures({"synthetic": ds})["what"]) == {"out of memory"}
+    ds["out_of_memory"].values[at_8] = False
+    ds["k"].loc[{"batch_size": 512}] = np.nan
+    ds["smallest_infeasible_batch_size"] = 512
+    assert [row["batch_size"] for row in recommend_row(ds)["unreached"]] == [8]
 
 
 @pytest.mark.parametrize(

@@ -174,6 +174,10 @@ def test_aggregate_relates_sharpness_to_batch_size_and_gap(tmp_path):
     write_netcdf(fit, tmp_path / "fit.nc")
     sentence = hessian_stage.reproduction_sentence(hessian_stage.aggregate([tmp_path / "h"], tmp_path / "fit.nc", "x"))
     assert "at equal validation loss 0.25 rather than" in sentence and "accuracy" not in sentence
+    fit.attrs.update(target_metric="val_metric", target_value=0.8, metric_name="f1")  # a factory's own metric
+    write_netcdf(fit, tmp_path / "fit.nc")
+    sentence = hessian_stage.reproduction_sentence(hessian_stage.aggregate([tmp_path / "h"], tmp_path / "fit.nc", "x"))
+    assert "at equal validation f1 0.8 rather than" in sentence
 
 
 @pytest.mark.parametrize("n", [3, 4, 8, 20, 72])

@@ -319,8 +319,7 @@ def _derive_defaults(config: dict[str, Any]) -> None:
 def _check_noise(config: dict[str, Any]) -> None:
     settings = config["noise"]
     sizes = sorted(config["grid"]["batch_sizes"])
-    if not settings["enabled"] and config["study"] != "adaptive":  # the adaptive study reads the quick estimate
-        return
+    # the reference run: trained in every study (the quick estimate is the report's first section)
     if settings["reference_batch_size"] not in sizes:
         raise ConfigError(f"noise.reference_batch_size: {settings['reference_batch_size']} is not in grid.batch_sizes")
     if settings["reference_seed"] not in config["grid"]["seeds"]:
@@ -333,6 +332,8 @@ def _check_noise(config: dict[str, Any]) -> None:
                 f"noise.reference_lr_index: {index} is past workload {name!r}'s learning rates: it has {count} "
                 f"(indices 0 to {count - 1})"
             )
+    if not settings["enabled"] and config["study"] != "adaptive":  # the adaptive study reads the quick estimate
+        return
     if settings["b_big"] is not None and settings["b_small"] >= settings["b_big"]:
         raise ConfigError(f"noise.b_small: {settings['b_small']} is not smaller than noise.b_big {settings['b_big']}")
     if settings["min_pairs"] > settings["pairs"]:

@@ -221,7 +221,8 @@ def failures(fits: dict[str, xr.Dataset]) -> pd.DataFrame:
             rows.append({"workload": name, "stage": "train", "batch size": size["batch_size"], "lr": np.nan,
                          "seed": np.nan, "what": f"target not reached on any learning rate's median seed "
                          f"({size['runs_reached']} of {size['runs']} runs reached it)"})  # fmt: skip
-    return pd.DataFrame(rows, columns=["workload", "stage", "batch size", "lr", "seed", "what"])
+    table = pd.DataFrame(rows, columns=["workload", "stage", "batch size", "lr", "seed", "what"])
+    return table.astype({"seed": "Int64"})  # a seed is a whole number; rows without one (a batch size's) stay empty
 
 
 def plot_total_time(ds: xr.Dataset) -> plt.Figure:

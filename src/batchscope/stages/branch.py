@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from batchscope import config as cfg
-from batchscope.stages import Command, Rule, _common
+from batchscope.stages import Command, Rule, _common, noise
 
 log = logging.getLogger("batchscope")
 
@@ -22,6 +22,8 @@ def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     # the schedule over max_steps: the branches continue it along the examples they see
     return {**settings, "optimizer": wl["optimizer"], "loader": wl["loader"], "schedule": wl["schedule"],
             "max_steps": wl["max_steps"], "reference": list(cfg.noise_reference(config, workload)),
+            # the run it branches from: its training settings (the data, model, target), by their hash
+            "train_reference": noise.reference_training_hash(config, workload),
             **cfg.execution(config)}  # fmt: skip
 
 

@@ -11,17 +11,26 @@ from pathlib import Path
 from typing import Any
 
 from batchscope import config as cfg
-from batchscope.stages import Command, Rule, _common
+from batchscope.stages import Command, Rule, _common, train
 
 log = logging.getLogger("batchscope")
 
 
 def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
+    """The noise settings, and the reference run it measures: that run's training settings (train_model's slice: data,
+    model, target, max_steps) by their hash, so a measurement along a run of another target is another config's (the
+    quick estimate's hash and the branches' carry it on)."""
     settings = {k: v for k, v in config["noise"].items() if k not in ("enabled", "jensen")}
     # with the stage off only the quick estimate reads it: the two-batch B_noise alone (no per-example pass, no
     # variance law)
     quick_only = not config["noise"]["enabled"]
-    return {**settings, "quick_only": quick_only, "jensen": config["noise"]["jensen"], **cfg.execution(config)}
+    return {**settings, "quick_only": quick_only, "jensen": config["noise"]["jensen"],
+            "train_reference": reference_training_hash(config, workload), **cfg.execution(config)}  # fmt: skip
+
+
+def reference_training_hash(config: dict[str, Any], workload: str) -> str:
+    """The config hash of the reference run's training (the train_reference rule trains with train_model's slice)."""
+    return cfg.config_hash(train.config_slice(config, workload))
 
 
 def jensen_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:

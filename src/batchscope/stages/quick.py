@@ -38,7 +38,7 @@ import numpy as np
 import xarray as xr
 
 from batchscope import config as cfg
-from batchscope.stages import Command, Rule, _common, noise, profile, train
+from batchscope.stages import Command, Rule, _common, noise, profile
 from batchscope.store import job_seconds, netcdf_files, read_netcdf
 
 log = logging.getLogger("batchscope")
@@ -50,9 +50,8 @@ RATIO_SPREAD_MAX = 4.0  # an interval of tau_f / tau_d, or of B_noise, wider tha
 
 def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
     """The grid it fits T_iter on, the optimizer and warm-up (their update lag: scaling.update_lag) and what
-    identifies its inputs (their config hashes, the reference run). The reference run trains with the workload's
-    training settings (train_model's slice: its data, model, target, max_steps, evaluation interval), which the noise
-    stage's own slice leaves out, so they are named here: a quick estimate of another target is another config's."""
+    identifies its inputs (their config hashes, the reference run; the noise stage's names the reference run's
+    training, so a quick estimate of another target or max_steps is another config's)."""
     wl = config["workloads"][workload]
     return {
         "batch_sizes": sorted(config["grid"]["batch_sizes"]),
@@ -62,7 +61,6 @@ def config_slice(config: dict[str, Any], workload: str) -> dict[str, Any]:
         "inputs": {
             "profile_hardware": cfg.config_hash(profile.config_slice(config, workload)),
             "measure_gradient_noise": cfg.config_hash(noise.config_slice(config, workload)),
-            "train_reference": cfg.config_hash(train.config_slice(config, workload)),
         },
     }
 

@@ -28,6 +28,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from batchscope import config as cfg
 from batchscope.stages import Command
 from batchscope.stages._common import batch_interval
@@ -55,6 +57,12 @@ LABELS = {
 __all__ = ["CacheError", "LABELS", "recommend_row", "recommendations", "study_fits"]
 
 
+def _results_root(results: str | Path) -> Path:
+    """The workflow's results/ tree, given it or its fit/ directory."""
+    results = Path(results)
+    return results.parent if results.name == "fit" and not (results / "fit").is_dir() else results
+
+
 def _fit_dir(results: str | Path) -> Path:
     results = Path(results)
     return results / "fit" if (results / "fit").is_dir() else results
@@ -63,8 +71,9 @@ def _fit_dir(results: str | Path) -> Path:
 def _fit_stopped(results: Path, workload: str) -> str | None:
     """Why the workflow's fit of ``workload`` stopped, where its log (logs/ beside results/) ends in an error: its
     last line and the log's path. None where there is no such log or it ends otherwise."""
-    log = results.parent / "logs" / "fit_scaling" / f"{workload}.log"
-    lines = [line.strip() for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    log = _results_root(results).parent / "logs" / "fit_scaling" / f"{workload}.log"
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if lines and ("Error" in lines[-1].split(":")[0] or lines[-1].startswith("batchscope:")):
         return f"{lines[-1]} (the whole message: {log})"
     return None
@@ -82,14 +91,13 @@ def study_fits(results: str | Path, config: dict[str, Any], config_name: str = "
         path = fit_dir / f"{name}.nc"
         if not path.is_file():
             # a results tree without a fit yet names where the workflow writes it, not the tree's top
-            missing = Path(results) / "fit" / path.name if fit_dir == Path(results) and not any(
-                fit_dir.glob("*.nc")) else path  # fmt: skip
+            bare = fit_dir.name != "fit" and not any(fit_dir.glob("*.nc"))
+            missing = _results_root(results) / "fit" / path.name if bare else path
             stopped = _fit_stopped(Path(results), name)
-            if stopped:
-                raise CacheError(f"{missing}: no fit for workload {name!r}: the workflow's last fit of it stopped: "
-                                 f"{stopped}")  # fmt: skip
-            raise CacheError(f"{missing}: no fit for workload {name!r} of {config_name}; run the workflow with this "
-                             "config (or pass --configfile for the study you ran, or --all)")  # fmt: skip
+            # the log is the last run's, perhaps of another config: what it said, then what to do either way
+            said = f"; the workflow's last fit of it stopped: {stopped}" if stopped else ""
+            raise CacheError(f"{missing}: no fit for workload {name!r} of {config_name}{said}; run the workflow with "
+                             "this config (or pass --configfile for the study you ran, or --all)")  # fmt: skip
         _read_fit(path, cfg.config_hash(fit_slice(config, name)))
         files[name] = path
     return files
@@ -184,22 +192,25 @@ def recommend_row(ds, path: str | Path = "", current_batch_size: int | None = No
 
 
 def runs_reached(ds, batch_size: int) -> tuple[int, int]:
-    """(runs that reached the target, runs) at ``batch_size`` in a fit's merged runs; (0, runs) where the records
-    do not say (no ``reached_target``)."""
-    sizes = [int(b) for b in ds["run_batch_size"].values]
-    hits = [bool(h) for h in ds["reached_target"].values] if "reached_target" in ds else [False] * len(sizes)
-    here = [hit for b, hit in zip(sizes, hits, strict=True) if b == batch_size]
-    return sum(here), len(here)
+    """(runs that reached the target, runs) at ``batch_size`` in a fit's merged runs: a run reached it where it
+    recorded steps to the target (what ``reached_target`` records)."""
+    here = ds["run_batch_size"].values == batch_size
+    return int(np.isfinite(ds["steps_to_target"].values[here]).sum()), int(here.sum())
 
 
 def unreached(ds) -> list[dict[str, int]]:
     """The trained batch sizes without a K(B): no learning rate's median seed reached the target (its runs ran out
-    of steps, diverged, were pruned or ran out of memory), each with how many of its runs did reach it."""
+    of steps, diverged or were pruned), each with how many of its runs did reach it. Sizes out of memory, in the
+    profile or in every run, are not among them: they are listed as out of memory."""
+    limit = int(ds["smallest_infeasible_batch_size"])
+    oom = ds["out_of_memory"].values.astype(bool) if "out_of_memory" in ds else np.zeros(ds.sizes["run"], bool)
     rows = []
     for b, k in zip(ds["batch_size"].values, ds["k"].values, strict=True):
-        if not math.isfinite(float(k)):
-            reached, runs = runs_reached(ds, int(b))
-            rows.append({"batch_size": int(b), "runs_reached": reached, "runs": runs})
+        here = ds["run_batch_size"].values == b
+        if math.isfinite(float(k)) or 0 < limit <= b or oom[here].all():
+            continue
+        reached, runs = runs_reached(ds, int(b))
+        rows.append({"batch_size": int(b), "runs_reached": reached, "runs": runs})
     return rows
 
 
@@ -228,8 +239,8 @@ def time_at(ds, batch_size: int) -> tuple[float, str]:
     if batch_size in trained:  # no learning rate's median seed reached the target (diverged, censored, pruned)
         reached, runs = runs_reached(ds, batch_size)
         if reached:
-            return math.inf, (f"reached the target in {reached} of {runs} training runs, but not on the median seed "
-                              "of any learning rate")  # fmt: skip
+            return math.inf, (f"only {reached} of {runs} training runs reached the target, none on a learning rate's "
+                              "median seed")  # fmt: skip
         return math.inf, "never reached the target in training"
     # steps to the target fall with B (K = N_iter + C_var / B, C_var >= 0), and every size has the same max_steps:
     # below the nearest trained size above, if its runs ran out of steps short of the target (not diverged, pruned
@@ -484,7 +495,7 @@ def main(results: str, config_file: str | None, everything: bool, as_json: bool,
     if quick:
         if config is None:
             raise CacheError("--quick reads the config's quick estimates: give --configfile FILE")
-        rows = quick_rows(Path(results).parent if Path(results).name == "fit" else results, config, current_batch_size)
+        rows = quick_rows(_results_root(results), config, current_batch_size)
         fmt = format_quick
     else:
         rows = recommendations(results, config, str(config_file), everything, current_batch_size)
