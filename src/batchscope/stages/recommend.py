@@ -434,7 +434,11 @@ def format_quick(row: dict[str, Any]) -> str:
         else ""
     )
     job_s = row.get("reference_job_s", math.nan)
-    unit = f" (a reference run: its job's {job_s:.3g} s, the process start included)" if math.isfinite(job_s) else ""
+    about = [f"a reference run: its job's {job_s:.3g} s, the process start included"] if math.isfinite(job_s) else []
+    if row["noise_job_whole_stage"]:
+        about.append("its gradient-noise job ran the whole noise stage, noise.enabled: true; with it off the job "
+                     "measures the two-batch B_noise alone, for less")  # fmt: skip
+    bill = f" ({'; '.join(about)})" if about else ""
     return (f"{row['workload']} (quick estimate: the profile and one reference run, {row['reference']}):\n"
             f"  b_opt {row['b_opt']:.0f} from the run's B_crit {row['b_crit']:.3g}{lag}; over the run {low:.0f} to "
             f"{high:.0f} (B_noise {c_low:.3g} to {c_high_text}{stood_in}); "
@@ -446,10 +450,8 @@ def format_quick(row: dict[str, Any]) -> str:
             f"{batch_interval(*row['b_opt_ci'])}\n"
             + _model_range(row) +
             f"  it cost {row['cost_s']:.4g} device-seconds, {_count(row['cost_in_reference_runs'])} reference "
-            f"runs{unit}" + (" (its gradient-noise job ran the whole noise stage, noise.enabled: true; with it off "
-                             "the job measures the two-batch B_noise alone, for less)"
-                             if row["noise_job_whole_stage"] else "")
-            + _quick_current(row) + "".join(f"\n  warning: {note}" for note in row["diagnostics"]))  # fmt: skip
+            f"runs{bill}" + _quick_current(row)
+            + "".join(f"\n  warning: {note}" for note in row["diagnostics"]))  # fmt: skip
 
 
 def _model_range(row: dict[str, Any]) -> str:
