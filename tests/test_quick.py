@@ -249,11 +249,8 @@ def test_the_reference_runs_training_settings_name_the_quick_estimate(key, value
 
     config = cfg.load("config/test/tiny.yaml")
     name = sorted(config["workloads"])[0]
-    stages = (
-        quick,
-        noise,
-        branch,
-    )  # the noise stage names the run it measures; the quick estimate and branches read it
+    # the noise stage names the run it measures; the quick estimate and the branches read it
+    stages = (quick, noise, branch)
     before = [cfg.config_hash(stage.config_slice(config, name)) for stage in stages]
     assert config["workloads"][name][key] != value
     config["workloads"][name][key] = value
@@ -284,7 +281,19 @@ def test_against_a_current_batch_size(tmp_path):
     beyond = rec.recommend_row(ds, "", current_batch_size=1000)
     assert beyond["current_source"] == "fit, extrapolated beyond the trained B = 8 to 512"
     assert beyond["current_time_s"] == pytest.approx(predicted(1000))
-    assert beyond["current_saving_s"] == pytest.approx(predicted(1000) - at)
+    # a prediction beside the fit's own time at the recommended size, not beside the profile's (like with like)
+    at_fit = float(ds["time_from_fit"].sel(batch_size=best))
+    assert at_fit == pytest.approx(predicted(best), rel=1e-12) and at_fit != at  # float64 rounding only
+    assert beyond["current_saving_s"] == pytest.approx(predicted(1000) - at_fit, rel=1e-12)
+    assert between["current_slowdown"] == pytest.approx(predicted(100) / at_fit, rel=1e-12)
+    # near the optimum a predicted size never reads faster than the recommended one (it did: 0.96x, saves -0.001 s)
+    near = rec.recommend_row(ds, "", current_batch_size=best + 1)
+    assert near["current_source"] == "fit" and near["current_slowdown"] >= 1.0 - 1e-9
+    # where the fit's own optimum lies nearer the current size, the fit puts it faster: said so, not as a saving < 0
+    row = {"batch_size": 256, "current_batch_size": 272, "current_slowdown": 0.996, "current_saving_s": -1e-4,
+           "current_source": "fit", "predicted_b_opt": 272.4}  # fmt: skip
+    assert rec.slowdown(row, "current") == ("B = 272 takes 1.00x as long by the fit: the fit's own b_opt 272 lies "
+                                            "nearer it; the recommended size is the fastest measured")  # fmt: skip
     # the grid's ends are the same comparison: measured where trained
     assert on_grid["smallest_batch_size"] == 8 and on_grid["smallest_time_s"] == on_grid["current_time_s"]
     assert on_grid["largest_source"] == "profile"
@@ -310,7 +319,7 @@ def test_against_a_current_batch_size(tmp_path):
         row = rec.recommend_row(failed, "", current_batch_size=b)
         assert row["current_time_s"] == np.inf and row["current_source"] == "out of memory in the profile at B = 512"
     text = rec.format_row(rec.recommend_row(ds, "", current_batch_size=100))
-    assert f"against your B = 100 takes {predicted(100) / at:.2f}x as long: the recommended size saves " in text
+    assert f"against your B = 100 takes {predicted(100) / at_fit:.2f}x as long: the recommended size saves " in text
     assert "(from the fit)" in text and "the grid's smallest: B = 8 takes" in text
 
 

@@ -258,9 +258,13 @@ def time_at(ds, batch_size: int) -> tuple[float, str]:
 
 
 def _against(ds, batch_size: int, at: float, key: str) -> dict[str, Any]:
-    """A batch size's time to target beside the recommended one's (``at``): its slowdown and what the recommended
-    size saves per training run, under ``key``_* names."""
+    """A batch size's time to target beside the recommended one's (``at``, from the profile): its slowdown and what
+    the recommended size saves per training run, under ``key``_* names. A time the fit predicts is set beside the
+    fit's own time at the recommended size: near the optimum the two sources differ by more than the sizes do, and
+    a size in the as-fast set read as faster than the recommended one."""
     value, source = time_at(ds, batch_size)
+    if source.startswith("fit"):
+        at = float(ds["time_from_fit"].sel(batch_size=int(ds["fastest_batch_size"])))
     return {f"{key}_batch_size": batch_size, f"{key}_time_s": value, f"{key}_source": source,
             f"{key}_slowdown": value / at, f"{key}_saving_s": value - at}  # fmt: skip
 
@@ -274,6 +278,11 @@ def slowdown(row: dict[str, Any], key: str) -> str:
         return f"B = {b} is the recommended size"
     if not math.isfinite(ratio):
         return f"B = {b} does not reach the target ({row[f'{key}_source']})"
+    if ratio < 1:  # by the fit's prediction, beside the fit's own time at the recommended size: its optimum is nearer
+        return (
+            f"B = {b} takes {ratio:.2f}x as long by the {row[f'{key}_source']}: the fit's own b_opt "
+            f"{row['predicted_b_opt']:.0f} lies nearer it; the recommended size is the fastest measured"
+        )
     return (f"B = {b} takes {ratio:.2f}x as long: the recommended size saves {row[f'{key}_saving_s']:.3g} s per "
             f"training run (from the {row[f'{key}_source']})")  # fmt: skip
 
