@@ -338,3 +338,26 @@ def test_a_poor_k_fit_states_both_criteria(tmp_path, r2, residual, says):
         assert notes == []
     else:
         assert len(notes) == 1 and says in notes[0] and "seeds (grid.seeds)" in notes[0]
+
+
+@pytest.mark.parametrize(
+    ("diverged", "advice"),
+    [(False, "Lower the target or raise max_steps."), (True, "diverged: lower the learning rates, or check the data")],
+)
+def test_a_fit_without_two_sizes_at_the_target_says_why(tmp_path, diverged, advice):
+    """Fewer than two sizes reached the target: the fit stops, and its advice follows what the other runs did (runs
+    that diverged, as on data with NaN in it, are not helped by a lower target or more steps)."""
+    import xarray as xr
+
+    from batchscope.store import write_netcdf
+
+    profiles, runs = _write_synthetic_caches(tmp_path, 40.0, 2400.0, 2.5e-4, 1.1e-6, _NoNoise())
+    for run_dir in runs[1:]:  # every size but the smallest falls short
+        for path in sorted(run_dir.glob("*.nc")):
+            ds = xr.open_dataset(path, engine=ENGINE).load()
+            write_netcdf(ds.assign(steps_to_target=np.nan, diverged=diverged), path)
+    with pytest.raises(ValueError, match="the target was reached at 1 batch size") as err:
+        fit.fit_scaling(profiles, runs, SPEC, "synthetic")
+    assert advice in str(err.value)
+    if diverged:
+        assert "48 of the 48 runs short of it diverged" in str(err.value)

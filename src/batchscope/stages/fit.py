@@ -96,9 +96,15 @@ def fit_scaling(profile_paths: Sequence, train_paths: Sequence, spec: dict[str, 
     tau_f, tau_d = timing.intercept, timing.slope
     ok = np.isfinite(k_table["k"].values)
     if ok.sum() < 2:
+        # what the runs that fell short did: advice for runs that ran out of steps is no help for runs that diverged
+        short = ~np.isfinite(runs["steps_to_target"].values)
+        diverged = runs["diverged"].values.astype(bool) & short if "diverged" in runs else np.zeros_like(short)
+        advice = (f"{int(diverged.sum())} of the {int(short.sum())} runs short of it diverged: lower the learning "
+                  "rates, or check the data for NaN or infinite values" if diverged.sum() > short.sum() / 2
+                  else "Lower the target or raise max_steps")  # fmt: skip
         raise ValueError(
-            f"workload {workload!r}: the target was reached at {ok.sum()} batch size(s); K(B) needs at "
-            "least 2. Lower the target or raise max_steps."
+            f"workload {workload!r}: the target was reached at {ok.sum()} batch size(s); K(B) needs at least 2. "
+            f"{advice}."
         )
     steps_fit = scaling.fit_steps(grid_b[ok], k_table["k"].values[ok])
     n_iter, c_var = steps_fit.intercept, steps_fit.slope
