@@ -63,6 +63,22 @@ def test_idx_wrong_magic(tmp_path):
         data.build({"name": "mnist", "data_dir": str(tmp_path)})
 
 
+def test_idx_labels_past_the_classes_and_mismatched_images_are_refused(tmp_path):
+    """A label past the 10 classes failed mid-training inside the loss ("Target 17 is out of bounds"), and images
+    of another size in the val split inside the model's first layer: both are refused when the data are read."""
+    written = write_mnist(tmp_path)
+    labels = written["train"][1].copy()
+    labels[5] = 17
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels, data.IDX_LABELS_MAGIC)
+    with pytest.raises(data.DataError, match="the train split's label 17 at example 5 is not one of the 10 classes"):
+        data.build({"name": "mnist", "data_dir": str(tmp_path)})
+    write_idx(tmp_path / "train-labels-idx1-ubyte", written["train"][1], data.IDX_LABELS_MAGIC)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((5, 20, 20)), data.IDX_IMAGES_MAGIC)
+    with pytest.raises(data.DataError, match=r"train split's examples are \(1, 28, 28\) but the val split's are "
+                       r"\(1, 20, 20\)"):  # fmt: skip
+        data.build({"name": "mnist", "data_dir": str(tmp_path)})
+
+
 def test_idx_truncated(tmp_path):
     write_mnist(tmp_path)
     path = tmp_path / "t10k-images-idx3-ubyte"

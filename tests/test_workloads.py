@@ -58,6 +58,7 @@ def test_a_good_factory_is_built_and_seeded():
         ("loss_per_example", "loss returned Tensor (2,); expected a scalar tensor"),
         ("not_a_model", "model is a function, not a torch nn.Module"),
         ("list_data", "train is a list; expected (inputs, targets) tensors or a torch.utils.data.Dataset"),
+        ("nan_data", "train inputs hold 2 NaN or infinite value(s), the first in example 5"),
         ("NOT_A_FUNCTION", "'NOT_A_FUNCTION' is a int, not a function"),
         ("missing", "module 'tests.factories.bad' has no attribute 'missing'"),
     ],

@@ -66,6 +66,16 @@ def not_a_model(spec, device):
     return workload
 
 
+def nan_data(spec, device):
+    workload = good(spec, device)
+    x, y = workload.train
+    x = x.clone()
+    x[5, 2] = float("nan")
+    x[9, 0] = float("inf")
+    workload.train = (x, y)
+    return workload
+
+
 def list_data(spec, device):
     workload = good(spec, device)
     workload.train = [[0.0] * 4] * 8

@@ -169,6 +169,15 @@ def _check_split(path: str, name: str, split: Any, device: torch.device) -> None
                     f"factory {path!r}: {name} {label} are on {tensor.device} but the model is on {device}: "
                     "put the data on the device the factory was given, or return a Dataset to stream it"
                 )
+        for label, tensor in (("inputs", x), ("targets", y)):
+            # NaN or infinity in the data: every run would diverge, recorded as such, and the study would stop at
+            # the fit; one pass over data already in memory says so before any training (a streamed Dataset is
+            # read batch by batch, so it is not checked here)
+            bad = ~torch.isfinite(tensor) if tensor.is_floating_point() else None
+            if bad is not None and bool(bad.any()):
+                first = int(bad.reshape(len(tensor), -1).any(dim=1).nonzero()[0, 0])
+                raise WorkloadError(f"factory {path!r}: {name} {label} hold {int(bad.sum())} NaN or infinite "
+                                    f"value(s), the first in example {first}")  # fmt: skip
     elif isinstance(split, Dataset):
         if not hasattr(split, "__len__") or len(split) == 0:
             raise WorkloadError(f"factory {path!r}: {name} Dataset must have a non-zero __len__")
