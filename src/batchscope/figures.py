@@ -20,7 +20,7 @@ import seaborn as sns
 import xarray as xr
 
 from batchscope.stages._common import batch_interval
-from batchscope.stages.quick import stood_in
+from batchscope.stages.quick import reference_job_seconds, stood_in
 from batchscope.stages.recommend import LABELS, adaptive_lines, recommend_row, slowdown, unreached
 from batchscope.store import atomic_write, job_seconds, read_netcdf
 
@@ -781,8 +781,8 @@ def answer_table(fits: dict[str, xr.Dataset], quick: dict[str, xr.Dataset], bran
             )
             cost = branch_cost.get(name, math.nan)
             row["branching: cost (device-s)"] = cost
-            if name in quick and "train_reference" in quick[name]["job"].values:
-                row["branching: cost (reference runs)"] = cost / float(quick[name]["cost_s"].sel(job="train_reference"))
+            if name in quick and math.isfinite(reference_job_seconds(quick[name])):
+                row["branching: cost (reference runs)"] = cost / reference_job_seconds(quick[name])
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -100,8 +100,9 @@ def aggregate(hessian_paths: Sequence[str | Path], fit_path: str | Path, workloa
     out["larger_batch_sharper"] = ((), bool(b_rho > 0 and b_p < 0.05))
     merged = xr.merge([out, runs], combine_attrs="drop_conflicts")
     # the target's metric in words, for the sentence on checkpoints taken at it (val_loss: "validation loss")
-    metric = str(fit.attrs["target_metric"])  # a factory's own metric (val_metric) by the name it gave it
-    metric = fit.attrs.get("metric_name") or "metric" if metric == "val_metric" else metric.removeprefix("val_")
+    metric = str(fit.attrs["target_metric"]).removeprefix("val_")
+    if metric == "metric":  # a factory's own metric, by the name it gave it
+        metric = fit.attrs.get("metric_name") or "metric"
     merged.attrs.update(workload=workload, gap_metric=gap_name, stop_at_target=stop_at_target,
                         target=f"validation {metric} {float(fit.attrs['target_value']):g}")  # fmt: skip
     return merged

@@ -136,12 +136,12 @@ def estimate(spec: dict[str, Any], profile_paths: list[str], noise_dir: str) -> 
     ds["b_noise_or_simple"] = ("step", stand_in(ds["b_noise"].values, ds["b_simple_two_batch"].values),
                                {"units": "examples", "long_name": "B_noise, or B_simple where G^T H G <= 0 "
                                 "(B_noise infinite, B_simple finite)"})  # fmt: skip
-    crit = {name: on_the_grid(ds[source].values) for name, source in
-            (("b_noise", "b_noise_or_simple"), ("b_simple_two_batch", "b_simple_two_batch"),
-             ("b_simple_per_example", "b_simple_per_example"))}  # fmt: skip
+    sources = {"b_noise": "b_noise_or_simple", "b_simple_two_batch": "b_simple_two_batch",
+               "b_simple_per_example": "b_simple_per_example"}  # fmt: skip
+    crit = {name: on_the_grid(ds[source].values) for name, source in sources.items()}
     for name, values in crit.items():
+        source = sources[name]
         uncapped = np.sqrt(np.where(values > 0, values, np.nan) * ratio)
-        source = "b_noise_or_simple" if name == "b_noise" else name
         ds[f"b_opt_{name}"] = ("step", cap(uncapped),
                                {"units": "examples", "long_name": f"sqrt({source} tau_f / tau_d), capped"})  # fmt: skip
     later = ds["step"].values > 0  # after the initial weights (a small fraction of a short run can pick step 0)
@@ -298,6 +298,12 @@ def add_cost(ds: xr.Dataset, benchmarks: dict[str, list[str]]) -> xr.Dataset:
     ds["total_cost_s"] = ((), total, {"units": "device-seconds"})
     ds["cost_in_reference_runs"] = ((), total / reference if reference > 0 else math.nan)
     return ds
+
+
+def reference_job_seconds(ds: xr.Dataset) -> float:
+    """The reference run's job in a quick-estimate file's bill (its wall seconds, the process start included): the
+    unit of the quick estimate's and the branches' costs. NaN where the bill has no such job."""
+    return float(ds["cost_s"].sel(job="train_reference")) if "train_reference" in ds["job"].values else math.nan
 
 
 def run(args: argparse.Namespace) -> None:

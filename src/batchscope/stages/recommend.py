@@ -367,7 +367,7 @@ def quick_rows(results: str | Path, config: dict[str, Any],
     """The quick estimates of the config's workloads (``results/quick``), each checked to be this config's; with
     ``current_batch_size``, its predicted time to target against b_opt's (:func:`quick_against`)."""
     from batchscope.core import scaling
-    from batchscope.stages.quick import VARIABLES, stood_in
+    from batchscope.stages.quick import VARIABLES, reference_job_seconds, stood_in
     from batchscope.stages.quick import config_slice as quick_slice
 
     rows = []
@@ -398,8 +398,7 @@ def quick_rows(results: str | Path, config: dict[str, Any],
             "cost_in_reference_runs": float(ds["cost_in_reference_runs"]),
             # the unit: the reference run's job, its process start included (the answer's bill counts runs by their
             # own clock: on runs of a tenth of a second the two units are far apart)
-            "reference_job_s": float(ds["cost_s"].sel(job="train_reference")) if "train_reference" in ds["job"].values
-            else math.nan,
+            "reference_job_s": reference_job_seconds(ds),
             "noise_job_whole_stage": bool(ds.attrs.get("noise_job_whole_stage", 0)),
             "reference": f"B={ds.attrs['reference_batch_size']} lr={ds.attrs['reference_lr']:g}",
             **(quick_against(ds, current_batch_size) if current_batch_size is not None else {}),

@@ -173,8 +173,10 @@ def _check_split(path: str, name: str, split: Any, device: torch.device) -> None
             # NaN or infinity in the data: every run would diverge, recorded as such, and the study would stop at
             # the fit; one pass over data already in memory says so before any training (a streamed Dataset is
             # read batch by batch, so it is not checked here)
-            bad = ~torch.isfinite(tensor) if tensor.is_floating_point() else None
-            if bad is not None and bool(bad.any()):
+            if not tensor.is_floating_point():
+                continue
+            bad = ~torch.isfinite(tensor)
+            if bool(bad.any()):
                 first = int(bad.reshape(len(tensor), -1).any(dim=1).nonzero()[0, 0])
                 raise WorkloadError(f"factory {path!r}: {name} {label} hold {int(bad.sum())} NaN or infinite "
                                     f"value(s), the first in example {first}")  # fmt: skip

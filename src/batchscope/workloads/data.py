@@ -190,10 +190,11 @@ def _files(spec: dict[str, Any]):
         n = limits[split] or len(x)
         if n > len(x):
             raise DataError(f"{data_dir}: n_{split}={n} but the {split} split has only {len(x)} examples")
-        out[split] = (x[:n], y[:n].astype(np.int64))
-        outside = np.flatnonzero((out[split][1] < 0) | (out[split][1] >= 10))
+        labels = y[:n].astype(np.int64)
+        out[split] = (x[:n], labels)
+        outside = np.flatnonzero((labels < 0) | (labels >= 10))
         if len(outside):  # a label past the classes fails inside the loss, mid-training, with torch's own message
-            raise DataError(f"{data_dir}: the {split} split's label {int(out[split][1][outside[0]])} at example "
+            raise DataError(f"{data_dir}: the {split} split's label {int(labels[outside[0]])} at example "
                             f"{int(outside[0])} is not one of the 10 classes 0 to 9")  # fmt: skip
     if out["train"][0].shape[1:] != out["val"][0].shape[1:]:
         raise DataError(f"{data_dir}: the train split's examples are {out['train'][0].shape[1:]} but the val split's "
